@@ -1,0 +1,1 @@
+"""Artifact folders: manifest schema, hashing and verification."""

@@ -1,0 +1,143 @@
+"""Manifest schema (JSON, never pickle), file hashing, artifact keys and verification.
+
+Layout of an artifact folder ``engines/<name>/``::
+
+    manifest.json
+    pipeline/                      the diffusers pipeline without the engine-backed component
+    onnx/transformer.onnx          the exported graph (also the onnxruntime artifact)
+    <backend>/<arch>/transformer.engine
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from dtcompile.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+# Distribution names whose versions go into every manifest and into the artifact key.
+TOOLS = {
+    "dtcompile": "dtcompile",
+    "torch": "torch",
+    "diffusers": "diffusers",
+    "transformers": "transformers",
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime",
+    "tensorrt_rtx": "tensorrt-rtx-cu13",
+    "tensorrt": "tensorrt",
+    "modelopt": "nvidia-modelopt",
+    "polygraphy": "polygraphy",
+}
+
+
+def tool_versions() -> dict[str, str | None]:
+    """Installed versions of the tools that shape an artifact (None where not installed)."""
+    out: dict[str, str | None] = {}
+    for name, dist in TOOLS.items():
+        try:
+            out[name] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 hex digest of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(root: Path) -> str:
+    """One digest over every file below ``root`` (relative path + content digest, sorted)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(b"\0")
+        h.update(sha256_file(path).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def artifact_key(engine_fields: dict[str, Any], source_sha256: str, versions: dict[str, Any]) -> str:
+    """sha256 of everything that changes an engine: recipe fields, weights, tool versions."""
+    payload = {"recipe": engine_fields, "source_sha256": source_sha256, "versions": versions}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def file_entry(artifact_dir: Path, path: Path) -> dict[str, Any]:
+    """{file, sha256, size} for a file inside the artifact (path stored relative)."""
+    return {
+        "file": path.relative_to(artifact_dir).as_posix(),
+        "sha256": sha256_file(path),
+        "size": path.stat().st_size,
+    }
+
+
+def write_manifest(artifact_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Write manifest.json (sorted keys, indented) atomically."""
+    path = artifact_dir / MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(artifact_dir: Path) -> dict[str, Any]:
+    """Load and sanity-check an artifact's manifest; ArtifactError says what is wrong."""
+    artifact_dir = Path(artifact_dir)
+    path = artifact_dir / MANIFEST
+    if not artifact_dir.is_dir():
+        raise ArtifactError(f"{artifact_dir}: artifact folder not found (build one with: dtc build --recipe ...)")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no manifest; not a dtc artifact folder")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: manifest is not valid JSON ({exc})") from None
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path}: manifest schema_version {version!r}, this dtc reads {SCHEMA_VERSION}; rebuild the artifact"
+        )
+    return manifest
+
+
+def verify_file(artifact_dir: Path, entry: dict[str, Any], *, full: bool = True) -> Path:
+    """Check a manifest file entry against the disk: exists, size, sha256 (when ``full``)."""
+    path = Path(artifact_dir) / entry["file"]
+    if not path.is_file():
+        raise ArtifactError(f"{path}: file listed in the manifest is missing; rebuild or re-pull the artifact")
+    size = path.stat().st_size
+    if size != entry["size"]:
+        raise ArtifactError(
+            f"{path}: {size} bytes but the manifest says {entry['size']} (truncated or replaced); "
+            "rebuild or re-pull the artifact"
+        )
+    if full and sha256_file(path) != entry["sha256"]:
+        raise ArtifactError(f"{path}: sha256 does not match the manifest (file modified); rebuild or re-pull")
+    return path
+
+
+def all_file_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file entry a manifest lists (onnx graphs, external data, engines, pipeline files)."""
+    out = list(manifest.get("pipeline", {}).get("files", []))
+    for comp in manifest.get("components", {}).values():
+        onnx = comp.get("onnx")
+        if onnx:
+            out.append(onnx)
+            out.extend(onnx.get("external_data", []))
+        out.extend(comp.get("engines", []))
+    return out

@@ -1,0 +1,499 @@
+"""TensorRT backends: an ONNX graph and a shape profile in, a serialized engine file (EngineInfo) out.
+
+One code path serves both flavours, which differ only in the module and in how the target GPU is chosen:
+
+- ``tensorrt-rtx`` (module ``tensorrt_rtx``): builds on a machine without a GPU for one compute capability
+  per build (``IBuilderConfig.set_compute_capability``); networks are always strongly typed (precision comes
+  only from the graph's types). REFIT and STRIP_PLAN builds need a GPU.
+- ``tensorrt`` (datacenter, module ``tensorrt``): builds only for the GPU it runs on.
+
+The raw TensorRT API is used rather than Polygraphy's loaders: Polygraphy chooses its TensorRT module once
+per process from the ``POLYGRAPHY_USE_TENSORRT_RTX`` environment variable (read when ``polygraphy.config``
+is imported; every ``polygraphy.backend.trt`` module binds its ``trt`` at import), so it cannot serve both
+flavours in one process. This module never imports Polygraphy.
+
+Importing this module loads neither torch nor TensorRT: both are imported inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import re
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.errors import ArtifactError, BuildError, MissingDependencyError, UnsupportedError
+from dtcompile.models.base import ShapeProfile, TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("dtcompile.tensorrt")
+
+#: Flavour name -> Python module.
+FLAVOURS: dict[str, str] = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+#: Flavour name -> the dtcompile extra that installs it.
+EXTRAS: dict[str, str] = {"tensorrt": "trt", "tensorrt-rtx": "rtx"}
+#: Architectures each flavour can target. TensorRT-RTX 1.7's ComputeCapability enum has SM75, SM80, SM86,
+#: SM89, SM120 and SM121; Turing (sm_75) has no fp32 GEMM, so graphs with fp32 matmuls (FLUX's RoPE) fail there.
+SUPPORTED_ARCHS: dict[str, tuple[str, ...]] = {
+    "tensorrt-rtx": ("sm_75", "sm_80", "sm_86", "sm_89", "sm_120", "sm_121"),
+    "tensorrt": ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"),
+}
+
+# TensorRT DataType member name -> numpy-style dtype name (as in TensorSpec).
+_DTYPE_NAMES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT8": "int8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "FP8": "float8_e4m3fn",
+    "INT4": "int4",
+    "FP4": "float4_e2m1fn",
+    "E8M0": "float8_e8m0fnu",
+}
+_ARCH_RE = re.compile(r"sm_(\d+)(\d)")
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """A serialized engine on disk and how it was built.
+
+    ``inputs``/``outputs`` come from the parsed network: dims of -1 are dynamic (bounded by ``profile``).
+    ``profile`` is ``ShapeProfile.to_json()`` of the single optimization profile.
+    """
+
+    path: Path
+    sha256: str
+    size: int
+    flavour: str
+    trt_version: str
+    arch: str
+    build_s: float
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    profile: dict[str, dict[str, list[int]]] = field(hash=False)
+    refittable: bool
+    strongly_typed: bool
+    opt_level: int
+
+    def to_manifest(self, artifact_dir: Path) -> dict[str, Any]:
+        """The manifest entry: file relative to ``artifact_dir`` and every field that describes the engine.
+
+        ``build_s`` is left out so that rebuilding an identical engine gives an identical manifest entry.
+        """
+        try:
+            rel = self.path.relative_to(artifact_dir).as_posix()
+        except ValueError:
+            raise ArtifactError(f"engine {self.path} is not inside the artifact folder {artifact_dir}") from None
+        return {
+            "file": rel,
+            "sha256": self.sha256,
+            "size": self.size,
+            "backend": self.flavour,
+            "arch": self.arch,
+            "trt_version": self.trt_version,
+            "refittable": self.refittable,
+            "strongly_typed": self.strongly_typed,
+            "opt_level": self.opt_level,
+            "profile": self.profile,
+            "inputs": [_io_json(t) for t in self.inputs],
+            "outputs": [_io_json(t) for t in self.outputs],
+            "plugins": [],
+        }
+
+
+def import_trt(flavour: str) -> Any:
+    """Import and return the TensorRT module of ``flavour`` ("tensorrt" or "tensorrt-rtx").
+
+    Raises:
+        UnsupportedError: unknown flavour.
+        MissingDependencyError: the module is not installed (names the dtcompile extra).
+    """
+    module = FLAVOURS.get(flavour)
+    if module is None:
+        raise UnsupportedError(f"unknown TensorRT flavour '{flavour}'; choose one of: {', '.join(FLAVOURS)}")
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingDependencyError(module, EXTRAS[flavour], why=f"needed by the {flavour} backend") from e
+
+
+def gpu_arch() -> str | None:
+    """The current CUDA device's arch ("sm_89"), or None without torch, CUDA or a visible device."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def check_build_target(flavour: str, arch: str, *, refittable: bool = False, strongly_typed: bool = True) -> None:
+    """Raise unless an engine for ``arch`` can be built with ``flavour`` on this machine.
+
+    Cheap enough for a dry run: imports the TensorRT module (and torch for the GPU check) but builds nothing.
+
+    Raises:
+        UnsupportedError: unknown flavour or arch, or a setting this flavour/machine cannot build.
+        MissingDependencyError: the flavour's module is not installed.
+    """
+    if flavour not in FLAVOURS:
+        raise UnsupportedError(f"unknown TensorRT flavour '{flavour}'; choose one of: {', '.join(FLAVOURS)}")
+    archs = SUPPORTED_ARCHS[flavour]
+    if arch not in archs:
+        raise UnsupportedError(f"unknown arch '{arch}' for {flavour}; choose one of: {', '.join(archs)}")
+    if flavour == "tensorrt":
+        device = gpu_arch()
+        if device is None:
+            raise UnsupportedError(
+                "tensorrt (datacenter) builds only for the GPU it runs on: no CUDA device found; "
+                "the tensorrt-rtx backend builds without a GPU"
+            )
+        if device != arch:
+            raise UnsupportedError(
+                f"tensorrt (datacenter) builds only for the GPU it runs on: device is {device}, target {arch}"
+            )
+        import_trt(flavour)
+        return
+    trt = import_trt(flavour)
+    if not strongly_typed:
+        raise UnsupportedError(
+            "tensorrt-rtx networks are always strongly typed (precision comes from the ONNX graph's types); "
+            "strongly_typed=False is only for the datacenter tensorrt flavour"
+        )
+    if not hasattr(trt.ComputeCapability, _cc_name(arch)):
+        raise UnsupportedError(
+            f"tensorrt_rtx {trt.__version__} cannot target {arch} (no ComputeCapability.{_cc_name(arch)}); "
+            f"upgrade tensorrt-rtx"
+        )
+    if refittable and gpu_arch() is None:
+        # Checked on tensorrt_rtx 1.7: with BuilderFlag.REFIT (or STRIP_PLAN) the build fails inside Myelin
+        # with "CHECK(status == CUDA_SUCCESS) failed" when no GPU is present.
+        raise UnsupportedError(
+            "a refittable tensorrt-rtx engine needs a CUDA GPU at build time (TensorRT-RTX compiles REFIT "
+            "engines with CUDA); build with refittable=False or on a machine with a GPU"
+        )
+
+
+def engine_from_onnx(
+    onnx_path: Path,
+    profile: ShapeProfile,
+    arch: str,
+    flavour: str,
+    out_path: Path,
+    *,
+    strongly_typed: bool = True,
+    refittable: bool = False,
+    opt_level: int = 3,
+    timing_cache: Path | None = None,
+) -> EngineInfo:
+    """Build a serialized engine for ``arch`` from an ONNX file and write it atomically to ``out_path``.
+
+    Args:
+        onnx_path: the graph; external data is read from next to it.
+        profile: min/opt/max shapes of every dynamic input (one optimization profile).
+        arch: target GPU arch, e.g. "sm_89" (one of ``SUPPORTED_ARCHS[flavour]``).
+        flavour: "tensorrt-rtx" or "tensorrt".
+        out_path: engine file; written as ``<out_path>.tmp`` then renamed.
+        strongly_typed: precision from the graph's types (always on for tensorrt-rtx).
+        refittable: build with BuilderFlag.REFIT (weights can be replaced without a rebuild).
+        opt_level: builder optimization level, 0-5.
+        timing_cache: datacenter tensorrt only: loaded if it exists and written back after the build;
+            TensorRT-RTX has no timing cache (its timing-cache calls are no-ops), so it is ignored there.
+
+    Raises:
+        UnsupportedError, MissingDependencyError: see ``check_build_target``.
+        ArtifactError: the ONNX file is missing or the timing cache does not match this TensorRT/device.
+        BuildError: the parser or the builder failed (the message names the file and the first error).
+    """
+    check_build_target(flavour, arch, refittable=refittable, strongly_typed=strongly_typed)
+    if not 0 <= opt_level <= 5:
+        raise UnsupportedError(f"opt_level must be 0-5, got {opt_level}")
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    if not onnx_path.is_file():
+        raise ArtifactError(f"ONNX file not found: {onnx_path}")
+    trt = import_trt(flavour)
+    trt_logger = _logger(flavour, trt)
+    trt_logger.errors.clear()
+    is_rtx = flavour == "tensorrt-rtx"
+    log.info("build %s: %s for %s with %s %s", out_path.name, onnx_path, arch, flavour, trt.__version__)
+    t0 = time.perf_counter()
+
+    builder = trt.Builder(trt_logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        first = errors[0] if errors else (trt_logger.errors[0] if trt_logger.errors else "no error reported")
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise BuildError(f"cannot parse {onnx_path} with {flavour} {trt.__version__}: {first}{more}")
+    if network.num_outputs == 0:
+        # protobuf parses many non-ONNX byte strings as an empty model: the parser then "succeeds"
+        raise BuildError(
+            f"cannot parse {onnx_path} with {flavour} {trt.__version__}: the file holds no graph outputs "
+            f"(not an ONNX model, or an empty graph)"
+        )
+    inputs = tuple(_tensor_spec(network.get_input(i)) for i in range(network.num_inputs))
+    outputs = tuple(_tensor_spec(network.get_output(i)) for i in range(network.num_outputs))
+    log.info("build %s: parsed %d layers in %.1f s", out_path.name, network.num_layers, time.perf_counter() - t0)
+
+    config = builder.create_builder_config()
+    config.builder_optimization_level = opt_level
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    if is_rtx:
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(getattr(trt.ComputeCapability, _cc_name(arch)), 0)
+    config.add_optimization_profile(_optimization_profile(builder, inputs, profile, onnx_path))
+    if timing_cache is not None:
+        if is_rtx:
+            log.warning("build: tensorrt-rtx has no timing cache; ignoring %s", timing_cache)
+            timing_cache = None
+        else:
+            _load_timing_cache(config, Path(timing_cache))
+
+    trt_logger.errors.clear()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        first = trt_logger.errors[0] if trt_logger.errors else "no error reported"
+        raise BuildError(f"{flavour} {trt.__version__} failed to build {onnx_path} for {arch}: {first}")
+    if timing_cache is not None:
+        _write_atomic(Path(timing_cache), memoryview(config.get_timing_cache().serialize()))
+    sha = _write_atomic(out_path, memoryview(serialized))
+    del serialized
+    build_s = time.perf_counter() - t0
+
+    info = EngineInfo(
+        path=out_path,
+        sha256=sha,
+        size=out_path.stat().st_size,
+        flavour=flavour,
+        trt_version=trt.__version__,
+        arch=arch,
+        build_s=build_s,
+        inputs=inputs,
+        outputs=outputs,
+        profile=profile.to_json(),
+        refittable=refittable,
+        strongly_typed=strongly_typed,
+        opt_level=opt_level,
+    )
+    log.info(
+        "build %s: %.1f MiB for %s in %.1f s, peak RSS %.0f MiB; wrote %s",
+        out_path.name,
+        info.size / 2**20,
+        arch,
+        build_s,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        out_path,
+    )
+    return info
+
+
+class TrtRunner:
+    """Runs a serialized engine on torch CUDA tensors (one optimization profile, dynamic shapes).
+
+    Deserializing needs a CUDA GPU of the arch the engine was built for. Inputs are set with
+    ``set_input_shape``/``set_tensor_address`` and the engine is enqueued with ``execute_async_v3`` on the
+    current torch CUDA stream, so results are ordered with the surrounding torch work (no extra sync).
+    Attributes: ``input_names``, ``output_names``, ``device`` (the current CUDA device), ``engine``, ``context``.
+    """
+
+    def __init__(self, engine_path: Path, flavour: str) -> None:
+        engine_path = Path(engine_path)
+        if not engine_path.is_file():
+            raise ArtifactError(f"engine file not found: {engine_path}")
+        device = gpu_arch()
+        if device is None:
+            raise ArtifactError(
+                f"cannot load {engine_path}: deserializing a {flavour} engine needs a CUDA GPU and none was found"
+            )
+        import torch
+
+        trt = import_trt(flavour)
+        self._trt = trt
+        self._torch = torch
+        self.path = engine_path
+        self.flavour = flavour
+        trt_logger = _logger(flavour, trt)
+        trt_logger.errors.clear()
+        self._runtime = trt.Runtime(trt_logger)
+        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            first = trt_logger.errors[0] if trt_logger.errors else "no error reported"
+            raise ArtifactError(
+                f"cannot deserialize {engine_path} with {flavour} {trt.__version__} on this {device} GPU "
+                f"(built for another arch or TensorRT version?): {first}"
+            )
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise ArtifactError(f"cannot create an execution context for {engine_path} (out of GPU memory?)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self._dtypes = {n: _torch_dtype(torch, self.engine.get_tensor_dtype(n)) for n in names}
+        self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the engine on ``feed`` (name -> tensor); returns name -> new CUDA tensor.
+
+        Inputs are moved to ``self.device`` and cast to the engine's input types (as the onnxruntime runner
+        does: pipelines pass e.g. a float32 guidance to a bf16 graph).
+        """
+        torch = self._torch
+        missing = [n for n in self.input_names if n not in feed]
+        if missing:
+            raise ArtifactError(f"{self.path}: missing inputs {missing}; the engine takes {self.input_names}")
+        keep: list[torch.Tensor] = []  # converted inputs must outlive the enqueue
+        for name in self.input_names:
+            t = feed[name].detach().to(self.device, self._dtypes[name]).contiguous()
+            keep.append(t)
+            if not self.context.set_input_shape(name, tuple(t.shape)):
+                raise ArtifactError(
+                    f"{self.path}: input '{name}' shape {tuple(t.shape)} is outside the engine's profile "
+                    f"(min/opt/max {self.engine.get_tensor_profile_shape(name, 0)})"
+                )
+            self.context.set_tensor_address(name, t.data_ptr())
+        outputs: dict[str, torch.Tensor] = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            out = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
+            self.context.set_tensor_address(name, out.data_ptr())
+            outputs[name] = out
+        # The caching allocator orders reuse of ``keep``'s memory after this stream's work, so the inputs may be
+        # released once the engine is enqueued.
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise ArtifactError(f"{self.path}: execute_async_v3 failed (see the dtcompile.tensorrt log)")
+        return outputs
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+# TensorRT uses the first logger a process registers for every later builder and runtime, so each flavour
+# gets one long-lived logger; it forwards to Python logging and remembers errors for the exception messages.
+_LOGGERS: dict[str, Any] = {}
+
+
+def _logger(flavour: str, trt: Any) -> Any:
+    if flavour not in _LOGGERS:
+
+        class _Logger(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self.errors: list[str] = []
+
+            def log(self, severity: Any, msg: str) -> None:
+                if severity <= trt.ILogger.Severity.ERROR:
+                    self.errors.append(msg)
+                    log.error("%s: %s", flavour, msg)
+                elif severity == trt.ILogger.Severity.WARNING:
+                    log.warning("%s: %s", flavour, msg)
+                elif severity == trt.ILogger.Severity.INFO:
+                    log.debug("%s: %s", flavour, msg)
+
+        _LOGGERS[flavour] = _Logger()
+    return _LOGGERS[flavour]
+
+
+def _cc_name(arch: str) -> str:
+    """ "sm_89" -> "SM89" (the ComputeCapability member name)."""
+    m = _ARCH_RE.fullmatch(arch)
+    if m is None:
+        raise UnsupportedError(f"arch must look like 'sm_89', got '{arch}'")
+    return f"SM{m.group(1)}{m.group(2)}"
+
+
+def _parser_error(err: Any) -> str:
+    where = f" at node {err.node()} '{err.node_name()}' ({err.node_operator()})" if err.node() >= 0 else ""
+    return f"{err.desc()}{where}"
+
+
+def _io_json(t: TensorSpec) -> dict[str, Any]:
+    return {"name": t.name, "dtype": t.dtype, "dims": list(t.dims)}
+
+
+def _tensor_spec(t: Any) -> TensorSpec:
+    return TensorSpec(t.name, _DTYPE_NAMES.get(t.dtype.name, t.dtype.name.lower()), tuple(int(d) for d in t.shape))
+
+
+def _optimization_profile(builder: Any, inputs: tuple[TensorSpec, ...], profile: ShapeProfile, onnx_path: Path) -> Any:
+    """One optimization profile; every dynamic input must be in ``profile`` with shapes matching its rank."""
+    names = {t.name for t in inputs}
+    unknown = sorted(set(profile.min) - names)
+    if unknown:
+        raise BuildError(
+            f"shape profile names {unknown}, which are not inputs of {onnx_path} (inputs: {sorted(names)})"
+        )
+    opt_profile = builder.create_optimization_profile()
+    for t in inputs:
+        if t.name not in profile.min:
+            if any(d < 0 for d in t.dims):
+                raise BuildError(
+                    f"shape profile has no min/opt/max for dynamic input '{t.name}' {t.dims} of {onnx_path}"
+                )
+            continue
+        shapes = [tuple(getattr(profile, k)[t.name]) for k in ("min", "opt", "max")]
+        for shape in shapes:
+            if len(shape) != len(t.dims) or any(d >= 0 and d != s for d, s in zip(t.dims, shape, strict=True)):
+                raise BuildError(f"shape profile {shapes} for input '{t.name}' does not fit its dims {t.dims}")
+        if not all(a <= b <= c for a, b, c in zip(*shapes, strict=True)):
+            raise BuildError(f"shape profile for input '{t.name}' is not min <= opt <= max: {shapes}")
+        opt_profile.set_shape(t.name, *shapes)
+    return opt_profile
+
+
+def _load_timing_cache(config: Any, path: Path) -> None:
+    blob = path.read_bytes() if path.is_file() else b""
+    cache = config.create_timing_cache(blob)
+    if not config.set_timing_cache(cache, False):
+        raise ArtifactError(
+            f"timing cache {path} was made by another TensorRT version or device; delete it to start a new one"
+        )
+
+
+def _write_atomic(path: Path, data: memoryview) -> str:
+    """Write ``data`` to ``path`` via a temporary file and a rename; returns its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _torch_dtype(torch: Any, trt_dtype: Any) -> Any:
+    name = _DTYPE_NAMES.get(trt_dtype.name)
+    dtype = getattr(torch, name, None) if name else None
+    if dtype is None:
+        raise ArtifactError(f"engine tensor type {trt_dtype.name} has no torch equivalent")
+    return dtype
+
+
+__all__ = [
+    "EXTRAS",
+    "FLAVOURS",
+    "SUPPORTED_ARCHS",
+    "EngineInfo",
+    "TrtRunner",
+    "check_build_target",
+    "engine_from_onnx",
+    "gpu_arch",
+    "import_trt",
+]

@@ -1,0 +1,82 @@
+"""`dtc` command line: a click group whose subcommands are imported only when chosen."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from dtcompile import __version__
+from dtcompile.errors import DtcError
+
+# name -> ("module:function", one-line help); the module is imported only when the command runs.
+COMMANDS = {
+    "build": ("dtcompile.cli.build:build", "Build an artifact (ONNX + engines + manifest) from a recipe."),
+    "run": ("dtcompile.cli.run:run", "Generate an image with a built artifact."),
+    "inspect": ("dtcompile.cli.inspect:inspect_cmd", "Print an artifact's manifest."),
+    "models": ("dtcompile.cli.models:models", "List the built-in tiny pipelines."),
+    "publish": ("dtcompile.cli.publish:publish", "Publish an artifact's per-arch archives to a folder or URL."),
+    "pull": ("dtcompile.cli.pull:pull", "Fetch, verify and unpack one arch of a published artifact."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a subcommand's module only when that subcommand is invoked."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, _, attr = COMMANDS[cmd_name][0].partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Help text from the table, so `dtc --help` imports no subcommand module.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in sorted(COMMANDS)])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dtc")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """dtcompile: diffusers pipelines -> quantized TensorRT engines, reproducibly."""
+    ctx.ensure_object(dict)["debug"] = debug
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console entry point: DtcError -> one line on stderr and exit code 2 (traceback with --debug)."""
+    args = sys.argv[1:] if argv is None else argv
+    # diffusers/transformers chatter (progress bars, optional-backend notices) stays out of dtc's output.
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(var, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return cli.main(args=args, prog_name="dtc", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except DtcError as exc:
+        if "--debug" in args:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)

@@ -1,0 +1,57 @@
+"""`dtc run`: generate an image with a built (or pulled) artifact."""
+
+from __future__ import annotations
+
+import click
+
+from dtcompile.runtime.run import BACKEND_CHOICES
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--prompt", required=True, help="Text prompt.")
+@click.option("--steps", default=4, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--height", type=click.IntRange(1), help="Pixels; default: the artifact's opt height.")
+@click.option("--width", type=click.IntRange(1), help="Pixels; default: the artifact's opt width.")
+@click.option("--guidance", default=3.5, show_default=True, type=float, help="Guidance scale.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
+@click.option("--out", "out_path", default="out.png", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine file (size is still checked).")
+def run(
+    artifact: str,
+    prompt: str,
+    steps: int,
+    seed: int,
+    height: int | None,
+    width: int | None,
+    guidance: float,
+    backend: str,
+    out_path: str,
+    no_verify: bool,
+) -> None:
+    """Run the denoising loop with the artifact's engine and write an image."""
+    from pathlib import Path
+
+    from dtcompile.runtime.run import run_artifact
+
+    result = run_artifact(
+        Path(artifact),
+        prompt,
+        steps=steps,
+        seed=seed,
+        height=height,
+        width=width,
+        guidance=guidance,
+        backend=backend,
+        verify=not no_verify,
+    )
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    result.image.save(tmp, format="PNG")
+    tmp.replace(out)
+    click.echo(
+        f"wrote {out} ({result.image.width}x{result.image.height}) with {result.backend} {result.arch}: "
+        f"{result.steps} steps in {result.seconds:.2f}s"
+    )

@@ -1,0 +1,31 @@
+"""Model families: one adapter per family, looked up by name or by the diffusers pipeline class.
+
+Importing this package loads no torch or diffusers; an adapter's module is imported on first lookup.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dtcompile.errors import UnsupportedError
+from dtcompile.registry import Registry
+
+if TYPE_CHECKING:
+    from dtcompile.models.base import ModelAdapter
+
+ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family", {"flux": "dtcompile.models.flux:FluxAdapter"})
+
+# diffusers pipeline class name (model_index.json's "_class_name") -> model family.
+PIPELINE_FAMILIES: dict[str, str] = {"FluxPipeline": "flux"}
+
+
+def adapter_for_pipeline_class(name: str) -> str:
+    """The model family of diffusers pipeline class ``name``; UnsupportedError for any other class."""
+    if name not in PIPELINE_FAMILIES:
+        raise UnsupportedError(
+            f"unsupported pipeline class '{name}'; supported pipeline classes: {', '.join(PIPELINE_FAMILIES)}"
+        )
+    return PIPELINE_FAMILIES[name]
+
+
+__all__ = ["ADAPTERS", "PIPELINE_FAMILIES", "adapter_for_pipeline_class"]

@@ -1,0 +1,544 @@
+"""FLUX.1 family: the transformer's graph I/O, shape profiles and exclusions, plus a tiny built-in model.
+
+Input: a diffusers ``FluxPipeline`` (its ``transformer`` component and ``vae_scale_factor``).
+Output: ``ExportSpec`` / ``ShapeProfile`` for the export and build stages, and ``generate_tiny_flux``, which
+writes a randomly initialised, seeded FLUX pipeline small enough for CPU tests.
+
+Importing this module loads no torch, diffusers or transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from itertools import pairwise
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.errors import UnsupportedError
+from dtcompile.models.base import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+
+# --------------------------------------------------------------------------------------------------
+# Tiny built-in pipeline
+# --------------------------------------------------------------------------------------------------
+
+# Bump when generate_tiny_flux changes what it writes: it is part of the built-in cache key.
+TINY_FLUX_VERSION = 1
+
+# Words that get whole-word tokens in both tokenizers; anything else falls back to characters (CLIP: bytes).
+_TINY_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "in", "on", "with", "and", "at", "by", "photo", "painting", "picture", "portrait",
+    "cat", "dog", "bird", "horse", "fox", "robot", "astronaut", "man", "woman", "child", "tree", "forest",
+    "mountain", "river", "sea", "ocean", "city", "street", "house", "castle", "car", "boat", "sky", "sun",
+    "moon", "star", "night", "day", "snow", "rain", "red", "green", "blue", "yellow", "black", "white",
+    "small", "big", "old", "young", "cute", "happy", "beautiful", "detailed", "high", "quality", "style",
+    "oil", "watercolor", "digital", "art", "cinematic", "lighting", "sitting", "riding", "standing", "flying",
+)  # fmt: skip
+
+# Configs of every component, as plain data (hashed into the cache key). Shapes mirror FLUX.1-dev, scaled
+# down: head_dim 16 and every width a multiple of 16 so fp8/int8/nvfp4 paths see realistic alignment.
+TINY_FLUX_CONFIG: dict[str, Any] = {
+    "transformer": {
+        "patch_size": 1,
+        "in_channels": 16,  # 4 VAE latent channels x 2x2 packed patch
+        "out_channels": None,
+        "num_layers": 2,
+        "num_single_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 4,
+        "joint_attention_dim": 32,  # = T5 d_model
+        "pooled_projection_dim": 32,  # = CLIP hidden_size (FluxPipeline pools CLIP's pooler_output)
+        "guidance_embeds": True,  # like FLUX.1-dev
+        "axes_dims_rope": [4, 6, 6],  # sums to attention_head_dim
+    },
+    "vae": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "block_out_channels": [16, 32],  # 2 blocks -> vae_scale_factor 2: sizes must divide by 4
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 32,
+        "scaling_factor": 0.3611,  # FLUX.1's values
+        "shift_factor": 0.1159,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+        "mid_block_add_attention": True,
+    },
+    "text_encoder": {  # CLIPTextConfig; vocab_size and special token ids are filled in from the tokenizer
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "projection_dim": 32,
+        "hidden_act": "quick_gelu",
+    },
+    "text_encoder_2": {  # T5Config (v1.1 style, like FLUX's T5-XXL)
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 32,
+        "feed_forward_proj": "gated-gelu",
+        "dropout_rate": 0.0,
+        "is_encoder_decoder": False,
+        "use_cache": False,
+    },
+    "scheduler": {  # FLUX.1-dev's FlowMatchEulerDiscreteScheduler config
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": True,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+    },
+    "tokenizer_words": list(_TINY_WORDS),
+    "tokenizer_max_length": 77,
+    "tokenizer_2_max_length": 512,
+}
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's printable stand-ins for the 256 byte values, in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def _clip_vocab_and_merges(
+    words: tuple[str, ...] | list[str],
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary laid out like CLIP's: bytes, bytes + '</w>', merged tokens, then specials.
+
+    The merges are learnt from ``words`` by plain BPE training (most frequent pair first, ties broken by the
+    pair itself), so applying them turns every listed word into one token; merges written by hand per word
+    conflict (``a t</w>`` from "at" would split "cat"). Other text still tokenizes into byte tokens.
+    """
+    base = _bytes_to_unicode()
+    tokens = [*base, *(c + "</w>" for c in base)]
+    segments = [[*w[:-1], w[-1] + "</w>"] for w in dict.fromkeys(words)]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts = Counter(pair for seg in segments for pair in pairwise(seg))
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        tokens.append(best[0] + best[1])
+        segments = [_merge_pair(seg, best) for seg in segments]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(tokens)}, merges
+
+
+def _t5_vocab(words: tuple[str, ...] | list[str]) -> list[tuple[str, float]]:
+    """A Unigram vocabulary laid out like T5's: <pad>, </s>, <unk>, then scored pieces.
+
+    Whole words (``▁cat``) score higher than characters, so listed words stay one piece; printable ASCII
+    characters (with and without the ``▁`` word-start marker) cover everything else.
+    """
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -3.0 - i * 1e-3) for i, w in enumerate(words)]
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    pieces += [("▁" + c, -8.0) for c in chars]
+    pieces += [(c, -9.0) for c in chars]
+    return pieces
+
+
+def build_tiny_tokenizers(config: dict[str, Any] = TINY_FLUX_CONFIG) -> tuple[Any, Any]:
+    """The CLIP and T5 tokenizers of the tiny pipeline, built in code (no files, no network)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    vocab, merges = _clip_vocab_and_merges(config["tokenizer_words"])
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=config["tokenizer_max_length"])
+    tokenizer_2 = T5TokenizerFast(
+        vocab=_t5_vocab(config["tokenizer_words"]),
+        extra_ids=0,
+        model_max_length=config["tokenizer_2_max_length"],
+    )
+    return tokenizer, tokenizer_2
+
+
+def build_tiny_flux(seed: int = 0, config: dict[str, Any] = TINY_FLUX_CONFIG) -> Any:
+    """A randomly initialised ``FluxPipeline`` from ``config``; the same seed gives the same weights.
+
+    Every component is initialised from its own seed (``seed``, ``seed + 1``, ...) inside a forked RNG, so
+    the result depends neither on construction order elsewhere nor on the caller's global RNG state.
+    """
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2 = build_tiny_tokenizers(config)
+    clip_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **config["text_encoder"],
+    )
+    t5_config = T5Config(
+        vocab_size=len(tokenizer_2),
+        pad_token_id=tokenizer_2.pad_token_id,
+        eos_token_id=tokenizer_2.eos_token_id,
+        decoder_start_token_id=tokenizer_2.pad_token_id,
+        **config["text_encoder_2"],
+    )
+    transformer_config = dict(config["transformer"], axes_dims_rope=tuple(config["transformer"]["axes_dims_rope"]))
+
+    def seeded(offset: int, make: Callable[[], Any]) -> Any:
+        torch.manual_seed(seed + offset)
+        return make().eval()
+
+    with torch.random.fork_rng(devices=[]):
+        transformer = seeded(0, lambda: FluxTransformer2DModel(**transformer_config))
+        vae = seeded(1, lambda: AutoencoderKL(**config["vae"]))
+        text_encoder = seeded(2, lambda: CLIPTextModel(clip_config))
+        text_encoder_2 = seeded(3, lambda: T5EncoderModel(t5_config))
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+def generate_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
+    """Write the tiny FLUX pipeline to ``out_dir`` in diffusers' layout; load it with ``from_pretrained``."""
+    out_dir = Path(out_dir)
+    build_tiny_flux(seed).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model dtcompile can generate offline: its family, a one-line description and its generator."""
+
+    name: str
+    family: str
+    description: str
+    generate: Callable[[Path], Path]
+    config: dict[str, Any]
+    version: int
+    code: tuple[Callable[..., Any], ...] = ()  # functions whose source is hashed too (stale-cache guard)
+
+    def cache_key(self) -> str:
+        """Short hash of everything that changes the generated files (config, generator, library versions)."""
+        import inspect
+
+        libs = {lib: _dist_version(lib) for lib in ("torch", "diffusers", "transformers", "tokenizers")}
+        code = hashlib.sha256("".join(inspect.getsource(fn) for fn in self.code).encode()).hexdigest()
+        key = {"name": self.name, "version": self.version, "config": self.config, "libs": libs, "code": code}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    "tiny-flux": BuiltinModel(
+        name="tiny-flux",
+        family="flux",
+        description="random-weight FLUX.1-dev lookalike (2+2 blocks, width 64, ~3 MB) for offline tests",
+        generate=generate_tiny_flux,
+        config=TINY_FLUX_CONFIG,
+        version=TINY_FLUX_VERSION,
+        code=(
+            _bytes_to_unicode,
+            _merge_pair,
+            _clip_vocab_and_merges,
+            _t5_vocab,
+            build_tiny_tokenizers,
+            build_tiny_flux,
+            generate_tiny_flux,
+        ),
+    ),
+}
+
+
+def builtin_cache_root() -> Path:
+    """Folder of generated built-ins: ``$DTC_CACHE_DIR/builtin`` or ``~/.cache/dtcompile/builtin``."""
+    root = os.environ.get("DTC_CACHE_DIR")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "dtcompile"
+    return base / "builtin"
+
+
+def builtin_model_path(name: str) -> Path:
+    """Path of built-in model ``name``, generating it into the cache on first use.
+
+    Generation writes into a temporary folder next to the target and renames it into place, so a reader
+    never sees a half-written model; when two processes race, the loser's copy is discarded.
+    """
+    if name not in BUILTINS:
+        raise UnsupportedError(f"unknown built-in model '{name}'; choose one of: {', '.join(BUILTINS)}")
+    model = BUILTINS[name]
+    target = builtin_cache_root() / f"{name}-{model.cache_key()}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.generate(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process renamed its copy into place first (the target is then a non-empty folder).
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter
+# --------------------------------------------------------------------------------------------------
+
+GUIDANCE_SCALE_EXAMPLE = 3.5  # FLUX.1-dev's default guidance_scale, used for example inputs
+
+
+def validate_image_size(height: int, width: int, vae_scale_factor: int) -> None:
+    """Raise UnsupportedError unless height and width divide by ``2 * vae_scale_factor``.
+
+    FLUX packs 2x2 latent patches into one token, so pixel sizes must be multiples of twice the VAE's
+    downsampling factor (16 for FLUX.1); FluxPipeline would otherwise silently round the size down.
+    """
+    multiple = 2 * vae_scale_factor
+    for what, size in (("height", height), ("width", width)):
+        if size <= 0 or size % multiple:
+            lower = max(multiple, size // multiple * multiple)
+            raise UnsupportedError(
+                f"image {what} {size} is not a positive multiple of {multiple} (FLUX packs 2x2 latent patches "
+                f"and the VAE downsamples by {vae_scale_factor}); use e.g. {lower} or {lower + multiple}"
+            )
+
+
+def img_tokens(height: int, width: int, vae_scale_factor: int) -> int:
+    """Number of image tokens FluxPipeline feeds the transformer for a ``height`` x ``width`` image."""
+    validate_image_size(height, width, vae_scale_factor)
+    patch = 2 * vae_scale_factor
+    return (height // patch) * (width // patch)
+
+
+def latent_image_ids(height: int, width: int, vae_scale_factor: int, device: Any = None) -> torch.Tensor:
+    """The (img_tokens, 3) float32 position ids FluxPipeline builds: (0, row, column) per packed patch."""
+    import torch
+
+    validate_image_size(height, width, vae_scale_factor)
+    rows, cols = height // (2 * vae_scale_factor), width // (2 * vae_scale_factor)
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3).to(device)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@functools.cache
+def _export_wrapper_class() -> type:
+    """The nn.Module class wrapping a FluxTransformer2DModel for export (built on first use: needs torch)."""
+    import torch
+
+    class FluxTransformerForExport(torch.nn.Module):
+        """Takes the graph inputs positionally and returns the transformer's noise prediction tensor."""
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(
+            self,
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor,
+            pooled_projections: torch.Tensor,
+            timestep: torch.Tensor,
+            img_ids: torch.Tensor,
+            txt_ids: torch.Tensor,
+            guidance: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            return self.transformer(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections,
+                timestep=timestep,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                guidance=guidance,
+                return_dict=False,
+            )[0]
+
+    return FluxTransformerForExport
+
+
+class FluxAdapter:
+    """FLUX.1 (dev/schnell and fine-tunes): the ``transformer`` of a ``FluxPipeline`` becomes the engine.
+
+    Graph inputs follow NVIDIA's TensorRT diffusion demo: hidden_states, encoder_hidden_states,
+    pooled_projections, timestep, img_ids, txt_ids and, for guidance-distilled models, guidance.
+    dtypes: ids and guidance are float32 (the transformer turns ids into RoPE in float32/64 anyway, and
+    FluxPipeline passes guidance as float32); everything else is the build dtype.
+    """
+
+    family = "flux"
+    pipeline_class = "FluxPipeline"
+    component = "transformer"
+    # Modules ModelOpt's FLUX example keeps in high precision: embedders, the output norm and projection.
+    default_exclude = ("*x_embedder*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "*proj_out*")
+
+    @staticmethod
+    def pipe_config(pipe: Any) -> dict[str, Any]:
+        """The pipeline facts the adapter needs (``pipe_config`` of the other methods) from a FluxPipeline."""
+        return {"vae_scale_factor": int(pipe.vae_scale_factor)}
+
+    @staticmethod
+    def _channels(module: torch.nn.Module) -> dict[str, Any]:
+        cfg = module.config
+        return {
+            "in": int(cfg["in_channels"]),
+            "out": int(cfg.get("out_channels") or cfg["in_channels"]) * int(cfg.get("patch_size", 1)) ** 2,
+            "joint": int(cfg["joint_attention_dim"]),
+            "pooled": int(cfg["pooled_projection_dim"]),
+            "guidance": bool(cfg.get("guidance_embeds", False)),
+        }
+
+    @staticmethod
+    def _vae_scale_factor(pipe_config: dict[str, Any]) -> int:
+        if "vae_scale_factor" not in pipe_config:
+            raise UnsupportedError("FLUX pipe_config needs 'vae_scale_factor' (FluxPipeline.vae_scale_factor)")
+        return int(pipe_config["vae_scale_factor"])
+
+    def _shapes_at(
+        self,
+        module: torch.nn.Module,
+        vae_scale_factor: int,
+        batch: int,
+        height: int,
+        width: int,
+        text_len: int,
+    ) -> dict[str, tuple[int, ...]]:
+        ch = self._channels(module)
+        tokens = img_tokens(height, width, vae_scale_factor)
+        shapes = {
+            "hidden_states": (batch, tokens, ch["in"]),
+            "encoder_hidden_states": (batch, text_len, ch["joint"]),
+            "pooled_projections": (batch, ch["pooled"]),
+            "timestep": (batch,),
+            "img_ids": (tokens, 3),
+            "txt_ids": (text_len, 3),
+        }
+        if ch["guidance"]:
+            shapes["guidance"] = (batch,)
+        return shapes
+
+    def export_spec(
+        self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, dtype: torch.dtype
+    ) -> ExportSpec:
+        """I/O specs with symbolic batch/img_tokens (and text_len when it varies), example inputs at opt."""
+        import torch
+
+        vsf = self._vae_scale_factor(pipe_config)
+        ch = self._channels(module)
+        text: int | str = "text_len" if shapes.text_len.min != shapes.text_len.max else shapes.text_len.opt
+        dt, f32 = _dtype_name(dtype), "float32"
+        inputs = [
+            TensorSpec("hidden_states", dt, ("batch", "img_tokens", ch["in"])),
+            TensorSpec("encoder_hidden_states", dt, ("batch", text, ch["joint"])),
+            TensorSpec("pooled_projections", dt, ("batch", ch["pooled"])),
+            TensorSpec("timestep", dt, ("batch",)),
+            TensorSpec("img_ids", f32, ("img_tokens", 3)),
+            TensorSpec("txt_ids", f32, (text, 3)),
+        ]
+        if ch["guidance"]:
+            inputs.append(TensorSpec("guidance", f32, ("batch",)))
+        outputs = [TensorSpec("latent", dt, ("batch", "img_tokens", ch["out"]))]
+
+        b, h, w, t = shapes.batch.opt, shapes.height.opt, shapes.width.opt, shapes.text_len.opt
+        opt = self._shapes_at(module, vsf, b, h, w, t)
+        device = next(module.parameters()).device
+        gen = torch.Generator().manual_seed(0)
+
+        def randn(name: str) -> torch.Tensor:
+            return torch.randn(opt[name], generator=gen).to(device=device, dtype=dtype)
+
+        example: dict[str, Any] = {
+            "hidden_states": randn("hidden_states"),
+            "encoder_hidden_states": randn("encoder_hidden_states"),
+            "pooled_projections": randn("pooled_projections"),
+            # FluxPipeline passes sigma-like timesteps (t / 1000, in [0, 1]) in the latents' dtype.
+            "timestep": torch.rand(opt["timestep"], generator=gen).to(device=device, dtype=dtype),
+            "img_ids": latent_image_ids(h, w, vsf, device=device),
+            "txt_ids": torch.zeros(opt["txt_ids"], device=device),  # FluxPipeline's text ids are all zero
+        }
+        if ch["guidance"]:
+            example["guidance"] = torch.full(opt["guidance"], GUIDANCE_SCALE_EXAMPLE, device=device)
+        return ExportSpec(inputs=inputs, outputs=outputs, example_inputs=example)
+
+    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Wrap the transformer: positional graph inputs in, the ``latent`` tensor out."""
+        return _export_wrapper_class()(module)
+
+    def shape_profile(self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes) -> ShapeProfile:
+        """Concrete min/opt/max shapes of every input (image tokens follow from height x width)."""
+        vsf = self._vae_scale_factor(pipe_config)
+
+        # img_tokens() validates each of height/width's min, opt and max.
+        def at(pick: Callable[[Range], int]) -> dict[str, tuple[int, ...]]:
+            return self._shapes_at(
+                module,
+                vsf,
+                pick(shapes.batch),
+                pick(shapes.height),
+                pick(shapes.width),
+                pick(shapes.text_len),
+            )
+
+        return ShapeProfile(min=at(lambda r: r.min), opt=at(lambda r: r.opt), max=at(lambda r: r.max))

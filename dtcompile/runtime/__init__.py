@@ -1,0 +1,1 @@
+"""Runtime: engine-backed components and the denoising loop (diffusers' own pipelines, unchanged)."""

@@ -1,0 +1,66 @@
+"""An nn.Module that stands in for a pipeline component and runs an engine instead of torch layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+
+class EngineModule(torch.nn.Module):
+    """Stands in for ``pipe.transformer``: maps the pipeline's keyword call onto graph inputs.
+
+    ``config`` is the original component's config (the pipeline reads e.g. ``in_channels``);
+    ``trace``, when a list, receives every output (per-step noise predictions for parity checks).
+    """
+
+    def __init__(
+        self,
+        runner: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+        config: dict[str, Any],
+        input_names: list[str],
+        output_name: str,
+        dtype: torch.dtype,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+
+        self.runner = runner
+        self.config = FrozenDict(config)
+        self.input_names = list(input_names)
+        self.output_name = output_name
+        self._dtype = dtype
+        self._device = torch.device(device)
+        self.trace: list[torch.Tensor] | None = None
+        self.calls = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        # diffusers' pipelines wrap calls in cache_context; engines keep no such state here.
+        yield
+
+    def forward(self, return_dict: bool = True, joint_attention_kwargs: Any = None, **kwargs: Any) -> Any:
+        if joint_attention_kwargs:
+            raise NotImplementedError(
+                f"joint_attention_kwargs {sorted(joint_attention_kwargs)} are not supported by engines"
+            )
+        feeds = {name: kwargs[name] for name in self.input_names if kwargs.get(name) is not None}
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise ValueError(f"the pipeline did not pass graph inputs {missing}")
+        out = self.runner(feeds)[self.output_name].to(self._device, self._dtype)
+        self.calls += 1
+        if self.trace is not None:
+            self.trace.append(out.detach().clone())
+        return (out,) if not return_dict else {"sample": out}

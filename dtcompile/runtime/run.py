@@ -1,0 +1,180 @@
+"""Run an artifact: pick the engine for this machine, stand it in for the component, call the pipeline.
+
+The denoising loop is diffusers' own (its scheduler and pipeline code unchanged); only the engine-backed
+component differs, so parity with the plain pipeline is a like-for-like comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dtcompile.artifacts.manifest import read_manifest, verify_file
+from dtcompile.errors import ArtifactError, UnsupportedError
+
+log = logging.getLogger("dtcompile.run")
+BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt-rtx", "tensorrt")
+
+
+def _installed_trt_major(backend: str) -> int | None:
+    from importlib import metadata
+
+    dist = {"tensorrt-rtx": "tensorrt-rtx-cu13", "tensorrt": "tensorrt"}[backend]
+    try:
+        return int(metadata.version(dist).split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def select_engine(manifest: dict[str, Any], component: str, backend: str, gpu: str | None) -> dict[str, Any]:
+    """The manifest entry to run for ``backend`` on a machine whose GPU arch is ``gpu`` (None: no GPU)."""
+    if manifest.get("stopped_after"):
+        raise ArtifactError(f"artifact stopped after stage '{manifest['stopped_after']}'; it has no engines to run")
+    engines = manifest["components"][component]["engines"]
+    if backend == "auto":
+        if gpu is not None:
+            for flavour in ("tensorrt", "tensorrt-rtx"):
+                if _installed_trt_major(flavour) and any(e["backend"] == flavour and e["arch"] == gpu for e in engines):
+                    return select_engine(manifest, component, flavour, gpu)
+        backend = "onnxruntime"
+    candidates = [e for e in engines if e["backend"] == backend]
+    built = ", ".join(sorted({f"{e['backend']}:{e['arch']}" for e in engines})) or "none"
+    if not candidates:
+        raise ArtifactError(
+            f"artifact has no {backend} engine (it has: {built}); rebuild with {backend} in engine.backends"
+        )
+    if backend == "onnxruntime":
+        return candidates[0]
+    archs = ", ".join(e["arch"] for e in candidates)
+    if gpu is None:
+        raise ArtifactError(
+            f"{backend} engines ({archs}) need an NVIDIA GPU to run and this machine has none; "
+            "use --backend onnxruntime"
+        )
+    match = [e for e in candidates if e["arch"] == gpu]
+    if not match:
+        raise ArtifactError(
+            f"no {backend} engine for this GPU ({gpu}); the artifact has {archs}: add {gpu} to engine.targets and rebuild"
+        )
+    entry = match[0]
+    installed = _installed_trt_major(backend)
+    built_major = int(str(entry.get("trt_version", "0")).split(".")[0])
+    if installed is None:
+        extra = "rtx" if backend == "tensorrt-rtx" else "trt"
+        raise ArtifactError(f"{backend} is not installed (pip install 'dtcompile[{extra}]')")
+    if installed != built_major:
+        raise ArtifactError(
+            f"{entry['file']} was built with {backend} {entry.get('trt_version')}, this machine has major "
+            f"version {installed}; engines only load in the major version that built them: rebuild"
+        )
+    return entry
+
+
+def check_size(shapes: dict[str, Any], height: int, width: int, batch: int = 1) -> None:
+    """Refuse sizes outside the shape ranges (manifest["shapes"]) the artifact was built for."""
+    for name, value in (("height", height), ("width", width), ("batch", batch)):
+        r = shapes[name]
+        if not r["min"] <= value <= r["max"]:
+            raise UnsupportedError(
+                f"--{name} {value} is outside the artifact's range {r['min']}..{r['max']}; "
+                f"rebuild with export.shapes.{name} covering it"
+            )
+
+
+@dataclass
+class RunResult:
+    """What a run produced and how long it took."""
+
+    image: Any
+    backend: str
+    arch: str
+    seconds: float
+    steps: int
+    trace: list[Any] = field(default_factory=list)
+    engine_module: Any = None
+
+
+def load_engine_pipeline(
+    artifact_dir: Path, backend: str = "auto", *, verify: bool = True
+) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """(pipeline, engine module, manifest, engine entry) for an artifact on this machine."""
+    import diffusers
+    import torch
+
+    from dtcompile.backends import RUNNERS
+    from dtcompile.backends.tensorrt import gpu_arch
+    from dtcompile.runtime.engine_module import EngineModule
+
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    comp = next(iter(manifest["components"]))
+    centry = manifest["components"][comp]
+    entry = select_engine(manifest, comp, backend, gpu_arch())
+    path = verify_file(artifact_dir, entry, full=verify)
+    for extra in centry["onnx"].get("external_data", []) if entry["backend"] == "onnxruntime" else []:
+        verify_file(artifact_dir, extra, full=verify)
+    pipeline_dir = artifact_dir / "pipeline"
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise ArtifactError(
+            f"{pipeline_dir}: artifact has no pipeline files (built with output.include_pipeline: false)"
+        )
+    runner_cls = RUNNERS.get(entry["backend"])
+    runner = runner_cls(path) if entry["backend"] == "onnxruntime" else runner_cls(path, entry["backend"])
+    dtype = getattr(torch, manifest["dtype"])
+    device = getattr(runner, "device", "cpu")
+    module = EngineModule(
+        runner,
+        centry["config"],
+        [t["name"] for t in centry["inputs"]],
+        centry["outputs"][0]["name"],
+        dtype,
+        device,
+    )
+    pipe_cls = getattr(diffusers, manifest["source"]["pipeline_class"])
+    diffusers.utils.logging.disable_progress_bar()
+    pipe = pipe_cls.from_pretrained(pipeline_dir, **{comp: module}, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    return pipe, module, manifest, entry
+
+
+def run_artifact(
+    artifact_dir: Path,
+    prompt: str,
+    *,
+    steps: int = 4,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    guidance: float = 3.5,
+    backend: str = "auto",
+    trace: bool = False,
+    verify: bool = True,
+) -> RunResult:
+    """Generate one image with the artifact's engine; ``trace`` keeps every step's noise prediction."""
+    import torch
+
+    shapes = read_manifest(artifact_dir)["shapes"]
+    height = height or shapes["height"]["opt"]
+    width = width or shapes["width"]["opt"]
+    check_size(shapes, height, width)
+    pipe, module, manifest, entry = load_engine_pipeline(artifact_dir, backend, verify=verify)
+    if trace:
+        module.trace = []
+    generator = torch.Generator("cpu").manual_seed(seed)
+    t0 = time.perf_counter()
+    out = pipe(
+        prompt,
+        height=height,
+        width=width,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=generator,
+        max_sequence_length=shapes["text_len"]["opt"],
+    )
+    seconds = time.perf_counter() - t0
+    log.info("%d steps on %s %s in %.2fs", steps, entry["backend"], entry["arch"], seconds)
+    return RunResult(out.images[0], entry["backend"], entry["arch"], seconds, steps, module.trace or [], module)

@@ -1,0 +1,141 @@
+"""Stage `load`: ModelSpec -> LoadedPipeline (a diffusers pipeline, its source folder and weights hash).
+
+Built-ins, local folders and hub ids all go through the same ``DiffusionPipeline.from_pretrained`` path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.errors import DtcError, MissingDependencyError, RecipeError
+from dtcompile.recipe import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from dtcompile.models.base import ModelAdapter
+
+log = logging.getLogger("dtcompile.load")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where a pipeline's files are: a local folder, or a hub id to download."""
+
+    spec: ModelSpec
+    local_dir: Path | None  # None for a hub id not yet resolved
+    kind: str  # "builtin" | "local" | "hub"
+
+
+@dataclass
+class LoadedPipeline:
+    """A loaded diffusers pipeline and what the later stages need to know about it."""
+
+    pipe: Any
+    source_dir: Path
+    source_kind: str
+    pipeline_class: str
+    adapter: ModelAdapter
+    component_sha256: str  # digest of the engine component's files (weights + config)
+    pipe_config: dict[str, Any]
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.count("/") != 1 or Path(source).exists()
+
+
+def resolve_source(spec: ModelSpec) -> ResolvedSource:
+    """Classify ``model.source`` without loading weights; local folders must exist and be pipelines."""
+    source = spec.source
+    if source.startswith("builtin:"):
+        from dtcompile.models.flux import BUILTINS
+
+        name = source.removeprefix("builtin:")
+        if name not in BUILTINS:
+            raise RecipeError(
+                f"model.source: unknown built-in '{name}'; choose one of: "
+                + ", ".join(f"builtin:{n}" for n in BUILTINS)
+            )
+        return ResolvedSource(spec, None, "builtin")
+    if _looks_like_path(source):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            raise RecipeError(f"model.source: local model folder '{source}' does not exist")
+        if not (path / "model_index.json").is_file():
+            raise RecipeError(f"model.source: '{source}' is not a diffusers pipeline folder (no model_index.json)")
+        return ResolvedSource(spec, path.resolve(), "local")
+    return ResolvedSource(spec, None, "hub")
+
+
+def _hub_dir(spec: ModelSpec) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise MissingDependencyError("huggingface_hub", "torch") from None
+    try:
+        return Path(snapshot_download(spec.source, revision=spec.revision))
+    except Exception as exc:  # the hub raises many types (offline, 401, 404, DNS)
+        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise DtcError(
+            f"model.source: cannot fetch '{spec.source}' from the Hugging Face hub ({type(exc).__name__}: "
+            f"{reason}); download it where the hub is reachable and set model.source to that folder"
+        ) from None
+
+
+def source_dir(resolved: ResolvedSource) -> Path:
+    """A local folder with the pipeline's files (generating built-ins, downloading hub ids)."""
+    if resolved.kind == "builtin":
+        from dtcompile.models.flux import builtin_model_path
+
+        return builtin_model_path(resolved.spec.source.removeprefix("builtin:"))
+    if resolved.kind == "hub":
+        return _hub_dir(resolved.spec)
+    assert resolved.local_dir is not None
+    return resolved.local_dir
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def pipeline_class_of(folder: Path) -> str:
+    """The ``_class_name`` recorded in a pipeline folder's model_index.json."""
+    try:
+        return json.loads((folder / "model_index.json").read_text())["_class_name"]
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise RecipeError(f"{folder / 'model_index.json'}: cannot read the pipeline class ({exc})") from None
+
+
+def load_pipeline(spec: ModelSpec, dtype: str) -> LoadedPipeline:
+    """Load the pipeline named by ``spec`` in ``dtype`` on the CPU."""
+    from dtcompile.artifacts.manifest import sha256_tree
+    from dtcompile.models import ADAPTERS, adapter_for_pipeline_class
+
+    resolved = resolve_source(spec)
+    folder = source_dir(resolved)
+    class_name = pipeline_class_of(folder)
+    adapter = ADAPTERS.get(adapter_for_pipeline_class(class_name))()
+    try:
+        import diffusers
+    except ImportError:
+        raise MissingDependencyError("diffusers", "torch") from None
+    pipe_cls = getattr(diffusers, class_name)
+    log.info("loading %s from %s (%s)", class_name, folder, dtype)
+    pipe = pipe_cls.from_pretrained(folder, dtype=torch_dtype(dtype))
+    component_dir = folder / adapter.component
+    digest = sha256_tree(component_dir) if component_dir.is_dir() else "unknown"
+    return LoadedPipeline(
+        pipe=pipe,
+        source_dir=folder,
+        source_kind=resolved.kind,
+        pipeline_class=class_name,
+        adapter=adapter,
+        component_sha256=digest,
+        pipe_config=adapter.pipe_config(pipe),
+    )

@@ -1,0 +1,29 @@
+"""Shared fixtures: an isolated built-in cache and one tiny-flux artifact built per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built-ins are generated into a per-session cache, never the user's ~/.cache."""
+    path = tmp_path_factory.mktemp("dtc-cache")
+    os.environ["DTC_CACHE_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """recipes/tiny-flux.yaml built for real (ONNX + TensorRT-RTX sm_89/sm_120) into a temp engines/ folder."""
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages import run_build
+
+    out = tmp_path_factory.mktemp("engines")
+    recipe = load_recipe(ROOT / "recipes" / "tiny-flux.yaml", [f"output.dir={out}"])
+    return run_build(recipe).artifact_dir

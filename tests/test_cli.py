@@ -1,0 +1,33 @@
+"""The CLI stays instant: no heavy module is imported for --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "diffusers", "tensorrt", "tensorrt_rtx", "modelopt", "onnx", "onnxruntime", "transformers")
+COMMANDS = ["", "build", "run", "inspect", "models", "publish", "pull"]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_help_imports_nothing_heavy(cmd: str) -> None:
+    code = (
+        "import sys, json\n"
+        "from dtcompile.cli import main\n"
+        f"args = {[c for c in [cmd] if c] + ['--help']!r}\n"
+        "try:\n    main(args)\nexcept SystemExit:\n    pass\n"
+        "print(json.dumps(sorted(m for m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(json.loads(out.strip().splitlines()[-1]))
+    assert "Usage:" in out
+    assert not [m for m in HEAVY if m in loaded]
+
+
+def test_unknown_command_exits_nonzero() -> None:
+    r = subprocess.run([sys.executable, "-m", "dtcompile", "frobnicate"], capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "No such command" in r.stderr
