@@ -123,6 +123,7 @@ def run_build(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp is owner-only; artifacts are shared read-only
     try:
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
