@@ -14,7 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dtcompile.backends.tensorrt import SUPPORTED_ARCHS as BACKEND_ARCHS
+from dtcompile.cache.spec import CacheSpec
 from dtcompile.errors import RecipeError
+from dtcompile.quant.spec import FORMAT_NAMES, QuantSpec
 
 KNOWN_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120", "sm_121")
 BACKENDS = ("onnxruntime", "tensorrt-rtx", "tensorrt")
@@ -61,11 +63,34 @@ class ModelSpec(_Strict):
     revision: str | None = None
 
 
+#: ``export.attention`` choices; "auto" resolves per recipe (dtcompile/attention.py, docs/attention.md).
+ATTENTION_MODES = ("auto", "native", "plugin", "decomposed")
+#: The ONNX ``Attention`` op (``attention: native``) exists from this opset on.
+ATTENTION_MIN_OPSET = 23
+
+
 class ExportSpecModel(_Strict):
-    """ONNX export settings."""
+    """ONNX export settings.
+
+    ``attention``: how attention reaches the graph. ``native``: the ONNX ``Attention`` op (needs opset 23),
+    which TensorRT maps to its fused attention layer; ``plugin``: a ``dtc::FusedAttention`` node served by the
+    plugin in plugins/fused_attention; ``decomposed``: MatMul-Softmax-MatMul; ``auto``: native where every
+    backend, arch and dtype of the recipe supports it, else decomposed (the choice is logged and recorded).
+    """
 
     opset: int = Field(default=19, ge=17, le=23)
     shapes: ShapesSpec = ShapesSpec()
+    attention: Literal["auto", "native", "plugin", "decomposed"] = "auto"
+
+    @model_validator(mode="after")
+    def _native_needs_opset(self) -> ExportSpecModel:
+        if self.attention == "native" and self.opset < ATTENTION_MIN_OPSET:
+            raise ValueError(
+                f"attention 'native' exports the ONNX Attention op, which needs opset >= {ATTENTION_MIN_OPSET} "
+                f"(export.opset is {self.opset}); set export.opset: {ATTENTION_MIN_OPSET} or "
+                f"export.attention: decomposed"
+            )
+        return self
 
 
 class EngineSpec(_Strict):
@@ -113,8 +138,34 @@ class OutputSpec(_Strict):
     include_pipeline: bool = True
 
 
+#: File suffixes of pickled checkpoints: dtc never unpickles (loading one can run arbitrary code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class LoraSpec(_Strict):
+    """One LoRA adapter fused into the engine component before export (``dtc refit`` swaps them later).
+
+    ``source``: a local ``.safetensors`` file, a local folder (with ``weight_name``), or a hub id
+    ``owner/name`` (``weight_name`` defaults to diffusers' ``pytorch_lora_weights.safetensors``).
+    """
+
+    source: str = Field(min_length=1)
+    scale: float = Field(default=1.0, allow_inf_nan=False)
+    weight_name: str | None = None
+
+    @field_validator("source", "weight_name")
+    @classmethod
+    def _not_pickle(cls, value: str | None) -> str | None:
+        if value is not None and value.lower().endswith(PICKLE_SUFFIXES):
+            raise ValueError(
+                "is a pickled checkpoint; dtc loads LoRAs from .safetensors files only (never unpickles): "
+                "convert it with safetensors.torch.save_file"
+            )
+        return value
+
+
 class Recipe(_Strict):
-    """A build recipe: model, dtype, export, engine and output sections."""
+    """A build recipe: model, dtype, export, engine, output and (optional) lora sections."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: ModelSpec
@@ -122,6 +173,9 @@ class Recipe(_Strict):
     export: ExportSpecModel = ExportSpecModel()
     engine: EngineSpec = EngineSpec()
     output: OutputSpec = OutputSpec()
+    lora: list[LoraSpec] = Field(default_factory=list)
+    quant: QuantSpec | None = None  # PTQ: dtcompile/quant/spec.py, docs/quantization.md
+    cache: CacheSpec | None = None  # block caching: dtcompile/cache/spec.py, docs/cache.md
 
     def engine_fields(self) -> dict[str, Any]:
         """The fields that change an engine (everything but name and output), as plain JSON."""
@@ -169,8 +223,13 @@ def _dotted(loc: tuple[Any, ...]) -> str:
 
 
 def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    # pydantic adds validator/union tags (e.g. 'function-after[...]', literal choices); drop them.
-    return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and "(" not in p))
+    # pydantic adds validator/union tags (e.g. 'function-after[...]', the union member 'fp8'); drop them.
+    out: list[Any] = []
+    for p in loc:
+        if isinstance(p, str) and ("[" in p or "(" in p or (out[-1:] == ["quant"] and p in FORMAT_NAMES)):
+            continue
+        out.append(p)
+    return tuple(out)
 
 
 def _message(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 HEAVY = ("torch", "diffusers", "tensorrt", "tensorrt_rtx", "modelopt", "onnx", "onnxruntime", "transformers")
-COMMANDS = ["", "build", "run", "inspect", "models", "publish", "pull"]
+COMMANDS = ["", "build", "run", "inspect", "models", "publish", "pull", "refit", "bench"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

@@ -86,6 +86,7 @@ class EngineInfo:
     refittable: bool
     strongly_typed: bool
     opt_level: int
+    plugins: tuple[dict[str, str], ...] = ()  # plugin records (dtcompile.attention.register_build_plugins)
 
     def to_manifest(self, artifact_dir: Path) -> dict[str, Any]:
         """The manifest entry: file relative to ``artifact_dir`` and every field that describes the engine.
@@ -109,7 +110,7 @@ class EngineInfo:
             "profile": self.profile,
             "inputs": [_io_json(t) for t in self.inputs],
             "outputs": [_io_json(t) for t in self.outputs],
-            "plugins": [],
+            "plugins": [dict(p) for p in self.plugins],
         }
 
 
@@ -232,6 +233,10 @@ def engine_from_onnx(
     log.info("build %s: %s for %s with %s %s", out_path.name, onnx_path, arch, flavour, trt.__version__)
     t0 = time.perf_counter()
 
+    from dtcompile.attention import register_build_plugins
+
+    # dtc-domain nodes (export.attention: plugin) need their creator registered before parsing
+    plugins = tuple(register_build_plugins(trt, flavour, onnx_path))
     builder = trt.Builder(trt_logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
     network = builder.create_network(flags)
@@ -291,6 +296,7 @@ def engine_from_onnx(
         refittable=refittable,
         strongly_typed=strongly_typed,
         opt_level=opt_level,
+        plugins=plugins,
     )
     log.info(
         "build %s: %.1f MiB for %s in %.1f s, peak RSS %.0f MiB; wrote %s",

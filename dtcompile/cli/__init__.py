@@ -21,6 +21,8 @@ COMMANDS = {
     "models": ("dtcompile.cli.models:models", "List the built-in tiny pipelines."),
     "publish": ("dtcompile.cli.publish:publish", "Publish an artifact's per-arch archives to a folder or URL."),
     "pull": ("dtcompile.cli.pull:pull", "Fetch, verify and unpack one arch of a published artifact."),
+    "bench": ("dtcompile.cli.bench:bench", "Measure latency and memory of an artifact next to PyTorch."),
+    "refit": ("dtcompile.cli.refit:refit", "Swap LoRA weights into a built artifact without rebuilding it."),
 }
 
 

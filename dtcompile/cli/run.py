@@ -18,6 +18,12 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
 @click.option("--out", "out_path", default="out.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine file (size is still checked).")
+@click.option(
+    "--cache",
+    "cache",
+    type=click.Choice(("on", "off")),
+    help="Skip cached blocks of a block-engine artifact (default: on when it has a cache section).",
+)
 def run(
     artifact: str,
     prompt: str,
@@ -29,6 +35,7 @@ def run(
     backend: str,
     out_path: str,
     no_verify: bool,
+    cache: str | None,
 ) -> None:
     """Run the denoising loop with the artifact's engine and write an image."""
     from pathlib import Path
@@ -45,6 +52,7 @@ def run(
         guidance=guidance,
         backend=backend,
         verify=not no_verify,
+        cache=None if cache is None else cache == "on",
     )
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -55,3 +63,7 @@ def run(
         f"wrote {out} ({result.image.width}x{result.image.height}) with {result.backend} {result.arch}: "
         f"{result.steps} steps in {result.seconds:.2f}s"
     )
+    if result.cache_stats is not None:
+        from dtcompile.cache.spec import stats_line
+
+        click.echo(stats_line(result.cache_stats))

@@ -252,6 +252,47 @@ def generate_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+# FLUX.1-dev's transformer at its real widths but with 1 double + 1 single block, around tiny text encoders
+# (whose output widths match what the transformer reads: T5 4096, CLIP pooled 768) and a tiny 4-level VAE
+# (scale factor 8 and 16 latent channels, like FLUX.1's): real per-block cost and real token counts, ~2.2 GB.
+REALWIDTH_FLUX_VERSION = 1
+REALWIDTH_FLUX_CONFIG: dict[str, Any] = {
+    **TINY_FLUX_CONFIG,
+    "transformer": {
+        **TINY_FLUX_CONFIG["transformer"],
+        "in_channels": 64,
+        "num_layers": 1,
+        "num_single_layers": 1,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "axes_dims_rope": [16, 56, 56],
+    },
+    "vae": {
+        **TINY_FLUX_CONFIG["vae"],
+        "down_block_types": ["DownEncoderBlock2D"] * 4,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [8, 16, 16, 16],
+        "latent_channels": 16,
+    },
+    "text_encoder": {
+        **TINY_FLUX_CONFIG["text_encoder"],
+        "hidden_size": 768,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 12,
+    },
+    "text_encoder_2": {**TINY_FLUX_CONFIG["text_encoder_2"], "d_model": 4096, "d_kv": 64, "num_layers": 1},
+}
+
+
+def generate_flux_realwidth(out_dir: Path, seed: int = 0) -> Path:
+    """Write the real-width FLUX pipeline (1+1 blocks, tiny text encoders and VAE) to ``out_dir``."""
+    out_dir = Path(out_dir)
+    build_tiny_flux(seed, REALWIDTH_FLUX_CONFIG).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     """A model dtcompile can generate offline: its family, a one-line description and its generator."""
@@ -297,6 +338,23 @@ BUILTINS: dict[str, BuiltinModel] = {
             build_tiny_tokenizers,
             build_tiny_flux,
             generate_tiny_flux,
+        ),
+    ),
+    "flux-realwidth-1": BuiltinModel(
+        name="flux-realwidth-1",
+        family="flux",
+        description="random-weight FLUX.1-dev transformer at real widths, 1+1 blocks, tiny encoders (~2.2 GB)",
+        generate=generate_flux_realwidth,
+        config=REALWIDTH_FLUX_CONFIG,
+        version=REALWIDTH_FLUX_VERSION,
+        code=(
+            _bytes_to_unicode,
+            _merge_pair,
+            _clip_vocab_and_merges,
+            _t5_vocab,
+            build_tiny_tokenizers,
+            build_tiny_flux,
+            generate_flux_realwidth,
         ),
     ),
 }
@@ -432,7 +490,7 @@ class FluxAdapter:
     pipeline_class = "FluxPipeline"
     component = "transformer"
     # Modules ModelOpt's FLUX example keeps in high precision: embedders, the output norm and projection.
-    default_exclude = ("*x_embedder*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "*proj_out*")
+    default_exclude = ("*x_embedder*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
 
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:

@@ -95,12 +95,16 @@ class RunResult:
     steps: int
     trace: list[Any] = field(default_factory=list)
     engine_module: Any = None
+    cache_stats: dict[str, Any] | None = None  # split artifacts: block evaluations done/skipped (docs/cache.md)
 
 
 def load_engine_pipeline(
-    artifact_dir: Path, backend: str = "auto", *, verify: bool = True
+    artifact_dir: Path, backend: str = "auto", *, verify: bool = True, cache: bool | None = None
 ) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
-    """(pipeline, engine module, manifest, engine entry) for an artifact on this machine."""
+    """(pipeline, engine module, manifest, engine entry) for an artifact on this machine.
+
+    ``cache``: for artifacts split into block engines, skip cached blocks (None: yes); elsewhere must not be True.
+    """
     import diffusers
     import torch
 
@@ -110,29 +114,42 @@ def load_engine_pipeline(
 
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
-    comp = next(iter(manifest["components"]))
+    # cache-split artifacts also list their parts as components ("part_of" names the component they make up)
+    comp = next(c for c, e in manifest["components"].items() if "part_of" not in e)
     centry = manifest["components"][comp]
-    entry = select_engine(manifest, comp, backend, gpu_arch())
-    path = verify_file(artifact_dir, entry, full=verify)
-    for extra in centry["onnx"].get("external_data", []) if entry["backend"] == "onnxruntime" else []:
-        verify_file(artifact_dir, extra, full=verify)
+    if cache and "parts" not in centry:
+        raise UnsupportedError(
+            f"--cache on: {artifact_dir} has no block engines (its recipe has no cache section); use --cache off"
+        )
     pipeline_dir = artifact_dir / "pipeline"
+    if "parts" in centry and not manifest.get("stopped_after"):
+        from dtcompile.cache.runtime import load_cached_module
+
+        module, entry = load_cached_module(
+            artifact_dir, manifest, comp, backend, gpu=gpu_arch(), verify=verify, enabled=cache is not False
+        )
+        dtype, device = module.dtype, module.device
+    else:
+        entry = select_engine(manifest, comp, backend, gpu_arch())
+        path = verify_file(artifact_dir, entry, full=verify)
+        for extra in centry["onnx"].get("external_data", []) if entry["backend"] == "onnxruntime" else []:
+            verify_file(artifact_dir, extra, full=verify)
+        runner_cls = RUNNERS.get(entry["backend"])
+        runner = runner_cls(path) if entry["backend"] == "onnxruntime" else runner_cls(path, entry["backend"])
+        dtype = getattr(torch, manifest["dtype"])
+        device = getattr(runner, "device", "cpu")
+        module = EngineModule(
+            runner,
+            centry["config"],
+            [t["name"] for t in centry["inputs"]],
+            centry["outputs"][0]["name"],
+            dtype,
+            device,
+        )
     if not (pipeline_dir / "model_index.json").is_file():
         raise ArtifactError(
             f"{pipeline_dir}: artifact has no pipeline files (built with output.include_pipeline: false)"
         )
-    runner_cls = RUNNERS.get(entry["backend"])
-    runner = runner_cls(path) if entry["backend"] == "onnxruntime" else runner_cls(path, entry["backend"])
-    dtype = getattr(torch, manifest["dtype"])
-    device = getattr(runner, "device", "cpu")
-    module = EngineModule(
-        runner,
-        centry["config"],
-        [t["name"] for t in centry["inputs"]],
-        centry["outputs"][0]["name"],
-        dtype,
-        device,
-    )
     pipe_cls = getattr(diffusers, manifest["source"]["pipeline_class"])
     diffusers.utils.logging.disable_progress_bar()
     pipe = pipe_cls.from_pretrained(pipeline_dir, **{comp: module}, dtype=dtype)
@@ -153,17 +170,23 @@ def run_artifact(
     backend: str = "auto",
     trace: bool = False,
     verify: bool = True,
+    cache: bool | None = None,
 ) -> RunResult:
-    """Generate one image with the artifact's engine; ``trace`` keeps every step's noise prediction."""
+    """Generate one image with the artifact's engine; ``trace`` keeps every step's noise prediction.
+
+    ``cache``: skip cached blocks of a cache-split artifact (None: when it has a cache section; False: run all).
+    """
     import torch
 
     shapes = read_manifest(artifact_dir)["shapes"]
     height = height or shapes["height"]["opt"]
     width = width or shapes["width"]["opt"]
     check_size(shapes, height, width)
-    pipe, module, manifest, entry = load_engine_pipeline(artifact_dir, backend, verify=verify)
+    pipe, module, manifest, entry = load_engine_pipeline(artifact_dir, backend, verify=verify, cache=cache)
     if trace:
         module.trace = []
+    if hasattr(module, "begin_run"):
+        module.begin_run(steps)
     generator = torch.Generator("cpu").manual_seed(seed)
     t0 = time.perf_counter()
     out = pipe(
@@ -177,4 +200,5 @@ def run_artifact(
     )
     seconds = time.perf_counter() - t0
     log.info("%d steps on %s %s in %.2fs", steps, entry["backend"], entry["arch"], seconds)
-    return RunResult(out.images[0], entry["backend"], entry["arch"], seconds, steps, module.trace or [], module)
+    stats = module.cache_stats() if hasattr(module, "cache_stats") else None
+    return RunResult(out.images[0], entry["backend"], entry["arch"], seconds, steps, module.trace or [], module, stats)

@@ -7,6 +7,7 @@ requirement that can be checked before weights load.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ from typing import Any
 from dtcompile.errors import DtcError, RecipeError, UnsupportedError
 from dtcompile.recipe import Recipe
 
-STAGES = ("load", "export", "build")
+STAGES = ("load", "lora", "quantize", "export", "build")
 log = logging.getLogger("dtcompile")
 
 
@@ -30,6 +31,7 @@ class Plan:
     source_kind: str
     out_dir: Path
     targets: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # extra dry-run lines (e.g. the cache segments)
 
     def lines(self) -> list[str]:
         r = self.recipe
@@ -40,7 +42,7 @@ class Plan:
         for t in self.targets:
             status = "build" if not t.get("reason") else f"will NOT build: {t['reason']}"
             out.append(f"  {t['backend']:<13} {t['arch']:<7} {status}")
-        return out
+        return out + self.notes
 
 
 def plan(recipe: Recipe) -> Plan:
@@ -64,8 +66,52 @@ def plan(recipe: Recipe) -> Plan:
     for t in plan_targets(recipe.engine):
         reason = target_blocker(t, recipe.engine.refittable)
         targets.append({"backend": t.backend, "arch": t.arch, **({"reason": reason} if reason else {})})
+    if recipe.quant is not None:
+        _plan_quant(recipe, resolved, targets)
     out_dir = Path(recipe.output.dir) / recipe.name
-    return Plan(recipe, resolved.kind, out_dir, targets)
+    notes: list[str] = []
+    if recipe.cache is not None:
+        from dtcompile.cache.spec import plan_cache
+
+        notes = plan_cache(recipe)
+    if recipe.lora:  # local LoRA files must exist and be safetensors (hub ids are fetched at build)
+        from dtcompile.stages.lora import resolve_loras
+
+        for r in resolve_loras(recipe.lora, download=False):
+            notes.append(f"lora: {r.path if r.sha256 else r.source} (scale {r.scale:g})")
+    from dtcompile.attention import resolve_attention
+
+    # export.attention per buildable (backend, arch): an explicit mode a target cannot take raises here
+    buildable = [(t["backend"], t["arch"]) for t in targets if not t.get("reason")]
+    notes.append(resolve_attention(recipe, buildable).line())
+    return Plan(recipe, resolved.kind, out_dir, targets, notes)
+
+
+def _plan_quant(recipe: Recipe, resolved: Any, targets: list[dict[str, str]]) -> None:
+    """Quant rules before any weights load: format x backend x arch, SVDQuant rank vs width, no cache mix."""
+    import json
+
+    from dtcompile.quant import check_targets, get_format
+
+    spec = recipe.quant
+    if recipe.cache is not None:
+        raise UnsupportedError(
+            "quant and cache: block-cache artifacts are exported unquantized; drop one of the two sections"
+        )
+    check_targets(spec, [(t["backend"], t["arch"]) for t in targets if t["backend"] != "onnxruntime"])
+    fmt = get_format(spec.format)
+    for t in targets:
+        if t["backend"] == "onnxruntime" and not t.get("reason"):
+            reason = fmt.supports("onnxruntime")
+            if reason:
+                t["reason"] = reason
+    config = resolved.local_dir / "transformer" / "config.json" if resolved.local_dir else None
+    if config is not None and config.is_file():
+        cfg = json.loads(config.read_text())
+        width = cfg.get("num_attention_heads", 0) * cfg.get("attention_head_dim", 0)
+        problem = fmt.check_width(spec, width) if width else None
+        if problem:
+            raise UnsupportedError(problem)
 
 
 @dataclass
@@ -116,10 +162,35 @@ def run_build(
         loaded = load_pipeline(recipe.model, recipe.dtype)
     stats.append(st)
     versions = tool_versions()
-    key = artifact_key(recipe.engine_fields(), loaded.component_sha256, versions)
+    weights_digest, loras, fused = loaded.component_sha256, [], None
+    if recipe.lora:  # the key covers each adapter's sha256 and scale
+        from dtcompile.stages.lora import lora_key_digest, resolve_loras
+
+        loras = resolve_loras(recipe.lora)
+        weights_digest = lora_key_digest(loaded.component_sha256, loras)
+    base_dir = Path(recipe_path).resolve().parent if recipe_path else None
+    if recipe.quant is not None:  # the key covers the calibration prompts' content, not just their path
+        from dtcompile.stages.quantize import load_prompts, prompts_sha256
+
+        prompts_digest = prompts_sha256(load_prompts(recipe.quant.calib, base_dir))
+        weights_digest = hashlib.sha256(f"{weights_digest}:{prompts_digest}".encode()).hexdigest()
+    key = artifact_key(recipe.engine_fields(), weights_digest, versions)
     if not force and stop_after is None and _existing_key(out_dir) == key:
         log.info("artifact %s is up to date (key %s); use --force to rebuild", out_dir, key[:12])
         return BuildReport(out_dir, read_manifest(out_dir), up_to_date=True)
+    if loras and stop_after != "load":
+        with stage("lora", f"{len(loras)} adapter(s) into {loaded.adapter.component}") as st:
+            from dtcompile.stages.lora import fuse_lora
+
+            fused = fuse_lora(loaded, loras, recipe.dtype)
+        stats.append(st)
+    quantized = None
+    if recipe.quant is not None and stop_after not in ("load", "lora"):
+        with stage("quantize", f"{recipe.quant.format} on {loaded.adapter.component}") as st:
+            from dtcompile.stages.quantize import quantize_component
+
+            quantized = quantize_component(loaded, recipe, base_dir, weights_digest)
+        stats.append(st)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{recipe.name}.tmp-", dir=out_dir.parent))
@@ -145,18 +216,32 @@ def run_build(
             "components": {},
             "skipped": [],
         }
-        if stop_after == "load":
-            manifest["stopped_after"] = "load"
+        if fused is not None:
+            manifest["lora"] = {"adapters": fused.adapters}
+        if quantized is not None:
+            manifest["precision"] = f"{recipe.quant.format} ({recipe.dtype} compute)"
+        if stop_after in ("load", "lora", "quantize"):
+            manifest["stopped_after"] = stop_after
         else:
             from dtcompile.stages.export import export_component, export_pipeline_files
 
             comp = loaded.adapter.component
             with stage("export", f"{comp} -> ONNX opset {recipe.export.opset}") as st:
-                exported = export_component(loaded, recipe, tmp)
+                if recipe.cache is not None:  # one graph per part (prologue, block segments, epilogue)
+                    from dtcompile.cache.split import export_split
+
+                    manifest["components"][comp], graphs = export_split(loaded, recipe, tmp)
+                else:
+                    graphs = [(comp, export_component(loaded, recipe, tmp, quantized))]
                 manifest["pipeline"] = export_pipeline_files(loaded, tmp) if recipe.output.include_pipeline else {}
-                st.wrote = [e["file"] for e in [exported.manifest["onnx"], *manifest["pipeline"].get("files", [])[:1]]]
+                onnx_entries = [g.manifest["onnx"] for _, g in graphs]
+                st.wrote = [e["file"] for e in [*onnx_entries, *manifest["pipeline"].get("files", [])[:1]]]
             stats.append(st)
-            manifest["components"][comp] = exported.manifest
+            manifest["components"].update((name, g.manifest) for name, g in graphs)
+            if fused is not None:  # base weights of the LoRA-touched tensors, for a later `dtc refit`
+                from dtcompile.artifacts.refit import record_build_loras
+
+                manifest["lora"] = record_build_loras(tmp, comp, manifest["components"][comp], fused)
             if stop_after == "export":
                 manifest["stopped_after"] = "export"
             else:
@@ -164,12 +249,19 @@ def run_build(
 
                 n_trt = sum(t["backend"] != "onnxruntime" for t in the_plan.targets)
                 with stage("build", f"{n_trt} TensorRT target(s)") as st:
-                    outcome = engines_from_onnx(exported.onnx_path, exported.profile, recipe.engine, tmp, comp)
-                    st.wrote = [e["file"] for e in outcome.engines]
+                    for name, exported in graphs:
+                        outcome = engines_from_onnx(exported.onnx_path, exported.profile, recipe.engine, tmp, name)
+                        st.wrote += [e["file"] for e in outcome.engines]
+                        manifest["components"][name]["engines"].extend(outcome.engines)
+                        # parts share the targets: each unbuilt target is reported once
+                        manifest["skipped"] += [s for s in outcome.skipped if s not in manifest["skipped"]]
                 stats.append(st)
-                engines = manifest["components"][comp]["engines"]
-                engines.extend(outcome.engines)
-                manifest["skipped"] = outcome.skipped
+        # targets the plan already knew could not be built (e.g. onnxruntime for an nvfp4 graph)
+        manifest["skipped"] += [
+            {k: t[k] for k in ("backend", "arch", "reason")}
+            for t in the_plan.targets
+            if t["backend"] == "onnxruntime" and t.get("reason")
+        ]
         manifest["stages"] = [s.to_json() for s in stats]
         write_manifest(tmp, manifest)
         _move_into_place(tmp, out_dir)

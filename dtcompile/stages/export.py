@@ -17,7 +17,6 @@ the one that exports ModelOpt-quantized modules. Two of its traps are fixed duri
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import logging
 import os
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtcompile.artifacts.manifest import sha256_file
 from dtcompile.errors import BuildError, VerificationError
 from dtcompile.models.base import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from dtcompile.recipe import Recipe
     from dtcompile.stages.load import LoadedPipeline
+    from dtcompile.stages.quantize import QuantizedComponent
 
 logger = log = logging.getLogger("dtcompile.export")
 
@@ -235,15 +236,6 @@ def export_onnx(
     return artifact
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    """Hex sha256 of a file, read in 16 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --- checks -------------------------------------------------------------------------------------------------
 
 
@@ -428,6 +420,10 @@ def _optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnx_graphsurgeon as gs
 
     t0 = time.perf_counter()
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    # Folding tries onnxruntime on subgraphs; TensorRT custom ops (quantized graphs) make it warn, harmlessly.
+    G_LOGGER.severity = G_LOGGER.ERROR
     graph = gs.import_onnx(model)
     before = len(graph.nodes)
     # fold_shapes=True only folds Shape ops whose dims are all concrete, so dynamic axes survive.
@@ -573,8 +569,14 @@ def check_parity(onnx_path: Path, wrapper: Any, spec: ExportSpec, dtype: str) ->
     return result
 
 
-def export_component(loaded: LoadedPipeline, recipe: Recipe, artifact_dir: Path) -> ExportedComponent:
-    """Export the adapter's component of ``loaded`` into ``artifact_dir/onnx`` and check it against torch."""
+def export_component(
+    loaded: LoadedPipeline, recipe: Recipe, artifact_dir: Path, quantized: QuantizedComponent | None = None
+) -> ExportedComponent:
+    """Export the adapter's component of ``loaded`` into ``artifact_dir/onnx`` and check it against torch.
+
+    With ``quantized`` (the quantize stage's output) the graph is written with standard Q/DQ and checked
+    against the fake-quant torch model over its held-out trace (``parity_report``) instead.
+    """
     import dataclasses
 
     from dtcompile.stages.load import torch_dtype
@@ -586,16 +588,48 @@ def export_component(loaded: LoadedPipeline, recipe: Recipe, artifact_dir: Path)
     spec = adapter.export_spec(module, loaded.pipe_config, shapes, torch_dtype(recipe.dtype))
     spec = dataclasses.replace(spec, opset=recipe.export.opset)
     wrapper = adapter.export_module(module)
-    art = export_onnx(wrapper, spec, artifact_dir / "onnx", name=comp)
+    from dtcompile.attention import export_attention, resolve_attention
+
+    choice = resolve_attention(recipe)  # export.attention: native | plugin | decomposed (docs/attention.md)
+    qonnx = None
+    with export_attention(choice.mode) as trace:
+        if quantized is None:
+            art = export_onnx(wrapper, spec, artifact_dir / "onnx", name=comp)
+        else:
+            from dtcompile.quant.export import export_quantized
+
+            qonnx = export_quantized(
+                wrapper, spec, artifact_dir / "onnx", name=comp, quant_format=recipe.quant.format, dtype=recipe.dtype
+            )
+            art = qonnx.artifact
     profile = adapter.shape_profile(module, loaded.pipe_config, shapes)
     entry: dict[str, Any] = {
         "config": {k: v for k, v in dict(module.config).items() if not k.startswith("_")},
         **art.to_manifest(artifact_dir),
+        "attention": {**choice.to_json(), **trace.check_graph(art.op_types)},
         "profile": profile.to_json(),
         "engines": [],
     }
+    from dtcompile.artifacts.refit import write_weight_map
+
+    # torch parameter -> ONNX initializer (name, layout, dtype, Q/DQ scale), recorded once for `dtc refit`
+    entry["weight_map"] = write_weight_map(module, art.path, artifact_dir, comp)
     onnx_entry = entry["onnx"]
-    if "onnxruntime" in recipe.engine.backends:
+    if quantized is not None:
+        from dtcompile.quant import get_format
+        from dtcompile.stages.quantize import parity_report
+
+        fmt = recipe.quant.format
+        entry["quant"] = {**quantized.to_manifest(), "graph": qonnx.to_manifest()}
+        # parity (b): the graph in onnxruntime against the fake-quant torch model, step by step
+        entry["quant"]["parity"] = parity_report(
+            loaded.pipe, loaded.adapter, quantized.trace, art.path, fmt
+        ).to_manifest()
+        if "onnxruntime" in recipe.engine.backends and get_format(fmt).onnxruntime_runnable:
+            entry["engines"].append(
+                {"backend": "onnxruntime", "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}
+            )
+    elif "onnxruntime" in recipe.engine.backends:
         entry["parity"] = check_parity(art.path, wrapper, spec, recipe.dtype)
         entry["engines"].append(
             {"backend": "onnxruntime", "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}

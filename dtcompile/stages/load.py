@@ -126,6 +126,7 @@ def load_pipeline(spec: ModelSpec, dtype: str) -> LoadedPipeline:
     except ImportError:
         raise MissingDependencyError("diffusers", "torch") from None
     pipe_cls = getattr(diffusers, class_name)
+    diffusers.utils.logging.disable_progress_bar()  # stages log their own progress and timings
     log.info("loading %s from %s (%s)", class_name, folder, dtype)
     pipe = pipe_cls.from_pretrained(folder, dtype=torch_dtype(dtype))
     component_dir = folder / adapter.component

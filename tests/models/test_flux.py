@@ -84,7 +84,7 @@ def test_registry_and_pipeline_class_lookup() -> None:
 def test_unknown_builtin_names_the_choices() -> None:
     with pytest.raises(UnsupportedError) as err:
         builtin_model_path("huge-flux")
-    assert str(err.value) == "unknown built-in model 'huge-flux'; choose one of: tiny-flux"
+    assert str(err.value) == "unknown built-in model 'huge-flux'; choose one of: tiny-flux, flux-realwidth-1"
 
 
 def test_builtins_have_descriptions() -> None:

@@ -1,0 +1,291 @@
+"""Runtime for cached artifacts: the part engines stitched into one module that skips cached block segments.
+
+Input: an artifact whose transformer was split (``components[comp]["parts"]``, see ``dtcompile.cache.split``).
+Output: ``CachedEngineModule``, a stand-in for ``pipe.transformer`` with the same call interface as
+``dtcompile.runtime.engine_module.EngineModule``. Each call (one denoising step of one ``cache_context``) runs
+the prologue, then every block segment, then the epilogue; a segment that is cached on this step is not run: its
+input plus the residual it produced on the last step it ran (output - input, for both streams) stands in for
+its output.
+
+- static mode: a segment of group G is cached on the steps G's rule names.
+- first_block mode: the first block always runs; the rest is skipped when the relative L1 change of the first
+  block's image-stream residual since the last full step is below ``threshold`` (at most
+  ``max_consecutive_skips`` steps in a row); its residual is the rest's output minus its input at that step.
+
+``cache_stats()`` reports block evaluations done and skipped (and, for first_block, each step's change).
+Steps are counted per ``cache_context`` (FluxPipeline's "cond"/"uncond"); ``begin_run(num_steps)`` starts a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtcompile.cache.spec import CacheSpec, Segment
+
+log = logging.getLogger("dtcompile.cache")
+
+Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass
+class _Context:
+    """Cache state of one ``cache_context`` within a run."""
+
+    step: int = 0
+    last_timestep: float | None = None
+    residuals: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    first_residual: torch.Tensor | None = None
+    consecutive: int = 0
+
+
+def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
+    """mean |a - b| / mean |b| in float32 (the first-block change measure)."""
+    a, b = a.float(), b.float()
+    return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
+
+
+class CachedEngineModule(torch.nn.Module):
+    """Stands in for ``pipe.transformer``: runs prologue, block segments and epilogue, skipping cached segments.
+
+    ``runners`` maps part names to callables (feeds -> outputs); ``parts`` are the manifest's part entries in
+    execution order (``kind``, ``segment``). ``enabled=False`` runs every block (``dtc run --cache off``).
+    """
+
+    def __init__(
+        self,
+        runners: dict[str, Runner],
+        parts: list[tuple[str, str, Segment | None]],
+        spec: CacheSpec,
+        config: dict[str, Any],
+        input_names: list[str],
+        output_name: str,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+        *,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__()
+        from diffusers.configuration_utils import FrozenDict
+
+        self.runners = runners
+        self.prologue = next(name for name, kind, _ in parts if kind == "prologue")
+        self.epilogue = next(name for name, kind, _ in parts if kind == "epilogue")
+        self.segments: list[tuple[str, Segment]] = [(name, seg) for name, kind, seg in parts if seg is not None]
+        self.spec = spec
+        self.groups = {g.name: g for g in spec.groups or []}
+        self.enabled = enabled
+        self.config = FrozenDict(config)
+        self.input_names = list(input_names)
+        self.output_name = output_name
+        self._dtype = dtype
+        self._device = torch.device(device)
+        self.trace: list[torch.Tensor] | None = None
+        self.num_steps: int | None = None
+        self._context_name = "default"
+        self._contexts: dict[str, _Context] = {}
+        self.blocks_per_call = sum(len(seg.blocks) for _, seg in self.segments)
+        self._reset_stats()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @contextmanager
+    def cache_context(self, name: str) -> Iterator[None]:
+        """FluxPipeline wraps its conditional and unconditional calls in contexts; each keeps its own cache."""
+        previous, self._context_name = self._context_name, name
+        try:
+            yield
+        finally:
+            self._context_name = previous
+
+    def begin_run(self, num_steps: int) -> None:
+        """Start a run of ``num_steps`` steps: check the static rules against it, clear caches and counters."""
+        if self.enabled:
+            self.spec.check_run_steps(num_steps)
+            if self.spec.steps is not None and self.spec.steps != num_steps:
+                log.warning("cache rules are written for %d steps; this run has %d", self.spec.steps, num_steps)
+        self.num_steps = num_steps
+        self._contexts.clear()
+        self._reset_stats()
+
+    def _reset_stats(self) -> None:
+        self.calls = 0
+        self.blocks_evaluated = 0
+        self.blocks_skipped = 0
+        self.skipped_per_call: list[int] = []
+        self.rel_change: list[float | None] = []
+
+    def cache_stats(self) -> dict[str, Any]:
+        """Counters of the current run: block evaluations done and skipped, per call, and the rule settings."""
+        total = self.blocks_evaluated + self.blocks_skipped
+        stats: dict[str, Any] = {
+            "mode": self.spec.mode if self.enabled else "off",
+            "calls": self.calls,
+            "blocks_per_call": self.blocks_per_call,
+            "blocks_evaluated": self.blocks_evaluated,
+            "blocks_skipped": self.blocks_skipped,
+            "skipped_fraction": self.blocks_skipped / total if total else 0.0,
+            "skipped_per_call": list(self.skipped_per_call),
+            "cached_calls": [i for i, n in enumerate(self.skipped_per_call) if n],
+        }
+        if self.spec.mode == "first_block":
+            stats["threshold"] = self.spec.threshold
+            stats["max_consecutive_skips"] = self.spec.max_consecutive_skips
+            stats["rel_change"] = list(self.rel_change)
+        else:
+            stats["groups"] = {g.name: g.describe() for g in self.groups.values()}
+        return stats
+
+    def _context(self, timestep: torch.Tensor) -> _Context:
+        ctx = self._contexts.setdefault(self._context_name, _Context())
+        if self.num_steps is None:
+            # No begin_run: a rising timestep means the pipeline started a new run (flow-matching schedules fall).
+            t = float(timestep.detach().flatten()[0])
+            if ctx.last_timestep is not None and t > ctx.last_timestep:
+                ctx = self._contexts[self._context_name] = _Context()
+            ctx.last_timestep = t
+        elif ctx.step >= self.num_steps:
+            ctx = self._contexts[self._context_name] = _Context()  # the next run of the same length
+        return ctx
+
+    def forward(self, return_dict: bool = True, joint_attention_kwargs: Any = None, **kwargs: Any) -> Any:
+        if joint_attention_kwargs:
+            raise NotImplementedError(
+                f"joint_attention_kwargs {sorted(joint_attention_kwargs)} are not supported by engines"
+            )
+        feeds = {name: kwargs[name] for name in self.input_names if kwargs.get(name) is not None}
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise ValueError(f"the pipeline did not pass graph inputs {missing}")
+        ctx = self._context(feeds["timestep"])
+        pro = self.runners[self.prologue](feeds)
+        shared = {k: pro[k] for k in ("temb", "rope_cos", "rope_sin")}
+        hidden, context = pro["hidden"], pro["context"]
+        if self.enabled and self.spec.mode == "first_block":
+            hidden, context, skipped = self._first_block(ctx, hidden, context, shared)
+        else:
+            hidden, context, skipped = self._static(ctx, hidden, context, shared)
+        out = self.runners[self.epilogue]({"hidden": hidden, "temb": shared["temb"]})[self.output_name]
+        out = out.to(self._device, self._dtype)
+        ctx.step += 1
+        self.calls += 1
+        self.blocks_skipped += skipped
+        self.blocks_evaluated += self.blocks_per_call - skipped
+        self.skipped_per_call.append(skipped)
+        if self.trace is not None:
+            self.trace.append(out.detach().clone())
+        return (out,) if not return_dict else {"sample": out}
+
+    def _run(self, name: str, hidden: torch.Tensor, context: torch.Tensor, shared: dict[str, torch.Tensor]) -> Any:
+        out = self.runners[name]({"hidden": hidden, "context": context, **shared})
+        return out["hidden_out"], out["context_out"]
+
+    def _static(
+        self, ctx: _Context, hidden: torch.Tensor, context: torch.Tensor, shared: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        skipped = 0
+        for name, seg in self.segments:
+            group = self.groups.get(seg.group) if self.enabled and seg.group else None
+            cached = ctx.residuals.get(seg.index)
+            if group and group.cached_at(ctx.step) and cached and cached[0].shape == hidden.shape:
+                hidden, context = hidden + cached[0], context + cached[1]
+                skipped += len(seg.blocks)
+                continue
+            new_hidden, new_context = self._run(name, hidden, context, shared)
+            if group:
+                ctx.residuals[seg.index] = (new_hidden - hidden, new_context - context)
+            hidden, context = new_hidden, new_context
+        return hidden, context, skipped
+
+    def _first_block(
+        self, ctx: _Context, hidden: torch.Tensor, context: torch.Tensor, shared: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        (first_name, _), rest = self.segments[0], self.segments[1:]
+        new_hidden, context = self._run(first_name, hidden, context, shared)
+        residual = new_hidden - hidden
+        hidden = new_hidden
+        change = None
+        if ctx.first_residual is not None and ctx.first_residual.shape == residual.shape:
+            change = rel_l1(residual, ctx.first_residual)
+        self.rel_change.append(change)
+        cached = ctx.residuals.get(1)
+        threshold = self.spec.threshold or 0.0
+        if (
+            change is not None
+            and change < threshold
+            and ctx.consecutive < (self.spec.max_consecutive_skips or 0)
+            and cached
+        ):
+            ctx.consecutive += 1
+            return hidden + cached[0], context + cached[1], sum(len(seg.blocks) for _, seg in rest)
+        start_hidden, start_context = hidden, context
+        for name, _ in rest:
+            hidden, context = self._run(name, hidden, context, shared)
+        ctx.residuals[1] = (hidden - start_hidden, context - start_context)
+        ctx.first_residual = residual
+        ctx.consecutive = 0
+        return hidden, context, 0
+
+
+def load_cached_module(
+    artifact_dir: Path,
+    manifest: dict[str, Any],
+    component: str,
+    backend: str,
+    *,
+    gpu: str | None,
+    verify: bool = True,
+    enabled: bool = True,
+) -> tuple[CachedEngineModule, dict[str, Any]]:
+    """The stitched module of a split artifact and the prologue's engine entry (names the backend and arch).
+
+    Every part runs on the same backend: the one ``select_engine`` picks for the prologue.
+    """
+    from dtcompile.artifacts.manifest import verify_file
+    from dtcompile.backends import RUNNERS
+    from dtcompile.runtime.run import select_engine
+
+    centry = manifest["components"][component]
+    spec = CacheSpec.model_validate(centry["cache"]["spec"])
+    entries = {name: manifest["components"][name] for name in centry["parts"]}
+    first = select_engine(manifest, centry["parts"][0], backend, gpu)
+    chosen = first["backend"]
+    runner_cls = RUNNERS.get(chosen)
+    runners: dict[str, Runner] = {}
+    device: Any = "cpu"
+    for name, part in entries.items():
+        entry = select_engine(manifest, name, chosen, gpu)
+        path = verify_file(artifact_dir, entry, full=verify)
+        for extra in part["onnx"].get("external_data", []) if chosen == "onnxruntime" else []:
+            verify_file(artifact_dir, extra, full=verify)
+        runner = runner_cls(path) if chosen == "onnxruntime" else runner_cls(path, chosen)
+        runners[name] = runner
+        device = getattr(runner, "device", "cpu")
+    parts = [
+        (name, part["kind"], Segment.from_json(part["segment"]) if part.get("segment") else None)
+        for name, part in entries.items()
+    ]
+    module = CachedEngineModule(
+        runners,
+        parts,
+        spec,
+        centry["config"],
+        [t["name"] for t in centry["inputs"]],
+        centry["outputs"][0]["name"],
+        getattr(torch, manifest["dtype"]),
+        device,
+        enabled=enabled,
+    )
+    return module, first

@@ -1,0 +1,367 @@
+"""The ``cache:`` recipe section, the transformer's block names, segments and step rules.
+
+Input: a recipe's ``cache`` mapping and the transformer's config (``num_layers``, ``num_single_layers``).
+Output: a validated ``CacheSpec`` and the ``Segment`` list the export stage cuts the transformer into.
+
+Two modes::
+
+    cache:                          # static block caching (ModelOpt cachify / DeepCache style)
+      mode: static
+      steps: 8                      # the num_inference_steps the rules below are written for
+      groups:
+        - name: singles
+          blocks: ["single_transformer_blocks.*"]   # fnmatch patterns on block names
+          every: 2                  # compute on steps 0, 2, 4, ...; reuse the residual in between
+          start: 1                  # optional: first step that may be cached (default 1)
+          end: 7                    # optional: steps >= end are always computed
+        - name: mid
+          blocks: ["transformer_blocks.1"]
+          steps: [3, 5]             # or an explicit list of cached steps
+
+    cache:                          # dynamic first-block caching (FBCache / TeaCache style)
+      mode: first_block
+      threshold: 0.1                # skip the other blocks when the first block's output residual changed
+                                    # by less than this (relative L1) since the last full step
+      max_consecutive_skips: 2
+
+A rule with only ``start``/``end`` caches every step of that range. Step 0 is always computed (nothing is cached
+yet). Blocks are ``transformer_blocks.<i>`` (double-stream) then ``single_transformer_blocks.<i>``; the export
+splits them into segments: maximal runs of consecutive blocks that belong to the same group (or to none).
+
+This module imports no torch: the dry run uses it before any weights load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dtcompile.errors import RecipeError, UnsupportedError
+
+if TYPE_CHECKING:
+    from dtcompile.recipe import ModelSpec
+
+MODES = ("static", "first_block")
+DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
+
+
+class _Strict(BaseModel):
+    # Same settings as dtcompile.recipe._Strict (not imported: recipe.py imports this module).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _item_error(index: int, message: str, field: str) -> ValueError:
+    """A validator error that dtcompile.recipe reports as ``<field>[index]: message``."""
+    from dtcompile.recipe import _ItemError  # imported late: recipe.py imports this module
+
+    return _ItemError(index, message, field=field)
+
+
+class CacheGroupSpec(_Strict):
+    """A group of blocks cached together, and the steps on which it is cached (static mode)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    blocks: list[str] = Field(min_length=1)
+    every: int | None = Field(default=None, ge=2)
+    start: int | None = Field(default=None, ge=1)
+    end: int | None = Field(default=None, ge=1)
+    steps: list[int] | None = Field(default=None, min_length=1)
+
+    @field_validator("blocks", mode="before")
+    @classmethod
+    def _one_pattern(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("blocks")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for i, pattern in enumerate(value):
+            if not pattern.strip():
+                raise _item_error(i, "blank pattern; give a block-name glob such as 'single_transformer_blocks.*'", "")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate pattern in {value}")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _step_list(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return value
+        for i, step in enumerate(value):
+            if step == 0:
+                raise _item_error(i, "step 0 is always computed (nothing is cached yet); cache steps >= 1", "")
+            if step < 0:
+                raise _item_error(i, f"{step}: steps count from 0; cache steps >= 1", "")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate step in {value}")
+        return sorted(value)
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> CacheGroupSpec:
+        ranged = self.every is not None or self.start is not None or self.end is not None
+        if self.steps is not None and ranged:
+            raise ValueError("steps (a list) cannot be combined with every/start/end; use one kind of rule")
+        if self.steps is None and not ranged:
+            raise ValueError(
+                "no step rule; give every (compute every Nth step), start/end (cache a step range) or steps (a list)"
+            )
+        if self.end is not None and self.end <= self.first:
+            raise ValueError(f"end {self.end} must be greater than start {self.first}")
+        return self
+
+    @property
+    def first(self) -> int:
+        """First step a ranged rule may cache."""
+        return 1 if self.start is None else self.start
+
+    def cached_at(self, step: int) -> bool:
+        """Whether this group reuses its residual at denoising step ``step`` (0-based)."""
+        if self.steps is not None:
+            return step in self.steps
+        if step < self.first or (self.end is not None and step >= self.end):
+            return False
+        return self.every is None or step % self.every != 0
+
+    def cached_steps(self, num_steps: int) -> list[int]:
+        """Every step of a ``num_steps`` schedule on which the group is cached."""
+        return [s for s in range(num_steps) if self.cached_at(s)]
+
+    def last_step_named(self) -> int | None:
+        """The largest step the rule refers to explicitly (for schedule checks), or None."""
+        if self.steps is not None:
+            return self.steps[-1]
+        named = [s for s in (self.start, None if self.end is None else self.end - 1) if s is not None]
+        return max(named) if named else None
+
+    def describe(self, num_steps: int | None = None) -> str:
+        """One line for plans and reports: the rule, plus the cached steps of a schedule."""
+        if self.steps is not None:
+            rule = f"steps {self.steps}"
+        else:
+            rule = f"every {self.every}" if self.every else "every step"
+            rule += f" from step {self.first}" + (f" to {self.end - 1}" if self.end is not None else "")
+        if num_steps is not None:
+            rule += f" -> cached on {self.cached_steps(num_steps)} of {num_steps} steps"
+        return rule
+
+
+class CacheSpec(_Strict):
+    """The ``cache:`` section: static block groups with step rules, or dynamic first-block caching."""
+
+    mode: Literal["static", "first_block"]
+    # static
+    steps: int | None = Field(default=None, ge=1)
+    groups: list[CacheGroupSpec] | None = Field(default=None, min_length=1)
+    # first_block
+    threshold: float | None = Field(default=None, ge=0)
+    max_consecutive_skips: int | None = Field(default=None, ge=1)  # first_block default: 2
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_block_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mode") == "first_block" and "max_consecutive_skips" not in data:
+            return {**data, "max_consecutive_skips": 2}
+        return data
+
+    @model_validator(mode="after")
+    def _fits_mode(self) -> CacheSpec:
+        if self.mode == "static":
+            if self.groups is None:
+                raise ValueError("mode static needs groups: a list of {name, blocks, rule}")
+            if self.steps is None:
+                raise ValueError("mode static needs steps: the num_inference_steps the step rules are written for")
+            for key in ("threshold", "max_consecutive_skips"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} applies to mode first_block only; remove it or set mode: first_block")
+            names = [g.name for g in self.groups]
+            if len(set(names)) != len(names):
+                raise ValueError(f"duplicate group name in {names}")
+            for i, g in enumerate(self.groups):
+                last = g.last_step_named()
+                if last is not None and last >= self.steps:
+                    raise _item_error(
+                        i,
+                        f"step {last} of group '{g.name}' ({g.describe()}) is outside the schedule of {self.steps} "
+                        f"steps (0..{self.steps - 1}); use steps below {self.steps} or raise cache.steps",
+                        "groups",
+                    )
+        else:
+            if self.threshold is None:
+                raise ValueError(
+                    "mode first_block needs threshold: the relative L1 change of the first block's output residual "
+                    "below which the other blocks are skipped (e.g. 0.1)"
+                )
+            for key in ("steps", "groups"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} applies to mode static only; remove it or set mode: static")
+        return self
+
+    def check_run_steps(self, num_steps: int) -> None:
+        """Refuse a run whose schedule is shorter than a step the static rules name (UnsupportedError)."""
+        for g in self.groups or []:
+            last = g.last_step_named()
+            if last is not None and last >= num_steps:
+                raise UnsupportedError(
+                    f"cache group '{g.name}' ({g.describe()}) names step {last} but this run has {num_steps} steps "
+                    f"(0..{num_steps - 1}); run with --steps {self.steps} (the schedule the cache rules are written "
+                    f"for) or --cache off"
+                )
+
+    def predicted_skips(self, segments: list[Segment], num_steps: int) -> int:
+        """Block evaluations a static run of ``num_steps`` skips (one transformer call per step)."""
+        groups = {g.name: g for g in self.groups or []}
+        return sum(len(s.blocks) * len(groups[s.group].cached_steps(num_steps)) for s in segments if s.group)
+
+
+# --- blocks and segments -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of consecutive blocks exported as one graph; ``group`` is its cache group (static mode) or None."""
+
+    index: int
+    blocks: tuple[str, ...]
+    group: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "blocks": list(self.blocks), "group": self.group}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Segment:
+        return cls(int(data["index"]), tuple(data["blocks"]), data.get("group"))
+
+
+def block_names(transformer_config: dict[str, Any]) -> list[str]:
+    """Block names of a FLUX transformer config, in execution order (double-stream, then single-stream)."""
+    if "num_layers" not in transformer_config or "num_single_layers" not in transformer_config:
+        raise UnsupportedError(
+            "cache: only FLUX transformers (transformer_blocks + single_transformer_blocks; config keys num_layers "
+            "and num_single_layers) can be split into block engines; remove the cache section"
+        )
+    n_double, n_single = int(transformer_config["num_layers"]), int(transformer_config["num_single_layers"])
+    return [f"{DOUBLE}.{i}" for i in range(n_double)] + [f"{SINGLE}.{i}" for i in range(n_single)]
+
+
+def summarize_blocks(names: list[str] | tuple[str, ...]) -> str:
+    """``transformer_blocks.0-18, single_transformer_blocks.0-37`` for a list of block names."""
+    runs: list[tuple[str, int, int]] = []
+    for name in names:
+        prefix, _, idx = name.rpartition(".")
+        i = int(idx)
+        if runs and runs[-1][0] == prefix and runs[-1][2] == i - 1:
+            runs[-1] = (prefix, runs[-1][1], i)
+        else:
+            runs.append((prefix, i, i))
+    return ", ".join(f"{p}.{a}" if a == b else f"{p}.{a}-{b}" for p, a, b in runs)
+
+
+def plan_segments(spec: CacheSpec, names: list[str]) -> list[Segment]:
+    """Cut ``names`` into segments; RecipeError when a pattern matches no block or a block is in two groups."""
+    if len(names) < 2:
+        raise RecipeError(f"cache: the transformer has {len(names)} block(s); caching needs at least 2")
+    if spec.mode == "first_block":
+        return [Segment(0, (names[0],)), Segment(1, tuple(names[1:]))]
+    owner: dict[str, str] = {}
+    for gi, group in enumerate(spec.groups or []):
+        for pi, pattern in enumerate(group.blocks):
+            matched = [n for n in names if fnmatchcase(n, pattern)]
+            if not matched:
+                raise RecipeError(
+                    f"cache.groups[{gi}].blocks[{pi}]: pattern '{pattern}' matches no block of the transformer "
+                    f"(it has {summarize_blocks(names)}); patterns are globs on block names, e.g. '{SINGLE}.*'"
+                )
+            for n in matched:
+                if owner.get(n, group.name) != group.name:
+                    raise RecipeError(
+                        f"cache.groups[{gi}].blocks[{pi}]: block {n} is already in group '{owner[n]}'; "
+                        "a block can belong to one cache group only"
+                    )
+                owner[n] = group.name
+    segments: list[Segment] = []
+    run: list[str] = []
+    for name in names:
+        if run and owner.get(run[-1]) != owner.get(name):
+            segments.append(Segment(len(segments), tuple(run), owner.get(run[-1])))
+            run = []
+        run.append(name)
+    segments.append(Segment(len(segments), tuple(run), owner.get(run[-1])))
+    return segments
+
+
+def transformer_config_of(model: ModelSpec) -> dict[str, Any] | None:
+    """The transformer's config.json for a recipe's model source without loading weights (None: not local yet)."""
+    from dtcompile.stages.load import resolve_source
+
+    resolved = resolve_source(model)
+    if resolved.kind == "builtin":
+        from dtcompile.models.flux import BUILTINS, builtin_model_path
+
+        name = model.source.removeprefix("builtin:")
+        config = BUILTINS[name].config.get("transformer")
+        if isinstance(config, dict):
+            return dict(config)
+        folder: Path | None = builtin_model_path(name)
+    elif resolved.kind == "local":
+        folder = resolved.local_dir
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        cached = try_to_load_from_cache(model.source, "transformer/config.json", revision=model.revision)
+        return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+    path = Path(folder) / "transformer" / "config.json"  # type: ignore[arg-type]
+    if not path.is_file():
+        raise RecipeError(f"cache: {path} not found; the pipeline has no transformer to split into block engines")
+    return json.loads(path.read_text())
+
+
+def plan_lines(spec: CacheSpec, segments: list[Segment]) -> list[str]:
+    """Dry-run lines: the mode and each segment with its rule."""
+    groups = {g.name: g for g in spec.groups or []}
+    if spec.mode == "first_block":
+        head = f"cache first_block: threshold {spec.threshold}, at most {spec.max_consecutive_skips} consecutive skips"
+    else:
+        head = f"cache static: rules written for {spec.steps} steps"
+    out = [head, f"  graphs: prologue, {len(segments)} block segment(s), epilogue"]
+    for s in segments:
+        if spec.mode == "first_block":
+            what = "first block (always computed)" if s.index == 0 else "skipped when the first block barely changes"
+        elif s.group:
+            what = f"group {s.group}: {groups[s.group].describe(spec.steps)}"
+        else:
+            what = "always computed"
+        out.append(f"  segment {s.index}: {summarize_blocks(s.blocks)}  {what}")
+    return out
+
+
+def plan_cache(recipe: Any) -> list[str]:
+    """Dry-run check of ``recipe.cache`` against the model's block names (no weights loaded); plan lines."""
+    spec: CacheSpec = recipe.cache
+    config = transformer_config_of(recipe.model)
+    if config is None:
+        return [f"cache {spec.mode}: block patterns are checked after the model downloads (not cached locally)"]
+    return plan_lines(spec, plan_segments(spec, block_names(config)))
+
+
+def stats_line(stats: dict[str, Any]) -> str:
+    """The one-line run report of ``CachedEngineModule.cache_stats()``."""
+    done, skipped = stats["blocks_evaluated"], stats["blocks_skipped"]
+    total = done + skipped
+    line = (
+        f"cache {stats['mode']}: {done} of {total} block evaluations run, {skipped} skipped "
+        f"({100 * stats['skipped_fraction']:.1f}%) over {stats['calls']} transformer calls"
+    )
+    if stats["mode"] == "off":
+        return line
+    if stats.get("threshold") is not None:
+        line += f"; threshold {stats['threshold']}, at most {stats['max_consecutive_skips']} consecutive skips"
+        changes = ", ".join("-" if c is None else f"{c:.3f}" for c in stats["rel_change"])
+        line += f"; first-block change per call [{changes}]"
+    return line + f"; cached calls {stats['cached_calls']}"

@@ -1,0 +1,394 @@
+"""Export stage for cached artifacts: a loaded FLUX transformer in, one ONNX graph per part out.
+
+Input: a ``LoadedPipeline`` whose recipe has a ``cache`` section. Output: ``<artifact>/onnx/<comp>.<part>.onnx`` for
+
+- ``prologue``: the monolithic graph's inputs -> ``hidden`` (x_embedder), ``context`` (context_embedder), ``temb``
+  (time_text_embed of timestep, guidance and pooled projections) and ``rope_cos``/``rope_sin`` (pos_embed of the
+  text + image ids);
+- ``blocks<i>``: one per segment (``dtcompile.cache.spec.plan_segments``): ``hidden, context, temb, rope_cos,
+  rope_sin`` -> ``hidden_out, context_out``, running the segment's double- and/or single-stream blocks in order;
+- ``epilogue``: ``hidden, temb`` -> ``latent`` (norm_out + proj_out).
+
+Each part wraps the loaded transformer's own submodules (no weights are copied), is exported with
+``dtcompile.stages.export.export_onnx`` (its rms_norm and RoPE fixes apply) with dynamic batch and image tokens,
+checked against torch with onnxruntime, and gets a shape profile for the TensorRT build. The chain of parts is
+checked against the whole transformer's forward in torch (the split must reproduce it) and with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.cache.spec import Segment, block_names, plan_segments, summarize_blocks
+from dtcompile.errors import BuildError, VerificationError
+from dtcompile.models.base import ExportSpec, ShapeProfile, Shapes, TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from dtcompile.recipe import Recipe
+    from dtcompile.stages.export import ExportedComponent
+    from dtcompile.stages.load import LoadedPipeline
+
+log = logging.getLogger("dtcompile.cache")
+
+#: Intermediate tensors between the parts (inputs of every block segment).
+BLOCK_INPUTS = ("hidden", "context", "temb", "rope_cos", "rope_sin")
+BLOCK_OUTPUTS = ("hidden_out", "context_out")
+#: Relative L2 between the chained torch parts and the transformer's own forward: the same ops in the same
+#: order, so anything above rounding noise means the split no longer matches diffusers' forward.
+SPLIT_TOL = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One graph of the split: its component name, kind, segment (block parts only) and torch module."""
+
+    name: str
+    kind: str  # prologue | blocks | epilogue
+    segment: Segment | None
+    module: Any
+
+    @property
+    def blocks(self) -> tuple[str, ...]:
+        return self.segment.blocks if self.segment else ()
+
+
+def part_name(component: str, kind: str, index: int | None = None) -> str:
+    """``transformer.prologue``, ``transformer.blocks0``, ``transformer.epilogue``."""
+    return f"{component}.{kind}{'' if index is None else index}"
+
+
+@functools.cache
+def _part_classes() -> tuple[type, type, type]:
+    """The nn.Module classes of the three part kinds (built on first use: needs torch)."""
+    import torch
+
+    class FluxPrologue(torch.nn.Module):
+        """FluxTransformer2DModel.forward up to the first block: embedders and rotary embedding."""
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.x_embedder = transformer.x_embedder
+            self.time_text_embed = transformer.time_text_embed
+            self.context_embedder = transformer.context_embedder
+            self.pos_embed = transformer.pos_embed
+
+        def forward(
+            self,
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor,
+            pooled_projections: torch.Tensor,
+            timestep: torch.Tensor,
+            img_ids: torch.Tensor,
+            txt_ids: torch.Tensor,
+            guidance: torch.Tensor | None = None,
+        ) -> tuple[torch.Tensor, ...]:
+            hidden = self.x_embedder(hidden_states)
+            timestep = timestep.to(hidden.dtype) * 1000
+            if guidance is None:
+                temb = self.time_text_embed(timestep, pooled_projections)
+            else:
+                temb = self.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled_projections)
+            context = self.context_embedder(encoder_hidden_states)
+            rope_cos, rope_sin = self.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+            return hidden, context, temb, rope_cos, rope_sin
+
+    class FluxBlocks(torch.nn.Module):
+        """A run of consecutive transformer blocks (double- and/or single-stream; both take and return both streams)."""
+
+        def __init__(self, blocks: list[torch.nn.Module]) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(blocks)
+
+        def forward(
+            self,
+            hidden: torch.Tensor,
+            context: torch.Tensor,
+            temb: torch.Tensor,
+            rope_cos: torch.Tensor,
+            rope_sin: torch.Tensor,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            for block in self.blocks:
+                context, hidden = block(
+                    hidden_states=hidden,
+                    encoder_hidden_states=context,
+                    temb=temb,
+                    image_rotary_emb=(rope_cos, rope_sin),
+                )
+            return hidden, context
+
+    class FluxEpilogue(torch.nn.Module):
+        """The output norm (modulated by temb) and projection."""
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.norm_out = transformer.norm_out
+            self.proj_out = transformer.proj_out
+
+        def forward(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+            return self.proj_out(self.norm_out(hidden, temb))
+
+    return FluxPrologue, FluxBlocks, FluxEpilogue
+
+
+def split_parts(transformer: torch.nn.Module, segments: list[Segment], component: str = "transformer") -> list[Part]:
+    """The parts of ``transformer`` in execution order: prologue, one per segment, epilogue."""
+    prologue_cls, blocks_cls, epilogue_cls = _part_classes()
+    parts = [Part(part_name(component, "prologue"), "prologue", None, prologue_cls(transformer))]
+    for seg in segments:
+        blocks = [transformer.get_submodule(name) for name in seg.blocks]
+        parts.append(Part(part_name(component, "blocks", seg.index), "blocks", seg, blocks_cls(blocks)))
+    parts.append(Part(part_name(component, "epilogue"), "epilogue", None, epilogue_cls(transformer)))
+    return parts
+
+
+def _feeds_of(part: Part, state: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """What ``part`` takes: the graph inputs (prologue) or the intermediates in ``state``."""
+    if part.kind == "prologue":
+        return dict(inputs)
+    names = BLOCK_INPUTS if part.kind == "blocks" else ("hidden", "temb")
+    return {k: state[k] for k in names}
+
+
+def _advance(part: Part, state: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+    """The intermediates after ``part`` ran (``output``: the epilogue's result)."""
+    if part.kind == "prologue":
+        return dict(out)
+    if part.kind == "blocks":
+        return {**state, "hidden": out["hidden_out"], "context": out["context_out"]}
+    return {**state, "output": next(iter(out.values()))}
+
+
+def run_parts(parts: list[Part], run: Any, inputs: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
+    """Chain the parts: ``run(part, feeds) -> outputs dict``; returns the final output and every part's feeds."""
+    all_feeds = []
+    state: dict[str, Any] = {}
+    for part in parts:
+        feeds = _feeds_of(part, state, inputs)
+        all_feeds.append(feeds)
+        state = _advance(part, state, run(part, feeds))
+    return state["output"], all_feeds
+
+
+def _part_tensor_specs(part: Part, mono: ExportSpec, dims: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Graph inputs and outputs of ``part`` (monolithic I/O for the ends, intermediates in between)."""
+    dt, width, head, text = dims["dtype"], dims["width"], dims["head"], dims["text"]
+    inter = {
+        "hidden": TensorSpec("hidden", dt, ("batch", "img_tokens", width)),
+        "context": TensorSpec("context", dt, ("batch", text, width)),
+        "temb": TensorSpec("temb", dt, ("batch", width)),
+        "rope_cos": TensorSpec("rope_cos", "float32", ("rope_tokens", head)),
+        "rope_sin": TensorSpec("rope_sin", "float32", ("rope_tokens", head)),
+    }
+    if part.kind == "prologue":
+        return list(mono.inputs), [inter[k] for k in BLOCK_INPUTS]
+    if part.kind == "epilogue":
+        return [inter["hidden"], inter["temb"]], list(mono.outputs)
+    outs = [
+        TensorSpec("hidden_out", dt, inter["hidden"].dims),
+        TensorSpec("context_out", dt, inter["context"].dims),
+    ]
+    return [inter[k] for k in BLOCK_INPUTS], outs
+
+
+def part_profile(part: Part, mono: ShapeProfile, dims: dict[str, Any]) -> ShapeProfile:
+    """TensorRT min/opt/max shapes of a part's inputs, derived from the monolithic profile."""
+    if part.kind == "prologue":
+        return mono
+    width, head = dims["width"], dims["head"]
+
+    def at(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        batch, img, _ = shapes["hidden_states"]
+        text = shapes["encoder_hidden_states"][1]
+        all_shapes = {
+            "hidden": (batch, img, width),
+            "context": (batch, text, width),
+            "temb": (batch, width),
+            "rope_cos": (text + img, head),
+            "rope_sin": (text + img, head),
+        }
+        names = BLOCK_INPUTS if part.kind == "blocks" else ("hidden", "temb")
+        return {k: all_shapes[k] for k in names}
+
+    return ShapeProfile(min=at(mono.min), opt=at(mono.opt), max=at(mono.max))
+
+
+def _rel_l2_all(got: dict[str, Any], ref: dict[str, Any]) -> float:
+    from dtcompile.stages.export import rel_l2
+
+    return max(rel_l2(got[k], ref[k]) for k in ref)
+
+
+def _torch_run(part: Part, feeds: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    with torch.no_grad():
+        out = part.module(*feeds.values())
+    names = {"prologue": BLOCK_INPUTS, "blocks": BLOCK_OUTPUTS}.get(part.kind, ("latent",))
+    out = out if isinstance(out, tuple) else (out,)
+    return dict(zip(names, out, strict=True))
+
+
+def export_split(
+    loaded: LoadedPipeline, recipe: Recipe, artifact_dir: Path
+) -> tuple[dict[str, Any], list[tuple[str, ExportedComponent]]]:
+    """Export every part of the adapter's component of ``loaded`` into ``artifact_dir/onnx`` and check them.
+
+    Returns the main component's manifest entry (config, overall I/O, the cache spec and segments, the part
+    names in execution order, parity of the chain; no engines of its own) and ``(name, ExportedComponent)``
+    per part, in execution order, for the build stage. Raises as ``export_parts``, and RecipeError when a cache
+    pattern matches no block (checked again here for sources the dry run could not read).
+    """
+    from dtcompile.attention import resolve_attention
+    from dtcompile.stages.export import shapes_from_recipe
+
+    if recipe.cache is None:
+        raise BuildError("export_split needs a recipe with a cache section")
+    module = getattr(loaded.pipe, loaded.adapter.component).eval()
+    segments = plan_segments(recipe.cache, block_names(dict(module.config)))
+    choice = resolve_attention(recipe)  # export.attention applies to every part (docs/attention.md)
+    main, exported = export_parts(
+        module,
+        loaded.adapter,
+        loaded.pipe_config,
+        shapes_from_recipe(recipe.export.shapes),
+        recipe.dtype,
+        recipe.export.opset,
+        segments,
+        artifact_dir,
+        check_onnxruntime="onnxruntime" in recipe.engine.backends,
+        attention=choice.mode,
+    )
+    main["attention"] = choice.to_json()
+    main["cache"] = {"spec": recipe.cache.model_dump(mode="json"), "segments": [s.to_json() for s in segments]}
+    return main, exported
+
+
+def export_parts(
+    module: torch.nn.Module,
+    adapter: Any,
+    pipe_config: dict[str, Any],
+    shapes: Shapes,
+    dtype_name: str,
+    opset: int,
+    segments: list[Segment],
+    artifact_dir: Path,
+    *,
+    check_onnxruntime: bool = True,
+    attention: str = "decomposed",
+) -> tuple[dict[str, Any], list[tuple[str, ExportedComponent]]]:
+    """Split ``module`` at ``segments``, export each part into ``artifact_dir/onnx`` and check the chain.
+
+    ``attention`` is the export.attention mode each part is exported with (``dtcompile.attention``). Returns the
+    main entry (config, overall I/O, profile, part names, chain parity) and the parts in order.
+
+    Raises:
+        BuildError: the chained torch parts do not reproduce the transformer's forward.
+        VerificationError: onnxruntime differs from torch beyond the dtype's tolerance for a part or the chain.
+    """
+    import torch
+
+    from dtcompile.attention import export_attention
+    from dtcompile.backends.onnxruntime import OrtRunner
+    from dtcompile.stages.export import PARITY_TOL, ExportedComponent, export_onnx, rel_l2
+    from dtcompile.stages.load import torch_dtype
+
+    comp = adapter.component
+    config = dict(module.config)
+    mono = adapter.export_spec(module, pipe_config, shapes, torch_dtype(dtype_name))
+    mono = dataclasses.replace(mono, opset=opset)
+    mono_profile = adapter.shape_profile(module, pipe_config, shapes)
+    dims = {
+        "dtype": dtype_name,
+        "width": int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+        "head": int(config["attention_head_dim"]),
+        "text": next(t for t in mono.inputs if t.name == "encoder_hidden_states").dims[1],
+    }
+    parts = split_parts(module, segments, comp)
+    tol = PARITY_TOL[dtype_name]
+
+    # The chain in torch gives every part its example inputs and must reproduce the whole forward.
+    with torch.no_grad():
+        reference = adapter.export_module(module)(*mono.example_inputs.values())
+    chained, part_feeds = run_parts(parts, _torch_run, dict(mono.example_inputs))
+    split_err = rel_l2(chained, reference)
+    if not split_err <= SPLIT_TOL:
+        raise BuildError(
+            f"the {len(parts)} cache parts chained in torch differ from {type(module).__name__}.forward by rel L2 "
+            f"{split_err:.2e} > {SPLIT_TOL:.0e}; this diffusers version's forward is not what dtcompile.cache.split "
+            "reproduces: remove the cache section or pin diffusers"
+        )
+
+    exported: list[tuple[str, ExportedComponent]] = []
+    ort_state: dict[str, Any] = {}  # the chain run with onnxruntime, one session alive at a time (memory)
+    for part, feeds in zip(parts, part_feeds, strict=True):
+        inputs, outputs = _part_tensor_specs(part, mono, dims)
+        example = {t.name: feeds[t.name] for t in inputs if t.name in feeds}
+        spec = ExportSpec(inputs=inputs, outputs=outputs, example_inputs=example, opset=opset)
+        with export_attention(attention) as trace:
+            art = export_onnx(part.module, spec, artifact_dir / "onnx", name=part.name)
+        profile = part_profile(part, mono_profile, dims)
+        entry: dict[str, Any] = {
+            "part_of": comp,
+            "kind": part.kind,
+            "blocks": list(part.blocks),
+            **({"segment": part.segment.to_json()} if part.segment else {}),
+            **art.to_manifest(artifact_dir),
+            "profile": profile.to_json(),
+            "attention": trace.check_graph(art.op_types),
+            "engines": [],
+        }
+        if check_onnxruntime:
+            runner = OrtRunner(art.path, optimization="basic")
+            ref = _torch_run(part, example)
+            got = runner(example)
+            err = _rel_l2_all(got, ref)
+            entry["parity"] = {
+                "rel_l2": err,
+                "max_abs": max(float((got[k].double() - ref[k].double()).abs().max()) for k in ref),
+                "tolerance": tol,
+            }
+            log.info("parity %s onnxruntime vs torch: rel L2 %.2e", part.name, err)
+            if not err <= tol:
+                raise VerificationError(
+                    f"{art.path}: onnxruntime output differs from torch by rel L2 {err:.2e} > {tol:.0e}; "
+                    "the export of this part is wrong (not a precision issue)"
+                )
+            ort_state = _advance(part, ort_state, runner(_feeds_of(part, ort_state, dict(mono.example_inputs))))
+            del runner
+            onnx_entry = entry["onnx"]
+            entry["engines"].append(
+                {"backend": "onnxruntime", "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}
+            )
+        exported.append((part.name, ExportedComponent(art.path, profile, entry)))
+        log.info("cache part %s: %s", part.name, summarize_blocks(part.blocks) if part.blocks else part.kind)
+
+    main: dict[str, Any] = {
+        "config": {k: v for k, v in config.items() if not k.startswith("_")},
+        "inputs": exported[0][1].manifest["inputs"],
+        "outputs": exported[-1][1].manifest["outputs"],
+        "profile": mono_profile.to_json(),
+        "engines": [],
+        "parts": [name for name, _ in exported],
+    }
+    if check_onnxruntime:
+        got = ort_state["output"]
+        err = rel_l2(got, reference)
+        main["parity"] = {
+            "rel_l2": err,
+            "max_abs": float((got.double() - reference.double()).abs().max()),
+            "tolerance": tol,
+            "split_rel_l2": split_err,
+            "inputs": {k: list(v.shape) for k, v in mono.example_inputs.items()},
+        }
+        log.info("parity chained parts (onnxruntime) vs torch transformer: rel L2 %.2e", err)
+        if not err <= tol:
+            raise VerificationError(
+                f"the chained onnxruntime parts differ from the torch transformer by rel L2 {err:.2e} > {tol:.0e}"
+            )
+    return main, exported

@@ -1,0 +1,349 @@
+"""Running and exporting a ModelOpt-quantized component: fp8 attention, CPU stand-ins, Q/DQ export.
+
+Input: a component quantized in place by ``mtq.quantize`` (fake-quant modules), its ``ExportSpec``.
+Output: ``export_quantized`` writes ``<out_dir>/<name>.onnx`` through ``dtcompile.stages.export.export_onnx``
+(same I/O, dynamic axes, RMSNorm symbolic and RoPE fix as unquantized exports), then rewrites it to standard
+ONNX Q/DQ with ``dtcompile.quant.qdq`` and returns the refreshed ``OnnxArtifact`` plus a ``QdqReport``.
+
+Three things ModelOpt does not do the way a portable build needs, done here:
+
+- fp8 attention (``quantize_mha``): ModelOpt's own fp8 SDPA export accepts only fp16/bf16 models and its
+  torch forward never quantizes the softmax output, so the exported graph and the fake-quant model differ.
+  ``enable_fp8_attention`` swaps in one implementation for both: Q and K are scaled by sqrt(softmax scale)
+  and fp8-quantized (ranges calibrated on the scaled tensors), the softmax output is fp8-quantized with the
+  fixed range [0, 1] (scale 1/448) and V with its calibrated range. In ONNX that is
+  ``Q/DQ(q) -> MatMul <- Q/DQ(k^T); Softmax -> Q/DQ -> MatMul <- Q/DQ(v)``, TensorRT's fp8 attention
+  pattern; the torch forward computes exactly that.
+- NVFP4 on the CPU: see ``dtcompile.quant.nvfp4.cpu_fake_quant``.
+- NVFP4 export: the block-scaled DequantizeLinear needs opset 21+, which the TorchScript exporter cannot
+  write; a placeholder op is written instead and ``qdq`` turns it into the real op (opset 23).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.errors import BuildError
+from dtcompile.quant import get_format
+from dtcompile.quant.qdq import FP4_BLOCK_DQ_PLACEHOLDER, FP8_MAX, TRT_DOMAIN, QdqReport, standardize_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from dtcompile.models.base import ExportSpec
+    from dtcompile.stages.export import OnnxArtifact
+
+log = logging.getLogger("dtcompile.quant")
+
+#: TensorRT fuses fp8 attention only for head sizes that are a multiple of 16 (ModelOpt's rule too).
+MHA_HEAD_MULTIPLE = 16
+_ATTN_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer")
+
+
+@dataclass(frozen=True)
+class QuantizedOnnx:
+    """A quantized component's graph: the artifact (standard Q/DQ) and what the Q/DQ rewrite found."""
+
+    artifact: OnnxArtifact
+    qdq: QdqReport
+    fp8_attention: int
+
+    def to_manifest(self) -> dict[str, Any]:
+        """Q/DQ counts, custom ops left (and so whether onnxruntime runs it), fp8 attentions."""
+        return {**self.qdq.to_manifest(), "fp8_attention": self.fp8_attention}
+
+
+# --- fp8 attention -------------------------------------------------------------------------------------------
+
+
+def _head_dim(module: Any) -> int | None:
+    head = getattr(module, "head_dim", None)
+    if head:
+        return int(head)
+    inner, heads = getattr(module, "inner_dim", None), getattr(module, "heads", None)
+    return int(inner) // int(heads) if inner and heads else None
+
+
+def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """ModelOpt-converted attention modules of ``model`` (those carrying Q/K/V bmm quantizers)."""
+    return [(n, m) for n, m in model.named_modules() if all(hasattr(m, q) for q in _ATTN_QUANTIZERS)]
+
+
+def enable_fp8_attention(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Route every eligible converted attention through dtcompile's fp8 attention; disable the rest.
+
+    Eligible: the Q, K and V quantizers are enabled fp8 quantizers and the head size is a multiple of 16.
+    Others get their Q/K/V quantizers disabled (they stay high-precision attention). Call it after
+    ``mtq.quantize`` converted the modules (before calibrating them) and again after every ``mto.restore``:
+    the routing is not part of ModelOpt's saved state.
+
+    Returns ``{"fp8": [names], "disabled": [names]}``.
+    """
+    import torch.nn.functional as F  # noqa: N812
+
+    done: dict[str, list[str]] = {"fp8": [], "disabled": []}
+    for name, module in attention_modules(model):
+        quantizers = [getattr(module, q) for q in _ATTN_QUANTIZERS]
+        wanted = all(q.is_enabled for q in quantizers)
+        if not wanted:
+            continue
+        head = _head_dim(module)
+        if head is None or head % MHA_HEAD_MULTIPLE or not all(q.is_fp8 for q in quantizers):
+            for q in quantizers:
+                q.disable()
+            done["disabled"].append(name)
+            continue
+        # An instance attribute shadows ModelOpt's class list: only SDPA is replaced, by ours.
+        module._functionals_to_replace = [(F, "scaled_dot_product_attention", _fp8_sdpa)]
+        done["fp8"].append(name)
+    if done["disabled"]:
+        log.info(
+            "fp8 attention: head size not a multiple of %d, kept high precision: %s",
+            MHA_HEAD_MULTIPLE,
+            ", ".join(done["disabled"]),
+        )
+    return done
+
+
+def _fp8_qdq(x: torch.Tensor, amax: float) -> torch.Tensor:
+    """Fake-quantize ``x`` to fp8 E4M3 the way ONNX QuantizeLinear/DequantizeLinear do (scale amax/448)."""
+    import torch
+
+    scale = torch.tensor(amax / FP8_MAX, dtype=x.dtype, device=x.device)
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+
+def _fp8_sdpa(
+    self: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """fp8 scaled-dot-product attention of a converted attention module (replaces F.scaled_dot_product_attention
+    inside its forward). See the module docstring for the quantization points."""
+    import torch
+
+    if dropout_p or enable_gqa:
+        raise BuildError("fp8 attention supports inference only (dropout_p=0, no grouped-query attention)")
+    if is_causal:
+        n, m = query.shape[-2], key.shape[-2]
+        causal = torch.ones(n, m, dtype=torch.bool, device=query.device).tril()
+        attn_mask = causal if attn_mask is None else attn_mask & causal
+    root = math.sqrt(scale if scale is not None else 1.0 / math.sqrt(query.shape[-1]))
+    if torch.onnx.is_in_onnx_export():
+        amax = [float(getattr(self, q).amax) for q in _ATTN_QUANTIZERS]
+        return _fp8_attention_function().apply(query, key, value, attn_mask, root, *amax)
+    q = self.q_bmm_quantizer(query * root)
+    k = self.k_bmm_quantizer(key * root)
+    v = self.v_bmm_quantizer(value)
+    calibrating = not self.q_bmm_quantizer._if_quant
+    return _attention(q, k, v, attn_mask, quantize_softmax=not calibrating)
+
+
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, *, quantize_softmax: bool
+) -> torch.Tensor:
+    """softmax(q k^T + mask) v with matmuls in fp32 for 16-bit inputs (as the ONNX graph's Casts do)."""
+    import torch
+
+    dtype = q.dtype
+    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    logits = (q.to(wide) @ k.to(wide).transpose(-2, -1)).to(dtype)
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+    probs = torch.softmax(logits, dim=-1)
+    if quantize_softmax:
+        probs = _fp8_qdq(probs, 1.0)
+    return (probs.to(wide) @ v.to(wide)).to(dtype)
+
+
+@functools.cache
+def _fp8_attention_function() -> type:
+    """The autograd Function whose ONNX symbolic writes fp8 attention (built on first use: needs torch)."""
+    import torch
+    from modelopt.torch.quantization.export_onnx import export_fp8
+    from torch.onnx import symbolic_helper as sym
+
+    onnx_types = {"Float": 1, "Half": 10, "BFloat16": 16}
+
+    class Fp8Attention(torch.autograd.Function):
+        """Export-only: forward returns plain attention (traced values), symbolic writes the Q/DQ graph."""
+
+        @staticmethod
+        def forward(ctx: Any, query, key, value, attn_mask, root, amax_q, amax_k, amax_v):  # noqa: ANN001
+            return _attention(query * root, key * root, value, attn_mask, quantize_softmax=False)
+
+        @staticmethod
+        @sym.parse_args("v", "v", "v", "v", "f", "f", "f", "f")
+        def symbolic(g, query, key, value, attn_mask, root, amax_q, amax_k, amax_v):  # noqa: ANN001
+            dtype = query.type().scalarType()
+            if dtype not in onnx_types:
+                raise BuildError(f"fp8 attention export supports float32/float16/bfloat16 inputs, got {dtype}")
+            wide = dtype != "Float"
+            torch_dtype = {"Float": torch.float32, "Half": torch.float16, "BFloat16": torch.bfloat16}[dtype]
+
+            def widen(x):  # noqa: ANN001, ANN202
+                return g.op("Cast", x, to_i=onnx_types["Float"]) if wide else x
+
+            def narrow(x):  # noqa: ANN001, ANN202
+                return g.op("Cast", x, to_i=onnx_types[dtype]) if wide else x
+
+            r = g.op("Constant", value_t=torch.tensor(root, dtype=torch_dtype))
+            rank = sym._get_tensor_rank(key) or 4
+            perm = list(range(rank))
+            perm[-1], perm[-2] = perm[-2], perm[-1]
+            q = export_fp8(g, g.op("Mul", query, r), amax_q, None)
+            kt = export_fp8(g, g.op("Mul", g.op("Transpose", key, perm_i=perm), r), amax_k, None)
+            logits = narrow(g.op("MatMul", widen(q), widen(kt)))
+            if not sym._is_none(attn_mask):
+                if attn_mask.type().scalarType() == "Bool":
+                    zero = g.op("Constant", value_t=torch.tensor(0.0, dtype=torch_dtype))
+                    ninf = g.op("Constant", value_t=torch.tensor(float("-inf"), dtype=torch_dtype))
+                    attn_mask = g.op("Where", attn_mask, zero, ninf)
+                logits = g.op("Add", logits, attn_mask)
+            probs = export_fp8(g, g.op("Softmax", logits, axis_i=-1), 1.0, None)
+            v = export_fp8(g, value, amax_v, None)
+            return narrow(g.op("MatMul", widen(probs), widen(v)))
+
+    return Fp8Attention
+
+
+# --- torch forward of a quantized component --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quantized_forward() -> Iterator[None]:
+    """Context for running a fake-quant component in torch on any device (NVFP4 CPU stand-in)."""
+    from dtcompile.quant.nvfp4 import cpu_fake_quant
+
+    with cpu_fake_quant():
+        yield
+
+
+# --- export ---------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _fp4_block_dq_placeholder() -> Iterator[None]:
+    """Make ModelOpt's NVFP4 symbolic write a placeholder for its block-scaled DequantizeLinear.
+
+    The real op needs opset 21+ (``block_size``), which neither the TorchScript exporter nor the ONNX checker
+    at the export's opset accepts; ``qdq.standardize_qdq`` turns the placeholder into it.
+    """
+    from modelopt.torch.quantization import export_onnx as mo_export
+
+    original = mo_export._fp4_dequantize_2
+
+    def placeholder(g: Any, inputs: Any, dyn_scale: Any, block_size: int, axis: int = -1) -> Any:
+        return g.op(
+            f"{TRT_DOMAIN}::{FP4_BLOCK_DQ_PLACEHOLDER}", inputs, dyn_scale, axis_i=axis, block_size_i=block_size
+        )
+
+    mo_export._fp4_dequantize_2 = placeholder
+    try:
+        yield
+    finally:
+        mo_export._fp4_dequantize_2 = original
+
+
+def export_quantized(
+    module: torch.nn.Module,
+    spec: ExportSpec,
+    out_dir: Path,
+    name: str = "transformer",
+    *,
+    quant_format: str,
+    dtype: str,
+    external_data: bool | None = None,
+) -> QuantizedOnnx:
+    """Export a fake-quant component to ONNX with standard Q/DQ (custom ops only where ONNX has none).
+
+    Args:
+        module: the export wrapper around the quantized component (``ModelAdapter.export_module``).
+        spec: I/O specs, example inputs and opset, as for ``export_onnx``.
+        out_dir, name, external_data: as for ``export_onnx``.
+        quant_format: the recipe's ``quant.format``.
+        dtype: the component's dtype name (float32, float16, bfloat16).
+
+    Raises:
+        BuildError: the export or the Q/DQ rewrite failed.
+    """
+    import onnx
+    from modelopt.torch.quantization.export_onnx import configure_linear_module_onnx_quantizers
+
+    from dtcompile.quant.nvfp4 import cpu_fake_quant
+    from dtcompile.quant.qdq import count_fp8_attention
+    from dtcompile.stages.export import export_onnx
+
+    fmt = get_format(quant_format)  # unknown names fail before the slow export
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(cpu_fake_quant(exporting=True))
+        stack.enter_context(_fp4_block_dq_placeholder())
+        # Block-quantized (NVFP4) weights export as static TRT_FP4QDQ, activations as dynamic quantize.
+        stack.enter_context(configure_linear_module_onnx_quantizers(module))
+        artifact = export_onnx(module, spec, out_dir, name, external_data=external_data)
+    report = standardize_file(artifact.path, dtype)
+    unexpected = sorted(set(report.custom_ops) - set(fmt.custom_ops))
+    if unexpected:
+        raise BuildError(
+            f"{artifact.path}: the {quant_format} graph still holds custom ops {unexpected} that dtcompile does not "
+            f"turn into standard ONNX (allowed for {quant_format}: {list(fmt.custom_ops) or 'none'}); this "
+            f"ModelOpt version exports something new: report it with the ModelOpt version"
+        )
+    model = onnx.load(str(artifact.path), load_external_data=False)
+    artifact = _refreshed(artifact, model.graph, report)
+    fp8_attention = count_fp8_attention(model)
+    log.info(
+        "quantized export %s: %d fp8 Q/DQ, %d int8 Q/DQ, %d fp4 weights, %d fp4 activations, %d fp8 attentions; "
+        "custom ops %s",
+        artifact.path.name,
+        report.fp8_qdq,
+        report.int8_qdq,
+        report.fp4_weights,
+        report.fp4_activations,
+        fp8_attention,
+        report.custom_ops or "none",
+    )
+    return QuantizedOnnx(artifact, report, fp8_attention)
+
+
+def _refreshed(artifact: OnnxArtifact, graph: Any, report: QdqReport) -> OnnxArtifact:
+    """The artifact with checksums, size, opset and op counts of the rewritten file."""
+    from collections import Counter
+
+    from dtcompile.stages.export import sha256_file
+
+    ext = artifact.external_data if artifact.external_data and artifact.external_data.exists() else None
+    return dataclasses.replace(
+        artifact,
+        opset=report.opset,
+        size=artifact.path.stat().st_size + (ext.stat().st_size if ext else 0),
+        sha256=sha256_file(artifact.path),
+        external_data=ext,
+        external_data_sha256=sha256_file(ext) if ext else None,
+        n_nodes=len(graph.node),
+        op_types=dict(sorted(Counter(n.op_type for n in graph.node).items())),
+    )
+
+
+__all__ = [
+    "MHA_HEAD_MULTIPLE",
+    "QuantizedOnnx",
+    "attention_modules",
+    "enable_fp8_attention",
+    "export_quantized",
+    "quantized_forward",
+]

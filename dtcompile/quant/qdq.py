@@ -1,0 +1,726 @@
+"""ONNX post-processing of a quantized export: TensorRT custom Q/DQ ops in, standard ONNX Q/DQ out.
+
+Input: the graph ``torch.onnx.export`` wrote for a ModelOpt fake-quant model. Output: the same graph where
+
+- fp8: ``trt::TRT_FP8QuantizeLinear``/``TRT_FP8DequantizeLinear`` become standard ``QuantizeLinear`` (with a
+  float8e4m3fn zero point, which selects the fp8 output type) and ``DequantizeLinear``; stale uint8
+  value_info of their outputs is dropped. Weights are stored quantized: ``W -> Q -> DQ`` becomes an fp8
+  initializer ``-> DQ``, and a ``DQ -> Transpose -> MatMul`` weight is stored transposed (``DQ -> MatMul``,
+  the pattern TensorRT fuses).
+- int8: already standard Q/DQ; weights are folded the same way (int8 initializers, per-channel axis kept).
+- nvfp4: weights (``trt::TRT_FP4QDQ``) become packed FLOAT4E2M1 initializers with FP8 E4M3 block scales and
+  two standard ``DequantizeLinear`` (block size 16, opset 23). Activations keep TensorRT's
+  ``trt::TRT_FP4DynamicQuantize``: ONNX has no dynamic block quantize op, so onnxruntime cannot run the
+  graph. The report names every custom op left.
+
+Everything here runs on the CPU; ``torch`` is used only for fp8/fp4 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.errors import BuildError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+#: The placeholder op the exporter writes for a block-scaled FP4 DequantizeLinear (see quant/export.py): the
+#: real op needs opset 21+, which the TorchScript exporter cannot emit.
+FP4_BLOCK_DQ_PLACEHOLDER = "DTC_FP4BlockDequantizeLinear"
+TRT_DOMAIN = "trt"
+_DTYPE_TO_ONNX = {"float32": 1, "float16": 10, "bfloat16": 16}  # TensorProto FLOAT, FLOAT16, BFLOAT16
+
+
+@dataclass
+class QdqReport:
+    """What ``standardize_qdq`` did: quantized tensors per type (a weight stored quantized counts once, an
+    activation Q/DQ pair once), weights folded into quantized initializers, custom ops left, the opset."""
+
+    fp8_qdq: int = 0
+    int8_qdq: int = 0
+    fp4_weights: int = 0
+    fp4_activations: int = 0
+    folded_weights: int = 0
+    folded_transposes: int = 0
+    opset: int = 0
+    custom_ops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def onnxruntime_runnable(self) -> bool:
+        """True when only standard ONNX ops are left."""
+        return not self.custom_ops
+
+    def to_manifest(self) -> dict[str, Any]:
+        """JSON for the manifest (custom ops as ``domain::op``: count)."""
+        return {
+            "fp8_qdq": self.fp8_qdq,
+            "int8_qdq": self.int8_qdq,
+            "fp4_weights": self.fp4_weights,
+            "fp4_activations": self.fp4_activations,
+            "folded_weights": self.folded_weights,
+            "opset": self.opset,
+            "custom_ops": dict(sorted(self.custom_ops.items())),
+            "onnxruntime_runnable": self.onnxruntime_runnable,
+        }
+
+
+class _Graph:
+    """Name indexes over a GraphProto (rebuilt after structural edits)."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.g = graph
+        self.reindex()
+
+    def reindex(self) -> None:
+        self.inits = {t.name: t for t in self.g.initializer}
+        self.producer = {o: n for n in self.g.node for o in n.output}
+        self.consumers: dict[str, list[Any]] = defaultdict(list)
+        for n in self.g.node:
+            for i in n.input:
+                if i:
+                    self.consumers[i].append(n)
+        self.outputs = {o.name for o in self.g.output}
+
+    def const(self, name: str) -> np.ndarray | None:
+        """Value of an initializer or a Constant node output, else None."""
+        from onnx import numpy_helper
+
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+
+    def only_consumer(self, name: str) -> Any | None:
+        users = self.consumers.get(name, [])
+        return users[0] if len(users) == 1 and name not in self.outputs else None
+
+
+def standardize_qdq(model: onnx.ModelProto, dtype: str) -> QdqReport:
+    """Rewrite ``model`` in place (see the module docstring); ``dtype`` is the model's compute dtype name.
+
+    Ops this code does not know stay as they are and are listed in ``QdqReport.custom_ops``; callers check
+    that list against what the format allows (``export_quantized`` does).
+
+    Raises:
+        BuildError: an FP4 weight quantizer on a non-constant input, or a graph left with a cycle.
+    """
+    if dtype not in _DTYPE_TO_ONNX:
+        raise BuildError(f"quantized graphs are float32, float16 or bfloat16; got {dtype}")
+    report = QdqReport()
+    g = _Graph(model.graph)
+    _fold_weights(g, report)
+    g.reindex()
+    _fp8_to_standard(g, report)
+    g.reindex()
+    _fp4_weights(g, report, dtype)
+    g.reindex()
+    _fp4_activations(g, report, dtype)
+    g.reindex()
+    report.int8_qdq = sum(
+        1 for n in g.g.node if n.op_type == "DequantizeLinear" and _is_int8_dq(g, n) and n.domain in ("", "ai.onnx")
+    )
+    _drop_unused_initializers(g)
+    report.custom_ops = dict(Counter(f"{n.domain}::{n.op_type}" for n in g.g.node if n.domain not in ("", "ai.onnx")))
+    if not any(n.domain == TRT_DOMAIN for n in g.g.node):
+        keep = [o for o in model.opset_import if o.domain != TRT_DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+    if report.fp4_weights or report.fp4_activations:
+        # Block-scaled DequantizeLinear is opset 21; FLOAT4E2M1 is opset 23 (IR version 11).
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = max(o.version, 23)
+        model.ir_version = max(model.ir_version, 11)
+    report.opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    _topological_sort(model.graph)
+    return report
+
+
+def standardize_file(path: Path, dtype: str) -> QdqReport:
+    """``standardize_qdq`` on an ONNX file, written back in place (external data kept in one file).
+
+    The rewritten graph is written next to the original and renamed over it, so a failure leaves the
+    original untouched. ``onnx.checker`` validates the result.
+    """
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=True)
+    external = any(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.load(str(path), load_external_data=False).graph.initializer
+    )
+    report = standardize_qdq(model, dtype)
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(prefix=".qdq-", dir=path.parent) as scratch:
+        tmp = Path(scratch) / path.name
+        if external:
+            onnx.save_model(
+                model,
+                str(tmp),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, str(tmp))
+        onnx.checker.check_model(str(tmp))
+        mode = path.stat().st_mode & 0o777
+        if external:
+            os.chmod(Path(scratch) / data_name, mode)
+            os.replace(Path(scratch) / data_name, path.parent / data_name)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    return report
+
+
+# --- weights ------------------------------------------------------------------------------------------------
+
+
+def _fold_weights(g: _Graph, report: QdqReport) -> None:
+    """``W(initializer) -> Q -> DQ`` becomes ``Wq(initializer) -> DQ`` for fp8 and int8 weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    new_inits: list[onnx.TensorProto] = []
+    dead: set[int] = set()
+    for q in list(g.g.node):
+        fp8 = q.domain == TRT_DOMAIN and q.op_type == "TRT_FP8QuantizeLinear"
+        int8 = q.domain in ("", "ai.onnx") and q.op_type == "QuantizeLinear" and len(q.input) > 2
+        if not (fp8 or int8) or q.input[0] not in g.inits:
+            continue
+        dq = g.only_consumer(q.output[0])
+        if dq is None or dq.op_type not in ("TRT_FP8DequantizeLinear", "DequantizeLinear"):
+            continue
+        weight = g.const(q.input[0])
+        scale = g.const(q.input[1])
+        if weight is None or scale is None:
+            continue
+        axis = _attr(q, "axis", 1)
+        if int8:
+            zp = g.const(q.input[2])
+            if zp is None or zp.dtype.name != "int8" or zp.any():
+                continue
+            qvals = _quantize_int8(weight, scale, axis)
+        else:
+            qvals = _quantize_fp8(weight, scale)
+        transpose = _transpose_to_matmul(g, dq)
+        if transpose is not None:
+            perm = _attr(transpose, "perm", None) or list(reversed(range(qvals.ndim)))
+            qvals = qvals.transpose(perm)
+            if int8 and scale.ndim == 1:
+                axis = list(perm).index(axis if axis >= 0 else axis + weight.ndim)
+        name = f"{q.input[0]}_{'fp8' if fp8 else 'int8'}"
+        if fp8:
+            tensor = onnx.helper.make_tensor(
+                name, onnx.TensorProto.FLOAT8E4M3FN, list(qvals.shape), qvals.tobytes(), raw=True
+            )
+        else:
+            tensor = numpy_helper.from_array(qvals, name)
+        new_inits.append(tensor)
+        dq.input[0] = name
+        if fp8:
+            dq.domain, dq.op_type = "", "DequantizeLinear"
+            report.fp8_qdq += 1
+        if int8 and scale.ndim == 1:
+            _set_attr(dq, "axis", axis)
+        if transpose is not None:
+            out = transpose.output[0]
+            for user in g.consumers[out]:
+                for i, name_in in enumerate(user.input):
+                    if name_in == out:
+                        user.input[i] = dq.output[0]
+            dead.add(id(transpose))
+            report.folded_transposes += 1
+        _drop_value_info(g.g, dq.output[0])
+        dead.add(id(q))
+        report.folded_weights += 1
+    _remove_nodes(g.g, dead)
+    g.g.initializer.extend(new_inits)
+
+
+def _transpose_to_matmul(g: _Graph, dq: Any) -> Any | None:
+    """The Transpose between a weight DQ and MatMul/Gemm consumers only, if there is exactly that."""
+    t = g.only_consumer(dq.output[0])
+    if t is None or t.op_type != "Transpose":
+        return None
+    users = g.consumers.get(t.output[0], [])
+    if not users or t.output[0] in g.outputs or any(u.op_type != "MatMul" for u in users):
+        return None
+    return t
+
+
+def _quantize_fp8(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float8e4m3fn bytes (as uint8) of ``weight / scale``, saturated at +-448 like QuantizeLinear."""
+    import torch
+
+    w = torch.from_numpy(_to_f32(weight))
+    s = torch.from_numpy(_to_f32(scale))
+    return (w / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+
+
+def _quantize_int8(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
+    """int8 of ``weight / scale`` (per-tensor or per-``axis``), rounded half to even like QuantizeLinear."""
+    import numpy as np
+
+    w = _to_f32(weight)
+    s = _to_f32(scale)
+    if s.ndim == 1:
+        shape = [1] * w.ndim
+        shape[axis] = s.shape[0]
+        s = s.reshape(shape)
+    return np.clip(np.rint(w / s), -128, 127).astype(np.int8)
+
+
+def _to_f32(a: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    return a.astype(np.float32)
+
+
+# --- fp8 activations ------------------------------------------------------------------------------------------
+
+
+def _fp8_to_standard(g: _Graph, report: QdqReport) -> None:
+    """Remaining ``trt::TRT_FP8*`` pairs become standard Q/DQ with a float8e4m3fn zero point."""
+    import onnx
+
+    zp_name = "dtc_fp8_zero_point"
+    need_zp = False
+    for node in g.g.node:
+        if node.domain != TRT_DOMAIN:
+            continue
+        if node.op_type == "TRT_FP8QuantizeLinear":
+            if len(node.input) != 2:
+                raise BuildError(f"unexpected inputs of {node.name}: {list(node.input)}")
+            node.domain, node.op_type = "", "QuantizeLinear"
+            node.input.append(zp_name)
+            need_zp = True
+            _drop_value_info(g.g, node.output[0])  # the exporter typed it uint8
+            report.fp8_qdq += 1
+        elif node.op_type == "TRT_FP8DequantizeLinear":
+            node.domain, node.op_type = "", "DequantizeLinear"
+            _drop_value_info(g.g, node.output[0])
+    if need_zp:
+        g.g.initializer.append(onnx.helper.make_tensor(zp_name, onnx.TensorProto.FLOAT8E4M3FN, [], [0.0]))
+
+
+# --- nvfp4 ----------------------------------------------------------------------------------------------------
+
+
+def _fp4_weights(g: _Graph, report: QdqReport, dtype: str) -> None:
+    """``trt::TRT_FP4QDQ(W)`` becomes FLOAT4E2M1 W -> DQ(block 16) with FP8 block scales -> DQ."""
+    import onnx
+    from onnx import numpy_helper
+
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    dead: set[int] = set()
+    for node in g.g.node:
+        if node.domain != TRT_DOMAIN or node.op_type != "TRT_FP4QDQ":
+            continue
+        weight = g.const(node.input[0])
+        if weight is None:
+            raise BuildError(f"{node.name}: TRT_FP4QDQ on a non-constant input {node.input[0]!r} is not supported")
+        block = _attr(node, "block_size", 16)
+        packed, block_scale, global_scale = nvfp4_pack(_to_f32(weight), block)
+        base = node.input[0]
+        w_name, s_name, g_name = f"{base}_fp4", f"{base}_fp4_block_scale", f"{base}_fp4_global_scale"
+        new_inits.append(
+            onnx.helper.make_tensor(w_name, onnx.TensorProto.FLOAT4E2M1, list(weight.shape), packed.tobytes(), raw=True)
+        )
+        new_inits.append(
+            onnx.helper.make_tensor(
+                s_name, onnx.TensorProto.FLOAT8E4M3FN, list(block_scale.shape), block_scale.tobytes(), raw=True
+            )
+        )
+        new_inits.append(numpy_helper.from_array(global_scale, g_name))
+        scale_out = f"{base}_fp4_scale"
+        out = node.output[0]
+        wide = f"{out}_f32" if dtype != "float32" else out
+        new_nodes.append(
+            onnx.helper.make_node("DequantizeLinear", [s_name, g_name], [scale_out], name=f"{base}/DQ_scale")
+        )
+        new_nodes.append(
+            onnx.helper.make_node(
+                "DequantizeLinear", [w_name, scale_out], [wide], name=f"{base}/DQ_fp4", axis=-1, block_size=block
+            )
+        )
+        if wide != out:
+            new_nodes.append(
+                onnx.helper.make_node("Cast", [wide], [out], name=f"{base}/Cast", to=_DTYPE_TO_ONNX[dtype])
+            )
+        _drop_value_info(g.g, out)
+        dead.add(id(node))
+        report.fp4_weights += 1
+    _remove_nodes(g.g, dead)
+    g.g.node.extend(new_nodes)
+    g.g.initializer.extend(new_inits)
+
+
+def _fp4_activations(g: _Graph, report: QdqReport, dtype: str) -> None:
+    """The exporter's block-DQ placeholder becomes a standard block-scaled DequantizeLinear (+ Cast)."""
+    import onnx
+
+    new_nodes: list[onnx.NodeProto] = []
+    for node in g.g.node:
+        if node.op_type == "TRT_FP4DynamicQuantize" and node.domain == TRT_DOMAIN:
+            report.fp4_activations += 1
+        if node.domain != TRT_DOMAIN or node.op_type != FP4_BLOCK_DQ_PLACEHOLDER:
+            continue
+        node.domain, node.op_type = "", "DequantizeLinear"
+        _drop_value_info(g.g, node.output[0])
+        if dtype != "float32":
+            # The FP4 scales are float32 (an fp16 per-tensor scale would underflow); cast the result back.
+            out = node.output[0]
+            wide = f"{out}_f32"
+            node.output[0] = wide
+            new_nodes.append(
+                onnx.helper.make_node("Cast", [wide], [out], name=f"{node.name}/Cast", to=_DTYPE_TO_ONNX[dtype])
+            )
+    g.g.node.extend(new_nodes)
+
+
+def nvfp4_pack(weight: np.ndarray, block: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NVFP4 encoding of a float32 ``weight`` [..., K] with blocks of ``block`` along K.
+
+    Returns (packed E2M1 codes [..., K/2] as uint8, the first element in the low nibble as ONNX's FLOAT4E2M1
+    expects; E4M3 block scales [..., K/block] as uint8 bytes; the float32 per-tensor scale amax / (6 * 448)),
+    the same numbers ``nvfp4_fake_quant`` computes in torch.
+    """
+    import numpy as np
+    import torch
+
+    from dtcompile.quant.nvfp4 import E2M1_MAX, E4M3_MAX, nvfp4_encode
+
+    w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+    if w.shape[-1] % block:
+        raise BuildError(f"an NVFP4 weight's last dim must divide by {block}, got shape {tuple(w.shape)}")
+    global_scale = w.abs().max() / (E2M1_MAX * E4M3_MAX)
+    if float(global_scale) == 0.0:
+        global_scale = torch.tensor(1.0)
+    codes, block_scale = nvfp4_encode(w, block, global_scale)
+    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).numpy().astype(np.uint8)
+    return packed, block_scale.view(torch.uint8).numpy(), global_scale.reshape(()).numpy().astype(np.float32)
+
+
+# --- onnxruntime stand-in for the FP4 graph ---------------------------------------------------------------------
+
+
+def fp4_reference_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of an NVFP4 graph that onnxruntime can run, for parity checks only (never shipped).
+
+    onnxruntime has no kernel for ``trt::TRT_FP4DynamicQuantize`` nor for FLOAT4E2M1 tensors. Here each FP4
+    weight (DQ of packed E2M1 with E4M3 block scales) becomes its decoded float32 initializer, and each dynamic
+    activation quantize with its two DQs becomes standard ops computing ModelOpt's NVFP4 definition: block
+    amax / (6 * per-tensor scale), clamped to [2^-9, 448] and cast to E4M3; values divided by the block scale
+    and rounded half to even onto the E2M1 grid (saturating at 6). Only the TensorRT op itself is not tested.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = _copy(model)
+    g = _Graph(model.graph)
+    dead: set[int] = set()
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+
+    # Weights: DQ(block scales) -> DQ(E2M1, block) becomes a float32 initializer.
+    for dq in g.g.node:
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in g.inits:
+            continue
+        w = g.inits[dq.input[0]]
+        if w.data_type != onnx.TensorProto.FLOAT4E2M1:
+            continue
+        scale_dq = g.producer.get(dq.input[1])
+        if scale_dq is None or scale_dq.op_type != "DequantizeLinear":
+            raise BuildError(f"unexpected FP4 weight pattern at {dq.name}")
+        block = _attr(dq, "block_size", 16)
+        decoded = decode_nvfp4(w, g.inits[scale_dq.input[0]], g.const(scale_dq.input[1]), block)
+        new_inits.append(numpy_helper.from_array(decoded, dq.output[0]))
+        dead.update({id(dq), id(scale_dq)})
+        _drop_value_info(g.g, dq.output[0])
+
+    # Activations: TRT_FP4DynamicQuantize -> DQ(scales) -> DQ(E2M1, block) becomes an emulation subgraph.
+    consts: dict[str, np.ndarray] = {
+        "six": np.array(FP4_MAX, np.float32),
+        "min_scale": np.array(2.0**-9, np.float32),
+        "max_scale": np.array(FP8_MAX, np.float32),
+        "one": np.array(1.0, np.float32),
+        "zero": np.array(0.0, np.float32),
+        "two": np.array(2.0, np.float32),
+        "four": np.array(4.0, np.float32),
+    }
+    consts["axes"] = np.array([1], np.int64)
+    for name, value in consts.items():
+        new_inits.append(numpy_helper.from_array(value, f"dtc_emu_{name}"))
+
+    def c(name: str) -> str:
+        return f"dtc_emu_{name}"
+
+    for k, node in enumerate(list(g.g.node)):
+        if node.domain != TRT_DOMAIN or node.op_type != "TRT_FP4DynamicQuantize":
+            continue
+        x_f4, sx_f8 = node.output[0], node.output[1]
+        scale_dq = g.only_consumer(sx_f8)
+        value_dq = g.only_consumer(x_f4)
+        if scale_dq is None or value_dq is None or scale_dq.op_type != "DequantizeLinear":
+            raise BuildError(f"unexpected FP4 activation pattern at {node.name}")
+        block = _attr(node, "block_size", 16)
+        p = f"dtc_emu{k}"
+        out = value_dq.output[0]
+        sf2 = node.input[1]
+        new_inits.append(numpy_helper.from_array(np.array([-1, block], np.int64), f"{p}_block_shape"))
+        new_nodes += [
+            helper.make_node("Cast", [node.input[0]], [f"{p}_x"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Shape", [f"{p}_x"], [f"{p}_shape"]),
+            helper.make_node("Reshape", [f"{p}_x", f"{p}_block_shape"], [f"{p}_blocks"]),
+            helper.make_node("Abs", [f"{p}_blocks"], [f"{p}_abs"]),
+            helper.make_node("ReduceMax", [f"{p}_abs", c("axes")], [f"{p}_amax"], keepdims=1),
+            helper.make_node("Mul", [c("six"), sf2], [f"{p}_den"]),
+            helper.make_node("Div", [f"{p}_amax", f"{p}_den"], [f"{p}_s0"]),
+            helper.make_node("Equal", [f"{p}_s0", c("zero")], [f"{p}_is0"]),
+            helper.make_node("Where", [f"{p}_is0", c("one"), f"{p}_s0"], [f"{p}_s1"]),
+            helper.make_node("Clip", [f"{p}_s1", c("min_scale"), c("max_scale")], [f"{p}_s2"]),
+            helper.make_node("Cast", [f"{p}_s2"], [f"{p}_s8"], to=onnx.TensorProto.FLOAT8E4M3FN),
+            helper.make_node("Cast", [f"{p}_s8"], [f"{p}_s3"], to=onnx.TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{p}_s3", sf2], [f"{p}_scale"]),
+            helper.make_node("Div", [f"{p}_blocks", f"{p}_scale"], [f"{p}_y"]),
+            helper.make_node("Abs", [f"{p}_y"], [f"{p}_ya"]),
+            helper.make_node("Min", [f"{p}_ya", c("six")], [f"{p}_a"]),
+            # E2M1 spacing is 0.5 below 2, 1 below 4, 2 up to 6: round (half to even) on the right grid.
+            helper.make_node("Mul", [f"{p}_a", c("two")], [f"{p}_a2"]),
+            helper.make_node("Round", [f"{p}_a2"], [f"{p}_r2"]),
+            helper.make_node("Div", [f"{p}_r2", c("two")], [f"{p}_fine"]),
+            helper.make_node("Round", [f"{p}_a"], [f"{p}_mid"]),
+            helper.make_node("Div", [f"{p}_a", c("two")], [f"{p}_ah"]),
+            helper.make_node("Round", [f"{p}_ah"], [f"{p}_rh"]),
+            helper.make_node("Mul", [f"{p}_rh", c("two")], [f"{p}_coarse"]),
+            helper.make_node("Less", [f"{p}_a", c("two")], [f"{p}_lt2"]),
+            helper.make_node("Less", [f"{p}_a", c("four")], [f"{p}_lt4"]),
+            helper.make_node("Where", [f"{p}_lt4", f"{p}_mid", f"{p}_coarse"], [f"{p}_hi"]),
+            helper.make_node("Where", [f"{p}_lt2", f"{p}_fine", f"{p}_hi"], [f"{p}_mag"]),
+            helper.make_node("Sign", [f"{p}_y"], [f"{p}_sign"]),
+            helper.make_node("Mul", [f"{p}_mag", f"{p}_sign"], [f"{p}_q"]),
+            helper.make_node("Mul", [f"{p}_q", f"{p}_scale"], [f"{p}_dq"]),
+            helper.make_node("Reshape", [f"{p}_dq", f"{p}_shape"], [out]),
+        ]
+        dead.update({id(node), id(scale_dq), id(value_dq)})
+        _drop_value_info(g.g, out)
+    _remove_nodes(g.g, dead)
+    g.g.node.extend(new_nodes)
+    g.g.initializer.extend(new_inits)
+    g.reindex()
+    _drop_unused_initializers(g)
+    keep = [o for o in model.opset_import if o.domain != TRT_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    _topological_sort(model.graph)
+    left = [f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    if left:
+        raise BuildError(f"cannot emulate custom ops {sorted(set(left))} for onnxruntime")
+    return model
+
+
+def bfloat16_as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a bfloat16 graph computing in float32, for onnxruntime parity checks only (its CPU kernels
+    have no bfloat16). Weights keep their bfloat16 values; intermediate results are no longer rounded to
+    bfloat16, so the comparison carries bfloat16's own error (about 1e-2)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    model = _copy(model)
+
+    def widen(t: onnx.TensorProto) -> None:
+        if t.data_type != bf16:
+            return
+        values = numpy_helper.to_array(t).astype(np.float32)
+        t.CopyFrom(numpy_helper.from_array(values, t.name))
+
+    for t in model.graph.initializer:
+        widen(t)
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                widen(a.t)
+            elif a.name == "to" and a.type == onnx.AttributeProto.INT and a.i == bf16:
+                a.i = f32
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        if vi.type.tensor_type.elem_type == bf16:
+            vi.type.tensor_type.elem_type = f32
+    return model
+
+
+def decode_nvfp4(packed: onnx.TensorProto, block_scale: onnx.TensorProto, global_scale: Any, block: int) -> np.ndarray:
+    """float32 values of a FLOAT4E2M1 tensor with FLOAT8E4M3FN block scales (blocks along the last dim)."""
+    import numpy as np
+    import torch
+
+    shape = list(packed.dims)
+    raw = np.frombuffer(packed.raw_data, dtype=np.uint8)
+    codes = np.empty(raw.size * 2, dtype=np.uint8)
+    codes[0::2], codes[1::2] = raw & 0x0F, raw >> 4
+    codes = codes[: int(np.prod(shape))]
+    magnitude = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)[codes & 0x7]
+    values = np.where(codes & 0x8, -magnitude, magnitude).reshape(shape)
+    scale_bytes = np.frombuffer(block_scale.raw_data, dtype=np.uint8).reshape(list(block_scale.dims))
+    scales = torch.from_numpy(scale_bytes.copy()).view(torch.float8_e4m3fn).float().numpy()
+    scales = scales * np.asarray(global_scale, dtype=np.float32)
+    return (values.reshape(*shape[:-1], -1, block) * scales[..., None]).reshape(shape).astype(np.float32)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+# --- inspection -----------------------------------------------------------------------------------------------
+
+
+def count_fp8_attention(model: onnx.ModelProto) -> int:
+    """Number of ``MatMul -> Softmax -> MatMul`` attentions whose four MatMul inputs (Q, K, softmax, V) are
+    each the output of an fp8 ``QuantizeLinear -> DequantizeLinear`` pair (through Casts, as for 16-bit).
+
+    Mul/Div/Add between the first MatMul and the Softmax are allowed (scale, mask), as TensorRT's fp8
+    attention fusion allows them.
+    """
+    g = _Graph(model.graph)
+
+    def through(name: str, ops: tuple[str, ...]) -> str:
+        node = g.producer.get(name)
+        while node is not None and node.op_type in ops:
+            name = node.input[0]
+            node = g.producer.get(name)
+        return name
+
+    def is_fp8_dq(name: str) -> bool:
+        dq = g.producer.get(through(name, ("Cast",)))
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
+            return False
+        q = g.producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3:
+            return False
+        zp = g.inits.get(q.input[2])
+        import onnx
+
+        return zp is not None and zp.data_type == onnx.TensorProto.FLOAT8E4M3FN
+
+    count = 0
+    for sm in g.g.node:
+        if sm.op_type != "Softmax":
+            continue
+        mm1 = g.producer.get(through(sm.input[0], ("Cast", "Add", "Mul", "Div")))
+        if mm1 is None or mm1.op_type != "MatMul" or not all(is_fp8_dq(i) for i in mm1.input):
+            continue
+        q = g.only_consumer(sm.output[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            continue
+        dq = g.only_consumer(q.output[0])
+        mm2 = dq
+        while mm2 is not None and mm2.op_type in ("DequantizeLinear", "Cast"):
+            mm2 = g.only_consumer(mm2.output[0])
+        if mm2 is None or mm2.op_type != "MatMul" or not all(is_fp8_dq(i) for i in mm2.input):
+            continue
+        count += 1
+    return count
+
+
+def _is_int8_dq(g: _Graph, node: Any) -> bool:
+    src = node.input[0]
+    if src in g.inits:
+        import onnx
+
+        return g.inits[src].data_type == onnx.TensorProto.INT8
+    q = g.producer.get(src)
+    if q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3:
+        return False
+    zp = g.const(q.input[2])
+    return zp is not None and zp.dtype.name == "int8"
+
+
+# --- small helpers ------------------------------------------------------------------------------------------
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _set_attr(node: Any, name: str, value: Any) -> None:
+    import onnx
+
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def _drop_value_info(graph: Any, name: str) -> None:
+    for i, vi in enumerate(graph.value_info):
+        if vi.name == name:
+            del graph.value_info[i]
+            return
+
+
+def _remove_nodes(graph: Any, dead: set[int]) -> None:
+    if not dead:
+        return
+    keep = [n for n in graph.node if id(n) not in dead]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _drop_unused_initializers(g: _Graph) -> None:
+    used = {i for n in g.g.node for i in n.input} | g.outputs
+    keep = [t for t in g.g.initializer if t.name in used]
+    if len(keep) != len(g.g.initializer):
+        del g.g.initializer[:]
+        g.g.initializer.extend(keep)
+
+
+def _topological_sort(graph: Any) -> None:
+    """Order nodes so every input is produced before use (new nodes were appended at the end)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        progressed = False
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                ordered.append(n)
+                available.update(n.output)
+                progressed = True
+            else:
+                rest.append(n)
+        if not progressed:
+            names = ", ".join(n.name or n.op_type for n in rest[:3])
+            raise BuildError(f"quantized graph has a cycle or a dangling input near: {names}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)

@@ -1,0 +1,183 @@
+"""The ``quant:`` recipe section: a union on ``format`` plus calibration, attention and exclusion settings.
+
+```yaml
+quant:
+  format: int8          # fp8 | int8 | nvfp4 | svdquant
+  alpha: 0.8            # int8 only: SmoothQuant migration strength
+  calib: {prompts: builtin, size: 128, batch: 2, steps: 30, seed: 0, percentile: 1.0}
+  quantize_mha: false   # fp8 Q/K/V/softmax in attention (fp8, nvfp4, svdquant)
+  exclude: null         # module-name patterns never quantized; null = the model family's defaults
+```
+
+``exclude`` patterns are fnmatch patterns over dotted module names of the quantized component (``proj_out`` is
+the top-level module only, ``*norm_out*`` any name containing it); a module's children are excluded with it.
+A list replaces the family's defaults (repeat them to extend), and each pattern must match some module.
+
+Defaults live only here. Every model is frozen and forbids unknown keys, like the rest of the recipe.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    # Same settings as dtcompile.recipe._Strict; not imported from there because recipe.py imports this module
+    # (the pattern dtcompile/cache/spec.py follows).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+#: Names accepted by ``quant.format`` (kept in step with ``dtcompile.quant.FORMATS``).
+FORMAT_NAMES = ("fp8", "int8", "nvfp4", "svdquant")
+#: ``calib.prompts`` value naming the prompt file shipped with dtcompile (recipes/calib/prompts.txt).
+BUILTIN_PROMPTS = "builtin"
+
+
+class CalibSpec(_Strict):
+    """Calibration data and schedule: which prompts, how many, and how the pipeline is run over them.
+
+    ``prompts`` is ``builtin`` (dtcompile's shipped prompt file), a path to a UTF-8 file with one prompt per
+    line (blank lines and lines starting with ``#`` are skipped; relative paths are resolved against the
+    recipe's folder), or an inline list. The first ``size`` prompts are used, ``batch`` per pipeline call,
+    each call running ``steps`` denoising steps from a generator seeded with ``seed`` + batch index.
+    ``percentile`` is the fraction of those steps (counted from the first, noisiest one) whose activation
+    ranges are collected: 1.0 collects every step, 0.5 the first half.
+    """
+
+    prompts: str | list[str] = BUILTIN_PROMPTS
+    size: int = Field(default=128, ge=1)
+    batch: int = Field(default=2, ge=1)
+    steps: int = Field(default=30, ge=1)
+    seed: int = Field(default=0, ge=0)
+    percentile: float = Field(default=1.0, gt=0.0, le=1.0)
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError("give 'builtin', a prompt file path, or a list of prompts")
+            return value
+        if not value:
+            raise ValueError("the prompt list is empty; give at least one prompt, a file path, or 'builtin'")
+        for i, prompt in enumerate(value):
+            if not prompt.strip():
+                raise ValueError(f"prompt [{i}] is blank")
+        return value
+
+    @model_validator(mode="after")
+    def _enough_inline_prompts(self) -> CalibSpec:
+        if isinstance(self.prompts, list) and len(self.prompts) < self.size:
+            raise ValueError(
+                f"size {self.size} needs at least {self.size} prompts but the list has {len(self.prompts)}; "
+                f"set calib.size to {len(self.prompts)} or add prompts"
+            )
+        return self
+
+    def collected_steps(self) -> int:
+        """How many denoising steps (from the first) have their activation ranges collected."""
+        return max(1, int(self.steps * self.percentile + 1e-9))
+
+
+class AccuracySpec(_Strict):
+    """Held-out evaluation stored in the manifest: ``prompts`` held-out prompts x ``steps`` denoising steps."""
+
+    prompts: int = Field(default=4, ge=1, le=8)
+    steps: int = Field(default=4, ge=1)
+
+
+class _QuantBase(_Strict):
+    calib: CalibSpec = CalibSpec()
+    accuracy: AccuracySpec = AccuracySpec()
+    quantize_mha: bool = False
+    exclude: list[str] | None = None
+
+    @field_validator("exclude")
+    @classmethod
+    def _patterns(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        for i, pattern in enumerate(value):
+            if not pattern.strip():
+                raise ValueError(
+                    f"exclude[{i}] is blank; give a module-name pattern such as 'proj_out' or '*norm_out*'"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate pattern in {value}")
+        return value
+
+
+class Fp8Spec(_QuantBase):
+    """FP8 (E4M3) per-tensor weights and activations, max calibration. Needs sm_89+."""
+
+    format: Literal["fp8"]
+
+
+class Int8Spec(_QuantBase):
+    """INT8 per-channel weights and per-tensor activations with SmoothQuant (``alpha`` = migration strength)."""
+
+    format: Literal["int8"]
+    alpha: float = Field(default=0.8, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _no_fp8_attention(self) -> Int8Spec:
+        if self.quantize_mha:
+            raise ValueError(
+                "quantize_mha adds fp8 attention, which int8 engines cannot run on the arches int8 exists for "
+                "(sm_75/sm_86 have no fp8); set quantize_mha: false, or use format fp8"
+            )
+        return self
+
+
+class Nvfp4Spec(_QuantBase):
+    """NVFP4 (E2M1 values, FP8 scales per 16-element block) weights and activations. Needs Blackwell."""
+
+    format: Literal["nvfp4"]
+
+
+class SvdquantSpec(_QuantBase):
+    """NVFP4 plus a high-precision low-rank branch of ``rank`` (SVDQuant); rank must be below the model width."""
+
+    format: Literal["svdquant"]
+    rank: int = Field(default=32, ge=1)
+
+
+def _known_format(value: Any) -> Any:
+    """Reject a missing or unknown ``format`` with the list of choices (before the union is tried)."""
+    if isinstance(value, dict):
+        fmt = value.get("format")
+        if fmt is None:
+            raise ValueError(f"format is required; choose one of: {', '.join(FORMAT_NAMES)}")
+        if fmt not in FORMAT_NAMES:
+            raise ValueError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMAT_NAMES)}")
+    return value
+
+
+#: The ``quant:`` section: one of the four format models, chosen by ``format``.
+QuantSpec = Annotated[
+    Fp8Spec | Int8Spec | Nvfp4Spec | SvdquantSpec,
+    Field(discriminator="format"),
+    BeforeValidator(_known_format),
+]
+
+
+def parse_quant_spec(data: Any) -> Fp8Spec | Int8Spec | Nvfp4Spec | SvdquantSpec:
+    """Validate a plain ``quant:`` mapping (tests and tools; recipes embed ``QuantSpec`` directly)."""
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(QuantSpec).validate_python(data)
+
+
+__all__ = [
+    "BUILTIN_PROMPTS",
+    "FORMAT_NAMES",
+    "CalibSpec",
+    "Fp8Spec",
+    "Int8Spec",
+    "Nvfp4Spec",
+    "QuantSpec",
+    "SvdquantSpec",
+    "parse_quant_spec",
+]

@@ -1,0 +1,650 @@
+"""`dtc bench`: an artifact's engines against the plain diffusers pipeline, interleaved, in one process.
+
+Input: an artifact folder (its manifest names the source pipeline, the dtype and the shapes).
+Output: a report dict (JSON-ready): per backend the per-step latency (median, p90), end-to-end latency,
+images/s, host and device memory, the ratio of each to the PyTorch baseline, and the build cost recorded in
+the manifest; ``format_report`` renders it as a table and ``write_report`` writes JSON and, with matplotlib,
+a PNG next to it.
+
+How it measures: the baseline is the artifact's source pipeline loaded with diffusers in the artifact's dtype
+on the engine's device (torch transformer); the engine pipeline is ``load_engine_pipeline``'s. Every
+transformer call is timed by forward hooks (CUDA events on a GPU, ``time.perf_counter_ns`` on the CPU); a
+step is the calls of one denoising step. After warm-up, the contenders run repeat by repeat, alternating
+their order, on the same prompt, seed and size. Host memory is the RSS a contender added over its load and
+warm-up (memory-mapped weights count once touched) plus the largest RSS rise during one of its timed runs
+(sampled every 50 ms); device memory likewise from the CUDA driver's used memory (load + warm-up) and torch's
+peak allocation (runs). One process holds every contender, so these are attributions, not isolated
+footprints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.artifacts.manifest import read_manifest
+from dtcompile.errors import ArtifactError, UnsupportedError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+log = logging.getLogger("dtcompile.bench")
+
+BASELINE = "pytorch"
+SCHEMA = "dtc-bench/1"
+DEFAULT_PROMPT = "a red fox in the snow, detailed oil painting"
+# Metrics compared with the baseline as value / baseline value (for images/s above 1 is faster, for the rest below).
+RATIO_METRICS = (
+    "step_median_ms",
+    "step_p90_ms",
+    "e2e_median_s",
+    "e2e_p90_s",
+    "images_per_s",
+    "host_mb",
+    "device_mb",
+)
+
+
+class StepTimer:
+    """Times every forward call of a module with forward hooks: CUDA events on a GPU, perf counters otherwise."""
+
+    def __init__(self, module: Any, cuda: bool) -> None:
+        import torch
+
+        self.cuda = cuda
+        self._torch = torch
+        self._marks: list[tuple[Any, Any]] = []
+        self._open: Any = None
+        self._handles = [
+            module.register_forward_pre_hook(self._start),
+            module.register_forward_hook(self._stop),
+        ]
+
+    def _now(self) -> Any:
+        if self.cuda:
+            event = self._torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter_ns()
+
+    def _start(self, *_: Any) -> None:
+        self._open = self._now()
+
+    def _stop(self, *_: Any) -> None:
+        self._marks.append((self._open, self._now()))
+
+    def reset(self) -> None:
+        self._marks.clear()
+
+    def durations_ms(self) -> list[float]:
+        """Milliseconds of each call since the last reset (synchronizes the GPU first)."""
+        if self.cuda:
+            self._torch.cuda.synchronize()
+            return [float(a.elapsed_time(b)) for a, b in self._marks]
+        return [(b - a) / 1e6 for a, b in self._marks]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@dataclass
+class Contender:
+    """One pipeline under test and everything measured about it."""
+
+    name: str
+    backend: str
+    arch: str
+    pipe: Any
+    module: Any
+    device: Any
+    timer: StepTimer
+    load_s: float
+    warmup_s: float = 0.0
+    resident_host_mb: float = 0.0  # RSS growth over load + warm-up (lazily mapped weights are touched by then)
+    resident_device_mb: float | None = None
+    step_ms: list[float] = field(default_factory=list)
+    e2e_s: list[float] = field(default_factory=list)
+    run_host_mb: list[float] = field(default_factory=list)
+    run_device_mb: list[float] = field(default_factory=list)
+    calls_per_step: int = 0
+    image: Any = None
+
+
+# --- memory --------------------------------------------------------------------------------------------------
+
+
+def _cuda(device: Any) -> bool:
+    return getattr(device, "type", str(device)) == "cuda"
+
+
+def _device_used_mb(device: Any) -> float | None:
+    """Device-wide used memory (driver view: includes TensorRT's own allocations); None off the GPU."""
+    if not _cuda(device):
+        return None
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return (total - free) / 2**20
+
+
+class _HostPeak:
+    """Peak RSS rise over the RSS at entry, sampled in the background."""
+
+    def __enter__(self) -> _HostPeak:
+        from dtcompile.progress import _PeakSampler, rss_bytes
+
+        gc.collect()
+        self.start = rss_bytes()
+        self._sampler = _PeakSampler(interval=0.05)
+        self._sampler.start()
+        self.rise_mb = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        peak = self._sampler.stop()
+        self.rise_mb = max(0.0, (peak - self.start) / 2**20)
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+def _engine_component(manifest: dict[str, Any]) -> str:
+    # Split (block-cache) artifacts also list their parts as components; "part_of" marks those.
+    return next(c for c, e in manifest["components"].items() if "part_of" not in e)
+
+
+def baseline_source(manifest: dict[str, Any], *, verify: bool = True) -> tuple[Path, bool | None]:
+    """The artifact's source pipeline folder, and whether its engine component still hashes as at build time.
+
+    ``None`` for the match when ``verify`` is off or the manifest has no digest. Built-ins are (re)generated,
+    local folders must still exist, hub ids are fetched (``model.revision`` honoured).
+    """
+    from dtcompile.recipe import ModelSpec
+    from dtcompile.stages.load import resolve_source, source_dir
+
+    src = manifest["source"]
+    folder = source_dir(resolve_source(ModelSpec(source=src["model"], revision=src.get("revision"))))
+    digest = src.get("component_sha256")
+    comp_dir = folder / _engine_component(manifest)
+    if not verify or not digest or digest == "unknown" or not comp_dir.is_dir():
+        return folder, None
+    from dtcompile.artifacts.manifest import sha256_tree
+
+    return folder, sha256_tree(comp_dir) == digest
+
+
+def _load_baseline(manifest: dict[str, Any], device: Any, folder: Path) -> tuple[Any, Any]:
+    import diffusers
+    import torch
+
+    dtype = getattr(torch, manifest["dtype"])
+    pipe_cls = getattr(diffusers, manifest["source"]["pipeline_class"])
+    diffusers.utils.logging.disable_progress_bar()
+    pipe = pipe_cls.from_pretrained(folder, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    return pipe, getattr(pipe, _engine_component(manifest))
+
+
+@contextlib.contextmanager
+def _resident(out: dict[str, float | None]) -> Iterator[None]:
+    """Resident host (RSS) and device (driver) memory growth over the block, into ``out``."""
+    import torch
+
+    from dtcompile.progress import rss_bytes
+
+    gc.collect()
+    host0 = rss_bytes()
+    dev0 = _device_used_mb("cuda") if torch.cuda.is_available() else None
+    yield
+    gc.collect()
+    out["host_mb"] = max(0.0, (rss_bytes() - host0) / 2**20)
+    dev1 = _device_used_mb("cuda") if dev0 is not None else None
+    out["device_mb"] = dev1 - dev0 if dev1 is not None and dev0 is not None else None
+
+
+# --- running ---------------------------------------------------------------------------------------------------
+
+
+def _run_once(
+    c: Contender,
+    prompt: str,
+    steps: int,
+    batch: int,
+    size: tuple[int, int],
+    seed: int,
+    guidance: float,
+    text_len: int,
+    record: bool,
+) -> None:
+    import torch
+
+    if hasattr(c.module, "begin_run"):  # block-cache modules count steps per run
+        c.module.begin_run(steps)
+    cuda = _cuda(c.device)
+    c.timer.reset()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        alloc0 = torch.cuda.memory_allocated()
+    with _HostPeak() as host:
+        t0 = time.perf_counter()
+        out = c.pipe(
+            prompt,
+            height=size[0],
+            width=size[1],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            num_images_per_prompt=batch,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            max_sequence_length=text_len,
+        )
+        if cuda:
+            torch.cuda.synchronize()
+        e2e = time.perf_counter() - t0
+    calls = c.timer.durations_ms()
+    if not record:
+        return
+    if not calls or len(calls) % steps:
+        raise ArtifactError(f"{c.name}: the pipeline made {len(calls)} transformer calls for {steps} steps")
+    per = len(calls) // steps
+    c.calls_per_step = per
+    c.step_ms.extend(sum(calls[i : i + per]) for i in range(0, len(calls), per))
+    c.e2e_s.append(e2e)
+    c.run_host_mb.append(host.rise_mb)
+    if cuda:
+        c.run_device_mb.append((torch.cuda.max_memory_allocated() - alloc0) / 2**20)
+    c.image = out.images[0]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def _psnr(a: Any, b: Any) -> float | None:
+    import numpy as np
+
+    if a is None or b is None:
+        return None
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        return None
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def _summary(c: Contender, batch: int) -> dict[str, Any]:
+    e2e_med = _percentile(c.e2e_s, 50)
+    host = c.resident_host_mb + max(c.run_host_mb, default=0.0)
+    device = None if c.resident_device_mb is None else c.resident_device_mb + max(c.run_device_mb, default=0.0)
+    return {
+        "name": c.name,
+        "backend": c.backend,
+        "arch": c.arch,
+        "device": str(c.device),
+        "steps_timed": len(c.step_ms),
+        "calls_per_step": c.calls_per_step,
+        "step_median_ms": _percentile(c.step_ms, 50),
+        "step_p90_ms": _percentile(c.step_ms, 90),
+        "step_min_ms": min(c.step_ms),
+        "e2e_median_s": e2e_med,
+        "e2e_p90_s": _percentile(c.e2e_s, 90),
+        "images_per_s": batch / e2e_med,
+        "host_mb": host,
+        "host_resident_mb": c.resident_host_mb,
+        "host_run_peak_mb": max(c.run_host_mb, default=0.0),
+        "device_mb": device,
+        "device_resident_mb": c.resident_device_mb,
+        "device_run_peak_mb": max(c.run_device_mb) if c.run_device_mb else None,
+        "load_s": c.load_s,
+        "warmup_s": c.warmup_s,
+        "step_ms": c.step_ms,
+        "e2e_s": c.e2e_s,
+    }
+
+
+def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per non-baseline result: value / baseline value of each RATIO_METRICS entry (None where n/a)."""
+    base = next(r for r in results if r["name"] == BASELINE)
+    out: dict[str, dict[str, float | None]] = {}
+    for r in results:
+        if r["name"] == BASELINE:
+            continue
+        row: dict[str, float | None] = {}
+        for m in RATIO_METRICS:
+            a, b = r.get(m), base.get(m)
+            row[m] = a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+        row["step_speedup"] = base["step_median_ms"] / r["step_median_ms"] if r["step_median_ms"] else None
+        out[r["name"]] = row
+    return out
+
+
+def build_profile(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Build cost recorded in the manifest: wall time and peak RSS per stage, per engine build time and size."""
+    stages = [
+        {"name": s["name"], "wall_s": s["wall_s"], "peak_rss_mb": s["peak_rss_mb"]} for s in manifest.get("stages", [])
+    ]
+    engines = [
+        {"backend": e["backend"], "arch": e["arch"], "size_mb": e["size"] / 2**20, "build_s": e.get("build_s")}
+        for c in manifest["components"].values()
+        for e in c.get("engines", [])
+    ]
+    return {
+        "stages": stages,
+        "total_s": sum(s["wall_s"] for s in stages),
+        "peak_rss_mb": max((s["peak_rss_mb"] for s in stages), default=0.0),
+        "engines": engines,
+    }
+
+
+def _machine(device: Any) -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        info["mem_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    if _cuda(device):
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def bench_artifact(
+    artifact_dir: Path,
+    backends: tuple[str, ...] | list[str] = ("auto",),
+    *,
+    steps: int = 4,
+    batch: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    repeat: int = 3,
+    warmup: int = 1,
+    prompt: str = DEFAULT_PROMPT,
+    seed: int = 0,
+    guidance: float = 3.5,
+    verify: bool = True,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Benchmark ``artifact_dir``'s engines for ``backends`` against PyTorch; returns the report dict.
+
+    ``warmup`` 1-step runs per contender precede ``repeat`` timed runs of ``steps`` steps each. ``threads``
+    sets torch's intra-op threads and onnxruntime's (None: each library's default).
+    """
+    from dtcompile.runtime.run import BACKEND_CHOICES, check_size, load_engine_pipeline
+
+    artifact_dir = Path(artifact_dir)
+    for b in backends:
+        if b not in BACKEND_CHOICES:
+            raise UnsupportedError(f"--backend {b}: unknown backend; choose one of: {', '.join(BACKEND_CHOICES)}")
+    if threads is not None and threads < 1:
+        raise UnsupportedError(f"--threads {threads}: must be >= 1 (or left out for the libraries' defaults)")
+    if steps < 1 or repeat < 1 or warmup < 0 or batch < 1:
+        raise UnsupportedError(
+            f"steps {steps}, repeat {repeat}, batch {batch} must be >= 1 and warmup {warmup} >= 0; fix the option"
+        )
+    manifest = read_manifest(artifact_dir)
+    shapes = manifest["shapes"]
+    height = height or shapes["height"]["opt"]
+    width = width or shapes["width"]["opt"]
+    check_size(shapes, height, width, batch)
+    text_len = shapes["text_len"]["opt"]
+
+    import diffusers  # noqa: F401  (imported before any load is measured)
+    import torch
+
+    if "onnxruntime" in backends or "auto" in backends:
+        with contextlib.suppress(ImportError):
+            import onnxruntime  # noqa: F401  (its import is not part of a contender's load)
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    _preimport(artifact_dir / "pipeline")
+    contenders: list[Contender] = []
+    seen: set[tuple[str, str]] = set()
+    size = (height, width)
+
+    def admit(name: str, backend: str, arch: str, load: Any) -> Contender | None:
+        """Load a contender and warm it up, measuring the time of each and the memory that stays resident."""
+        mem: dict[str, float | None] = {}
+        with _resident(mem):
+            t0 = time.perf_counter()
+            pipe, module, entry, device = load()
+            load_s = time.perf_counter() - t0
+            key = (entry["backend"], entry["arch"]) if entry else (backend, arch)
+            if key in seen:  # e.g. "auto" and the backend it resolved to
+                return None
+            seen.add(key)
+            c = Contender(
+                key[0] if entry else name, *key, pipe, module, device, StepTimer(module, _cuda(device)), load_s
+            )
+            contenders.append(c)
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                _run_once(c, prompt, 1, batch, size, seed, guidance, text_len, record=False)
+            c.warmup_s = time.perf_counter() - t0
+        c.resident_host_mb, c.resident_device_mb = mem["host_mb"] or 0.0, mem["device_mb"]
+        log.info("[bench] %s: loaded in %.1f s, warm-up %.1f s, +%.0f MB resident", c.name, load_s, c.warmup_s,
+                 c.resident_host_mb)  # fmt: skip
+        return c
+
+    try:
+        with torch.inference_mode():
+            for b in backends:
+                admit(b, b, "", lambda b=b: _engine_pipeline(load_engine_pipeline, artifact_dir, b, verify, threads))
+            devices = {str(c.device) for c in contenders}
+            if len(devices) > 1:
+                raise UnsupportedError(
+                    f"--backend: the chosen engines run on different devices ({', '.join(sorted(devices))}); "
+                    "the baseline runs on one: bench one device at a time"
+                )
+            device = contenders[0].device
+            folder, matches = baseline_source(manifest, verify=verify)
+            if matches is False:
+                log.warning(
+                    "[bench] the source model's %s no longer hashes as when the artifact was built: speeds "
+                    "compare, images will differ",
+                    _engine_component(manifest),
+                )
+            baseline = admit(BASELINE, BASELINE, "-", lambda: (*_load_baseline(manifest, device, folder), None, device))
+            assert baseline is not None  # its key is new: nothing to deduplicate
+            everyone = [baseline, *(c for c in contenders if c is not baseline)]
+            for r in range(repeat):
+                for c in everyone if r % 2 == 0 else everyone[::-1]:
+                    _run_once(c, prompt, steps, batch, size, seed, guidance, text_len, record=True)
+                    log.info("[bench] repeat %d/%d %s: %.3f s", r + 1, repeat, c.name, c.e2e_s[-1])
+    finally:
+        for c in contenders:
+            c.timer.remove()
+
+    results = [_summary(c, batch) for c in everyone]
+    for c, res in zip(everyone, results, strict=True):
+        res["psnr_db_vs_pytorch"] = None if c is baseline else _psnr(c.image, baseline.image)
+    return {
+        "schema": SCHEMA,
+        "artifact": str(artifact_dir),
+        "name": manifest.get("name"),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(device),
+        "settings": {
+            "backends": list(backends),
+            "steps": steps,
+            "batch": batch,
+            "height": height,
+            "width": width,
+            "text_len": text_len,
+            "repeat": repeat,
+            "warmup": warmup,
+            "prompt": prompt,
+            "seed": seed,
+            "guidance": guidance,
+            "dtype": manifest["dtype"],
+            "device": str(device),
+            "timer": "cuda_events" if _cuda(device) else "perf_counter_ns",
+            "threads": torch.get_num_threads(),  # torch's; onnxruntime's too when --threads is given
+            "threads_set": threads is not None,
+            "baseline_source": str(folder),
+            "baseline_matches_artifact": matches,
+        },
+        "results": results,
+        "ratios": ratios(results),
+        "build": build_profile(manifest),
+        "versions": manifest.get("versions", {}),
+    }
+
+
+def _preimport(pipeline_dir: Path) -> None:
+    """Import every component class of the pipeline, so that neither contender's load pays the lazy imports."""
+    import importlib
+    import json
+
+    try:
+        index = json.loads((pipeline_dir / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return  # load_engine_pipeline reports the missing pipeline with its own message
+    for value in index.values():
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+            with contextlib.suppress(ImportError, AttributeError):
+                getattr(importlib.import_module(value[0]), value[1])
+
+
+def _engine_pipeline(
+    load_engine_pipeline: Any, artifact_dir: Path, backend: str, verify: bool, threads: int | None
+) -> tuple[Any, ...]:
+    pipe, module, _, entry = load_engine_pipeline(artifact_dir, backend, verify=verify)
+    runner = getattr(module, "runner", None)
+    if threads is not None and entry["backend"] == "onnxruntime" and runner is not None:
+        from dtcompile.backends.onnxruntime import OrtRunner
+
+        # load_engine_pipeline takes no thread count: replace the session by one with ``threads`` threads.
+        module.runner = OrtRunner(artifact_dir / entry["file"], threads=threads)
+    return pipe, module, entry, module.device
+
+
+# --- output ----------------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, spec: str, na: str = "n/a") -> str:
+    return na if value is None else format(value, spec)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a plain-text table: one row per backend, ratios to PyTorch, then the build cost."""
+    s = report["settings"]
+    lines = [
+        f"dtc bench {report['name']}: {s['steps']} steps, batch {s['batch']}, {s['height']}x{s['width']}, "
+        f"text {s['text_len']}, {s['dtype']} on {s['device']} (threads: {s['threads']}); {s['repeat']} interleaved "
+        f"repeats after {s['warmup']} warm-up ({s['timer']})",
+        f"{'backend':<14}{'step med ms':>12}{'step p90 ms':>12}{'e2e med s':>11}{'e2e p90 s':>11}{'images/s':>10}"
+        f"{'host MB':>9}{'device MB':>11}{'load s':>8}{'PSNR dB':>9}",
+    ]
+    for r in report["results"]:
+        psnr = r.get("psnr_db_vs_pytorch")
+        lines.append(
+            f"{r['name']:<14}{r['step_median_ms']:>12.2f}{r['step_p90_ms']:>12.2f}{r['e2e_median_s']:>11.3f}"
+            f"{r['e2e_p90_s']:>11.3f}{r['images_per_s']:>10.3f}{r['host_mb']:>9.0f}{_fmt(r['device_mb'], '.0f'):>11}"
+            f"{r['load_s']:>8.1f}{_fmt(psnr, '.1f', '-'):>9}"
+        )
+    for name, q in report["ratios"].items():
+        lines.append(
+            f"{name + '/' + BASELINE:<14}{_fmt(q['step_median_ms'], '.3f'):>12}{_fmt(q['step_p90_ms'], '.3f'):>12}"
+            f"{_fmt(q['e2e_median_s'], '.3f'):>11}{_fmt(q['e2e_p90_s'], '.3f'):>11}{_fmt(q['images_per_s'], '.3f'):>10}"
+            f"{_fmt(q['host_mb'], '.2f'):>9}{_fmt(q['device_mb'], '.2f'):>11}"
+            f"   (ratio; step speedup {_fmt(q['step_speedup'], '.2f')}x)"
+        )
+    b = report["build"]
+    if b["stages"]:
+        stages = ", ".join(f"{st['name']} {st['wall_s']:.1f} s / {st['peak_rss_mb']:.0f} MB" for st in b["stages"])
+        lines.append(f"build (manifest): {stages}; total {b['total_s']:.1f} s, peak RSS {b['peak_rss_mb']:.0f} MB")
+    built = [e for e in b["engines"] if e["build_s"] is not None]
+    if built:
+        lines.append(
+            "engines: "
+            + ", ".join(f"{e['backend']} {e['arch']} {e['build_s']:.1f} s ({e['size_mb']:.1f} MB)" for e in built)
+        )
+    return "\n".join(lines)
+
+
+def plot_report(report: dict[str, Any], png: Path) -> str | None:
+    """Bar charts of per-step and end-to-end latency per backend; returns a one-line note if not written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'dtcompile[bench]'): no PNG written"
+    results = report["results"]
+    names = [r["name"] for r in results]
+    s = report["settings"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, (med, p90, unit, title) in zip(
+        axes,
+        (
+            ("step_median_ms", "step_p90_ms", "ms", "transformer step"),
+            ("e2e_median_s", "e2e_p90_s", "s", f"end to end ({s['steps']} steps)"),
+        ),
+        strict=True,
+    ):
+        m = [r[med] for r in results]
+        err = [[0.0] * len(results), [r[p90] - r[med] for r in results]]
+        bars = ax.bar(names, m, yerr=err, capsize=4, color=["#888888", *["#3b7dd8"] * (len(results) - 1)])
+        for bar, r in zip(bars[1:], results[1:], strict=True):
+            ratio = report["ratios"][r["name"]][med]
+            ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, r[p90]), ha="center",
+                        va="bottom", xytext=(0, 3), textcoords="offset points")  # fmt: skip
+        ax.set(ylabel=f"median latency ({unit}); whisker: p90", title=title)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(
+        f"{report['name']}: {s['height']}x{s['width']}, batch {s['batch']}, {s['dtype']}, {s['device']} "
+        "(ratio = backend / pytorch)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return None
+
+
+def write_report(report: dict[str, Any], json_path: Path) -> tuple[list[Path], str | None]:
+    """Write the JSON (atomically) and the PNG next to it; returns the paths written and a note if no PNG."""
+    import json
+    import math
+
+    def clean(value: Any) -> Any:  # JSON has no inf/nan (a bit-identical image has infinite PSNR)
+        if isinstance(value, float) and not math.isfinite(value):
+            return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_name(f".{json_path.name}.tmp")
+    tmp.write_text(json.dumps(clean(report), indent=1) + "\n")
+    tmp.replace(json_path)
+    written = [json_path]
+    png = json_path.with_suffix(".png")
+    note = plot_report(report, png)
+    if note is None:
+        written.append(png)
+    return written, note

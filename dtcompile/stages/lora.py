@@ -1,0 +1,527 @@
+"""Stage `lora`: a LoadedPipeline and the recipe's LoRA specs in, the same pipeline with the adapters fused out.
+
+Runs between `load` and `export` (before calibration: fusing first keeps TensorRT's Q/DQ fusions intact, and
+the quantizer calibrates the weights that will actually run). Each adapter is read with diffusers' own LoRA
+loaders (``load_lora_weights``: diffusers/PEFT files, kohya/BFL FLUX files and the other formats diffusers
+converts), fused with ``fuse_lora`` at its scale and unloaded, so the exported module is plain again.
+
+The same reader (``read_lora``: diffusers' ``lora_state_dict`` and its converters, then PEFT's rank/alpha
+rules) gives ``dtc refit`` the per-module factors, so a refit computes exactly what this stage fused; after
+fusing, the stage checks that the fused weights equal ``W + sum(scale * alpha/r * B @ A)`` by that reader.
+
+Only ``.safetensors`` files are read (never a pickle). Output: ``FusedLoras`` (one record per adapter for the
+manifest: source, sha256, scale, format, modules, ranks; and the base weights of every touched parameter,
+kept so a refit can start from the un-fused weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.errors import MissingDependencyError, RecipeError, UnsupportedError, VerificationError
+from dtcompile.recipe import PICKLE_SUFFIXES, LoraSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from dtcompile.stages.load import LoadedPipeline
+
+log = logging.getLogger("dtcompile.lora")
+
+#: diffusers' default file name for a saved LoRA (``save_lora_weights``).
+DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+#: Largest safetensors header accepted (the format's own limit is 100 MB).
+_MAX_HEADER = 100 * 1024 * 1024
+#: Relative tolerance of the post-fuse check (fused delta vs this module's math), per build dtype.
+FUSE_CHECK_TOL = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 5e-2}
+
+
+@dataclass(frozen=True)
+class ResolvedLora:
+    """One adapter's file on disk: ``label`` names it in errors (``lora[0]`` or ``--lora``)."""
+
+    label: str
+    source: str
+    weight_name: str | None
+    path: Path
+    sha256: str
+    scale: float
+
+    def record(self) -> dict[str, Any]:
+        """Manifest fields identifying the adapter (what the artifact key hashes: sha256 and scale)."""
+        return {
+            "source": self.source,
+            "weight_name": self.weight_name,
+            "sha256": self.sha256,
+            "scale": self.scale,
+        }
+
+
+@dataclass
+class LoraFactor:
+    """One module's low-rank update: ``delta W = scaling * B @ A`` (``bias``: PEFT lora_bias, times scaling)."""
+
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    alpha: float
+    rank: int
+    use_rslora: bool = False
+    bias: torch.Tensor | None = None
+
+    def scaling(self, scale: float) -> float:
+        """PEFT's ``set_scale``: ``scale * alpha / r`` (``/ sqrt(r)`` for rsLoRA), same operation order."""
+        if self.use_rslora:
+            return scale * self.alpha / math.sqrt(self.rank)
+        return scale * self.alpha / self.rank
+
+    def delta(self, scale: float, dtype: torch.dtype) -> torch.Tensor:
+        """``B @ A * scaling`` as PEFT's ``get_delta_weight`` on the CPU: factors cast to the weight's dtype,
+        multiplied in float32, the result cast back to ``dtype``."""
+        import torch
+
+        a = self.A.to(dtype).float()
+        b = self.B.to(dtype).float()
+        out = (b @ a) * self.scaling(scale)
+        return out.to(dtype) if dtype != torch.float32 else out
+
+
+@dataclass
+class LoraWeights:
+    """A parsed adapter: per target module (name inside the component) its factors."""
+
+    label: str
+    format: str
+    modules: dict[str, LoraFactor]
+    file: str = ""  # the adapter's file name, for messages
+
+    def params(self) -> dict[str, str]:
+        """Component parameter name -> what writes it ("weight" or "bias")."""
+        out = {f"{m}.weight": "weight" for m in self.modules}
+        out.update({f"{m}.bias": "bias" for m, f in self.modules.items() if f.bias is not None})
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        ranks = sorted({f.rank for f in self.modules.values()})
+        return {"format": self.format, "modules": len(self.modules), "ranks": ranks}
+
+
+@dataclass
+class FusedLoras:
+    """What the `lora` stage did: manifest records and the base (pre-fuse) value of every touched parameter."""
+
+    adapters: list[dict[str, Any]]
+    base: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# --- resolving sources ----------------------------------------------------------------------------------------
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return (
+        source.count("/") == 1
+        and not source.startswith((".", "/", "~"))
+        and not source.endswith(".safetensors")
+        and not Path(source).exists()
+    )
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_safetensors(path: Path, label: str) -> dict[str, Any]:
+    """Read and return the safetensors header of ``path`` without loading tensors; never unpickles.
+
+    Raises:
+        RecipeError: the file is not a safetensors file (a pickle, a zip, truncated, ...).
+    """
+    hint = "dtc reads LoRAs from .safetensors files only and never unpickles; convert it with safetensors"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = path.stat().st_size
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise ValueError("no safetensors header")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as exc:
+        looks = {b"\x80": "it looks like a pickle", b"PK": "it looks like a torch.save zip"}
+        kind = looks.get(head[:1], looks.get(head[:2], str(exc)))
+        raise RecipeError(f"{label}: '{path}' is not a safetensors file ({kind}); {hint}") from None
+    if not isinstance(header, dict):
+        raise RecipeError(f"{label}: '{path}' is not a safetensors file (header is not a mapping); {hint}")
+    return header
+
+
+def resolve_lora(
+    source: str, weight_name: str | None, scale: float, label: str, *, download: bool = True
+) -> ResolvedLora:
+    """Find an adapter's file (local file, folder + weight_name, or hub id), check it is safetensors, hash it.
+
+    ``download=False`` (the dry run) leaves hub ids unresolved: the returned path is empty and sha256 "".
+
+    Raises:
+        RecipeError: missing file or folder, a pickled/non-safetensors file, or an unreachable hub id.
+    """
+    if source.lower().endswith(PICKLE_SUFFIXES) or (weight_name or "").lower().endswith(PICKLE_SUFFIXES):
+        raise RecipeError(
+            f"{label}: '{weight_name or source}' is a pickled checkpoint; dtc loads LoRAs from .safetensors "
+            "files only (never unpickles): convert it with safetensors.torch.save_file"
+        )
+    path = Path(source).expanduser()
+    if _looks_like_hub_id(source):
+        if not download:
+            return ResolvedLora(label, source, weight_name, Path(), "", scale)
+        path = _hub_file(source, weight_name or DEFAULT_WEIGHT_NAME, label)
+    elif path.is_dir():
+        if weight_name is None:
+            found = sorted(p.name for p in path.glob("*.safetensors"))
+            if DEFAULT_WEIGHT_NAME in found or not found:
+                weight_name = DEFAULT_WEIGHT_NAME
+            elif len(found) == 1:
+                weight_name = found[0]
+            else:
+                raise RecipeError(
+                    f"{label}: folder '{source}' holds several .safetensors files ({', '.join(found)}); "
+                    "name one with weight_name"
+                )
+        path = path / weight_name
+        if not path.is_file():
+            raise RecipeError(f"{label}: '{path}' does not exist (folder '{source}', weight_name '{weight_name}')")
+    elif not path.exists():
+        raise RecipeError(f"{label}: LoRA file '{source}' does not exist")
+    elif not source.endswith(".safetensors"):
+        raise RecipeError(
+            f"{label}: '{source}' is not a .safetensors file; dtc reads LoRAs from .safetensors files only "
+            "(never unpickles): convert it with safetensors"
+        )
+    check_safetensors(path, label)
+    return ResolvedLora(label, source, weight_name, path.resolve(), sha256_of(path), scale)
+
+
+def _hub_file(repo: str, filename: str, label: str) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise MissingDependencyError("huggingface_hub", "torch") from None
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as exc:  # offline, 401, 404, DNS: the hub raises many types
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise RecipeError(
+            f"{label}: cannot fetch '{filename}' of '{repo}' from the Hugging Face hub ({type(exc).__name__}: "
+            f"{reason}); download it where the hub is reachable and set source to the local .safetensors file"
+        ) from None
+
+
+def resolve_loras(specs: list[LoraSpec], *, download: bool = True) -> list[ResolvedLora]:
+    """``resolve_lora`` for every recipe entry (labels ``lora[i].source``)."""
+    return [
+        resolve_lora(s.source, s.weight_name, s.scale, f"lora[{i}].source", download=download)
+        for i, s in enumerate(specs)
+    ]
+
+
+def lora_key_digest(component_sha256: str, loras: list[ResolvedLora]) -> str:
+    """The weights digest that goes into the artifact key: the component's files plus each adapter's sha256
+    and scale (in order: fusing is a sum, but the manifest lists them as given)."""
+    payload = {"component": component_sha256, "lora": [[r.sha256, r.scale] for r in loras]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# --- reading adapters -----------------------------------------------------------------------------------------
+
+_UNSUPPORTED_KEYS = {
+    "dora_scale": "DoRA (weight-decomposed) adapters",
+    "lora_magnitude_vector": "DoRA (weight-decomposed) adapters",
+    "lokr_": "LoKr adapters",
+    ".hada_": "LoHa adapters",
+}
+
+
+def _detect_format(keys: list[str]) -> str:
+    if any(".lora_down.weight" in k for k in keys):
+        return "kohya"
+    if any("processor" in k for k in keys):
+        return "xlabs"
+    if any(k.startswith("base_model") for k in keys):
+        return "peft"
+    return "diffusers"
+
+
+def read_lora(resolved: ResolvedLora, pipeline_class: str, component: str = "transformer") -> LoraWeights:
+    """Parse an adapter into per-module factors with diffusers' readers and PEFT's rank/alpha rules.
+
+    Raises:
+        RecipeError: unreadable file, or rank metadata that contradicts the tensors.
+        UnsupportedError: DoRA/LoKr/LoHa, full-weight (Control) keys, or weights for another component.
+    """
+
+    try:
+        import diffusers
+        from diffusers.utils.peft_utils import _create_lora_config
+        from peft.utils.other import get_pattern_key
+    except ImportError:
+        raise MissingDependencyError("peft", "torch", why="needed to read LoRA adapters") from None
+
+    from safetensors import safe_open
+
+    label = resolved.label
+    with safe_open(str(resolved.path), framework="pt") as f:
+        raw_keys = list(f.keys())
+    for marker, what in _UNSUPPORTED_KEYS.items():
+        if any(marker in k for k in raw_keys):
+            raise UnsupportedError(
+                f"{label}: '{resolved.path.name}' is one of the {what}; dtc fuses and refits plain LoRA only"
+            )
+    fmt = _detect_format(raw_keys)
+    pipe_cls = getattr(diffusers, pipeline_class, None)
+    if pipe_cls is None or not hasattr(pipe_cls, "lora_state_dict"):
+        raise UnsupportedError(f"{label}: {pipeline_class} has no diffusers LoRA loader")
+    try:
+        state_dict, alphas, metadata = pipe_cls.lora_state_dict(
+            str(resolved.path), return_alphas=True, return_lora_metadata=True, use_safetensors=True
+        )
+    except Exception as exc:  # diffusers' converters raise ValueError, KeyError, AssertionError...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise RecipeError(f"{label}: diffusers cannot read '{resolved.path.name}' as a LoRA ({first})") from None
+
+    prefix = f"{component}."
+    others = sorted({k.split(".", 1)[0] for k in state_dict if not k.startswith(prefix)})
+    if others:
+        raise UnsupportedError(
+            f"{label}: '{resolved.path.name}' has weights for {', '.join(others)} (e.g. "
+            f"{next(k for k in state_dict if not k.startswith(prefix))}); dtc fuses and refits {component} "
+            f"LoRAs only: keep only the keys starting with '{prefix}'"
+        )
+    sd = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+    if not sd:
+        raise RecipeError(f"{label}: '{resolved.path.name}' holds no LoRA weights")
+    full = sorted(k for k in sd if ".lora_" not in k)
+    if full:
+        raise UnsupportedError(
+            f"{label}: '{resolved.path.name}' replaces full weights ({full[0]}{', ...' if len(full) > 1 else ''}; "
+            "a Control LoRA); dtc fuses and refits low-rank updates only"
+        )
+    meta = {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)} if metadata else None
+    alphas = {k.removeprefix(prefix): v for k, v in (alphas or {}).items() if k.startswith(prefix)}
+    if alphas and meta:
+        raise RecipeError(f"{label}: '{resolved.path.name}' has both alpha tensors and adapter metadata")
+
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        module, _, part = key.partition(".lora_")
+        if part not in ("A.weight", "B.weight", "B.bias"):
+            raise UnsupportedError(f"{label}: unexpected LoRA key '{prefix}{key}' (expected lora_A/lora_B weights)")
+        factors.setdefault(module, {})[part] = value
+    rank_dict = {f"^{m}.lora_B.weight": t["B.weight"].shape[1] for m, t in factors.items() if "B.weight" in t}
+    try:
+        config = _create_lora_config(sd, alphas or None, meta or None, rank_dict)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{label}: invalid LoRA metadata in '{resolved.path.name}' ({exc})") from None
+    if config.use_dora:
+        raise UnsupportedError(f"{label}: DoRA adapters are not supported; dtc fuses and refits plain LoRA only")
+
+    modules: dict[str, LoraFactor] = {}
+    for module, parts in sorted(factors.items()):
+        if "A.weight" not in parts or "B.weight" not in parts:
+            missing = "lora_A" if "A.weight" not in parts else "lora_B"
+            raise RecipeError(f"{label}: module '{module}' has no {missing}.weight in '{resolved.path.name}'")
+        a, b = parts["A.weight"], parts["B.weight"]
+        if a.ndim != 2 or b.ndim != 2:
+            raise UnsupportedError(f"{label}: module '{module}' has {a.ndim}-D LoRA factors; only Linear layers")
+        if b.shape[1] != a.shape[0]:
+            raise RecipeError(
+                f"{label}: rank mismatch in '{module}': lora_A is {list(a.shape)} (rank {a.shape[0]}) but lora_B "
+                f"is {list(b.shape)} (rank {b.shape[1]})"
+            )
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+        if int(r) != a.shape[0]:
+            raise RecipeError(
+                f"{label}: rank mismatch in '{module}': the adapter metadata says r={r} but its tensors have "
+                f"rank {a.shape[0]}"
+            )
+        modules[module] = LoraFactor(
+            A=a, B=b, alpha=float(alpha), rank=int(r), use_rslora=bool(config.use_rslora), bias=parts.get("B.bias")
+        )
+    return LoraWeights(label, fmt, modules, resolved.path.name)
+
+
+def check_lora_fits(weights: LoraWeights, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    """Every module the adapter touches must be a parameter of ``shapes`` with matching in/out sizes.
+
+    Raises:
+        RecipeError: keys that match no module (all or some), or a factor whose shape does not fit.
+    """
+    label = f"{weights.label}: '{weights.file}'" if weights.file else weights.label
+    unknown = sorted(m for m in weights.modules if f"{m}.weight" not in shapes)
+    if unknown:
+        n, total = len(unknown), len(weights.modules)
+        scope = "none of its" if n == total else f"{n} of its {total}"
+        raise RecipeError(
+            f"{label}: {scope} LoRA modules match a module of {what} (e.g. '{unknown[0]}'); "
+            "is this a LoRA for another model?"
+        )
+    for module, f in weights.modules.items():
+        w = shapes[f"{module}.weight"]
+        want = (f.B.shape[0], f.A.shape[1])
+        if tuple(w) != want:
+            raise RecipeError(
+                f"{label}: shape mismatch in '{module}': B @ A is {list(want)} (lora_B {list(f.B.shape)}, lora_A "
+                f"{list(f.A.shape)}) but the weight is {list(w)}"
+            )
+        if f.bias is not None:
+            b = shapes.get(f"{module}.bias")
+            if b is None or tuple(b) != (f.B.shape[0],):
+                raise RecipeError(f"{label}: '{module}' has a lora_B bias but the module has no bias of that size")
+
+
+# --- the stage ------------------------------------------------------------------------------------------------
+
+
+def fuse_lora(loaded: LoadedPipeline, loras: list[ResolvedLora], dtype: str) -> FusedLoras:
+    """Fuse ``loras`` into the pipeline's engine component with diffusers' loaders, then unload them.
+
+    Every adapter is parsed and checked against the component before anything changes; after fusing, each
+    touched weight is compared with ``base + sum(delta)`` from ``read_lora`` (``VerificationError`` if off).
+    """
+
+    pipe = loaded.pipe
+    comp = loaded.adapter.component
+    module = getattr(pipe, comp)
+    shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
+    parsed = [read_lora(r, loaded.pipeline_class, comp) for r in loras]
+    for w in parsed:
+        check_lora_fits(w, shapes, f"{loaded.pipeline_class}.{comp}")
+    touched = sorted({p for w in parsed for p in w.params()})
+    base = {n: module.get_parameter(n).detach().clone() for n in touched}
+
+    names = [f"dtc_lora_{i}" for i in range(len(loras))]
+    for r, name in zip(loras, names, strict=True):
+        pipe.load_lora_weights(str(r.path), adapter_name=name, use_safetensors=True)
+    pipe.set_adapters(names, adapter_weights=[r.scale for r in loras])
+    pipe.fuse_lora(components=[comp], lora_scale=1.0, adapter_names=names)
+    pipe.unload_lora_weights()
+    leftover = [n for n, _ in module.named_parameters() if "lora_" in n or ".base_layer." in n]
+    if leftover:
+        raise VerificationError(f"LoRA layers remain after fusing ({leftover[0]}); diffusers did not unload them")
+
+    expected = apply_deltas(base, [(w, r.scale) for w, r in zip(parsed, loras, strict=True)])
+    worst = 0.0
+    for n in touched:
+        got = module.get_parameter(n).detach()
+        d_ref = (expected[n].double() - base[n].double()).norm()
+        err = float((got.double() - expected[n].double()).norm() / d_ref.clamp_min(1e-30))
+        worst = max(worst, err)
+    tol = FUSE_CHECK_TOL[dtype]
+    if worst > tol:
+        raise VerificationError(
+            f"fused LoRA weights differ from W + scale*alpha/r*B@A by {worst:.2e} (relative to the update) > "
+            f"{tol:.0e}; diffusers and dtc disagree on this adapter, so a refit would not match a rebuild"
+        )
+    log.info("fused %d LoRA(s) into %d %s weights (fused vs refit math: %.1e)", len(loras), len(touched), comp, worst)
+    adapters = [{**r.record(), **w.summary()} for r, w in zip(loras, parsed, strict=True)]
+    return FusedLoras(adapters=adapters, base=base)
+
+
+def apply_deltas(base: dict[str, torch.Tensor], loras: list[tuple[LoraWeights, float]]) -> dict[str, torch.Tensor]:
+    """``base`` (component parameter name -> weight) plus each adapter's scaled update, in adapter order, as
+    PEFT merges: the update in the weight's dtype added to the weight. Returns every parameter touched."""
+    out = dict(base)  # never mutated in place: each sum is a new tensor
+    for weights, scale in loras:
+        for module, f in weights.modules.items():
+            name = f"{module}.weight"
+            out[name] = out[name] + f.delta(scale, out[name].dtype)
+            if f.bias is not None:
+                bname = f"{module}.bias"
+                out[bname] = out[bname] + (f.bias * f.scaling(scale)).to(out[bname].dtype)
+    return out
+
+
+# --- synthetic adapters (tests, benchmarks, recipes/tiny-flux-lora.yaml) ------------------------------------------
+
+#: FLUX attention and MLP projections a typical LoRA trains (diffusers module names).
+FLUX_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def make_peft_lora(
+    module: torch.nn.Module,
+    path: Path,
+    *,
+    rank: int = 4,
+    alpha: float = 8.0,
+    targets: tuple[str, ...] = FLUX_TARGETS,
+    seed: int = 0,
+    pipeline_class: str = "FluxPipeline",
+) -> Path:
+    """Make a random LoRA for ``module`` with PEFT and save it as a diffusers LoRA file with its adapter
+    metadata (without it diffusers drops alpha). ``module`` itself is left unchanged."""
+    import copy
+
+    import diffusers
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
+    clone = copy.deepcopy(module)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        clone.add_adapter(config)
+    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(clone).items()}
+    del clone
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    getattr(diffusers, pipeline_class).save_lora_weights(
+        str(path.parent),
+        transformer_lora_layers=state,
+        weight_name=path.name,
+        transformer_lora_adapter_metadata=config.to_dict(),
+    )
+    return path
+
+
+def make_kohya_flux_lora(
+    module: torch.nn.Module, path: Path, *, rank: int = 4, alpha: float = 2.0, seed: int = 0, std: float = 0.05
+) -> Path:
+    """Write a random kohya/BFL-style FLUX LoRA (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``,
+    ``.lora_up.weight``, ``.alpha``) covering every double block's attention qkv/proj and the single blocks'
+    linear2 (and linear1 at FLUX.1's width 3072: diffusers' converter splits it at fixed sizes)."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = module.config
+    dim = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+    mlp = module.single_transformer_blocks[0].proj_mlp.out_features if cfg["num_single_layers"] else 4 * dim
+    shapes: dict[str, tuple[int, int]] = {}  # kohya name -> (in, out)
+    for i in range(int(cfg["num_layers"])):
+        for side in ("img", "txt"):
+            shapes[f"lora_unet_double_blocks_{i}_{side}_attn_qkv"] = (dim, 3 * dim)
+            shapes[f"lora_unet_double_blocks_{i}_{side}_attn_proj"] = (dim, dim)
+    for i in range(int(cfg["num_single_layers"])):
+        if dim == 3072:  # diffusers' converter splits linear1 at FLUX.1's fixed widths
+            shapes[f"lora_unet_single_blocks_{i}_linear1"] = (dim, 3 * dim + mlp)
+        shapes[f"lora_unet_single_blocks_{i}_linear2"] = (dim + mlp, dim)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, (fan_in, fan_out) in shapes.items():
+        state[f"{name}.lora_down.weight"] = torch.randn(rank, fan_in, generator=gen) * std
+        state[f"{name}.lora_up.weight"] = torch.randn(fan_out, rank, generator=gen) * std
+        state[f"{name}.alpha"] = torch.tensor(float(alpha))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))
+    return path

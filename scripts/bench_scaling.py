@@ -1,0 +1,540 @@
+#!/usr/bin/env python
+"""Build-cost scaling: the FLUX transformer at real widths with 1, 2, 4, ... double+single blocks.
+
+Input: depths to try. Output: a JSON table (wall time and peak RSS per phase and depth), a least-squares line
+per phase, its extrapolation to FLUX.1-dev (19 double + 38 single blocks) and a PNG plot next to the JSON.
+
+Every (depth, phase) runs in its own subprocess so each peak RSS is that phase's alone:
+
+- ``export``: build ``FluxTransformer2DModel`` (hidden 3072 = 24 heads x 128, joint 4096, pooled 768,
+  in_channels 64, guidance) in bf16 with random weights, then ``dtcompile.stages.export.export_onnx`` with
+  external data and no graph-surgeon cleanup: the path a full 23 GB FLUX.1-dev export takes.
+- ``rtx``: ``engine_from_onnx`` for TensorRT-RTX sm_89 with the FLUX.1-dev profile of recipes/flux-dev.yaml
+  (batch 1..2, 768..1344 px, text 512), opt level 3.
+- ``ort``: onnxruntime session creation (what ``dtc run --backend onnxruntime`` pays at load). onnxruntime has
+  no CPU bfloat16 kernels, so the graph is first retyped to float16 (same bytes per weight, same graph) in an
+  untimed ``retype`` phase.
+
+The export traces one forward at batch 1, 256x256 px (256 image tokens) + 512 text tokens; a real FLUX.1-dev
+export traces at its opt shape (4096 + 512 tokens), which adds one forward (74.4 TFLOP) on top.
+
+    python scripts/bench_scaling.py --depths 1,2,3,4 --out docs/bench/scaling.json
+    python scripts/bench_scaling.py --reanalyse docs/bench/scaling.json    # refit and replot saved rows
+
+Results and their reading: docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("export", "rtx", "retype", "ort")
+TIMED = ("export", "rtx", "ort")  # retype only prepares the onnxruntime graph
+FLUX_DEV_BLOCKS = (19, 38)  # double, single
+
+# FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev transformer/config.json) minus the depth.
+REAL_WIDTH = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "out_channels": None,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# --- FLOP count -----------------------------------------------------------------------------------------------
+
+
+def flux_step_flops(
+    img_tokens: int = 4096,
+    txt_tokens: int = 512,
+    hidden: int = 3072,
+    mlp_ratio: int = 4,
+    double: int = 19,
+    single: int = 38,
+) -> dict[str, float]:
+    """Multiply-adds x 2 of one FLUX transformer call (batch 1), per part; embedders and modulation are ignored.
+
+    Double block, per stream (image and text tokens apart): qkv (3h^2), out proj (h^2), MLP (2 * 4h^2) per token;
+    joint attention over all N tokens: QK^T and AV, 2 * N^2 * h each. Single block, per token: fused qkv + MLP in
+    (3h + 4h) * h, fused out ((h + 4h) * h); the same attention.
+    """
+    n = img_tokens + txt_tokens
+    h, m = hidden, mlp_ratio * hidden
+    double_linear = 2 * n * h * (3 * h + h + 2 * m)
+    single_linear = 2 * n * (h * (3 * h + m) + (h + m) * h)
+    attention = 2 * (2 * n * n * h)
+    return {
+        "double_block": double_linear + attention,
+        "single_block": single_linear + attention,
+        "linear": double * double_linear + single * single_linear,
+        "attention": (double + single) * attention,
+        "total": double * (double_linear + attention) + single * (single_linear + attention),
+    }
+
+
+# --- workers (one phase each, in a subprocess) ------------------------------------------------------------------
+
+
+def _shapes(opt_px: int) -> Any:
+    from dtcompile.models.base import Range, Shapes
+
+    px = Range(768, opt_px, 1344) if opt_px >= 768 else Range(opt_px, opt_px, 1344)
+    return Shapes(batch=Range(1, 1, 2), height=px, width=px, text_len=Range(512, 512, 512))
+
+
+def _model(depth: int) -> Any:
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # parameters are created in bf16: no fp32 copy at any time
+    try:
+        return FluxTransformer2DModel(num_layers=depth, num_single_layers=depth, **REAL_WIDTH).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _inline_attribute_tensors(model: Any, src_dir: Path) -> None:
+    """Read Constant-node tensors that the exporter wrote to per-tensor files back into the graph.
+
+    Workaround: past 2 GiB torch's exporter writes every tensor to its own file, node attributes included
+    (e.g. the all-ones LayerNorm weight of AdaLayerNormZero as ``Constant_attr::value``), and
+    ``export_onnx``'s ``_write_external_data`` moves only initializers, so the written graph points into
+    the deleted scratch folder and ``onnx.checker`` fails. These tensors are small.
+    """
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo
+
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL:
+                info = ExternalDataInfo(a.t)
+                with open(src_dir / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    raw = f.read(info.length) if info.length else f.read()
+                del a.t.external_data[:]
+                a.t.data_location = onnx.TensorProto.DEFAULT
+                a.t.raw_data = raw
+
+
+def patch_export() -> None:
+    """Install the ``_inline_attribute_tensors`` workaround into dtcompile's export stage (this process only)."""
+    from dtcompile.stages import export as export_stage
+
+    write_external = export_stage._write_external_data
+    if getattr(write_external, "inlines_attributes", False):
+        return
+
+    def write_external_fixed(model: Any, src_dir: Path, *args: Any, **kwargs: Any) -> None:
+        _inline_attribute_tensors(model, src_dir)
+        write_external(model, src_dir, *args, **kwargs)
+
+    write_external_fixed.inlines_attributes = True  # type: ignore[attr-defined]
+    export_stage._write_external_data = write_external_fixed
+
+
+def work_export(depth: int, work: Path) -> dict[str, Any]:
+    import torch
+
+    from dtcompile.models.flux import FluxAdapter
+    from dtcompile.stages.export import export_onnx
+
+    patch_export()
+
+    rss0 = peak_rss_mb()
+    t0 = time.perf_counter()
+    model = _model(depth)
+    init_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in model.parameters())
+    double = sum(p.numel() for p in model.transformer_blocks[0].parameters())
+    single = sum(p.numel() for p in model.single_transformer_blocks[0].parameters())
+    adapter = FluxAdapter()
+    spec = adapter.export_spec(model, {"vae_scale_factor": 8}, _shapes(256), torch.bfloat16)
+    t1, c1 = time.perf_counter(), time.process_time()
+    art = export_onnx(adapter.export_module(model), spec, work, external_data=True, optimize=False)
+    return {
+        "init_s": init_s,
+        "wall_s": time.perf_counter() - t1,
+        "cpu_s": time.process_time() - c1,
+        "import_rss_mb": rss0,
+        "params": params,
+        "params_double_block": double,
+        "params_single_block": single,
+        "onnx_bytes": art.size,
+        "n_nodes": art.n_nodes,
+    }
+
+
+def work_rtx(depth: int, work: Path) -> dict[str, Any]:
+    from dtcompile.backends.tensorrt import engine_from_onnx
+    from dtcompile.models.flux import FluxAdapter
+
+    rss0 = peak_rss_mb()
+    profile = FluxAdapter().shape_profile(_ConfigOnly(depth), {"vae_scale_factor": 8}, _shapes(1024))
+    t0, c0 = time.perf_counter(), time.process_time()
+    info = engine_from_onnx(work / "transformer.onnx", profile, "sm_89", "tensorrt-rtx", work / "sm_89.engine")
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    (work / "sm_89.engine").unlink()
+    return {"wall_s": wall, "cpu_s": cpu, "import_rss_mb": rss0, "engine_bytes": info.size}
+
+
+class _ConfigOnly:
+    """Stands in for the transformer where only its ``config`` is read (FluxAdapter.shape_profile)."""
+
+    def __init__(self, depth: int) -> None:
+        self.config = {**REAL_WIDTH, "num_layers": depth, "num_single_layers": depth}
+
+
+def work_retype(depth: int, work: Path) -> dict[str, Any]:
+    """bf16 -> fp16 copy of the graph (initializers, Cast targets, constants, value types), weights streamed."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto
+
+    bf16, fp16 = TensorProto.BFLOAT16, TensorProto.FLOAT16
+    t0 = time.perf_counter()
+    src = work / "transformer.onnx"
+    dst_dir = work / "fp16"
+    dst_dir.mkdir(exist_ok=True)
+    model = onnx.load(str(src), load_external_data=False)
+
+    def to_fp16(raw: bytes) -> bytes:
+        bits = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float16).tobytes()
+
+    def retype_tensor(t: onnx.TensorProto, data: Any, out: Any) -> None:
+        if t.data_type != bf16:
+            if t.data_location == TensorProto.EXTERNAL:  # copy as is into the new data file
+                info = {e.key: e.value for e in t.external_data}
+                data.seek(int(info.get("offset", 0)))
+                raw = data.read(int(info["length"]))
+                _set_external(t, out, raw)
+            return
+        if t.data_location == TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            data.seek(int(info.get("offset", 0)))
+            raw = data.read(int(info["length"]))
+            t.data_type = fp16
+            _set_external(t, out, to_fp16(raw))
+        else:
+            raw = t.raw_data if t.raw_data else np.array(t.int32_data, dtype=np.uint16).tobytes()
+            del t.int32_data[:]
+            t.data_type = fp16
+            t.raw_data = to_fp16(raw)
+
+    with open(work / "transformer.onnx.data", "rb") as data, open(dst_dir / "transformer.onnx.data", "wb") as out:
+        for t in model.graph.initializer:
+            retype_tensor(t, data, out)
+        for node in model.graph.node:
+            for a in node.attribute:
+                if a.name == "to" and a.i == bf16:
+                    a.i = fp16
+                if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == bf16:
+                    retype_tensor(a.t, data, out)
+        for v in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+            if v.type.tensor_type.elem_type == bf16:
+                v.type.tensor_type.elem_type = fp16
+    onnx.save(model, str(dst_dir / "transformer.onnx"))
+    return {"wall_s": time.perf_counter() - t0}
+
+
+def _set_external(t: Any, out: Any, raw: bytes) -> None:
+    out.write(b"\0" * (-out.tell() % 64))  # aligned, like export_onnx's data file
+    offset = out.tell()
+    out.write(raw)
+    del t.external_data[:]
+    for key, value in (("location", "transformer.onnx.data"), ("offset", str(offset)), ("length", str(len(raw)))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def work_ort(depth: int, work: Path) -> dict[str, Any]:
+    from dtcompile.backends.onnxruntime import OrtRunner
+
+    rss0 = peak_rss_mb()
+    t0, c0 = time.perf_counter(), time.process_time()
+    runner = OrtRunner(work / "fp16" / "transformer.onnx")  # optimization "all", as `dtc run` uses
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    del runner
+    return {"wall_s": wall, "cpu_s": cpu, "import_rss_mb": rss0}
+
+
+WORKERS = {"export": work_export, "rtx": work_rtx, "retype": work_retype, "ort": work_ort}
+
+
+def worker_main(phase: str, depth: int, work: Path) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    result = WORKERS[phase](depth, work)
+    result["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --- driver -------------------------------------------------------------------------------------------------------
+
+
+def run_phase(phase: str, depth: int, work: Path, timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", phase, "--depth", str(depth), "--work", str(work)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": f"exit {proc.returncode}: " + " | ".join(tail), "process_s": time.perf_counter() - t0}
+    line = next(ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT "))
+    return {**json.loads(line.removeprefix("RESULT ")), "process_s": time.perf_counter() - t0}
+
+
+def predict(rows: list[dict[str, Any]], depth: int, phases: list[str]) -> tuple[float, float]:
+    """Predicted (largest phase peak RSS in MB, total seconds) at ``depth``: a line through the measured depths
+    (proportional scaling from one depth), never below the last measurement."""
+    peak = secs = 0.0
+    for phase in phases:
+        pts = [(r["depth"], r[phase]) for r in rows if "error" not in r.get(phase, {"error": 1})]
+        if not pts:
+            continue
+        for metric in ("peak_rss_mb", "process_s"):
+            a, b = fit_line([float(d) for d, _ in pts], [m[metric] for _, m in pts])
+            value = max(a * depth + b, pts[-1][1][metric])
+            if metric == "peak_rss_mb":
+                peak = max(peak, value)
+            else:
+                secs += value
+    return peak, secs
+
+
+def fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least-squares slope and intercept of y = a * x + b (a single point: slope through the origin)."""
+    n = len(x)
+    if n == 1:
+        return y[0] / x[0], 0.0
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((xi - mx) ** 2 for xi in x)
+    a = sum((xi - mx) * (yi - my) for xi, yi in zip(x, y, strict=True)) / sxx
+    return a, my - a * mx
+
+
+def export_regime(row: dict[str, Any]) -> str:
+    """How torch's exporter handled the depth: graphs of 2 GiB or more stream each tensor to its own file
+    ("streamed", FLUX.1-dev's path); smaller ones are serialized in memory first ("in-memory")."""
+    return "streamed" if row["export"]["onnx_bytes"] >= 2**31 else "in-memory"
+
+
+def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fit cost = a * units + b per phase and metric, where units counts blocks weighted by parameters.
+
+    One depth-d model has d double and d single blocks; the unit is one double block, a single block counts
+    params_single / params_double of one. FLUX.1-dev then has 19 + 38 * ratio units. The export is fitted on
+    the streamed depths only when there are two or more (the in-memory path has other costs and FLUX.1-dev
+    never takes it). ``marginal`` is the cost per unit between consecutive depths: growth faster than linear
+    shows as a marginal cost that rises with depth.
+    """
+    ok = [r for r in rows if "error" not in r["export"]]
+    if not ok:
+        return {}
+    p_double = ok[0]["export"]["params_double_block"]
+    p_single = ok[0]["export"]["params_single_block"]
+    ratio = p_single / p_double
+    flux_units = FLUX_DEV_BLOCKS[0] + FLUX_DEV_BLOCKS[1] * ratio
+    fits: dict[str, Any] = {}
+    for phase in TIMED:
+        used = ok
+        streamed = [r for r in ok if export_regime(r) == "streamed"]
+        if phase == "export" and len(streamed) >= 2:
+            used = streamed
+        for metric in ("wall_s", "cpu_s", "peak_rss_mb"):
+            pts = [(r["depth"] * (1 + ratio), r[phase][metric]) for r in used if metric in r.get(phase, {})]
+            if not pts:
+                continue
+            a, b = fit_line([p[0] for p in pts], [p[1] for p in pts])
+            marginal = [(y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False)]
+            fits[f"{phase}.{metric}"] = {
+                "slope_per_double_block": a,
+                "intercept": b,
+                "max_abs_residual": max(abs(y - (a * x + b)) for x, y in pts),
+                "flux_dev": a * flux_units + b,
+                "depths": [r["depth"] for r in used if metric in r.get(phase, {})],
+                "marginal": marginal,
+            }
+    params_flux = ok[0]["export"]["params"] + (FLUX_DEV_BLOCKS[0] - ok[0]["depth"]) * p_double
+    params_flux += (FLUX_DEV_BLOCKS[1] - ok[0]["depth"]) * p_single
+    return {
+        "params_double_block": p_double,
+        "params_single_block": p_single,
+        "single_over_double": ratio,
+        "flux_dev_units": flux_units,
+        "flux_dev_params": params_flux,
+        "export_regime": {str(r["depth"]): export_regime(r) for r in ok},
+        "fits": fits,
+    }
+
+
+def plot(result: dict[str, Any], png: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'dtcompile[bench]'); no PNG written"
+    rows = [r for r in result["rows"] if "error" not in r["export"]]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = (
+        ("wall_s", 1, "wall time (s)"),
+        ("cpu_s", 1, "CPU time, all threads (s)"),
+        ("peak_rss_mb", 1024, "peak RSS (GiB)"),
+    )
+    for ax, (metric, div, label) in zip(axes, panels, strict=True):
+        for phase in TIMED:
+            pts = [(r["depth"], r[phase][metric] / div) for r in rows if metric in r.get(phase, {})]
+            if not pts:
+                continue
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=phase)
+            if phase == "export":  # hollow: graphs under 2 GiB, which the exporter serializes in memory
+                small = [(r["depth"], r[phase][metric] / div) for r in rows if export_regime(r) == "in-memory"]
+                ax.plot([p[0] for p in small], [p[1] for p in small], "o", mfc="white", color=line.get_color())
+        ax.set(xlabel="depth d (d double + d single blocks)", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(
+        "FLUX transformer at real widths (bf16): export, TensorRT-RTX sm_89 build, onnxruntime load "
+        "(hollow: export under 2 GiB, serialized in memory)"
+    )
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--depths", default="1,2,3,4", help="comma-separated depths d (d double + d single blocks)")
+    ap.add_argument("--max-rss-gib", type=float, default=20.0, help="skip a depth predicted to peak above this")
+    ap.add_argument("--budget-min", type=float, default=25.0, help="skip a depth predicted to end past this")
+    ap.add_argument("--phases", default=",".join(PHASES))
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temp folder, removed at the end)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "scaling.json"))
+    ap.add_argument("--reanalyse", metavar="JSON", help="recompute the fits and the plot of an earlier run's JSON")
+    ap.add_argument("--worker", choices=PHASES, help=argparse.SUPPRESS)
+    ap.add_argument("--depth", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker_main(args.worker, args.depth, Path(args.work))
+        return
+    if args.reanalyse:
+        path = Path(args.reanalyse)
+        result = json.loads(path.read_text())
+        result["analysis"] = analyse([r for r in result["rows"] if "skipped" not in r])
+        result["flops_1024px_step"] = flux_step_flops()
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print(plot(result, path.with_suffix(".png")) or f"wrote {path} and {path.with_suffix('.png')}")
+        return
+
+    import tempfile
+
+    phases = [p for p in PHASES if p in args.phases.split(",")]
+    base = Path(args.work or tempfile.mkdtemp(prefix="dtc-scaling-"))
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for depth in [int(d) for d in args.depths.split(",")]:
+        done = [r for r in rows if "skipped" not in r]
+        if done:
+            peak, secs = predict(done, depth, phases)
+            elapsed = time.perf_counter() - t_start
+            if peak / 1024 > args.max_rss_gib or (elapsed + secs) / 60 > args.budget_min:
+                print(
+                    f"depth {depth}: skipped (predicted peak {peak / 1024:.1f} GiB, {secs / 60:.1f} min; "
+                    f"limits {args.max_rss_gib} GiB, {args.budget_min} min total)",
+                    flush=True,
+                )
+                rows.append({"depth": depth, "skipped": {"predicted_peak_gib": peak / 1024, "predicted_s": secs}})
+                break
+        work = base / f"d{depth}"
+        work.mkdir(parents=True, exist_ok=True)
+        row: dict[str, Any] = {"depth": depth}
+        for phase in phases:
+            res = run_phase(phase, depth, work, timeout=3600)
+            row[phase] = res
+            msg = res.get("error") or (
+                f"{res['wall_s']:.1f} s wall, {res.get('cpu_s', 0):.1f} s CPU, peak RSS {res['peak_rss_mb'] / 1024:.2f} GiB"
+            )
+            print(f"depth {depth} {phase:<7} {msg}", flush=True)
+            if "error" in res:
+                break
+        rows.append(row)
+        shutil.rmtree(work, ignore_errors=True)
+        if any("error" in row.get(p, {}) for p in phases):
+            break
+    if not args.work:
+        shutil.rmtree(base, ignore_errors=True)
+
+    result: dict[str, Any] = {
+        "date": date.today().isoformat(),
+        "machine": {
+            "cpu": _cpu_name(),
+            "cores": os.cpu_count(),
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "python": platform.python_version(),
+            "shared": "other jobs ran on the same cores at the same time; wall times are upper bounds",
+        },
+        "command": "python "
+        + " ".join(
+            [
+                str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute() else sys.argv[0],
+                *sys.argv[1:],
+            ]
+        ),
+        "dtype": "bfloat16 (export, tensorrt-rtx); float16 retype for onnxruntime",
+        "config": {**REAL_WIDTH, "axes_dims_rope": list(REAL_WIDTH["axes_dims_rope"])},
+        "rows": rows,
+        "analysis": analyse([r for r in rows if "skipped" not in r]),
+        "flops_1024px_step": flux_step_flops(),
+        "versions": _versions(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    note = plot(result, out.with_suffix(".png"))
+    print(note or f"wrote {out.with_suffix('.png')}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _versions() -> dict[str, str | None]:
+    from dtcompile.artifacts.manifest import tool_versions
+
+    return tool_versions()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""`dtc build` with a quant section, end to end on tiny-flux for every format (CPU, real TensorRT-RTX builds)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dtcompile.artifacts.manifest import read_manifest, sha256_file
+
+ROOT = Path(__file__).resolve().parents[2]
+# Small calibration and evaluation so each build takes seconds; the shipped recipes use more.
+FAST = ["quant.calib.size=2", "quant.calib.batch=2", "quant.calib.steps=2", "quant.accuracy.prompts=1",
+        "quant.accuracy.steps=2"]  # fmt: skip
+EXPECTED = {
+    "fp8": ({"onnxruntime:any", "tensorrt-rtx:sm_89", "tensorrt-rtx:sm_120"}, set()),
+    "int8": ({"onnxruntime:any", "tensorrt-rtx:sm_86", "tensorrt-rtx:sm_89", "tensorrt-rtx:sm_120"}, set()),
+    "nvfp4": ({"tensorrt-rtx:sm_120"}, {"onnxruntime:any"}),
+    "svdquant": ({"tensorrt-rtx:sm_120"}, set()),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(EXPECTED))
+def test_quantized_build(fmt: str, tmp_path: Path) -> None:
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages import run_build
+
+    recipe = load_recipe(ROOT / "recipes" / f"tiny-flux-{fmt}.yaml", [f"output.dir={tmp_path}", *FAST])
+    m = run_build(recipe).manifest
+    comp = m["components"]["transformer"]
+    built = {f"{e['backend']}:{e['arch']}" for e in comp["engines"]}
+    want, not_built = EXPECTED[fmt]
+    assert built == want
+    assert {f"{s['backend']}:{s['arch']}" for s in m["skipped"]} == not_built
+    for e in comp["engines"]:
+        assert sha256_file(tmp_path / recipe.name / e["file"]) == e["sha256"]
+    q = comp["quant"]
+    assert q["format"] == fmt and m["precision"].startswith(fmt)
+    # (a) quantized vs unquantized on held-out prompts: measured, recorded, and sane for a tiny model
+    assert 0.99 < q["accuracy"]["summary"]["min_cos"] <= 1.0
+    assert q["accuracy"]["psnr_db"]
+    # (b) exported graph vs fake-quant torch within the format's tolerance (the build fails otherwise)
+    assert q["parity"]["summary"]["max_rel_err"] <= q["parity"]["tolerance"]
+    graph = q["graph"]
+    if fmt == "fp8":
+        assert graph["fp8_qdq"] > 0 and graph["custom_ops"] == {} and graph["fp8_attention"] == 4
+    elif fmt == "int8":
+        assert graph["int8_qdq"] > 0 and graph["custom_ops"] == {}
+    else:
+        assert graph["fp4_weights"] > 0 and "trt::TRT_FP4DynamicQuantize" in graph["custom_ops"]
+        assert graph["onnxruntime_runnable"] is False
+
+
+def test_impossible_quant_recipe_fails_dry_run_in_one_line(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "dtcompile", "build", "--recipe", str(ROOT / "recipes" / "tiny-flux-fp8.yaml"),
+         "--set", "engine.targets=[sm_86]", "--set", f"output.dir={tmp_path}", "--dry-run"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "fp8" in lines[0] and "sm_86" in lines[0], r.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_quantized_artifact_runs_in_onnxruntime(tmp_path: Path) -> None:
+    from dtcompile.recipe import load_recipe
+    from dtcompile.runtime.run import run_artifact
+    from dtcompile.stages import run_build
+
+    recipe = load_recipe(
+        ROOT / "recipes" / "tiny-flux-int8.yaml", [f"output.dir={tmp_path}", "engine.targets=[sm_89]", *FAST]
+    )
+    artifact = run_build(recipe).artifact_dir
+    result = run_artifact(artifact, "a red fox", steps=2, backend="onnxruntime", trace=True)
+    assert len(result.trace) == 2 and result.image.size == (64, 64)
+    assert read_manifest(artifact)["components"]["transformer"]["quant"]["format"] == "int8"

@@ -1,0 +1,169 @@
+"""Q/DQ post-processing on small hand-built graphs: TensorRT custom ops in, standard ONNX Q/DQ out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+
+from onnx import TensorProto as T  # noqa: E402
+from onnx import helper as h  # noqa: E402
+from onnx import numpy_helper as nh  # noqa: E402
+
+from dtcompile.quant.nvfp4 import nvfp4_fake_quant  # noqa: E402
+from dtcompile.quant.qdq import (  # noqa: E402
+    FP4_BLOCK_DQ_PLACEHOLDER,
+    decode_nvfp4,
+    fp4_reference_graph,
+    nvfp4_pack,
+    standardize_qdq,
+)
+
+RNG = np.random.default_rng(0)
+X = RNG.standard_normal((3, 32)).astype(np.float32)
+W = (RNG.standard_normal((16, 32)) * 0.1).astype(np.float32)
+
+
+def model(nodes: list, inits: list, opset: int = 19, value_info: tuple = ()) -> onnx.ModelProto:
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("X", T.FLOAT, [3, 32])],
+        [h.make_tensor_value_info("Y", T.FLOAT, [3, 16])],
+        initializer=inits,
+        value_info=list(value_info),
+    )
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", opset), h.make_opsetid("trt", 1)])
+    m.ir_version = 9
+    return m
+
+
+def run(m: onnx.ModelProto) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"X": X})[0]
+
+
+def fp8_qdq(a: np.ndarray, scale: float) -> np.ndarray:
+    s = torch.tensor(scale, dtype=torch.float32)
+    t = (torch.from_numpy(a) / s).clamp(-448, 448).to(torch.float8_e4m3fn).float() * s
+    return t.numpy()
+
+
+def test_fp8_custom_ops_become_standard_qdq_with_fp8_weights() -> None:
+    sx, sw = float(np.abs(X).max() / 448), float(np.abs(W).max() / 448)
+    nodes = [
+        h.make_node("TRT_FP8QuantizeLinear", ["X", "sx"], ["xq"], domain="trt"),
+        h.make_node("TRT_FP8DequantizeLinear", ["xq", "sx"], ["xd"], domain="trt"),
+        h.make_node("TRT_FP8QuantizeLinear", ["W", "sw"], ["wq"], domain="trt"),
+        h.make_node("TRT_FP8DequantizeLinear", ["wq", "sw"], ["wd"], domain="trt"),
+        h.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0]),
+        h.make_node("MatMul", ["xd", "wt"], ["Y"]),
+    ]
+    inits = [nh.from_array(W, "W"), nh.from_array(np.float32(sx), "sx"), nh.from_array(np.float32(sw), "sw")]
+    stale = h.make_tensor_value_info("xq", T.UINT8, [3, 32])  # what the exporter writes
+    m = model(nodes, inits, value_info=[stale])
+    report = standardize_qdq(m, "float32")
+    onnx.checker.check_model(m)
+
+    ops = [(n.domain, n.op_type) for n in m.graph.node]
+    assert ops.count(("", "QuantizeLinear")) == 1  # the activation; the weight Q is folded away
+    assert ops.count(("", "DequantizeLinear")) == 2
+    assert ("", "Transpose") not in ops  # weight stored transposed: DQ -> MatMul
+    assert [o.domain for o in m.opset_import] == [""]
+    assert not m.graph.value_info
+    weight = next(t for t in m.graph.initializer if t.name == "W_fp8")
+    assert weight.data_type == T.FLOAT8E4M3FN and list(weight.dims) == [32, 16]
+    zp = next(t for t in m.graph.initializer if t.name == "dtc_fp8_zero_point")
+    assert zp.data_type == T.FLOAT8E4M3FN
+    assert (report.fp8_qdq, report.folded_weights, report.folded_transposes) == (2, 1, 1)
+    assert report.onnxruntime_runnable and report.opset == 19
+
+    expected = fp8_qdq(X, sx) @ fp8_qdq(W, sw).T
+    np.testing.assert_allclose(run(m), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_int8_weights_fold_and_keep_their_channel_axis() -> None:
+    sx = np.float32(np.abs(X).max() / 127)
+    sw = (np.abs(W).max(axis=1) / 127).astype(np.float32)  # per output channel (axis 0)
+    nodes = [
+        h.make_node("QuantizeLinear", ["X", "sx", "zx"], ["xq"]),
+        h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+        h.make_node("QuantizeLinear", ["W", "sw", "zw"], ["wq"], axis=0),
+        h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+        h.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0]),
+        h.make_node("MatMul", ["xd", "wt"], ["Y"]),
+    ]
+    inits = [
+        nh.from_array(W, "W"),
+        nh.from_array(sx, "sx"),
+        nh.from_array(np.int8(0), "zx"),
+        nh.from_array(sw, "sw"),
+        nh.from_array(np.zeros(16, np.int8), "zw"),
+    ]
+    m = model(nodes, inits)
+    before = run(m)
+    report = standardize_qdq(m, "float32")
+    onnx.checker.check_model(m)
+    weight = next(t for t in m.graph.initializer if t.name == "W_int8")
+    assert weight.data_type == T.INT8 and list(weight.dims) == [32, 16]
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "W_int8")
+    assert h.get_attribute_value(next(a for a in dq.attribute if a.name == "axis")) == 1
+    assert (report.int8_qdq, report.folded_weights) == (2, 1)
+    np.testing.assert_array_equal(run(m), before)  # folding changes storage, not numbers
+
+
+def test_nvfp4_weight_encoding_matches_the_fake_quant() -> None:
+    packed, scales, global_scale = nvfp4_pack(W, 16)
+    assert packed.shape == (16, 16) and scales.shape == (16, 2)
+    w4 = h.make_tensor("w", T.FLOAT4E2M1, [16, 32], packed.tobytes(), raw=True)
+    s8 = h.make_tensor("s", T.FLOAT8E4M3FN, [16, 2], scales.tobytes(), raw=True)
+    decoded = decode_nvfp4(w4, s8, global_scale, 16)
+    expected = nvfp4_fake_quant(torch.from_numpy(W), 16, torch.tensor(np.abs(W).max())).numpy()
+    np.testing.assert_array_equal(decoded, expected)
+    # A block whose amax is 6 x the per-tensor scale has block scale 1: values round onto the E2M1 grid, midpoints
+    # to the even neighbour.
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.75, -2.5, 0.3, 5.9, 0, 0, 0, 0])
+    got = nvfp4_fake_quant(ties, 16, torch.tensor(6.0 * 448.0))  # per-tensor scale 1
+    assert got.tolist()[:12] == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -1.0, -2.0, 0.5, 6.0]
+
+
+def test_nvfp4_graph_keeps_only_the_dynamic_quantize_custom_op() -> None:
+    amax = float(np.abs(X).max())
+    nodes = [
+        h.make_node(
+            "TRT_FP4DynamicQuantize",
+            ["X", "sf2"],
+            ["x4", "s8"],
+            domain="trt",
+            axis=-1,
+            block_size=16,
+            scale_type=T.FLOAT8E4M3FN,
+        ),
+        h.make_node("DequantizeLinear", ["s8", "sf2"], ["sx"]),
+        h.make_node(FP4_BLOCK_DQ_PLACEHOLDER, ["x4", "sx"], ["xd"], domain="trt", axis=-1, block_size=16),
+        h.make_node("TRT_FP4QDQ", ["W"], ["wd"], domain="trt", block_size=16),
+        h.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0]),
+        h.make_node("MatMul", ["xd", "wt"], ["Y"]),
+    ]
+    inits = [nh.from_array(W, "W"), nh.from_array(np.float32(amax / 6.0 / 448.0), "sf2")]
+    m = model(nodes, inits)
+    report = standardize_qdq(m, "float32")
+    onnx.checker.check_model(m)
+    assert report.custom_ops == {"trt::TRT_FP4DynamicQuantize": 1}
+    assert not report.onnxruntime_runnable
+    assert (report.fp4_weights, report.fp4_activations, report.opset) == (1, 1, 23)
+    assert m.ir_version >= 11
+    assert any(t.data_type == T.FLOAT4E2M1 for t in m.graph.initializer)
+    assert not any(n.op_type == FP4_BLOCK_DQ_PLACEHOLDER for n in m.graph.node)
+
+    reference = fp4_reference_graph(m)  # onnxruntime stand-in for the TensorRT op; the graph itself is kept
+    assert any(n.domain == "trt" for n in m.graph.node)
+    got = run(reference)
+    x_q = nvfp4_fake_quant(torch.from_numpy(X), 16, torch.tensor(amax))
+    w_q = nvfp4_fake_quant(torch.from_numpy(W), 16, torch.tensor(np.abs(W).max()))
+    np.testing.assert_allclose(got, (x_q @ w_q.T).numpy(), rtol=1e-5, atol=1e-6)
