@@ -131,13 +131,27 @@ def verify_file(artifact_dir: Path, entry: dict[str, Any], *, full: bool = True)
     return path
 
 
-def all_file_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every file entry a manifest lists (onnx graphs, external data, engines, pipeline files)."""
+def common_file_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Files every arch needs: pipeline files, ONNX graphs and external data, weight maps, LoRA base weights."""
     out = list(manifest.get("pipeline", {}).get("files", []))
+    base_store = (manifest.get("lora") or {}).get("base_store")
+    if base_store:
+        out.append(base_store)
     for comp in manifest.get("components", {}).values():
         onnx = comp.get("onnx")
         if onnx:
             out.append(onnx)
             out.extend(onnx.get("external_data", []))
-        out.extend(comp.get("engines", []))
+        if comp.get("weight_map"):
+            out.append(comp["weight_map"])
     return out
+
+
+def engine_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every engine entry (onnxruntime's points at the ONNX graph, arch "any")."""
+    return [e for comp in manifest.get("components", {}).values() for e in comp.get("engines", [])]
+
+
+def all_file_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every file entry a manifest lists."""
+    return common_file_entries(manifest) + engine_entries(manifest)

@@ -45,7 +45,15 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from dtcompile.artifacts.manifest import MANIFEST, read_manifest, sha256_file, verify_file, write_manifest
+from dtcompile.artifacts.manifest import (
+    MANIFEST,
+    common_file_entries,
+    engine_entries,
+    read_manifest,
+    sha256_file,
+    verify_file,
+    write_manifest,
+)
 from dtcompile.errors import ArtifactError, DtcError, MissingDependencyError, UnsupportedError, VerificationError
 
 log = logging.getLogger("dtcompile.publish")
@@ -108,8 +116,9 @@ def _check_relpath(rel: Any, where: str) -> str:
 def plan_archives(manifest: dict[str, Any]) -> list[Archive]:
     """The archives a manifest's files go into: ``common.tar`` first, then one per (backend, arch), sorted.
 
-    Pipeline files, ONNX graphs, their external data and arch-independent engines (onnxruntime, arch "any") go into
-    the common archive; every other engine into ``<backend>-<arch>.tar``.
+    ``common_file_entries`` (pipeline, ONNX graphs and external data, weight maps, LoRA base weights) and
+    arch-independent engines (onnxruntime, arch "any") go into the common archive; every other engine into
+    ``<backend>-<arch>.tar``.
     """
     common: dict[str, dict[str, Any]] = {}
     groups: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
@@ -123,23 +132,17 @@ def plan_archives(manifest: dict[str, Any]) -> list[Archive]:
             raise ArtifactError(f"manifest: {rel!r} is listed twice with different sha256; rebuild the artifact")
         bucket[rel] = entry
 
-    for entry in manifest.get("pipeline", {}).get("files", []):
+    for entry in common_file_entries(manifest):
         add(common, entry)
-    for comp in manifest.get("components", {}).values():
-        onnx = comp.get("onnx")
-        if onnx:
-            add(common, onnx)
-            for extra in onnx.get("external_data", []):
-                add(common, extra)
-        for engine in comp.get("engines", []):
-            if engine.get("arch") == "any":
-                add(common, engine)
-                continue
-            backend, arch = engine.get("backend"), engine.get("arch")
-            for what, value in (("backend", backend), ("arch", arch)):
-                if not isinstance(value, str) or not _COMPONENT.match(value):
-                    raise ArtifactError(f"manifest: engine {engine.get('file')!r} has an invalid {what} {value!r}")
-            add(groups.setdefault((backend, arch), {}), engine)
+    for engine in engine_entries(manifest):
+        if engine.get("arch") == "any":
+            add(common, engine)
+            continue
+        backend, arch = engine.get("backend"), engine.get("arch")
+        for what, value in (("backend", backend), ("arch", arch)):
+            if not isinstance(value, str) or not _COMPONENT.match(value):
+                raise ArtifactError(f"manifest: engine {engine.get('file')!r} has an invalid {what} {value!r}")
+        add(groups.setdefault((backend, arch), {}), engine)
     archives = [Archive(COMMON, "any", "any", tuple(common[k] for k in sorted(common)))]
     for (backend, arch), files in sorted(groups.items(), key=lambda kv: (kv[0][0], arch_order(kv[0][1]))):
         clash = sorted(set(files) & set(common))

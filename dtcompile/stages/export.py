@@ -472,7 +472,7 @@ def _write_external_data(model: onnx.ModelProto, src_dir: Path, data_file: Path,
 
     offset = 0
     with open(data_file, "wb") as out:
-        for tensor in model.graph.initializer:
+        for tensor in _all_tensors(model.graph):
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 info = ExternalDataInfo(tensor)
                 src = src_dir / info.location
@@ -502,6 +502,21 @@ def _write_external_data(model: onnx.ModelProto, src_dir: Path, data_file: Path,
             pad = -offset % 64  # aligned offsets let onnxruntime and TensorRT map tensors directly
             out.write(b"\0" * pad)
             offset += pad
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and tensor attributes (Constant nodes), subgraphs included: the exporter may store any of
+    them in its scratch files."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
 
 
 def _module_bytes(module: torch.nn.Module) -> int:

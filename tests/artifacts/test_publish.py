@@ -558,3 +558,34 @@ def test_round_trip_real_build(tmp_path: Path) -> None:
     assert (out / "tensorrt-rtx/sm_89/transformer.engine").is_file()
     result = run_artifact(out, "a prompt", steps=2, backend="onnxruntime")
     assert result.backend == "onnxruntime" and result.image.size == (64, 64)
+
+
+def test_refit_files_travel_in_the_common_archive() -> None:
+    """A published LoRA artifact stays refittable: its weight map and base weights go with the graph."""
+    from dtcompile.artifacts.publish import plan_archives
+
+    def f(name: str) -> dict:
+        return {"file": name, "sha256": "0" * 64, "size": 1}
+
+    manifest = {
+        "pipeline": {"files": [f("pipeline/model_index.json")]},
+        "lora": {"base_store": f("onnx/transformer.lora-base.safetensors")},
+        "components": {
+            "transformer": {
+                "onnx": {**f("onnx/transformer.onnx"), "external_data": []},
+                "weight_map": f("onnx/transformer.weights.json"),
+                "engines": [
+                    {**f("onnx/transformer.onnx"), "backend": "onnxruntime", "arch": "any"},
+                    {**f("tensorrt-rtx/sm_89/transformer.engine"), "backend": "tensorrt-rtx", "arch": "sm_89"},
+                ],
+            }
+        },
+    }
+    common, rtx = plan_archives(manifest)
+    assert {e["file"] for e in common.entries} == {
+        "pipeline/model_index.json",
+        "onnx/transformer.lora-base.safetensors",
+        "onnx/transformer.onnx",
+        "onnx/transformer.weights.json",
+    }
+    assert [e["file"] for e in rtx.entries] == ["tensorrt-rtx/sm_89/transformer.engine"]
