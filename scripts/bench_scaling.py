@@ -115,52 +115,11 @@ def _model(depth: int) -> Any:
         torch.set_default_dtype(torch.float32)
 
 
-def _inline_attribute_tensors(model: Any, src_dir: Path) -> None:
-    """Read Constant-node tensors that the exporter wrote to per-tensor files back into the graph.
-
-    Workaround: past 2 GiB torch's exporter writes every tensor to its own file, node attributes included
-    (e.g. the all-ones LayerNorm weight of AdaLayerNormZero as ``Constant_attr::value``), and
-    ``export_onnx``'s ``_write_external_data`` moves only initializers, so the written graph points into
-    the deleted scratch folder and ``onnx.checker`` fails. These tensors are small.
-    """
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo
-
-    for node in model.graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR and a.t.data_location == onnx.TensorProto.EXTERNAL:
-                info = ExternalDataInfo(a.t)
-                with open(src_dir / info.location, "rb") as f:
-                    f.seek(info.offset or 0)
-                    raw = f.read(info.length) if info.length else f.read()
-                del a.t.external_data[:]
-                a.t.data_location = onnx.TensorProto.DEFAULT
-                a.t.raw_data = raw
-
-
-def patch_export() -> None:
-    """Install the ``_inline_attribute_tensors`` workaround into dtcompile's export stage (this process only)."""
-    from dtcompile.stages import export as export_stage
-
-    write_external = export_stage._write_external_data
-    if getattr(write_external, "inlines_attributes", False):
-        return
-
-    def write_external_fixed(model: Any, src_dir: Path, *args: Any, **kwargs: Any) -> None:
-        _inline_attribute_tensors(model, src_dir)
-        write_external(model, src_dir, *args, **kwargs)
-
-    write_external_fixed.inlines_attributes = True  # type: ignore[attr-defined]
-    export_stage._write_external_data = write_external_fixed
-
-
 def work_export(depth: int, work: Path) -> dict[str, Any]:
     import torch
 
     from dtcompile.models.flux import FluxAdapter
     from dtcompile.stages.export import export_onnx
-
-    patch_export()
 
     rss0 = peak_rss_mb()
     t0 = time.perf_counter()
