@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from dtcompile.cache.spec import CacheSpec, Segment
+from dtcompile.runtime.engine_module import ComponentStandIn
 
 log = logging.getLogger("dtcompile.cache")
 
@@ -51,7 +52,7 @@ def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
 
 
-class CachedEngineModule(torch.nn.Module):
+class CachedEngineModule(ComponentStandIn):
     """Stands in for ``pipe.transformer``: runs prologue, block segments and epilogue, skipping cached segments.
 
     ``runners`` maps part names to callables (feeds -> outputs); ``parts`` are the manifest's part entries in
@@ -71,9 +72,7 @@ class CachedEngineModule(torch.nn.Module):
         *,
         enabled: bool = True,
     ) -> None:
-        super().__init__()
-        from diffusers.configuration_utils import FrozenDict
-
+        super().__init__(config, input_names, output_name, dtype, device)
         self.runners = runners
         self.prologue = next(name for name, kind, _ in parts if kind == "prologue")
         self.epilogue = next(name for name, kind, _ in parts if kind == "epilogue")
@@ -81,25 +80,11 @@ class CachedEngineModule(torch.nn.Module):
         self.spec = spec
         self.groups = {g.name: g for g in spec.groups or []}
         self.enabled = enabled
-        self.config = FrozenDict(config)
-        self.input_names = list(input_names)
-        self.output_name = output_name
-        self._dtype = dtype
-        self._device = torch.device(device)
-        self.trace: list[torch.Tensor] | None = None
         self.num_steps: int | None = None
         self._context_name = "default"
         self._contexts: dict[str, _Context] = {}
         self.blocks_per_call = sum(len(seg.blocks) for _, seg in self.segments)
         self._reset_stats()
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     @contextmanager
     def cache_context(self, name: str) -> Iterator[None]:

@@ -322,6 +322,16 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
+# Functions every built-in's files depend on (their source is part of the cache key).
+_GENERATOR_CODE = (
+    _bytes_to_unicode,
+    _merge_pair,
+    _clip_vocab_and_merges,
+    _t5_vocab,
+    build_tiny_tokenizers,
+    build_tiny_flux,
+)
+
 BUILTINS: dict[str, BuiltinModel] = {
     "tiny-flux": BuiltinModel(
         name="tiny-flux",
@@ -330,15 +340,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         generate=generate_tiny_flux,
         config=TINY_FLUX_CONFIG,
         version=TINY_FLUX_VERSION,
-        code=(
-            _bytes_to_unicode,
-            _merge_pair,
-            _clip_vocab_and_merges,
-            _t5_vocab,
-            build_tiny_tokenizers,
-            build_tiny_flux,
-            generate_tiny_flux,
-        ),
+        code=(*_GENERATOR_CODE, generate_tiny_flux),
     ),
     "flux-realwidth-1": BuiltinModel(
         name="flux-realwidth-1",
@@ -347,15 +349,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         generate=generate_flux_realwidth,
         config=REALWIDTH_FLUX_CONFIG,
         version=REALWIDTH_FLUX_VERSION,
-        code=(
-            _bytes_to_unicode,
-            _merge_pair,
-            _clip_vocab_and_merges,
-            _t5_vocab,
-            build_tiny_tokenizers,
-            build_tiny_flux,
-            generate_flux_realwidth,
-        ),
+        code=(*_GENERATOR_CODE, generate_flux_realwidth),
     ),
 }
 

@@ -9,33 +9,28 @@ from typing import Any
 import torch
 
 
-class EngineModule(torch.nn.Module):
-    """Stands in for ``pipe.transformer``: maps the pipeline's keyword call onto graph inputs.
-
-    ``config`` is the original component's config (the pipeline reads e.g. ``in_channels``);
-    ``trace``, when a list, receives every output (per-step noise predictions for parity checks).
-    """
+class ComponentStandIn(torch.nn.Module):
+    """What a diffusers pipeline touches on its transformer, without torch layers: ``config`` (the original
+    component's, e.g. ``in_channels``), ``dtype``, ``device`` and ``cache_context``; ``trace``, when a list,
+    receives every output (per-step noise predictions for parity checks)."""
 
     def __init__(
         self,
-        runner: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
         config: dict[str, Any],
         input_names: list[str],
         output_name: str,
         dtype: torch.dtype,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
         from diffusers.configuration_utils import FrozenDict
 
-        self.runner = runner
         self.config = FrozenDict(config)
         self.input_names = list(input_names)
         self.output_name = output_name
         self._dtype = dtype
         self._device = torch.device(device)
         self.trace: list[torch.Tensor] | None = None
-        self.calls = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -47,8 +42,25 @@ class EngineModule(torch.nn.Module):
 
     @contextmanager
     def cache_context(self, name: str) -> Iterator[None]:
-        # diffusers' pipelines wrap calls in cache_context; engines keep no such state here.
+        # diffusers' pipelines wrap calls in cache_context; a plain engine keeps no such state.
         yield
+
+
+class EngineModule(ComponentStandIn):
+    """Stands in for ``pipe.transformer``: maps the pipeline's keyword call onto one engine's graph inputs."""
+
+    def __init__(
+        self,
+        runner: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+        config: dict[str, Any],
+        input_names: list[str],
+        output_name: str,
+        dtype: torch.dtype,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__(config, input_names, output_name, dtype, device)
+        self.runner = runner
+        self.calls = 0
 
     def forward(self, return_dict: bool = True, joint_attention_kwargs: Any = None, **kwargs: Any) -> Any:
         if joint_attention_kwargs:
