@@ -37,14 +37,24 @@ TOOLS = {
 
 
 def tool_versions() -> dict[str, str | None]:
-    """Installed versions of the tools that shape an artifact (None where not installed)."""
+    """Installed versions of the tools that shape an artifact (None where not installed), plus a digest of
+    dtcompile's own source, so a code change between releases also changes the artifact key."""
     out: dict[str, str | None] = {}
     for name, dist in TOOLS.items():
         try:
             out[name] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[name] = None
+    out["dtcompile_source"] = _source_digest()
     return out
+
+
+def _source_digest() -> str:
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
