@@ -209,3 +209,18 @@ def test_datacenter_target_without_gpu_is_reported(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "tensorrt      sm_90   will NOT build: " in r.stdout
+
+
+def test_unreachable_hub_id_is_one_line(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # never download in tests
+    r = subprocess.run(
+        [sys.executable, "-m", "dtcompile", "build", "--recipe", str(ROOT / "recipes" / "tiny-flux.yaml"),
+         "--set", "model.source=dtc-test/no-such-model", "--set", f"output.dir={tmp_path / 'engines'}"],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: model.source: cannot fetch 'dtc-test/no-such-model' from the Hugging Face hub")
+    assert "Traceback" not in r.stderr and not (tmp_path / "engines").exists()
