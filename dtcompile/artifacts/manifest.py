@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,21 @@ def file_entry(artifact_dir: Path, path: Path) -> dict[str, Any]:
         "sha256": sha256_file(path),
         "size": path.stat().st_size,
     }
+
+
+def replace_dir(src: Path, dest: Path) -> None:
+    """Rename ``src`` to ``dest`` (same filesystem); an existing ``dest`` is moved aside first and removed only
+    after the swap, so a reader sees the old folder or the new one, never a half-written one."""
+    old = None
+    if dest.exists() or dest.is_symlink():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    os.replace(src, dest)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def write_manifest(artifact_dir: Path, manifest: dict[str, Any]) -> Path:

@@ -50,6 +50,7 @@ from dtcompile.artifacts.manifest import (
     common_file_entries,
     engine_entries,
     read_manifest,
+    replace_dir,
     sha256_file,
     verify_file,
     write_manifest,
@@ -705,7 +706,7 @@ def pull_artifact(
     try:
         report = _pull_into(store, vrel, vurl, tmp, arch, backend, how)
         report.artifact_dir = out_dir
-        _move_into_place(tmp / "artifact", out_dir)
+        replace_dir(tmp / "artifact", out_dir)
     except DtcError as exc:
         _cleanup(tmp, created)
         if type(exc) in (ArtifactError, VerificationError):
@@ -825,17 +826,3 @@ def _cleanup(tmp: Path, created: list[Path]) -> None:
             parent.rmdir()
         except OSError:
             break
-
-
-def _move_into_place(src: Path, out_dir: Path) -> None:
-    """Rename ``src`` to ``out_dir``; an existing ``out_dir`` (--force) is removed only after the swap."""
-    old = None
-    if out_dir.exists() or out_dir.is_symlink():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(src, out_dir)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)

@@ -974,7 +974,7 @@ def refit_artifact(
     Raises:
         ArtifactError, UnsupportedError, RecipeError: one line naming what is wrong and the fix.
     """
-    from dtcompile.artifacts.manifest import file_entry, read_manifest, write_manifest
+    from dtcompile.artifacts.manifest import file_entry, read_manifest, replace_dir, write_manifest
     from dtcompile.backends.tensorrt import gpu_arch
     from dtcompile.stages.lora import check_lora_fits, read_lora, resolve_lora
 
@@ -1118,7 +1118,7 @@ def refit_artifact(
             },
         }
         write_manifest(tmp, new_manifest)
-        _replace_dir(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -1142,17 +1142,6 @@ def refit_artifact(
         seconds=timings["total_s"],
         timings=timings,
     )
-
-
-def _replace_dir(tmp: Path, dest: Path) -> None:
-    """Rename ``tmp`` to ``dest``; an existing ``dest`` is moved aside first and removed after the swap."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- build-time recording (recipe LoRAs) ------------------------------------------------------------------------------

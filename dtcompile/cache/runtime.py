@@ -146,14 +146,7 @@ class CachedEngineModule(ComponentStandIn):
         return ctx
 
     def forward(self, return_dict: bool = True, joint_attention_kwargs: Any = None, **kwargs: Any) -> Any:
-        if joint_attention_kwargs:
-            raise NotImplementedError(
-                f"joint_attention_kwargs {sorted(joint_attention_kwargs)} are not supported by engines"
-            )
-        feeds = {name: kwargs[name] for name in self.input_names if kwargs.get(name) is not None}
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise ValueError(f"the pipeline did not pass graph inputs {missing}")
+        feeds = self.graph_feeds(kwargs, joint_attention_kwargs)
         ctx = self._context(feeds["timestep"])
         pro = self.runners[self.prologue](feeds)
         shared = {k: pro[k] for k in ("temb", "rope_cos", "rope_sin")}

@@ -45,6 +45,18 @@ class ComponentStandIn(torch.nn.Module):
         # diffusers' pipelines wrap calls in cache_context; a plain engine keeps no such state.
         yield
 
+    def graph_feeds(self, kwargs: dict[str, Any], joint_attention_kwargs: Any = None) -> dict[str, torch.Tensor]:
+        """The graph inputs out of the pipeline's keyword call (unused ones such as ``return_dict`` dropped)."""
+        if joint_attention_kwargs:
+            raise NotImplementedError(
+                f"joint_attention_kwargs {sorted(joint_attention_kwargs)} are not supported by engines"
+            )
+        feeds = {name: kwargs[name] for name in self.input_names if kwargs.get(name) is not None}
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise ValueError(f"the pipeline did not pass graph inputs {missing}")
+        return feeds
+
 
 class EngineModule(ComponentStandIn):
     """Stands in for ``pipe.transformer``: maps the pipeline's keyword call onto one engine's graph inputs."""
@@ -63,14 +75,7 @@ class EngineModule(ComponentStandIn):
         self.calls = 0
 
     def forward(self, return_dict: bool = True, joint_attention_kwargs: Any = None, **kwargs: Any) -> Any:
-        if joint_attention_kwargs:
-            raise NotImplementedError(
-                f"joint_attention_kwargs {sorted(joint_attention_kwargs)} are not supported by engines"
-            )
-        feeds = {name: kwargs[name] for name in self.input_names if kwargs.get(name) is not None}
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise ValueError(f"the pipeline did not pass graph inputs {missing}")
+        feeds = self.graph_feeds(kwargs, joint_attention_kwargs)
         out = self.runner(feeds)[self.output_name].to(self._device, self._dtype)
         self.calls += 1
         if self.trace is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -145,6 +144,7 @@ def run_build(
         SCHEMA_VERSION,
         artifact_key,
         read_manifest,
+        replace_dir,
         tool_versions,
         write_manifest,
     )
@@ -264,20 +264,9 @@ def run_build(
         ]
         manifest["stages"] = [s.to_json() for s in stats]
         write_manifest(tmp, manifest)
-        _move_into_place(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("artifact: %s", out_dir)
     return BuildReport(out_dir, manifest)
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` with ``tmp`` (rename; the old folder is removed only after the swap)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtcompile.artifacts.manifest import sha256_file
 from dtcompile.errors import MissingDependencyError, RecipeError, UnsupportedError, VerificationError
 from dtcompile.recipe import PICKLE_SUFFIXES, LoraSpec
 
@@ -132,14 +133,6 @@ def _looks_like_hub_id(source: str) -> bool:
     )
 
 
-def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_safetensors(path: Path, label: str) -> dict[str, Any]:
     """Read and return the safetensors header of ``path`` without loading tensors; never unpickles.
 
@@ -209,7 +202,7 @@ def resolve_lora(
             "(never unpickles): convert it with safetensors"
         )
     check_safetensors(path, label)
-    return ResolvedLora(label, source, weight_name, path.resolve(), sha256_of(path), scale)
+    return ResolvedLora(label, source, weight_name, path.resolve(), sha256_file(path), scale)
 
 
 def _hub_file(repo: str, filename: str, label: str) -> Path:
