@@ -28,19 +28,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REAL_WIDTH = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "out_channels": None,
-    "num_layers": 1,
-    "num_single_layers": 1,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
+from dtcompile.models.flux import FLUX_DEV_WIDTHS
+
+REAL_WIDTH = {**FLUX_DEV_WIDTHS, "num_layers": 1, "num_single_layers": 1}  # FLUX.1-dev widths (dtcompile.models.flux)
 
 
 def build_model(name: str, dtype: Any) -> tuple[Any, int]:

@@ -39,23 +39,15 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from dtcompile.models.flux import FLUX_DEV_WIDTHS
+
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("export", "rtx", "retype", "ort")
 TIMED = ("export", "rtx", "ort")  # retype only prepares the onnxruntime graph
 FLUX_DEV_BLOCKS = (19, 38)  # double, single
 
 # FLUX.1-dev's transformer config (black-forest-labs/FLUX.1-dev transformer/config.json) minus the depth.
-REAL_WIDTH = {
-    "patch_size": 1,
-    "in_channels": 64,
-    "out_channels": None,
-    "attention_head_dim": 128,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "pooled_projection_dim": 768,
-    "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}
+REAL_WIDTH = FLUX_DEV_WIDTHS
 
 
 def peak_rss_mb() -> float:

@@ -256,18 +256,25 @@ def generate_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
 # (whose output widths match what the transformer reads: T5 4096, CLIP pooled 768) and a tiny 4-level VAE
 # (scale factor 8 and 16 latent channels, like FLUX.1's): real per-block cost and real token counts, ~2.2 GB.
 REALWIDTH_FLUX_VERSION = 1
+#: FLUX.1-dev transformer widths (everything but the block counts), shared by the built-in and the benchmarks.
+FLUX_DEV_WIDTHS: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "out_channels": None,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
 REALWIDTH_FLUX_CONFIG: dict[str, Any] = {
     **TINY_FLUX_CONFIG,
     "transformer": {
         **TINY_FLUX_CONFIG["transformer"],
-        "in_channels": 64,
+        **FLUX_DEV_WIDTHS,
         "num_layers": 1,
         "num_single_layers": 1,
-        "attention_head_dim": 128,
-        "num_attention_heads": 24,
-        "joint_attention_dim": 4096,
-        "pooled_projection_dim": 768,
-        "axes_dims_rope": [16, 56, 56],
     },
     "vae": {
         **TINY_FLUX_CONFIG["vae"],
