@@ -40,7 +40,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.errors import BuildError, UnsupportedError
+from dtcompile.core.errors import BuildError, UnsupportedError
+from dtcompile.core.versions import dist_version, version_tuple
 
 if TYPE_CHECKING:
     import torch
@@ -116,8 +117,8 @@ def mode_blocker(
         if dtype == "bfloat16" and arch == "sm_75":
             return "Turing (sm_75) has no bfloat16 attention kernels; use dtype: float16"
         if backend == "tensorrt":
-            version = _dist_version("tensorrt")
-            if version is not None and _version_tuple(version) < TRT_NATIVE_MIN_VERSION:
+            version = dist_version("tensorrt")
+            if version is not None and version_tuple(version) < TRT_NATIVE_MIN_VERSION:
                 need = ".".join(map(str, TRT_NATIVE_MIN_VERSION))
                 return f"tensorrt {version} does not parse the ONNX Attention op (needs >= {need})"
         return None
@@ -475,23 +476,6 @@ def register_build_plugins(trt: Any, flavour: str, onnx_path: Path) -> list[dict
     if not plugin.trt_plugin.register(trt):
         raise BuildError(f"{flavour} {trt.__version__} refused to register the {known} plugin creator")
     return [plugin.plugin_record()]
-
-
-def _dist_version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
-    parts = []
-    for p in version.split(".")[:2]:
-        digits = "".join(c for c in p if c.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
 
 
 __all__ = [

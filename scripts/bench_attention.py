@@ -53,7 +53,7 @@ def build_model(name: str, dtype: Any) -> tuple[Any, int]:
 def export_and_check(model: Any, vsf: int, mode: str, dtype: Any, tokens: int, text_len: int, out: Path) -> dict:
     """Export with ``mode``; returns the graph facts and the ExportSpec/wrapper for running it."""
     from dtcompile.attention import export_attention
-    from dtcompile.models.base import Range, Shapes
+    from dtcompile.core.graph import Range, Shapes
     from dtcompile.models.flux import FluxAdapter
     from dtcompile.stages.export import export_onnx
 
@@ -98,7 +98,7 @@ def ort_latency(path: Path, feed: dict, repeat: int) -> tuple[Any, float]:
 
 def rtx_build(path: Path, profile: Any, arch: str, out: Path) -> dict:
     from dtcompile.backends.tensorrt import engine_from_onnx
-    from dtcompile.errors import DtcError
+    from dtcompile.core.errors import DtcError
 
     try:
         info = engine_from_onnx(path, profile, arch, "tensorrt-rtx", out / f"{arch}.engine")
@@ -111,7 +111,7 @@ def run(models: list[str], dtypes: list[str], archs: list[str], repeat: int, tex
     import torch
 
     from dtcompile.attention import RTX_PLUGIN_REASON
-    from dtcompile.stages.export import rel_l2
+    from dtcompile.core.metrics import rel_l2
 
     results: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, no GPU",
@@ -166,7 +166,7 @@ def attention_only(dtypes: list[str], seq: int, repeat: int) -> list[dict]:
     import torch
 
     from dtcompile.attention import attention, export_attention
-    from dtcompile.stages.export import rel_l2
+    from dtcompile.core.metrics import rel_l2
 
     class One(torch.nn.Module):
         def __init__(self, mode: str) -> None:

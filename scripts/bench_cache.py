@@ -3,7 +3,7 @@
 
 The transformer has FLUX.1's real width (24 heads x 128 = 3072, joint_attention_dim 4096, pooled 768,
 in_channels 64, guidance embedding) with random, seeded weights (no checkpoint is reachable offline) and fewer
-blocks (default 2 double + 4 single). It is split with ``dtcompile.cache.split.export_parts`` (the code path of
+blocks (default 2 double + 4 single). It is split with ``dtcompile.stages.cache_split.export_parts`` (the code path of
 ``dtc build``, onnxruntime parity checks included) into prologue, the first double block, the other double
 blocks, the single blocks and the epilogue; ``CachedEngineModule`` runs the parts with onnxruntime in FLUX's
 flow-matching Euler loop (FluxPipeline's scheduler and timesteps, random text embeddings).
@@ -46,7 +46,8 @@ def segments_for(n_double: int, n_single: int, chunk: int = 2) -> list[Any]:
     """First double block alone (first_block mode), the other double blocks, then the single blocks (the static
     group) in segments of ``chunk`` blocks: one part stays under ~1.4 GB of fp32 weights, so its export fits in
     memory next to the model."""
-    from dtcompile.cache.spec import DOUBLE, SINGLE, Segment
+    from dtcompile.models.flux import DOUBLE, SINGLE
+    from dtcompile.recipe.cache import Segment
 
     doubles = [f"{DOUBLE}.{i}" for i in range(n_double)]
     singles = [f"{SINGLE}.{i}" for i in range(n_single)]
@@ -63,9 +64,9 @@ def export(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from dtcompile.cache.split import export_parts
-    from dtcompile.models.base import Range, Shapes
+    from dtcompile.core.graph import Range, Shapes
     from dtcompile.models.flux import FluxAdapter
+    from dtcompile.stages.cache_split import export_parts
 
     config = {
         **REAL_WIDTH,
@@ -187,10 +188,10 @@ def main() -> None:
     import torch
 
     from dtcompile.backends.onnxruntime import OrtRunner
-    from dtcompile.cache.runtime import CachedEngineModule
-    from dtcompile.cache.spec import CacheSpec, summarize_blocks
+    from dtcompile.core.metrics import rel_l2
     from dtcompile.models.flux import latent_image_ids
-    from dtcompile.stages.export import rel_l2
+    from dtcompile.recipe.cache import CacheSpec, summarize_blocks
+    from dtcompile.runtime.cache import CachedEngineModule
 
     args.work.mkdir(parents=True, exist_ok=True)
     info = export(args, args.work)

@@ -90,8 +90,8 @@ def feeds(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def output(artifact: Path) -> Any:
-    from dtcompile.artifacts.manifest import read_manifest
     from dtcompile.backends.onnxruntime import OrtRunner
+    from dtcompile.manifest import read_manifest
 
     m = read_manifest(artifact)
     runner = OrtRunner(artifact / m["components"]["transformer"]["onnx"]["file"], optimization="basic")
@@ -132,7 +132,7 @@ def main() -> None:
 
 def timed(rows: list[dict[str, Any]], name: str, fn: Any) -> Any:
     """Run ``fn`` as a named phase: wall time and this phase's peak RSS (sampled) go into ``rows``."""
-    from dtcompile.progress import stage
+    from dtcompile.core.progress import stage
 
     with stage(name) as st:
         result = fn()
@@ -151,12 +151,12 @@ def realwidth(work: Path, rank: int, fp8: bool) -> dict[str, Any]:
     """Refit vs rebuild on the real-width model (float16), plus the weight-only fp8 requantization gap."""
     import torch
 
-    from dtcompile.artifacts.refit import OnnxWeights, refit_artifact, weight_only_qdq_artifact
-    from dtcompile.models.flux import builtin_model_path
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.models.builtin import builtin_model_path
     from dtcompile.recipe import load_recipe
     from dtcompile.stages import run_build
-    from dtcompile.stages.export import rel_l2
     from dtcompile.stages.lora import make_peft_lora
+    from dtcompile.tools.refit import OnnxWeights, refit_artifact, weight_only_qdq_artifact
 
     rows: list[dict[str, Any]] = []
     model_dir = builtin_model_path("flux-realwidth-1")  # generated once into the cache, untimed
@@ -237,13 +237,13 @@ def calibrated_fp8(work: Path) -> dict[str, Any]:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from dtcompile.artifacts.refit import refit_artifact
-    from dtcompile.models.flux import builtin_model_path
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.models.builtin import builtin_model_path
     from dtcompile.recipe import load_recipe
     from dtcompile.runtime.run import run_artifact
     from dtcompile.stages import run_build
-    from dtcompile.stages.export import rel_l2
     from dtcompile.stages.lora import make_peft_lora
+    from dtcompile.tools.refit import refit_artifact
 
     rows: list[dict[str, Any]] = []
     t = FluxTransformer2DModel.from_pretrained(builtin_model_path("tiny-flux") / "transformer", dtype=torch.float32)

@@ -89,7 +89,7 @@ def flux_step_flops(
 
 
 def _shapes(opt_px: int) -> Any:
-    from dtcompile.models.base import Range, Shapes
+    from dtcompile.core.graph import Range, Shapes
 
     px = Range(768, opt_px, 1344) if opt_px >= 768 else Range(opt_px, opt_px, 1344)
     return Shapes(batch=Range(1, 1, 2), height=px, width=px, text_len=Range(512, 512, 512))
@@ -482,7 +482,7 @@ def _cpu_name() -> str:
 
 
 def _versions() -> dict[str, str | None]:
-    from dtcompile.artifacts.manifest import tool_versions
+    from dtcompile.core.versions import tool_versions
 
     return tool_versions()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dtcompile.attention import RTX_PLUGIN_REASON, AttentionChoice, mode_blocker, resolve_attention
-from dtcompile.errors import BuildError, RecipeError, UnsupportedError
+from dtcompile.core.errors import BuildError, RecipeError, UnsupportedError
 from dtcompile.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def tiny16():
     """The tiny FLUX transformer in fp16, its export wrapper and an opset-23 ExportSpec at 16x16 tokens."""
     import torch
 
-    from dtcompile.models.base import Range, Shapes
+    from dtcompile.core.graph import Range, Shapes
     from dtcompile.models.flux import FluxAdapter, build_tiny_flux
 
     pipe = build_tiny_flux()
@@ -152,7 +152,7 @@ def test_native_matches_decomposed_in_onnxruntime(exported, tiny16) -> None:
     import torch
 
     from dtcompile.backends.onnxruntime import OrtRunner
-    from dtcompile.stages.export import rel_l2
+    from dtcompile.core.metrics import rel_l2
 
     wrapper, spec, _ = tiny16
     feed = dict(spec.example_inputs)
@@ -264,7 +264,7 @@ def test_patch_point_is_wrappable_and_restored(monkeypatch) -> None:
 
 
 def test_manifest_records_attention(tiny_artifact) -> None:
-    from dtcompile.artifacts.manifest import read_manifest
+    from dtcompile.manifest import read_manifest
 
     comp = read_manifest(tiny_artifact)["components"]["transformer"]
     att = comp["attention"]

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from dtcompile.artifacts.manifest import all_file_entries, read_manifest, verify_file
-from dtcompile.cache.spec import CacheSpec, Segment, plan_segments, stats_line
-from dtcompile.errors import RecipeError, UnsupportedError
+from dtcompile.core.errors import RecipeError, UnsupportedError
+from dtcompile.manifest import all_file_entries, read_manifest, verify_file
+from dtcompile.recipe.cache import CacheSpec, Segment, plan_segments, stats_line
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny-flux-cache.yaml"
@@ -151,7 +151,7 @@ def fake_module(spec: CacheSpec, segments: list[Segment], log: list[str]) -> Any
     """A CachedEngineModule whose parts are simple torch functions; ``log`` records which parts ran."""
     import torch
 
-    from dtcompile.cache.runtime import CachedEngineModule
+    from dtcompile.runtime.cache import CachedEngineModule
 
     def prologue(f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         log.append("prologue")
@@ -282,8 +282,8 @@ def test_manifest_lists_every_part(static_artifact: Path) -> None:
 def test_cache_off_matches_the_monolithic_artifact_every_step(
     static_artifact: Path, tiny_artifact: Path, height: int, width: int
 ) -> None:
+    from dtcompile.core.metrics import rel_l2
     from dtcompile.runtime.run import run_artifact
-    from dtcompile.stages.export import rel_l2
 
     kw = {"steps": 4, "seed": 3, "height": height, "width": width, "backend": "onnxruntime", "trace": True}
     mono = run_artifact(tiny_artifact, PROMPT, **kw)
@@ -337,8 +337,8 @@ def test_first_block_artifact_reports_threshold_and_skips(first_block_artifact: 
 
 
 def test_publish_and_pull_carry_the_parts(static_artifact: Path, tmp_path: Path) -> None:
-    from dtcompile.artifacts.publish import publish_artifact, pull_artifact
     from dtcompile.runtime.run import run_artifact
+    from dtcompile.tools.publish import publish_artifact, pull_artifact
 
     publish_artifact(static_artifact, str(tmp_path / "pub"))
     out = tmp_path / "pulled"

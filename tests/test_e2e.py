@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dtcompile.artifacts.manifest import read_manifest, sha256_file
+from dtcompile.core.digests import sha256_file
+from dtcompile.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red fox in the snow"
@@ -59,7 +60,7 @@ def _reference_run(steps: int, seed: int, height: int, width: int, text_len: int
     import torch
     from diffusers import FluxPipeline
 
-    from dtcompile.models.flux import builtin_model_path
+    from dtcompile.models.builtin import builtin_model_path
 
     pipe = FluxPipeline.from_pretrained(builtin_model_path("tiny-flux"), dtype=torch.float32)
     preds: list[torch.Tensor] = []
@@ -78,8 +79,8 @@ def _reference_run(steps: int, seed: int, height: int, width: int, text_len: int
 
 @pytest.mark.parametrize("height,width", [(64, 64), (32, 96)])
 def test_run_matches_diffusers_every_step(tiny_artifact: Path, height: int, width: int) -> None:
+    from dtcompile.core.metrics import rel_l2
     from dtcompile.runtime.run import run_artifact
-    from dtcompile.stages.export import rel_l2
 
     steps = 4
     ref_preds, ref_image = _reference_run(steps, 7, height, width, 32)
@@ -171,7 +172,7 @@ def test_truncated_engine_file_is_refused(tiny_artifact: Path, tmp_path: Path) -
 
 
 def test_failure_mid_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dtcompile.errors import BuildError
+    from dtcompile.core.errors import BuildError
     from dtcompile.recipe import load_recipe
     from dtcompile.stages import build as build_stage
     from dtcompile.stages import run_build

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dtcompile.errors import RecipeError
+from dtcompile.core.errors import RecipeError
 from dtcompile.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dtcompile.recipe import BACKEND_ARCHS
+from dtcompile.core.targets import TRT_ARCHS as BACKEND_ARCHS
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / ".github/workflows/engines.yml"

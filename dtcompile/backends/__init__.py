@@ -1,15 +1,28 @@
-"""Backends: onnxruntime (the reference, any machine) and the two TensorRT flavours (one code path)."""
+"""Backends: onnxruntime (the reference, any machine) and the two TensorRT flavours (one code path).
+
+``BACKENDS`` maps a backend name (``engine.backends`` in a recipe) to its ``Backend`` class
+(``dtcompile.backends.base``), imported on first use; ``get_backend(name)`` returns an instance.
+"""
 
 from __future__ import annotations
 
-from dtcompile.registry import Registry
+from typing import TYPE_CHECKING
 
-# name -> runner class; each runner takes (engine_or_onnx_path, entry) and maps feeds -> outputs.
-RUNNERS: Registry[type] = Registry(
+from dtcompile.core.registry import Registry
+
+if TYPE_CHECKING:
+    from dtcompile.backends.base import Backend
+
+BACKENDS: Registry[type[Backend]] = Registry(
     "backend",
     {
-        "onnxruntime": "dtcompile.backends.onnxruntime:OrtRunner",
-        "tensorrt-rtx": "dtcompile.backends.tensorrt:TrtRunner",
-        "tensorrt": "dtcompile.backends.tensorrt:TrtRunner",
+        "onnxruntime": "dtcompile.backends.onnxruntime:OnnxruntimeBackend",
+        "tensorrt-rtx": "dtcompile.backends.tensorrt:TensorRTRtxBackend",
+        "tensorrt": "dtcompile.backends.tensorrt:TensorRTBackend",
     },
 )
+
+
+def get_backend(name: str) -> Backend:
+    """An instance of the backend registered as ``name`` (UnsupportedError naming the choices otherwise)."""
+    return BACKENDS.get(name)()

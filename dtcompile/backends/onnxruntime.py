@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from dtcompile.errors import ArtifactError, MissingDependencyError
+from dtcompile.backends.base import BuildSettings, Target
+from dtcompile.core.digests import sha256_file
+from dtcompile.core.errors import ArtifactError, MissingDependencyError, UnsupportedError
 
 if TYPE_CHECKING:
     import torch
+
+    from dtcompile.core.graph import ShapeProfile
 
 log = logging.getLogger("dtcompile.onnxruntime")
 
@@ -70,3 +76,45 @@ class OrtRunner:
             arrays[name] = t.contiguous().numpy()
         outs = self.session.run(self.output_names, arrays)
         return {name: torch.from_numpy(out) for name, out in zip(self.output_names, outs, strict=True)}
+
+
+class OnnxruntimeBackend:
+    """The reference backend: the exported ONNX graph is its engine, runnable on any machine."""
+
+    name: ClassVar[str] = "onnxruntime"
+    archs: ClassVar[tuple[str, ...]] = ("any",)
+
+    def supports(self, target: Target, settings: BuildSettings) -> str | None:
+        """None when onnxruntime is installed (it needs no GPU and builds nothing)."""
+        if importlib.util.find_spec("onnxruntime") is None:
+            return "onnxruntime is not installed (pip install 'dtcompile[onnx]')"
+        return None
+
+    def build(
+        self,
+        onnx_path: Path,
+        profile: ShapeProfile,
+        target: Target,
+        settings: BuildSettings,
+        artifact_dir: Path,
+        component: str,
+    ) -> dict[str, Any]:
+        """The engine entry pointing at the ONNX graph itself (nothing is copied)."""
+        rel = Path(onnx_path).relative_to(artifact_dir).as_posix()
+        return {
+            "backend": self.name,
+            "arch": "any",
+            "file": rel,
+            "sha256": sha256_file(onnx_path),
+            "size": Path(onnx_path).stat().st_size,
+        }
+
+    def open_runner(self, path: Path, entry: dict[str, Any]) -> OrtRunner:
+        """An ``OrtRunner`` over the graph."""
+        return OrtRunner(path)
+
+    def refit(
+        self, engine_path: Path, updates: dict[str, Any], out_path: Path, missing: Callable[[str], Any]
+    ) -> dict[str, Any]:
+        """onnxruntime runs the refit ONNX graph itself: there is no engine to refit."""
+        raise UnsupportedError("onnxruntime has no engine to refit: the refit ONNX graph is its artifact")

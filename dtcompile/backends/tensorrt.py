@@ -17,35 +17,26 @@ Importing this module loads neither torch nor TensorRT: both are imported inside
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
-import os
-import re
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from dtcompile.errors import ArtifactError, BuildError, MissingDependencyError, UnsupportedError
-from dtcompile.models.base import ShapeProfile, TensorSpec
+from dtcompile.backends.base import BuildSettings, Target
+from dtcompile.core.errors import ArtifactError, BuildError, MissingDependencyError, UnsupportedError
+from dtcompile.core.files import write_atomic
+from dtcompile.core.graph import ShapeProfile, TensorSpec
+from dtcompile.core.targets import TRT_ARCHS, TRT_EXTRAS, TRT_MODULES, cc_name, gpu_arch
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 log = logging.getLogger("dtcompile.tensorrt")
-
-#: Flavour name -> Python module.
-FLAVOURS: dict[str, str] = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
-#: Flavour name -> the dtcompile extra that installs it.
-EXTRAS: dict[str, str] = {"tensorrt": "trt", "tensorrt-rtx": "rtx"}
-#: Architectures each flavour can target. TensorRT-RTX 1.7's ComputeCapability enum has SM75, SM80, SM86,
-#: SM89, SM120 and SM121; Turing (sm_75) has no fp32 GEMM, so graphs with fp32 matmuls (FLUX's RoPE) fail there.
-SUPPORTED_ARCHS: dict[str, tuple[str, ...]] = {
-    "tensorrt-rtx": ("sm_75", "sm_80", "sm_86", "sm_89", "sm_120", "sm_121"),
-    "tensorrt": ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"),
-}
 
 # TensorRT DataType member name -> numpy-style dtype name (as in TensorSpec).
 _DTYPE_NAMES = {
@@ -62,7 +53,6 @@ _DTYPE_NAMES = {
     "FP4": "float4_e2m1fn",
     "E8M0": "float8_e8m0fnu",
 }
-_ARCH_RE = re.compile(r"sm_(\d+)(\d)")
 
 
 @dataclass(frozen=True)
@@ -121,25 +111,13 @@ def import_trt(flavour: str) -> Any:
         UnsupportedError: unknown flavour.
         MissingDependencyError: the module is not installed (names the dtcompile extra).
     """
-    module = FLAVOURS.get(flavour)
+    module = TRT_MODULES.get(flavour)
     if module is None:
-        raise UnsupportedError(f"unknown TensorRT flavour '{flavour}'; choose one of: {', '.join(FLAVOURS)}")
+        raise UnsupportedError(f"unknown TensorRT flavour '{flavour}'; choose one of: {', '.join(TRT_MODULES)}")
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise MissingDependencyError(module, EXTRAS[flavour], why=f"needed by the {flavour} backend") from e
-
-
-def gpu_arch() -> str | None:
-    """The current CUDA device's arch ("sm_89"), or None without torch, CUDA or a visible device."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    major, minor = torch.cuda.get_device_capability()
-    return f"sm_{major}{minor}"
+        raise MissingDependencyError(module, TRT_EXTRAS[flavour], why=f"needed by the {flavour} backend") from e
 
 
 def check_build_target(flavour: str, arch: str, *, refittable: bool = False, strongly_typed: bool = True) -> None:
@@ -151,9 +129,9 @@ def check_build_target(flavour: str, arch: str, *, refittable: bool = False, str
         UnsupportedError: unknown flavour or arch, or a setting this flavour/machine cannot build.
         MissingDependencyError: the flavour's module is not installed.
     """
-    if flavour not in FLAVOURS:
-        raise UnsupportedError(f"unknown TensorRT flavour '{flavour}'; choose one of: {', '.join(FLAVOURS)}")
-    archs = SUPPORTED_ARCHS[flavour]
+    if flavour not in TRT_MODULES:
+        raise UnsupportedError(f"unknown TensorRT flavour '{flavour}'; choose one of: {', '.join(TRT_MODULES)}")
+    archs = TRT_ARCHS[flavour]
     if arch not in archs:
         raise UnsupportedError(f"unknown arch '{arch}' for {flavour}; choose one of: {', '.join(archs)}")
     if flavour == "tensorrt":
@@ -175,9 +153,9 @@ def check_build_target(flavour: str, arch: str, *, refittable: bool = False, str
             "tensorrt-rtx networks are always strongly typed (precision comes from the ONNX graph's types); "
             "strongly_typed=False is only for the datacenter tensorrt flavour"
         )
-    if not hasattr(trt.ComputeCapability, _cc_name(arch)):
+    if not hasattr(trt.ComputeCapability, cc_name(arch)):
         raise UnsupportedError(
-            f"tensorrt_rtx {trt.__version__} cannot target {arch} (no ComputeCapability.{_cc_name(arch)}); "
+            f"tensorrt_rtx {trt.__version__} cannot target {arch} (no ComputeCapability.{cc_name(arch)}); "
             f"upgrade tensorrt-rtx"
         )
     if refittable and gpu_arch() is None:
@@ -206,7 +184,7 @@ def engine_from_onnx(
     Args:
         onnx_path: the graph; external data is read from next to it.
         profile: min/opt/max shapes of every dynamic input (one optimization profile).
-        arch: target GPU arch, e.g. "sm_89" (one of ``SUPPORTED_ARCHS[flavour]``).
+        arch: target GPU arch, e.g. "sm_89" (one of ``TRT_ARCHS[flavour]``).
         flavour: "tensorrt-rtx" or "tensorrt".
         out_path: engine file; written as ``<out_path>.tmp`` then renamed.
         strongly_typed: precision from the graph's types (always on for tensorrt-rtx).
@@ -262,7 +240,7 @@ def engine_from_onnx(
         config.set_flag(trt.BuilderFlag.REFIT)
     if is_rtx:
         config.num_compute_capabilities = 1
-        config.set_compute_capability(getattr(trt.ComputeCapability, _cc_name(arch)), 0)
+        config.set_compute_capability(getattr(trt.ComputeCapability, cc_name(arch)), 0)
     config.add_optimization_profile(_optimization_profile(builder, inputs, profile, onnx_path))
     if timing_cache is not None:
         if is_rtx:
@@ -277,8 +255,8 @@ def engine_from_onnx(
         first = trt_logger.errors[0] if trt_logger.errors else "no error reported"
         raise BuildError(f"{flavour} {trt.__version__} failed to build {onnx_path} for {arch}: {first}")
     if timing_cache is not None:
-        _write_atomic(Path(timing_cache), memoryview(config.get_timing_cache().serialize()))
-    sha = _write_atomic(out_path, memoryview(serialized))
+        write_atomic(Path(timing_cache), memoryview(config.get_timing_cache().serialize()))
+    sha = write_atomic(out_path, memoryview(serialized))
     del serialized
     build_s = time.perf_counter() - t0
 
@@ -388,6 +366,120 @@ class TrtRunner:
         return outputs
 
 
+class TensorRTBackend:
+    """Datacenter TensorRT: builds only for the GPU it runs on."""
+
+    name: ClassVar[str] = "tensorrt"
+    archs: ClassVar[tuple[str, ...]] = TRT_ARCHS["tensorrt"]
+
+    def supports(self, target: Target, settings: BuildSettings) -> str | None:
+        """Why ``target`` cannot be built on this machine (None when it can), without building anything."""
+        try:
+            check_build_target(self.name, target.arch, refittable=settings.refittable)
+        except (UnsupportedError, MissingDependencyError) as exc:
+            return str(exc)
+        return None
+
+    def build(
+        self,
+        onnx_path: Path,
+        profile: ShapeProfile,
+        target: Target,
+        settings: BuildSettings,
+        artifact_dir: Path,
+        component: str,
+    ) -> dict[str, Any]:
+        """``<artifact>/<backend>/<arch>/<component>.engine`` and its manifest entry (with ``build_s``)."""
+        path = artifact_dir / self.name / target.arch / f"{component}.engine"
+        info = engine_from_onnx(
+            onnx_path,
+            profile,
+            target.arch,
+            self.name,
+            path,
+            refittable=settings.refittable,
+            opt_level=settings.opt_level,
+        )
+        return {**info.to_manifest(artifact_dir), "build_s": round(info.build_s, 2)}
+
+    def open_runner(self, path: Path, entry: dict[str, Any]) -> TrtRunner:
+        """A ``TrtRunner`` (needs a CUDA GPU of the engine's arch)."""
+        return TrtRunner(path, self.name)
+
+    def refit(
+        self, engine_path: Path, updates: dict[str, Any], out_path: Path, missing: Callable[[str], Any]
+    ) -> dict[str, Any]:
+        """See ``refit_engine``."""
+        return refit_engine(engine_path, self.name, updates, out_path, missing)
+
+
+class TensorRTRtxBackend(TensorRTBackend):
+    """TensorRT for RTX: builds on any machine, one compute capability per build."""
+
+    name: ClassVar[str] = "tensorrt-rtx"
+    archs: ClassVar[tuple[str, ...]] = TRT_ARCHS["tensorrt-rtx"]
+
+
+def refit_engine(
+    engine_path: Path, flavour: str, updates: dict[str, Any], out_path: Path, missing: Callable[[str], Any]
+) -> dict[str, Any]:
+    """Refit a serialized TensorRT engine with named weights and write it to ``out_path``; {sha256, size}.
+
+    Pushes ``updates`` (ONNX initializer name -> tensor: the parser names TensorRT weights after them), then any
+    weight the refitter still asks for (``get_missing_weights``) from ``missing(name)``. Needs a CUDA GPU of the
+    engine's arch (deserialization).
+    """
+    import torch
+
+    if gpu_arch() is None:
+        raise UnsupportedError(f"refitting {engine_path} needs a CUDA GPU (TensorRT deserializes the engine)")
+    trt = import_trt(flavour)
+    trt_logger = _logger(flavour, trt)
+    trt_logger.errors.clear()
+    engine = trt.Runtime(trt_logger).deserialize_cuda_engine(Path(engine_path).read_bytes())
+    if engine is None:
+        first = trt_logger.errors[0] if trt_logger.errors else "no error reported"
+        raise ArtifactError(f"cannot deserialize {engine_path} for refit: {first}")
+    if not engine.refittable:
+        raise UnsupportedError(
+            f"{engine_path} was built without REFIT; rebuild with engine.refittable: true (needs a GPU at build)"
+        )
+    refitter = trt.Refitter(engine, trt_logger)
+    folded = sorted(set(updates) - set(refitter.get_all_weights()))
+    if folded:
+        raise UnsupportedError(
+            f"{engine_path}: TensorRT folded weight '{folded[0]}' into another layer, so it cannot be refit "
+            f"({len(folded)} such); fuse the LoRA with dtc build instead"
+        )
+    dtypes = {
+        torch.float32: trt.float32,
+        torch.float16: trt.float16,
+        torch.bfloat16: trt.bfloat16,
+        torch.int8: trt.int8,
+        torch.float8_e4m3fn: trt.fp8,
+    }
+    keep: list[torch.Tensor] = []  # pushed weights must outlive refit_cuda_engine
+
+    def push(name: str, value: torch.Tensor) -> None:
+        t = value.detach().contiguous().cpu()
+        keep.append(t)
+        if t.dtype not in dtypes:
+            raise UnsupportedError(f"refit: TensorRT weight '{name}' has dtype {t.dtype}")
+        if not refitter.set_named_weights(name, trt.Weights(dtypes[t.dtype], t.data_ptr(), t.numel())):
+            first = trt_logger.errors[-1] if trt_logger.errors else "size or dtype differs from the engine's"
+            raise BuildError(f"refit: TensorRT rejected new weights for '{name}' in {engine_path}: {first}")
+
+    for name, value in updates.items():
+        push(name, value)
+    for name in refitter.get_missing_weights():
+        push(name, missing(name))
+    if not refitter.refit_cuda_engine():
+        first = trt_logger.errors[0] if trt_logger.errors else "no error reported"
+        raise BuildError(f"refit of {engine_path} failed: {first}")
+    sha = write_atomic(out_path, memoryview(engine.serialize()))
+    return {"sha256": sha, "size": Path(out_path).stat().st_size}
+
+
 # --- helpers ------------------------------------------------------------------------------------------------
 
 # TensorRT uses the first logger a process registers for every later builder and runtime, so each flavour
@@ -414,14 +506,6 @@ def _logger(flavour: str, trt: Any) -> Any:
 
         _LOGGERS[flavour] = _Logger()
     return _LOGGERS[flavour]
-
-
-def _cc_name(arch: str) -> str:
-    """ "sm_89" -> "SM89" (the ComputeCapability member name)."""
-    m = _ARCH_RE.fullmatch(arch)
-    if m is None:
-        raise UnsupportedError(f"arch must look like 'sm_89', got '{arch}'")
-    return f"SM{m.group(1)}{m.group(2)}"
 
 
 def _parser_error(err: Any) -> str:
@@ -472,18 +556,6 @@ def _load_timing_cache(config: Any, path: Path) -> None:
         )
 
 
-def _write_atomic(path: Path, data: memoryview) -> str:
-    """Write ``data`` to ``path`` via a temporary file and a rename; returns its sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return hashlib.sha256(data).hexdigest()
-
-
 def _torch_dtype(torch: Any, trt_dtype: Any) -> Any:
     name = _DTYPE_NAMES.get(trt_dtype.name)
     dtype = getattr(torch, name, None) if name else None
@@ -493,13 +565,12 @@ def _torch_dtype(torch: Any, trt_dtype: Any) -> Any:
 
 
 __all__ = [
-    "EXTRAS",
-    "FLAVOURS",
-    "SUPPORTED_ARCHS",
     "EngineInfo",
+    "TensorRTBackend",
+    "TensorRTRtxBackend",
     "TrtRunner",
     "check_build_target",
     "engine_from_onnx",
-    "gpu_arch",
     "import_trt",
+    "refit_engine",
 ]

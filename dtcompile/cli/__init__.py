@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from dtcompile import __version__
-from dtcompile.errors import DtcError
+from dtcompile.core.errors import DtcError
 
 # name -> ("module:function", one-line help); the module is imported only when the command runs.
 COMMANDS = {

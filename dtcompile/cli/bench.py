@@ -45,7 +45,7 @@ def bench(
     """Run PyTorch and the artifact's engines interleaved on the same inputs; print latency, memory, ratios."""
     from pathlib import Path
 
-    from dtcompile.runtime.bench import DEFAULT_PROMPT, bench_artifact, format_report, write_report
+    from dtcompile.tools.bench import DEFAULT_PROMPT, bench_artifact, format_report, write_report
 
     report = bench_artifact(
         Path(artifact),

@@ -15,7 +15,7 @@ def inspect_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     """Show what an artifact holds: source, versions, engines per arch, shapes, stage costs."""
     from pathlib import Path
 
-    from dtcompile.artifacts.manifest import all_file_entries, read_manifest, verify_file
+    from dtcompile.manifest import all_file_entries, read_manifest, verify_file
 
     root = Path(artifact)
     m = read_manifest(root)

@@ -21,7 +21,7 @@ def publish(artifact: str, url: str) -> None:
     """
     from pathlib import Path
 
-    from dtcompile.artifacts.publish import arch_order, publish_artifact
+    from dtcompile.tools.publish import arch_order, publish_artifact
 
     report = publish_artifact(Path(artifact), url)
     name_url = report.url.rsplit("/", 1)[0]

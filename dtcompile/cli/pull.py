@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dtcompile.artifacts.publish import BACKEND_FILTERS  # light: publish.py imports nothing heavy at module level
+from dtcompile.tools.publish import BACKEND_FILTERS  # light: publish.py imports nothing heavy at module level
 
 
 @click.command()
@@ -33,7 +33,7 @@ def pull(url: str, arch: str, backend: str, key: str | None, out_dir: str, force
     """
     from pathlib import Path
 
-    from dtcompile.artifacts.publish import pull_artifact
+    from dtcompile.tools.publish import pull_artifact
 
     report = pull_artifact(url, Path(out_dir), arch=arch, backend=backend, key=key, force=force)
     engines = ", ".join(f"{e['backend']} {e['arch']}" for e in report.engines)

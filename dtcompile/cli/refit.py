@@ -27,8 +27,8 @@ def refit(artifact: str, loras: tuple[str, ...], out_dir: str | None, in_place: 
     """Refit ARTIFACT with LoRA adapters: W' = W + sum(scale * alpha/r * B @ A) on every touched weight."""
     from pathlib import Path
 
-    from dtcompile.artifacts.refit import parse_lora_arg, refit_artifact
-    from dtcompile.errors import DtcError
+    from dtcompile.core.errors import DtcError
+    from dtcompile.tools.refit import parse_lora_arg, refit_artifact
 
     if any(v.lower() == "none" for v in loras):
         if len(loras) > 1:

@@ -64,6 +64,6 @@ def run(
         f"{result.steps} steps in {result.seconds:.2f}s"
     )
     if result.cache_stats is not None:
-        from dtcompile.cache.spec import stats_line
+        from dtcompile.recipe.cache import stats_line
 
         click.echo(stats_line(result.cache_stats))

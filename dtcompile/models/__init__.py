@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dtcompile.errors import UnsupportedError
-from dtcompile.registry import Registry
+from dtcompile.core.errors import UnsupportedError
+from dtcompile.core.registry import Registry
 
 if TYPE_CHECKING:
     from dtcompile.models.base import ModelAdapter

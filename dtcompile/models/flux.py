@@ -10,21 +10,15 @@ Importing this module loads no torch, diffusers or transformers.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from importlib import metadata
 from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.errors import UnsupportedError
-from dtcompile.models.base import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
+from dtcompile.core.errors import UnsupportedError
+from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
+from dtcompile.models.builtin import BuiltinModel
 
 if TYPE_CHECKING:
     import torch
@@ -300,35 +294,6 @@ def generate_flux_realwidth(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A model dtcompile can generate offline: its family, a one-line description and its generator."""
-
-    name: str
-    family: str
-    description: str
-    generate: Callable[[Path], Path]
-    config: dict[str, Any]
-    version: int
-    code: tuple[Callable[..., Any], ...] = ()  # functions whose source is hashed too (stale-cache guard)
-
-    def cache_key(self) -> str:
-        """Short hash of everything that changes the generated files (config, generator, library versions)."""
-        import inspect
-
-        libs = {lib: _dist_version(lib) for lib in ("torch", "diffusers", "transformers", "tokenizers")}
-        code = hashlib.sha256("".join(inspect.getsource(fn) for fn in self.code).encode()).hexdigest()
-        key = {"name": self.name, "version": self.version, "config": self.config, "libs": libs, "code": code}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _dist_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 # Functions every built-in's files depend on (their source is part of the cache key).
 _GENERATOR_CODE = (
     _bytes_to_unicode,
@@ -361,45 +326,12 @@ BUILTINS: dict[str, BuiltinModel] = {
 }
 
 
-def builtin_cache_root() -> Path:
-    """Folder of generated built-ins: ``$DTC_CACHE_DIR/builtin`` or ``~/.cache/dtcompile/builtin``."""
-    root = os.environ.get("DTC_CACHE_DIR")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "dtcompile"
-    return base / "builtin"
-
-
-def builtin_model_path(name: str) -> Path:
-    """Path of built-in model ``name``, generating it into the cache on first use.
-
-    Generation writes into a temporary folder next to the target and renames it into place, so a reader
-    never sees a half-written model; when two processes race, the loser's copy is discarded.
-    """
-    if name not in BUILTINS:
-        raise UnsupportedError(f"unknown built-in model '{name}'; choose one of: {', '.join(BUILTINS)}")
-    model = BUILTINS[name]
-    target = builtin_cache_root() / f"{name}-{model.cache_key()}"
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        model.generate(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process renamed its copy into place first (the target is then a non-empty folder).
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 # --------------------------------------------------------------------------------------------------
 # Adapter
 # --------------------------------------------------------------------------------------------------
 
+#: The two block lists of a FluxTransformer2DModel, in execution order.
+DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
 GUIDANCE_SCALE_EXAMPLE = 3.5  # FLUX.1-dev's default guidance_scale, used for example inputs
 
 
@@ -492,6 +424,17 @@ class FluxAdapter:
     component = "transformer"
     # Modules ModelOpt's FLUX example keeps in high precision: embedders, the output norm and projection.
     default_exclude = ("*x_embedder*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
+
+    @staticmethod
+    def block_names(config: dict[str, Any]) -> list[str]:
+        """Block names of a FLUX transformer config, in execution order (double-stream, then single-stream)."""
+        if "num_layers" not in config or "num_single_layers" not in config:
+            raise UnsupportedError(
+                "cache: only FLUX transformers (transformer_blocks + single_transformer_blocks; config keys "
+                "num_layers and num_single_layers) can be split into block engines; remove the cache section"
+            )
+        n_double, n_single = int(config["num_layers"]), int(config["num_single_layers"])
+        return [f"{DOUBLE}.{i}" for i in range(n_double)] + [f"{SINGLE}.{i}" for i in range(n_single)]
 
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:

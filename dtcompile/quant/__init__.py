@@ -10,19 +10,17 @@ Importing this package loads no torch, ModelOpt or ONNX.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from dtcompile.errors import UnsupportedError
-from dtcompile.registry import Registry
+from dtcompile.core.errors import UnsupportedError
+from dtcompile.core.registry import Registry
+from dtcompile.core.targets import sm_number
 
 if TYPE_CHECKING:
-    from dtcompile.quant.spec import Fp8Spec, Int8Spec, Nvfp4Spec, SvdquantSpec
+    from dtcompile.recipe.quant import Fp8Spec, Int8Spec, Nvfp4Spec, SvdquantSpec
 
     AnyQuantSpec = Fp8Spec | Int8Spec | Nvfp4Spec | SvdquantSpec
-
-_ARCH_RE = re.compile(r"sm_(\d+)")
 
 #: Module types whose quantizers stay off in every format: normalization and convolutions are not run in
 #: fp8/int8/fp4 by TensorRT, so Q/DQ there only adds error (and breaks strongly typed fp16 parsing).
@@ -79,7 +77,7 @@ class QuantFormat:
             return f"quant.format {self.name}: unknown backend '{backend}'; choose one of: onnxruntime, " + ", ".join(
                 self.archs
             )
-        sm = _sm(arch)
+        sm = sm_number(arch)
         if sm < self.min_sm:
             return (
                 f"quant.format {self.name} cannot target {arch}: it needs sm_{self.min_sm} or newer; "
@@ -144,13 +142,6 @@ def quantizer_pattern(module_pattern: str) -> str:
     ``proj_out``; ``*proj_out*`` is every module whose name contains it); quantizers hang below them.
     """
     return f"{module_pattern}.*"
-
-
-def _sm(arch: str | None) -> int:
-    m = _ARCH_RE.fullmatch(arch or "")
-    if m is None:
-        raise UnsupportedError(f"arch must look like 'sm_89', got {arch!r}")
-    return int(m.group(1))
 
 
 FORMATS: Registry[type[QuantFormat]] = Registry(

@@ -31,14 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.errors import BuildError
+from dtcompile.core.errors import BuildError
+from dtcompile.core.numerics import fp8_fake_quant
 from dtcompile.quant import get_format
-from dtcompile.quant.qdq import FP4_BLOCK_DQ_PLACEHOLDER, FP8_MAX, TRT_DOMAIN, QdqReport, standardize_file
+from dtcompile.quant.qdq import FP4_BLOCK_DQ_PLACEHOLDER, TRT_DOMAIN, QdqReport, standardize_file
 
 if TYPE_CHECKING:
     import torch
 
-    from dtcompile.models.base import ExportSpec
+    from dtcompile.core.graph import ExportSpec
     from dtcompile.stages.export import OnnxArtifact
 
 log = logging.getLogger("dtcompile.quant")
@@ -113,14 +114,6 @@ def enable_fp8_attention(model: torch.nn.Module) -> dict[str, list[str]]:
     return done
 
 
-def _fp8_qdq(x: torch.Tensor, amax: float) -> torch.Tensor:
-    """Fake-quantize ``x`` to fp8 E4M3 the way ONNX QuantizeLinear/DequantizeLinear do (scale amax/448)."""
-    import torch
-
-    scale = torch.tensor(amax / FP8_MAX, dtype=x.dtype, device=x.device)
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
-
-
 def _fp8_sdpa(
     self: Any,
     query: torch.Tensor,
@@ -166,7 +159,7 @@ def _attention(
         logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
     probs = torch.softmax(logits, dim=-1)
     if quantize_softmax:
-        probs = _fp8_qdq(probs, 1.0)
+        probs = fp8_fake_quant(probs, 1.0)
     return (probs.to(wide) @ v.to(wide)).to(dtype)
 
 

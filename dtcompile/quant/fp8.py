@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from dtcompile.quant import FP8, QuantFormat
 
 if TYPE_CHECKING:
-    from dtcompile.quant.spec import Fp8Spec
+    from dtcompile.recipe.quant import Fp8Spec
 
 
 class Fp8Format(QuantFormat):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from dtcompile.quant import INT8_PER_CHANNEL, INT8_PER_TENSOR, QuantFormat
 
 if TYPE_CHECKING:
-    from dtcompile.quant.spec import Int8Spec
+    from dtcompile.recipe.quant import Int8Spec
 
 
 class Int8Format(QuantFormat):

@@ -17,12 +17,13 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from dtcompile.core.numerics import nvfp4_fake_quant
 from dtcompile.quant import NVFP4, QuantFormat
 
 if TYPE_CHECKING:
     import torch
 
-    from dtcompile.quant.spec import Nvfp4Spec
+    from dtcompile.recipe.quant import Nvfp4Spec
 
 
 #: (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) of NVFP4 in ModelOpt's op signature.
@@ -97,56 +98,3 @@ def cpu_fake_quant(*, exporting: bool = False) -> Iterator[None]:
         yield
     finally:
         tensor_quant.dynamic_block_quantize_op = original
-
-
-E2M1_MAX = 6.0
-E4M3_MAX = 448.0
-#: E2M1 magnitudes by code (the sign is bit 3) and the midpoints between neighbours.
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-
-
-def nvfp4_fake_quant(x: torch.Tensor, block_size: int, amax: torch.Tensor) -> torch.Tensor:
-    """Quantize ``x`` to NVFP4 blocks along its last dim and back (pure torch, any device).
-
-    Bit-identical to ModelOpt's ``NVFP4QTensor`` quantize/dequantize (a test checks), without the packing.
-    """
-    import torch
-
-    scale_2 = amax.detach().float().abs().amax() / (E2M1_MAX * E4M3_MAX)
-    if float(scale_2) == 0.0:
-        return torch.zeros_like(x)
-    xf = x.float()
-    pad = -xf.shape[-1] % block_size
-    if pad:
-        xf = torch.nn.functional.pad(xf, (0, pad))
-    codes, block_scale = nvfp4_encode(xf, block_size, scale_2)
-    values = torch.tensor(E2M1_VALUES, device=x.device)[(codes & 7).long()]
-    values = torch.where(codes >= 8, -values, values)
-    scale = block_scale.float() * scale_2
-    out = (values.reshape(*xf.shape[:-1], -1, block_size) * scale.unsqueeze(-1)).reshape(xf.shape)
-    if pad:
-        out = out[..., : x.shape[-1]]
-    return out.to(x.dtype)
-
-
-def nvfp4_encode(x: torch.Tensor, block_size: int, scale_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """E2M1 codes (uint8, sign in bit 3) and E4M3 block scales of a float32 ``x`` [..., K], K % block == 0.
-
-    ModelOpt's NVFP4 definition: block scale = block amax / (6 * ``scale_2``) (0 -> 1), clamped to
-    [2^-9, 448] and rounded to E4M3; values divided by block scale * ``scale_2`` round half to even onto the
-    E2M1 grid, saturating at 6.
-    """
-    import torch
-
-    blocks = x.reshape(*x.shape[:-1], -1, block_size)
-    scale = blocks.abs().amax(dim=-1) / (E2M1_MAX * scale_2)
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    block_scale = scale.clamp(2**-9, E4M3_MAX).to(torch.float8_e4m3fn)
-    y = blocks / (block_scale.float() * scale_2).unsqueeze(-1)
-    a = y.abs()
-    idx = torch.bucketize(a, torch.tensor(_E2M1_BOUNDS, device=x.device))  # a on a midpoint goes down ...
-    ties_up = (a == 0.75) | (a == 1.75) | (a == 3.5)  # ... except where the upper neighbour is even
-    idx = (idx + ties_up.to(idx.dtype)).clamp(max=len(E2M1_VALUES) - 1).to(torch.uint8)
-    codes = torch.where(y < 0, idx | 8, idx)  # sign bit, -0 included (as ModelOpt packs it)
-    return codes.reshape(x.shape), block_scale

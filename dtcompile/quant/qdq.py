@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.errors import BuildError
+from dtcompile.core.errors import BuildError
+from dtcompile.core.numerics import E2M1_MAX, E2M1_VALUES, FP8_E4M3_MAX, quantize_with_scale
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
 
-FP8_MAX = 448.0
-FP4_MAX = 6.0
 #: The placeholder op the exporter writes for a block-scaled FP4 DequantizeLinear (see quant/export.py): the
 #: real op needs opset 21+, which the TorchScript exporter cannot emit.
 FP4_BLOCK_DQ_PLACEHOLDER = "DTC_FP4BlockDequantizeLinear"
@@ -268,22 +267,16 @@ def _quantize_fp8(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """float8e4m3fn bytes (as uint8) of ``weight / scale``, saturated at +-448 like QuantizeLinear."""
     import torch
 
-    w = torch.from_numpy(_to_f32(weight))
-    s = torch.from_numpy(_to_f32(scale))
-    return (w / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    w, s = torch.from_numpy(_to_f32(weight)), torch.from_numpy(_to_f32(scale))
+    return quantize_with_scale(w, s, "float8_e4m3fn", None).view(torch.uint8).numpy()
 
 
 def _quantize_int8(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     """int8 of ``weight / scale`` (per-tensor or per-``axis``), rounded half to even like QuantizeLinear."""
-    import numpy as np
+    import torch
 
-    w = _to_f32(weight)
-    s = _to_f32(scale)
-    if s.ndim == 1:
-        shape = [1] * w.ndim
-        shape[axis] = s.shape[0]
-        s = s.reshape(shape)
-    return np.clip(np.rint(w / s), -128, 127).astype(np.int8)
+    w, s = torch.from_numpy(_to_f32(weight)), torch.from_numpy(_to_f32(scale))
+    return quantize_with_scale(w, s, "int8", axis if s.ndim == 1 else None).numpy()
 
 
 def _to_f32(a: np.ndarray) -> np.ndarray:
@@ -405,12 +398,12 @@ def nvfp4_pack(weight: np.ndarray, block: int = 16) -> tuple[np.ndarray, np.ndar
     import numpy as np
     import torch
 
-    from dtcompile.quant.nvfp4 import E2M1_MAX, E4M3_MAX, nvfp4_encode
+    from dtcompile.core.numerics import nvfp4_encode, nvfp4_global_scale
 
     w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
     if w.shape[-1] % block:
         raise BuildError(f"an NVFP4 weight's last dim must divide by {block}, got shape {tuple(w.shape)}")
-    global_scale = w.abs().max() / (E2M1_MAX * E4M3_MAX)
+    global_scale = nvfp4_global_scale(w)
     if float(global_scale) == 0.0:
         global_scale = torch.tensor(1.0)
     codes, block_scale = nvfp4_encode(w, block, global_scale)
@@ -458,9 +451,9 @@ def fp4_reference_graph(model: onnx.ModelProto) -> onnx.ModelProto:
 
     # Activations: TRT_FP4DynamicQuantize -> DQ(scales) -> DQ(E2M1, block) becomes an emulation subgraph.
     consts: dict[str, np.ndarray] = {
-        "six": np.array(FP4_MAX, np.float32),
+        "six": np.array(E2M1_MAX, np.float32),
         "min_scale": np.array(2.0**-9, np.float32),
-        "max_scale": np.array(FP8_MAX, np.float32),
+        "max_scale": np.array(FP8_E4M3_MAX, np.float32),
         "one": np.array(1.0, np.float32),
         "zero": np.array(0.0, np.float32),
         "two": np.array(2.0, np.float32),
@@ -578,7 +571,7 @@ def decode_nvfp4(packed: onnx.TensorProto, block_scale: onnx.TensorProto, global
     codes = np.empty(raw.size * 2, dtype=np.uint8)
     codes[0::2], codes[1::2] = raw & 0x0F, raw >> 4
     codes = codes[: int(np.prod(shape))]
-    magnitude = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)[codes & 0x7]
+    magnitude = np.array(E2M1_VALUES, np.float32)[codes & 0x7]
     values = np.where(codes & 0x8, -magnitude, magnitude).reshape(shape)
     scale_bytes = np.frombuffer(block_scale.raw_data, dtype=np.uint8).reshape(list(block_scale.dims))
     scales = torch.from_numpy(scale_bytes.copy()).view(torch.float8_e4m3fn).float().numpy()

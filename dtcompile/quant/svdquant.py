@@ -12,11 +12,11 @@ from collections.abc import Iterable
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from dtcompile.errors import UnsupportedError
+from dtcompile.core.errors import UnsupportedError
 from dtcompile.quant.nvfp4 import Nvfp4Format
 
 if TYPE_CHECKING:
-    from dtcompile.quant.spec import SvdquantSpec
+    from dtcompile.recipe.quant import SvdquantSpec
 
 
 class SvdquantFormat(Nvfp4Format):

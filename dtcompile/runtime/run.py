@@ -12,21 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dtcompile.artifacts.manifest import read_manifest, verify_file
-from dtcompile.errors import ArtifactError, UnsupportedError
+from dtcompile.core.errors import ArtifactError, UnsupportedError
+from dtcompile.core.targets import BACKENDS, TRT_EXTRAS, gpu_arch, installed_trt_major
+from dtcompile.manifest import read_manifest, verify_file
 
 log = logging.getLogger("dtcompile.run")
-BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt-rtx", "tensorrt")
-
-
-def _installed_trt_major(backend: str) -> int | None:
-    from importlib import metadata
-
-    dist = {"tensorrt-rtx": "tensorrt-rtx-cu13", "tensorrt": "tensorrt"}[backend]
-    try:
-        return int(metadata.version(dist).split(".")[0])
-    except (metadata.PackageNotFoundError, ValueError):
-        return None
+BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 def select_engine(manifest: dict[str, Any], component: str, backend: str, gpu: str | None) -> dict[str, Any]:
@@ -37,7 +28,7 @@ def select_engine(manifest: dict[str, Any], component: str, backend: str, gpu: s
     if backend == "auto":
         if gpu is not None:
             for flavour in ("tensorrt", "tensorrt-rtx"):
-                if _installed_trt_major(flavour) and any(e["backend"] == flavour and e["arch"] == gpu for e in engines):
+                if installed_trt_major(flavour) and any(e["backend"] == flavour and e["arch"] == gpu for e in engines):
                     return select_engine(manifest, component, flavour, gpu)
         backend = "onnxruntime"
     candidates = [e for e in engines if e["backend"] == backend]
@@ -60,11 +51,10 @@ def select_engine(manifest: dict[str, Any], component: str, backend: str, gpu: s
             f"no {backend} engine for this GPU ({gpu}); the artifact has {archs}: add {gpu} to engine.targets and rebuild"
         )
     entry = match[0]
-    installed = _installed_trt_major(backend)
+    installed = installed_trt_major(backend)
     built_major = int(str(entry.get("trt_version", "0")).split(".")[0])
     if installed is None:
-        extra = "rtx" if backend == "tensorrt-rtx" else "trt"
-        raise ArtifactError(f"{backend} is not installed (pip install 'dtcompile[{extra}]')")
+        raise ArtifactError(f"{backend} is not installed (pip install 'dtcompile[{TRT_EXTRAS[backend]}]')")
     if installed != built_major:
         raise ArtifactError(
             f"{entry['file']} was built with {backend} {entry.get('trt_version')}, this machine has major "
@@ -108,9 +98,8 @@ def load_engine_pipeline(
     import diffusers
     import torch
 
-    from dtcompile.backends import RUNNERS
-    from dtcompile.backends.tensorrt import gpu_arch
-    from dtcompile.runtime.engine_module import EngineModule
+    from dtcompile.backends import get_backend
+    from dtcompile.backends.standin import EngineModule
 
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
@@ -123,7 +112,7 @@ def load_engine_pipeline(
         )
     pipeline_dir = artifact_dir / "pipeline"
     if "parts" in centry and not manifest.get("stopped_after"):
-        from dtcompile.cache.runtime import load_cached_module
+        from dtcompile.runtime.cache import load_cached_module
 
         module, entry = load_cached_module(
             artifact_dir, manifest, comp, backend, gpu=gpu_arch(), verify=verify, enabled=cache is not False
@@ -134,8 +123,7 @@ def load_engine_pipeline(
         path = verify_file(artifact_dir, entry, full=verify)
         for extra in centry["onnx"].get("external_data", []) if entry["backend"] == "onnxruntime" else []:
             verify_file(artifact_dir, extra, full=verify)
-        runner_cls = RUNNERS.get(entry["backend"])
-        runner = runner_cls(path) if entry["backend"] == "onnxruntime" else runner_cls(path, entry["backend"])
+        runner = get_backend(entry["backend"]).open_runner(path, entry)
         dtype = getattr(torch, manifest["dtype"])
         device = getattr(runner, "device", "cpu")
         module = EngineModule(

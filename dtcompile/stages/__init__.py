@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dtcompile.errors import DtcError, RecipeError, UnsupportedError
+from dtcompile.core.errors import DtcError, RecipeError, UnsupportedError
 from dtcompile.recipe import Recipe
 
 STAGES = ("load", "lora", "quantize", "export", "build")
@@ -70,9 +70,7 @@ def plan(recipe: Recipe) -> Plan:
     out_dir = Path(recipe.output.dir) / recipe.name
     notes: list[str] = []
     if recipe.cache is not None:
-        from dtcompile.cache.spec import plan_cache
-
-        notes = plan_cache(recipe)
+        notes = _plan_cache(recipe, resolved)
     if recipe.lora:  # local LoRA files must exist and be safetensors (hub ids are fetched at build)
         from dtcompile.stages.lora import resolve_loras
 
@@ -113,6 +111,44 @@ def _plan_quant(recipe: Recipe, resolved: Any, targets: list[dict[str, str]]) ->
             raise UnsupportedError(problem)
 
 
+def component_config(resolved: Any, component: str) -> dict[str, Any] | None:
+    """A component's config.json without loading weights (None: a hub model not downloaded yet)."""
+    import json
+
+    from dtcompile.stages.load import source_dir
+
+    if resolved.kind == "builtin":
+        from dtcompile.models.builtin import builtin
+
+        config = builtin(resolved.builtin_name).config.get(component)
+        if isinstance(config, dict):
+            return dict(config)
+    if resolved.kind == "hub":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        spec = resolved.spec
+        cached = try_to_load_from_cache(spec.source, f"{component}/config.json", revision=spec.revision)
+        return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+    path = source_dir(resolved) / component / "config.json"
+    if not path.is_file():
+        raise RecipeError(f"model.source: {path} not found; the pipeline has no {component} component")
+    return json.loads(path.read_text())
+
+
+def _plan_cache(recipe: Recipe, resolved: Any) -> list[str]:
+    """Dry-run check of ``recipe.cache`` against the model's block names (no weights loaded); plan lines."""
+    from dtcompile.recipe.cache import plan_lines, plan_segments
+
+    spec = recipe.cache
+    adapter = resolved.adapter
+    config = component_config(resolved, adapter.component) if adapter is not None else None
+    if config is None:
+        return [f"cache {spec.mode}: block patterns are checked after the model downloads (not cached locally)"]
+    return plan_lines(spec, plan_segments(spec, adapter.block_names(config)))
+
+
 @dataclass
 class BuildReport:
     """Where the artifact went and whether anything was (re)built."""
@@ -123,7 +159,7 @@ class BuildReport:
 
 
 def _existing_key(out_dir: Path) -> str | None:
-    from dtcompile.artifacts.manifest import all_file_entries, read_manifest, verify_file
+    from dtcompile.manifest import all_file_entries, read_manifest, verify_file
 
     try:
         manifest = read_manifest(out_dir)
@@ -140,15 +176,10 @@ def run_build(
     recipe: Recipe, *, stop_after: str | None = None, force: bool = False, recipe_path: str | None = None
 ) -> BuildReport:
     """Run the stages for ``recipe`` and move the finished artifact to ``output.dir/name``."""
-    from dtcompile.artifacts.manifest import (
-        SCHEMA_VERSION,
-        artifact_key,
-        read_manifest,
-        replace_dir,
-        tool_versions,
-        write_manifest,
-    )
-    from dtcompile.progress import stage
+    from dtcompile.core.files import replace_dir
+    from dtcompile.core.progress import stage
+    from dtcompile.core.versions import tool_versions
+    from dtcompile.manifest import SCHEMA_VERSION, artifact_key, read_manifest, write_manifest
 
     if stop_after is not None and stop_after not in STAGES:
         raise RecipeError(f"--stop-after: unknown stage '{stop_after}'; choose one of: {', '.join(STAGES)}")
@@ -228,7 +259,7 @@ def run_build(
             comp = loaded.adapter.component
             with stage("export", f"{comp} -> ONNX opset {recipe.export.opset}") as st:
                 if recipe.cache is not None:  # one graph per part (prologue, block segments, epilogue)
-                    from dtcompile.cache.split import export_split
+                    from dtcompile.stages.cache_split import export_split
 
                     manifest["components"][comp], graphs = export_split(loaded, recipe, tmp)
                 else:
@@ -239,7 +270,7 @@ def run_build(
             stats.append(st)
             manifest["components"].update((name, g.manifest) for name, g in graphs)
             if fused is not None:  # base weights of the LoRA-touched tensors, for a later `dtc refit`
-                from dtcompile.artifacts.refit import record_build_loras
+                from dtcompile.tools.refit import record_build_loras
 
                 manifest["lora"] = record_build_loras(tmp, comp, manifest["components"][comp], fused)
             if stop_after == "export":

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.errors import MissingDependencyError, UnsupportedError
-from dtcompile.recipe import BACKEND_ARCHS, EngineSpec
+from dtcompile.core.errors import MissingDependencyError, UnsupportedError
+from dtcompile.core.targets import TRT_ARCHS
+from dtcompile.recipe import EngineSpec
 
 if TYPE_CHECKING:
-    from dtcompile.models.base import ShapeProfile
+    from dtcompile.core.graph import ShapeProfile
 
 log = logging.getLogger("dtcompile.build")
 
@@ -41,9 +42,9 @@ def plan_targets(engine: EngineSpec) -> list[Target]:
     return [
         Target(backend, arch)
         for backend in engine.backends
-        if backend in BACKEND_ARCHS
+        if backend in TRT_ARCHS
         for arch in engine.targets
-        if arch in BACKEND_ARCHS[backend]
+        if arch in TRT_ARCHS[backend]
     ]
 
 

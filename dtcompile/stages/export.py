@@ -32,9 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.artifacts.manifest import sha256_file
-from dtcompile.errors import BuildError, VerificationError
-from dtcompile.models.base import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
+from dtcompile.core.digests import sha256_file
+from dtcompile.core.errors import BuildError, VerificationError
+from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
+from dtcompile.core.metrics import rel_l2
 
 if TYPE_CHECKING:
     import onnx
@@ -552,12 +553,6 @@ def shapes_from_recipe(shapes: Any) -> Shapes:
     return Shapes(**{k: Range(v.min, v.opt, v.max) for k, v in shapes})
 
 
-def rel_l2(a: Any, b: Any) -> float:
-    """||a - b|| / ||b|| in float64."""
-    a, b = a.double().flatten(), b.double().flatten()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def check_parity(onnx_path: Path, wrapper: Any, spec: ExportSpec, dtype: str) -> dict[str, Any]:
     """onnxruntime vs torch on the export's example inputs; VerificationError beyond the tolerance."""
     import torch
@@ -625,7 +620,7 @@ def export_component(
         "profile": profile.to_json(),
         "engines": [],
     }
-    from dtcompile.artifacts.refit import write_weight_map
+    from dtcompile.tools.refit import write_weight_map
 
     # torch parameter -> ONNX initializer (name, layout, dtype, Q/DQ scale), recorded once for `dtc refit`
     entry["weight_map"] = write_weight_map(module, art.path, artifact_dir, comp)
@@ -654,7 +649,7 @@ def export_component(
 
 def export_pipeline_files(loaded: LoadedPipeline, artifact_dir: Path) -> dict[str, Any]:
     """Save the pipeline minus the engine-backed component into ``artifact_dir/pipeline``."""
-    from dtcompile.artifacts.manifest import file_entry
+    from dtcompile.manifest import file_entry
 
     pipe = loaded.pipe
     comps = dict(pipe.components)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.errors import DtcError, MissingDependencyError, RecipeError
+from dtcompile.core.errors import DtcError, MissingDependencyError, RecipeError
 from dtcompile.recipe import ModelSpec
 
 if TYPE_CHECKING:
@@ -29,6 +29,23 @@ class ResolvedSource:
     spec: ModelSpec
     local_dir: Path | None  # None for a hub id not yet resolved
     kind: str  # "builtin" | "local" | "hub"
+
+    @property
+    def builtin_name(self) -> str | None:
+        return self.spec.source.removeprefix("builtin:") if self.kind == "builtin" else None
+
+    @property
+    def adapter(self) -> ModelAdapter | None:
+        """The family adapter, known without loading weights (None: a hub model not downloaded yet)."""
+        from dtcompile.models import ADAPTERS, adapter_for_pipeline_class
+
+        if self.kind == "builtin":
+            from dtcompile.models.builtin import builtin
+
+            return ADAPTERS.get(builtin(self.builtin_name).family)()
+        if self.local_dir is not None:
+            return ADAPTERS.get(adapter_for_pipeline_class(pipeline_class_of(self.local_dir)))()
+        return None
 
 
 @dataclass
@@ -52,13 +69,13 @@ def resolve_source(spec: ModelSpec) -> ResolvedSource:
     """Classify ``model.source`` without loading weights; local folders must exist and be pipelines."""
     source = spec.source
     if source.startswith("builtin:"):
-        from dtcompile.models.flux import BUILTINS
+        from dtcompile.models.builtin import builtins
 
         name = source.removeprefix("builtin:")
-        if name not in BUILTINS:
+        known = builtins()
+        if name not in known:
             raise RecipeError(
-                f"model.source: unknown built-in '{name}'; choose one of: "
-                + ", ".join(f"builtin:{n}" for n in BUILTINS)
+                f"model.source: unknown built-in '{name}'; choose one of: " + ", ".join(f"builtin:{n}" for n in known)
             )
         return ResolvedSource(spec, None, "builtin")
     if _looks_like_path(source):
@@ -89,7 +106,7 @@ def _hub_dir(spec: ModelSpec) -> Path:
 def source_dir(resolved: ResolvedSource) -> Path:
     """A local folder with the pipeline's files (generating built-ins, downloading hub ids)."""
     if resolved.kind == "builtin":
-        from dtcompile.models.flux import builtin_model_path
+        from dtcompile.models.builtin import builtin_model_path
 
         return builtin_model_path(resolved.spec.source.removeprefix("builtin:"))
     if resolved.kind == "hub":
@@ -114,7 +131,7 @@ def pipeline_class_of(folder: Path) -> str:
 
 def load_pipeline(spec: ModelSpec, dtype: str) -> LoadedPipeline:
     """Load the pipeline named by ``spec`` in ``dtype`` on the CPU."""
-    from dtcompile.artifacts.manifest import sha256_tree
+    from dtcompile.core.digests import sha256_tree
     from dtcompile.models import ADAPTERS, adapter_for_pipeline_class
 
     resolved = resolve_source(spec)

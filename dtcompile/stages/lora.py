@@ -16,7 +16,6 @@ kept so a refit can start from the un-fused weights).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -25,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.artifacts.manifest import sha256_file
-from dtcompile.errors import MissingDependencyError, RecipeError, UnsupportedError, VerificationError
+from dtcompile.core.digests import sha256_file, sha256_json
+from dtcompile.core.errors import MissingDependencyError, RecipeError, UnsupportedError, VerificationError
 from dtcompile.recipe import PICKLE_SUFFIXES, LoraSpec
 
 if TYPE_CHECKING:
@@ -232,7 +231,7 @@ def lora_key_digest(component_sha256: str, loras: list[ResolvedLora]) -> str:
     """The weights digest that goes into the artifact key: the component's files plus each adapter's sha256
     and scale (in order: fusing is a sum, but the manifest lists them as given)."""
     payload = {"component": component_sha256, "lora": [[r.sha256, r.scale] for r in loras]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return sha256_json(payload)
 
 
 # --- reading adapters -----------------------------------------------------------------------------------------

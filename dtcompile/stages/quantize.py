@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -31,13 +30,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.errors import ArtifactError, BuildError, DtcError, RecipeError, VerificationError
+from dtcompile.core.digests import sha256_json, sha256_text
+from dtcompile.core.errors import ArtifactError, BuildError, DtcError, RecipeError, VerificationError
+from dtcompile.core.files import cache_root
+from dtcompile.core.metrics import PSNR_IDENTICAL, psnr
+from dtcompile.core.versions import dist_version
 from dtcompile.quant import get_format
-from dtcompile.quant.spec import BUILTIN_PROMPTS, CalibSpec
+from dtcompile.recipe.quant import BUILTIN_PROMPTS, CalibSpec
 
 if TYPE_CHECKING:
     import torch
@@ -62,8 +64,6 @@ HELDOUT_PROMPTS: tuple[str, ...] = (
     "a black cat asleep on a stack of old books next to a window with rain drops",
     "a knight in ornate silver armor standing in a misty forest, digital art",
 )
-#: PSNR reported for identical images (JSON has no infinity).
-PSNR_IDENTICAL = 100.0
 
 
 # --- prompts -----------------------------------------------------------------------------------------------
@@ -150,13 +150,6 @@ def _check_lora_fused(module: torch.nn.Module) -> None:
 # --- cache key -----------------------------------------------------------------------------------------------
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def module_sha256(module: torch.nn.Module) -> str:
     """sha256 over a module's state dict (names, dtypes, shapes, bytes), for when no file digest is known."""
     import torch
@@ -192,14 +185,14 @@ def calibration_key(
         "width": width,
         "max_sequence_length": max_sequence_length,
         "guidance_scale": guidance_scale,
-        "versions": {d: _version(d) for d in ("nvidia-modelopt", "torch", "diffusers")},
+        "versions": {d: dist_version(d) for d in ("nvidia-modelopt", "torch", "diffusers")},
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return sha256_json(payload)
 
 
 def prompts_sha256(prompts: Sequence[str]) -> str:
     """sha256 of the prompts, one per line (the calibration-data hash recorded in the manifest)."""
-    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    return sha256_text("\n".join(prompts))
 
 
 # --- calibration -------------------------------------------------------------------------------------------------
@@ -693,7 +686,7 @@ def accuracy_report(
         steps=s["steps"],
         teacher_forced=_per_step(forced, reference.noise),
         free_running=_per_step(trace.noise, reference.noise),
-        psnr_db=[psnr(a, b) for a, b in zip(trace.images, reference.images, strict=True)],
+        psnr_db=[psnr(a, b, cap=PSNR_IDENTICAL) for a, b in zip(trace.images, reference.images, strict=True)],
     )
     log.info(
         "accuracy %s vs %s: teacher-forced min cos %.6f, max rel err %.3g; PSNR min %.1f dB",
@@ -723,17 +716,11 @@ def _per_step(candidate: list[list[Any]], reference: list[list[Any]]) -> dict[st
     return {"cos_min": cos_min, "rel_err_max": rel_max, "rel_err_mean": rel_mean}
 
 
-def psnr(image: Any, reference: Any) -> float:
-    """PSNR in dB of two images with values in [0, 1] (``PSNR_IDENTICAL`` when they are equal)."""
-    mse = float(((image.double() - reference.double()) ** 2).mean())
-    return PSNR_IDENTICAL if mse == 0 else min(PSNR_IDENTICAL, 10.0 * math.log10(1.0 / mse))
-
-
 def onnxruntime_component(onnx_path: Path, module: torch.nn.Module, output_name: str = "latent") -> Any:
     """A stand-in for ``module`` that runs ``onnx_path`` in onnxruntime (basic graph optimizations only:
     the int8 fusions of higher levels change the numbers)."""
     from dtcompile.backends.onnxruntime import OrtRunner
-    from dtcompile.runtime.engine_module import EngineModule
+    from dtcompile.backends.standin import EngineModule
 
     runner = OrtRunner(Path(onnx_path), optimization="basic")
     param = next(module.parameters())
@@ -862,7 +849,6 @@ __all__ = [
     "parity_report",
     "parity_tolerance",
     "prompts_sha256",
-    "psnr",
     "resolve_exclude",
     "restore_quantized",
     "trace_pipeline",
@@ -886,8 +872,7 @@ class QuantizedComponent:
 
 def quant_cache_dir() -> Path:
     """Where calibrated states are kept: ``$DTC_CACHE_DIR/quant`` or ``~/.cache/dtcompile/quant``."""
-    root = os.environ.get("DTC_CACHE_DIR")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "dtcompile") / "quant"
+    return cache_root() / "quant"
 
 
 def quantize_component(loaded: Any, recipe: Any, base_dir: Path | None, weights_sha256: str) -> QuantizedComponent:

@@ -11,16 +11,15 @@ import pytest
 
 from dtcompile.backends import tensorrt as trt_backend
 from dtcompile.backends.tensorrt import (
-    SUPPORTED_ARCHS,
     EngineInfo,
     TrtRunner,
     check_build_target,
     engine_from_onnx,
-    gpu_arch,
     import_trt,
 )
-from dtcompile.errors import ArtifactError, BuildError, MissingDependencyError, UnsupportedError
-from dtcompile.models.base import ShapeProfile, TensorSpec
+from dtcompile.core.errors import ArtifactError, BuildError, MissingDependencyError, UnsupportedError
+from dtcompile.core.graph import ShapeProfile, TensorSpec
+from dtcompile.core.targets import TRT_ARCHS, gpu_arch
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -86,7 +85,7 @@ PROFILE = ShapeProfile(min=_shapes(1, 16), opt=_shapes(2, 64), max=_shapes(4, 25
 def _export(dtype, out_dir: Path) -> Path:
     import torch
 
-    from dtcompile.models.base import ExportSpec
+    from dtcompile.core.graph import ExportSpec
     from dtcompile.stages.export import export_onnx
 
     name = str(dtype).removeprefix("torch.")
@@ -236,7 +235,7 @@ def test_rtx_arch_list_matches_the_enum():
     import tensorrt_rtx
 
     enum = sorted(m for m in dir(tensorrt_rtx.ComputeCapability) if m.startswith("SM"))
-    assert sorted("SM" + a[3:] for a in SUPPORTED_ARCHS["tensorrt-rtx"]) == enum
+    assert sorted("SM" + a[3:] for a in TRT_ARCHS["tensorrt-rtx"]) == enum
 
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the message shown when tensorrt is not installed")
@@ -322,7 +321,7 @@ def test_runner_matches_torch_on_gpu(fp32_onnx, tmp_path):
     import torch
 
     arch = gpu_arch()
-    flavour = "tensorrt-rtx" if arch in SUPPORTED_ARCHS["tensorrt-rtx"] and HAS_RTX else "tensorrt"
+    flavour = "tensorrt-rtx" if arch in TRT_ARCHS["tensorrt-rtx"] and HAS_RTX else "tensorrt"
     if flavour == "tensorrt" and not HAS_TRT:
         pytest.skip(f"no TensorRT flavour installed that targets {arch}")
     info = engine_from_onnx(fp32_onnx, PROFILE, arch, flavour, tmp_path / "e.engine")

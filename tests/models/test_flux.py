@@ -12,17 +12,11 @@ from typing import Any
 
 import pytest
 
-from dtcompile.errors import UnsupportedError
+from dtcompile.core.errors import UnsupportedError
+from dtcompile.core.graph import Range, Shapes
 from dtcompile.models import ADAPTERS, adapter_for_pipeline_class
-from dtcompile.models.base import Range, Shapes
-from dtcompile.models.flux import (
-    BUILTINS,
-    FluxAdapter,
-    builtin_model_path,
-    generate_tiny_flux,
-    img_tokens,
-    validate_image_size,
-)
+from dtcompile.models.builtin import builtin_model_path
+from dtcompile.models.flux import BUILTINS, FluxAdapter, generate_tiny_flux, img_tokens, validate_image_size
 
 PROMPTS = ["a photo of a cat", "a painting of a dog", "A red car at night, cinematic lighting!", "zebra 42"]
 

@@ -17,7 +17,7 @@ if importlib.util.find_spec("triton") is None:  # not imported here: see _RUNNER
     pytest.skip("the kernel tests need triton (pip install 'dtcompile[plugin]')", allow_module_level=True)
 
 from dtcompile.attention import load_plugin  # noqa: E402
-from dtcompile.stages.export import rel_l2  # noqa: E402
+from dtcompile.core.metrics import rel_l2  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ CASES = [
 _RUNNER = """
 import json, sys, torch
 from dtcompile.attention import load_plugin
-from dtcompile.stages.export import rel_l2
+from dtcompile.core.metrics import rel_l2
 plugin = load_plugin()
 out = {}
 for name, dt, b, h, sq, sk, d, scale, strided in json.loads(sys.argv[1]):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dtcompile.artifacts.manifest import read_manifest, sha256_file
+from dtcompile.core.digests import sha256_file
+from dtcompile.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Small calibration and evaluation so each build takes seconds; the shipped recipes use more.

@@ -15,12 +15,12 @@ pytest.importorskip("modelopt")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from dtcompile.errors import BuildError  # noqa: E402
-from dtcompile.models.base import Range, Shapes  # noqa: E402
+from dtcompile.core.errors import BuildError  # noqa: E402
+from dtcompile.core.graph import Range, Shapes  # noqa: E402
 from dtcompile.models.flux import TINY_FLUX_CONFIG, FluxAdapter, build_tiny_flux  # noqa: E402
 from dtcompile.quant import get_format  # noqa: E402
 from dtcompile.quant.export import QuantizedOnnx, export_quantized  # noqa: E402
-from dtcompile.quant.spec import parse_quant_spec  # noqa: E402
+from dtcompile.recipe.quant import parse_quant_spec  # noqa: E402
 from dtcompile.stages import quantize as q  # noqa: E402
 
 ADAPTER = FluxAdapter()

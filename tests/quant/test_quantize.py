@@ -13,9 +13,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("modelopt")
 
-from dtcompile.errors import RecipeError, UnsupportedError  # noqa: E402
+from dtcompile.core.errors import RecipeError, UnsupportedError  # noqa: E402
 from dtcompile.models.flux import FluxAdapter, build_tiny_flux  # noqa: E402
-from dtcompile.quant.spec import parse_quant_spec  # noqa: E402
+from dtcompile.recipe.quant import parse_quant_spec  # noqa: E402
 from dtcompile.stages import quantize as q  # noqa: E402
 
 PROMPTS = ["a cat", "a dog on a beach", "a red car", "an old house"]

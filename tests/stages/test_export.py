@@ -15,8 +15,8 @@ pytest.importorskip("diffusers")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from dtcompile.errors import BuildError  # noqa: E402
-from dtcompile.models.base import ExportSpec, TensorSpec  # noqa: E402
+from dtcompile.core.errors import BuildError  # noqa: E402
+from dtcompile.core.graph import ExportSpec, TensorSpec  # noqa: E402
 from dtcompile.stages import export as export_mod  # noqa: E402
 from dtcompile.stages.export import OnnxArtifact, export_onnx, sha256_file  # noqa: E402
 

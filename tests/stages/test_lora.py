@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtcompile.errors import RecipeError, UnsupportedError
+from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.recipe import load_recipe
 from dtcompile.stages.lora import (
     check_lora_fits,
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def pipe():
     from diffusers import FluxPipeline
 
-    from dtcompile.models.flux import builtin_model_path
+    from dtcompile.models.builtin import builtin_model_path
 
     return FluxPipeline.from_pretrained(builtin_model_path("tiny-flux"), dtype=torch.float32)
 
@@ -220,7 +220,7 @@ def test_fuse_matches_the_formula_and_keeps_the_base(files):
     from safetensors import safe_open
 
     from dtcompile.models import ADAPTERS
-    from dtcompile.models.flux import builtin_model_path
+    from dtcompile.models.builtin import builtin_model_path
     from dtcompile.stages.load import LoadedPipeline
 
     folder = builtin_model_path("tiny-flux")

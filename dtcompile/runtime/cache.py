@@ -1,8 +1,8 @@
 """Runtime for cached artifacts: the part engines stitched into one module that skips cached block segments.
 
-Input: an artifact whose transformer was split (``components[comp]["parts"]``, see ``dtcompile.cache.split``).
+Input: an artifact whose transformer was split (``components[comp]["parts"]``, see ``dtcompile.stages.cache_split``).
 Output: ``CachedEngineModule``, a stand-in for ``pipe.transformer`` with the same call interface as
-``dtcompile.runtime.engine_module.EngineModule``. Each call (one denoising step of one ``cache_context``) runs
+``dtcompile.backends.standin.EngineModule``. Each call (one denoising step of one ``cache_context``) runs
 the prologue, then every block segment, then the epilogue; a segment that is cached on this step is not run: its
 input plus the residual it produced on the last step it ran (output - input, for both streams) stands in for
 its output.
@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from dtcompile.cache.spec import CacheSpec, Segment
-from dtcompile.runtime.engine_module import ComponentStandIn
+from dtcompile.backends.standin import ComponentStandIn
+from dtcompile.core.metrics import rel_l1
+from dtcompile.recipe.cache import CacheSpec, Segment
 
 log = logging.getLogger("dtcompile.cache")
 
@@ -44,12 +45,6 @@ class _Context:
     residuals: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     first_residual: torch.Tensor | None = None
     consecutive: int = 0
-
-
-def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
-    """mean |a - b| / mean |b| in float32 (the first-block change measure)."""
-    a, b = a.float(), b.float()
-    return float((a - b).abs().mean() / b.abs().mean().clamp_min(1e-12))
 
 
 class CachedEngineModule(ComponentStandIn):
@@ -231,8 +226,8 @@ def load_cached_module(
 
     Every part runs on the same backend: the one ``select_engine`` picks for the prologue.
     """
-    from dtcompile.artifacts.manifest import verify_file
-    from dtcompile.backends import RUNNERS
+    from dtcompile.backends import get_backend
+    from dtcompile.manifest import verify_file
     from dtcompile.runtime.run import select_engine
 
     centry = manifest["components"][component]
@@ -240,7 +235,7 @@ def load_cached_module(
     entries = {name: manifest["components"][name] for name in centry["parts"]}
     first = select_engine(manifest, centry["parts"][0], backend, gpu)
     chosen = first["backend"]
-    runner_cls = RUNNERS.get(chosen)
+    backend_impl = get_backend(chosen)
     runners: dict[str, Runner] = {}
     device: Any = "cpu"
     for name, part in entries.items():
@@ -248,7 +243,7 @@ def load_cached_module(
         path = verify_file(artifact_dir, entry, full=verify)
         for extra in part["onnx"].get("external_data", []) if chosen == "onnxruntime" else []:
             verify_file(artifact_dir, extra, full=verify)
-        runner = runner_cls(path) if chosen == "onnxruntime" else runner_cls(path, chosen)
+        runner = backend_impl.open_runner(path, entry)
         runners[name] = runner
         device = getattr(runner, "device", "cpu")
     parts = [

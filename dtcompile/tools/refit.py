@@ -37,7 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.errors import ArtifactError, BuildError, DtcError, UnsupportedError
+from dtcompile.core.digests import sha256_json
+from dtcompile.core.errors import ArtifactError, BuildError, DtcError, UnsupportedError
+from dtcompile.core.numerics import QMAX, dequantize, quantize_weight
 
 if TYPE_CHECKING:
     import onnx
@@ -62,7 +64,6 @@ _ONNX_TORCH = {
     19: "float8_e5m2",
 }
 #: Quantized weight dtypes -> largest representable magnitude (the scale is amax / this).
-QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
 _DQ_OPS = ("DequantizeLinear",)
 _Q_OPS = ("QuantizeLinear",)
 
@@ -549,7 +550,7 @@ def _numel(dims: tuple[int, ...]) -> int:
 def write_weight_map(module: torch.nn.Module, onnx_path: Path, artifact_dir: Path, component: str) -> dict[str, Any]:
     """Build the weight map of an export and write it as JSON; returns its manifest entry (file, sha256, size
     and counts)."""
-    from dtcompile.artifacts.manifest import file_entry
+    from dtcompile.manifest import file_entry
 
     t0 = time.perf_counter()
     wmap = build_weight_map(module, onnx_path)
@@ -571,7 +572,7 @@ def write_weight_map(module: torch.nn.Module, onnx_path: Path, artifact_dir: Pat
 
 def load_weight_map(artifact_dir: Path, component_entry: dict[str, Any], component: str) -> dict[str, Any]:
     """Read and verify (sha256) an artifact's weight map."""
-    from dtcompile.artifacts.manifest import verify_file
+    from dtcompile.manifest import verify_file
 
     entry = component_entry.get("weight_map")
     if not entry:
@@ -587,44 +588,6 @@ def load_weight_map(artifact_dir: Path, component_entry: dict[str, Any], compone
 
 
 # --- quantization ---------------------------------------------------------------------------------------------
-
-
-def _broadcast(scale: torch.Tensor, axis: int | None, ndim: int) -> torch.Tensor:
-    if axis is None or scale.ndim == 0:
-        return scale.reshape(())
-    shape = [1] * ndim
-    shape[axis] = -1
-    return scale.reshape(shape)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """DequantizeLinear with a zero zero-point, in float32."""
-    return q.float() * _broadcast(scale.float(), axis, q.ndim)
-
-
-def quantize(w: torch.Tensor, qdtype: str, axis: int | None, scale_dtype: torch.dtype) -> tuple[Any, Any]:
-    """Symmetric weight quantization with a recomputed scale: ``amax / QMAX`` per tensor (``axis`` None) or per
-    channel along ``axis``; int8 rounds half to even and saturates as ONNX QuantizeLinear does.
-
-    Returns (quantized tensor, scale) with the scale in ``scale_dtype``.
-    """
-    import torch
-
-    qmax = QMAX[qdtype]
-    w = w.float()
-    if axis is None:
-        amax = w.abs().amax()
-    else:
-        dims = [d for d in range(w.ndim) if d != axis]
-        amax = w.abs().amax(dim=dims)
-    amax = torch.where(amax > 0, amax, torch.ones_like(amax))  # an all-zero channel keeps scale 1/qmax
-    scale = (amax / qmax).to(scale_dtype)
-    x = w / _broadcast(scale.float(), axis, w.ndim)
-    if qdtype == "int8":
-        q = torch.round(x).clamp(-128, 127).to(torch.int8)
-    else:
-        q = x.clamp(-qmax, qmax).to(_torch_dtype(qdtype))
-    return q, scale
 
 
 # --- LoRA -> initializer updates ------------------------------------------------------------------------------------
@@ -722,7 +685,7 @@ def plan_refit(
 def _requantize(w: Any, e: dict[str, Any], graph: OnnxWeights) -> tuple[Any, Any]:
     q = e["quant"]
     scale_dtype = _torch_dtype(graph.dtype(q["scale"]) or "float32")
-    q_new, s_new = quantize(w, q["qdtype"], q["axis"], scale_dtype)
+    q_new, s_new = quantize_weight(w, q["qdtype"], q["axis"], scale_dtype)
     s_new = s_new.reshape(graph.dims(q["scale"]))
     if q["kind"] == "qdq":  # the graph quantizes the float weight itself: keep it float, update the scale
         return w.to(_torch_dtype(e["onnx_dtype"])), s_new
@@ -936,7 +899,7 @@ def load_base_store(artifact_dir: Path, lora: dict[str, Any]) -> dict[str, Any]:
     """The stored base values (initializer name -> tensor), verified against the manifest's sha256."""
     from safetensors.torch import load_file
 
-    from dtcompile.artifacts.manifest import verify_file
+    from dtcompile.manifest import verify_file
 
     entry = lora.get("base_store")
     if not entry:
@@ -955,7 +918,7 @@ def _new_key(base_key: str, built_with: list[dict[str, Any]], adapters: list[dic
     if not adapters and not built_with:
         return base_key  # all weights are the base bytes again: the artifact is the one that was built
     payload = {"refit_of": base_key, "lora": [[a["sha256"], a["scale"]] for a in adapters]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return sha256_json(payload)
 
 
 def refit_artifact(
@@ -974,8 +937,9 @@ def refit_artifact(
     Raises:
         ArtifactError, UnsupportedError, RecipeError: one line naming what is wrong and the fix.
     """
-    from dtcompile.artifacts.manifest import file_entry, read_manifest, replace_dir, write_manifest
     from dtcompile.backends.tensorrt import gpu_arch
+    from dtcompile.core.files import replace_dir
+    from dtcompile.manifest import file_entry, read_manifest, write_manifest
     from dtcompile.stages.lora import check_lora_fits, read_lora, resolve_lora
 
     t_start = time.perf_counter()
@@ -1152,7 +1116,7 @@ def record_build_loras(
 ) -> dict[str, Any]:
     """After an export with recipe LoRAs fused: store the base (pre-fuse) value of every touched weight in the
     engine's layout and dtype, so a later refit starts from the base. Returns the manifest's ``lora`` section."""
-    from dtcompile.artifacts.manifest import file_entry
+    from dtcompile.manifest import file_entry
 
     if "weight_map" not in component_entry:  # e.g. a block-cached (split) export: not refittable
         return {"adapters": fused.adapters, "built_with": fused.adapters, "touched": []}
@@ -1195,7 +1159,7 @@ def weight_only_qdq_artifact(
 
     import onnx
 
-    from dtcompile.artifacts.manifest import file_entry, read_manifest, write_manifest
+    from dtcompile.manifest import file_entry, read_manifest, write_manifest
 
     qdtype = {"fp8": "float8_e4m3fn", "int8": "int8"}[fmt]
     src, dst = Path(src), Path(dst)
@@ -1218,7 +1182,7 @@ def weight_only_qdq_artifact(
         init = e["initializer"]
         w = graph.tensor(init)
         axis = None if fmt == "fp8" else (0 if e["layout"] == "same" else 1)
-        q, scale = quantize(w, qdtype, axis, w.dtype)  # the DQ output keeps the graph's float type
+        q, scale = quantize_weight(w, qdtype, axis, w.dtype)  # the DQ output keeps the graph's float type
         qname, sname = f"{init}__{fmt}", f"{init}__scale"
         qt = onnx.TensorProto()
         qt.name, qt.data_type = qname, {"float8_e4m3fn": 17, "int8": 3}[qdtype]

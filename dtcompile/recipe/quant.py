@@ -20,14 +20,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-
-class _Strict(BaseModel):
-    # Same settings as dtcompile.recipe._Strict; not imported from there because recipe.py imports this module
-    # (the pattern dtcompile/cache/spec.py follows).
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+from dtcompile.recipe.base import Strict as _Strict
 
 #: Names accepted by ``quant.format`` (kept in step with ``dtcompile.quant.FORMATS``).
 FORMAT_NAMES = ("fp8", "int8", "nvfp4", "svdquant")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dtcompile.runtime.bench import BASELINE, RATIO_METRICS, ratios, write_report
+from dtcompile.tools.bench import BASELINE, RATIO_METRICS, ratios, write_report
 
 
 def dtc(*args: str) -> subprocess.CompletedProcess[str]:

@@ -33,33 +33,22 @@ This module imports no torch: the dry run uses it before any weights load.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from dtcompile.errors import RecipeError, UnsupportedError
-
-if TYPE_CHECKING:
-    from dtcompile.recipe import ModelSpec
+from dtcompile.core.errors import RecipeError, UnsupportedError
+from dtcompile.recipe.base import ItemError
+from dtcompile.recipe.base import Strict as _Strict
 
 MODES = ("static", "first_block")
-DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
-
-
-class _Strict(BaseModel):
-    # Same settings as dtcompile.recipe._Strict (not imported: recipe.py imports this module).
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _item_error(index: int, message: str, field: str) -> ValueError:
-    """A validator error that dtcompile.recipe reports as ``<field>[index]: message``."""
-    from dtcompile.recipe import _ItemError  # imported late: recipe.py imports this module
-
-    return _ItemError(index, message, field=field)
+    """A validator error that the loader reports as ``<field>[index]: message``."""
+    return ItemError(index, message, field=field)
 
 
 class CacheGroupSpec(_Strict):
@@ -237,17 +226,6 @@ class Segment:
         return cls(int(data["index"]), tuple(data["blocks"]), data.get("group"))
 
 
-def block_names(transformer_config: dict[str, Any]) -> list[str]:
-    """Block names of a FLUX transformer config, in execution order (double-stream, then single-stream)."""
-    if "num_layers" not in transformer_config or "num_single_layers" not in transformer_config:
-        raise UnsupportedError(
-            "cache: only FLUX transformers (transformer_blocks + single_transformer_blocks; config keys num_layers "
-            "and num_single_layers) can be split into block engines; remove the cache section"
-        )
-    n_double, n_single = int(transformer_config["num_layers"]), int(transformer_config["num_single_layers"])
-    return [f"{DOUBLE}.{i}" for i in range(n_double)] + [f"{SINGLE}.{i}" for i in range(n_single)]
-
-
 def summarize_blocks(names: list[str] | tuple[str, ...]) -> str:
     """``transformer_blocks.0-18, single_transformer_blocks.0-37`` for a list of block names."""
     runs: list[tuple[str, int, int]] = []
@@ -274,7 +252,7 @@ def plan_segments(spec: CacheSpec, names: list[str]) -> list[Segment]:
             if not matched:
                 raise RecipeError(
                     f"cache.groups[{gi}].blocks[{pi}]: pattern '{pattern}' matches no block of the transformer "
-                    f"(it has {summarize_blocks(names)}); patterns are globs on block names, e.g. '{SINGLE}.*'"
+                    f"(it has {summarize_blocks(names)}); patterns are globs on block names, e.g. '{names[-1].rpartition('.')[0]}.*'"
                 )
             for n in matched:
                 if owner.get(n, group.name) != group.name:
@@ -294,34 +272,6 @@ def plan_segments(spec: CacheSpec, names: list[str]) -> list[Segment]:
     return segments
 
 
-def transformer_config_of(model: ModelSpec) -> dict[str, Any] | None:
-    """The transformer's config.json for a recipe's model source without loading weights (None: not local yet)."""
-    from dtcompile.stages.load import resolve_source
-
-    resolved = resolve_source(model)
-    if resolved.kind == "builtin":
-        from dtcompile.models.flux import BUILTINS, builtin_model_path
-
-        name = model.source.removeprefix("builtin:")
-        config = BUILTINS[name].config.get("transformer")
-        if isinstance(config, dict):
-            return dict(config)
-        folder: Path | None = builtin_model_path(name)
-    elif resolved.kind == "local":
-        folder = resolved.local_dir
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
-        cached = try_to_load_from_cache(model.source, "transformer/config.json", revision=model.revision)
-        return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
-    path = Path(folder) / "transformer" / "config.json"  # type: ignore[arg-type]
-    if not path.is_file():
-        raise RecipeError(f"cache: {path} not found; the pipeline has no transformer to split into block engines")
-    return json.loads(path.read_text())
-
-
 def plan_lines(spec: CacheSpec, segments: list[Segment]) -> list[str]:
     """Dry-run lines: the mode and each segment with its rule."""
     groups = {g.name: g for g in spec.groups or []}
@@ -339,15 +289,6 @@ def plan_lines(spec: CacheSpec, segments: list[Segment]) -> list[str]:
             what = "always computed"
         out.append(f"  segment {s.index}: {summarize_blocks(s.blocks)}  {what}")
     return out
-
-
-def plan_cache(recipe: Any) -> list[str]:
-    """Dry-run check of ``recipe.cache`` against the model's block names (no weights loaded); plan lines."""
-    spec: CacheSpec = recipe.cache
-    config = transformer_config_of(recipe.model)
-    if config is None:
-        return [f"cache {spec.mode}: block patterns are checked after the model downloads (not cached locally)"]
-    return plan_lines(spec, plan_segments(spec, block_names(config)))
 
 
 def stats_line(stats: dict[str, Any]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Generic, TypeVar
 
-from dtcompile.errors import UnsupportedError
+from dtcompile.core.errors import UnsupportedError
 
 T = TypeVar("T")
 
@@ -21,6 +21,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         """Registered names, in registration order."""
         return list(self._paths)
+
+    def path(self, name: str) -> str:
+        """The "module:attr" path registered as ``name``."""
+        return self._paths[self.check(name)]
 
     def check(self, name: str) -> str:
         """Raise UnsupportedError for an unknown name; return the name otherwise."""

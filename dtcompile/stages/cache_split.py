@@ -5,7 +5,7 @@ Input: a ``LoadedPipeline`` whose recipe has a ``cache`` section. Output: ``<art
 - ``prologue``: the monolithic graph's inputs -> ``hidden`` (x_embedder), ``context`` (context_embedder), ``temb``
   (time_text_embed of timestep, guidance and pooled projections) and ``rope_cos``/``rope_sin`` (pos_embed of the
   text + image ids);
-- ``blocks<i>``: one per segment (``dtcompile.cache.spec.plan_segments``): ``hidden, context, temb, rope_cos,
+- ``blocks<i>``: one per segment (``dtcompile.recipe.cache.plan_segments``): ``hidden, context, temb, rope_cos,
   rope_sin`` -> ``hidden_out, context_out``, running the segment's double- and/or single-stream blocks in order;
 - ``epilogue``: ``hidden, temb`` -> ``latent`` (norm_out + proj_out).
 
@@ -23,9 +23,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.cache.spec import Segment, block_names, plan_segments, summarize_blocks
-from dtcompile.errors import BuildError, VerificationError
-from dtcompile.models.base import ExportSpec, ShapeProfile, Shapes, TensorSpec
+from dtcompile.core.errors import BuildError, VerificationError
+from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
+from dtcompile.recipe.cache import Segment, plan_segments, summarize_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -219,7 +219,7 @@ def part_profile(part: Part, mono: ShapeProfile, dims: dict[str, Any]) -> ShapeP
 
 
 def _rel_l2_all(got: dict[str, Any], ref: dict[str, Any]) -> float:
-    from dtcompile.stages.export import rel_l2
+    from dtcompile.core.metrics import rel_l2
 
     return max(rel_l2(got[k], ref[k]) for k in ref)
 
@@ -250,7 +250,7 @@ def export_split(
     if recipe.cache is None:
         raise BuildError("export_split needs a recipe with a cache section")
     module = getattr(loaded.pipe, loaded.adapter.component).eval()
-    segments = plan_segments(recipe.cache, block_names(dict(module.config)))
+    segments = plan_segments(recipe.cache, loaded.adapter.block_names(dict(module.config)))
     choice = resolve_attention(recipe)  # export.attention applies to every part (docs/attention.md)
     main, exported = export_parts(
         module,
@@ -295,7 +295,8 @@ def export_parts(
 
     from dtcompile.attention import export_attention
     from dtcompile.backends.onnxruntime import OrtRunner
-    from dtcompile.stages.export import PARITY_TOL, ExportedComponent, export_onnx, rel_l2
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.stages.export import PARITY_TOL, ExportedComponent, export_onnx
     from dtcompile.stages.load import torch_dtype
 
     comp = adapter.component
@@ -320,7 +321,7 @@ def export_parts(
     if not split_err <= SPLIT_TOL:
         raise BuildError(
             f"the {len(parts)} cache parts chained in torch differ from {type(module).__name__}.forward by rel L2 "
-            f"{split_err:.2e} > {SPLIT_TOL:.0e}; this diffusers version's forward is not what dtcompile.cache.split "
+            f"{split_err:.2e} > {SPLIT_TOL:.0e}; this diffusers version's forward is not what dtcompile.stages.cache_split "
             "reproduces: remove the cache section or pin diffusers"
         )
 

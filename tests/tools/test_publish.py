@@ -16,17 +16,19 @@ from typing import Any
 
 import pytest
 
-from dtcompile.artifacts import publish as pub
-from dtcompile.artifacts.manifest import (
+from dtcompile.core.digests import sha256_file
+from dtcompile.core.errors import ArtifactError, DtcError, MissingDependencyError, UnsupportedError, VerificationError
+from dtcompile.manifest import (
     SCHEMA_VERSION,
     all_file_entries,
     file_entry,
     read_manifest,
-    sha256_file,
     verify_file,
     write_manifest,
 )
-from dtcompile.artifacts.publish import (
+from dtcompile.runtime.run import select_engine
+from dtcompile.tools import publish as pub
+from dtcompile.tools.publish import (
     COMMON,
     INDEX,
     SUMS,
@@ -38,8 +40,6 @@ from dtcompile.artifacts.publish import (
     pull_artifact,
     safe_extract,
 )
-from dtcompile.errors import ArtifactError, DtcError, MissingDependencyError, UnsupportedError, VerificationError
-from dtcompile.runtime.run import select_engine
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "ab" * 32
@@ -562,7 +562,7 @@ def test_round_trip_real_build(tmp_path: Path) -> None:
 
 def test_refit_files_travel_in_the_common_archive() -> None:
     """A published LoRA artifact stays refittable: its weight map and base weights go with the graph."""
-    from dtcompile.artifacts.publish import plan_archives
+    from dtcompile.tools.publish import plan_archives
 
     def f(name: str) -> dict:
         return {"file": name, "sha256": "0" * 64, "size": 1}

@@ -30,8 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.artifacts.manifest import read_manifest
-from dtcompile.errors import ArtifactError, UnsupportedError
+from dtcompile.core.errors import ArtifactError, UnsupportedError
+from dtcompile.core.metrics import psnr
+from dtcompile.manifest import read_manifest
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -140,7 +141,7 @@ class _HostPeak:
     """Peak RSS rise over the RSS at entry, sampled in the background."""
 
     def __enter__(self) -> _HostPeak:
-        from dtcompile.progress import _PeakSampler, rss_bytes
+        from dtcompile.core.progress import _PeakSampler, rss_bytes
 
         gc.collect()
         self.start = rss_bytes()
@@ -177,7 +178,7 @@ def baseline_source(manifest: dict[str, Any], *, verify: bool = True) -> tuple[P
     comp_dir = folder / _engine_component(manifest)
     if not verify or not digest or digest == "unknown" or not comp_dir.is_dir():
         return folder, None
-    from dtcompile.artifacts.manifest import sha256_tree
+    from dtcompile.core.digests import sha256_tree
 
     return folder, sha256_tree(comp_dir) == digest
 
@@ -200,7 +201,7 @@ def _resident(out: dict[str, float | None]) -> Iterator[None]:
     """Resident host (RSS) and device (driver) memory growth over the block, into ``out``."""
     import torch
 
-    from dtcompile.progress import rss_bytes
+    from dtcompile.core.progress import rss_bytes
 
     gc.collect()
     host0 = rss_bytes()
@@ -273,15 +274,12 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _psnr(a: Any, b: Any) -> float | None:
+    """PSNR of two 8-bit images; None when one is missing or the sizes differ."""
     import numpy as np
 
-    if a is None or b is None:
+    if a is None or b is None or np.asarray(a).shape != np.asarray(b).shape:
         return None
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if x.shape != y.shape:
-        return None
-    mse = float(np.mean((x - y) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+    return psnr(np.asarray(a), np.asarray(b), peak=255.0)
 
 
 def _summary(c: Contender, batch: int) -> dict[str, Any]:

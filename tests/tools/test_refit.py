@@ -17,8 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from dtcompile.artifacts.manifest import read_manifest, sha256_file
-from dtcompile.artifacts.refit import (
+from dtcompile.core.digests import sha256_file
+from dtcompile.core.errors import DtcError, RecipeError, UnsupportedError
+from dtcompile.core.metrics import rel_l2
+from dtcompile.manifest import read_manifest
+from dtcompile.stages.lora import make_kohya_flux_lora, make_peft_lora
+from dtcompile.tools.refit import (
     OnnxWeights,
     build_weight_map,
     engine_blocker,
@@ -26,9 +30,6 @@ from dtcompile.artifacts.refit import (
     refit_artifact,
     weight_only_qdq_artifact,
 )
-from dtcompile.errors import DtcError, RecipeError, UnsupportedError
-from dtcompile.stages.export import rel_l2
-from dtcompile.stages.lora import make_kohya_flux_lora, make_peft_lora
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "a red fox in the snow"
@@ -38,7 +39,7 @@ PROMPT = "a red fox in the snow"
 def transformer():
     from diffusers import FluxTransformer2DModel
 
-    from dtcompile.models.flux import builtin_model_path
+    from dtcompile.models.builtin import builtin_model_path
 
     path = builtin_model_path("tiny-flux") / "transformer"
     return FluxTransformer2DModel.from_pretrained(path, dtype=torch.float32)
@@ -201,7 +202,7 @@ def externalize(src: Path, dst: Path) -> Path:
     over 1.5 GiB do)."""
     import onnx
 
-    from dtcompile.artifacts.manifest import file_entry, write_manifest
+    from dtcompile.manifest import file_entry, write_manifest
 
     shutil.copytree(src, dst)
     m = read_manifest(dst)
@@ -238,7 +239,7 @@ def test_external_data_graphs_get_an_overlay_and_keep_their_data_file(base, lora
 
 
 def test_in_place_is_atomic(base, loras, work, monkeypatch):
-    from dtcompile.artifacts import refit as refit_mod
+    from dtcompile.tools import refit as refit_mod
 
     art = work / "inplace"
     shutil.copytree(base, art)
@@ -367,9 +368,9 @@ def test_float_weight_quantized_in_the_graph_gets_a_new_scale(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from dtcompile.artifacts.refit import plan_refit, rewrite_onnx
     from dtcompile.backends.onnxruntime import OrtRunner
     from dtcompile.stages.lora import LoraFactor, LoraWeights
+    from dtcompile.tools.refit import plan_refit, rewrite_onnx
 
     class Tiny(torch.nn.Module):
         def __init__(self) -> None:
@@ -429,8 +430,9 @@ def test_trt_engines_refit_only_when_refittable_on_their_gpu():
 
 @pytest.mark.gpu
 def test_trt_refit_matches_onnxruntime_on_gpu(base, loras, work):
-    from dtcompile.backends.tensorrt import TrtRunner, engine_from_onnx, gpu_arch
-    from dtcompile.models.base import ShapeProfile
+    from dtcompile.backends.tensorrt import TrtRunner, engine_from_onnx
+    from dtcompile.core.graph import ShapeProfile
+    from dtcompile.core.targets import gpu_arch
 
     arch = gpu_arch()
     if arch is None:
@@ -442,7 +444,7 @@ def test_trt_refit_matches_onnxruntime_on_gpu(base, loras, work):
     profile = ShapeProfile(**{k: {n: tuple(v[k]) for n, v in c["profile"].items()} for k in ("min", "opt", "max")})
     info = engine_from_onnx(art / c["onnx"]["file"], profile, arch, "tensorrt-rtx", art / "e.engine", refittable=True)
     m["components"]["transformer"]["engines"].append(info.to_manifest(art))
-    from dtcompile.artifacts.manifest import write_manifest
+    from dtcompile.manifest import write_manifest
 
     write_manifest(art, m)
     r = refit_artifact(art, [(str(loras["A"]), 1.0)], out_dir=work / "trt-A")

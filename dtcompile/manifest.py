@@ -10,82 +10,22 @@ Layout of an artifact folder ``engines/<name>/``::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from dtcompile.errors import ArtifactError
+from dtcompile.core.digests import sha256_file, sha256_json
+from dtcompile.core.errors import ArtifactError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-# Distribution names whose versions go into every manifest and into the artifact key.
-TOOLS = {
-    "dtcompile": "dtcompile",
-    "torch": "torch",
-    "diffusers": "diffusers",
-    "transformers": "transformers",
-    "onnx": "onnx",
-    "onnxruntime": "onnxruntime",
-    "tensorrt_rtx": "tensorrt-rtx-cu13",
-    "tensorrt": "tensorrt",
-    "modelopt": "nvidia-modelopt",
-    "polygraphy": "polygraphy",
-}
-
-
-def tool_versions() -> dict[str, str | None]:
-    """Installed versions of the tools that shape an artifact (None where not installed), plus a digest of
-    dtcompile's own source, so a code change between releases also changes the artifact key."""
-    out: dict[str, str | None] = {}
-    for name, dist in TOOLS.items():
-        try:
-            out[name] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    out["dtcompile_source"] = _source_digest()
-    return out
-
-
-def _source_digest() -> str:
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 hex digest of a file, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_tree(root: Path) -> str:
-    """One digest over every file below ``root`` (relative path + content digest, sorted)."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(b"\0")
-        h.update(sha256_file(path).encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
 def artifact_key(engine_fields: dict[str, Any], source_sha256: str, versions: dict[str, Any]) -> str:
     """sha256 of everything that changes an engine: recipe fields, weights, tool versions."""
     payload = {"recipe": engine_fields, "source_sha256": source_sha256, "versions": versions}
-    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+    return sha256_json(payload)
 
 
 def file_entry(artifact_dir: Path, path: Path) -> dict[str, Any]:
@@ -95,21 +35,6 @@ def file_entry(artifact_dir: Path, path: Path) -> dict[str, Any]:
         "sha256": sha256_file(path),
         "size": path.stat().st_size,
     }
-
-
-def replace_dir(src: Path, dest: Path) -> None:
-    """Rename ``src`` to ``dest`` (same filesystem); an existing ``dest`` is moved aside first and removed only
-    after the swap, so a reader sees the old folder or the new one, never a half-written one."""
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    os.replace(src, dest)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
 
 
 def write_manifest(artifact_dir: Path, manifest: dict[str, Any]) -> Path:

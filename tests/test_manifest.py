@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from dtcompile.artifacts.manifest import (
+from dtcompile.core.errors import ArtifactError
+from dtcompile.core.versions import tool_versions
+from dtcompile.manifest import (
     SCHEMA_VERSION,
     artifact_key,
     file_entry,
     read_manifest,
-    tool_versions,
     verify_file,
     write_manifest,
 )
-from dtcompile.errors import ArtifactError
 
 
 def test_key_is_deterministic_and_sensitive() -> None:

@@ -45,17 +45,18 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from dtcompile.artifacts.manifest import (
+from dtcompile.core.digests import sha256_file
+from dtcompile.core.errors import ArtifactError, DtcError, MissingDependencyError, UnsupportedError, VerificationError
+from dtcompile.core.files import replace_dir
+from dtcompile.core.targets import arch_order, gpu_arch, installed_trt_major, is_arch
+from dtcompile.manifest import (
     MANIFEST,
     common_file_entries,
     engine_entries,
     read_manifest,
-    replace_dir,
-    sha256_file,
     verify_file,
     write_manifest,
 )
-from dtcompile.errors import ArtifactError, DtcError, MissingDependencyError, UnsupportedError, VerificationError
 
 log = logging.getLogger("dtcompile.publish")
 
@@ -67,8 +68,6 @@ INDEX_SCHEMA = 1
 BACKEND_FILTERS = ("all", "tensorrt-rtx", "tensorrt")
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _KEY = re.compile(r"^[0-9a-f]{64}$")
-_ARCH = re.compile(r"^sm_\d+$")
-_TRT_DIST = {"tensorrt-rtx": "tensorrt-rtx-cu13", "tensorrt": "tensorrt"}
 _CHUNK = 1 << 22
 
 
@@ -90,12 +89,6 @@ class Archive:
         """TensorRT version the archive's engines were built with (None for the common archive)."""
         versions = {str(e["trt_version"]) for e in self.entries if e.get("trt_version")}
         return versions.pop() if len(versions) == 1 else None
-
-
-def arch_order(arch: str) -> tuple[int, str]:
-    """Sort key putting sm_89 before sm_120 (numeric compute capability, then the name)."""
-    m = _ARCH.match(arch)
-    return (int(arch[3:]) if m else 1 << 30, arch)
 
 
 def _check_relpath(rel: Any, where: str) -> str:
@@ -589,18 +582,7 @@ class PullReport:
 
 def _detect_gpu_arch() -> str | None:
     """This machine's CUDA arch (sm_89) or None; a seam for tests."""
-    from dtcompile.backends.tensorrt import gpu_arch
-
     return gpu_arch()
-
-
-def _installed_major(backend: str) -> int | None:
-    from importlib import metadata
-
-    try:
-        return int(metadata.version(_TRT_DIST[backend]).split(".")[0])
-    except (KeyError, metadata.PackageNotFoundError, ValueError):
-        return None
 
 
 def _archs_text(pairs: list[tuple[str, str]]) -> str:
@@ -688,7 +670,7 @@ def pull_artifact(
     """
     if backend not in BACKEND_FILTERS:
         raise UnsupportedError(f"--backend {backend!r}: choose one of: {', '.join(BACKEND_FILTERS)}")
-    if arch not in ("auto", "any") and not _ARCH.match(arch):
+    if arch not in ("auto", "any") and not is_arch(arch):
         raise UnsupportedError(f"--arch {arch!r}: pass auto, any or a CUDA arch such as sm_89")
     out_dir = Path(out_dir)
     exists = out_dir.exists() or out_dir.is_symlink()
@@ -785,7 +767,7 @@ def _pull_into(store: _Store, vrel: str, vurl: str, tmp: Path, arch: str, backen
         {"backend": a.backend, "arch": a.arch} for a in wanted[1:]
     ]
     for a in wanted[1:]:
-        installed = _installed_major(a.backend)
+        installed = installed_trt_major(a.backend)
         built = a.trt_version
         if installed is None:
             extra = "rtx" if a.backend == "tensorrt-rtx" else "trt"

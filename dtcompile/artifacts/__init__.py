@@ -1,1 +1,0 @@
-"""Artifact folders: manifest schema, hashing and verification."""

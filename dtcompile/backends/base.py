@@ -1,0 +1,68 @@
+"""The backend contract: what every engine backend (onnxruntime, tensorrt, tensorrt-rtx) implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dtcompile.core.graph import ShapeProfile
+
+
+@dataclass(frozen=True)
+class Target:
+    """One engine to build: a backend and an arch ("any" for the onnxruntime reference)."""
+
+    backend: str
+    arch: str
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Engine-invariant build settings from the recipe's ``engine`` section."""
+
+    refittable: bool = False
+    opt_level: int = 3
+
+
+class Backend(Protocol):
+    """An engine backend, registered by name in ``dtcompile.backends.BACKENDS``.
+
+    ``supports`` is cheap (no weights, no build) and runs at dry-run time; ``build`` writes one engine for one
+    target and returns its manifest entry; ``open_runner`` loads an engine entry for running (a callable mapping
+    name -> tensor feeds to outputs); ``refit`` writes a refit copy of an engine (``missing`` supplies weights
+    the engine asks for that ``updates`` does not hold).
+    """
+
+    name: ClassVar[str]
+    #: Arches the backend builds for; ``("any",)`` for a backend whose artifact runs anywhere.
+    archs: ClassVar[tuple[str, ...]]
+
+    def supports(self, target: Target, settings: BuildSettings) -> str | None:
+        """None when ``target`` can be built here with ``settings``, else one line naming why and the fix."""
+
+    def build(
+        self,
+        onnx_path: Path,
+        profile: ShapeProfile,
+        target: Target,
+        settings: BuildSettings,
+        artifact_dir: Path,
+        component: str,
+    ) -> dict[str, Any]:
+        """Build ``component``'s engine for ``target`` into ``artifact_dir``; its manifest engine entry."""
+
+    def open_runner(self, path: Path, entry: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """A runner for the engine file ``path`` described by manifest ``entry``."""
+
+    def refit(
+        self,
+        engine_path: Path,
+        updates: dict[str, Any],
+        out_path: Path,
+        missing: Callable[[str], Any],
+    ) -> dict[str, Any]:
+        """Write ``engine_path`` with ``updates`` applied to ``out_path``; returns {sha256, size}."""

@@ -1,0 +1,93 @@
+"""Built-in models: pipelines dtcompile generates offline (seeded, no hub), cached under ``$DTC_CACHE_DIR``.
+
+Each family module lists its own in a ``BUILTINS`` dict of ``BuiltinModel``; ``builtins()`` collects them
+across the registered families (``dtcompile.models.ADAPTERS``). Importing this module loads no torch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dtcompile.core.digests import sha256_json, sha256_text
+from dtcompile.core.errors import UnsupportedError
+from dtcompile.core.files import cache_root
+from dtcompile.core.versions import dist_version
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model dtcompile can generate offline: its family, a one-line description and its generator."""
+
+    name: str
+    family: str
+    description: str
+    generate: Callable[[Path], Path]
+    config: dict[str, Any]
+    version: int
+    code: tuple[Callable[..., Any], ...] = ()  # functions whose source is hashed too (stale-cache guard)
+
+    def cache_key(self) -> str:
+        """Short hash of everything that changes the generated files (config, generator, library versions)."""
+        libs = {lib: dist_version(lib) for lib in ("torch", "diffusers", "transformers", "tokenizers")}
+        code = sha256_text("".join(inspect.getsource(fn) for fn in self.code))
+        key = {"name": self.name, "version": self.version, "config": self.config, "libs": libs, "code": code}
+        return sha256_json(key)[:12]
+
+
+def builtins() -> dict[str, BuiltinModel]:
+    """Every built-in model of every registered family, by name."""
+    import importlib
+
+    from dtcompile.models import ADAPTERS
+
+    out: dict[str, BuiltinModel] = {}
+    for family in ADAPTERS.names():
+        module = importlib.import_module(ADAPTERS.path(family).partition(":")[0])
+        out.update(getattr(module, "BUILTINS", {}))
+    return out
+
+
+def builtin(name: str) -> BuiltinModel:
+    """The built-in model ``name`` (UnsupportedError listing the choices otherwise)."""
+    known = builtins()
+    if name not in known:
+        raise UnsupportedError(f"unknown built-in model '{name}'; choose one of: {', '.join(known)}")
+    return known[name]
+
+
+def builtin_cache_root() -> Path:
+    """Folder of generated built-ins: ``$DTC_CACHE_DIR/builtin`` or ``~/.cache/dtcompile/builtin``."""
+    return cache_root() / "builtin"
+
+
+def builtin_model_path(name: str) -> Path:
+    """Path of built-in model ``name``, generating it into the cache on first use.
+
+    Generation writes into a temporary folder next to the target and renames it into place, so a reader
+    never sees a half-written model; when two processes race, the loser's copy is discarded.
+    """
+    model = builtin(name)
+    target = builtin_cache_root() / f"{name}-{model.cache_key()}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.generate(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; the cache may be shared
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process renamed its copy into place first (the target is then a non-empty folder).
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,173 @@
+"""The recipe schema: typed, frozen sections that forbid unknown keys. Defaults live only here.
+
+``dtcompile.recipe.loader.load_recipe`` reads YAML into a ``Recipe``; docs/recipes.md lists every field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from dtcompile.core.targets import KNOWN_ARCHS, TRT_ARCHS
+from dtcompile.recipe.base import ItemError as _ItemError
+from dtcompile.recipe.base import Strict as _Strict
+from dtcompile.recipe.cache import CacheSpec
+from dtcompile.recipe.quant import QuantSpec
+
+
+class RangeSpec(_Strict):
+    """min/opt/max of one shape variable; a bare integer means a static size."""
+
+    min: int = Field(gt=0)
+    opt: int = Field(gt=0)
+    max: int = Field(gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_int(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"min": value, "opt": value, "max": value}
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RangeSpec:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"need min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+        return self
+
+
+class ShapesSpec(_Strict):
+    """Shape ranges the engines accept: batch, image height/width in pixels, text tokens."""
+
+    batch: RangeSpec = RangeSpec(min=1, opt=1, max=1)
+    height: RangeSpec = RangeSpec(min=1024, opt=1024, max=1024)
+    width: RangeSpec = RangeSpec(min=1024, opt=1024, max=1024)
+    text_len: RangeSpec = RangeSpec(min=512, opt=512, max=512)
+
+
+class ModelSpec(_Strict):
+    """Where the diffusers pipeline comes from: a hub id, a local folder, or ``builtin:NAME``."""
+
+    source: str = Field(min_length=1)
+    revision: str | None = None
+
+
+#: The ONNX ``Attention`` op (``attention: native``) exists from this opset on.
+ATTENTION_MIN_OPSET = 23
+
+
+class ExportSpecModel(_Strict):
+    """ONNX export settings.
+
+    ``attention``: how attention reaches the graph. ``native``: the ONNX ``Attention`` op (needs opset 23),
+    which TensorRT maps to its fused attention layer; ``plugin``: a ``dtc::FusedAttention`` node served by the
+    plugin in plugins/fused_attention; ``decomposed``: MatMul-Softmax-MatMul; ``auto``: native where every
+    backend, arch and dtype of the recipe supports it, else decomposed (the choice is logged and recorded).
+    """
+
+    opset: int = Field(default=19, ge=17, le=23)
+    shapes: ShapesSpec = ShapesSpec()
+    attention: Literal["auto", "native", "plugin", "decomposed"] = "auto"
+
+    @model_validator(mode="after")
+    def _native_needs_opset(self) -> ExportSpecModel:
+        if self.attention == "native" and self.opset < ATTENTION_MIN_OPSET:
+            raise ValueError(
+                f"attention 'native' exports the ONNX Attention op, which needs opset >= {ATTENTION_MIN_OPSET} "
+                f"(export.opset is {self.opset}); set export.opset: {ATTENTION_MIN_OPSET} or "
+                f"export.attention: decomposed"
+            )
+        return self
+
+
+class EngineSpec(_Strict):
+    """Which backends to build and, for TensorRT flavours, which GPU arches."""
+
+    backends: list[Literal["onnxruntime", "tensorrt-rtx", "tensorrt"]] = Field(
+        default_factory=lambda: ["onnxruntime"], min_length=1
+    )
+    targets: list[str] = Field(default_factory=list)
+    opt_level: int = Field(default=3, ge=0, le=5)
+    refittable: bool = False
+
+    @field_validator("targets")
+    @classmethod
+    def _known_archs(cls, value: list[str]) -> list[str]:
+        for i, arch in enumerate(value):
+            if arch not in KNOWN_ARCHS:
+                raise _ItemError(i, f"'{arch}' is not a known arch; choose one of: {', '.join(KNOWN_ARCHS)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate arch in {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _targets_fit_backends(self) -> EngineSpec:
+        trt = [b for b in self.backends if b in TRT_ARCHS]
+        if trt and not self.targets:
+            raise ValueError(f"backends {trt} need at least one arch in engine.targets")
+        if self.targets and not trt:
+            raise ValueError("targets are set but no TensorRT backend is listed in engine.backends")
+        for i, arch in enumerate(self.targets):
+            if not any(arch in TRT_ARCHS[b] for b in trt):
+                choices = sorted({a for b in trt for a in TRT_ARCHS[b]}, key=KNOWN_ARCHS.index)
+                raise _ItemError(
+                    i,
+                    f"'{arch}' is not an arch {' or '.join(trt)} builds for; choose one of: {', '.join(choices)}",
+                    field="targets",
+                )
+        return self
+
+
+class OutputSpec(_Strict):
+    """Where artifacts go: ``<dir>/<recipe name>/``."""
+
+    dir: str = "engines"
+    include_pipeline: bool = True
+
+
+#: File suffixes of pickled checkpoints: dtc never unpickles (loading one can run arbitrary code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class LoraSpec(_Strict):
+    """One LoRA adapter fused into the engine component before export (``dtc refit`` swaps them later).
+
+    ``source``: a local ``.safetensors`` file, a local folder (with ``weight_name``), or a hub id
+    ``owner/name`` (``weight_name`` defaults to diffusers' ``pytorch_lora_weights.safetensors``).
+    """
+
+    source: str = Field(min_length=1)
+    scale: float = Field(default=1.0, allow_inf_nan=False)
+    weight_name: str | None = None
+
+    @field_validator("source", "weight_name")
+    @classmethod
+    def _not_pickle(cls, value: str | None) -> str | None:
+        if value is not None and value.lower().endswith(PICKLE_SUFFIXES):
+            raise ValueError(
+                "is a pickled checkpoint; dtc loads LoRAs from .safetensors files only (never unpickles): "
+                "convert it with safetensors.torch.save_file"
+            )
+        return value
+
+
+class Recipe(_Strict):
+    """A build recipe: model, dtype, export, engine, output and (optional) lora sections."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelSpec
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    export: ExportSpecModel = ExportSpecModel()
+    engine: EngineSpec = EngineSpec()
+    output: OutputSpec = OutputSpec()
+    lora: list[LoraSpec] = Field(default_factory=list)
+    quant: QuantSpec | None = None  # PTQ: dtcompile/recipe/quant.py, docs/quantization.md
+    cache: CacheSpec | None = None  # block caching: dtcompile/recipe/cache.py, docs/cache.md
+
+    def engine_fields(self) -> dict[str, Any]:
+        """The fields that change an engine (everything but name and output), as plain JSON."""
+        data = self.model_dump(mode="json")
+        data.pop("name")
+        data.pop("output")
+        return data
