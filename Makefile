@@ -22,6 +22,7 @@ test: $(BIN)/dtc
 lint: $(BIN)/dtc
 	$(BIN)/ruff check dtcompile tests
 	$(BIN)/ruff format --check dtcompile tests
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf engines

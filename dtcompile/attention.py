@@ -1,9 +1,10 @@
 """Attention in the exported graph: the ONNX ``Attention`` op, the fused-attention plugin, or MatMul-Softmax-MatMul.
 
-Input: a recipe (``export.attention``, dtype, opset, backends and arches, ``quant.quantize_mha``). Output, at dry
-run: an ``AttentionChoice`` (the mode each engine gets, or an UnsupportedError naming the backend, the arch and
-what it lacks); during export: a context (``export_attention``) that routes diffusers' attention through
-``attention()``, which emits the chosen form, and counts what it emitted so the graph can be checked.
+Input: a recipe (``export.attention``, dtype, opset, ``quant.quantize_mha``) and the (backend, arch) of its
+engines, from the caller. Output, at dry run: an ``AttentionChoice`` (the mode each engine gets, or an
+UnsupportedError naming the backend, the arch and what it lacks); during export: a context
+(``export_attention``) that routes diffusers' attention through ``attention()``, which emits the chosen form,
+and counts what it emitted so the graph can be checked.
 
 Modes (all take (B, heads, S, head_dim) q/k/v, as torch SDPA does):
 
@@ -34,7 +35,7 @@ import logging
 import math
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -108,21 +109,30 @@ def mode_blocker(
     if mode == "decomposed":
         return None
     if mode == "native":
-        if opset < NATIVE_MIN_OPSET:
-            return f"the ONNX Attention op needs opset >= {NATIVE_MIN_OPSET}, export.opset is {opset}"
-        if backend == "onnxruntime":
-            return None
-        if dtype == "float32":
-            return TRT_FP32_REASON.format(backend=backend)
-        if dtype == "bfloat16" and arch == "sm_75":
-            return "Turing (sm_75) has no bfloat16 attention kernels; use dtype: float16"
-        if backend == "tensorrt":
-            version = dist_version("tensorrt")
-            if version is not None and version_tuple(version) < TRT_NATIVE_MIN_VERSION:
-                need = ".".join(map(str, TRT_NATIVE_MIN_VERSION))
-                return f"tensorrt {version} does not parse the ONNX Attention op (needs >= {need})"
+        return _native_blocker(backend, arch, dtype, opset)
+    return _plugin_blocker(backend, dtype, quantize_mha)
+
+
+def _native_blocker(backend: str, arch: str, dtype: str, opset: int) -> str | None:
+    """``mode_blocker`` for ``native`` (the ONNX ``Attention`` op)."""
+    if opset < NATIVE_MIN_OPSET:
+        return f"the ONNX Attention op needs opset >= {NATIVE_MIN_OPSET}, export.opset is {opset}"
+    if backend == "onnxruntime":
         return None
-    # plugin
+    if dtype == "float32":
+        return TRT_FP32_REASON.format(backend=backend)
+    if dtype == "bfloat16" and arch == "sm_75":
+        return "Turing (sm_75) has no bfloat16 attention kernels; use dtype: float16"
+    if backend == "tensorrt":
+        version = dist_version("tensorrt")
+        if version is not None and version_tuple(version) < TRT_NATIVE_MIN_VERSION:
+            need = ".".join(map(str, TRT_NATIVE_MIN_VERSION))
+            return f"tensorrt {version} does not parse the ONNX Attention op (needs >= {need})"
+    return None
+
+
+def _plugin_blocker(backend: str, dtype: str, quantize_mha: bool) -> str | None:
+    """``mode_blocker`` for ``plugin`` (the ``dtc::FusedAttention`` node)."""
     if quantize_mha:
         return (
             "the fused-attention plugin runs float16/bfloat16 only, and quant.quantize_mha asks for fp8 "
@@ -144,29 +154,18 @@ def mode_blocker(
     return None
 
 
-def engine_targets(recipe: Recipe) -> list[tuple[str, str]]:
-    """(backend, arch) of every engine the recipe will build on this machine (blocked targets left out)."""
-    from dtcompile.stages.build import plan_targets, target_blocker
-
-    out = [("onnxruntime", "any")] if "onnxruntime" in recipe.engine.backends else []
-    for t in plan_targets(recipe.engine):
-        if target_blocker(t, recipe.engine.refittable) is None:
-            out.append((t.backend, t.arch))
-    return out
-
-
 def quantize_mha(recipe: Recipe) -> bool:
     """Whether the recipe quantizes attention to fp8 (``quant.quantize_mha``; False without a quant section)."""
     return bool(getattr(getattr(recipe, "quant", None), "quantize_mha", False))
 
 
-def resolve_attention(recipe: Recipe, targets: list[tuple[str, str]] | None = None) -> AttentionChoice:
+def resolve_attention(recipe: Recipe, targets: Sequence[tuple[str, str]]) -> AttentionChoice:
     """The attention mode for ``recipe``; UnsupportedError when an explicit mode does not fit a target.
 
-    ``targets`` defaults to ``engine_targets(recipe)``.
+    ``targets``: (backend, arch) of every engine the build will make on this machine, blocked targets left out
+    (``("onnxruntime", "any")`` for onnxruntime); the caller (the plan) computes them.
     """
     requested = recipe.export.attention
-    targets = engine_targets(recipe) if targets is None else targets
     fp8 = quantize_mha(recipe)
 
     def blockers(mode: str) -> list[tuple[str, str, str]]:
@@ -484,7 +483,6 @@ __all__ = [
     "AttentionChoice",
     "AttentionTrace",
     "attention",
-    "engine_targets",
     "export_attention",
     "graph_plugin_ops",
     "load_plugin",

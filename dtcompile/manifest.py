@@ -1,4 +1,4 @@
-"""Manifest schema (JSON, never pickle), file hashing, artifact keys and verification.
+"""The typed manifest (JSON, never pickle): models, read/write in one place, file hashing, artifact keys.
 
 Layout of an artifact folder ``engines/<name>/``::
 
@@ -6,6 +6,11 @@ Layout of an artifact folder ``engines/<name>/``::
     pipeline/                      the diffusers pipeline without the engine-backed component
     onnx/transformer.onnx          the exported graph (also the onnxruntime artifact)
     <backend>/<arch>/transformer.engine
+
+The models mirror the JSON that builds write, field for field: structural models forbid unknown fields (a
+hand-edited manifest fails with one line naming the dotted field path), free-form sections (recipe, component
+config, quant reports, attention records) allow anything. Writing dumps only the fields that were set, so
+``read_manifest`` -> ``write_manifest`` reproduces the file byte for byte.
 """
 
 from __future__ import annotations
@@ -15,11 +20,259 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from dtcompile.core.digests import sha256_file, sha256_json
 from dtcompile.core.errors import ArtifactError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+
+Num = int | float  # kept as written (a float field would turn 5 into 5.0 and change the bytes)
+
+
+class _Strict(BaseModel):
+    """A structural part of the manifest: exact types, no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """The plain JSON dict, exactly the fields that were set."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class _Open(_Strict):
+    """A free-form part of the manifest: the typed fields are checked, anything else is kept as is."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class FileEntry(_Strict):
+    """A file of the artifact: path relative to the artifact folder, sha256 and size in bytes."""
+
+    file: str
+    sha256: str
+    size: int
+
+
+class OnnxEntry(FileEntry):
+    """The exported graph and its external-data files."""
+
+    external_data: list[FileEntry] = Field(default_factory=list)
+
+
+class WeightMapEntry(FileEntry):
+    """The torch parameter -> ONNX initializer map of a component, with its per-status parameter counts."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    __pydantic_extra__: dict[str, int] = Field(init=False)  # ambiguous, unmapped, ...: counts only
+
+    mapped: int | None = None
+
+
+class TensorSpec(_Strict):
+    """A graph input or output: name, dtype and dims (ints or symbolic names)."""
+
+    name: str
+    dtype: str
+    dims: list[int | str]
+
+
+class EngineEntry(_Strict):
+    """One runnable engine: onnxruntime's points at the ONNX graph (arch "any"); TensorRT ones add build facts."""
+
+    backend: str
+    arch: str
+    file: str
+    sha256: str
+    size: int
+    trt_version: str | None = None
+    refittable: bool | None = None
+    strongly_typed: bool | None = None
+    opt_level: int | None = None
+    profile: dict[str, Any] | None = None
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+    plugins: list[dict[str, Any]] | None = None
+    build_s: Num | None = None
+
+    @property
+    def target(self) -> str:
+        """``backend:arch``."""
+        return f"{self.backend}:{self.arch}"
+
+    def file_entry(self) -> FileEntry:
+        """The engine as a plain file entry."""
+        return FileEntry(file=self.file, sha256=self.sha256, size=self.size)
+
+
+class ComponentEntry(_Strict):
+    """An exported component (or, in a cache-split build, one of its parts: ``part_of`` names the whole)."""
+
+    onnx: OnnxEntry | None = None
+    engines: list[EngineEntry] = Field(default_factory=list)
+    config: dict[str, Any] | None = None
+    inputs: list[TensorSpec] | None = None
+    outputs: list[TensorSpec] | None = None
+    profile: dict[str, Any] | None = None
+    attention: dict[str, Any] | None = None
+    parity: dict[str, Any] | None = None
+    quant: dict[str, Any] | None = None
+    weight_map: WeightMapEntry | None = None
+    opset: int | None = None
+    n_nodes: int | None = None
+    part_of: str | None = None
+    parts: list[str] | None = None
+    kind: str | None = None
+    blocks: list[Any] | None = None
+    segment: dict[str, Any] | None = None
+    cache: dict[str, Any] | None = None
+
+    @property
+    def is_part(self) -> bool:
+        """A part of a split component (not run on its own)."""
+        return self.part_of is not None
+
+    @property
+    def is_split(self) -> bool:
+        """Split into block parts (runs through the block-cache runtime)."""
+        return self.parts is not None
+
+    def input_names(self) -> list[str]:
+        """Graph input names, in order."""
+        return [t.name for t in self.inputs or []]
+
+    def output_name(self) -> str:
+        """The first graph output's name."""
+        if not self.outputs:
+            raise ArtifactError("component lists no outputs; rebuild the artifact")
+        return self.outputs[0].name
+
+
+class SourceEntry(_Strict):
+    """Where the weights came from."""
+
+    model: str
+    revision: str | None = None
+    kind: str | None = None
+    pipeline_class: str
+    component_sha256: str | None = None
+
+
+class ShapeRange(_Strict):
+    """One export shape range."""
+
+    min: int
+    opt: int
+    max: int
+
+
+class PipelineEntry(_Strict):
+    """The saved diffusers pipeline (empty when built with output.include_pipeline: false)."""
+
+    dir: str | None = None
+    files: list[FileEntry] = Field(default_factory=list)
+
+
+class SkippedTarget(_Strict):
+    """A target that was not built, and why."""
+
+    backend: str
+    arch: str
+    reason: str
+
+
+class StageRecord(_Open):
+    """What one build stage took."""
+
+    name: str
+    wall_s: Num | None = None
+    peak_rss_mb: Num | None = None
+    wrote: list[str] = Field(default_factory=list)
+
+
+class LoraSection(_Open):
+    """Fused LoRA adapters and, for ``dtc refit``, the stored base weights."""
+
+    adapters: list[dict[str, Any]] = Field(default_factory=list)
+    base_store: FileEntry | None = None
+
+
+class Manifest(_Strict):
+    """``manifest.json`` of an artifact."""
+
+    schema_version: int
+    name: str
+    key: str
+    recipe: dict[str, Any] | None = None
+    recipe_file: str | None = None
+    versions: dict[str, str | None] = Field(default_factory=dict)
+    source: SourceEntry
+    dtype: str
+    precision: str | None = None
+    shapes: dict[str, ShapeRange] = Field(default_factory=dict)
+    components: dict[str, ComponentEntry] = Field(default_factory=dict)
+    pipeline: PipelineEntry | None = None
+    skipped: list[SkippedTarget] = Field(default_factory=list)
+    stages: list[StageRecord] = Field(default_factory=list)
+    lora: LoraSection | None = None
+    stopped_after: str | None = None
+    pulled: dict[str, Any] | None = None
+
+    def component_names(self) -> list[str]:
+        """Components that run on their own (not ``part_of`` another), in manifest order."""
+        return [name for name, comp in self.components.items() if not comp.is_part]
+
+    def main_component(self) -> str:
+        """The engine-backed component the runtime stands in for the pipeline's."""
+        names = self.component_names()
+        if not names:
+            raise ArtifactError(f"artifact {self.name} lists no components (stopped after {self.stopped_after!r})")
+        return names[0]
+
+    def component(self, name: str) -> ComponentEntry:
+        """A component (or part) entry by name; ArtifactError names the ones there are."""
+        try:
+            return self.components[name]
+        except KeyError:
+            have = ", ".join(self.components) or "none"
+            raise ArtifactError(f"artifact {self.name} has no component {name!r} (it has: {have})") from None
+
+    def engine_entries(self) -> list[EngineEntry]:
+        """Every engine entry (onnxruntime's points at the ONNX graph, arch "any")."""
+        return [e for comp in self.components.values() for e in comp.engines]
+
+    def common_file_entries(self) -> list[FileEntry]:
+        """Files every arch needs: pipeline files, ONNX graphs and external data, weight maps, LoRA base weights."""
+        out = list(self.pipeline.files) if self.pipeline else []
+        if self.lora is not None and self.lora.base_store is not None:
+            out.append(self.lora.base_store)
+        for comp in self.components.values():
+            if comp.onnx:
+                out.append(comp.onnx)
+                out.extend(comp.onnx.external_data)
+            if comp.weight_map:
+                out.append(comp.weight_map)
+        return out
+
+    def all_file_entries(self) -> list[FileEntry | EngineEntry]:
+        """Every file entry the manifest lists."""
+        return [*self.common_file_entries(), *self.engine_entries()]
+
+    def to_text(self) -> str:
+        """The manifest.json text: sorted keys, indent 2, only the fields that were set."""
+        return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+
+    # transitional read-only dict access for modules not converted yet (stages, tools.refit): use attributes
+    def __getitem__(self, key: str) -> Any:
+        data = self.to_json()
+        if key not in data:
+            raise KeyError(key)
+        return data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Transitional: ``to_json().get(key, default)``."""
+        return self.to_json().get(key, default)
 
 
 def artifact_key(engine_fields: dict[str, Any], source_sha256: str, versions: dict[str, Any]) -> str:
@@ -37,17 +290,66 @@ def file_entry(artifact_dir: Path, path: Path) -> dict[str, Any]:
     }
 
 
-def write_manifest(artifact_dir: Path, manifest: dict[str, Any]) -> Path:
-    """Write manifest.json (sorted keys, indented) atomically."""
-    path = artifact_dir / MANIFEST
+def _dotted(loc: tuple[Any, ...], data: Any) -> str:
+    """``components.transformer.engines[0].size`` for a pydantic error location (union branch tags dropped)."""
+    out = ""
+    for item in loc:
+        if isinstance(data, dict) and item in data:
+            data = data[item]
+            out += f".{item}" if out else str(item)
+        elif isinstance(data, list) and isinstance(item, int) and 0 <= item < len(data):
+            data = data[item]
+            out += f"[{item}]"
+        elif isinstance(data, dict) and isinstance(item, str) and item is loc[-1]:
+            out += f".{item}" if out else item  # a missing field
+    return out or "(top level)"
+
+
+def _one_line(exc: ValidationError, data: Any, where: str) -> str:
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    paths = {_dotted(tuple(e["loc"]), data) for e in errors}  # a union reports each branch: count fields
+    msg = err["msg"].replace("Input should be", "expected")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] != "missing":
+        msg += f", got {err['input']!r:.60}"
+    more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
+    return f"{where}: {_dotted(tuple(err['loc']), data)}: {msg}{more}; fix the file or rebuild the artifact"
+
+
+def validate_manifest(data: Manifest | dict[str, Any], where: str = MANIFEST) -> Manifest:
+    """The typed manifest of ``data``; ArtifactError (one line: file, dotted field path, what is wrong)."""
+    if isinstance(data, Manifest):
+        data = data.to_json()  # re-checked: attribute assignment is not validated
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{where}: manifest schema_version {version}, this dtc reads {SCHEMA_VERSION}; "
+            "the artifact was built by a newer dtcompile: upgrade dtcompile (pip install -U dtcompile)"
+        )
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{where}: manifest schema_version {version!r}, this dtc reads {SCHEMA_VERSION}; rebuild the artifact"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        raise ArtifactError(_one_line(exc, data, where)) from None
+
+
+def write_manifest(artifact_dir: Path, manifest: Manifest | dict[str, Any]) -> Path:
+    """Validate, then write manifest.json (sorted keys, indented) atomically."""
+    path = Path(artifact_dir) / MANIFEST
+    text = validate_manifest(manifest, str(path)).to_text()
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
 
 
-def read_manifest(artifact_dir: Path) -> dict[str, Any]:
-    """Load and sanity-check an artifact's manifest; ArtifactError says what is wrong."""
+def read_manifest(artifact_dir: Path) -> Manifest:
+    """Load and validate an artifact's manifest; ArtifactError says what is wrong."""
     artifact_dir = Path(artifact_dir)
     path = artifact_dir / MANIFEST
     if not artifact_dir.is_dir():
@@ -55,54 +357,53 @@ def read_manifest(artifact_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{path}: no manifest; not a dtc artifact folder")
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: manifest is not valid JSON ({exc})") from None
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{path}: manifest schema_version {version!r}, this dtc reads {SCHEMA_VERSION}; rebuild the artifact"
-        )
-    return manifest
+    return validate_manifest(data, str(path))
 
 
-def verify_file(artifact_dir: Path, entry: dict[str, Any], *, full: bool = True) -> Path:
+def _entry_fields(entry: FileEntry | EngineEntry | dict[str, Any]) -> tuple[str, int, str]:
+    if isinstance(entry, dict):
+        return entry["file"], entry["size"], entry["sha256"]
+    return entry.file, entry.size, entry.sha256
+
+
+def verify_file(artifact_dir: Path, entry: FileEntry | EngineEntry | dict[str, Any], *, full: bool = True) -> Path:
     """Check a manifest file entry against the disk: exists, size, sha256 (when ``full``)."""
-    path = Path(artifact_dir) / entry["file"]
+    rel, want_size, want_sha = _entry_fields(entry)
+    path = Path(artifact_dir) / rel
     if not path.is_file():
         raise ArtifactError(f"{path}: file listed in the manifest is missing; rebuild or re-pull the artifact")
     size = path.stat().st_size
-    if size != entry["size"]:
+    if size != want_size:
         raise ArtifactError(
-            f"{path}: {size} bytes but the manifest says {entry['size']} (truncated or replaced); "
+            f"{path}: {size} bytes but the manifest says {want_size} (truncated or replaced); "
             "rebuild or re-pull the artifact"
         )
-    if full and sha256_file(path) != entry["sha256"]:
+    if full and sha256_file(path) != want_sha:
         raise ArtifactError(f"{path}: sha256 does not match the manifest (file modified); rebuild or re-pull")
     return path
 
 
-def common_file_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Files every arch needs: pipeline files, ONNX graphs and external data, weight maps, LoRA base weights."""
-    out = list(manifest.get("pipeline", {}).get("files", []))
-    base_store = (manifest.get("lora") or {}).get("base_store")
-    if base_store:
-        out.append(base_store)
-    for comp in manifest.get("components", {}).values():
-        onnx = comp.get("onnx")
-        if onnx:
-            out.append(onnx)
-            out.extend(onnx.get("external_data", []))
-        if comp.get("weight_map"):
-            out.append(comp["weight_map"])
-    return out
+def _as_manifest(manifest: Manifest | dict[str, Any]) -> Manifest:
+    return manifest if isinstance(manifest, Manifest) else validate_manifest(manifest)
 
 
-def engine_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every engine entry (onnxruntime's points at the ONNX graph, arch "any")."""
-    return [e for comp in manifest.get("components", {}).values() for e in comp.get("engines", [])]
+# Legacy helpers for modules not converted to the typed API yet: a manifest (typed or dict) in, JSON dicts out.
+# New code calls the ``Manifest`` methods, which return the typed entries.
 
 
-def all_file_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every file entry a manifest lists."""
-    return common_file_entries(manifest) + engine_entries(manifest)
+def common_file_entries(manifest: Manifest | dict[str, Any]) -> list[dict[str, Any]]:
+    """``Manifest.common_file_entries`` as JSON dicts."""
+    return [e.to_json() for e in _as_manifest(manifest).common_file_entries()]
+
+
+def engine_entries(manifest: Manifest | dict[str, Any]) -> list[dict[str, Any]]:
+    """``Manifest.engine_entries`` as JSON dicts."""
+    return [e.to_json() for e in _as_manifest(manifest).engine_entries()]
+
+
+def all_file_entries(manifest: Manifest | dict[str, Any]) -> list[dict[str, Any]]:
+    """``Manifest.all_file_entries`` as JSON dicts."""
+    return [e.to_json() for e in _as_manifest(manifest).all_file_entries()]

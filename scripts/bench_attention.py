@@ -54,8 +54,8 @@ def export_and_check(model: Any, vsf: int, mode: str, dtype: Any, tokens: int, t
     """Export with ``mode``; returns the graph facts and the ExportSpec/wrapper for running it."""
     from dtcompile.attention import export_attention
     from dtcompile.core.graph import Range, Shapes
+    from dtcompile.export.onnx import export_onnx
     from dtcompile.models.flux import FluxAdapter
-    from dtcompile.stages.export import export_onnx
 
     side = int(round(tokens**0.5)) * 2 * vsf
     shapes = Shapes(

@@ -154,9 +154,11 @@ def realwidth(work: Path, rank: int, fp8: bool) -> dict[str, Any]:
     from dtcompile.core.metrics import rel_l2
     from dtcompile.models.builtin import builtin_model_path
     from dtcompile.recipe import load_recipe
-    from dtcompile.stages import run_build
-    from dtcompile.stages.lora import make_peft_lora
-    from dtcompile.tools.refit import OnnxWeights, refit_artifact, weight_only_qdq_artifact
+    from dtcompile.stages.runner import run_build
+    from dtcompile.tools.refit import refit_artifact
+    from dtcompile.weights.onnx_weights import OnnxWeights
+    from tests.fixtures.lora import make_peft_lora
+    from tests.fixtures.qdq import weight_only_qdq_artifact
 
     rows: list[dict[str, Any]] = []
     model_dir = builtin_model_path("flux-realwidth-1")  # generated once into the cache, untimed
@@ -241,9 +243,9 @@ def calibrated_fp8(work: Path) -> dict[str, Any]:
     from dtcompile.models.builtin import builtin_model_path
     from dtcompile.recipe import load_recipe
     from dtcompile.runtime.run import run_artifact
-    from dtcompile.stages import run_build
-    from dtcompile.stages.lora import make_peft_lora
+    from dtcompile.stages.runner import run_build
     from dtcompile.tools.refit import refit_artifact
+    from tests.fixtures.lora import make_peft_lora
 
     rows: list[dict[str, Any]] = []
     t = FluxTransformer2DModel.from_pretrained(builtin_model_path("tiny-flux") / "transformer", dtype=torch.float32)

@@ -7,7 +7,7 @@ per phase, its extrapolation to FLUX.1-dev (19 double + 38 single blocks) and a 
 Every (depth, phase) runs in its own subprocess so each peak RSS is that phase's alone:
 
 - ``export``: build ``FluxTransformer2DModel`` (hidden 3072 = 24 heads x 128, joint 4096, pooled 768,
-  in_channels 64, guidance) in bf16 with random weights, then ``dtcompile.stages.export.export_onnx`` with
+  in_channels 64, guidance) in bf16 with random weights, then ``dtcompile.export.onnx.export_onnx`` with
   external data and no graph-surgeon cleanup: the path a full 23 GB FLUX.1-dev export takes.
 - ``rtx``: ``engine_from_onnx`` for TensorRT-RTX sm_89 with the FLUX.1-dev profile of recipes/flux-dev.yaml
   (batch 1..2, 768..1344 px, text 512), opt level 3.
@@ -110,8 +110,8 @@ def _model(depth: int) -> Any:
 def work_export(depth: int, work: Path) -> dict[str, Any]:
     import torch
 
+    from dtcompile.export.onnx import export_onnx
     from dtcompile.models.flux import FluxAdapter
-    from dtcompile.stages.export import export_onnx
 
     rss0 = peak_rss_mb()
     t0 = time.perf_counter()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # tests import their fixtures as `tests.fixtures` (not part of the library)
+    sys.path.append(str(ROOT))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,7 +25,7 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """recipes/tiny-flux.yaml built for real (ONNX + TensorRT-RTX sm_89/sm_120) into a temp engines/ folder."""
     from dtcompile.recipe import load_recipe
-    from dtcompile.stages import run_build
+    from dtcompile.stages.runner import run_build
 
     out = tmp_path_factory.mktemp("engines")
     recipe = load_recipe(ROOT / "recipes" / "tiny-flux.yaml", [f"output.dir={out}"])

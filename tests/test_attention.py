@@ -81,7 +81,7 @@ def test_resolve_auto_and_explicit() -> None:
 
 
 def test_dry_run_reports_and_refuses() -> None:
-    from dtcompile.stages import plan
+    from dtcompile.stages.plan import make_plan as plan
 
     lines = plan(_recipe("dtype=float16", "export.opset=23")).lines()
     assert "attention: native (auto)" in lines
@@ -91,7 +91,7 @@ def test_dry_run_reports_and_refuses() -> None:
     p = plan(
         _recipe("dtype=float16", "export.attention=plugin", "engine.backends=[tensorrt]", "engine.targets=[sm_89]")
     )
-    assert "attention: plugin" in p.lines() and all(t.get("reason") for t in p.targets)
+    assert "attention: plugin" in p.lines() and all(t.reason for t in p.targets)
 
 
 # --- export of the tiny transformer ---------------------------------------------------------------------------
@@ -118,7 +118,7 @@ def tiny16():
 def exported(tiny16, tmp_path_factory):
     """mode -> (OnnxArtifact, manifest attention entry) for the three modes."""
     from dtcompile.attention import export_attention
-    from dtcompile.stages.export import export_onnx
+    from dtcompile.export.onnx import export_onnx
 
     wrapper, spec, _ = tiny16
     out = {}

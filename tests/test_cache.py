@@ -36,7 +36,7 @@ def dtc(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def static_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dtcompile.recipe import load_recipe
-    from dtcompile.stages import run_build
+    from dtcompile.stages.runner import run_build
 
     out = tmp_path_factory.mktemp("cache-engines")
     recipe = load_recipe(RECIPE, [f"output.dir={out}", "engine.targets=[sm_89]"])
@@ -46,7 +46,7 @@ def static_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def first_block_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dtcompile.recipe import load_recipe
-    from dtcompile.stages import run_build
+    from dtcompile.stages.runner import run_build
 
     out = tmp_path_factory.mktemp("fb-engines")
     overrides = [

@@ -29,25 +29,25 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_manifest_lists_real_engines(tiny_artifact: Path) -> None:
     m = read_manifest(tiny_artifact)
-    engines = m["components"]["transformer"]["engines"]
-    got = {(e["backend"], e["arch"]) for e in engines}
+    engines = m.components["transformer"].engines
+    got = {(e.backend, e.arch) for e in engines}
     assert got == {("onnxruntime", "any"), ("tensorrt-rtx", "sm_89"), ("tensorrt-rtx", "sm_120")}
     for e in engines:
-        path = tiny_artifact / e["file"]
-        assert path.is_file() and path.stat().st_size == e["size"] > 0
-        assert sha256_file(path) == e["sha256"]
-    rtx = {e["arch"]: e for e in engines if e["backend"] == "tensorrt-rtx"}
-    assert rtx["sm_89"]["sha256"] != rtx["sm_120"]["sha256"]  # one compute capability per build
-    assert m["components"]["transformer"]["parity"]["rel_l2"] < 1e-4
-    assert [s["name"] for s in m["stages"]] == ["load", "export", "build"]
-    assert all(s["peak_rss_mb"] > 0 and s["wall_s"] > 0 for s in m["stages"])
-    assert m["versions"]["tensorrt_rtx"] and m["source"]["component_sha256"]
-    assert m["skipped"] == []
+        path = tiny_artifact / e.file
+        assert path.is_file() and path.stat().st_size == e.size > 0
+        assert sha256_file(path) == e.sha256
+    rtx = {e.arch: e for e in engines if e.backend == "tensorrt-rtx"}
+    assert rtx["sm_89"].sha256 != rtx["sm_120"].sha256  # one compute capability per build
+    assert m.components["transformer"].parity["rel_l2"] < 1e-4
+    assert [s.name for s in m.stages] == ["load", "export", "build"]
+    assert all(s.peak_rss_mb > 0 and s.wall_s > 0 for s in m.stages)
+    assert m.versions["tensorrt_rtx"] and m.source.component_sha256
+    assert m.skipped == []
 
 
 def test_rebuild_is_a_no_op_with_the_same_key(tiny_artifact: Path) -> None:
     from dtcompile.recipe import load_recipe
-    from dtcompile.stages import run_build
+    from dtcompile.stages.runner import run_build
 
     recipe = load_recipe(ROOT / "recipes" / "tiny-flux.yaml", [f"output.dir={tiny_artifact.parent}"])
     before = (tiny_artifact / "manifest.json").read_bytes()
@@ -159,10 +159,10 @@ def test_truncated_engine_file_is_refused(tiny_artifact: Path, tmp_path: Path) -
     copy = tmp_path / "tiny-flux"
     shutil.copytree(tiny_artifact, copy)
     m = read_manifest(copy)
-    engines = {e["backend"] + ":" + e["arch"]: e for e in m["components"]["transformer"]["engines"]}
+    engines = {e.backend + ":" + e.arch: e for e in m.components["transformer"].engines}
     for key in ("onnxruntime:any", "tensorrt-rtx:sm_89"):
-        path = copy / engines[key]["file"]
-        path.write_bytes(path.read_bytes()[: engines[key]["size"] // 2])
+        path = copy / engines[key].file
+        path.write_bytes(path.read_bytes()[: engines[key].size // 2])
     r = dtc("run", str(copy), "--prompt", PROMPT, "--backend", "onnxruntime", "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "transformer.onnx" in r.stderr and "truncated or replaced" in r.stderr
@@ -175,7 +175,7 @@ def test_failure_mid_build_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     from dtcompile.core.errors import BuildError
     from dtcompile.recipe import load_recipe
     from dtcompile.stages import build as build_stage
-    from dtcompile.stages import run_build
+    from dtcompile.stages.runner import run_build
 
     def boom(*args: object, **kwargs: object) -> None:
         raise BuildError("injected failure")
@@ -196,8 +196,8 @@ def test_dry_run_and_stop_after(tmp_path: Path) -> None:
     r = dtc("build", "--recipe", recipe, "--set", f"output.dir={tmp_path}", "--stop-after", "export")
     assert r.returncode == 0, r.stderr
     m = read_manifest(tmp_path / "tiny-flux")
-    assert m["stopped_after"] == "export"
-    assert (tmp_path / "tiny-flux" / m["components"]["transformer"]["onnx"]["file"]).is_file()
+    assert m.stopped_after == "export"
+    assert (tmp_path / "tiny-flux" / m.components["transformer"].onnx.file).is_file()
     r = dtc("run", str(tmp_path / "tiny-flux"), "--prompt", "x")
     assert r.returncode == 2 and "stopped after stage 'export'" in r.stderr
 

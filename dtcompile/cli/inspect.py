@@ -15,38 +15,36 @@ def inspect_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     """Show what an artifact holds: source, versions, engines per arch, shapes, stage costs."""
     from pathlib import Path
 
-    from dtcompile.manifest import all_file_entries, read_manifest, verify_file
+    from dtcompile.manifest import read_manifest, verify_file
 
     root = Path(artifact)
     m = read_manifest(root)
     if verify:
-        for entry in all_file_entries(m):
+        for entry in m.all_file_entries():
             verify_file(root, entry)
     if as_json:
-        click.echo(json.dumps(m, indent=2, sort_keys=True))
+        click.echo(json.dumps(m.to_json(), indent=2, sort_keys=True))
         return
-    src = m["source"]
-    click.echo(f"artifact   {root}  (key {m['key'][:16]}, schema {m['schema_version']})")
-    click.echo(
-        f"source     {src['model']} [{src['kind']}] {src['pipeline_class']}  sha256 {src['component_sha256'][:16]}"
-    )
-    click.echo(f"precision  {m['precision']}   dtype {m['dtype']}")
-    shapes = ", ".join(f"{k} {v['min']}/{v['opt']}/{v['max']}" for k, v in m["shapes"].items())
+    src = m.source
+    click.echo(f"artifact   {root}  (key {m.key[:16]}, schema {m.schema_version})")
+    click.echo(f"source     {src.model} [{src.kind}] {src.pipeline_class}  sha256 {(src.component_sha256 or '')[:16]}")
+    click.echo(f"precision  {m.precision}   dtype {m.dtype}")
+    shapes = ", ".join(f"{k} {v.min}/{v.opt}/{v.max}" for k, v in m.shapes.items())
     click.echo(f"shapes     {shapes}  (min/opt/max)")
-    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    versions = ", ".join(f"{k} {v}" for k, v in m.versions.items() if v)
     click.echo(f"versions   {versions}")
-    for comp, entry in m["components"].items():
-        io = ", ".join(f"{t['name']}:{t['dtype']}{list(t['dims'])}" for t in entry.get("inputs", []))
+    for comp, entry in m.components.items():
+        io = ", ".join(f"{t.name}:{t.dtype}{list(t.dims)}" for t in entry.inputs or [])
         click.echo(f"{comp}: inputs {io}")
-        if entry.get("parity"):
-            p = entry["parity"]
+        if entry.parity:
+            p = entry.parity
             click.echo(f"  onnxruntime vs torch: rel L2 {p['rel_l2']:.2e}, max abs {p['max_abs']:.2e}")
         click.echo(f"  {'backend':<13} {'arch':<7} {'MB':>9}  {'sha256':<16}  file")
-        for e in entry.get("engines", []):
-            click.echo(f"  {e['backend']:<13} {e['arch']:<7} {e['size'] / 2**20:9.2f}  {e['sha256'][:16]}  {e['file']}")
-    for s in m.get("skipped", []):
-        click.echo(f"not built  {s['backend']} {s['arch']}: {s['reason']}")
-    for s in m.get("stages", []):
-        click.echo(f"stage      {s['name']:<8} {s['wall_s']:8.2f}s  peak RSS {s['peak_rss_mb']:.0f} MB")
-    if m.get("stopped_after"):
-        click.echo(f"stopped after stage '{m['stopped_after']}': this artifact has no engines to run")
+        for e in entry.engines:
+            click.echo(f"  {e.backend:<13} {e.arch:<7} {e.size / 2**20:9.2f}  {e.sha256[:16]}  {e.file}")
+    for s in m.skipped:
+        click.echo(f"not built  {s.backend} {s.arch}: {s.reason}")
+    for s in m.stages:
+        click.echo(f"stage      {s.name:<8} {s.wall_s:8.2f}s  peak RSS {s.peak_rss_mb:.0f} MB")
+    if m.stopped_after:
+        click.echo(f"stopped after stage '{m.stopped_after}': this artifact has no engines to run")

@@ -28,7 +28,7 @@ def refit(artifact: str, loras: tuple[str, ...], out_dir: str | None, in_place: 
     from pathlib import Path
 
     from dtcompile.core.errors import DtcError
-    from dtcompile.tools.refit import parse_lora_arg, refit_artifact
+    from dtcompile.tools.refit import refit_artifact
 
     if any(v.lower() == "none" for v in loras):
         if len(loras) > 1:
@@ -53,3 +53,14 @@ def refit(artifact: str, loras: tuple[str, ...], out_dir: str | None, in_place: 
         click.echo(f"  refit        {engine}")
     for d in report.dropped:
         click.echo(f"  DROPPED      {d['backend']}:{d['arch']}  {d['reason']}")
+
+
+def parse_lora_arg(value: str) -> tuple[str, float]:
+    """``PATH[:SCALE]`` -> (path, scale); a suffix that is not a number belongs to the path."""
+    path, sep, tail = value.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return value, 1.0

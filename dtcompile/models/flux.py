@@ -437,6 +437,11 @@ class FluxAdapter:
         return [f"{DOUBLE}.{i}" for i in range(n_double)] + [f"{SINGLE}.{i}" for i in range(n_single)]
 
     @staticmethod
+    def hidden_width(config: dict[str, Any]) -> int:
+        """The transformer's hidden width (heads x head dim) from its config; 0 when the config lacks them."""
+        return int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
+
+    @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:
         """The pipeline facts the adapter needs (``pipe_config`` of the other methods) from a FluxPipeline."""
         return {"vae_scale_factor": int(pipe.vae_scale_factor)}
@@ -544,3 +549,8 @@ class FluxAdapter:
             )
 
         return ShapeProfile(min=at(lambda r: r.min), opt=at(lambda r: r.opt), max=at(lambda r: r.max))
+
+    def export_patches(self) -> tuple[str, ...]:
+        """Upstream patches the ONNX export needs, by name (``dtcompile.export.patches.PATCHES``): diffusers'
+        ``apply_rotary_emb`` traces its reshape with constant shapes, ``dynamic_rope`` keeps it dynamic."""
+        return ("dynamic_rope",)

@@ -1,8 +1,8 @@
 """Running and exporting a ModelOpt-quantized component: fp8 attention, CPU stand-ins, Q/DQ export.
 
 Input: a component quantized in place by ``mtq.quantize`` (fake-quant modules), its ``ExportSpec``.
-Output: ``export_quantized`` writes ``<out_dir>/<name>.onnx`` through ``dtcompile.stages.export.export_onnx``
-(same I/O, dynamic axes, RMSNorm symbolic and RoPE fix as unquantized exports), then rewrites it to standard
+Output: ``export_quantized`` writes ``<out_dir>/<name>.onnx`` through ``dtcompile.export.onnx.export_onnx``
+(same I/O, dynamic axes and upstream patches as unquantized exports), then rewrites it to standard
 ONNX Q/DQ with ``dtcompile.quant.qdq`` and returns the refreshed ``OnnxArtifact`` plus a ``QdqReport``.
 
 Three things ModelOpt does not do the way a portable build needs, done here:
@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     import torch
 
     from dtcompile.core.graph import ExportSpec
-    from dtcompile.stages.export import OnnxArtifact
+    from dtcompile.export.onnx import OnnxArtifact
+    from dtcompile.export.patches import Patch
 
 log = logging.getLogger("dtcompile.quant")
 
@@ -261,13 +262,14 @@ def export_quantized(
     quant_format: str,
     dtype: str,
     external_data: bool | None = None,
+    patches: Sequence[str | Patch] | None = None,
 ) -> QuantizedOnnx:
     """Export a fake-quant component to ONNX with standard Q/DQ (custom ops only where ONNX has none).
 
     Args:
         module: the export wrapper around the quantized component (``ModelAdapter.export_module``).
         spec: I/O specs, example inputs and opset, as for ``export_onnx``.
-        out_dir, name, external_data: as for ``export_onnx``.
+        out_dir, name, external_data, patches: as for ``export_onnx``.
         quant_format: the recipe's ``quant.format``.
         dtype: the component's dtype name (float32, float16, bfloat16).
 
@@ -277,9 +279,9 @@ def export_quantized(
     import onnx
     from modelopt.torch.quantization.export_onnx import configure_linear_module_onnx_quantizers
 
+    from dtcompile.export.onnx import export_onnx
     from dtcompile.quant.nvfp4 import cpu_fake_quant
     from dtcompile.quant.qdq import count_fp8_attention
-    from dtcompile.stages.export import export_onnx
 
     fmt = get_format(quant_format)  # unknown names fail before the slow export
     with contextlib.ExitStack() as stack:
@@ -287,7 +289,7 @@ def export_quantized(
         stack.enter_context(_fp4_block_dq_placeholder())
         # Block-quantized (NVFP4) weights export as static TRT_FP4QDQ, activations as dynamic quantize.
         stack.enter_context(configure_linear_module_onnx_quantizers(module))
-        artifact = export_onnx(module, spec, out_dir, name, external_data=external_data)
+        artifact = export_onnx(module, spec, out_dir, name, external_data=external_data, patches=patches)
     report = standardize_file(artifact.path, dtype)
     unexpected = sorted(set(report.custom_ops) - set(fmt.custom_ops))
     if unexpected:
@@ -317,7 +319,7 @@ def _refreshed(artifact: OnnxArtifact, graph: Any, report: QdqReport) -> OnnxArt
     """The artifact with checksums, size, opset and op counts of the rewritten file."""
     from collections import Counter
 
-    from dtcompile.stages.export import sha256_file
+    from dtcompile.core.digests import sha256_file
 
     ext = artifact.external_data if artifact.external_data and artifact.external_data.exists() else None
     return dataclasses.replace(

@@ -238,11 +238,7 @@ def _fold_weights(g: _Graph, report: QdqReport) -> None:
         if int8 and scale.ndim == 1:
             _set_attr(dq, "axis", axis)
         if transpose is not None:
-            out = transpose.output[0]
-            for user in g.consumers[out]:
-                for i, name_in in enumerate(user.input):
-                    if name_in == out:
-                        user.input[i] = dq.output[0]
+            _reroute(g, transpose.output[0], dq.output[0])
             dead.add(id(transpose))
             report.folded_transposes += 1
         _drop_value_info(g.g, dq.output[0])
@@ -250,6 +246,14 @@ def _fold_weights(g: _Graph, report: QdqReport) -> None:
         report.folded_weights += 1
     _remove_nodes(g.g, dead)
     g.g.initializer.extend(new_inits)
+
+
+def _reroute(g: _Graph, old: str, new: str) -> None:
+    """Every consumer of tensor ``old`` reads ``new`` instead."""
+    for user in g.consumers[old]:
+        for i, name_in in enumerate(user.input):
+            if name_in == old:
+                user.input[i] = new
 
 
 def _transpose_to_matmul(g: _Graph, dq: Any) -> Any | None:

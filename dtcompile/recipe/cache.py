@@ -55,11 +55,17 @@ class CacheGroupSpec(_Strict):
     """A group of blocks cached together, and the steps on which it is cached (static mode)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    """The group's name (in reports and the manifest)."""
     blocks: list[str] = Field(min_length=1)
+    """fnmatch patterns on block names; each must match a block."""
     every: int | None = Field(default=None, ge=2)
+    """Compute on every ``every``-th step and reuse the cached residual in between."""
     start: int | None = Field(default=None, ge=1)
+    """First step that may be cached."""
     end: int | None = Field(default=None, ge=1)
+    """Steps from ``end`` on are always computed."""
     steps: list[int] | None = Field(default=None, min_length=1)
+    """An explicit list of cached steps (instead of ``every``)."""
 
     @field_validator("blocks", mode="before")
     @classmethod
@@ -143,12 +149,17 @@ class CacheSpec(_Strict):
     """The ``cache:`` section: static block groups with step rules, or dynamic first-block caching."""
 
     mode: Literal["static", "first_block"]
+    """"static": rules per block group; "first_block": skip the other blocks while the first block barely changes."""
     # static
     steps: int | None = Field(default=None, ge=1)
+    """static: the num_inference_steps the rules are written for (runs must use it)."""
     groups: list[CacheGroupSpec] | None = Field(default=None, min_length=1)
+    """static: the block groups and their step rules."""
     # first_block
     threshold: float | None = Field(default=None, ge=0)
+    """first_block: relative L1 change of the first block's residual below which the rest is skipped."""
     max_consecutive_skips: int | None = Field(default=None, ge=1)  # first_block default: 2
+    """first_block: at most this many skipped calls in a row (default 2)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -42,11 +42,17 @@ class CalibSpec(_Strict):
     """
 
     prompts: str | list[str] = BUILTIN_PROMPTS
+    """"builtin" (the shipped prompt file), a path to a UTF-8 file (one prompt per line; relative to the recipe's folder) or an inline list."""
     size: int = Field(default=128, ge=1)
+    """How many prompts calibrate (the first ``size``)."""
     batch: int = Field(default=2, ge=1)
+    """Prompts per pipeline call."""
     steps: int = Field(default=30, ge=1)
+    """Denoising steps per calibration call."""
     seed: int = Field(default=0, ge=0)
+    """Generator seed of the first call (call i uses seed + i)."""
     percentile: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Fraction of the steps, from the first (noisiest), whose activation ranges are collected."""
 
     @field_validator("prompts")
     @classmethod
@@ -80,14 +86,20 @@ class AccuracySpec(_Strict):
     """Held-out evaluation stored in the manifest: ``prompts`` held-out prompts x ``steps`` denoising steps."""
 
     prompts: int = Field(default=4, ge=1, le=8)
+    """Held-out prompts the accuracy report runs (fake-quant vs unquantized)."""
     steps: int = Field(default=4, ge=1)
+    """Denoising steps per held-out prompt."""
 
 
 class _QuantBase(_Strict):
     calib: CalibSpec = CalibSpec()
+    """Calibration data and schedule."""
     accuracy: AccuracySpec = AccuracySpec()
+    """Size of the held-out accuracy report written to the manifest."""
     quantize_mha: bool = False
+    """Quantize attention (Q/K/V and softmax) to fp8 where the head size allows."""
     exclude: list[str] | None = None
+    """Module-name fnmatch patterns never quantized; null keeps the model family's defaults, a list replaces them."""
 
     @field_validator("exclude")
     @classmethod
@@ -108,13 +120,16 @@ class Fp8Spec(_QuantBase):
     """FP8 (E4M3) per-tensor weights and activations, max calibration. Needs sm_89+."""
 
     format: Literal["fp8"]
+    """Selects the format: fp8 (E4M3) weights and activations."""
 
 
 class Int8Spec(_QuantBase):
     """INT8 per-channel weights and per-tensor activations with SmoothQuant (``alpha`` = migration strength)."""
 
     format: Literal["int8"]
+    """Selects the format: int8 weights and activations with SmoothQuant."""
     alpha: float = Field(default=0.8, ge=0.0, le=1.0)
+    """SmoothQuant migration strength."""
 
     @model_validator(mode="after")
     def _no_fp8_attention(self) -> Int8Spec:
@@ -130,13 +145,16 @@ class Nvfp4Spec(_QuantBase):
     """NVFP4 (E2M1 values, FP8 scales per 16-element block) weights and activations. Needs Blackwell."""
 
     format: Literal["nvfp4"]
+    """Selects the format: NVFP4 (E2M1 with FP8 block scales; needs Blackwell)."""
 
 
 class SvdquantSpec(_QuantBase):
     """NVFP4 plus a high-precision low-rank branch of ``rank`` (SVDQuant); rank must be below the model width."""
 
     format: Literal["svdquant"]
+    """Selects the format: NVFP4 plus a low-rank high-precision branch."""
     rank: int = Field(default=32, ge=1)
+    """Rank of the SVDQuant branch (below the model width)."""
 
 
 def _known_format(value: Any) -> Any:

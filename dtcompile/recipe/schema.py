@@ -20,8 +20,11 @@ class RangeSpec(_Strict):
     """min/opt/max of one shape variable; a bare integer means a static size."""
 
     min: int = Field(gt=0)
+    """Smallest value the engines accept."""
     opt: int = Field(gt=0)
+    """The value TensorRT tunes for (and the export's example size)."""
     max: int = Field(gt=0)
+    """Largest value the engines accept."""
 
     @model_validator(mode="before")
     @classmethod
@@ -41,16 +44,22 @@ class ShapesSpec(_Strict):
     """Shape ranges the engines accept: batch, image height/width in pixels, text tokens."""
 
     batch: RangeSpec = RangeSpec(min=1, opt=1, max=1)
+    """Images per pipeline call."""
     height: RangeSpec = RangeSpec(min=1024, opt=1024, max=1024)
+    """Image height in pixels."""
     width: RangeSpec = RangeSpec(min=1024, opt=1024, max=1024)
+    """Image width in pixels."""
     text_len: RangeSpec = RangeSpec(min=512, opt=512, max=512)
+    """Text tokens of the prompt encoder the denoiser reads."""
 
 
 class ModelSpec(_Strict):
     """Where the diffusers pipeline comes from: a hub id, a local folder, or ``builtin:NAME``."""
 
     source: str = Field(min_length=1)
+    """A hub id (owner/name), a local diffusers pipeline folder, or builtin:NAME (see `dtc models`)."""
     revision: str | None = None
+    """Hub revision (branch, tag or commit) of a hub id."""
 
 
 #: The ONNX ``Attention`` op (``attention: native``) exists from this opset on.
@@ -67,8 +76,11 @@ class ExportSpecModel(_Strict):
     """
 
     opset: int = Field(default=19, ge=17, le=23)
+    """ONNX opset of the exported graphs."""
     shapes: ShapesSpec = ShapesSpec()
+    """Shape ranges of the engines."""
     attention: Literal["auto", "native", "plugin", "decomposed"] = "auto"
+    """How attention reaches the graph (docs/attention.md)."""
 
     @model_validator(mode="after")
     def _native_needs_opset(self) -> ExportSpecModel:
@@ -87,9 +99,13 @@ class EngineSpec(_Strict):
     backends: list[Literal["onnxruntime", "tensorrt-rtx", "tensorrt"]] = Field(
         default_factory=lambda: ["onnxruntime"], min_length=1
     )
+    """Backends to build: onnxruntime (the reference graph), tensorrt-rtx, tensorrt."""
     targets: list[str] = Field(default_factory=list)
+    """GPU arches (sm_XY) to build TensorRT engines for."""
     opt_level: int = Field(default=3, ge=0, le=5)
+    """TensorRT builder optimization level."""
     refittable: bool = False
+    """Build engines whose weights `dtc refit` can replace (needs a GPU at build)."""
 
     @field_validator("targets")
     @classmethod
@@ -123,7 +139,9 @@ class OutputSpec(_Strict):
     """Where artifacts go: ``<dir>/<recipe name>/``."""
 
     dir: str = "engines"
+    """Folder that receives ``<name>/``."""
     include_pipeline: bool = True
+    """Save the rest of the diffusers pipeline into the artifact (needed by `dtc run`)."""
 
 
 #: File suffixes of pickled checkpoints: dtc never unpickles (loading one can run arbitrary code).
@@ -138,8 +156,11 @@ class LoraSpec(_Strict):
     """
 
     source: str = Field(min_length=1)
+    """A .safetensors file, a local folder (with weight_name) or a hub id owner/name."""
     scale: float = Field(default=1.0, allow_inf_nan=False)
+    """The adapter's strength."""
     weight_name: str | None = None
+    """File inside a folder or hub repo (default pytorch_lora_weights.safetensors)."""
 
     @field_validator("source", "weight_name")
     @classmethod
@@ -156,14 +177,23 @@ class Recipe(_Strict):
     """A build recipe: model, dtype, export, engine, output and (optional) lora sections."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """The artifact's name (its folder under output.dir)."""
     model: ModelSpec
+    """Where the diffusers pipeline comes from."""
     dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    """Precision of the exported graphs (quantized formats compute in it)."""
     export: ExportSpecModel = ExportSpecModel()
+    """ONNX export settings."""
     engine: EngineSpec = EngineSpec()
+    """Backends and GPU arches to build."""
     output: OutputSpec = OutputSpec()
+    """Where the artifact goes."""
     lora: list[LoraSpec] = Field(default_factory=list)
+    """LoRA adapters fused before quantization and export."""
     quant: QuantSpec | None = None  # PTQ: dtcompile/recipe/quant.py, docs/quantization.md
+    """Post-training quantization (docs/quantization.md); null: none."""
     cache: CacheSpec | None = None  # block caching: dtcompile/recipe/cache.py, docs/cache.md
+    """Block-cache engines (docs/cache.md); null: one monolithic engine."""
 
     def engine_fields(self) -> dict[str, Any]:
         """The fields that change an engine (everything but name and output), as plain JSON."""

@@ -28,7 +28,9 @@ from typing import Any
 import torch
 
 from dtcompile.backends.standin import ComponentStandIn
+from dtcompile.core.errors import ArtifactError
 from dtcompile.core.metrics import rel_l1
+from dtcompile.manifest import EngineEntry, Manifest
 from dtcompile.recipe.cache import CacheSpec, Segment
 
 log = logging.getLogger("dtcompile.cache")
@@ -214,14 +216,14 @@ class CachedEngineModule(ComponentStandIn):
 
 def load_cached_module(
     artifact_dir: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     component: str,
     backend: str,
     *,
     gpu: str | None,
     verify: bool = True,
     enabled: bool = True,
-) -> tuple[CachedEngineModule, dict[str, Any]]:
+) -> tuple[CachedEngineModule, EngineEntry]:
     """The stitched module of a split artifact and the prologue's engine entry (names the backend and arch).
 
     Every part runs on the same backend: the one ``select_engine`` picks for the prologue.
@@ -230,34 +232,35 @@ def load_cached_module(
     from dtcompile.manifest import verify_file
     from dtcompile.runtime.run import select_engine
 
-    centry = manifest["components"][component]
-    spec = CacheSpec.model_validate(centry["cache"]["spec"])
-    entries = {name: manifest["components"][name] for name in centry["parts"]}
-    first = select_engine(manifest, centry["parts"][0], backend, gpu)
-    chosen = first["backend"]
+    centry = manifest.component(component)
+    if not centry.parts or centry.cache is None:
+        raise ArtifactError(f"component {component!r} is not split into cache parts; rebuild the artifact")
+    spec = CacheSpec.model_validate(centry.cache["spec"])
+    entries = {name: manifest.component(name) for name in centry.parts}
+    first = select_engine(manifest, centry.parts[0], backend, gpu)
+    chosen = first.backend
     backend_impl = get_backend(chosen)
     runners: dict[str, Runner] = {}
     device: Any = "cpu"
     for name, part in entries.items():
         entry = select_engine(manifest, name, chosen, gpu)
         path = verify_file(artifact_dir, entry, full=verify)
-        for extra in part["onnx"].get("external_data", []) if chosen == "onnxruntime" else []:
+        for extra in part.onnx.external_data if part.onnx and chosen == "onnxruntime" else []:
             verify_file(artifact_dir, extra, full=verify)
-        runner = backend_impl.open_runner(path, entry)
+        runner = backend_impl.open_runner(path, entry.to_json())
         runners[name] = runner
         device = getattr(runner, "device", "cpu")
     parts = [
-        (name, part["kind"], Segment.from_json(part["segment"]) if part.get("segment") else None)
-        for name, part in entries.items()
+        (name, part.kind, Segment.from_json(part.segment) if part.segment else None) for name, part in entries.items()
     ]
     module = CachedEngineModule(
         runners,
         parts,
         spec,
-        centry["config"],
-        [t["name"] for t in centry["inputs"]],
-        centry["outputs"][0]["name"],
-        getattr(torch, manifest["dtype"]),
+        centry.config or {},
+        centry.input_names(),
+        centry.output_name(),
+        getattr(torch, manifest.dtype),
         device,
         enabled=enabled,
     )

@@ -14,62 +14,62 @@ from typing import Any
 
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 from dtcompile.core.targets import BACKENDS, TRT_EXTRAS, gpu_arch, installed_trt_major
-from dtcompile.manifest import read_manifest, verify_file
+from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, read_manifest, verify_file
 
 log = logging.getLogger("dtcompile.run")
 BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
-def select_engine(manifest: dict[str, Any], component: str, backend: str, gpu: str | None) -> dict[str, Any]:
+def select_engine(manifest: Manifest, component: str, backend: str, gpu: str | None) -> EngineEntry:
     """The manifest entry to run for ``backend`` on a machine whose GPU arch is ``gpu`` (None: no GPU)."""
-    if manifest.get("stopped_after"):
-        raise ArtifactError(f"artifact stopped after stage '{manifest['stopped_after']}'; it has no engines to run")
-    engines = manifest["components"][component]["engines"]
+    if manifest.stopped_after:
+        raise ArtifactError(f"artifact stopped after stage '{manifest.stopped_after}'; it has no engines to run")
+    engines = manifest.component(component).engines
     if backend == "auto":
         if gpu is not None:
             for flavour in ("tensorrt", "tensorrt-rtx"):
-                if installed_trt_major(flavour) and any(e["backend"] == flavour and e["arch"] == gpu for e in engines):
+                if installed_trt_major(flavour) and any(e.backend == flavour and e.arch == gpu for e in engines):
                     return select_engine(manifest, component, flavour, gpu)
         backend = "onnxruntime"
-    candidates = [e for e in engines if e["backend"] == backend]
-    built = ", ".join(sorted({f"{e['backend']}:{e['arch']}" for e in engines})) or "none"
+    candidates = [e for e in engines if e.backend == backend]
+    built = ", ".join(sorted({e.target for e in engines})) or "none"
     if not candidates:
         raise ArtifactError(
             f"artifact has no {backend} engine (it has: {built}); rebuild with {backend} in engine.backends"
         )
     if backend == "onnxruntime":
         return candidates[0]
-    archs = ", ".join(e["arch"] for e in candidates)
+    archs = ", ".join(e.arch for e in candidates)
     if gpu is None:
         raise ArtifactError(
             f"{backend} engines ({archs}) need an NVIDIA GPU to run and this machine has none; "
             "use --backend onnxruntime"
         )
-    match = [e for e in candidates if e["arch"] == gpu]
+    match = [e for e in candidates if e.arch == gpu]
     if not match:
         raise ArtifactError(
             f"no {backend} engine for this GPU ({gpu}); the artifact has {archs}: add {gpu} to engine.targets and rebuild"
         )
     entry = match[0]
     installed = installed_trt_major(backend)
-    built_major = int(str(entry.get("trt_version", "0")).split(".")[0])
+    built_major = int(str(entry.trt_version or "0").split(".")[0])
     if installed is None:
         raise ArtifactError(f"{backend} is not installed (pip install 'dtcompile[{TRT_EXTRAS[backend]}]')")
     if installed != built_major:
         raise ArtifactError(
-            f"{entry['file']} was built with {backend} {entry.get('trt_version')}, this machine has major "
+            f"{entry.file} was built with {backend} {entry.trt_version}, this machine has major "
             f"version {installed}; engines only load in the major version that built them: rebuild"
         )
     return entry
 
 
-def check_size(shapes: dict[str, Any], height: int, width: int, batch: int = 1) -> None:
-    """Refuse sizes outside the shape ranges (manifest["shapes"]) the artifact was built for."""
+def check_size(shapes: dict[str, ShapeRange], height: int, width: int, batch: int = 1) -> None:
+    """Refuse sizes outside the shape ranges (``Manifest.shapes``) the artifact was built for."""
     for name, value in (("height", height), ("width", width), ("batch", batch)):
         r = shapes[name]
-        if not r["min"] <= value <= r["max"]:
+        if not r.min <= value <= r.max:
             raise UnsupportedError(
-                f"--{name} {value} is outside the artifact's range {r['min']}..{r['max']}; "
+                f"--{name} {value} is outside the artifact's range {r.min}..{r.max}; "
                 f"rebuild with export.shapes.{name} covering it"
             )
 
@@ -90,7 +90,7 @@ class RunResult:
 
 def load_engine_pipeline(
     artifact_dir: Path, backend: str = "auto", *, verify: bool = True, cache: bool | None = None
-) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+) -> tuple[Any, Any, Manifest, EngineEntry]:
     """(pipeline, engine module, manifest, engine entry) for an artifact on this machine.
 
     ``cache``: for artifacts split into block engines, skip cached blocks (None: yes); elsewhere must not be True.
@@ -104,14 +104,14 @@ def load_engine_pipeline(
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
     # cache-split artifacts also list their parts as components ("part_of" names the component they make up)
-    comp = next(c for c, e in manifest["components"].items() if "part_of" not in e)
-    centry = manifest["components"][comp]
-    if cache and "parts" not in centry:
+    comp = manifest.main_component()
+    centry = manifest.component(comp)
+    if cache and not centry.is_split:
         raise UnsupportedError(
             f"--cache on: {artifact_dir} has no block engines (its recipe has no cache section); use --cache off"
         )
     pipeline_dir = artifact_dir / "pipeline"
-    if "parts" in centry and not manifest.get("stopped_after"):
+    if centry.is_split and not manifest.stopped_after:
         from dtcompile.runtime.cache import load_cached_module
 
         module, entry = load_cached_module(
@@ -121,16 +121,17 @@ def load_engine_pipeline(
     else:
         entry = select_engine(manifest, comp, backend, gpu_arch())
         path = verify_file(artifact_dir, entry, full=verify)
-        for extra in centry["onnx"].get("external_data", []) if entry["backend"] == "onnxruntime" else []:
+        external = centry.onnx.external_data if centry.onnx and entry.backend == "onnxruntime" else []
+        for extra in external:
             verify_file(artifact_dir, extra, full=verify)
-        runner = get_backend(entry["backend"]).open_runner(path, entry)
-        dtype = getattr(torch, manifest["dtype"])
+        runner = get_backend(entry.backend).open_runner(path, entry.to_json())
+        dtype = getattr(torch, manifest.dtype)
         device = getattr(runner, "device", "cpu")
         module = EngineModule(
             runner,
-            centry["config"],
-            [t["name"] for t in centry["inputs"]],
-            centry["outputs"][0]["name"],
+            centry.config or {},
+            centry.input_names(),
+            centry.output_name(),
             dtype,
             device,
         )
@@ -138,7 +139,7 @@ def load_engine_pipeline(
         raise ArtifactError(
             f"{pipeline_dir}: artifact has no pipeline files (built with output.include_pipeline: false)"
         )
-    pipe_cls = getattr(diffusers, manifest["source"]["pipeline_class"])
+    pipe_cls = getattr(diffusers, manifest.source.pipeline_class)
     diffusers.utils.logging.disable_progress_bar()
     pipe = pipe_cls.from_pretrained(pipeline_dir, **{comp: module}, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -166,9 +167,9 @@ def run_artifact(
     """
     import torch
 
-    shapes = read_manifest(artifact_dir)["shapes"]
-    height = height or shapes["height"]["opt"]
-    width = width or shapes["width"]["opt"]
+    shapes = read_manifest(artifact_dir).shapes
+    height = height or shapes["height"].opt
+    width = width or shapes["width"].opt
     check_size(shapes, height, width)
     pipe, module, manifest, entry = load_engine_pipeline(artifact_dir, backend, verify=verify, cache=cache)
     if trace:
@@ -184,9 +185,9 @@ def run_artifact(
         num_inference_steps=steps,
         guidance_scale=guidance,
         generator=generator,
-        max_sequence_length=shapes["text_len"]["opt"],
+        max_sequence_length=shapes["text_len"].opt,
     )
     seconds = time.perf_counter() - t0
-    log.info("%d steps on %s %s in %.2fs", steps, entry["backend"], entry["arch"], seconds)
+    log.info("%d steps on %s %s in %.2fs", steps, entry.backend, entry.arch, seconds)
     stats = module.cache_stats() if hasattr(module, "cache_stats") else None
-    return RunResult(out.images[0], entry["backend"], entry["arch"], seconds, steps, module.trace or [], module, stats)
+    return RunResult(out.images[0], entry.backend, entry.arch, seconds, steps, module.trace or [], module, stats)

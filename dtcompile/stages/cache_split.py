@@ -10,9 +10,10 @@ Input: a ``LoadedPipeline`` whose recipe has a ``cache`` section. Output: ``<art
 - ``epilogue``: ``hidden, temb`` -> ``latent`` (norm_out + proj_out).
 
 Each part wraps the loaded transformer's own submodules (no weights are copied), is exported with
-``dtcompile.stages.export.export_onnx`` (its rms_norm and RoPE fixes apply) with dynamic batch and image tokens,
-checked against torch with onnxruntime, and gets a shape profile for the TensorRT build. The chain of parts is
-checked against the whole transformer's forward in torch (the split must reproduce it) and with onnxruntime.
+``dtcompile.export.onnx.export_onnx`` (its rms_norm fix and the adapter's patches apply) with dynamic batch and
+image tokens, checked against torch with onnxruntime, and gets a shape profile for the TensorRT build. The chain of
+parts is checked against the whole transformer's forward in torch (the split must reproduce it) and with
+onnxruntime.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dtcompile.recipe.cache import Segment, plan_segments, summarize_blocks
 if TYPE_CHECKING:
     import torch
 
+    from dtcompile.attention import AttentionChoice
     from dtcompile.recipe import Recipe
     from dtcompile.stages.export import ExportedComponent
     from dtcompile.stages.load import LoadedPipeline
@@ -235,23 +237,23 @@ def _torch_run(part: Part, feeds: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_split(
-    loaded: LoadedPipeline, recipe: Recipe, artifact_dir: Path
+    loaded: LoadedPipeline, recipe: Recipe, artifact_dir: Path, *, attention: AttentionChoice
 ) -> tuple[dict[str, Any], list[tuple[str, ExportedComponent]]]:
     """Export every part of the adapter's component of ``loaded`` into ``artifact_dir/onnx`` and check them.
 
     Returns the main component's manifest entry (config, overall I/O, the cache spec and segments, the part
     names in execution order, parity of the chain; no engines of its own) and ``(name, ExportedComponent)``
-    per part, in execution order, for the build stage. Raises as ``export_parts``, and RecipeError when a cache
-    pattern matches no block (checked again here for sources the dry run could not read).
+    per part, in execution order, for the build stage. ``attention`` is the caller's
+    ``resolve_attention(recipe, targets)``; export.attention applies to every part (docs/attention.md).
+    Raises as ``export_parts``, and RecipeError when a cache pattern matches no block (checked again here for
+    sources the dry run could not read).
     """
-    from dtcompile.attention import resolve_attention
     from dtcompile.stages.export import shapes_from_recipe
 
     if recipe.cache is None:
         raise BuildError("export_split needs a recipe with a cache section")
     module = getattr(loaded.pipe, loaded.adapter.component).eval()
     segments = plan_segments(recipe.cache, loaded.adapter.block_names(dict(module.config)))
-    choice = resolve_attention(recipe)  # export.attention applies to every part (docs/attention.md)
     main, exported = export_parts(
         module,
         loaded.adapter,
@@ -262,9 +264,9 @@ def export_split(
         segments,
         artifact_dir,
         check_onnxruntime="onnxruntime" in recipe.engine.backends,
-        attention=choice.mode,
+        attention=attention.mode,
     )
-    main["attention"] = choice.to_json()
+    main["attention"] = attention.to_json()
     main["cache"] = {"spec": recipe.cache.model_dump(mode="json"), "segments": [s.to_json() for s in segments]}
     return main, exported
 
@@ -296,7 +298,8 @@ def export_parts(
     from dtcompile.attention import export_attention
     from dtcompile.backends.onnxruntime import OrtRunner
     from dtcompile.core.metrics import rel_l2
-    from dtcompile.stages.export import PARITY_TOL, ExportedComponent, export_onnx
+    from dtcompile.export.onnx import export_onnx
+    from dtcompile.stages.export import PARITY_TOL, ExportedComponent, adapter_patches
     from dtcompile.stages.load import torch_dtype
 
     comp = adapter.component
@@ -312,6 +315,7 @@ def export_parts(
     }
     parts = split_parts(module, segments, comp)
     tol = PARITY_TOL[dtype_name]
+    patches = adapter_patches(adapter)
 
     # The chain in torch gives every part its example inputs and must reproduce the whole forward.
     with torch.no_grad():
@@ -332,7 +336,7 @@ def export_parts(
         example = {t.name: feeds[t.name] for t in inputs if t.name in feeds}
         spec = ExportSpec(inputs=inputs, outputs=outputs, example_inputs=example, opset=opset)
         with export_attention(attention) as trace:
-            art = export_onnx(part.module, spec, artifact_dir / "onnx", name=part.name)
+            art = export_onnx(part.module, spec, artifact_dir / "onnx", name=part.name, patches=patches)
         profile = part_profile(part, mono_profile, dims)
         entry: dict[str, Any] = {
             "part_of": comp,

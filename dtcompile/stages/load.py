@@ -129,8 +129,22 @@ def pipeline_class_of(folder: Path) -> str:
         raise RecipeError(f"{folder / 'model_index.json'}: cannot read the pipeline class ({exc})") from None
 
 
-def load_pipeline(spec: ModelSpec, dtype: str) -> LoadedPipeline:
-    """Load the pipeline named by ``spec`` in ``dtype`` on the CPU."""
+@dataclass(frozen=True)
+class SourceFiles:
+    """A pipeline's files located on disk and fingerprinted, before any weights load."""
+
+    resolved: ResolvedSource
+    folder: Path
+    pipeline_class: str
+    adapter: ModelAdapter
+    component_sha256: str  # digest of the engine component's files (weights + config)
+
+
+def locate_source(spec: ModelSpec) -> SourceFiles:
+    """Find (generate, download) the pipeline's files and hash the engine component's folder; loads no weights.
+
+    The artifact key is computed from this, so an up-to-date artifact is recognised without loading the model.
+    """
     from dtcompile.core.digests import sha256_tree
     from dtcompile.models import ADAPTERS, adapter_for_pipeline_class
 
@@ -138,22 +152,27 @@ def load_pipeline(spec: ModelSpec, dtype: str) -> LoadedPipeline:
     folder = source_dir(resolved)
     class_name = pipeline_class_of(folder)
     adapter = ADAPTERS.get(adapter_for_pipeline_class(class_name))()
+    component_dir = folder / adapter.component
+    digest = sha256_tree(component_dir) if component_dir.is_dir() else "unknown"
+    return SourceFiles(resolved, folder, class_name, adapter, digest)
+
+
+def load_pipeline(files: SourceFiles, dtype: str) -> LoadedPipeline:
+    """Load the located pipeline in ``dtype`` on the CPU through diffusers' ``from_pretrained``."""
     try:
         import diffusers
     except ImportError:
         raise MissingDependencyError("diffusers", "torch") from None
-    pipe_cls = getattr(diffusers, class_name)
+    pipe_cls = getattr(diffusers, files.pipeline_class)
     diffusers.utils.logging.disable_progress_bar()  # stages log their own progress and timings
-    log.info("loading %s from %s (%s)", class_name, folder, dtype)
-    pipe = pipe_cls.from_pretrained(folder, dtype=torch_dtype(dtype))
-    component_dir = folder / adapter.component
-    digest = sha256_tree(component_dir) if component_dir.is_dir() else "unknown"
+    log.info("loading %s from %s (%s)", files.pipeline_class, files.folder, dtype)
+    pipe = pipe_cls.from_pretrained(files.folder, dtype=torch_dtype(dtype))
     return LoadedPipeline(
         pipe=pipe,
-        source_dir=folder,
-        source_kind=resolved.kind,
-        pipeline_class=class_name,
-        adapter=adapter,
-        component_sha256=digest,
-        pipe_config=adapter.pipe_config(pipe),
+        source_dir=files.folder,
+        source_kind=files.resolved.kind,
+        pipeline_class=files.pipeline_class,
+        adapter=files.adapter,
+        component_sha256=files.component_sha256,
+        pipe_config=files.adapter.pipe_config(pipe),
     )

@@ -269,17 +269,8 @@ def read_lora(resolved: ResolvedLora, pipeline_class: str, component: str = "tra
     except ImportError:
         raise MissingDependencyError("peft", "torch", why="needed to read LoRA adapters") from None
 
-    from safetensors import safe_open
-
     label = resolved.label
-    with safe_open(str(resolved.path), framework="pt") as f:
-        raw_keys = list(f.keys())
-    for marker, what in _UNSUPPORTED_KEYS.items():
-        if any(marker in k for k in raw_keys):
-            raise UnsupportedError(
-                f"{label}: '{resolved.path.name}' is one of the {what}; dtc fuses and refits plain LoRA only"
-            )
-    fmt = _detect_format(raw_keys)
+    fmt = _raw_format(resolved)
     pipe_cls = getattr(diffusers, pipeline_class, None)
     if pipe_cls is None or not hasattr(pipe_cls, "lora_state_dict"):
         raise UnsupportedError(f"{label}: {pipeline_class} has no diffusers LoRA loader")
@@ -291,6 +282,56 @@ def read_lora(resolved: ResolvedLora, pipeline_class: str, component: str = "tra
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise RecipeError(f"{label}: diffusers cannot read '{resolved.path.name}' as a LoRA ({first})") from None
 
+    sd, meta, alphas = _component_state(resolved, component, state_dict, alphas, metadata)
+    factors = _group_factors(label, sd, f"{component}.")
+    rank_dict = {f"^{m}.lora_B.weight": t["B.weight"].shape[1] for m, t in factors.items() if "B.weight" in t}
+    try:
+        config = _create_lora_config(sd, alphas or None, meta or None, rank_dict)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"{label}: invalid LoRA metadata in '{resolved.path.name}' ({exc})") from None
+    if config.use_dora:
+        raise UnsupportedError(f"{label}: DoRA adapters are not supported; dtc fuses and refits plain LoRA only")
+
+    modules: dict[str, LoraFactor] = {}
+    for module, parts in sorted(factors.items()):
+        a, b = _factor_pair(resolved, module, parts)
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+        if int(r) != a.shape[0]:
+            raise RecipeError(
+                f"{label}: rank mismatch in '{module}': the adapter metadata says r={r} but its tensors have "
+                f"rank {a.shape[0]}"
+            )
+        modules[module] = LoraFactor(
+            A=a, B=b, alpha=float(alpha), rank=int(r), use_rslora=bool(config.use_rslora), bias=parts.get("B.bias")
+        )
+    return LoraWeights(label, fmt, modules, resolved.path.name)
+
+
+def _raw_format(resolved: ResolvedLora) -> str:
+    """The adapter file's key format, read from its raw keys (UnsupportedError for LoKr/LoHa/... files)."""
+    from safetensors import safe_open
+
+    with safe_open(str(resolved.path), framework="pt") as f:
+        raw_keys = list(f.keys())
+    for marker, what in _UNSUPPORTED_KEYS.items():
+        if any(marker in k for k in raw_keys):
+            raise UnsupportedError(
+                f"{resolved.label}: '{resolved.path.name}' is one of the {what}; dtc fuses and refits plain LoRA only"
+            )
+    return _detect_format(raw_keys)
+
+
+def _component_state(
+    resolved: ResolvedLora,
+    component: str,
+    state_dict: dict[str, torch.Tensor],
+    alphas: dict[str, Any] | None,
+    metadata: dict[str, Any] | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
+    """diffusers' state dict, alphas and metadata with the ``component.`` prefix stripped (state dict, metadata,
+    alphas); raises for weights of other components, an empty adapter, full weights or conflicting alphas."""
+    label = resolved.label
     prefix = f"{component}."
     others = sorted({k.split(".", 1)[0] for k in state_dict if not k.startswith(prefix)})
     if others:
@@ -312,45 +353,37 @@ def read_lora(resolved: ResolvedLora, pipeline_class: str, component: str = "tra
     alphas = {k.removeprefix(prefix): v for k, v in (alphas or {}).items() if k.startswith(prefix)}
     if alphas and meta:
         raise RecipeError(f"{label}: '{resolved.path.name}' has both alpha tensors and adapter metadata")
+    return sd, meta, alphas
 
+
+def _group_factors(label: str, sd: dict[str, torch.Tensor], prefix: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``module.lora_A.weight``-style keys grouped per module: {module: {"A.weight" | "B.weight" | "B.bias": t}}."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in sd.items():
         module, _, part = key.partition(".lora_")
         if part not in ("A.weight", "B.weight", "B.bias"):
             raise UnsupportedError(f"{label}: unexpected LoRA key '{prefix}{key}' (expected lora_A/lora_B weights)")
         factors.setdefault(module, {})[part] = value
-    rank_dict = {f"^{m}.lora_B.weight": t["B.weight"].shape[1] for m, t in factors.items() if "B.weight" in t}
-    try:
-        config = _create_lora_config(sd, alphas or None, meta or None, rank_dict)
-    except (TypeError, ValueError) as exc:
-        raise RecipeError(f"{label}: invalid LoRA metadata in '{resolved.path.name}' ({exc})") from None
-    if config.use_dora:
-        raise UnsupportedError(f"{label}: DoRA adapters are not supported; dtc fuses and refits plain LoRA only")
+    return factors
 
-    modules: dict[str, LoraFactor] = {}
-    for module, parts in sorted(factors.items()):
-        if "A.weight" not in parts or "B.weight" not in parts:
-            missing = "lora_A" if "A.weight" not in parts else "lora_B"
-            raise RecipeError(f"{label}: module '{module}' has no {missing}.weight in '{resolved.path.name}'")
-        a, b = parts["A.weight"], parts["B.weight"]
-        if a.ndim != 2 or b.ndim != 2:
-            raise UnsupportedError(f"{label}: module '{module}' has {a.ndim}-D LoRA factors; only Linear layers")
-        if b.shape[1] != a.shape[0]:
-            raise RecipeError(
-                f"{label}: rank mismatch in '{module}': lora_A is {list(a.shape)} (rank {a.shape[0]}) but lora_B "
-                f"is {list(b.shape)} (rank {b.shape[1]})"
-            )
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
-        if int(r) != a.shape[0]:
-            raise RecipeError(
-                f"{label}: rank mismatch in '{module}': the adapter metadata says r={r} but its tensors have "
-                f"rank {a.shape[0]}"
-            )
-        modules[module] = LoraFactor(
-            A=a, B=b, alpha=float(alpha), rank=int(r), use_rslora=bool(config.use_rslora), bias=parts.get("B.bias")
+
+def _factor_pair(
+    resolved: ResolvedLora, module: str, parts: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's (lora_A, lora_B) weights, checked: both present, 2-D, ranks agreeing."""
+    label = resolved.label
+    if "A.weight" not in parts or "B.weight" not in parts:
+        missing = "lora_A" if "A.weight" not in parts else "lora_B"
+        raise RecipeError(f"{label}: module '{module}' has no {missing}.weight in '{resolved.path.name}'")
+    a, b = parts["A.weight"], parts["B.weight"]
+    if a.ndim != 2 or b.ndim != 2:
+        raise UnsupportedError(f"{label}: module '{module}' has {a.ndim}-D LoRA factors; only Linear layers")
+    if b.shape[1] != a.shape[0]:
+        raise RecipeError(
+            f"{label}: rank mismatch in '{module}': lora_A is {list(a.shape)} (rank {a.shape[0]}) but lora_B "
+            f"is {list(b.shape)} (rank {b.shape[1]})"
         )
-    return LoraWeights(label, fmt, modules, resolved.path.name)
+    return a, b
 
 
 def check_lora_fits(weights: LoraWeights, shapes: dict[str, tuple[int, ...]], what: str) -> None:
@@ -442,78 +475,3 @@ def apply_deltas(base: dict[str, torch.Tensor], loras: list[tuple[LoraWeights, f
                 bname = f"{module}.bias"
                 out[bname] = out[bname] + (f.bias * f.scaling(scale)).to(out[bname].dtype)
     return out
-
-
-# --- synthetic adapters (tests, benchmarks, recipes/tiny-flux-lora.yaml) ------------------------------------------
-
-#: FLUX attention and MLP projections a typical LoRA trains (diffusers module names).
-FLUX_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-
-
-def make_peft_lora(
-    module: torch.nn.Module,
-    path: Path,
-    *,
-    rank: int = 4,
-    alpha: float = 8.0,
-    targets: tuple[str, ...] = FLUX_TARGETS,
-    seed: int = 0,
-    pipeline_class: str = "FluxPipeline",
-) -> Path:
-    """Make a random LoRA for ``module`` with PEFT and save it as a diffusers LoRA file with its adapter
-    metadata (without it diffusers drops alpha). ``module`` itself is left unchanged."""
-    import copy
-
-    import diffusers
-    import torch
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False)
-    clone = copy.deepcopy(module)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        clone.add_adapter(config)
-    state = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(clone).items()}
-    del clone
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    getattr(diffusers, pipeline_class).save_lora_weights(
-        str(path.parent),
-        transformer_lora_layers=state,
-        weight_name=path.name,
-        transformer_lora_adapter_metadata=config.to_dict(),
-    )
-    return path
-
-
-def make_kohya_flux_lora(
-    module: torch.nn.Module, path: Path, *, rank: int = 4, alpha: float = 2.0, seed: int = 0, std: float = 0.05
-) -> Path:
-    """Write a random kohya/BFL-style FLUX LoRA (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``,
-    ``.lora_up.weight``, ``.alpha``) covering every double block's attention qkv/proj and the single blocks'
-    linear2 (and linear1 at FLUX.1's width 3072: diffusers' converter splits it at fixed sizes)."""
-    import torch
-    from safetensors.torch import save_file
-
-    cfg = module.config
-    dim = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
-    mlp = module.single_transformer_blocks[0].proj_mlp.out_features if cfg["num_single_layers"] else 4 * dim
-    shapes: dict[str, tuple[int, int]] = {}  # kohya name -> (in, out)
-    for i in range(int(cfg["num_layers"])):
-        for side in ("img", "txt"):
-            shapes[f"lora_unet_double_blocks_{i}_{side}_attn_qkv"] = (dim, 3 * dim)
-            shapes[f"lora_unet_double_blocks_{i}_{side}_attn_proj"] = (dim, dim)
-    for i in range(int(cfg["num_single_layers"])):
-        if dim == 3072:  # diffusers' converter splits linear1 at FLUX.1's fixed widths
-            shapes[f"lora_unet_single_blocks_{i}_linear1"] = (dim, 3 * dim + mlp)
-        shapes[f"lora_unet_single_blocks_{i}_linear2"] = (dim + mlp, dim)
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, (fan_in, fan_out) in shapes.items():
-        state[f"{name}.lora_down.weight"] = torch.randn(rank, fan_in, generator=gen) * std
-        state[f"{name}.lora_up.weight"] = torch.randn(fan_out, rank, generator=gen) * std
-        state[f"{name}.alpha"] = torch.tensor(float(alpha))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path))
-    return path

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 from dtcompile.core.metrics import psnr
-from dtcompile.manifest import read_manifest
+from dtcompile.manifest import EngineEntry, Manifest, read_manifest
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -158,12 +158,7 @@ class _HostPeak:
 # --- loading ---------------------------------------------------------------------------------------------------
 
 
-def _engine_component(manifest: dict[str, Any]) -> str:
-    # Split (block-cache) artifacts also list their parts as components; "part_of" marks those.
-    return next(c for c, e in manifest["components"].items() if "part_of" not in e)
-
-
-def baseline_source(manifest: dict[str, Any], *, verify: bool = True) -> tuple[Path, bool | None]:
+def baseline_source(manifest: Manifest, *, verify: bool = True) -> tuple[Path, bool | None]:
     """The artifact's source pipeline folder, and whether its engine component still hashes as at build time.
 
     ``None`` for the match when ``verify`` is off or the manifest has no digest. Built-ins are (re)generated,
@@ -172,10 +167,10 @@ def baseline_source(manifest: dict[str, Any], *, verify: bool = True) -> tuple[P
     from dtcompile.recipe import ModelSpec
     from dtcompile.stages.load import resolve_source, source_dir
 
-    src = manifest["source"]
-    folder = source_dir(resolve_source(ModelSpec(source=src["model"], revision=src.get("revision"))))
-    digest = src.get("component_sha256")
-    comp_dir = folder / _engine_component(manifest)
+    src = manifest.source
+    folder = source_dir(resolve_source(ModelSpec(source=src.model, revision=src.revision)))
+    digest = src.component_sha256
+    comp_dir = folder / manifest.main_component()
     if not verify or not digest or digest == "unknown" or not comp_dir.is_dir():
         return folder, None
     from dtcompile.core.digests import sha256_tree
@@ -183,17 +178,17 @@ def baseline_source(manifest: dict[str, Any], *, verify: bool = True) -> tuple[P
     return folder, sha256_tree(comp_dir) == digest
 
 
-def _load_baseline(manifest: dict[str, Any], device: Any, folder: Path) -> tuple[Any, Any]:
+def _load_baseline(manifest: Manifest, device: Any, folder: Path) -> tuple[Any, Any]:
     import diffusers
     import torch
 
-    dtype = getattr(torch, manifest["dtype"])
-    pipe_cls = getattr(diffusers, manifest["source"]["pipeline_class"])
+    dtype = getattr(torch, manifest.dtype)
+    pipe_cls = getattr(diffusers, manifest.source.pipeline_class)
     diffusers.utils.logging.disable_progress_bar()
     pipe = pipe_cls.from_pretrained(folder, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
-    return pipe, getattr(pipe, _engine_component(manifest))
+    return pipe, getattr(pipe, manifest.main_component())
 
 
 @contextlib.contextmanager
@@ -328,15 +323,12 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def build_profile(manifest: dict[str, Any]) -> dict[str, Any]:
+def build_profile(manifest: Manifest) -> dict[str, Any]:
     """Build cost recorded in the manifest: wall time and peak RSS per stage, per engine build time and size."""
-    stages = [
-        {"name": s["name"], "wall_s": s["wall_s"], "peak_rss_mb": s["peak_rss_mb"]} for s in manifest.get("stages", [])
-    ]
+    stages = [{"name": s.name, "wall_s": s.wall_s, "peak_rss_mb": s.peak_rss_mb} for s in manifest.stages]
     engines = [
-        {"backend": e["backend"], "arch": e["arch"], "size_mb": e["size"] / 2**20, "build_s": e.get("build_s")}
-        for c in manifest["components"].values()
-        for e in c.get("engines", [])
+        {"backend": e.backend, "arch": e.arch, "size_mb": e.size / 2**20, "build_s": e.build_s}
+        for e in manifest.engine_entries()
     ]
     return {
         "stages": stages,
@@ -365,6 +357,120 @@ def _machine(device: Any) -> dict[str, Any]:
     return info
 
 
+def _check_options(backends: tuple[str, ...] | list[str], steps: int, batch: int, repeat: int, warmup: int,
+                   threads: int | None) -> None:  # fmt: skip
+    from dtcompile.runtime.run import BACKEND_CHOICES
+
+    for b in backends:
+        if b not in BACKEND_CHOICES:
+            raise UnsupportedError(f"--backend {b}: unknown backend; choose one of: {', '.join(BACKEND_CHOICES)}")
+    if threads is not None and threads < 1:
+        raise UnsupportedError(f"--threads {threads}: must be >= 1 (or left out for the libraries' defaults)")
+    if steps < 1 or repeat < 1 or warmup < 0 or batch < 1:
+        raise UnsupportedError(
+            f"steps {steps}, repeat {repeat}, batch {batch} must be >= 1 and warmup {warmup} >= 0; fix the option"
+        )
+
+
+@dataclass
+class _Session:
+    """What every contender runs with, and the contenders loaded so far (one per (backend, arch))."""
+
+    prompt: str
+    steps: int
+    batch: int
+    size: tuple[int, int]
+    seed: int
+    guidance: float
+    text_len: int
+    warmup: int
+    contenders: list[Contender] = field(default_factory=list)
+    seen: set[tuple[str, str]] = field(default_factory=set)
+
+    def run(self, c: Contender, steps: int, *, record: bool) -> None:
+        _run_once(c, self.prompt, steps, self.batch, self.size, self.seed, self.guidance, self.text_len, record=record)
+
+    def admit(self, name: str, backend: str, arch: str, load: Any) -> Contender | None:
+        """Load a contender and warm it up, measuring the time of each and the memory that stays resident."""
+        mem: dict[str, float | None] = {}
+        with _resident(mem):
+            t0 = time.perf_counter()
+            pipe, module, entry, device = load()
+            load_s = time.perf_counter() - t0
+            entry = entry if entry is None or isinstance(entry, EngineEntry) else EngineEntry.model_validate(entry)
+            key = (entry.backend, entry.arch) if entry else (backend, arch)
+            if key in self.seen:  # e.g. "auto" and the backend it resolved to
+                return None
+            self.seen.add(key)
+            c = Contender(
+                key[0] if entry else name, *key, pipe, module, device, StepTimer(module, _cuda(device)), load_s
+            )
+            self.contenders.append(c)
+            t0 = time.perf_counter()
+            for _ in range(self.warmup):
+                self.run(c, 1, record=False)
+            c.warmup_s = time.perf_counter() - t0
+        c.resident_host_mb, c.resident_device_mb = mem["host_mb"] or 0.0, mem["device_mb"]
+        log.info("[bench] %s: loaded in %.1f s, warm-up %.1f s, +%.0f MB resident", c.name, load_s, c.warmup_s,
+                 c.resident_host_mb)  # fmt: skip
+        return c
+
+
+@dataclass
+class _Measured:
+    """The contenders timed (the baseline first), and where the baseline came from."""
+
+    everyone: list[Contender]
+    baseline: Contender
+    device: Any
+    folder: Path
+    matches: bool | None
+
+
+def _measure(
+    session: _Session, manifest: Manifest, artifact_dir: Path, backends: Any, repeat: int, verify: bool,
+    threads: int | None,
+) -> _Measured:  # fmt: skip
+    """Load every backend's contender, then the PyTorch baseline, and time ``repeat`` alternating rounds."""
+    import torch
+
+    from dtcompile.runtime.run import load_engine_pipeline
+
+    try:
+        with torch.inference_mode():
+            for b in backends:
+                session.admit(
+                    b, b, "", lambda b=b: _engine_pipeline(load_engine_pipeline, artifact_dir, b, verify, threads)
+                )
+            devices = {str(c.device) for c in session.contenders}
+            if len(devices) > 1:
+                raise UnsupportedError(
+                    f"--backend: the chosen engines run on different devices ({', '.join(sorted(devices))}); "
+                    "the baseline runs on one: bench one device at a time"
+                )
+            device = session.contenders[0].device
+            folder, matches = baseline_source(manifest, verify=verify)
+            if matches is False:
+                log.warning(
+                    "[bench] the source model's %s no longer hashes as when the artifact was built: speeds "
+                    "compare, images will differ",
+                    manifest.main_component(),
+                )
+            baseline = session.admit(
+                BASELINE, BASELINE, "-", lambda: (*_load_baseline(manifest, device, folder), None, device)
+            )
+            assert baseline is not None  # its key is new: nothing to deduplicate
+            everyone = [baseline, *(c for c in session.contenders if c is not baseline)]
+            for r in range(repeat):
+                for c in everyone if r % 2 == 0 else everyone[::-1]:
+                    session.run(c, session.steps, record=True)
+                    log.info("[bench] repeat %d/%d %s: %.3f s", r + 1, repeat, c.name, c.e2e_s[-1])
+    finally:
+        for c in session.contenders:
+            c.timer.remove()
+    return _Measured(everyone, baseline, device, folder, matches)
+
+
 def bench_artifact(
     artifact_dir: Path,
     backends: tuple[str, ...] | list[str] = ("auto",),
@@ -386,24 +492,16 @@ def bench_artifact(
     ``warmup`` 1-step runs per contender precede ``repeat`` timed runs of ``steps`` steps each. ``threads``
     sets torch's intra-op threads and onnxruntime's (None: each library's default).
     """
-    from dtcompile.runtime.run import BACKEND_CHOICES, check_size, load_engine_pipeline
+    from dtcompile.runtime.run import check_size
 
     artifact_dir = Path(artifact_dir)
-    for b in backends:
-        if b not in BACKEND_CHOICES:
-            raise UnsupportedError(f"--backend {b}: unknown backend; choose one of: {', '.join(BACKEND_CHOICES)}")
-    if threads is not None and threads < 1:
-        raise UnsupportedError(f"--threads {threads}: must be >= 1 (or left out for the libraries' defaults)")
-    if steps < 1 or repeat < 1 or warmup < 0 or batch < 1:
-        raise UnsupportedError(
-            f"steps {steps}, repeat {repeat}, batch {batch} must be >= 1 and warmup {warmup} >= 0; fix the option"
-        )
+    _check_options(backends, steps, batch, repeat, warmup, threads)
     manifest = read_manifest(artifact_dir)
-    shapes = manifest["shapes"]
-    height = height or shapes["height"]["opt"]
-    width = width or shapes["width"]["opt"]
+    shapes = manifest.shapes
+    height = height or shapes["height"].opt
+    width = width or shapes["width"].opt
     check_size(shapes, height, width, batch)
-    text_len = shapes["text_len"]["opt"]
+    text_len = shapes["text_len"].opt
 
     import diffusers  # noqa: F401  (imported before any load is measured)
     import torch
@@ -415,72 +513,18 @@ def bench_artifact(
     if threads is not None:
         torch.set_num_threads(threads)
     _preimport(artifact_dir / "pipeline")
-    contenders: list[Contender] = []
-    seen: set[tuple[str, str]] = set()
-    size = (height, width)
+    session = _Session(prompt, steps, batch, (height, width), seed, guidance, text_len, warmup)
+    m = _measure(session, manifest, artifact_dir, backends, repeat, verify, threads)
 
-    def admit(name: str, backend: str, arch: str, load: Any) -> Contender | None:
-        """Load a contender and warm it up, measuring the time of each and the memory that stays resident."""
-        mem: dict[str, float | None] = {}
-        with _resident(mem):
-            t0 = time.perf_counter()
-            pipe, module, entry, device = load()
-            load_s = time.perf_counter() - t0
-            key = (entry["backend"], entry["arch"]) if entry else (backend, arch)
-            if key in seen:  # e.g. "auto" and the backend it resolved to
-                return None
-            seen.add(key)
-            c = Contender(
-                key[0] if entry else name, *key, pipe, module, device, StepTimer(module, _cuda(device)), load_s
-            )
-            contenders.append(c)
-            t0 = time.perf_counter()
-            for _ in range(warmup):
-                _run_once(c, prompt, 1, batch, size, seed, guidance, text_len, record=False)
-            c.warmup_s = time.perf_counter() - t0
-        c.resident_host_mb, c.resident_device_mb = mem["host_mb"] or 0.0, mem["device_mb"]
-        log.info("[bench] %s: loaded in %.1f s, warm-up %.1f s, +%.0f MB resident", c.name, load_s, c.warmup_s,
-                 c.resident_host_mb)  # fmt: skip
-        return c
-
-    try:
-        with torch.inference_mode():
-            for b in backends:
-                admit(b, b, "", lambda b=b: _engine_pipeline(load_engine_pipeline, artifact_dir, b, verify, threads))
-            devices = {str(c.device) for c in contenders}
-            if len(devices) > 1:
-                raise UnsupportedError(
-                    f"--backend: the chosen engines run on different devices ({', '.join(sorted(devices))}); "
-                    "the baseline runs on one: bench one device at a time"
-                )
-            device = contenders[0].device
-            folder, matches = baseline_source(manifest, verify=verify)
-            if matches is False:
-                log.warning(
-                    "[bench] the source model's %s no longer hashes as when the artifact was built: speeds "
-                    "compare, images will differ",
-                    _engine_component(manifest),
-                )
-            baseline = admit(BASELINE, BASELINE, "-", lambda: (*_load_baseline(manifest, device, folder), None, device))
-            assert baseline is not None  # its key is new: nothing to deduplicate
-            everyone = [baseline, *(c for c in contenders if c is not baseline)]
-            for r in range(repeat):
-                for c in everyone if r % 2 == 0 else everyone[::-1]:
-                    _run_once(c, prompt, steps, batch, size, seed, guidance, text_len, record=True)
-                    log.info("[bench] repeat %d/%d %s: %.3f s", r + 1, repeat, c.name, c.e2e_s[-1])
-    finally:
-        for c in contenders:
-            c.timer.remove()
-
-    results = [_summary(c, batch) for c in everyone]
-    for c, res in zip(everyone, results, strict=True):
-        res["psnr_db_vs_pytorch"] = None if c is baseline else _psnr(c.image, baseline.image)
+    results = [_summary(c, batch) for c in m.everyone]
+    for c, res in zip(m.everyone, results, strict=True):
+        res["psnr_db_vs_pytorch"] = None if c is m.baseline else _psnr(c.image, m.baseline.image)
     return {
         "schema": SCHEMA,
         "artifact": str(artifact_dir),
-        "name": manifest.get("name"),
+        "name": manifest.name,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(device),
+        "machine": _machine(m.device),
         "settings": {
             "backends": list(backends),
             "steps": steps,
@@ -493,18 +537,18 @@ def bench_artifact(
             "prompt": prompt,
             "seed": seed,
             "guidance": guidance,
-            "dtype": manifest["dtype"],
-            "device": str(device),
-            "timer": "cuda_events" if _cuda(device) else "perf_counter_ns",
+            "dtype": manifest.dtype,
+            "device": str(m.device),
+            "timer": "cuda_events" if _cuda(m.device) else "perf_counter_ns",
             "threads": torch.get_num_threads(),  # torch's; onnxruntime's too when --threads is given
             "threads_set": threads is not None,
-            "baseline_source": str(folder),
-            "baseline_matches_artifact": matches,
+            "baseline_source": str(m.folder),
+            "baseline_matches_artifact": m.matches,
         },
         "results": results,
         "ratios": ratios(results),
         "build": build_profile(manifest),
-        "versions": manifest.get("versions", {}),
+        "versions": manifest.versions,
     }
 
 
@@ -528,11 +572,11 @@ def _engine_pipeline(
 ) -> tuple[Any, ...]:
     pipe, module, _, entry = load_engine_pipeline(artifact_dir, backend, verify=verify)
     runner = getattr(module, "runner", None)
-    if threads is not None and entry["backend"] == "onnxruntime" and runner is not None:
+    if threads is not None and entry.backend == "onnxruntime" and runner is not None:
         from dtcompile.backends.onnxruntime import OrtRunner
 
         # load_engine_pipeline takes no thread count: replace the session by one with ``threads`` threads.
-        module.runner = OrtRunner(artifact_dir / entry["file"], threads=threads)
+        module.runner = OrtRunner(artifact_dir / entry.file, threads=threads)
     return pipe, module, entry, module.device
 
 

@@ -12,7 +12,7 @@ Input of ``publish_artifact``: an artifact folder (``dtc build`` output). Output
 
 Input of ``pull_artifact``: a version URL (``<URL>/<name>/<key>``) or a name URL (``<URL>/<name>``, newest version
 that has the requested arch). Output: an artifact folder with the common files and the engines of one arch, which
-``dtc run`` takes like a built one. Its manifest lists only the pulled engines; ``manifest["pulled"]`` records the
+``dtc run`` takes like a built one. Its manifest lists only the pulled engines; ``Manifest.pulled`` records the
 source, the archives and every engine that was published.
 
 Versions are keyed by the artifact key and never overwritten. Archives are deterministic (sorted members, mtime 0,
@@ -28,7 +28,6 @@ hf://, memory://), imported on first use.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -51,8 +50,7 @@ from dtcompile.core.files import replace_dir
 from dtcompile.core.targets import arch_order, gpu_arch, installed_trt_major, is_arch
 from dtcompile.manifest import (
     MANIFEST,
-    common_file_entries,
-    engine_entries,
+    Manifest,
     read_manifest,
     verify_file,
     write_manifest,
@@ -107,10 +105,10 @@ def _check_relpath(rel: Any, where: str) -> str:
     return rel
 
 
-def plan_archives(manifest: dict[str, Any]) -> list[Archive]:
+def plan_archives(manifest: Manifest) -> list[Archive]:
     """The archives a manifest's files go into: ``common.tar`` first, then one per (backend, arch), sorted.
 
-    ``common_file_entries`` (pipeline, ONNX graphs and external data, weight maps, LoRA base weights) and
+    ``Manifest.common_file_entries`` (pipeline, ONNX graphs and external data, weight maps, LoRA base weights) and
     arch-independent engines (onnxruntime, arch "any") go into the common archive; every other engine into
     ``<backend>-<arch>.tar``.
     """
@@ -126,9 +124,9 @@ def plan_archives(manifest: dict[str, Any]) -> list[Archive]:
             raise ArtifactError(f"manifest: {rel!r} is listed twice with different sha256; rebuild the artifact")
         bucket[rel] = entry
 
-    for entry in common_file_entries(manifest):
-        add(common, entry)
-    for engine in engine_entries(manifest):
+    for file in manifest.common_file_entries():
+        add(common, file.to_json())
+    for engine in (e.to_json() for e in manifest.engine_entries()):
         if engine.get("arch") == "any":
             add(common, engine)
             continue
@@ -176,6 +174,51 @@ def _member_kind(member: tarfile.TarInfo) -> str:
     return f"an unsupported member type ({member.type!r})"
 
 
+def _check_member(member: tarfile.TarInfo, label: str, root: Path, data_filter: Any, seen: set[str]) -> None:
+    """ArtifactError unless ``member`` is a regular file or plain folder at a plain relative path inside ``root``,
+    not met before (``seen``, updated)."""
+    name = member.name
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise ArtifactError(f"{label}: member {name!r} has an absolute path; refusing to extract")
+    if "\\" in name or "\0" in name or any(p in ("..",) for p in name.split("/")):
+        raise ArtifactError(f"{label}: member {name!r} escapes the artifact folder; refusing to extract")
+    if not (member.isdir() or member.type in (tarfile.REGTYPE, tarfile.AREGTYPE)):
+        raise ArtifactError(f"{label}: member {name!r} is {_member_kind(member)}; refusing to extract")
+    if any(p in ("", ".") for p in name.rstrip("/").split("/")):
+        raise ArtifactError(f"{label}: member {name!r} is not a plain relative path; refusing to extract")
+    if name in seen:
+        raise ArtifactError(f"{label}: member {name!r} appears twice; refusing to extract")
+    seen.add(name)
+    if data_filter is not None:
+        try:
+            data_filter(member, str(root))
+        except tarfile.FilterError as exc:
+            raise ArtifactError(f"{label}: member {name!r} rejected ({exc}); refusing to extract") from None
+
+
+def _extract_listed_file(
+    tf: tarfile.TarFile, member: tarfile.TarInfo, entry: dict[str, Any] | None, root: Path, label: str
+) -> None:
+    """Extract one regular member that ``entry`` lists, checking its size and sha256 against the entry."""
+    name = member.name
+    if entry is None:
+        raise ArtifactError(f"{label}: member {name!r} is not listed in the manifest; refusing to extract")
+    if member.size != entry["size"]:
+        raise VerificationError(
+            f"{label}: member {name!r} is {member.size} bytes but the manifest says {entry['size']}"
+        )
+    target = root / name
+    _mkdir_inside(root, target.parent, label)
+    src = tf.extractfile(member)
+    if src is None:  # pragma: no cover - regular members always have a file object
+        raise ArtifactError(f"{label}: member {name!r} has no data")
+    digest = _copy_new_file(src, target)
+    if digest != entry["sha256"]:
+        raise VerificationError(
+            f"{label}: {name!r} does not match its sha256 in the manifest (corrupt or tampered archive)"
+        )
+
+
 def safe_extract(tar_path: Path, dest: Path, entries: tuple[dict[str, Any], ...] | list[dict[str, Any]]) -> None:
     """Extract exactly the files ``entries`` list from ``tar_path`` into ``dest``, checking each one.
 
@@ -195,45 +238,14 @@ def safe_extract(tar_path: Path, dest: Path, entries: tuple[dict[str, Any], ...]
         with tarfile.open(tar_path, mode="r:") as tf:
             for member in tf:
                 name = member.name
-                if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-                    raise ArtifactError(f"{label}: member {name!r} has an absolute path; refusing to extract")
-                if "\\" in name or "\0" in name or any(p in ("..",) for p in name.split("/")):
-                    raise ArtifactError(f"{label}: member {name!r} escapes the artifact folder; refusing to extract")
-                if not (member.isdir() or member.type in (tarfile.REGTYPE, tarfile.AREGTYPE)):
-                    raise ArtifactError(f"{label}: member {name!r} is {_member_kind(member)}; refusing to extract")
-                if any(p in ("", ".") for p in name.rstrip("/").split("/")):
-                    raise ArtifactError(f"{label}: member {name!r} is not a plain relative path; refusing to extract")
-                if name in seen:
-                    raise ArtifactError(f"{label}: member {name!r} appears twice; refusing to extract")
-                seen.add(name)
-                if data_filter is not None:
-                    try:
-                        data_filter(member, str(root))
-                    except tarfile.FilterError as exc:
-                        raise ArtifactError(f"{label}: member {name!r} rejected ({exc}); refusing to extract") from None
-                target = root / name
-                if member.isdir():
-                    if name not in folders:
-                        raise ArtifactError(
-                            f"{label}: folder member {name!r} holds no file the manifest lists; refusing to extract"
-                        )
-                    _mkdir_inside(root, target, label)
-                    continue
-                entry = expected.get(name)
-                if entry is None:
-                    raise ArtifactError(f"{label}: member {name!r} is not listed in the manifest; refusing to extract")
-                if member.size != entry["size"]:
-                    raise VerificationError(
-                        f"{label}: member {name!r} is {member.size} bytes but the manifest says {entry['size']}"
-                    )
-                _mkdir_inside(root, target.parent, label)
-                src = tf.extractfile(member)
-                if src is None:  # pragma: no cover - regular members always have a file object
-                    raise ArtifactError(f"{label}: member {name!r} has no data")
-                digest = _copy_new_file(src, target)
-                if digest != entry["sha256"]:
-                    raise VerificationError(
-                        f"{label}: {name!r} does not match its sha256 in the manifest (corrupt or tampered archive)"
+                _check_member(member, label, root, data_filter, seen)
+                if not member.isdir():
+                    _extract_listed_file(tf, member, expected.get(name), root, label)
+                elif name in folders:
+                    _mkdir_inside(root, root / name, label)
+                else:
+                    raise ArtifactError(
+                        f"{label}: folder member {name!r} holds no file the manifest lists; refusing to extract"
                     )
     except tarfile.TarError as exc:
         raise ArtifactError(f"{label}: not a valid uncompressed tar archive ({exc})") from None
@@ -468,8 +480,8 @@ class PublishReport:
     identical: bool = True
 
 
-def _name_and_key(manifest: dict[str, Any], where: str) -> tuple[str, str]:
-    name, key = manifest.get("name"), manifest.get("key")
+def _name_and_key(manifest: Manifest, where: str) -> tuple[str, str]:
+    name, key = manifest.name, manifest.key
     if not isinstance(name, str) or not _COMPONENT.match(name):
         raise ArtifactError(f"{where}: manifest name {name!r} cannot be a folder name; rebuild the artifact")
     if not isinstance(key, str) or not _KEY.match(key):
@@ -486,9 +498,9 @@ def publish_artifact(artifact_dir: Path, url: str) -> PublishReport:
     """
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
-    if manifest.get("stopped_after"):
+    if manifest.stopped_after:
         raise ArtifactError(
-            f"{artifact_dir}: stopped after stage '{manifest['stopped_after']}'; only a complete build can be published"
+            f"{artifact_dir}: stopped after stage '{manifest.stopped_after}'; only a complete build can be published"
         )
     name, key = _name_and_key(manifest, str(artifact_dir / MANIFEST))
     archives = plan_archives(manifest)
@@ -703,24 +715,19 @@ def pull_artifact(
     return report
 
 
-def _pull_into(store: _Store, vrel: str, vurl: str, tmp: Path, arch: str, backend: str, how: str) -> PullReport:
-    """Download, verify and extract into ``tmp/artifact``; ``tmp/download`` holds the fetched files."""
-    join = (lambda f: f"{vrel}/{f}") if vrel else (lambda f: f)
-    download, stage = tmp / "download", tmp / "artifact"
-    download.mkdir()
-    stage.mkdir()
+def _fetch_manifest(store: _Store, join: Any, vurl: str, download: Path) -> tuple[dict[str, str], Manifest]:
+    """SHA256SUMS and the manifest it vouches for (fetched into ``download``, checked before it is parsed)."""
     sums = parse_sums(_read(store, join(SUMS), SUMS).decode("utf-8", "replace"), f"{vurl}/{SUMS}")
     if MANIFEST not in sums:
         raise VerificationError(f"{vurl}/{SUMS}: does not list {MANIFEST}; the version is incomplete or tampered")
     _fetch(store, join(MANIFEST), download / MANIFEST)
     if sha256_file(download / MANIFEST) != sums[MANIFEST]:
         raise VerificationError(f"{vurl}/{MANIFEST}: sha256 does not match {SUMS} (corrupt or tampered manifest)")
-    manifest = read_manifest(download)
-    name, key = _name_and_key(manifest, f"{vurl}/{MANIFEST}")
-    folder_key = PurePosixPath(urllib.parse.urlsplit(vurl).path.rstrip("/")).name
-    if _KEY.match(folder_key) and folder_key != key:
-        raise VerificationError(f"{vurl}/{MANIFEST}: key {key[:12]} does not match its folder {folder_key[:12]}")
-    archives = plan_archives(manifest)
+    return sums, read_manifest(download)
+
+
+def _wanted_archives(archives: list[Archive], arch: str, backend: str, name: str, key: str) -> list[Archive]:
+    """The common archive and those of ``arch`` (filtered by ``backend``); ArtifactError when there are none."""
     published = [(a.backend, a.arch) for a in archives[1:]]
     if arch == "auto":
         raise _no_gpu_error(published)
@@ -732,12 +739,18 @@ def _pull_into(store: _Store, vrel: str, vurl: str, tmp: Path, arch: str, backen
             f"{_archs_text(published)}); add {arch} to engine.targets and rebuild, or pass --arch any for the "
             "onnxruntime model only"
         )
+    return wanted
+
+
+def _fetch_and_extract(
+    store: _Store, join: Any, vurl: str, sums: dict[str, str], wanted: list[Archive], download: Path, stage: Path
+) -> None:
+    """Fetch every wanted archive and check it against SHA256SUMS before any is opened, then extract them."""
     for archive in wanted:
         if archive.file not in sums:
             raise VerificationError(
                 f"{vurl}/{SUMS}: does not list {archive.file}; the version is incomplete or tampered"
             )
-    # Every archive is fetched and checked before any is opened.
     for archive in wanted:
         _fetch(store, join(archive.file), download / archive.file)
     for archive in wanted:
@@ -747,38 +760,67 @@ def _pull_into(store: _Store, vrel: str, vurl: str, tmp: Path, arch: str, backen
         safe_extract(download / archive.file, stage, archive.entries)
         (download / archive.file).unlink()
 
+
+def _pulled_manifest(
+    manifest: Manifest, wanted: list[Archive], published: list[tuple[str, str]], sums: dict[str, str], vurl: str,
+    how: str,
+) -> Manifest:  # fmt: skip
+    """The manifest of the pulled copy: only the pulled engines, and a ``pulled`` record of where it came from."""
     pairs = {(a.backend, a.arch) for a in wanted[1:]}
-    pulled = copy.deepcopy(manifest)
-    for comp in pulled.get("components", {}).values():
-        comp["engines"] = [
-            e for e in comp.get("engines", []) if e["arch"] == "any" or (e["backend"], e["arch"]) in pairs
-        ]
-    pulled["pulled"] = {
+    pulled = manifest.model_copy(deep=True)
+    for comp in pulled.components.values():
+        comp.engines = [e for e in comp.engines if e.arch == "any" or (e.backend, e.arch) in pairs]
+    pulled.pulled = {
         "from": vurl,
-        "key": key,
+        "key": manifest.key,
         "chosen": how,
         "manifest_sha256": sums[MANIFEST],
         "archives": [{"file": a.file, "sha256": sums[a.file]} for a in wanted],
         "published": [{"backend": b, "arch": a} for b, a in published],
     }
-    write_manifest(stage, pulled)
-    report = PullReport(stage, vurl, name, key, arch, [a.file for a in wanted])
-    report.engines = [{"backend": "onnxruntime", "arch": "any"}] + [
-        {"backend": a.backend, "arch": a.arch} for a in wanted[1:]
-    ]
+    return pulled
+
+
+def _runtime_warnings(wanted: list[Archive]) -> list[str]:
+    """What `dtc run` will refuse here: a TensorRT flavour not installed, or another major version."""
+    warnings = []
     for a in wanted[1:]:
         installed = installed_trt_major(a.backend)
         built = a.trt_version
         if installed is None:
             extra = "rtx" if a.backend == "tensorrt-rtx" else "trt"
-            report.warnings.append(
+            warnings.append(
                 f"{a.backend} is not installed here; dtc run needs it for {a.file} (pip install 'dtcompile[{extra}]')"
             )
         elif built and str(installed) != built.split(".")[0]:
-            report.warnings.append(
+            warnings.append(
                 f"{a.file} was built with {a.backend} {built}; this machine has major version {installed}, "
                 "so dtc run will refuse it here"
             )
+    return warnings
+
+
+def _pull_into(store: _Store, vrel: str, vurl: str, tmp: Path, arch: str, backend: str, how: str) -> PullReport:
+    """Download, verify and extract into ``tmp/artifact``; ``tmp/download`` holds the fetched files."""
+    join = (lambda f: f"{vrel}/{f}") if vrel else (lambda f: f)
+    download, stage = tmp / "download", tmp / "artifact"
+    download.mkdir()
+    stage.mkdir()
+    sums, manifest = _fetch_manifest(store, join, vurl, download)
+    name, key = _name_and_key(manifest, f"{vurl}/{MANIFEST}")
+    folder_key = PurePosixPath(urllib.parse.urlsplit(vurl).path.rstrip("/")).name
+    if _KEY.match(folder_key) and folder_key != key:
+        raise VerificationError(f"{vurl}/{MANIFEST}: key {key[:12]} does not match its folder {folder_key[:12]}")
+    archives = plan_archives(manifest)
+    published = [(a.backend, a.arch) for a in archives[1:]]
+    wanted = _wanted_archives(archives, arch, backend, name, key)
+    _fetch_and_extract(store, join, vurl, sums, wanted, download, stage)
+    write_manifest(stage, _pulled_manifest(manifest, wanted, published, sums, vurl, how))
+    report = PullReport(stage, vurl, name, key, arch, [a.file for a in wanted])
+    report.engines = [{"backend": "onnxruntime", "arch": "any"}] + [
+        {"backend": a.backend, "arch": a.arch} for a in wanted[1:]
+    ]
+    report.warnings = _runtime_warnings(wanted)
     return report
 
 

@@ -26,7 +26,7 @@ EXPECTED = {
 @pytest.mark.parametrize("fmt", sorted(EXPECTED))
 def test_quantized_build(fmt: str, tmp_path: Path) -> None:
     from dtcompile.recipe import load_recipe
-    from dtcompile.stages import run_build
+    from dtcompile.stages.runner import run_build
 
     recipe = load_recipe(ROOT / "recipes" / f"tiny-flux-{fmt}.yaml", [f"output.dir={tmp_path}", *FAST])
     m = run_build(recipe).manifest
@@ -69,7 +69,7 @@ def test_impossible_quant_recipe_fails_dry_run_in_one_line(tmp_path: Path) -> No
 def test_quantized_artifact_runs_in_onnxruntime(tmp_path: Path) -> None:
     from dtcompile.recipe import load_recipe
     from dtcompile.runtime.run import run_artifact
-    from dtcompile.stages import run_build
+    from dtcompile.stages.runner import run_build
 
     recipe = load_recipe(
         ROOT / "recipes" / "tiny-flux-int8.yaml", [f"output.dir={tmp_path}", "engine.targets=[sm_89]", *FAST]

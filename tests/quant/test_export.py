@@ -18,10 +18,11 @@ pytest.importorskip("onnxruntime")
 from dtcompile.core.errors import BuildError  # noqa: E402
 from dtcompile.core.graph import Range, Shapes  # noqa: E402
 from dtcompile.models.flux import TINY_FLUX_CONFIG, FluxAdapter, build_tiny_flux  # noqa: E402
+from dtcompile.quant import accuracy as acc  # noqa: E402
+from dtcompile.quant import calibration as cal  # noqa: E402
 from dtcompile.quant import get_format  # noqa: E402
 from dtcompile.quant.export import QuantizedOnnx, export_quantized  # noqa: E402
 from dtcompile.recipe.quant import parse_quant_spec  # noqa: E402
-from dtcompile.stages import quantize as q  # noqa: E402
 
 ADAPTER = FluxAdapter()
 RUN = {"height": 32, "width": 32, "max_sequence_length": 16}
@@ -48,8 +49,8 @@ class Built:
         self.pipe.set_progress_bar_config(disable=True)
         calib = {"prompts": ["a cat", "a dog on a beach"], "size": 2, "batch": 2, "steps": 2}
         spec = parse_quant_spec({**SPECS[fmt], "calib": calib})
-        q.calibrate(self.pipe, ADAPTER, spec, root / "cache", **RUN)
-        self.trace = q.trace_pipeline(self.pipe, ADAPTER, q.HELDOUT_PROMPTS[:2], steps=2, **RUN)
+        cal.calibrate(self.pipe, ADAPTER, spec, root / "cache", **RUN)
+        self.trace = acc.trace_pipeline(self.pipe, ADAPTER, acc.HELDOUT_PROMPTS[:2], steps=2, **RUN)
         module = self.pipe.transformer
         export_spec = ADAPTER.export_spec(module, ADAPTER.pipe_config(self.pipe), SHAPES, dtype)
         self.onnx: QuantizedOnnx = export_quantized(
@@ -95,8 +96,8 @@ def rtx() -> None:
     pytest.importorskip("tensorrt_rtx")
 
 
-def assert_parity(b: Built, limit: float) -> q.ParityResult:
-    result = q.parity_report(b.pipe, ADAPTER, b.trace, b.path, b.fmt)
+def assert_parity(b: Built, limit: float) -> acc.ParityResult:
+    result = acc.parity_report(b.pipe, ADAPTER, b.trace, b.path, b.fmt)
     assert result.report is not None and result.skipped is None
     assert result.report.max_rel_err < limit, result.report.teacher_forced
     assert min(result.report.psnr_db) > 60
@@ -154,9 +155,9 @@ def test_svdquant_graph_adds_the_low_rank_branch(built: Any) -> None:
 
 def test_bfloat16_graph_is_checked_in_float32(built: Any) -> None:
     b = built("fp8", torch.bfloat16)
-    result = q.parity_report(b.pipe, ADAPTER, b.trace, b.path, b.fmt)
+    result = acc.parity_report(b.pipe, ADAPTER, b.trace, b.path, b.fmt)
     assert "bfloat16 computed in float32" in result.graph
-    assert result.tolerance == q.DTYPE_PARITY_FLOOR["bfloat16"]
+    assert result.tolerance == acc.DTYPE_PARITY_FLOOR["bfloat16"]
     assert result.report.max_rel_err < result.tolerance  # bfloat16 rounding alone costs about 3e-2 here
 
 

@@ -15,8 +15,9 @@ pytest.importorskip("modelopt")
 
 from dtcompile.core.errors import RecipeError, UnsupportedError  # noqa: E402
 from dtcompile.models.flux import FluxAdapter, build_tiny_flux  # noqa: E402
+from dtcompile.quant import accuracy as acc  # noqa: E402
+from dtcompile.quant import calibration as cal  # noqa: E402
 from dtcompile.recipe.quant import parse_quant_spec  # noqa: E402
-from dtcompile.stages import quantize as q  # noqa: E402
 
 PROMPTS = ["a cat", "a dog on a beach", "a red car", "an old house"]
 RUN = {"height": 32, "width": 32, "max_sequence_length": 16}
@@ -45,7 +46,7 @@ def pipeline() -> object:
 
 def example(pipe: object) -> dict:
     """One step's transformer inputs (recorded from a real pipeline run)."""
-    trace = q.trace_pipeline(pipe, ADAPTER, ["a bird"], steps=1, **RUN)
+    trace = acc.trace_pipeline(pipe, ADAPTER, ["a bird"], steps=1, **RUN)
     return trace.inputs[0][0]
 
 
@@ -73,7 +74,7 @@ def test_fp8_calibration_is_cached_and_restored(tmp_path: Path) -> None:
     inputs = example(pipe)
     with torch.no_grad():
         plain = pipe.transformer(**inputs, return_dict=False)[0]
-    res = q.calibrate(pipe, ADAPTER, s, tmp_path, **RUN)
+    res = cal.calibrate(pipe, ADAPTER, s, tmp_path, **RUN)
     assert not res.cache_hit and res.state_path.is_file()
     assert res.exclude == list(ADAPTER.default_exclude) and res.n_prompts == 4
     assert len(res.fp8_attention) == 4  # 2 double + 2 single blocks, head size 16
@@ -94,7 +95,7 @@ def test_fp8_calibration_is_cached_and_restored(tmp_path: Path) -> None:
     assert 0 < err < 0.05
 
     again = pipeline()
-    hit = q.calibrate(again, ADAPTER, s, tmp_path, **RUN)
+    hit = cal.calibrate(again, ADAPTER, s, tmp_path, **RUN)
     assert hit.cache_hit and hit.key == res.key and hit.fp8_attention == res.fp8_attention
     with torch.no_grad():
         assert torch.equal(again.transformer(**inputs, return_dict=False)[0], quantized)
@@ -115,7 +116,7 @@ def test_calibration_key_covers_every_field() -> None:
 
     def key(**change: object) -> str:
         args = {**base, **change}
-        return q.calibration_key(
+        return cal.calibration_key(
             args.pop("spec"), args.pop("exclude"), args.pop("prompts"), args.pop("component_sha256"), **args
         )  # noqa: E501
 
@@ -148,7 +149,7 @@ def test_percentile_stops_the_denoising_loop_after_the_collected_steps() -> None
         for percentile, expected in ((0.5, 2 * 2), (1.0, 2 * 4)):
             calls.clear()
             s = spec("fp8", calib={"prompts": PROMPTS[:3], "size": 3, "steps": 4, "percentile": percentile})
-            q._forward_loop(pipe, s.calib, PROMPTS[:3], 32, 32, 16, None)(pipe.transformer)
+            cal._forward_loop(pipe, s.calib, PROMPTS[:3], 32, 32, 16, None)(pipe.transformer)
             assert len(calls) == expected  # 2 batches (2 + 1 prompts) x collected steps
     finally:
         handle.remove()
@@ -157,17 +158,17 @@ def test_percentile_stops_the_denoising_loop_after_the_collected_steps() -> None
 def test_wrong_exclude_or_rank_fails_before_calibrating(tmp_path: Path) -> None:
     pipe = pipeline()
     with pytest.raises(RecipeError, match=r"quant.exclude\[1\]: pattern 'x_embeder' matches no module"):
-        q.calibrate(pipe, ADAPTER, spec("fp8", exclude=["proj_out", "x_embeder"]), tmp_path, **RUN)
+        cal.calibrate(pipe, ADAPTER, spec("fp8", exclude=["proj_out", "x_embeder"]), tmp_path, **RUN)
     with pytest.raises(
         UnsupportedError, match=r"quant.rank 64 must be below .* is 64 wide; set quant.rank to at most 63"
     ):
-        q.calibrate(pipe, ADAPTER, spec("svdquant", rank=64), tmp_path, **RUN)
+        cal.calibrate(pipe, ADAPTER, spec("svdquant", rank=64), tmp_path, **RUN)
     assert not list(tmp_path.iterdir())  # nothing calibrated, nothing cached
 
 
 def test_int8_smoothquant_and_fp4_formats_calibrate_on_cpu(tmp_path: Path) -> None:
     int8 = pipeline()
-    q.calibrate(int8, ADAPTER, spec("int8"), tmp_path, **RUN)
+    cal.calibrate(int8, ADAPTER, spec("int8"), tmp_path, **RUN)
     to_q = int8.transformer.transformer_blocks[0].attn.to_q
     assert to_q.input_quantizer.pre_quant_scale is not None  # SmoothQuant's per-channel migration
     assert to_q.weight_quantizer.num_bits == 8 and to_q.weight_quantizer.axis == 0
@@ -178,8 +179,8 @@ def test_int8_smoothquant_and_fp4_formats_calibrate_on_cpu(tmp_path: Path) -> No
         with torch.no_grad():
             plain = pipe.transformer(**inputs, return_dict=False)[0]
         s = spec(fmt, calib={"prompts": PROMPTS[:2], "size": 2, "steps": 1}, **extra)
-        q.calibrate(pipe, ADAPTER, s, tmp_path, **RUN)
-        with torch.no_grad(), q.quantized_forward_ctx():
+        cal.calibrate(pipe, ADAPTER, s, tmp_path, **RUN)
+        with torch.no_grad(), acc.quantized_forward_ctx():
             out = pipe.transformer(**inputs, return_dict=False)[0]
         err = float((out - plain).norm() / plain.norm())
         assert 0 < err < 0.1, (fmt, err)
@@ -190,18 +191,18 @@ def test_int8_smoothquant_and_fp4_formats_calibrate_on_cpu(tmp_path: Path) -> No
 
 def test_accuracy_against_the_unquantized_model(tmp_path: Path) -> None:
     pipe = pipeline()
-    reference = q.trace_pipeline(pipe, ADAPTER, q.HELDOUT_PROMPTS[:2], steps=2, **RUN)
+    reference = acc.trace_pipeline(pipe, ADAPTER, acc.HELDOUT_PROMPTS[:2], steps=2, **RUN)
     assert len(reference.noise) == 2 and len(reference.noise[0]) == 2
     assert reference.images[0].shape == (3, 32, 32)
-    q.calibrate(pipe, ADAPTER, spec("fp8"), tmp_path, **RUN)
-    report, trace = q.accuracy_report(pipe, ADAPTER, reference)
+    cal.calibrate(pipe, ADAPTER, spec("fp8"), tmp_path, **RUN)
+    report, trace = acc.accuracy_report(pipe, ADAPTER, reference)
     assert 0.999 < report.min_cos < 1.0
     assert 0 < report.max_rel_err < 0.05
-    assert all(40 < p < q.PSNR_IDENTICAL for p in report.psnr_db)
+    assert all(40 < p < acc.PSNR_IDENTICAL for p in report.psnr_db)
     data = report.to_manifest()
     assert len(data["teacher_forced"]["cos_min"]) == 2 and len(data["free_running"]["rel_err_max"]) == 2
     assert json.loads(json.dumps(data))["summary"]["min_cos"] == pytest.approx(report.min_cos, rel=1e-5)
     # The report is reproducible: same prompts and seeds give the same numbers.
-    again, _ = q.accuracy_report(pipe, ADAPTER, reference)
+    again, _ = acc.accuracy_report(pipe, ADAPTER, reference)
     assert again.to_manifest() == data
     assert trace.prompts == reference.prompts

@@ -11,8 +11,9 @@ from pydantic import ValidationError
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.quant import FORMATS, check_targets, get_format, quantizer_pattern
+from dtcompile.quant.accuracy import HELDOUT_PROMPTS
+from dtcompile.quant.calibration import BUILTIN_PROMPTS_FILE, load_prompts
 from dtcompile.recipe.quant import FORMAT_NAMES, CalibSpec, Fp8Spec, Int8Spec, SvdquantSpec, parse_quant_spec
-from dtcompile.stages.quantize import BUILTIN_PROMPTS_FILE, HELDOUT_PROMPTS, load_prompts
 
 FLUX_EXCLUDE = ("*x_embedder*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
 
@@ -164,7 +165,8 @@ def test_modelopt_configs() -> None:
 
 def test_import_loads_no_heavy_module() -> None:
     code = (
-        "import sys, dtcompile.quant, dtcompile.recipe.quant, dtcompile.stages.quantize\n"
+        "import sys, dtcompile.quant, dtcompile.recipe.quant, dtcompile.quant.calibration, dtcompile.quant.accuracy\n"
+        "import dtcompile.stages.quantize\n"
         "from dtcompile.quant import FORMATS, get_format\n"
         "[get_format(n).supports('tensorrt-rtx', 'sm_89') for n in FORMATS.names()]\n"
         "heavy = ['torch', 'modelopt', 'onnx', 'onnxruntime', 'tensorrt_rtx', 'diffusers']\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +14,10 @@ pytest.importorskip("diffusers")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from dtcompile.core.digests import sha256_file  # noqa: E402
 from dtcompile.core.errors import BuildError  # noqa: E402
 from dtcompile.core.graph import ExportSpec, TensorSpec  # noqa: E402
-from dtcompile.stages import export as export_mod  # noqa: E402
-from dtcompile.stages.export import OnnxArtifact, export_onnx, sha256_file  # noqa: E402
+from dtcompile.export.onnx import OnnxArtifact, export_onnx  # noqa: E402
 
 INPUTS = (
     "hidden_states",
@@ -169,11 +168,10 @@ def test_size_one_example_stays_dynamic(tmp_path):
     assert err["rel_l2"] <= 1e-5, err
 
 
-def test_rope_shapes_freeze_without_the_patch(tmp_path, monkeypatch):
+def test_rope_shapes_freeze_without_the_patch(tmp_path):
     """Guards the reason for _dynamic_rope: diffusers' reshape traces to constants and breaks other shapes."""
-    monkeypatch.setattr(export_mod, "_dynamic_rope", contextlib.nullcontext)
     module = tiny_flux()
-    art = export_onnx(module, flux_spec(), tmp_path)
+    art = export_onnx(module, flux_spec(), tmp_path, patches=())
     assert ort_parity(art.path, module, flux_inputs(2, 64, 8))["rel_l2"] <= 1e-5
     with pytest.raises(Exception, match="Reshape"):
         ort_parity(art.path, module, flux_inputs(1, 16, 8))
@@ -318,6 +316,6 @@ def test_exporter_failure_is_a_build_error(tmp_path):
 
 def test_import_is_lazy():
     heavy = "('torch', 'onnx', 'onnxruntime', 'diffusers', 'onnx_graphsurgeon')"
-    code = f"import sys, dtcompile.stages.export; print(sorted(m for m in {heavy} if m in sys.modules))"
+    code = f"import sys, dtcompile.export.onnx, dtcompile.stages.export; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

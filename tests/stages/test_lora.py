@@ -15,11 +15,10 @@ from dtcompile.stages.lora import (
     check_lora_fits,
     fuse_lora,
     lora_key_digest,
-    make_kohya_flux_lora,
-    make_peft_lora,
     read_lora,
     resolve_lora,
 )
+from tests.fixtures.lora import make_kohya_flux_lora, make_peft_lora
 
 ROOT = Path(__file__).resolve().parents[2]
 

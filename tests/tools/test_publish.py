@@ -20,7 +20,7 @@ from dtcompile.core.digests import sha256_file
 from dtcompile.core.errors import ArtifactError, DtcError, MissingDependencyError, UnsupportedError, VerificationError
 from dtcompile.manifest import (
     SCHEMA_VERSION,
-    all_file_entries,
+    Manifest,
     file_entry,
     read_manifest,
     verify_file,
@@ -160,7 +160,7 @@ def test_plan_archives_splits_common_and_per_arch(art: Path) -> None:
 @pytest.mark.parametrize("bad", ["../x", "/etc/passwd", "a/../../b", "a\\b", "manifest.json", "a//b", ""])
 def test_plan_archives_rejects_unsafe_manifest_paths(art: Path, bad: str) -> None:
     manifest = read_manifest(art)
-    manifest["pipeline"]["files"][0]["file"] = bad
+    manifest.pipeline.files[0].file = bad
     with pytest.raises(ArtifactError, match="not a plain relative path|not a non-empty string"):
         plan_archives(manifest)
 
@@ -240,7 +240,7 @@ def test_publish_refuses_a_modified_artifact(art: Path, tmp_path: Path) -> None:
 
 def test_publish_refuses_a_stopped_build(art: Path, tmp_path: Path) -> None:
     manifest = read_manifest(art)
-    manifest["stopped_after"] = "export"
+    manifest.stopped_after = "export"
     write_manifest(art, manifest)
     with pytest.raises(ArtifactError, match="stopped after stage 'export'"):
         publish_artifact(art, str(tmp_path / "pub"))
@@ -272,24 +272,24 @@ def test_pull_round_trip_is_byte_identical(art: Path, published: Path, tmp_path:
     assert report.artifact_dir == out and report.key == KEY
     pulled = read_manifest(out)
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    listed = sorted({e["file"] for e in all_file_entries(pulled)})
+    listed = sorted({e.file for e in pulled.all_file_entries()})
     assert files == sorted([*listed, "manifest.json"])
     for rel in listed:
         assert (out / rel).read_bytes() == (art / rel).read_bytes()
-        verify_file(out, next(e for e in all_file_entries(pulled) if e["file"] == rel))
+        verify_file(out, next(e for e in pulled.all_file_entries() if e.file == rel))
     assert not (out / "tensorrt-rtx/sm_120").exists()
-    engines = pulled["components"]["transformer"]["engines"]
-    assert [(e["backend"], e["arch"]) for e in engines] == [("onnxruntime", "any"), ("tensorrt-rtx", "sm_89")]
-    assert pulled["pulled"]["published"] == [
+    engines = pulled.components["transformer"].engines
+    assert [(e.backend, e.arch) for e in engines] == [("onnxruntime", "any"), ("tensorrt-rtx", "sm_89")]
+    assert pulled.pulled["published"] == [
         {"backend": "tensorrt-rtx", "arch": "sm_89"},
         {"backend": "tensorrt-rtx", "arch": "sm_120"},
     ]
     built = read_manifest(art)
-    assert {k: v for k, v in pulled.items() if k not in ("pulled", "components")} == {
-        k: v for k, v in built.items() if k != "components"
+    assert {k: v for k, v in pulled.to_json().items() if k not in ("pulled", "components")} == {
+        k: v for k, v in built.to_json().items() if k != "components"
     }
     # `dtc run` picks from the pulled manifest as from a built one.
-    assert select_engine(pulled, "transformer", "onnxruntime", None)["file"] == "onnx/transformer.onnx"
+    assert select_engine(pulled, "transformer", "onnxruntime", None).file == "onnx/transformer.onnx"
     with pytest.raises(ArtifactError, match=r"no tensorrt-rtx engine for this GPU \(sm_120\); the artifact has sm_89"):
         select_engine(pulled, "transformer", "tensorrt-rtx", "sm_120")
 
@@ -305,7 +305,7 @@ def test_pull_arch_any_takes_only_the_common_archive(published: Path, tmp_path: 
     report = pull_artifact(str(published), tmp_path / "o", arch="any")
     assert report.archives == [COMMON]
     m = read_manifest(tmp_path / "o")
-    assert [e["backend"] for e in m["components"]["transformer"]["engines"]] == ["onnxruntime"]
+    assert [e.backend for e in m.components["transformer"].engines] == ["onnxruntime"]
 
 
 def test_pull_auto_uses_the_gpu_arch(published: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -537,21 +537,21 @@ def test_round_trip_real_build(tmp_path: Path) -> None:
         pytest.importorskip(module)
     from dtcompile.recipe import load_recipe
     from dtcompile.runtime.run import run_artifact
-    from dtcompile.stages import run_build
+    from dtcompile.stages.runner import run_build
 
     recipe = load_recipe(REPO / "recipes/tiny-flux.yaml", [f"output.dir={tmp_path / 'engines'}"])
     built = run_build(recipe).artifact_dir
     manifest = read_manifest(built)
-    engines = manifest["components"]["transformer"]["engines"]
-    if not any(e["arch"] == "sm_89" for e in engines):
-        pytest.skip(f"the build made no sm_89 engine here: {manifest.get('skipped')}")
+    engines = manifest.components["transformer"].engines
+    if not any(e.arch == "sm_89" for e in engines):
+        pytest.skip(f"the build made no sm_89 engine here: {manifest.to_json().get('skipped')}")
     publish_artifact(built, str(tmp_path / "pub"))
     assert publish_artifact(built, str(tmp_path / "pub")).already
     out = tmp_path / "fresh" / "tiny-flux"
     pull_artifact(str(tmp_path / "pub" / "tiny-flux"), out, arch="sm_89")
     pulled = read_manifest(out)
-    for entry in all_file_entries(pulled):
-        assert (out / entry["file"]).read_bytes() == (built / entry["file"]).read_bytes(), entry["file"]
+    for entry in pulled.all_file_entries():
+        assert (out / entry.file).read_bytes() == (built / entry.file).read_bytes(), entry.file
     for path in (built / "pipeline").rglob("*"):
         if path.is_file():
             assert (out / path.relative_to(built)).read_bytes() == path.read_bytes()
@@ -568,6 +568,11 @@ def test_refit_files_travel_in_the_common_archive() -> None:
         return {"file": name, "sha256": "0" * 64, "size": 1}
 
     manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "name": "tiny",
+        "key": KEY,
+        "dtype": "float32",
+        "source": {"model": "builtin:tiny", "pipeline_class": "FluxPipeline"},
         "pipeline": {"files": [f("pipeline/model_index.json")]},
         "lora": {"base_store": f("onnx/transformer.lora-base.safetensors")},
         "components": {
@@ -581,7 +586,7 @@ def test_refit_files_travel_in_the_common_archive() -> None:
             }
         },
     }
-    common, rtx = plan_archives(manifest)
+    common, rtx = plan_archives(Manifest.model_validate(manifest))
     assert {e["file"] for e in common.entries} == {
         "pipeline/model_index.json",
         "onnx/transformer.lora-base.safetensors",

@@ -17,19 +17,16 @@ import numpy as np
 import pytest
 import torch
 
+from dtcompile.cli.refit import parse_lora_arg
 from dtcompile.core.digests import sha256_file
 from dtcompile.core.errors import DtcError, RecipeError, UnsupportedError
 from dtcompile.core.metrics import rel_l2
 from dtcompile.manifest import read_manifest
-from dtcompile.stages.lora import make_kohya_flux_lora, make_peft_lora
-from dtcompile.tools.refit import (
-    OnnxWeights,
-    build_weight_map,
-    engine_blocker,
-    parse_lora_arg,
-    refit_artifact,
-    weight_only_qdq_artifact,
-)
+from dtcompile.tools.refit import engine_blocker, refit_artifact
+from dtcompile.weights.onnx_weights import OnnxWeights
+from dtcompile.weights.weight_map import build_weight_map
+from tests.fixtures.lora import make_kohya_flux_lora, make_peft_lora
+from tests.fixtures.qdq import weight_only_qdq_artifact
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "a red fox in the snow"
@@ -74,7 +71,7 @@ def base(tiny_artifact, work):
 def built(loras, work):
     """A fresh `dtc build` of tiny-flux with A (PEFT, scale 0.7) and K (kohya, scale 1) fused."""
     from dtcompile.recipe import load_recipe
-    from dtcompile.stages import run_build
+    from dtcompile.stages.runner import run_build
 
     recipe = load_recipe(
         ROOT / "recipes" / "tiny-flux.yaml",
@@ -205,7 +202,7 @@ def externalize(src: Path, dst: Path) -> Path:
     from dtcompile.manifest import file_entry, write_manifest
 
     shutil.copytree(src, dst)
-    m = read_manifest(dst)
+    m = read_manifest(dst).to_json()
     c = m["components"]["transformer"]
     path = dst / c["onnx"]["file"]
     model = onnx.load(str(path))
@@ -437,7 +434,7 @@ def test_trt_refit_matches_onnxruntime_on_gpu(base, loras, work):
     arch = gpu_arch()
     if arch is None:
         pytest.skip("needs a CUDA GPU: TensorRT builds REFIT engines and deserializes them for refit only on a GPU")
-    m = read_manifest(base)
+    m = read_manifest(base).to_json()
     c = m["components"]["transformer"]
     art = work / "trt"
     shutil.copytree(base, art)

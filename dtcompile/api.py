@@ -1,0 +1,94 @@
+"""dtcompile's public Python API; the ``dtc`` command line is a thin layer over these functions.
+
+```python
+import dtcompile.api as dtc
+
+report = dtc.build("recipes/tiny-flux.yaml")                 # -> BuildReport (artifact folder, manifest)
+pipe = dtc.load_pipeline(report.artifact_dir)                # -> the diffusers pipeline, engines standing in
+image = pipe("a red fox in the snow", num_inference_steps=4).images[0]
+```
+
+Importing this module loads no torch, diffusers or TensorRT; each function imports what it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dtcompile.recipe import Recipe
+    from dtcompile.stages.plan import Plan
+    from dtcompile.stages.runner import BuildReport
+    from dtcompile.tools.refit import RefitReport
+
+
+def plan(recipe: str | Path | Recipe, overrides: Sequence[str] = ()) -> Plan:
+    """The dry run: everything checkable before weights load (raises a DtcError naming the problem)."""
+    from dtcompile.stages.plan import make_plan
+
+    loaded, path = _recipe(recipe, overrides)
+    return make_plan(loaded, path)
+
+
+def build(
+    recipe: str | Path | Recipe,
+    overrides: Sequence[str] = (),
+    *,
+    stop_after: str | None = None,
+    force: bool = False,
+) -> BuildReport:
+    """Build an artifact from a recipe file (or a loaded ``Recipe``); ``overrides`` are ``a.b=value`` strings."""
+    from dtcompile.stages.runner import run_build
+
+    return run_build(plan(recipe, overrides), stop_after=stop_after, force=force)
+
+
+def load_pipeline(
+    artifact: str | Path, backend: str = "auto", *, verify: bool = True, cache: bool | None = None
+) -> Any:
+    """The artifact's diffusers pipeline with its engines standing in for their components.
+
+    ``backend``: "auto" (TensorRT on a matching GPU, else onnxruntime), "onnxruntime", "tensorrt-rtx" or
+    "tensorrt". Use it as the pipeline ``from_pretrained`` would return (``pipe(prompt, ...)``).
+    """
+    from dtcompile.runtime.run import load_engine_pipeline
+
+    pipe, _module, _manifest, _entry = load_engine_pipeline(Path(artifact), backend, verify=verify, cache=cache)
+    return pipe
+
+
+def refit(
+    artifact: str | Path,
+    loras: Sequence[tuple[str, float]],
+    *,
+    out: str | Path | None = None,
+    in_place: bool = False,
+    drop_unrefittable: bool = False,
+) -> RefitReport:
+    """Swap LoRA weights into a built artifact: ``loras`` is ``[(path, scale), ...]``; ``[]`` restores the base."""
+    from dtcompile.tools.refit import refit_artifact
+
+    return refit_artifact(
+        Path(artifact),
+        list(loras),
+        out_dir=Path(out) if out is not None else None,
+        in_place=in_place,
+        drop_unrefittable=drop_unrefittable,
+    )
+
+
+def _recipe(recipe: str | Path | Recipe, overrides: Sequence[str]) -> tuple[Recipe, str | None]:
+    from dtcompile.recipe import Recipe, load_recipe
+
+    if isinstance(recipe, Recipe):
+        if overrides:
+            from dtcompile.core.errors import RecipeError
+
+            raise RecipeError("overrides apply to a recipe file; pass the file's path, or a Recipe without overrides")
+        return recipe, None
+    return load_recipe(recipe, tuple(overrides)), str(recipe)
+
+
+__all__ = ["build", "load_pipeline", "plan", "refit"]

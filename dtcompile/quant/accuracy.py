@@ -1,0 +1,417 @@
+"""Accuracy of a quantized component: traces of the pipeline, reports against a reference, graph parity.
+
+``trace_pipeline`` and ``accuracy_report`` measure a quantized component against a reference: per-step noise
+prediction cosine similarity and relative error (teacher-forced: the candidate sees the reference's step
+inputs, so the numbers are the model's own error, and free-running: what a user gets, errors compounding), and
+the final images' PSNR. ``onnxruntime_component`` wraps an exported graph so the same report compares the
+graph against the fake-quant torch model (``parity_report``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.core.errors import VerificationError
+from dtcompile.core.metrics import PSNR_IDENTICAL, psnr
+from dtcompile.quant import get_format
+from dtcompile.quant.calibration import _no_progress_bar
+
+if TYPE_CHECKING:
+    import torch
+
+    from dtcompile.models.base import ModelAdapter
+
+log = logging.getLogger("dtcompile.quantize")
+
+#: Held-out prompts for accuracy reports; never in the calibration file (a test checks).
+HELDOUT_PROMPTS: tuple[str, ...] = (
+    "a red fox sitting in fresh snow at dawn, soft golden light, telephoto photograph",
+    "an isometric illustration of a tiny island city with a lighthouse and winding streets",
+    "close-up portrait of an elderly fisherman with a weathered face, dramatic side lighting",
+    "a bowl of ramen on a wooden table, steam rising, shallow depth of field",
+    "a watercolor painting of a mountain lake surrounded by pine trees in autumn",
+    "a futuristic train gliding over a desert at sunset, cinematic wide shot",
+    "a black cat asleep on a stack of old books next to a window with rain drops",
+    "a knight in ornate silver armor standing in a misty forest, digital art",
+)
+
+
+@dataclass
+class PipelineTrace:
+    """Per prompt: the component's inputs and noise prediction at every step, and the final image."""
+
+    prompts: list[str]
+    inputs: list[list[dict[str, Any]]]  # [prompt][step] keyword tensors the pipeline passed
+    noise: list[list[Any]]  # [prompt][step] noise prediction (CPU float32)
+    images: list[Any]  # [prompt] final image (CPU float32, [0, 1], C x H x W)
+    settings: dict[str, Any]
+
+
+@contextlib.contextmanager
+def _swap_component(pipe: Any, name: str, module: Any) -> Iterator[None]:
+    original = getattr(pipe, name)
+    if module is None or module is original:
+        yield
+        return
+    setattr(pipe, name, module)
+    try:
+        yield
+    finally:
+        setattr(pipe, name, original)
+
+
+def trace_pipeline(
+    pipe: Any,
+    adapter: ModelAdapter,
+    prompts: Sequence[str],
+    *,
+    steps: int,
+    height: int,
+    width: int,
+    seed: int = 0,
+    max_sequence_length: int | None = None,
+    guidance_scale: float | None = None,
+    component: Any = None,
+) -> PipelineTrace:
+    """Run the pipeline once per prompt (generator seeded ``seed`` + index) and record every step.
+
+    ``component`` stands in for the pipeline's own component during the run (e.g. an onnxruntime module).
+    """
+    import torch
+
+    name = adapter.component
+    inputs: list[list[dict[str, Any]]] = []
+    noise: list[list[Any]] = []
+    images: list[Any] = []
+    with _swap_component(pipe, name, component), quantized_forward_ctx(), _no_progress_bar(pipe):
+        module = getattr(pipe, name)
+        for i, prompt in enumerate(prompts):
+            recorder = _StepRecorder()
+            handle = module.register_forward_hook(recorder, with_kwargs=True)
+            try:
+                kwargs: dict[str, Any] = {
+                    "prompt": prompt,
+                    "height": height,
+                    "width": width,
+                    "num_inference_steps": steps,
+                    "generator": torch.Generator("cpu").manual_seed(seed + i),
+                    "output_type": "pt",
+                }
+                if max_sequence_length is not None:
+                    kwargs["max_sequence_length"] = max_sequence_length
+                if guidance_scale is not None:
+                    kwargs["guidance_scale"] = guidance_scale
+                image = pipe(**kwargs).images[0]
+            finally:
+                handle.remove()
+            inputs.append(recorder.inputs)
+            noise.append(recorder.noise)
+            images.append(image.detach().float().cpu())
+    settings = {
+        "steps": steps,
+        "height": height,
+        "width": width,
+        "seed": seed,
+        "max_sequence_length": max_sequence_length,
+        "guidance_scale": guidance_scale,
+    }
+    return PipelineTrace(list(prompts), inputs, noise, images, settings)
+
+
+class _StepRecorder:
+    """Forward hook recording the keyword tensors and the noise prediction of every component call."""
+
+    def __init__(self) -> None:
+        self.inputs: list[dict[str, Any]] = []
+        self.noise: list[Any] = []
+        # Text embeddings are the same unchanged tensor every step: one copy. The original stays referenced
+        # (so its id cannot be reused by a later tensor) and its version counter is checked.
+        self._shared: dict[int, tuple[Any, int, Any]] = {}
+
+    def __call__(self, _module: Any, _args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        import torch
+
+        rec = {}
+        for k, v in kwargs.items():
+            if isinstance(v, torch.Tensor):
+                seen = self._shared.get(id(v))
+                if seen is None or seen[0] is not v or seen[1] != v._version:
+                    seen = (v, v._version, v.detach().clone())
+                    self._shared[id(v)] = seen
+                rec[k] = seen[2]
+        self.inputs.append(rec)
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        out = out["sample"] if isinstance(out, dict) else out
+        self.noise.append(out.detach().float().cpu())
+
+
+def quantized_forward_ctx() -> contextlib.AbstractContextManager[None]:
+    """``quantized_forward`` when ModelOpt is importable, else a no-op (unquantized pipelines)."""
+    from importlib.util import find_spec
+
+    if find_spec("modelopt") is None:
+        return contextlib.nullcontext()
+    from dtcompile.quant.export import quantized_forward
+
+    return quantized_forward()
+
+
+@dataclass
+class AccuracyReport:
+    """Candidate against reference. Per step (worst prompt): teacher-forced and free-running noise-prediction
+    cosine similarity and relative L2 error; per prompt: final-image PSNR (dB)."""
+
+    candidate: str
+    reference: str
+    prompts: int
+    steps: int
+    teacher_forced: dict[str, list[float]]
+    free_running: dict[str, list[float]]
+    psnr_db: list[float]
+
+    @property
+    def max_rel_err(self) -> float:
+        """Worst teacher-forced per-step relative error (the model's own error)."""
+        return max(self.teacher_forced["rel_err_max"])
+
+    @property
+    def min_cos(self) -> float:
+        """Worst teacher-forced per-step cosine similarity."""
+        return min(self.teacher_forced["cos_min"])
+
+    def to_manifest(self) -> dict[str, Any]:
+        """JSON for the manifest (numbers rounded to 6 significant digits)."""
+
+        def r(values: list[float]) -> list[float]:
+            return [float(f"{v:.6g}") for v in values]
+
+        return {
+            "candidate": self.candidate,
+            "reference": self.reference,
+            "prompts": self.prompts,
+            "steps": self.steps,
+            "teacher_forced": {k: r(v) for k, v in self.teacher_forced.items()},
+            "free_running": {k: r(v) for k, v in self.free_running.items()},
+            "psnr_db": r(self.psnr_db),
+            "summary": {
+                "min_cos": float(f"{self.min_cos:.6g}"),
+                "max_rel_err": float(f"{self.max_rel_err:.6g}"),
+                "min_psnr_db": float(f"{min(self.psnr_db):.6g}"),
+                "mean_psnr_db": float(f"{sum(self.psnr_db) / len(self.psnr_db):.6g}"),
+            },
+        }
+
+
+def accuracy_report(
+    pipe: Any,
+    adapter: ModelAdapter,
+    reference: PipelineTrace,
+    *,
+    component: Any = None,
+    candidate: str = "quantized",
+    reference_name: str = "unquantized",
+) -> tuple[AccuracyReport, PipelineTrace]:
+    """Compare ``component`` (default: the pipeline's own component now) against ``reference``.
+
+    Teacher-forced: the candidate is called on each recorded step input of the reference. Free-running: the
+    pipeline is run again with the candidate, same prompts and seeds. Returns the report and the candidate's
+    own trace (a reference for the next comparison, e.g. onnxruntime against this fake-quant model).
+    """
+    import torch
+
+    s = reference.settings
+    trace = trace_pipeline(
+        pipe,
+        adapter,
+        reference.prompts,
+        steps=s["steps"],
+        height=s["height"],
+        width=s["width"],
+        seed=s["seed"],
+        max_sequence_length=s["max_sequence_length"],
+        guidance_scale=s["guidance_scale"],
+        component=component,
+    )
+    module = component if component is not None else getattr(pipe, adapter.component)
+    forced: list[list[Any]] = []
+    with torch.no_grad(), quantized_forward_ctx():
+        for per_prompt in reference.inputs:
+            outs = []
+            for kwargs in per_prompt:
+                out = module(**kwargs, return_dict=False)[0]
+                outs.append(out.detach().float().cpu())
+            forced.append(outs)
+    report = AccuracyReport(
+        candidate=candidate,
+        reference=reference_name,
+        prompts=len(reference.prompts),
+        steps=s["steps"],
+        teacher_forced=_per_step(forced, reference.noise),
+        free_running=_per_step(trace.noise, reference.noise),
+        psnr_db=[psnr(a, b, cap=PSNR_IDENTICAL) for a, b in zip(trace.images, reference.images, strict=True)],
+    )
+    log.info(
+        "accuracy %s vs %s: teacher-forced min cos %.6f, max rel err %.3g; PSNR min %.1f dB",
+        candidate,
+        reference_name,
+        report.min_cos,
+        report.max_rel_err,
+        min(report.psnr_db),
+    )
+    return report, trace
+
+
+def _per_step(candidate: list[list[Any]], reference: list[list[Any]]) -> dict[str, list[float]]:
+    steps = min(len(c) for c in candidate + reference)
+    cos_min, rel_max, rel_mean = [], [], []
+    for step in range(steps):
+        cs, rs = [], []
+        for cand, ref in zip(candidate, reference, strict=True):
+            c, r = cand[step].reshape(-1).double(), ref[step].reshape(-1).double()
+            denom = float(c.norm() * r.norm())
+            cs.append(float(c @ r) / denom if denom else (1.0 if float((c - r).norm()) == 0 else 0.0))
+            rn = float(r.norm())
+            rs.append(float((c - r).norm()) / rn if rn else float((c - r).norm()))
+        cos_min.append(min(cs))
+        rel_max.append(max(rs))
+        rel_mean.append(sum(rs) / len(rs))
+    return {"cos_min": cos_min, "rel_err_max": rel_max, "rel_err_mean": rel_mean}
+
+
+def onnxruntime_component(onnx_path: Path, module: torch.nn.Module, output_name: str = "latent") -> Any:
+    """A stand-in for ``module`` that runs ``onnx_path`` in onnxruntime (basic graph optimizations only:
+    the int8 fusions of higher levels change the numbers)."""
+    from dtcompile.backends.onnxruntime import OrtRunner
+    from dtcompile.backends.standin import EngineModule
+
+    runner = OrtRunner(Path(onnx_path), optimization="basic")
+    param = next(module.parameters())
+    return EngineModule(runner, dict(module.config), runner.input_names, output_name, param.dtype, str(param.device))
+
+
+#: Smallest parity tolerance per dtype: onnxruntime and torch differ this much on unquantized 16-bit graphs.
+DTYPE_PARITY_FLOOR = {"float32": 0.0, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+@dataclass
+class ParityResult:
+    """(b): the exported graph in onnxruntime against the fake-quant torch model, or why it was skipped."""
+
+    report: AccuracyReport | None
+    tolerance: float
+    graph: str  # "exported" | "exported, TensorRT FP4 ops emulated by standard ops" | ""
+    skipped: str | None = None
+
+    def to_manifest(self) -> dict[str, Any]:
+        """JSON for the manifest."""
+        out: dict[str, Any] = {"tolerance": self.tolerance, "graph": self.graph}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        if self.report is not None:
+            out.update(self.report.to_manifest())
+        return out
+
+
+def parity_report(
+    pipe: Any,
+    adapter: ModelAdapter,
+    quantized_trace: PipelineTrace,
+    onnx_path: Path,
+    quant_format: str,
+    *,
+    tolerance: float | None = None,
+) -> ParityResult:
+    """Run the exported graph in onnxruntime on the fake-quant model's trace and fail beyond the tolerance.
+
+    ``quantized_trace`` is the fake-quant torch run (the second value ``accuracy_report`` returns). Graphs with
+    TensorRT's FP4 custom ops are checked on a temporary copy where those ops are replaced by standard ops
+    computing the same NVFP4 definition (``qdq.fp4_reference_graph``), and bfloat16 graphs on a float32 copy
+    (``qdq.bfloat16_as_float32``: onnxruntime has no bfloat16 CPU kernels); the shipped graph is unchanged.
+
+    Raises:
+        VerificationError: the worst teacher-forced step error exceeds the format's tolerance (raised by
+            ``check_parity``, naming the step, the error and the tolerance).
+    """
+    import onnx
+
+    from dtcompile.quant.qdq import bfloat16_as_float32, fp4_reference_graph
+
+    module = getattr(pipe, adapter.component)
+    dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+    limit = parity_tolerance(quant_format, dtype, tolerance)
+    header = onnx.load(str(onnx_path), load_external_data=False)
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in header.graph.node if n.domain not in ("", "ai.onnx")})
+    del header
+    with tempfile.TemporaryDirectory(prefix=".dtc-parity-") as scratch:
+        path, notes = Path(onnx_path), []
+        if custom or dtype == "bfloat16":
+            model = onnx.load(str(onnx_path))
+            if custom:
+                model = fp4_reference_graph(model)
+                notes.append(f"{', '.join(custom)} emulated by standard ops")
+            if dtype == "bfloat16":
+                model = bfloat16_as_float32(model)
+                notes.append("bfloat16 computed in float32 (onnxruntime has no bfloat16 CPU kernels)")
+            path = Path(scratch) / "reference.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True, location="reference.onnx.data")
+            del model
+        graph = ", ".join(["exported", *notes])
+        component = onnxruntime_component(path, module)
+        report, _ = accuracy_report(
+            pipe,
+            adapter,
+            quantized_trace,
+            component=component,
+            candidate="onnxruntime",
+            reference_name="fake-quant torch",
+        )
+        del component
+    check_parity(report, quant_format, limit)
+    return ParityResult(report, limit, graph)
+
+
+def parity_tolerance(quant_format: str, dtype: str, tolerance: float | None = None) -> float:
+    """The format's tolerance (or ``tolerance``), never below what the dtype alone costs."""
+    limit = get_format(quant_format).parity_tolerance if tolerance is None else tolerance
+    return max(limit, DTYPE_PARITY_FLOOR.get(dtype, 0.0))
+
+
+def check_parity(report: AccuracyReport, quant_format: str, tolerance: float) -> None:
+    """Fail when the exported graph strays from the fake-quant model by more than ``tolerance``.
+
+    Raises:
+        VerificationError: naming the worst step, its error, the tolerance and what to do.
+    """
+    errors = report.teacher_forced["rel_err_max"]
+    worst = max(range(len(errors)), key=lambda i: (math.isnan(errors[i]), errors[i]))
+    err = errors[worst]
+    if not err <= tolerance:  # also catches NaN
+        raise VerificationError(
+            f"quant.format {quant_format}: the exported graph in {report.candidate} differs from the fake-quant "
+            f"torch model by a relative error of {err:.3g} at step {worst}, over the tolerance {tolerance:g}; "
+            f"the export is wrong, not the quantization: rebuild with --debug and report it"
+        )
+
+
+__all__ = [
+    "DTYPE_PARITY_FLOOR",
+    "HELDOUT_PROMPTS",
+    "PSNR_IDENTICAL",
+    "AccuracyReport",
+    "ParityResult",
+    "PipelineTrace",
+    "accuracy_report",
+    "check_parity",
+    "onnxruntime_component",
+    "parity_report",
+    "parity_tolerance",
+    "quantized_forward_ctx",
+    "trace_pipeline",
+]

@@ -1,0 +1,193 @@
+"""The build plan: a Recipe in, a ``Plan`` out, computed once and before any weights load.
+
+The plan resolves the model source (and its family adapter), every (backend, arch) target with the reason it
+cannot be built here, the attention mode the export emits, and the quant, cache and LoRA checks. ``dtc build
+--dry-run`` prints it; ``run_build`` executes the same object, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.backends import get_backend
+from dtcompile.backends.base import BuildSettings, Target
+from dtcompile.core.errors import RecipeError, UnsupportedError
+from dtcompile.core.targets import REFERENCE_BACKEND, TRT_ARCHS
+
+if TYPE_CHECKING:
+    from dtcompile.attention import AttentionChoice
+    from dtcompile.recipe import Recipe
+    from dtcompile.stages.load import ResolvedSource
+
+
+@dataclass(frozen=True)
+class PlannedTarget:
+    """One engine the recipe asks for, and why it will not be built here (None: it will)."""
+
+    backend: str
+    arch: str
+    reason: str | None = None
+
+    @property
+    def target(self) -> Target:
+        return Target(self.backend, self.arch)
+
+    def skipped(self) -> dict[str, str]:
+        """The manifest's ``skipped`` record of a target that is not built."""
+        return {"backend": self.backend, "arch": self.arch, "reason": self.reason or ""}
+
+
+@dataclass
+class Plan:
+    """What a build will do: the source, per-target status, attention mode, output folder and notes."""
+
+    recipe: Recipe
+    source: ResolvedSource
+    out_dir: Path
+    base_dir: Path | None  # the recipe's folder: relative paths in it resolve there
+    recipe_path: str | None
+    targets: list[PlannedTarget] = field(default_factory=list)
+    attention: AttentionChoice | None = None
+    notes: list[str] = field(default_factory=list)  # extra dry-run lines (cache segments, LoRA files)
+
+    @property
+    def settings(self) -> BuildSettings:
+        return BuildSettings(refittable=self.recipe.engine.refittable, opt_level=self.recipe.engine.opt_level)
+
+    def buildable(self, *, engines_only: bool = False) -> list[PlannedTarget]:
+        """Targets that will be built (``engines_only``: without the onnxruntime reference)."""
+        return [t for t in self.targets if t.reason is None and not (engines_only and t.backend == REFERENCE_BACKEND)]
+
+    def blocked(self) -> list[PlannedTarget]:
+        return [t for t in self.targets if t.reason is not None]
+
+    def lines(self) -> list[str]:
+        """The dry-run report."""
+        from dtcompile.stages import STAGE_NAMES
+
+        r = self.recipe
+        out = [
+            f"recipe {r.name}: {r.model.source} ({self.source.kind}), dtype {r.dtype}, opset {r.export.opset}",
+            f"stages: {' -> '.join(STAGE_NAMES)}; output {self.out_dir}",
+        ]
+        for t in self.targets:
+            status = "build" if t.reason is None else f"will NOT build: {t.reason}"
+            out.append(f"  {t.backend:<13} {t.arch:<7} {status}")
+        return out + self.notes
+
+
+def make_plan(recipe: Recipe, recipe_path: str | Path | None = None) -> Plan:
+    """Dry run: validate source, backends, dtype, arches, quant, cache, LoRA files and attention; load nothing."""
+    from dtcompile.attention import resolve_attention
+    from dtcompile.stages.load import resolve_source
+
+    base_dir = Path(recipe_path).resolve().parent if recipe_path else None
+    plan = Plan(
+        recipe=recipe,
+        source=resolve_source(recipe.model),
+        out_dir=Path(recipe.output.dir) / recipe.name,
+        base_dir=base_dir,
+        recipe_path=str(recipe_path) if recipe_path is not None else None,
+    )
+    plan.targets = _plan_targets(recipe, plan.settings)
+    if recipe.quant is not None:
+        _plan_quant(plan)
+    if recipe.cache is not None:
+        plan.notes += _plan_cache(plan)
+    if recipe.lora:  # local LoRA files must exist and be safetensors (hub ids are fetched at build)
+        from dtcompile.stages.lora import resolve_loras
+
+        for r in resolve_loras(recipe.lora, download=False):
+            plan.notes.append(f"lora: {r.path if r.sha256 else r.source} (scale {r.scale:g})")
+    # export.attention over the buildable targets: an explicit mode a target cannot take raises here
+    plan.attention = resolve_attention(recipe, [(t.backend, t.arch) for t in plan.buildable()])
+    plan.notes.append(plan.attention.line())
+    return plan
+
+
+def _plan_targets(recipe: Recipe, settings: BuildSettings) -> list[PlannedTarget]:
+    """The onnxruntime reference (if asked) and every (TensorRT backend, arch) pair, in recipe order."""
+    backends = recipe.engine.backends
+    out: list[PlannedTarget] = []
+    if REFERENCE_BACKEND in backends:
+        reason = get_backend(REFERENCE_BACKEND).supports(Target(REFERENCE_BACKEND, "any"), settings)
+        if reason is not None:
+            raise RecipeError(f"engine.backends: {reason}")
+        if recipe.dtype == "bfloat16":
+            raise UnsupportedError(
+                "engine.backends: onnxruntime has no CPU kernels for bfloat16 graphs; "
+                "set dtype: float32 or float16, or drop onnxruntime from engine.backends"
+            )
+        out.append(PlannedTarget(REFERENCE_BACKEND, "any"))
+    for backend in backends:
+        if backend not in TRT_ARCHS:
+            continue
+        impl = get_backend(backend)
+        for arch in recipe.engine.targets:
+            if arch in TRT_ARCHS[backend]:
+                out.append(PlannedTarget(backend, arch, impl.supports(Target(backend, arch), settings)))
+    return out
+
+
+def _plan_quant(plan: Plan) -> None:
+    """Quant rules before any weights load: format x backend x arch, SVDQuant rank vs width, no cache mix."""
+    from dtcompile.quant import check_targets, get_format
+
+    recipe, spec = plan.recipe, plan.recipe.quant
+    if recipe.cache is not None:
+        raise UnsupportedError(
+            "quant and cache: block-cache artifacts are exported unquantized; drop one of the two sections"
+        )
+    check_targets(spec, [(t.backend, t.arch) for t in plan.targets if t.backend != REFERENCE_BACKEND])
+    fmt = get_format(spec.format)
+    plan.targets = [
+        PlannedTarget(t.backend, t.arch, fmt.supports(REFERENCE_BACKEND))
+        if t.backend == REFERENCE_BACKEND and t.reason is None
+        else t
+        for t in plan.targets
+    ]
+    adapter = plan.source.adapter
+    config = component_config(plan.source, adapter.component) if adapter is not None else None
+    width = adapter.hidden_width(config) if config else 0
+    problem = fmt.check_width(spec, width) if width else None
+    if problem:
+        raise UnsupportedError(problem)
+
+
+def component_config(resolved: ResolvedSource, component: str) -> dict[str, Any] | None:
+    """A component's config.json without loading weights (None: a hub model not downloaded yet)."""
+    if resolved.kind == "builtin":
+        from dtcompile.models.builtin import builtin
+
+        config = builtin(resolved.builtin_name).config.get(component)
+        if isinstance(config, dict):
+            return dict(config)
+    if resolved.kind == "hub":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        spec = resolved.spec
+        cached = try_to_load_from_cache(spec.source, f"{component}/config.json", revision=spec.revision)
+        return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+    from dtcompile.stages.load import source_dir
+
+    path = source_dir(resolved) / component / "config.json"
+    if not path.is_file():
+        raise RecipeError(f"model.source: {path} not found; the pipeline has no {component} component")
+    return json.loads(path.read_text())
+
+
+def _plan_cache(plan: Plan) -> list[str]:
+    """Dry-run check of ``recipe.cache`` against the model's block names (no weights loaded); plan lines."""
+    from dtcompile.recipe.cache import plan_lines, plan_segments
+
+    spec = plan.recipe.cache
+    adapter = plan.source.adapter
+    config = component_config(plan.source, adapter.component) if adapter is not None else None
+    if config is None:
+        return [f"cache {spec.mode}: block patterns are checked after the model downloads (not cached locally)"]
+    return plan_lines(spec, plan_segments(spec, adapter.block_names(config)))

@@ -1,0 +1,240 @@
+"""Run a build: a ``Plan`` in, an artifact folder (engines, ONNX, pipeline files, manifest.json) out.
+
+``run_build`` fingerprints the source before anything loads (an unchanged artifact key is a no-op rebuild),
+then runs ``dtcompile.stages.STAGES`` in order into a temp folder next to the output and moves the finished
+artifact into place at the end, so a failure leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.core.errors import DtcError, RecipeError
+from dtcompile.core.targets import REFERENCE_BACKEND
+from dtcompile.stages import STAGE_NAMES, STAGES
+from dtcompile.stages.plan import Plan, make_plan
+
+if TYPE_CHECKING:
+    from dtcompile.core.progress import StageStats
+    from dtcompile.recipe import Recipe
+    from dtcompile.stages.load import LoadedPipeline, SourceFiles
+
+log = logging.getLogger("dtcompile")
+
+
+@dataclass
+class BuildReport:
+    """Where the artifact went and whether anything was (re)built."""
+
+    artifact_dir: Path
+    manifest: Any
+    up_to_date: bool = False
+
+
+@dataclass
+class BuildState:
+    """What the stages hand each other during one build (each stage fills its own fields)."""
+
+    plan: Plan
+    files: SourceFiles
+    key: str
+    versions: dict[str, Any]
+    weights_digest: str
+    tmp: Path
+    loras: list[Any] = field(default_factory=list)
+    loaded: LoadedPipeline | None = None
+    fused: Any = None  # stages.lora.FusedLoras
+    quantized: Any = None  # stages.quantize.QuantizedComponent
+    graphs: list[tuple[str, Any]] = field(default_factory=list)  # (component or part name, ExportedComponent)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    stats: list[StageStats] = field(default_factory=list)
+
+    @property
+    def component(self) -> str:
+        return self.files.adapter.component
+
+
+def _existing_key(out_dir: Path) -> str | None:
+    from dtcompile.manifest import read_manifest, verify_file
+
+    try:
+        manifest = read_manifest(out_dir)
+        for entry in manifest.all_file_entries():
+            verify_file(out_dir, entry, full=False)
+    except DtcError:
+        return None
+    return None if manifest.stopped_after else manifest.key
+
+
+def _artifact_key(plan: Plan, files: SourceFiles) -> tuple[str, str, dict[str, Any], list[Any]]:
+    """(artifact key, weights digest, tool versions, resolved LoRAs) from files on disk; loads no weights."""
+    from dtcompile.core.versions import tool_versions
+    from dtcompile.manifest import artifact_key
+
+    recipe = plan.recipe
+    versions = tool_versions()
+    weights_digest, loras = files.component_sha256, []
+    if recipe.lora:  # the key covers each adapter's sha256 and scale
+        from dtcompile.stages.lora import lora_key_digest, resolve_loras
+
+        loras = resolve_loras(recipe.lora)
+        weights_digest = lora_key_digest(files.component_sha256, loras)
+    if recipe.quant is not None:  # the key covers the calibration prompts' content, not just their path
+        from dtcompile.quant.calibration import load_prompts, prompts_sha256
+
+        prompts_digest = prompts_sha256(load_prompts(recipe.quant.calib, plan.base_dir))
+        weights_digest = hashlib.sha256(f"{weights_digest}:{prompts_digest}".encode()).hexdigest()
+    return artifact_key(recipe.engine_fields(), weights_digest, versions), weights_digest, versions, loras
+
+
+def _base_manifest(state: BuildState) -> dict[str, Any]:
+    from dtcompile.manifest import SCHEMA_VERSION
+
+    recipe, files = state.plan.recipe, state.files
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": recipe.name,
+        "key": state.key,
+        "recipe": recipe.model_dump(mode="json"),
+        "recipe_file": state.plan.recipe_path,
+        "versions": state.versions,
+        "source": {
+            "model": recipe.model.source,
+            "revision": recipe.model.revision,
+            "kind": files.resolved.kind,
+            "pipeline_class": files.pipeline_class,
+            "component_sha256": files.component_sha256,
+        },
+        "dtype": recipe.dtype,
+        "precision": recipe.dtype if recipe.quant is None else f"{recipe.quant.format} ({recipe.dtype} compute)",
+        "shapes": recipe.export.shapes.model_dump(mode="json"),
+        "components": {},
+        "skipped": [],
+    }
+
+
+def run_build(
+    recipe: Recipe | Plan,
+    *,
+    stop_after: str | None = None,
+    force: bool = False,
+    recipe_path: str | None = None,
+) -> BuildReport:
+    """Run the stages for ``recipe`` (or an already computed ``Plan``) and move the artifact to ``output.dir/name``."""
+    from dtcompile.core.files import replace_dir
+    from dtcompile.manifest import read_manifest, write_manifest
+    from dtcompile.stages.load import locate_source
+
+    if stop_after is not None and stop_after not in STAGE_NAMES:
+        raise RecipeError(f"--stop-after: unknown stage '{stop_after}'; choose one of: {', '.join(STAGE_NAMES)}")
+    plan = recipe if isinstance(recipe, Plan) else make_plan(recipe, recipe_path)
+    out_dir = plan.out_dir
+    files = locate_source(plan.recipe.model)
+    key, weights_digest, versions, loras = _artifact_key(plan, files)
+    if not force and stop_after is None and _existing_key(out_dir) == key:
+        log.info("artifact %s is up to date (key %s); use --force to rebuild", out_dir, key[:12])
+        return BuildReport(out_dir, read_manifest(out_dir), up_to_date=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{plan.recipe.name}.tmp-", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp is owner-only; artifacts are shared read-only
+    state = BuildState(plan, files, key, versions, weights_digest, tmp, loras=loras)
+    try:
+        state.manifest = _base_manifest(state)
+        _run_stages(state, stop_after)
+        # targets the plan already knew could not be built (e.g. onnxruntime for an nvfp4 graph)
+        state.manifest["skipped"] += [t.skipped() for t in plan.blocked() if t.backend == REFERENCE_BACKEND]
+        state.manifest["stages"] = [s.to_json() for s in state.stats]
+        write_manifest(tmp, state.manifest)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("artifact: %s", out_dir)
+    return BuildReport(out_dir, read_manifest(out_dir))
+
+
+def _run_stages(state: BuildState, stop_after: str | None) -> None:
+    """Each stage that applies, in order, timed; ``stop_after`` marks the manifest and ends the run."""
+    from dtcompile.core.progress import stage
+
+    for st in STAGES:
+        if st.applies(state.plan.recipe):
+            with stage(st.name, st.detail(state)) as stats:
+                stats.wrote = st.resolve()(state) or []
+            state.stats.append(stats)
+        if st.name == stop_after:
+            if st.name != STAGE_NAMES[-1]:
+                state.manifest["stopped_after"] = st.name
+            return
+
+
+# --- the stage steps (STAGES names them): each takes the BuildState, fills its part, returns the paths it wrote ---
+
+
+def load_step(state: BuildState) -> list[str]:
+    """load: the located pipeline files -> ``state.loaded``."""
+    from dtcompile.stages.load import load_pipeline
+
+    state.loaded = load_pipeline(state.files, state.plan.recipe.dtype)
+    return []
+
+
+def lora_step(state: BuildState) -> list[str]:
+    """lora: fuse the recipe's adapters into the engine component -> ``state.fused``."""
+    from dtcompile.stages.lora import fuse_lora
+
+    state.fused = fuse_lora(state.loaded, state.loras, state.plan.recipe.dtype)
+    state.manifest["lora"] = {"adapters": state.fused.adapters}
+    return []
+
+
+def quantize_step(state: BuildState) -> list[str]:
+    """quantize: ModelOpt PTQ on real denoising runs -> ``state.quantized`` (calibration and accuracy)."""
+    from dtcompile.stages.quantize import quantize_component
+
+    plan = state.plan
+    state.quantized = quantize_component(state.loaded, plan.recipe, plan.base_dir, state.weights_digest)
+    return []
+
+
+def export_step(state: BuildState) -> list[str]:
+    """export: ONNX graphs (one, or one per cache part) + pipeline files -> ``state.graphs`` and the manifest."""
+    from dtcompile.stages.export import export_component, export_pipeline_files
+
+    recipe, comp, manifest = state.plan.recipe, state.component, state.manifest
+    attention = state.plan.attention
+    if recipe.cache is not None:  # one graph per part (prologue, block segments, epilogue)
+        from dtcompile.stages.cache_split import export_split
+
+        manifest["components"][comp], graphs = export_split(state.loaded, recipe, state.tmp, attention=attention)
+    else:
+        graphs = [(comp, export_component(state.loaded, recipe, state.tmp, state.quantized, attention=attention))]
+    manifest["pipeline"] = export_pipeline_files(state.loaded, state.tmp) if recipe.output.include_pipeline else {}
+    manifest["components"].update((name, g.manifest) for name, g in graphs)
+    if state.fused is not None:  # base weights of the LoRA-touched tensors, for a later `dtc refit`
+        from dtcompile.weights.weight_map import record_build_loras
+
+        manifest["lora"] = record_build_loras(state.tmp, comp, manifest["components"][comp], state.fused)
+    state.graphs = graphs
+    onnx_entries = [g.manifest["onnx"] for _, g in graphs]
+    return [e["file"] for e in [*onnx_entries, *manifest["pipeline"].get("files", [])[:1]]]
+
+
+def build_step(state: BuildState) -> list[str]:
+    """build: one engine per (TensorRT backend, arch) target per graph, recorded in the manifest."""
+    from dtcompile.stages import build as build_stage
+
+    wrote: list[str] = []
+    skipped = state.manifest["skipped"]
+    for name, exported in state.graphs:
+        outcome = build_stage.engines_from_onnx(exported.onnx_path, exported.profile, state.plan, state.tmp, name)
+        wrote += [e["file"] for e in outcome.engines]
+        state.manifest["components"][name]["engines"].extend(outcome.engines)
+        skipped += [s for s in outcome.skipped if s not in skipped]  # parts share targets: report each once
+    return wrote
