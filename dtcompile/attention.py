@@ -202,15 +202,23 @@ class AttentionTrace:
     emitted: Counter[str] = field(default_factory=Counter)
     fallbacks: list[str] = field(default_factory=list)
 
-    def check_graph(self, op_types: dict[str, int]) -> dict[str, Any]:
+    def check_graph(self, op_types: dict[str, int], model: str | None = None) -> dict[str, Any]:
         """Check the exported graph's node counts against what was emitted; the manifest's attention entry.
 
-        Raises BuildError when a ``native``/``plugin`` export does not hold exactly one node per attention call.
+        ``model`` names the exported module; it must route at least one attention call (None: the graph may
+        have none, e.g. a cache prologue). Raises BuildError when a ``native``/``plugin`` export does not hold
+        exactly one node per attention call, or when ``model`` routed none.
         """
         nodes = {k: op_types.get(k, 0) for k in ("Attention", "FusedAttention", "Softmax")}
         expect = {"native": ("Attention", self.emitted["native"]), "plugin": ("FusedAttention", self.emitted["plugin"])}
         if self.mode in expect:
             op, n = expect[self.mode]
+            if n == 0 and model is not None:
+                raise BuildError(
+                    f"export.attention '{self.mode}': {model} routed no attention call through dtcompile's "
+                    "attention (its processors call neither dispatch_attention_fn nor "
+                    "F.scaled_dot_product_attention); use export.attention: decomposed"
+                )
             if self.fallbacks:
                 raise BuildError(
                     f"export.attention '{self.mode}': {len(self.fallbacks)} attention call(s) could not take that "

@@ -142,6 +142,10 @@ class ComponentEntry(_Strict):
         """Graph input names, in order."""
         return [t.name for t in self.inputs or []]
 
+    def output_names(self) -> list[str]:
+        """Graph output names, in order."""
+        return [t.name for t in self.outputs or []]
+
     def output_name(self) -> str:
         """The first graph output's name."""
         if not self.outputs:
@@ -262,17 +266,6 @@ class Manifest(_Strict):
     def to_text(self) -> str:
         """The manifest.json text: sorted keys, indent 2, only the fields that were set."""
         return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
-
-    # transitional read-only dict access for modules not converted yet (stages, tools.refit): use attributes
-    def __getitem__(self, key: str) -> Any:
-        data = self.to_json()
-        if key not in data:
-            raise KeyError(key)
-        return data[key]
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """Transitional: ``to_json().get(key, default)``."""
-        return self.to_json().get(key, default)
 
 
 def artifact_key(engine_fields: dict[str, Any], source_sha256: str, versions: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dtcompile.models.flux import FLUX_DEV_WIDTHS
+from dtcompile.models.flux import FLUX_DEV_WIDTHS, FluxCacheLayout
 
 REAL_WIDTH = FLUX_DEV_WIDTHS  # FLUX.1-dev widths (dtcompile.models.flux)
 VAE_SCALE_FACTOR = 8  # FLUX.1's VAE: 16 px per packed token
@@ -219,7 +219,20 @@ def main() -> None:
 
     def module(spec: CacheSpec, enabled: bool) -> CachedEngineModule:
         # first_block mode ignores the segments' groups: the first part is the first block, the rest are skipped
-        return CachedEngineModule(runners, parts, spec, config, input_names, "latent", torch.float32, enabled=enabled)
+        layout = FluxCacheLayout()
+        return CachedEngineModule(
+            runners,
+            parts,
+            spec,
+            config,
+            input_names,
+            "latent",
+            torch.float32,
+            streams=layout.streams,
+            shared=layout.shared,
+            epilogue_inputs=layout.epilogue_inputs,
+            enabled=enabled,
+        )
 
     static = CacheSpec.model_validate(
         {"mode": "static", "steps": args.steps, "groups": [{"name": "singles", "blocks": "single_*", "every": 2}]}

@@ -260,14 +260,45 @@ def test_patch_point_is_wrappable_and_restored(monkeypatch) -> None:
         dataclasses.replace(trace, mode="native").check_graph({"Attention": 1})
 
 
+@pytest.mark.parametrize("mode", ["native", "plugin"])
+def test_zero_routed_calls_is_an_error_naming_the_model(mode) -> None:
+    from dtcompile.attention import AttentionTrace
+
+    trace = AttentionTrace(mode)
+    with pytest.raises(BuildError, match=rf"export.attention '{mode}': MyTransformer routed no attention call"):
+        trace.check_graph({}, "MyTransformer")
+    # a graph that may hold no attention (a cache prologue) passes: 0 nodes for 0 calls
+    assert trace.check_graph({}, None)["calls"] == {}
+
+
 # --- the built artifact -----------------------------------------------------------------------------------------
 
 
 def test_manifest_records_attention(tiny_artifact) -> None:
     from dtcompile.manifest import read_manifest
 
-    comp = read_manifest(tiny_artifact)["components"]["transformer"]
+    comp = read_manifest(tiny_artifact).to_json()["components"]["transformer"]
     att = comp["attention"]
     assert (att["requested"], att["mode"]) == ("auto", "decomposed")  # tiny-flux.yaml: float32, opset 19
     assert att["nodes"]["Softmax"] == att["calls"]["decomposed"] == 4
     assert all(e["plugins"] == [] for e in comp["engines"] if e["backend"] != "onnxruntime")
+
+
+def test_export_of_a_model_with_hand_written_attention_fails_native(tmp_path) -> None:
+    """A model whose attention bypasses SDPA/dispatch_attention_fn routes zero calls: native export refuses it."""
+    import torch
+
+    from dtcompile.attention import export_attention
+    from dtcompile.core.graph import ExportSpec, TensorSpec
+    from dtcompile.export.onnx import export_onnx
+
+    class HandWritten(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(x @ x.transpose(-1, -2), dim=-1) @ x
+
+    x = torch.randn(1, 4, 8)
+    spec = ExportSpec([TensorSpec("x", "float32", (1, 4, 8))], [TensorSpec("y", "float32", (1, 4, 8))], {"x": x})
+    with export_attention("native") as trace:
+        art = export_onnx(HandWritten(), spec, tmp_path, name="hand")
+    with pytest.raises(BuildError, match="HandWritten routed no attention call"):
+        trace.check_graph(art.op_types, "HandWritten")

@@ -177,7 +177,18 @@ def fake_module(spec: CacheSpec, segments: list[Segment], log: list[str]) -> Any
         *[(f"blocks{s.index}", "blocks", s) for s in segments],
         ("epi", "epilogue", None),
     ]
-    return CachedEngineModule(runners, parts, spec, {}, ["hidden_states", "timestep"], "latent", torch.float32)
+    return CachedEngineModule(
+        runners,
+        parts,
+        spec,
+        {},
+        ["hidden_states", "timestep"],
+        "latent",
+        torch.float32,
+        streams=("hidden", "context"),
+        shared=("temb", "rope_cos", "rope_sin"),
+        epilogue_inputs=("hidden", "temb"),
+    )
 
 
 def call(module: Any, x: float, t: float) -> float:
@@ -247,7 +258,7 @@ def test_first_block_runtime_skips_below_threshold_with_a_cap() -> None:
 
 
 def test_manifest_lists_every_part(static_artifact: Path) -> None:
-    m = read_manifest(static_artifact)
+    m = read_manifest(static_artifact).to_json()
     main = m["components"]["transformer"]
     assert main["parts"] == [f"transformer.{p}" for p in ("prologue", "blocks0", "blocks1", "epilogue")]
     assert main["engines"] == [] and main["parity"]["rel_l2"] < 1e-5 and main["parity"]["split_rel_l2"] < 1e-6
@@ -343,7 +354,7 @@ def test_publish_and_pull_carry_the_parts(static_artifact: Path, tmp_path: Path)
     publish_artifact(static_artifact, str(tmp_path / "pub"))
     out = tmp_path / "pulled"
     pull_artifact(str(tmp_path / "pub" / "tiny-flux-cache"), out, arch="sm_89")
-    m = read_manifest(out)
+    m = read_manifest(out).to_json()
     for entry in all_file_entries(m):
         verify_file(out, entry)
     assert {e["arch"] for p in m["components"]["transformer"]["parts"] for e in m["components"][p]["engines"]} == {

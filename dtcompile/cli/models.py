@@ -8,7 +8,7 @@ import click
 @click.command()
 def models() -> None:
     """List built-in pipelines usable as `model.source: builtin:NAME`."""
-    from dtcompile.models.flux import BUILTINS
+    from dtcompile.models.builtin import builtins
 
-    for name, model in BUILTINS.items():
+    for name, model in builtins().items():
         click.echo(f"builtin:{name:<16} {model.family:<6} {model.description}")

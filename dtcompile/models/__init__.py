@@ -28,4 +28,9 @@ def adapter_for_pipeline_class(name: str) -> str:
     return PIPELINE_FAMILIES[name]
 
 
-__all__ = ["ADAPTERS", "PIPELINE_FAMILIES", "adapter_for_pipeline_class"]
+def adapter_for(pipeline_class: str) -> ModelAdapter:
+    """An adapter instance for diffusers pipeline class ``pipeline_class`` (UnsupportedError for others)."""
+    return ADAPTERS.get(adapter_for_pipeline_class(pipeline_class))()
+
+
+__all__ = ["ADAPTERS", "PIPELINE_FAMILIES", "adapter_for", "adapter_for_pipeline_class"]

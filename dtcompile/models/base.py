@@ -1,22 +1,83 @@
-"""The contract of a model-family adapter (``ModelAdapter``); the graph types it speaks live in core.graph."""
+"""The contract of a model-family adapter (``ModelAdapter``); the graph types it speaks live in core.graph.
+
+Everything family-specific is behind this contract: which component becomes an engine, its graph I/O and
+shape profile, how to call the pipeline (``call_kwargs``) and read what it returns (``output_media``), how a
+transformer splits into block engines for caching (``cache_layout``), its quantization exclusions and the
+upstream export patches it needs. Stages, the runtime and the tools talk to the adapter, never to a family.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes
+from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
 
 if TYPE_CHECKING:
     import torch
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One pipeline call in family-neutral terms; the adapter turns it into the pipeline's keyword arguments.
+
+    ``prompt`` is one prompt or a batch; ``guidance`` and ``text_len`` are left to the pipeline's defaults when
+    None; ``output_type`` is diffusers' ("pil", "pt", "np" or "latent"); ``callback`` is diffusers'
+    ``callback_on_step_end``.
+    """
+
+    prompt: str | list[str]
+    steps: int
+    height: int
+    width: int
+    generator: Any = None
+    guidance: float | None = None
+    text_len: int | None = None
+    images_per_prompt: int = 1
+    output_type: str = "pil"
+    callback: Any = None
+
+
+class CacheLayout(Protocol):
+    """How a family's transformer splits into ``prologue -> blocks* -> epilogue`` parts (docs/cache.md).
+
+    ``streams`` are the tensors every block updates (a block part returns ``<stream>_out`` for each),
+    ``shared`` the tensors the prologue computes once per call and every block reads; the epilogue reads
+    ``epilogue_inputs`` (a subset of both) and returns the component's output.
+    """
+
+    streams: tuple[str, ...]
+    shared: tuple[str, ...]
+    epilogue_inputs: tuple[str, ...]
+
+    def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The forward up to the first block: graph inputs in, ``streams + shared`` out (in that order)."""
+
+    def blocks(self, blocks: list[torch.nn.Module]) -> torch.nn.Module:
+        """A run of consecutive blocks: ``streams + shared`` in, ``<stream>_out`` out."""
+
+    def epilogue(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The forward after the last block: ``epilogue_inputs`` in, the component's output out."""
+
+    def intermediate_specs(self, module: torch.nn.Module, mono: ExportSpec, dtype: str) -> dict[str, TensorSpec]:
+        """Tensor specs of every stream and shared tensor, with the monolithic graph's symbolic dims."""
+
+    def intermediate_shapes(
+        self, module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, tuple[int, ...]]:
+        """Concrete shapes of every stream and shared tensor for one set of monolithic input shapes."""
+
+
 class ModelAdapter(Protocol):
-    """One model family (FLUX, SD3, ...): what to load, export and how to shape it."""
+    """One model family (FLUX, SD3, ...): what to load, export and how to shape and call it."""
 
     family: str
     pipeline_class: str  # diffusers class name, e.g. "FluxPipeline"
     component: str  # the component turned into an engine, e.g. "transformer"
     default_exclude: tuple[str, ...]  # module-name patterns never quantized
+
+    def pipe_config(self, pipe: Any) -> dict[str, Any]:
+        """The pipeline facts the other methods need (their ``pipe_config``), read from a loaded pipeline."""
 
     def export_spec(
         self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, dtype: torch.dtype
@@ -28,3 +89,21 @@ class ModelAdapter(Protocol):
 
     def shape_profile(self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes) -> ShapeProfile:
         """Concrete min/opt/max shapes of every graph input for the recipe's shape ranges."""
+
+    def hidden_width(self, config: dict[str, Any]) -> int:
+        """The component's hidden width from its config (0 when unknown); quant formats check alignment on it."""
+
+    def export_patches(self) -> tuple[str, ...]:
+        """Names of the upstream patches (``dtcompile.export.patches.PATCHES``) the export needs."""
+
+    def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        """The pipeline's keyword arguments for ``request``."""
+
+    def output_media(self, output: Any) -> list[Any]:
+        """The generated images (or videos) of a pipeline call's return value, one per output."""
+
+    def block_names(self, config: dict[str, Any]) -> list[str]:
+        """Block names of the component, in execution order (UnsupportedError when it cannot be split)."""
+
+    def cache_layout(self) -> CacheLayout:
+        """How the component splits into block engines (UnsupportedError when it cannot)."""

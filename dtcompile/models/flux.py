@@ -10,15 +10,15 @@ Importing this module loads no torch, diffusers or transformers.
 from __future__ import annotations
 
 import functools
-from collections import Counter
 from collections.abc import Callable
-from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
+from dtcompile.models.base import GenerationRequest
 from dtcompile.models.builtin import BuiltinModel
+from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
 
 if TYPE_CHECKING:
     import torch
@@ -107,89 +107,6 @@ TINY_FLUX_CONFIG: dict[str, Any] = {
     "tokenizer_max_length": 77,
     "tokenizer_2_max_length": 512,
 }
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's printable stand-ins for the 256 byte values, in byte order."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
-    out: list[str] = []
-    i = 0
-    while i < len(symbols):
-        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
-            out.append(symbols[i] + symbols[i + 1])
-            i += 2
-        else:
-            out.append(symbols[i])
-            i += 1
-    return out
-
-
-def _clip_vocab_and_merges(
-    words: tuple[str, ...] | list[str],
-) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A byte-level BPE vocabulary laid out like CLIP's: bytes, bytes + '</w>', merged tokens, then specials.
-
-    The merges are learnt from ``words`` by plain BPE training (most frequent pair first, ties broken by the
-    pair itself), so applying them turns every listed word into one token; merges written by hand per word
-    conflict (``a t</w>`` from "at" would split "cat"). Other text still tokenizes into byte tokens.
-    """
-    base = _bytes_to_unicode()
-    tokens = [*base, *(c + "</w>" for c in base)]
-    segments = [[*w[:-1], w[-1] + "</w>"] for w in dict.fromkeys(words)]
-    merges: list[tuple[str, str]] = []
-    while True:
-        counts = Counter(pair for seg in segments for pair in pairwise(seg))
-        if not counts:
-            break
-        best = min(counts, key=lambda pair: (-counts[pair], pair))
-        merges.append(best)
-        tokens.append(best[0] + best[1])
-        segments = [_merge_pair(seg, best) for seg in segments]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(tokens)}, merges
-
-
-def _t5_vocab(words: tuple[str, ...] | list[str]) -> list[tuple[str, float]]:
-    """A Unigram vocabulary laid out like T5's: <pad>, </s>, <unk>, then scored pieces.
-
-    Whole words (``▁cat``) score higher than characters, so listed words stay one piece; printable ASCII
-    characters (with and without the ``▁`` word-start marker) cover everything else.
-    """
-    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + w, -3.0 - i * 1e-3) for i, w in enumerate(words)]
-    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
-    pieces += [("▁" + c, -8.0) for c in chars]
-    pieces += [(c, -9.0) for c in chars]
-    return pieces
-
-
-def build_tiny_tokenizers(config: dict[str, Any] = TINY_FLUX_CONFIG) -> tuple[Any, Any]:
-    """The CLIP and T5 tokenizers of the tiny pipeline, built in code (no files, no network)."""
-    from transformers import CLIPTokenizer, T5TokenizerFast
-
-    vocab, merges = _clip_vocab_and_merges(config["tokenizer_words"])
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=config["tokenizer_max_length"])
-    tokenizer_2 = T5TokenizerFast(
-        vocab=_t5_vocab(config["tokenizer_words"]),
-        extra_ids=0,
-        model_max_length=config["tokenizer_2_max_length"],
-    )
-    return tokenizer, tokenizer_2
 
 
 def build_tiny_flux(seed: int = 0, config: dict[str, Any] = TINY_FLUX_CONFIG) -> Any:
@@ -295,14 +212,7 @@ def generate_flux_realwidth(out_dir: Path, seed: int = 0) -> Path:
 
 
 # Functions every built-in's files depend on (their source is part of the cache key).
-_GENERATOR_CODE = (
-    _bytes_to_unicode,
-    _merge_pair,
-    _clip_vocab_and_merges,
-    _t5_vocab,
-    build_tiny_tokenizers,
-    build_tiny_flux,
-)
+_GENERATOR_CODE = (*TOKENIZER_CODE, build_tiny_flux)
 
 BUILTINS: dict[str, BuiltinModel] = {
     "tiny-flux": BuiltinModel(
@@ -408,6 +318,131 @@ def _export_wrapper_class() -> type:
             )[0]
 
     return FluxTransformerForExport
+
+
+@functools.cache
+def _cache_part_classes() -> tuple[type, type, type]:
+    """The nn.Module classes of the three cache part kinds (built on first use: needs torch)."""
+    import torch
+
+    class FluxPrologue(torch.nn.Module):
+        """FluxTransformer2DModel.forward up to the first block: embedders and rotary embedding."""
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.x_embedder = transformer.x_embedder
+            self.time_text_embed = transformer.time_text_embed
+            self.context_embedder = transformer.context_embedder
+            self.pos_embed = transformer.pos_embed
+
+        def forward(
+            self,
+            hidden_states: torch.Tensor,
+            encoder_hidden_states: torch.Tensor,
+            pooled_projections: torch.Tensor,
+            timestep: torch.Tensor,
+            img_ids: torch.Tensor,
+            txt_ids: torch.Tensor,
+            guidance: torch.Tensor | None = None,
+        ) -> tuple[torch.Tensor, ...]:
+            hidden = self.x_embedder(hidden_states)
+            timestep = timestep.to(hidden.dtype) * 1000
+            if guidance is None:
+                temb = self.time_text_embed(timestep, pooled_projections)
+            else:
+                temb = self.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled_projections)
+            context = self.context_embedder(encoder_hidden_states)
+            rope_cos, rope_sin = self.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+            return hidden, context, temb, rope_cos, rope_sin
+
+    class FluxBlocks(torch.nn.Module):
+        """A run of consecutive transformer blocks (double- and/or single-stream; both take and return both streams)."""
+
+        def __init__(self, blocks: list[torch.nn.Module]) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(blocks)
+
+        def forward(
+            self,
+            hidden: torch.Tensor,
+            context: torch.Tensor,
+            temb: torch.Tensor,
+            rope_cos: torch.Tensor,
+            rope_sin: torch.Tensor,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            for block in self.blocks:
+                context, hidden = block(
+                    hidden_states=hidden,
+                    encoder_hidden_states=context,
+                    temb=temb,
+                    image_rotary_emb=(rope_cos, rope_sin),
+                )
+            return hidden, context
+
+    class FluxEpilogue(torch.nn.Module):
+        """The output norm (modulated by temb) and projection."""
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.norm_out = transformer.norm_out
+            self.proj_out = transformer.proj_out
+
+        def forward(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+            return self.proj_out(self.norm_out(hidden, temb))
+
+    return FluxPrologue, FluxBlocks, FluxEpilogue
+
+
+class FluxCacheLayout:
+    """The FLUX transformer split for block caching (``dtcompile.models.base.CacheLayout``).
+
+    The prologue runs the embedders (``hidden`` from x_embedder, ``context`` from context_embedder, ``temb``
+    from time_text_embed of timestep, guidance and pooled projections) and the rotary embedding of the text +
+    image ids (``rope_cos``/``rope_sin``); every block updates both streams; the epilogue is norm_out + proj_out.
+    """
+
+    streams = ("hidden", "context")
+    shared = ("temb", "rope_cos", "rope_sin")
+    epilogue_inputs = ("hidden", "temb")
+
+    def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
+        return _cache_part_classes()[0](module)
+
+    def blocks(self, blocks: list[torch.nn.Module]) -> torch.nn.Module:
+        return _cache_part_classes()[1](blocks)
+
+    def epilogue(self, module: torch.nn.Module) -> torch.nn.Module:
+        return _cache_part_classes()[2](module)
+
+    @staticmethod
+    def _dims(module: torch.nn.Module) -> tuple[int, int]:
+        head = int(module.config["attention_head_dim"])
+        return int(module.config["num_attention_heads"]) * head, head
+
+    def intermediate_specs(self, module: torch.nn.Module, mono: ExportSpec, dtype: str) -> dict[str, TensorSpec]:
+        width, head = self._dims(module)
+        text = next(t for t in mono.inputs if t.name == "encoder_hidden_states").dims[1]
+        return {
+            "hidden": TensorSpec("hidden", dtype, ("batch", "img_tokens", width)),
+            "context": TensorSpec("context", dtype, ("batch", text, width)),
+            "temb": TensorSpec("temb", dtype, ("batch", width)),
+            "rope_cos": TensorSpec("rope_cos", "float32", ("rope_tokens", head)),
+            "rope_sin": TensorSpec("rope_sin", "float32", ("rope_tokens", head)),
+        }
+
+    def intermediate_shapes(
+        self, module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, tuple[int, ...]]:
+        width, head = self._dims(module)
+        batch, img, _ = shapes["hidden_states"]
+        text = shapes["encoder_hidden_states"][1]
+        return {
+            "hidden": (batch, img, width),
+            "context": (batch, text, width),
+            "temb": (batch, width),
+            "rope_cos": (text + img, head),
+            "rope_sin": (text + img, head),
+        }
 
 
 class FluxAdapter:
@@ -554,3 +589,31 @@ class FluxAdapter:
         """Upstream patches the ONNX export needs, by name (``dtcompile.export.patches.PATCHES``): diffusers'
         ``apply_rotary_emb`` traces its reshape with constant shapes, ``dynamic_rope`` keeps it dynamic."""
         return ("dynamic_rope",)
+
+    def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        """FluxPipeline's keyword arguments (``max_sequence_length`` is the T5 text length)."""
+        kwargs: dict[str, Any] = {
+            "prompt": request.prompt,
+            "height": request.height,
+            "width": request.width,
+            "num_inference_steps": request.steps,
+            "generator": request.generator,
+            "num_images_per_prompt": request.images_per_prompt,
+            "output_type": request.output_type,
+        }
+        if request.guidance is not None:
+            kwargs["guidance_scale"] = request.guidance
+        if request.text_len is not None:
+            kwargs["max_sequence_length"] = request.text_len
+        if request.callback is not None:
+            kwargs["callback_on_step_end"] = request.callback
+        return kwargs
+
+    @staticmethod
+    def output_media(output: Any) -> list[Any]:
+        """FluxPipeline returns images (``FluxPipelineOutput.images``)."""
+        return list(output.images)
+
+    @staticmethod
+    def cache_layout() -> FluxCacheLayout:
+        return FluxCacheLayout()

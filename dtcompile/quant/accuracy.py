@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import VerificationError
 from dtcompile.core.metrics import PSNR_IDENTICAL, psnr
+from dtcompile.models.base import GenerationRequest
 from dtcompile.quant import get_format
 from dtcompile.quant.calibration import _no_progress_bar
 
@@ -96,19 +97,17 @@ def trace_pipeline(
             recorder = _StepRecorder()
             handle = module.register_forward_hook(recorder, with_kwargs=True)
             try:
-                kwargs: dict[str, Any] = {
-                    "prompt": prompt,
-                    "height": height,
-                    "width": width,
-                    "num_inference_steps": steps,
-                    "generator": torch.Generator("cpu").manual_seed(seed + i),
-                    "output_type": "pt",
-                }
-                if max_sequence_length is not None:
-                    kwargs["max_sequence_length"] = max_sequence_length
-                if guidance_scale is not None:
-                    kwargs["guidance_scale"] = guidance_scale
-                image = pipe(**kwargs).images[0]
+                request = GenerationRequest(
+                    prompt,
+                    steps,
+                    height,
+                    width,
+                    generator=torch.Generator("cpu").manual_seed(seed + i),
+                    guidance=guidance_scale,
+                    text_len=max_sequence_length,
+                    output_type="pt",
+                )
+                image = adapter.output_media(pipe(**adapter.call_kwargs(request)))[0]
             finally:
                 handle.remove()
             inputs.append(recorder.inputs)

@@ -30,6 +30,7 @@ from dtcompile.core.digests import sha256_json, sha256_text
 from dtcompile.core.errors import ArtifactError, BuildError, DtcError, RecipeError
 from dtcompile.core.files import cache_root
 from dtcompile.core.versions import dist_version
+from dtcompile.models.base import GenerationRequest
 from dtcompile.quant import get_format
 from dtcompile.recipe.quant import BUILTIN_PROMPTS, CalibSpec
 
@@ -290,7 +291,7 @@ def calibrate(
         import modelopt.torch.quantization as mtq
 
         config = fmt.modelopt_config(spec, exclude, dtype)
-        loop = _forward_loop(pipe, spec.calib, prompts, height, width, max_sequence_length, guidance_scale)
+        loop = _forward_loop(pipe, adapter, spec.calib, prompts, height, width, max_sequence_length, guidance_scale)
 
         def forward_loop(model: torch.nn.Module) -> None:
             # Modules are converted by now: route attention before any range is collected.
@@ -394,6 +395,7 @@ def _save_state(mto: Any, module: torch.nn.Module, state_path: Path, key: str) -
 
 def _forward_loop(
     pipe: Any,
+    adapter: ModelAdapter,
     calib: CalibSpec,
     prompts: Sequence[str],
     height: int,
@@ -418,22 +420,19 @@ def _forward_loop(
 
     def loop(_model: Any) -> None:
         for b, batch in enumerate(batches):
-            kwargs: dict[str, Any] = {
-                "prompt": batch,
-                "height": height,
-                "width": width,
-                "num_inference_steps": calib.steps,
-                "generator": torch.Generator("cpu").manual_seed(calib.seed + b),
-                "output_type": "latent",
-            }
-            if max_sequence_length is not None:
-                kwargs["max_sequence_length"] = max_sequence_length
-            if guidance_scale is not None:
-                kwargs["guidance_scale"] = guidance_scale
-            if collect < calib.steps:
-                kwargs["callback_on_step_end"] = stop_after_collected
+            request = GenerationRequest(
+                batch,
+                calib.steps,
+                height,
+                width,
+                generator=torch.Generator("cpu").manual_seed(calib.seed + b),
+                guidance=guidance_scale,
+                text_len=max_sequence_length,
+                output_type="latent",
+                callback=stop_after_collected if collect < calib.steps else None,
+            )
             with contextlib.suppress(_StopDenoising):
-                pipe(**kwargs)
+                pipe(**adapter.call_kwargs(request))
 
     return loop
 

@@ -77,7 +77,7 @@ class CacheGroupSpec(_Strict):
     def _patterns(cls, value: list[str]) -> list[str]:
         for i, pattern in enumerate(value):
             if not pattern.strip():
-                raise _item_error(i, "blank pattern; give a block-name glob such as 'single_transformer_blocks.*'", "")
+                raise _item_error(i, "blank pattern; give a block-name glob such as 'transformer_blocks.1*'", "")
         if len(set(value)) != len(value):
             raise ValueError(f"duplicate pattern in {value}")
         return value

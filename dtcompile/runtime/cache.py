@@ -1,7 +1,7 @@
 """Runtime for cached artifacts: the part engines stitched into one module that skips cached block segments.
 
 Input: an artifact whose transformer was split (``components[comp]["parts"]``, see ``dtcompile.stages.cache_split``).
-Output: ``CachedEngineModule``, a stand-in for ``pipe.transformer`` with the same call interface as
+Output: ``CachedEngineModule``, a stand-in for the split component with the same call interface as
 ``dtcompile.backends.standin.EngineModule``. Each call (one denoising step of one ``cache_context``) runs
 the prologue, then every block segment, then the epilogue; a segment that is cached on this step is not run: its
 input plus the residual it produced on the last step it ran (output - input, for both streams) stands in for
@@ -9,11 +9,11 @@ its output.
 
 - static mode: a segment of group G is cached on the steps G's rule names.
 - first_block mode: the first block always runs; the rest is skipped when the relative L1 change of the first
-  block's image-stream residual since the last full step is below ``threshold`` (at most
+  block's first-stream residual since the last full step is below ``threshold`` (at most
   ``max_consecutive_skips`` steps in a row); its residual is the rest's output minus its input at that step.
 
 ``cache_stats()`` reports block evaluations done and skipped (and, for first_block, each step's change).
-Steps are counted per ``cache_context`` (FluxPipeline's "cond"/"uncond"); ``begin_run(num_steps)`` starts a run.
+Steps are counted per ``cache_context`` (e.g. "cond"/"uncond"); ``begin_run(num_steps)`` starts a run.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from dtcompile.recipe.cache import CacheSpec, Segment
 log = logging.getLogger("dtcompile.cache")
 
 Runner = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+Streams = tuple[torch.Tensor, ...]
 
 
 @dataclass
@@ -44,7 +45,7 @@ class _Context:
 
     step: int = 0
     last_timestep: float | None = None
-    residuals: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    residuals: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     first_residual: torch.Tensor | None = None
     consecutive: int = 0
 
@@ -53,7 +54,10 @@ class CachedEngineModule(ComponentStandIn):
     """Stands in for ``pipe.transformer``: runs prologue, block segments and epilogue, skipping cached segments.
 
     ``runners`` maps part names to callables (feeds -> outputs); ``parts`` are the manifest's part entries in
-    execution order (``kind``, ``segment``). ``enabled=False`` runs every block (``dtc run --cache off``).
+    execution order (``kind``, ``segment``). ``streams`` are the tensors each block updates (it returns
+    ``<stream>_out``; the first is the one first_block mode measures), ``shared`` the prologue's other outputs,
+    ``epilogue_inputs`` what the epilogue reads (``dtcompile.models.base.CacheLayout``).
+    ``enabled=False`` runs every block (``dtc run --cache off``).
     """
 
     def __init__(
@@ -67,10 +71,14 @@ class CachedEngineModule(ComponentStandIn):
         dtype: torch.dtype,
         device: str | torch.device = "cpu",
         *,
+        streams: tuple[str, ...],
+        shared: tuple[str, ...],
+        epilogue_inputs: tuple[str, ...],
         enabled: bool = True,
     ) -> None:
         super().__init__(config, input_names, output_name, dtype, device)
         self.runners = runners
+        self.streams, self.shared, self.epilogue_inputs = streams, shared, epilogue_inputs
         self.prologue = next(name for name, kind, _ in parts if kind == "prologue")
         self.epilogue = next(name for name, kind, _ in parts if kind == "epilogue")
         self.segments: list[tuple[str, Segment]] = [(name, seg) for name, kind, seg in parts if seg is not None]
@@ -85,7 +93,7 @@ class CachedEngineModule(ComponentStandIn):
 
     @contextmanager
     def cache_context(self, name: str) -> Iterator[None]:
-        """FluxPipeline wraps its conditional and unconditional calls in contexts; each keeps its own cache."""
+        """Pipelines wrap their conditional and unconditional calls in contexts; each keeps its own cache."""
         previous, self._context_name = self._context_name, name
         try:
             yield
@@ -146,13 +154,14 @@ class CachedEngineModule(ComponentStandIn):
         feeds = self.graph_feeds(kwargs, joint_attention_kwargs)
         ctx = self._context(feeds["timestep"])
         pro = self.runners[self.prologue](feeds)
-        shared = {k: pro[k] for k in ("temb", "rope_cos", "rope_sin")}
-        hidden, context = pro["hidden"], pro["context"]
+        shared = {k: pro[k] for k in self.shared}
+        streams = tuple(pro[k] for k in self.streams)
         if self.enabled and self.spec.mode == "first_block":
-            hidden, context, skipped = self._first_block(ctx, hidden, context, shared)
+            streams, skipped = self._first_block(ctx, streams, shared)
         else:
-            hidden, context, skipped = self._static(ctx, hidden, context, shared)
-        out = self.runners[self.epilogue]({"hidden": hidden, "temb": shared["temb"]})[self.output_name]
+            streams, skipped = self._static(ctx, streams, shared)
+        state = {**shared, **dict(zip(self.streams, streams, strict=True))}
+        out = self.runners[self.epilogue]({k: state[k] for k in self.epilogue_inputs})[self.output_name]
         out = out.to(self._device, self._dtype)
         ctx.step += 1
         self.calls += 1
@@ -163,34 +172,30 @@ class CachedEngineModule(ComponentStandIn):
             self.trace.append(out.detach().clone())
         return (out,) if not return_dict else {"sample": out}
 
-    def _run(self, name: str, hidden: torch.Tensor, context: torch.Tensor, shared: dict[str, torch.Tensor]) -> Any:
-        out = self.runners[name]({"hidden": hidden, "context": context, **shared})
-        return out["hidden_out"], out["context_out"]
+    def _run(self, name: str, streams: Streams, shared: dict[str, torch.Tensor]) -> Streams:
+        out = self.runners[name]({**dict(zip(self.streams, streams, strict=True)), **shared})
+        return tuple(out[f"{k}_out"] for k in self.streams)
 
-    def _static(
-        self, ctx: _Context, hidden: torch.Tensor, context: torch.Tensor, shared: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _static(self, ctx: _Context, streams: Streams, shared: dict[str, torch.Tensor]) -> tuple[Streams, int]:
         skipped = 0
         for name, seg in self.segments:
             group = self.groups.get(seg.group) if self.enabled and seg.group else None
             cached = ctx.residuals.get(seg.index)
-            if group and group.cached_at(ctx.step) and cached and cached[0].shape == hidden.shape:
-                hidden, context = hidden + cached[0], context + cached[1]
+            if group and group.cached_at(ctx.step) and cached and cached[0].shape == streams[0].shape:
+                streams = _plus(streams, cached)
                 skipped += len(seg.blocks)
                 continue
-            new_hidden, new_context = self._run(name, hidden, context, shared)
+            new = self._run(name, streams, shared)
             if group:
-                ctx.residuals[seg.index] = (new_hidden - hidden, new_context - context)
-            hidden, context = new_hidden, new_context
-        return hidden, context, skipped
+                ctx.residuals[seg.index] = _minus(new, streams)
+            streams = new
+        return streams, skipped
 
-    def _first_block(
-        self, ctx: _Context, hidden: torch.Tensor, context: torch.Tensor, shared: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _first_block(self, ctx: _Context, streams: Streams, shared: dict[str, torch.Tensor]) -> tuple[Streams, int]:
         (first_name, _), rest = self.segments[0], self.segments[1:]
-        new_hidden, context = self._run(first_name, hidden, context, shared)
-        residual = new_hidden - hidden
-        hidden = new_hidden
+        new = self._run(first_name, streams, shared)
+        residual = new[0] - streams[0]
+        streams = new
         change = None
         if ctx.first_residual is not None and ctx.first_residual.shape == residual.shape:
             change = rel_l1(residual, ctx.first_residual)
@@ -204,14 +209,22 @@ class CachedEngineModule(ComponentStandIn):
             and cached
         ):
             ctx.consecutive += 1
-            return hidden + cached[0], context + cached[1], sum(len(seg.blocks) for _, seg in rest)
-        start_hidden, start_context = hidden, context
+            return _plus(streams, cached), sum(len(seg.blocks) for _, seg in rest)
+        start = streams
         for name, _ in rest:
-            hidden, context = self._run(name, hidden, context, shared)
-        ctx.residuals[1] = (hidden - start_hidden, context - start_context)
+            streams = self._run(name, streams, shared)
+        ctx.residuals[1] = _minus(streams, start)
         ctx.first_residual = residual
         ctx.consecutive = 0
-        return hidden, context, 0
+        return streams, 0
+
+
+def _plus(a: Streams, b: Streams) -> Streams:
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
+def _minus(a: Streams, b: Streams) -> Streams:
+    return tuple(x - y for x, y in zip(a, b, strict=True))
 
 
 def load_cached_module(
@@ -253,6 +266,8 @@ def load_cached_module(
     parts = [
         (name, part.kind, Segment.from_json(part.segment) if part.segment else None) for name, part in entries.items()
     ]
+    block = next(entries[name] for name, kind, _ in parts if kind == "blocks")
+    streams = tuple(name.removesuffix("_out") for name in block.output_names())
     module = CachedEngineModule(
         runners,
         parts,
@@ -262,6 +277,9 @@ def load_cached_module(
         centry.output_name(),
         getattr(torch, manifest.dtype),
         device,
+        streams=streams,
+        shared=tuple(name for name in block.input_names() if name not in streams),
+        epilogue_inputs=tuple(entries[parts[-1][0]].input_names()),
         enabled=enabled,
     )
     return module, first

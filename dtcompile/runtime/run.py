@@ -15,6 +15,8 @@ from typing import Any
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 from dtcompile.core.targets import BACKENDS, TRT_EXTRAS, gpu_arch, installed_trt_major
 from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, read_manifest, verify_file
+from dtcompile.models import adapter_for
+from dtcompile.models.base import GenerationRequest
 
 log = logging.getLogger("dtcompile.run")
 BACKEND_CHOICES = ("auto", *BACKENDS)
@@ -176,18 +178,21 @@ def run_artifact(
         module.trace = []
     if hasattr(module, "begin_run"):
         module.begin_run(steps)
-    generator = torch.Generator("cpu").manual_seed(seed)
-    t0 = time.perf_counter()
-    out = pipe(
+    adapter = adapter_for(manifest.source.pipeline_class)
+    request = GenerationRequest(
         prompt,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        generator=generator,
-        max_sequence_length=shapes["text_len"].opt,
+        steps,
+        height,
+        width,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        guidance=guidance,
+        text_len=shapes["text_len"].opt,
     )
+    t0 = time.perf_counter()
+    out = pipe(**adapter.call_kwargs(request))
     seconds = time.perf_counter() - t0
     log.info("%d steps on %s %s in %.2fs", steps, entry.backend, entry.arch, seconds)
     stats = module.cache_stats() if hasattr(module, "cache_stats") else None
-    return RunResult(out.images[0], entry.backend, entry.arch, seconds, steps, module.trace or [], module, stats)
+    return RunResult(
+        adapter.output_media(out)[0], entry.backend, entry.arch, seconds, steps, module.trace or [], module, stats
+    )

@@ -1,13 +1,13 @@
-"""Export stage for cached artifacts: a loaded FLUX transformer in, one ONNX graph per part out.
+"""Export stage for cached artifacts: a loaded transformer in, one ONNX graph per part out.
 
-Input: a ``LoadedPipeline`` whose recipe has a ``cache`` section. Output: ``<artifact>/onnx/<comp>.<part>.onnx`` for
+Input: a ``LoadedPipeline`` whose recipe has a ``cache`` section. The adapter's ``cache_layout()``
+(``dtcompile.models.base.CacheLayout``) says how its component splits. Output: ``<artifact>/onnx/<comp>.<part>.onnx``
+for
 
-- ``prologue``: the monolithic graph's inputs -> ``hidden`` (x_embedder), ``context`` (context_embedder), ``temb``
-  (time_text_embed of timestep, guidance and pooled projections) and ``rope_cos``/``rope_sin`` (pos_embed of the
-  text + image ids);
-- ``blocks<i>``: one per segment (``dtcompile.recipe.cache.plan_segments``): ``hidden, context, temb, rope_cos,
-  rope_sin`` -> ``hidden_out, context_out``, running the segment's double- and/or single-stream blocks in order;
-- ``epilogue``: ``hidden, temb`` -> ``latent`` (norm_out + proj_out).
+- ``prologue``: the monolithic graph's inputs -> the layout's ``streams`` and ``shared`` tensors;
+- ``blocks<i>``: one per segment (``dtcompile.recipe.cache.plan_segments``): streams + shared -> ``<stream>_out``,
+  running the segment's blocks in order;
+- ``epilogue``: the layout's ``epilogue_inputs`` -> the component's output.
 
 Each part wraps the loaded transformer's own submodules (no weights are copied), is exported with
 ``dtcompile.export.onnx.export_onnx`` (its rms_norm fix and the adapter's patches apply) with dynamic batch and
@@ -19,7 +19,6 @@ onnxruntime.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,15 +31,13 @@ if TYPE_CHECKING:
     import torch
 
     from dtcompile.attention import AttentionChoice
+    from dtcompile.models.base import CacheLayout
     from dtcompile.recipe import Recipe
     from dtcompile.stages.export import ExportedComponent
     from dtcompile.stages.load import LoadedPipeline
 
 log = logging.getLogger("dtcompile.cache")
 
-#: Intermediate tensors between the parts (inputs of every block segment).
-BLOCK_INPUTS = ("hidden", "context", "temb", "rope_cos", "rope_sin")
-BLOCK_OUTPUTS = ("hidden_out", "context_out")
 #: Relative L2 between the chained torch parts and the transformer's own forward: the same ops in the same
 #: order, so anything above rounding noise means the split no longer matches diffusers' forward.
 SPLIT_TOL = 1e-5
@@ -65,156 +62,78 @@ def part_name(component: str, kind: str, index: int | None = None) -> str:
     return f"{component}.{kind}{'' if index is None else index}"
 
 
-@functools.cache
-def _part_classes() -> tuple[type, type, type]:
-    """The nn.Module classes of the three part kinds (built on first use: needs torch)."""
-    import torch
-
-    class FluxPrologue(torch.nn.Module):
-        """FluxTransformer2DModel.forward up to the first block: embedders and rotary embedding."""
-
-        def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            self.x_embedder = transformer.x_embedder
-            self.time_text_embed = transformer.time_text_embed
-            self.context_embedder = transformer.context_embedder
-            self.pos_embed = transformer.pos_embed
-
-        def forward(
-            self,
-            hidden_states: torch.Tensor,
-            encoder_hidden_states: torch.Tensor,
-            pooled_projections: torch.Tensor,
-            timestep: torch.Tensor,
-            img_ids: torch.Tensor,
-            txt_ids: torch.Tensor,
-            guidance: torch.Tensor | None = None,
-        ) -> tuple[torch.Tensor, ...]:
-            hidden = self.x_embedder(hidden_states)
-            timestep = timestep.to(hidden.dtype) * 1000
-            if guidance is None:
-                temb = self.time_text_embed(timestep, pooled_projections)
-            else:
-                temb = self.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled_projections)
-            context = self.context_embedder(encoder_hidden_states)
-            rope_cos, rope_sin = self.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
-            return hidden, context, temb, rope_cos, rope_sin
-
-    class FluxBlocks(torch.nn.Module):
-        """A run of consecutive transformer blocks (double- and/or single-stream; both take and return both streams)."""
-
-        def __init__(self, blocks: list[torch.nn.Module]) -> None:
-            super().__init__()
-            self.blocks = torch.nn.ModuleList(blocks)
-
-        def forward(
-            self,
-            hidden: torch.Tensor,
-            context: torch.Tensor,
-            temb: torch.Tensor,
-            rope_cos: torch.Tensor,
-            rope_sin: torch.Tensor,
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            for block in self.blocks:
-                context, hidden = block(
-                    hidden_states=hidden,
-                    encoder_hidden_states=context,
-                    temb=temb,
-                    image_rotary_emb=(rope_cos, rope_sin),
-                )
-            return hidden, context
-
-    class FluxEpilogue(torch.nn.Module):
-        """The output norm (modulated by temb) and projection."""
-
-        def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            self.norm_out = transformer.norm_out
-            self.proj_out = transformer.proj_out
-
-        def forward(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-            return self.proj_out(self.norm_out(hidden, temb))
-
-    return FluxPrologue, FluxBlocks, FluxEpilogue
-
-
-def split_parts(transformer: torch.nn.Module, segments: list[Segment], component: str = "transformer") -> list[Part]:
+def split_parts(
+    transformer: torch.nn.Module, layout: CacheLayout, segments: list[Segment], component: str = "transformer"
+) -> list[Part]:
     """The parts of ``transformer`` in execution order: prologue, one per segment, epilogue."""
-    prologue_cls, blocks_cls, epilogue_cls = _part_classes()
-    parts = [Part(part_name(component, "prologue"), "prologue", None, prologue_cls(transformer))]
+    parts = [Part(part_name(component, "prologue"), "prologue", None, layout.prologue(transformer))]
     for seg in segments:
         blocks = [transformer.get_submodule(name) for name in seg.blocks]
-        parts.append(Part(part_name(component, "blocks", seg.index), "blocks", seg, blocks_cls(blocks)))
-    parts.append(Part(part_name(component, "epilogue"), "epilogue", None, epilogue_cls(transformer)))
+        parts.append(Part(part_name(component, "blocks", seg.index), "blocks", seg, layout.blocks(blocks)))
+    parts.append(Part(part_name(component, "epilogue"), "epilogue", None, layout.epilogue(transformer)))
     return parts
 
 
-def _feeds_of(part: Part, state: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+def block_inputs(layout: CacheLayout) -> tuple[str, ...]:
+    """What every block part takes (and the prologue returns): the streams, then the shared tensors."""
+    return (*layout.streams, *layout.shared)
+
+
+def block_outputs(layout: CacheLayout) -> tuple[str, ...]:
+    """What every block part returns: ``<stream>_out`` per stream."""
+    return tuple(f"{s}_out" for s in layout.streams)
+
+
+def _feeds_of(part: Part, layout: CacheLayout, state: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
     """What ``part`` takes: the graph inputs (prologue) or the intermediates in ``state``."""
     if part.kind == "prologue":
         return dict(inputs)
-    names = BLOCK_INPUTS if part.kind == "blocks" else ("hidden", "temb")
+    names = block_inputs(layout) if part.kind == "blocks" else layout.epilogue_inputs
     return {k: state[k] for k in names}
 
 
-def _advance(part: Part, state: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
+def _advance(part: Part, layout: CacheLayout, state: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
     """The intermediates after ``part`` ran (``output``: the epilogue's result)."""
     if part.kind == "prologue":
         return dict(out)
     if part.kind == "blocks":
-        return {**state, "hidden": out["hidden_out"], "context": out["context_out"]}
+        return {**state, **{s: out[f"{s}_out"] for s in layout.streams}}
     return {**state, "output": next(iter(out.values()))}
 
 
-def run_parts(parts: list[Part], run: Any, inputs: dict[str, Any]) -> tuple[Any, list[dict[str, Any]]]:
+def run_parts(
+    parts: list[Part], layout: CacheLayout, run: Any, inputs: dict[str, Any]
+) -> tuple[Any, list[dict[str, Any]]]:
     """Chain the parts: ``run(part, feeds) -> outputs dict``; returns the final output and every part's feeds."""
     all_feeds = []
     state: dict[str, Any] = {}
     for part in parts:
-        feeds = _feeds_of(part, state, inputs)
+        feeds = _feeds_of(part, layout, state, inputs)
         all_feeds.append(feeds)
-        state = _advance(part, state, run(part, feeds))
+        state = _advance(part, layout, state, run(part, feeds))
     return state["output"], all_feeds
 
 
-def _part_tensor_specs(part: Part, mono: ExportSpec, dims: dict[str, Any]) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def _part_tensor_specs(
+    part: Part, layout: CacheLayout, mono: ExportSpec, inter: dict[str, TensorSpec]
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Graph inputs and outputs of ``part`` (monolithic I/O for the ends, intermediates in between)."""
-    dt, width, head, text = dims["dtype"], dims["width"], dims["head"], dims["text"]
-    inter = {
-        "hidden": TensorSpec("hidden", dt, ("batch", "img_tokens", width)),
-        "context": TensorSpec("context", dt, ("batch", text, width)),
-        "temb": TensorSpec("temb", dt, ("batch", width)),
-        "rope_cos": TensorSpec("rope_cos", "float32", ("rope_tokens", head)),
-        "rope_sin": TensorSpec("rope_sin", "float32", ("rope_tokens", head)),
-    }
     if part.kind == "prologue":
-        return list(mono.inputs), [inter[k] for k in BLOCK_INPUTS]
+        return list(mono.inputs), [inter[k] for k in block_inputs(layout)]
     if part.kind == "epilogue":
-        return [inter["hidden"], inter["temb"]], list(mono.outputs)
-    outs = [
-        TensorSpec("hidden_out", dt, inter["hidden"].dims),
-        TensorSpec("context_out", dt, inter["context"].dims),
-    ]
-    return [inter[k] for k in BLOCK_INPUTS], outs
+        return [inter[k] for k in layout.epilogue_inputs], list(mono.outputs)
+    outs = [TensorSpec(f"{s}_out", inter[s].dtype, inter[s].dims) for s in layout.streams]
+    return [inter[k] for k in block_inputs(layout)], outs
 
 
-def part_profile(part: Part, mono: ShapeProfile, dims: dict[str, Any]) -> ShapeProfile:
+def part_profile(part: Part, layout: CacheLayout, module: Any, mono: ShapeProfile) -> ShapeProfile:
     """TensorRT min/opt/max shapes of a part's inputs, derived from the monolithic profile."""
     if part.kind == "prologue":
         return mono
-    width, head = dims["width"], dims["head"]
+    names = block_inputs(layout) if part.kind == "blocks" else layout.epilogue_inputs
 
     def at(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-        batch, img, _ = shapes["hidden_states"]
-        text = shapes["encoder_hidden_states"][1]
-        all_shapes = {
-            "hidden": (batch, img, width),
-            "context": (batch, text, width),
-            "temb": (batch, width),
-            "rope_cos": (text + img, head),
-            "rope_sin": (text + img, head),
-        }
-        names = BLOCK_INPUTS if part.kind == "blocks" else ("hidden", "temb")
+        all_shapes = layout.intermediate_shapes(module, shapes)
         return {k: all_shapes[k] for k in names}
 
     return ShapeProfile(min=at(mono.min), opt=at(mono.opt), max=at(mono.max))
@@ -226,14 +145,19 @@ def _rel_l2_all(got: dict[str, Any], ref: dict[str, Any]) -> float:
     return max(rel_l2(got[k], ref[k]) for k in ref)
 
 
-def _torch_run(part: Part, feeds: dict[str, Any]) -> dict[str, Any]:
+def _torch_runner(layout: CacheLayout, output_name: str) -> Any:
+    """``run(part, feeds) -> outputs dict`` in torch, with the names the part's graph outputs get."""
     import torch
 
-    with torch.no_grad():
-        out = part.module(*feeds.values())
-    names = {"prologue": BLOCK_INPUTS, "blocks": BLOCK_OUTPUTS}.get(part.kind, ("latent",))
-    out = out if isinstance(out, tuple) else (out,)
-    return dict(zip(names, out, strict=True))
+    names = {"prologue": block_inputs(layout), "blocks": block_outputs(layout), "epilogue": (output_name,)}
+
+    def run(part: Part, feeds: dict[str, Any]) -> dict[str, Any]:
+        with torch.no_grad():
+            out = part.module(*feeds.values())
+        out = out if isinstance(out, tuple) else (out,)
+        return dict(zip(names[part.kind], out, strict=True))
+
+    return run
 
 
 def export_split(
@@ -307,20 +231,17 @@ def export_parts(
     mono = adapter.export_spec(module, pipe_config, shapes, torch_dtype(dtype_name))
     mono = dataclasses.replace(mono, opset=opset)
     mono_profile = adapter.shape_profile(module, pipe_config, shapes)
-    dims = {
-        "dtype": dtype_name,
-        "width": int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
-        "head": int(config["attention_head_dim"]),
-        "text": next(t for t in mono.inputs if t.name == "encoder_hidden_states").dims[1],
-    }
-    parts = split_parts(module, segments, comp)
+    layout = adapter.cache_layout()
+    inter = layout.intermediate_specs(module, mono, dtype_name)
+    parts = split_parts(module, layout, segments, comp)
+    torch_run = _torch_runner(layout, mono.output_names[0])
     tol = PARITY_TOL[dtype_name]
     patches = adapter_patches(adapter)
 
     # The chain in torch gives every part its example inputs and must reproduce the whole forward.
     with torch.no_grad():
         reference = adapter.export_module(module)(*mono.example_inputs.values())
-    chained, part_feeds = run_parts(parts, _torch_run, dict(mono.example_inputs))
+    chained, part_feeds = run_parts(parts, layout, torch_run, dict(mono.example_inputs))
     split_err = rel_l2(chained, reference)
     if not split_err <= SPLIT_TOL:
         raise BuildError(
@@ -332,12 +253,12 @@ def export_parts(
     exported: list[tuple[str, ExportedComponent]] = []
     ort_state: dict[str, Any] = {}  # the chain run with onnxruntime, one session alive at a time (memory)
     for part, feeds in zip(parts, part_feeds, strict=True):
-        inputs, outputs = _part_tensor_specs(part, mono, dims)
+        inputs, outputs = _part_tensor_specs(part, layout, mono, inter)
         example = {t.name: feeds[t.name] for t in inputs if t.name in feeds}
         spec = ExportSpec(inputs=inputs, outputs=outputs, example_inputs=example, opset=opset)
         with export_attention(attention) as trace:
             art = export_onnx(part.module, spec, artifact_dir / "onnx", name=part.name, patches=patches)
-        profile = part_profile(part, mono_profile, dims)
+        profile = part_profile(part, layout, module, mono_profile)
         entry: dict[str, Any] = {
             "part_of": comp,
             "kind": part.kind,
@@ -345,12 +266,14 @@ def export_parts(
             **({"segment": part.segment.to_json()} if part.segment else {}),
             **art.to_manifest(artifact_dir),
             "profile": profile.to_json(),
-            "attention": trace.check_graph(art.op_types),
+            "attention": trace.check_graph(
+                art.op_types, f"{type(module).__name__} {part.name}" if part.kind == "blocks" else None
+            ),
             "engines": [],
         }
         if check_onnxruntime:
             runner = OrtRunner(art.path, optimization="basic")
-            ref = _torch_run(part, example)
+            ref = torch_run(part, example)
             got = runner(example)
             err = _rel_l2_all(got, ref)
             entry["parity"] = {
@@ -364,7 +287,8 @@ def export_parts(
                     f"{art.path}: onnxruntime output differs from torch by rel L2 {err:.2e} > {tol:.0e}; "
                     "the export of this part is wrong (not a precision issue)"
                 )
-            ort_state = _advance(part, ort_state, runner(_feeds_of(part, ort_state, dict(mono.example_inputs))))
+            feeds_ort = _feeds_of(part, layout, ort_state, dict(mono.example_inputs))
+            ort_state = _advance(part, layout, ort_state, runner(feeds_ort))
             del runner
             onnx_entry = entry["onnx"]
             entry["engines"].append(

@@ -121,7 +121,7 @@ def export_component(
     entry: dict[str, Any] = {
         "config": {k: v for k, v in dict(module.config).items() if not k.startswith("_")},
         **art.to_manifest(artifact_dir),
-        "attention": {**attention.to_json(), **trace.check_graph(art.op_types)},
+        "attention": {**attention.to_json(), **trace.check_graph(art.op_types, type(module).__name__)},
         "profile": profile.to_json(),
         "engines": [],
     }

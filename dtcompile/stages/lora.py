@@ -2,7 +2,7 @@
 
 Runs between `load` and `export` (before calibration: fusing first keeps TensorRT's Q/DQ fusions intact, and
 the quantizer calibrates the weights that will actually run). Each adapter is read with diffusers' own LoRA
-loaders (``load_lora_weights``: diffusers/PEFT files, kohya/BFL FLUX files and the other formats diffusers
+loaders (``load_lora_weights``: diffusers/PEFT files, kohya/BFL files and the other formats diffusers
 converts), fused with ``fuse_lora`` at its scale and unloaded, so the exported module is plain again.
 
 The same reader (``read_lora``: diffusers' ``lora_state_dict`` and its converters, then PEFT's rank/alpha

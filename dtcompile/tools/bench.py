@@ -33,9 +33,13 @@ from typing import TYPE_CHECKING, Any
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 from dtcompile.core.metrics import psnr
 from dtcompile.manifest import EngineEntry, Manifest, read_manifest
+from dtcompile.models import adapter_for
+from dtcompile.models.base import GenerationRequest
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+    from dtcompile.models.base import ModelAdapter
 
 log = logging.getLogger("dtcompile.bench")
 
@@ -211,19 +215,10 @@ def _resident(out: dict[str, float | None]) -> Iterator[None]:
 # --- running ---------------------------------------------------------------------------------------------------
 
 
-def _run_once(
-    c: Contender,
-    prompt: str,
-    steps: int,
-    batch: int,
-    size: tuple[int, int],
-    seed: int,
-    guidance: float,
-    text_len: int,
-    record: bool,
-) -> None:
+def _run_once(c: Contender, adapter: ModelAdapter, request: GenerationRequest, record: bool) -> None:
     import torch
 
+    steps = request.steps
     if hasattr(c.module, "begin_run"):  # block-cache modules count steps per run
         c.module.begin_run(steps)
     cuda = _cuda(c.device)
@@ -234,16 +229,7 @@ def _run_once(
         alloc0 = torch.cuda.memory_allocated()
     with _HostPeak() as host:
         t0 = time.perf_counter()
-        out = c.pipe(
-            prompt,
-            height=size[0],
-            width=size[1],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            num_images_per_prompt=batch,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            max_sequence_length=text_len,
-        )
+        out = c.pipe(**adapter.call_kwargs(request))
         if cuda:
             torch.cuda.synchronize()
         e2e = time.perf_counter() - t0
@@ -259,7 +245,7 @@ def _run_once(
     c.run_host_mb.append(host.rise_mb)
     if cuda:
         c.run_device_mb.append((torch.cuda.max_memory_allocated() - alloc0) / 2**20)
-    c.image = out.images[0]
+    c.image = adapter.output_media(out)[0]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -384,11 +370,23 @@ class _Session:
     guidance: float
     text_len: int
     warmup: int
+    adapter: ModelAdapter
     contenders: list[Contender] = field(default_factory=list)
     seen: set[tuple[str, str]] = field(default_factory=set)
 
     def run(self, c: Contender, steps: int, *, record: bool) -> None:
-        _run_once(c, self.prompt, steps, self.batch, self.size, self.seed, self.guidance, self.text_len, record=record)
+        import torch
+
+        request = GenerationRequest(
+            self.prompt,
+            steps,
+            *self.size,
+            generator=torch.Generator("cpu").manual_seed(self.seed),
+            guidance=self.guidance,
+            text_len=self.text_len,
+            images_per_prompt=self.batch,
+        )
+        _run_once(c, self.adapter, request, record=record)
 
     def admit(self, name: str, backend: str, arch: str, load: Any) -> Contender | None:
         """Load a contender and warm it up, measuring the time of each and the memory that stays resident."""
@@ -513,7 +511,8 @@ def bench_artifact(
     if threads is not None:
         torch.set_num_threads(threads)
     _preimport(artifact_dir / "pipeline")
-    session = _Session(prompt, steps, batch, (height, width), seed, guidance, text_len, warmup)
+    adapter = adapter_for(manifest.source.pipeline_class)
+    session = _Session(prompt, steps, batch, (height, width), seed, guidance, text_len, warmup, adapter)
     m = _measure(session, manifest, artifact_dir, backends, repeat, verify, threads)
 
     results = [_summary(c, batch) for c in m.everyone]

@@ -185,9 +185,10 @@ def test_round_trip_loads_real_classes_and_runs(pipe: Any, tiny_dir: Path) -> No
 
 
 def test_tokenizers_round_trip(pipe: Any) -> None:
-    from dtcompile.models.flux import build_tiny_tokenizers
+    from dtcompile.models.flux import TINY_FLUX_CONFIG
+    from dtcompile.models.tiny_text import build_tiny_tokenizers
 
-    built = build_tiny_tokenizers()
+    built = build_tiny_tokenizers(TINY_FLUX_CONFIG)
     for fresh, loaded in zip(built, (pipe.tokenizer, pipe.tokenizer_2), strict=True):
         assert type(fresh) is type(loaded)
         assert fresh.model_max_length == loaded.model_max_length

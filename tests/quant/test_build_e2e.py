@@ -29,7 +29,7 @@ def test_quantized_build(fmt: str, tmp_path: Path) -> None:
     from dtcompile.stages.runner import run_build
 
     recipe = load_recipe(ROOT / "recipes" / f"tiny-flux-{fmt}.yaml", [f"output.dir={tmp_path}", *FAST])
-    m = run_build(recipe).manifest
+    m = run_build(recipe).manifest.to_json()
     comp = m["components"]["transformer"]
     built = {f"{e['backend']}:{e['arch']}" for e in comp["engines"]}
     want, not_built = EXPECTED[fmt]
@@ -77,4 +77,4 @@ def test_quantized_artifact_runs_in_onnxruntime(tmp_path: Path) -> None:
     artifact = run_build(recipe).artifact_dir
     result = run_artifact(artifact, "a red fox", steps=2, backend="onnxruntime", trace=True)
     assert len(result.trace) == 2 and result.image.size == (64, 64)
-    assert read_manifest(artifact)["components"]["transformer"]["quant"]["format"] == "int8"
+    assert read_manifest(artifact).to_json()["components"]["transformer"]["quant"]["format"] == "int8"

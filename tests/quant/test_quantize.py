@@ -149,7 +149,7 @@ def test_percentile_stops_the_denoising_loop_after_the_collected_steps() -> None
         for percentile, expected in ((0.5, 2 * 2), (1.0, 2 * 4)):
             calls.clear()
             s = spec("fp8", calib={"prompts": PROMPTS[:3], "size": 3, "steps": 4, "percentile": percentile})
-            cal._forward_loop(pipe, s.calib, PROMPTS[:3], 32, 32, 16, None)(pipe.transformer)
+            cal._forward_loop(pipe, ADAPTER, s.calib, PROMPTS[:3], 32, 32, 16, None)(pipe.transformer)
             assert len(calls) == expected  # 2 batches (2 + 1 prompts) x collected steps
     finally:
         handle.remove()

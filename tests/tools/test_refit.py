@@ -86,7 +86,7 @@ def built(loras, work):
 
 
 def initializers(artifact: Path) -> dict[str, torch.Tensor]:
-    g = OnnxWeights(artifact / read_manifest(artifact)["components"]["transformer"]["onnx"]["file"])
+    g = OnnxWeights(artifact / read_manifest(artifact).to_json()["components"]["transformer"]["onnx"]["file"])
     return {n: g.tensor(n) for n in g.inits}
 
 
@@ -113,7 +113,7 @@ def graph_output(artifact: Path) -> torch.Tensor:
     """The artifact graph's noise prediction on ``graph_feeds()`` (onnxruntime)."""
     from dtcompile.backends.onnxruntime import OrtRunner
 
-    onnx_file = read_manifest(artifact)["components"]["transformer"]["onnx"]["file"]
+    onnx_file = read_manifest(artifact).to_json()["components"]["transformer"]["onnx"]["file"]
     return OrtRunner(artifact / onnx_file, optimization="basic")(graph_feeds())["latent"]
 
 
@@ -128,7 +128,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def test_weight_map_points_at_the_exported_values(base, transformer):
     import json
 
-    m = read_manifest(base)
+    m = read_manifest(base).to_json()
     entry = m["components"]["transformer"]["weight_map"]
     wmap = json.loads((base / entry["file"]).read_text())["params"]
     params = dict(transformer.named_parameters())
@@ -151,13 +151,13 @@ def test_refit_matches_a_rebuild_with_the_lora_fused(base, built, loras, work):
     from dtcompile.runtime.run import run_artifact
 
     report = refit_artifact(base, [(str(loras["A"]), 0.7), (str(loras["K"]), 1.0)], out_dir=work / "ak")
-    assert report.updated == report.touched == len(read_manifest(built)["lora"]["touched"]) > 0
+    assert report.updated == report.touched == len(read_manifest(built).to_json()["lora"]["touched"]) > 0
     assert same_weights(report.artifact_dir, built)  # bit-exact, both formats
-    m, mb = report.manifest, read_manifest(built)
+    m, mb = report.manifest, read_manifest(built).to_json()
     assert [(a["sha256"], a["scale"], a["format"]) for a in m["lora"]["adapters"]] == [
         (a["sha256"], a["scale"], a["format"]) for a in mb["lora"]["adapters"]
     ]
-    assert len({m["key"], mb["key"], read_manifest(base)["key"]}) == 3
+    assert len({m["key"], mb["key"], read_manifest(base).to_json()["key"]}) == 3
     assert [e["backend"] for e in m["components"]["transformer"]["engines"]] == ["onnxruntime"]
     onnx_entry = m["components"]["transformer"]["onnx"]
     assert sha256_file(report.artifact_dir / onnx_entry["file"]) == onnx_entry["sha256"]
@@ -173,7 +173,7 @@ def test_refit_matches_a_rebuild_with_the_lora_fused(base, built, loras, work):
 
 def test_none_and_scale_zero_restore_the_base(base, built, loras, work):
     r = refit_artifact(work / "ak", [], out_dir=work / "none")
-    assert same_weights(r.artifact_dir, base) and r.manifest["key"] == read_manifest(base)["key"]
+    assert same_weights(r.artifact_dir, base) and r.manifest["key"] == read_manifest(base).to_json()["key"]
     assert r.manifest["lora"]["adapters"] == [] and r.updated == r.touched > 0
     r = refit_artifact(built, [], out_dir=work / "built-none")  # built with the LoRA: its stored base comes back
     assert same_weights(r.artifact_dir, base)
@@ -310,7 +310,7 @@ def test_cli(base, loras, work, tmp_path, capsys):
     main(["refit", str(base), "--lora", f"{loras['A']}:0.5", "--out", str(work / "cli")])
     out = capsys.readouterr().out
     assert f"refit: {work / 'cli'} (key " in out and "with a.safetensors:0.5" in out and "onnxruntime:any" in out
-    assert read_manifest(work / "cli")["lora"]["adapters"][0]["scale"] == 0.5
+    assert read_manifest(work / "cli").to_json()["lora"]["adapters"][0]["scale"] == 0.5
     r = subprocess.run(
         [sys.executable, "-m", "dtcompile", "refit", str(base), "--lora", "missing.safetensors:0.5", "--out", "x"],
         capture_output=True,

@@ -1,0 +1,101 @@
+"""Tokenizers for the tiny built-in pipelines, built in code: CLIP-style byte-level BPE and T5-style Unigram.
+
+Listed words become single tokens; any other text still tokenizes (CLIP: into bytes, T5: into characters).
+Shared by every family whose built-ins need CLIP or T5 tokenizers. Importing this module loads no transformers.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import pairwise
+from typing import Any
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's printable stand-ins for the 256 byte values, in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
+def _clip_vocab_and_merges(
+    words: tuple[str, ...] | list[str],
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A byte-level BPE vocabulary laid out like CLIP's: bytes, bytes + '</w>', merged tokens, then specials.
+
+    The merges are learnt from ``words`` by plain BPE training (most frequent pair first, ties broken by the
+    pair itself), so applying them turns every listed word into one token; merges written by hand per word
+    conflict (``a t</w>`` from "at" would split "cat"). Other text still tokenizes into byte tokens.
+    """
+    base = _bytes_to_unicode()
+    tokens = [*base, *(c + "</w>" for c in base)]
+    segments = [[*w[:-1], w[-1] + "</w>"] for w in dict.fromkeys(words)]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts = Counter(pair for seg in segments for pair in pairwise(seg))
+        if not counts:
+            break
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        tokens.append(best[0] + best[1])
+        segments = [_merge_pair(seg, best) for seg in segments]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(tokens)}, merges
+
+
+def _t5_vocab(words: tuple[str, ...] | list[str]) -> list[tuple[str, float]]:
+    """A Unigram vocabulary laid out like T5's: <pad>, </s>, <unk>, then scored pieces.
+
+    Whole words (``▁cat``) score higher than characters, so listed words stay one piece; printable ASCII
+    characters (with and without the ``▁`` word-start marker) cover everything else.
+    """
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -3.0 - i * 1e-3) for i, w in enumerate(words)]
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    pieces += [("▁" + c, -8.0) for c in chars]
+    pieces += [(c, -9.0) for c in chars]
+    return pieces
+
+
+def build_tiny_tokenizers(config: dict[str, Any]) -> tuple[Any, Any]:
+    """CLIP and T5 tokenizers built in code (no files, no network) from a tiny pipeline's config.
+
+    ``config`` gives ``tokenizer_words`` and the two ``tokenizer*_max_length`` values.
+    """
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    vocab, merges = _clip_vocab_and_merges(config["tokenizer_words"])
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=config["tokenizer_max_length"])
+    tokenizer_2 = T5TokenizerFast(
+        vocab=_t5_vocab(config["tokenizer_words"]),
+        extra_ids=0,
+        model_max_length=config["tokenizer_2_max_length"],
+    )
+    return tokenizer, tokenizer_2
+
+
+#: Functions whose source goes into a built-in's cache key (their output is part of the files).
+TOKENIZER_CODE = (_bytes_to_unicode, _merge_pair, _clip_vocab_and_merges, _t5_vocab, build_tiny_tokenizers)
