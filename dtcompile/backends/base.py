@@ -28,6 +28,20 @@ class BuildSettings:
     opt_level: int = 3
 
 
+@dataclass(frozen=True)
+class EngineJob:
+    """What one engine is built from: the component's ONNX graph, its shape profile and where it goes.
+
+    Engines land in ``artifact_dir`` (``<backend>/<arch>/<component>.engine`` for TensorRT) and manifest
+    paths are relative to it.
+    """
+
+    onnx_path: Path
+    profile: ShapeProfile
+    artifact_dir: Path
+    component: str
+
+
 class Backend(Protocol):
     """An engine backend, registered by name in ``dtcompile.backends.BACKENDS``.
 
@@ -44,16 +58,8 @@ class Backend(Protocol):
     def supports(self, target: Target, settings: BuildSettings) -> str | None:
         """None when ``target`` can be built here with ``settings``, else one line naming why and the fix."""
 
-    def build(
-        self,
-        onnx_path: Path,
-        profile: ShapeProfile,
-        target: Target,
-        settings: BuildSettings,
-        artifact_dir: Path,
-        component: str,
-    ) -> dict[str, Any]:
-        """Build ``component``'s engine for ``target`` into ``artifact_dir``; its manifest engine entry."""
+    def build(self, job: EngineJob, target: Target, settings: BuildSettings) -> dict[str, Any]:
+        """Build ``job``'s engine for ``target`` into ``job.artifact_dir``; its manifest engine entry."""
 
     def open_runner(self, path: Path, entry: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
         """A runner for the engine file ``path`` described by manifest ``entry``."""

@@ -8,14 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from dtcompile.backends.base import BuildSettings, Target
+from dtcompile.backends.base import BuildSettings, EngineJob, Target
 from dtcompile.core.digests import sha256_file
 from dtcompile.core.errors import ArtifactError, MissingDependencyError, UnsupportedError
 
 if TYPE_CHECKING:
     import torch
 
-    from dtcompile.core.graph import ShapeProfile
 
 log = logging.getLogger("dtcompile.onnxruntime")
 
@@ -90,23 +89,15 @@ class OnnxruntimeBackend:
             return "onnxruntime is not installed (pip install 'dtcompile[onnx]')"
         return None
 
-    def build(
-        self,
-        onnx_path: Path,
-        profile: ShapeProfile,
-        target: Target,
-        settings: BuildSettings,
-        artifact_dir: Path,
-        component: str,
-    ) -> dict[str, Any]:
+    def build(self, job: EngineJob, target: Target, settings: BuildSettings) -> dict[str, Any]:
         """The engine entry pointing at the ONNX graph itself (nothing is copied)."""
-        rel = Path(onnx_path).relative_to(artifact_dir).as_posix()
+        path = Path(job.onnx_path)
         return {
             "backend": self.name,
             "arch": "any",
-            "file": rel,
-            "sha256": sha256_file(onnx_path),
-            "size": Path(onnx_path).stat().st_size,
+            "file": path.relative_to(job.artifact_dir).as_posix(),
+            "sha256": sha256_file(path),
+            "size": path.stat().st_size,
         }
 
     def open_runner(self, path: Path, entry: dict[str, Any]) -> OrtRunner:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from dtcompile.backends.base import BuildSettings, Target
+from dtcompile.backends.base import BuildSettings, EngineJob, Target
 from dtcompile.core.errors import ArtifactError, BuildError, MissingDependencyError, UnsupportedError
 from dtcompile.core.files import write_atomic
 from dtcompile.core.graph import ShapeProfile, TensorSpec
@@ -380,27 +380,19 @@ class TensorRTBackend:
             return str(exc)
         return None
 
-    def build(
-        self,
-        onnx_path: Path,
-        profile: ShapeProfile,
-        target: Target,
-        settings: BuildSettings,
-        artifact_dir: Path,
-        component: str,
-    ) -> dict[str, Any]:
+    def build(self, job: EngineJob, target: Target, settings: BuildSettings) -> dict[str, Any]:
         """``<artifact>/<backend>/<arch>/<component>.engine`` and its manifest entry (with ``build_s``)."""
-        path = artifact_dir / self.name / target.arch / f"{component}.engine"
+        path = job.artifact_dir / self.name / target.arch / f"{job.component}.engine"
         info = engine_from_onnx(
-            onnx_path,
-            profile,
+            job.onnx_path,
+            job.profile,
             target.arch,
             self.name,
             path,
             refittable=settings.refittable,
             opt_level=settings.opt_level,
         )
-        return {**info.to_manifest(artifact_dir), "build_s": round(info.build_s, 2)}
+        return {**info.to_manifest(job.artifact_dir), "build_s": round(info.build_s, 2)}
 
     def open_runner(self, path: Path, entry: dict[str, Any]) -> TrtRunner:
         """A ``TrtRunner`` (needs a CUDA GPU of the engine's arch)."""

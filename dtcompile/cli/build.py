@@ -16,6 +16,7 @@ from dtcompile.stages import STAGE_NAMES
 def build(recipe_path: str, overrides: tuple[str, ...], dry_run: bool, stop_after: str | None, force: bool) -> None:
     """Build an artifact from a recipe."""
     from dtcompile import api
+    from dtcompile.cli.summary import echo_engines, echo_not_built
     from dtcompile.manifest import validate_manifest
 
     if dry_run:
@@ -26,10 +27,5 @@ def build(recipe_path: str, overrides: tuple[str, ...], dry_run: bool, stop_afte
     report = api.build(recipe_path, overrides, stop_after=stop_after, force=force)
     m = validate_manifest(report.manifest)  # typed whether the report holds a Manifest or a dict
     click.echo(f"{'up to date' if report.up_to_date else 'built'}: {report.artifact_dir} (key {m.key[:12]})")
-    for comp, entry in m.components.items():
-        for e in entry.engines:
-            click.echo(f"  {comp:<12} {e.backend:<13} {e.arch:<7} {e.size / 2**20:8.2f} MB  {e.file}")
-    for s in m.skipped:
-        click.echo(f"  NOT BUILT    {s.backend:<13} {s.arch:<7} {s.reason}")
-    if m.stopped_after:
-        click.echo(f"stopped after stage '{m.stopped_after}'")
+    echo_engines(m)
+    echo_not_built(m)

@@ -15,6 +15,7 @@ def inspect_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     """Show what an artifact holds: source, versions, engines per arch, shapes, stage costs."""
     from pathlib import Path
 
+    from dtcompile.cli.summary import echo_engines, echo_not_built
     from dtcompile.manifest import read_manifest, verify_file
 
     root = Path(artifact)
@@ -39,12 +40,7 @@ def inspect_cmd(artifact: str, as_json: bool, verify: bool) -> None:
         if entry.parity:
             p = entry.parity
             click.echo(f"  onnxruntime vs torch: rel L2 {p['rel_l2']:.2e}, max abs {p['max_abs']:.2e}")
-        click.echo(f"  {'backend':<13} {'arch':<7} {'MB':>9}  {'sha256':<16}  file")
-        for e in entry.engines:
-            click.echo(f"  {e.backend:<13} {e.arch:<7} {e.size / 2**20:9.2f}  {e.sha256[:16]}  {e.file}")
-    for s in m.skipped:
-        click.echo(f"not built  {s.backend} {s.arch}: {s.reason}")
+        echo_engines(m, [comp])
     for s in m.stages:
         click.echo(f"stage      {s.name:<8} {s.wall_s:8.2f}s  peak RSS {s.peak_rss_mb:.0f} MB")
-    if m.stopped_after:
-        click.echo(f"stopped after stage '{m.stopped_after}': this artifact has no engines to run")
+    echo_not_built(m)

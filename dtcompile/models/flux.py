@@ -214,25 +214,31 @@ def generate_flux_realwidth(out_dir: Path, seed: int = 0) -> Path:
 # Functions every built-in's files depend on (their source is part of the cache key).
 _GENERATOR_CODE = (*TOKENIZER_CODE, build_tiny_flux)
 
+
+def _builtin(
+    name: str, description: str, generate: Callable[[Path], Path], config: dict[str, Any], version: int
+) -> BuiltinModel:
+    return BuiltinModel(name, "flux", description, generate, config, version, (*_GENERATOR_CODE, generate))
+
+
 BUILTINS: dict[str, BuiltinModel] = {
-    "tiny-flux": BuiltinModel(
-        name="tiny-flux",
-        family="flux",
-        description="random-weight FLUX.1-dev lookalike (2+2 blocks, width 64, ~3 MB) for offline tests",
-        generate=generate_tiny_flux,
-        config=TINY_FLUX_CONFIG,
-        version=TINY_FLUX_VERSION,
-        code=(*_GENERATOR_CODE, generate_tiny_flux),
-    ),
-    "flux-realwidth-1": BuiltinModel(
-        name="flux-realwidth-1",
-        family="flux",
-        description="random-weight FLUX.1-dev transformer at real widths, 1+1 blocks, tiny encoders (~2.2 GB)",
-        generate=generate_flux_realwidth,
-        config=REALWIDTH_FLUX_CONFIG,
-        version=REALWIDTH_FLUX_VERSION,
-        code=(*_GENERATOR_CODE, generate_flux_realwidth),
-    ),
+    m.name: m
+    for m in (
+        _builtin(
+            "tiny-flux",
+            "random-weight FLUX.1-dev lookalike (2+2 blocks, width 64, ~3 MB) for offline tests",
+            generate_tiny_flux,
+            TINY_FLUX_CONFIG,
+            TINY_FLUX_VERSION,
+        ),
+        _builtin(
+            "flux-realwidth-1",
+            "random-weight FLUX.1-dev transformer at real widths, 1+1 blocks, tiny encoders (~2.2 GB)",
+            generate_flux_realwidth,
+            REALWIDTH_FLUX_CONFIG,
+            REALWIDTH_FLUX_VERSION,
+        ),
+    )
 }
 
 
@@ -284,6 +290,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+#: The transformer's graph inputs in order (``guidance`` only for guidance-distilled models).
+GRAPH_INPUTS = (
+    "hidden_states",
+    "encoder_hidden_states",
+    "pooled_projections",
+    "timestep",
+    "img_ids",
+    "txt_ids",
+    "guidance",
+)
+
+
+def graph_kwargs(inputs: tuple[Any, ...]) -> dict[str, Any]:
+    """The transformer's keyword arguments for graph inputs given positionally, in ``GRAPH_INPUTS`` order."""
+    if not len(GRAPH_INPUTS) - 1 <= len(inputs) <= len(GRAPH_INPUTS):
+        raise TypeError(f"FLUX graph takes {len(GRAPH_INPUTS) - 1} or {len(GRAPH_INPUTS)} inputs, got {len(inputs)}")
+    return dict(zip(GRAPH_INPUTS, inputs, strict=False))
+
+
 @functools.cache
 def _export_wrapper_class() -> type:
     """The nn.Module class wrapping a FluxTransformer2DModel for export (built on first use: needs torch)."""
@@ -296,26 +321,8 @@ def _export_wrapper_class() -> type:
             super().__init__()
             self.transformer = transformer
 
-        def forward(
-            self,
-            hidden_states: torch.Tensor,
-            encoder_hidden_states: torch.Tensor,
-            pooled_projections: torch.Tensor,
-            timestep: torch.Tensor,
-            img_ids: torch.Tensor,
-            txt_ids: torch.Tensor,
-            guidance: torch.Tensor | None = None,
-        ) -> torch.Tensor:
-            return self.transformer(
-                hidden_states=hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                pooled_projections=pooled_projections,
-                timestep=timestep,
-                img_ids=img_ids,
-                txt_ids=txt_ids,
-                guidance=guidance,
-                return_dict=False,
-            )[0]
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return self.transformer(**graph_kwargs(inputs), return_dict=False)[0]
 
     return FluxTransformerForExport
 
@@ -335,24 +342,17 @@ def _cache_part_classes() -> tuple[type, type, type]:
             self.context_embedder = transformer.context_embedder
             self.pos_embed = transformer.pos_embed
 
-        def forward(
-            self,
-            hidden_states: torch.Tensor,
-            encoder_hidden_states: torch.Tensor,
-            pooled_projections: torch.Tensor,
-            timestep: torch.Tensor,
-            img_ids: torch.Tensor,
-            txt_ids: torch.Tensor,
-            guidance: torch.Tensor | None = None,
-        ) -> tuple[torch.Tensor, ...]:
-            hidden = self.x_embedder(hidden_states)
-            timestep = timestep.to(hidden.dtype) * 1000
+        def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            x = graph_kwargs(inputs)
+            hidden = self.x_embedder(x["hidden_states"])
+            timestep = x["timestep"].to(hidden.dtype) * 1000
+            pooled, guidance = x["pooled_projections"], x.get("guidance")
             if guidance is None:
-                temb = self.time_text_embed(timestep, pooled_projections)
+                temb = self.time_text_embed(timestep, pooled)
             else:
-                temb = self.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled_projections)
-            context = self.context_embedder(encoder_hidden_states)
-            rope_cos, rope_sin = self.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+                temb = self.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled)
+            context = self.context_embedder(x["encoder_hidden_states"])
+            rope_cos, rope_sin = self.pos_embed(torch.cat((x["txt_ids"], x["img_ids"]), dim=0))
             return hidden, context, temb, rope_cos, rope_sin
 
     class FluxBlocks(torch.nn.Module):

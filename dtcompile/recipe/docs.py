@@ -12,37 +12,26 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from dtcompile.recipe.cache import CacheGroupSpec, CacheSpec
-from dtcompile.recipe.quant import AccuracySpec, CalibSpec, Fp8Spec, Int8Spec, Nvfp4Spec, SvdquantSpec
-from dtcompile.recipe.schema import (
-    EngineSpec,
-    ExportSpecModel,
-    LoraSpec,
-    ModelSpec,
-    OutputSpec,
-    RangeSpec,
-    Recipe,
-    ShapesSpec,
-)
+from dtcompile.recipe import cache, quant, schema
 
 #: (YAML path, model) in the order the page lists them.
 SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
-    ("(top level)", Recipe),
-    ("model", ModelSpec),
-    ("export", ExportSpecModel),
-    ("export.shapes", ShapesSpec),
-    ("export.shapes.<variable> (a range, or one integer for a static size)", RangeSpec),
-    ("engine", EngineSpec),
-    ("output", OutputSpec),
-    ("lora[]", LoraSpec),
-    ("quant (format: fp8)", Fp8Spec),
-    ("quant (format: int8)", Int8Spec),
-    ("quant (format: nvfp4)", Nvfp4Spec),
-    ("quant (format: svdquant)", SvdquantSpec),
-    ("quant.calib", CalibSpec),
-    ("quant.accuracy", AccuracySpec),
-    ("cache", CacheSpec),
-    ("cache.groups[]", CacheGroupSpec),
+    ("(top level)", schema.Recipe),
+    ("model", schema.ModelSpec),
+    ("export", schema.ExportSpecModel),
+    ("export.shapes", schema.ShapesSpec),
+    ("export.shapes.<variable> (a range, or one integer for a static size)", schema.RangeSpec),
+    ("engine", schema.EngineSpec),
+    ("output", schema.OutputSpec),
+    ("lora[]", schema.LoraSpec),
+    ("quant (format: fp8)", quant.Fp8Spec),
+    ("quant (format: int8)", quant.Int8Spec),
+    ("quant (format: nvfp4)", quant.Nvfp4Spec),
+    ("quant (format: svdquant)", quant.SvdquantSpec),
+    ("quant.calib", quant.CalibSpec),
+    ("quant.accuracy", quant.AccuracySpec),
+    ("cache", cache.CacheSpec),
+    ("cache.groups[]", cache.CacheGroupSpec),
 )
 
 

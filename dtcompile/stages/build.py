@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.backends import get_backend
+from dtcompile.backends.base import EngineJob
 from dtcompile.core.errors import MissingDependencyError, UnsupportedError
 
 if TYPE_CHECKING:
@@ -36,15 +37,14 @@ def engines_from_onnx(
 ) -> BuildOutcome:
     """Build every planned engine target from ``onnx_path`` into ``out_dir/<backend>/<arch>/<component>.engine``."""
     outcome = BuildOutcome()
+    job = EngineJob(onnx_path, profile, out_dir, component)
     targets = [t for t in plan.targets if t.backend != "onnxruntime"]
     for i, planned in enumerate(targets, 1):
         reason = planned.reason
         if reason is None:
             log.info("[build] %d/%d %s %s ...", i, len(targets), planned.backend, planned.arch)
             try:
-                entry = get_backend(planned.backend).build(
-                    onnx_path, profile, planned.target, plan.settings, out_dir, component
-                )
+                entry = get_backend(planned.backend).build(job, planned.target, plan.settings)
             except (UnsupportedError, MissingDependencyError) as exc:
                 reason = str(exc)
             else:
