@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from dtcompile.core.digests import sha256_file, sha256_json
 from dtcompile.core.errors import ArtifactError
+from dtcompile.core.files import PICKLE_SUFFIXES
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -47,12 +48,34 @@ class _Open(_Strict):
     model_config = ConfigDict(extra="allow", strict=True)
 
 
+def _inside(value: str) -> str:
+    """A manifest path must name a file inside the artifact folder: relative, '/'-separated, no '..'."""
+    parts = value.split("/")
+    if (
+        not value
+        or "\\" in value
+        or "\x00" in value
+        or value.startswith("/")
+        or (len(value) > 1 and value[1] == ":")
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise ValueError("must be a relative path inside the artifact folder ('/'-separated, no '..' or '.')")
+    if value.lower().endswith(PICKLE_SUFFIXES):
+        raise ValueError(f"is a pickle-format file ({', '.join(PICKLE_SUFFIXES)}); artifacts carry safetensors only")
+    return value
+
+
+#: A path read from a manifest: it stays inside the artifact folder (checked on every read and write).
+RelPath = Annotated[str, AfterValidator(_inside)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
 class FileEntry(_Strict):
     """A file of the artifact: path relative to the artifact folder, sha256 and size in bytes."""
 
-    file: str
-    sha256: str
-    size: int
+    file: RelPath
+    sha256: Sha256
+    size: int = Field(ge=0)
 
 
 class OnnxEntry(FileEntry):
@@ -83,9 +106,9 @@ class EngineEntry(_Strict):
 
     backend: str
     arch: str
-    file: str
-    sha256: str
-    size: int
+    file: RelPath
+    sha256: Sha256
+    size: int = Field(ge=0)
     trt_version: str | None = None
     refittable: bool | None = None
     strongly_typed: bool | None = None
@@ -174,7 +197,7 @@ class ShapeRange(_Strict):
 class PipelineEntry(_Strict):
     """The saved diffusers pipeline (empty when built with output.include_pipeline: false)."""
 
-    dir: str | None = None
+    dir: RelPath | None = None
     files: list[FileEntry] = Field(default_factory=list)
 
 
@@ -302,7 +325,7 @@ def _one_line(exc: ValidationError, data: Any, where: str) -> str:
     errors = exc.errors(include_url=False)
     err = errors[0]
     paths = {_dotted(tuple(e["loc"]), data) for e in errors}  # a union reports each branch: count fields
-    msg = err["msg"].replace("Input should be", "expected")
+    msg = err["msg"].replace("Input should be", "expected").removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
     elif err["type"] != "missing":
@@ -362,10 +385,33 @@ def _entry_fields(entry: FileEntry | EngineEntry | dict[str, Any]) -> tuple[str,
     return entry.file, entry.size, entry.sha256
 
 
-def verify_file(artifact_dir: Path, entry: FileEntry | EngineEntry | dict[str, Any], *, full: bool = True) -> Path:
-    """Check a manifest file entry against the disk: exists, size, sha256 (when ``full``)."""
-    rel, want_size, want_sha = _entry_fields(entry)
+def artifact_path(artifact_dir: Path, rel: str) -> Path:
+    """``artifact_dir / rel``, refused (ArtifactError) unless it resolves inside the artifact folder.
+
+    ``rel`` comes from a manifest: absolute paths, ``..`` and links that lead out of the folder are refused.
+    """
+    _inside_or_raise(rel)
+    root = Path(artifact_dir).resolve()
     path = Path(artifact_dir) / rel
+    if not path.resolve().is_relative_to(root):
+        raise ArtifactError(
+            f"{path}: resolves outside the artifact folder {root} (a link out of it); refusing to read it: "
+            "rebuild or re-pull the artifact"
+        )
+    return path
+
+
+def _inside_or_raise(rel: str) -> None:
+    try:
+        _inside(rel)
+    except ValueError as exc:
+        raise ArtifactError(f"manifest path {rel!r}: {exc}; fix the file or rebuild the artifact") from None
+
+
+def verify_file(artifact_dir: Path, entry: FileEntry | EngineEntry | dict[str, Any], *, full: bool = True) -> Path:
+    """Check a manifest file entry against the disk: inside the folder, exists, size, sha256 (when ``full``)."""
+    rel, want_size, want_sha = _entry_fields(entry)
+    path = artifact_path(artifact_dir, rel)
     if not path.is_file():
         raise ArtifactError(f"{path}: file listed in the manifest is missing; rebuild or re-pull the artifact")
     size = path.stat().st_size

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from dtcompile.core.errors import VerificationError
+
 
 class ComponentStandIn(torch.nn.Module):
     """What a diffusers pipeline touches on its transformer, without torch layers: ``config`` (the original
@@ -57,6 +59,16 @@ class ComponentStandIn(torch.nn.Module):
             raise ValueError(f"the pipeline did not pass graph inputs {missing}")
         return feeds
 
+    def check_finite(self, out: torch.Tensor, call: int) -> torch.Tensor:
+        """``out``, or VerificationError when it holds NaN or Inf (a black image otherwise)."""
+        if not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).sum())
+            raise VerificationError(
+                f"the engine standing in for the component returned {bad} NaN/Inf value(s) at call {call + 1} "
+                f"(denoising step {call + 1} of this run); check the inputs (guidance, LoRA scale) or rebuild"
+            )
+        return out
+
 
 class EngineModule(ComponentStandIn):
     """Stands in for ``pipe.transformer``: maps the pipeline's keyword call onto one engine's graph inputs."""
@@ -76,7 +88,7 @@ class EngineModule(ComponentStandIn):
 
     def forward(self, return_dict: bool = True, joint_attention_kwargs: Any = None, **kwargs: Any) -> Any:
         feeds = self.graph_feeds(kwargs, joint_attention_kwargs)
-        out = self.runner(feeds)[self.output_name].to(self._device, self._dtype)
+        out = self.check_finite(self.runner(feeds)[self.output_name].to(self._device, self._dtype), self.calls)
         self.calls += 1
         if self.trace is not None:
             self.trace.append(out.detach().clone())

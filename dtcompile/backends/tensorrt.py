@@ -17,9 +17,12 @@ Importing this module loads neither torch nor TensorRT: both are imported inside
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +35,7 @@ from dtcompile.core.graph import ShapeProfile, TensorSpec
 from dtcompile.core.targets import TRT_ARCHS, TRT_EXTRAS, TRT_MODULES, cc_name, gpu_arch
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     import torch
 
@@ -167,6 +170,44 @@ def check_build_target(flavour: str, arch: str, *, refittable: bool = False, str
         )
 
 
+@contextlib.contextmanager
+def _interruptible(trt: Any, config: Any) -> Iterator[threading.Event]:
+    """Make Ctrl-C and SIGTERM cancel a running TensorRT build instead of waiting for it to finish.
+
+    TensorRT's build is one C++ call, so Python's own interrupt would only fire once it returns. Here the signal
+    sets an event and a progress monitor (``IBuilderConfig.progress_monitor``) returns False at the next step,
+    which makes TensorRT abandon the build; the caller raises KeyboardInterrupt once the build call returns.
+    """
+    event = threading.Event()
+
+    class _Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            log.debug("build phase %s (%d steps)", phase_name, num_steps)
+
+        def phase_finish(self, phase_name: str) -> None:
+            pass
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return not event.is_set()
+
+    monitor = _Monitor()
+    config.progress_monitor = monitor
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: event.set())
+    try:
+        yield event
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        config.progress_monitor = None
+        del monitor
+
+
 def engine_from_onnx(
     onnx_path: Path,
     profile: ShapeProfile,
@@ -250,7 +291,10 @@ def engine_from_onnx(
             _load_timing_cache(config, Path(timing_cache))
 
     trt_logger.errors.clear()
-    serialized = builder.build_serialized_network(network, config)
+    with _interruptible(trt, config) as interrupted:
+        serialized = builder.build_serialized_network(network, config)
+    if interrupted.is_set():
+        raise KeyboardInterrupt(f"{flavour} build of {out_path.name} for {arch} interrupted")
     if serialized is None:
         first = trt_logger.errors[0] if trt_logger.errors else "no error reported"
         raise BuildError(f"{flavour} {trt.__version__} failed to build {onnx_path} for {arch}: {first}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -60,13 +61,21 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     )
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> Any:
-    """Console entry point: DtcError -> one line on stderr and exit code 2 (traceback with --debug)."""
+    """Console entry point: every error is one line on stderr (traceback with --debug).
+
+    Exit codes: DtcError 2 (or its own), OSError 1, interrupt 130, anything else (a bug) 70.
+    """
     args = sys.argv[1:] if argv is None else argv
     # diffusers/transformers chatter (progress bars, optional-backend notices) stays out of dtc's output.
     for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         os.environ.setdefault(var, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds like Ctrl-C: temp folders are removed
     try:
         return cli.main(args=args, prog_name="dtc", standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -75,10 +84,27 @@ def main(argv: list[str] | None = None) -> Any:
         exc.show()
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+        click.echo("interrupted", err=True)
         sys.exit(130)
     except DtcError as exc:
         if "--debug" in args:
             raise
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except OSError as exc:  # the machine, not the input: full or read-only disk, a path that is a file, ...
+        if "--debug" in args:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # a bug: still one line, the traceback with --debug
+        if "--debug" in args:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        click.echo(
+            f"error: internal error {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True
+        )
+        sys.exit(70)

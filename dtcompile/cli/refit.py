@@ -57,10 +57,17 @@ def refit(artifact: str, loras: tuple[str, ...], out_dir: str | None, in_place: 
 
 def parse_lora_arg(value: str) -> tuple[str, float]:
     """``PATH[:SCALE]`` -> (path, scale); a suffix that is not a number belongs to the path."""
+    import math
+
+    from dtcompile.core.errors import DtcError
+
     path, sep, tail = value.rpartition(":")
     if sep and path:
         try:
-            return path, float(tail)
+            scale = float(tail)
         except ValueError:
-            pass
+            return value, 1.0
+        if not math.isfinite(scale):
+            raise DtcError(f"--lora {value}: the scale must be a finite number, got {tail!r}")
+        return path, scale
     return value, 1.0

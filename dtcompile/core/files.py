@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
+
+#: Suffixes of pickle-based weight files (torch.load runs code from them): never read, never carried.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def write_atomic(path: Path, data: bytes | memoryview) -> str:
@@ -40,6 +45,53 @@ def replace_dir(src: Path, dest: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+
+
+def make_temp_dir(dest: Path, kind: str) -> Path:
+    """A fresh hidden folder next to ``dest`` (``.<name>.<kind>-<pid>-XXXX``), readable by all.
+
+    The pid in the name lets ``collect_stale`` tell a live writer's folder from one a killed process left.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{kind}-{os.getpid()}-", dir=dest.parent))
+    tmp.chmod(0o755)  # mkdtemp is owner-only; artifacts are shared read-only
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def collect_stale(dest: Path) -> list[str]:
+    """Clean up after writers of ``dest`` that died (SIGKILL, power loss); returns what was done, one line each.
+
+    A ``.<name>.old-<pid>`` folder of a dead process whose swap never finished is renamed back to ``dest`` when
+    ``dest`` is missing (``replace_dir`` had moved the old artifact aside but not the new one in), so a crash at
+    any point leaves the old or the new artifact. Temp folders of dead processes are removed; live ones are kept.
+    """
+    dest = Path(dest)
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.([a-z]+)-(\d+)(-.*)?$")
+    done: list[str] = []
+    if not dest.parent.is_dir():
+        return done
+    for path in sorted(dest.parent.iterdir()):
+        m = pattern.match(path.name)
+        if not m or _alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not dest.exists() and not dest.is_symlink():
+            os.replace(path, dest)
+            done.append(f"restored {dest} from the interrupted swap {path.name}")
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            done.append(f"removed {path.name}, left by process {m.group(2)} which no longer runs")
+    return done
 
 
 def cache_root() -> Path:

@@ -86,14 +86,68 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML lets the last one win silently)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key (a list or mapping): not a recipe key at all
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain name", key_node.start_mark
+            ) from None
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first given on line {seen[key]})", key_node.start_mark
+            )
+        seen[key] = line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _yaml_error(exc: yaml.YAMLError) -> tuple[str, str]:
+    """(``:line`` or "", the problem in one line) of a YAML error."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f":{mark.line + 1}" if mark else ""
+    return where, _one_line(getattr(exc, "problem", None) or str(exc))
+
+
+def _safe_load(text: str) -> Any:
+    """YAML -> data with duplicate keys refused; nesting too deep for the parser is a YAML error too."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
 def parse_overrides(items: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
     """Parse ``a.b=c`` overrides; values are YAML (``--set engine.targets=[sm_89]``)."""
     out = []
     for item in items:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise RecipeError(f"--set '{item}': expected KEY=VALUE, e.g. export.opset=19")
-        out.append((key.strip(), yaml.safe_load(raw)))
+            raise RecipeError(f"--set '{_one_line(item)}': expected KEY=VALUE, e.g. export.opset=19")
+        if any(not part.strip() for part in key.split(".")):
+            raise RecipeError(f"--set '{_one_line(item)}': '{key}' is not a dotted field path, e.g. export.opset")
+        try:
+            value = _safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise RecipeError(
+                f"--set '{_one_line(item)}': the value is not valid YAML ({_yaml_error(exc)[1]})"
+            ) from None
+        out.append((key, value))
     return out
 
 
@@ -101,18 +155,18 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """Read, override and validate a recipe; raise RecipeError naming file, line and field."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
     except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
     try:
+        data = _safe_load(text)
         node = yaml.compose(text)
-        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        where, problem = _yaml_error(exc)
         raise RecipeError(f"{path}{where}: invalid YAML ({problem})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections (model, export, ...)")

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from dtcompile.core.files import PICKLE_SUFFIXES
 from dtcompile.core.targets import KNOWN_ARCHS, TRT_ARCHS
 from dtcompile.recipe.base import ItemError as _ItemError
 from dtcompile.recipe.base import Strict as _Strict
@@ -145,7 +146,6 @@ class OutputSpec(_Strict):
 
 
 #: File suffixes of pickled checkpoints: dtc never unpickles (loading one can run arbitrary code).
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 class LoraSpec(_Strict):

@@ -162,7 +162,7 @@ class CachedEngineModule(ComponentStandIn):
             streams, skipped = self._static(ctx, streams, shared)
         state = {**shared, **dict(zip(self.streams, streams, strict=True))}
         out = self.runners[self.epilogue]({k: state[k] for k in self.epilogue_inputs})[self.output_name]
-        out = out.to(self._device, self._dtype)
+        out = self.check_finite(out.to(self._device, self._dtype), self.calls)
         ctx.step += 1
         self.calls += 1
         self.blocks_skipped += skipped

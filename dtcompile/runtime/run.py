@@ -14,7 +14,7 @@ from typing import Any
 
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 from dtcompile.core.targets import BACKENDS, TRT_EXTRAS, gpu_arch, installed_trt_major
-from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, read_manifest, verify_file
+from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, artifact_path, read_manifest, verify_file
 from dtcompile.models import adapter_for
 from dtcompile.models.base import GenerationRequest
 
@@ -63,6 +63,34 @@ def select_engine(manifest: Manifest, component: str, backend: str, gpu: str | N
             f"version {installed}; engines only load in the major version that built them: rebuild"
         )
     return entry
+
+
+def verify_pipeline_files(artifact_dir: Path, manifest: Manifest, *, full: bool = True) -> None:
+    """Check every file of the saved pipeline against the manifest, and refuse files it does not list.
+
+    ``full``: sha256 as well as size. Raises ArtifactError naming the file.
+    """
+    listed = {e.file for e in manifest.pipeline.files}
+    for e in manifest.pipeline.files:
+        verify_file(artifact_dir, e, full=full)
+    folder = artifact_path(artifact_dir, manifest.pipeline.dir or "pipeline")
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if path.is_dir() and not path.is_symlink():
+            continue
+        rel = path.relative_to(artifact_dir).as_posix()
+        if rel not in listed:
+            raise ArtifactError(
+                f"{path}: not listed in the manifest (the pipeline folder holds only what the build wrote); "
+                "remove it or re-pull the artifact"
+            )
+
+
+def check_finite_option(name: str, value: float) -> None:
+    """Refuse NaN and infinite values of option ``name`` (they run to a black image otherwise)."""
+    import math
+
+    if not math.isfinite(value):
+        raise UnsupportedError(f"--{name} {value}: must be a finite number")
 
 
 def check_size(shapes: dict[str, ShapeRange], height: int, width: int, batch: int = 1) -> None:
@@ -141,9 +169,10 @@ def load_engine_pipeline(
         raise ArtifactError(
             f"{pipeline_dir}: artifact has no pipeline files (built with output.include_pipeline: false)"
         )
+    verify_pipeline_files(artifact_dir, manifest, full=verify)
     pipe_cls = getattr(diffusers, manifest.source.pipeline_class)
     diffusers.utils.logging.disable_progress_bar()
-    pipe = pipe_cls.from_pretrained(pipeline_dir, **{comp: module}, dtype=dtype)
+    pipe = pipe_cls.from_pretrained(pipeline_dir, **{comp: module}, dtype=dtype, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return pipe, module, manifest, entry
@@ -169,6 +198,7 @@ def run_artifact(
     """
     import torch
 
+    check_finite_option("guidance", guidance)
     shapes = read_manifest(artifact_dir).shapes
     height = height or shapes["height"].opt
     width = width or shapes["width"].opt

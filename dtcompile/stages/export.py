@@ -173,7 +173,7 @@ def export_pipeline_files(loaded: LoadedPipeline, artifact_dir: Path) -> dict[st
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # "transformer=None cannot be saved" is the point here
     try:
-        type(pipe)(**comps).save_pretrained(out)
+        type(pipe)(**comps).save_pretrained(out, safe_serialization=True)
     finally:
         dlogging.set_verbosity(level)
     files = [file_entry(artifact_dir, p) for p in sorted(out.rglob("*")) if p.is_file()]

@@ -166,7 +166,14 @@ def load_pipeline(files: SourceFiles, dtype: str) -> LoadedPipeline:
     pipe_cls = getattr(diffusers, files.pipeline_class)
     diffusers.utils.logging.disable_progress_bar()  # stages log their own progress and timings
     log.info("loading %s from %s (%s)", files.pipeline_class, files.folder, dtype)
-    pipe = pipe_cls.from_pretrained(files.folder, dtype=torch_dtype(dtype))
+    try:
+        pipe = pipe_cls.from_pretrained(files.folder, dtype=torch_dtype(dtype), use_safetensors=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # diffusers' loaders: a missing or foreign file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise RecipeError(
+            f"model.source: diffusers cannot load {files.folder} as a {files.pipeline_class} with safetensors "
+            f"weights ({first}); dtc reads safetensors only: convert .bin/.ckpt weights first"
+        ) from None
     return LoadedPipeline(
         pipe=pipe,
         source_dir=files.folder,

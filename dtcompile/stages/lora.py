@@ -383,6 +383,12 @@ def _factor_pair(
             f"{label}: rank mismatch in '{module}': lora_A is {list(a.shape)} (rank {a.shape[0]}) but lora_B "
             f"is {list(b.shape)} (rank {b.shape[1]})"
         )
+    for name, t in (("lora_A", a), ("lora_B", b), ("lora_B bias", parts.get("B.bias"))):
+        if t is not None and not bool(t.isfinite().all()):
+            raise RecipeError(
+                f"{label}: module '{module}' has NaN or Inf values in its {name} weights in "
+                f"'{resolved.path.name}' (a corrupt adapter); use another file"
+            )
     return a, b
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,7 +126,7 @@ def run_build(
     recipe_path: str | None = None,
 ) -> BuildReport:
     """Run the stages for ``recipe`` (or an already computed ``Plan``) and move the artifact to ``output.dir/name``."""
-    from dtcompile.core.files import replace_dir
+    from dtcompile.core.files import collect_stale, make_temp_dir, replace_dir
     from dtcompile.manifest import read_manifest, write_manifest
     from dtcompile.stages.load import locate_source
 
@@ -140,9 +139,9 @@ def run_build(
     if not force and stop_after is None and _existing_key(out_dir) == key:
         log.info("artifact %s is up to date (key %s); use --force to rebuild", out_dir, key[:12])
         return BuildReport(out_dir, read_manifest(out_dir), up_to_date=True)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{plan.recipe.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp is owner-only; artifacts are shared read-only
+    for line in collect_stale(out_dir):
+        log.warning("build: %s", line)
+    tmp = make_temp_dir(out_dir, "tmp")
     state = BuildState(plan, files, key, versions, weights_digest, tmp, loras=loras)
     try:
         state.manifest = _base_manifest(state)

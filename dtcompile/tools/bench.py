@@ -189,7 +189,7 @@ def _load_baseline(manifest: Manifest, device: Any, folder: Path) -> tuple[Any, 
     dtype = getattr(torch, manifest.dtype)
     pipe_cls = getattr(diffusers, manifest.source.pipeline_class)
     diffusers.utils.logging.disable_progress_bar()
-    pipe = pipe_cls.from_pretrained(folder, dtype=dtype)
+    pipe = pipe_cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return pipe, getattr(pipe, manifest.main_component())
@@ -490,7 +490,9 @@ def bench_artifact(
     ``warmup`` 1-step runs per contender precede ``repeat`` timed runs of ``steps`` steps each. ``threads``
     sets torch's intra-op threads and onnxruntime's (None: each library's default).
     """
-    from dtcompile.runtime.run import check_size
+    from dtcompile.runtime.run import check_finite_option, check_size
+
+    check_finite_option("guidance", guidance)
 
     artifact_dir = Path(artifact_dir)
     _check_options(backends, steps, batch, repeat, warmup, threads)

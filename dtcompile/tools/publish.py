@@ -46,7 +46,7 @@ from typing import Any
 
 from dtcompile.core.digests import sha256_file
 from dtcompile.core.errors import ArtifactError, DtcError, MissingDependencyError, UnsupportedError, VerificationError
-from dtcompile.core.files import replace_dir
+from dtcompile.core.files import collect_stale, make_temp_dir, replace_dir
 from dtcompile.core.targets import arch_order, gpu_arch, installed_trt_major, is_arch
 from dtcompile.manifest import (
     MANIFEST,
@@ -696,7 +696,9 @@ def pull_artifact(
 
     created = _missing_parents(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.pull-", dir=out_dir.parent))
+    for line in collect_stale(out_dir):
+        log.warning("pull: %s", line)
+    tmp = make_temp_dir(out_dir, "pull")
     try:
         report = _pull_into(store, vrel, vurl, tmp, arch, backend, how)
         report.artifact_dir = out_dir

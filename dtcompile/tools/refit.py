@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -385,10 +384,11 @@ def _copy_unchanged(job: _Job) -> None:
     rewritten.add((Path(onnx_rel).parent / overlay_file(new_onnx.name)).as_posix())
     skip = rewritten | job.dropped_files | {e["file"] for e in job.trt_entries()} | {"manifest.json"}
     skip.add(base_store_file(job.comp))
-    for src in sorted(p for p in job.artifact_dir.rglob("*") if p.is_file()):
-        rel = src.relative_to(job.artifact_dir).as_posix()
-        if rel not in skip:
-            _link_or_copy(src, job.tmp / rel)
+    from dtcompile.manifest import all_file_entries
+
+    # Only what the manifest lists (and verify_file checked) is carried over; stray files stay behind.
+    for rel in sorted({e["file"] for e in all_file_entries(job.manifest)} - skip):
+        _link_or_copy(job.artifact_dir / rel, job.tmp / rel)
 
 
 def _graph_weights(graph: OnnxWeights) -> Callable[[str], Any]:
@@ -528,14 +528,24 @@ def refit_artifact(
     Raises:
         ArtifactError, UnsupportedError, RecipeError: one line naming what is wrong and the fix.
     """
-    from dtcompile.core.files import replace_dir
-    from dtcompile.manifest import read_manifest
+    import math
 
+    from dtcompile.core.files import collect_stale, make_temp_dir, replace_dir
+    from dtcompile.manifest import read_manifest, verify_file
+
+    for path, scale in loras:
+        if not math.isfinite(scale):
+            raise DtcError(f"LoRA {path}: the scale must be a finite number, got {scale}")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     artifact_dir = Path(artifact_dir)
     dest = _destination(artifact_dir, out_dir, in_place)
-    manifest = read_manifest(artifact_dir).to_json()  # plain dicts: the refit edits a copy of them
+    typed = read_manifest(artifact_dir)
+    # Everything the refit reads or carries over is checked first: a tampered file is refused, never laundered
+    # into a copy with fresh hashes.
+    for entry in typed.all_file_entries():
+        verify_file(artifact_dir, entry, full=True)
+    manifest = typed.to_json()  # plain dicts: the refit edits a copy of them
     comp = _refit_component(artifact_dir, manifest)
     centry = manifest["components"][comp]
     wmap = load_weight_map(artifact_dir, centry, comp)
@@ -555,8 +565,9 @@ def refit_artifact(
 
     adapters = [{**r.record(), **w.summary()} for r, w in zip(resolved, parsed, strict=True)]
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.refit-", dir=dest.parent))
-    tmp.chmod(0o755)  # mkdtemp is owner-only; artifacts are shared read-only
+    for line in collect_stale(dest):
+        log.warning("refit: %s", line)
+    tmp = make_temp_dir(dest, "refit")
     job = _Job(artifact_dir, tmp, manifest, comp, plan, graph, blocked)
     try:
         new_manifest, refit_done = _assemble(job, base_store, adapters, t_start, timings)
