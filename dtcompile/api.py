@@ -46,7 +46,7 @@ def build(
 
 
 def load_pipeline(
-    artifact: str | Path, backend: str = "auto", *, verify: bool = True, cache: bool | None = None
+    artifact: str | Path, backend: str = "auto", *, verify: bool | str = True, cache: bool | None = None
 ) -> Any:
     """The artifact's diffusers pipeline with its engines standing in for their components.
 

@@ -15,6 +15,7 @@ config, quant reports, attention records) allow anything. Writing dumps only the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -22,9 +23,9 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from dtcompile.core.digests import sha256_file, sha256_json
+from dtcompile.core.digests import sha256_file, sha256_json, sha256_text
 from dtcompile.core.errors import ArtifactError
-from dtcompile.core.files import PICKLE_SUFFIXES
+from dtcompile.core.files import PICKLE_SUFFIXES, cache_root, write_text_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -423,6 +424,75 @@ def verify_file(artifact_dir: Path, entry: FileEntry | EngineEntry | dict[str, A
     if full and sha256_file(path) != want_sha:
         raise ArtifactError(f"{path}: sha256 does not match the manifest (file modified); rebuild or re-pull")
     return path
+
+
+#: How much of a file a run checks: ``full`` hashes it; ``recorded`` hashes it only when its stat differs from
+#: the record of its last full check (constant time otherwise); ``size`` checks only the size.
+VERIFY_MODES = ("recorded", "full", "size")
+
+
+def verify_mode(verify: bool | str) -> str:
+    """``True`` -> "recorded", ``False`` -> "size", or one of ``VERIFY_MODES``."""
+    mode = {True: "recorded", False: "size"}.get(verify, verify) if isinstance(verify, bool) else verify
+    if mode not in VERIFY_MODES:
+        raise ArtifactError(f"verify: expected one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+    return mode
+
+
+class Verifier:
+    """Checks an artifact's files against its manifest, remembering what it hashed.
+
+    Records live in dtcompile's cache (``$DTC_CACHE_DIR/verified/<hash of the folder's path>.json``), not in
+    the artifact: whoever can write the artifact folder cannot also vouch for it. A record holds the sha256 a
+    file had when it was hashed and its stat (size, mtime, ctime, inode, device). In ``recorded`` mode a file
+    whose stat still matches is not hashed again; any other file is hashed (and refused if it differs).
+    """
+
+    def __init__(self, artifact_dir: Path, mode: bool | str = "recorded") -> None:
+        self.artifact_dir = Path(artifact_dir)
+        self.mode = verify_mode(mode)
+        self.path = cache_root() / "verified" / f"{sha256_text(str(self.artifact_dir.resolve()))[:32]}.json"
+        self.records: dict[str, Any] = {}
+        self.hashed: list[str] = []
+        self.trusted: list[str] = []
+        try:
+            loaded = json.loads(self.path.read_text())
+            self.records = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            pass  # no record (or an unreadable one): everything is hashed
+
+    @staticmethod
+    def _stamp(path: Path) -> list[int]:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+    def check(self, entry: FileEntry | EngineEntry | dict[str, Any]) -> Path:
+        """The file's path once it matches ``entry`` (ArtifactError otherwise)."""
+        rel, want_size, want_sha = _entry_fields(entry)
+        path = verify_file(self.artifact_dir, entry, full=False)
+        if self.mode == "size":
+            return path
+        record = {"sha256": want_sha, "stat": self._stamp(path)}
+        if self.mode == "recorded" and self.records.get(rel) == record:
+            self.trusted.append(rel)
+            return path
+        if sha256_file(path) != want_sha:
+            raise ArtifactError(f"{path}: sha256 does not match the manifest (file modified); rebuild or re-pull")
+        self.hashed.append(rel)
+        self.records[rel] = record
+        return path
+
+    def record_written(self, entries: list[FileEntry | EngineEntry]) -> None:
+        """Record files this process just wrote with the hashes it computed (build, pull, refit): no re-hash."""
+        for entry in entries:
+            rel, _, sha = _entry_fields(entry)
+            self.records[rel] = {"sha256": sha, "stat": self._stamp(self.artifact_dir / rel)}
+        self.save()
+
+    def save(self) -> None:
+        """Write the records (best effort: a read-only cache only costs the next run a hash)."""
+        with contextlib.suppress(OSError):
+            write_text_atomic(self.path, json.dumps(self.records, sort_keys=True))
 
 
 def _as_manifest(manifest: Manifest | dict[str, Any]) -> Manifest:

@@ -266,3 +266,61 @@ def test_bad_recipe_bytes_and_overrides_fail_in_one_line(tmp_path: Path, text: b
     with pytest.raises(RecipeError, match=message) as info:
         load_recipe(path, overrides)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("engine.opt_level=true", "--set engine.opt_level: True: Input should be a valid integer"),
+        ("engine.refittable=1", "--set engine.refittable: 1: Input should be a valid boolean"),
+        ("export.opset='19'", "--set export.opset: '19': Input should be a valid integer"),
+        ("export.opset=19.5", "--set export.opset: 19.5: Input should be a valid integer"),
+    ],
+)
+def test_values_of_the_wrong_type_are_not_coerced(override: str, message: str) -> None:
+    from dtcompile.recipe import load_recipe
+
+    with pytest.raises(RecipeError) as info:
+        load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny-flux.yaml", [override])
+    assert str(info.value) == message
+
+
+# --- 8. the dry run refuses what the build would refuse --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "export.shapes.height={min: 32, opt: 34, max: 128}",
+            "export.shapes.height.opt: 34 is not a positive multiple of 4",
+        ),
+        ("export.shapes.width={min: 32, opt: 64, max: 100000}", "--set export.shapes.width.max: 100000 is above 16384"),
+        ("export.shapes.text_len=600", "export.shapes.text_len.max: 600 is above 512, the longest prompt FluxPipeline"),
+        ("export.shapes.batch={min: 1, opt: 1, max: 1000}", "--set export.shapes.batch.max: 1000 is above 64"),
+        ("output.dir=README.md", "output.dir: README.md is a file, not a folder"),
+        (
+            "quant={format: fp8, calib: {prompts: nofile.txt}}",
+            "quant.calib.prompts: prompt file 'nofile.txt' not found",
+        ),
+    ],
+)
+def test_dry_run_refuses_what_the_build_refuses(override: str, message: str, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    before = snapshot(root / "engines") if (root / "engines").is_dir() else {}
+    r = dtc("build", "--recipe", str(root / "recipes" / "tiny-flux.yaml"), "--set", override, "--dry-run", cwd=root)
+    assert r.returncode != 0
+    assert message in one_error_line(r)
+    assert (snapshot(root / "engines") if (root / "engines").is_dir() else {}) == before
+
+
+def test_run_checks_out_before_running(art: Path, tmp_path: Path) -> None:
+    for out, message in (
+        (tmp_path / "x.gif", "expected a .png, .jpg, .jpeg, .webp file name"),
+        (Path(__file__) / "x.png", "is a file, not a folder"),
+    ):
+        r = dtc("run", str(art), "--prompt", PROMPT, "--out", str(out))
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+    r = dtc("run", str(art), "--prompt", PROMPT, "--backend", "onnxruntime", "--out", str(tmp_path / "x.jpg"))
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert (tmp_path / "x.jpg").read_bytes()[:2] == b"\xff\xd8"  # JPEG bytes for a .jpg

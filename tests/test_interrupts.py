@@ -22,11 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny-flux.yaml"
 
 
+def _default_sigint() -> None:
+    # A shell's background jobs inherit SIGINT ignored (and Python then keeps ignoring it): undo that here so
+    # the test sends its signal to a process in the state an interactive user's would be.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_build(out: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "dtcompile", "build", "--recipe", str(RECIPE), "--set", f"output.dir={out}",
          "--set", "engine.targets=[sm_89]", "--force"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
     )  # fmt: skip
 
 

@@ -198,7 +198,8 @@ def _interruptible(trt: Any, config: Any) -> Iterator[threading.Event]:
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, lambda *_: event.set())
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # a process started with nohup keeps ignoring it
+                previous[sig] = signal.signal(sig, lambda *_: event.set())
     try:
         yield event
     finally:

@@ -16,13 +16,15 @@ def inspect_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     from pathlib import Path
 
     from dtcompile.cli.summary import echo_engines, echo_not_built
-    from dtcompile.manifest import read_manifest, verify_file
+    from dtcompile.manifest import Verifier, read_manifest
 
     root = Path(artifact)
     m = read_manifest(root)
-    if verify:
+    if verify:  # every file hashed; the records let later runs skip the hash of unchanged files
+        verifier = Verifier(root, "full")
         for entry in m.all_file_entries():
-            verify_file(root, entry)
+            verifier.check(entry)
+        verifier.save()
     if as_json:
         click.echo(json.dumps(m.to_json(), indent=2, sort_keys=True))
         return

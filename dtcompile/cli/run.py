@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from dtcompile.runtime.run import BACKEND_CHOICES
@@ -11,13 +13,28 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.option("--prompt", required=True, help="Text prompt.")
 @click.option("--steps", default=4, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**64 - 1))
 @click.option("--height", type=click.IntRange(1), help="Pixels; default: the artifact's opt height.")
 @click.option("--width", type=click.IntRange(1), help="Pixels; default: the artifact's opt width.")
 @click.option("--guidance", default=3.5, show_default=True, type=float, help="Guidance scale.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
-@click.option("--out", "out_path", default="out.png", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine file (size is still checked).")
+@click.option(
+    "--out",
+    "out_path",
+    default="out.png",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help=".png, .jpg or .webp",
+)
+@click.option(
+    "--verify",
+    "verify",
+    type=click.Choice(("recorded", "full")),
+    default="recorded",
+    show_default=True,
+    help="recorded: hash only files changed since their last check; full: hash every file the run loads.",
+)
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 checks (sizes are still checked).")
 @click.option(
     "--cache",
     "cache",
@@ -34,14 +51,14 @@ def run(
     guidance: float,
     backend: str,
     out_path: str,
+    verify: str,
     no_verify: bool,
     cache: str | None,
 ) -> None:
     """Run the denoising loop with the artifact's engine and write an image."""
-    from pathlib import Path
-
     from dtcompile.runtime.run import run_artifact
 
+    out, image_format = _output_file(out_path)  # checked before the run, not after it
     result = run_artifact(
         Path(artifact),
         prompt,
@@ -51,13 +68,12 @@ def run(
         width=width,
         guidance=guidance,
         backend=backend,
-        verify=not no_verify,
+        verify="size" if no_verify else verify,
         cache=None if cache is None else cache == "on",
     )
-    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    result.image.save(tmp, format="PNG")
+    result.image.save(tmp, format=image_format)
     tmp.replace(out)
     click.echo(
         f"wrote {out} ({result.image.width}x{result.image.height}) with {result.backend} {result.arch}: "
@@ -67,3 +83,21 @@ def run(
         from dtcompile.recipe.cache import stats_line
 
         click.echo(stats_line(result.cache_stats))
+
+
+#: Image formats ``--out`` may name, by suffix.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def _output_file(value: str) -> tuple[Path, str]:
+    """``--out``: the path and the image format its suffix names; UsageError for anything else."""
+    out = Path(value)
+    image_format = IMAGE_FORMATS.get(out.suffix.lower())
+    if image_format is None:
+        raise click.UsageError(f"--out {value}: expected a {', '.join(IMAGE_FORMATS)} file name")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise click.UsageError(f"--out {value}: {parent} is a file, not a folder")
+            break
+    return out, image_format

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 
@@ -101,6 +103,13 @@ class ModelAdapter(Protocol):
 
     def output_media(self, output: Any) -> list[Any]:
         """The generated images (or videos) of a pipeline call's return value, one per output."""
+
+    def check_shapes(self, shapes: Any, config: Callable[[str], dict[str, Any] | None]) -> None:
+        """Refuse recipe shapes (``Recipe.export.shapes``) the family cannot take, naming the field.
+
+        ``config(component)`` is that component's config.json (None when not at hand, e.g. a hub model not
+        downloaded yet); nothing is loaded. Raises RecipeError.
+        """
 
     def block_names(self, config: dict[str, Any]) -> list[str]:
         """Block names of the component, in execution order (UnsupportedError when it cannot be split)."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.core.errors import UnsupportedError
+from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
 from dtcompile.models.base import GenerationRequest
 from dtcompile.models.builtin import BuiltinModel
@@ -248,6 +248,8 @@ BUILTINS: dict[str, BuiltinModel] = {
 
 #: The two block lists of a FluxTransformer2DModel, in execution order.
 DOUBLE, SINGLE = "transformer_blocks", "single_transformer_blocks"
+#: FluxPipeline refuses a longer ``max_sequence_length`` (its T5 encoder's limit).
+MAX_SEQUENCE_LENGTH = 512
 GUIDANCE_SCALE_EXAMPLE = 3.5  # FLUX.1-dev's default guidance_scale, used for example inputs
 
 
@@ -589,6 +591,28 @@ class FluxAdapter:
         """Upstream patches the ONNX export needs, by name (``dtcompile.export.patches.PATCHES``): diffusers'
         ``apply_rotary_emb`` traces its reshape with constant shapes, ``dynamic_rope`` keeps it dynamic."""
         return ("dynamic_rope",)
+
+    def check_shapes(self, shapes: Any, config: Callable[[str], dict[str, Any] | None]) -> None:
+        """Pixel sizes must be multiples of 2 x the VAE's factor (FluxPipeline would round them down silently);
+        the text length at most FluxPipeline's ``max_sequence_length`` limit (512)."""
+        text = shapes.text_len
+        if text.max > MAX_SEQUENCE_LENGTH:
+            raise RecipeError(
+                f"export.shapes.text_len.max: {text.max} is above {MAX_SEQUENCE_LENGTH}, the longest prompt "
+                "FluxPipeline encodes (max_sequence_length)"
+            )
+        vae = config("vae") or {}
+        # FluxPipeline.vae_scale_factor; FLUX.1's VAE (8) when the config is not at hand (hub model not fetched)
+        vsf = 2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else 8
+        for var in ("height", "width"):
+            r = getattr(shapes, var)
+            for which in ("min", "opt", "max"):
+                try:
+                    validate_image_size(getattr(r, which), getattr(r, which), vsf)
+                except UnsupportedError as exc:
+                    raise RecipeError(
+                        f"export.shapes.{var}.{which}: {str(exc).removeprefix('image height ')}"
+                    ) from None
 
     def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         """FluxPipeline's keyword arguments (``max_sequence_length`` is the T5 text length)."""

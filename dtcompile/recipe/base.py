@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict
 class Strict(BaseModel):
     """Base of every recipe section: unknown keys are errors and a loaded recipe is frozen."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
 
 
 class ItemError(ValueError):

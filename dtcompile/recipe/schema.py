@@ -53,6 +53,19 @@ class ShapesSpec(_Strict):
     text_len: RangeSpec = RangeSpec(min=512, opt=512, max=512)
     """Text tokens of the prompt encoder the denoiser reads."""
 
+    @model_validator(mode="after")
+    def _bounded(self) -> ShapesSpec:
+        for name, limit in SHAPE_LIMITS.items():
+            r = getattr(self, name)
+            if r.max > limit:
+                raise _ItemError("max", f"{r.max} is above {limit}, the largest {name} dtc builds engines for", name)
+        return self
+
+
+#: Largest value of each shape variable: beyond these an engine would not fit any GPU, and the export of such a
+#: profile runs for minutes before failing.
+SHAPE_LIMITS = {"batch": 64, "height": 16384, "width": 16384, "text_len": 4096}
+
 
 class ModelSpec(_Strict):
     """Where the diffusers pipeline comes from: a hub id, a local folder, or ``builtin:NAME``."""
@@ -176,7 +189,7 @@ class LoraSpec(_Strict):
 class Recipe(_Strict):
     """A build recipe: model, dtype, export, engine, output and (optional) lora sections."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100)
     """The artifact's name (its folder under output.dir)."""
     model: ModelSpec
     """Where the diffusers pipeline comes from."""

@@ -30,7 +30,7 @@ import torch
 from dtcompile.backends.standin import ComponentStandIn
 from dtcompile.core.errors import ArtifactError
 from dtcompile.core.metrics import rel_l1
-from dtcompile.manifest import EngineEntry, Manifest
+from dtcompile.manifest import EngineEntry, Manifest, Verifier
 from dtcompile.recipe.cache import CacheSpec, Segment
 
 log = logging.getLogger("dtcompile.cache")
@@ -234,7 +234,7 @@ def load_cached_module(
     backend: str,
     *,
     gpu: str | None,
-    verify: bool = True,
+    verifier: Verifier,
     enabled: bool = True,
 ) -> tuple[CachedEngineModule, EngineEntry]:
     """The stitched module of a split artifact and the prologue's engine entry (names the backend and arch).
@@ -242,7 +242,6 @@ def load_cached_module(
     Every part runs on the same backend: the one ``select_engine`` picks for the prologue.
     """
     from dtcompile.backends import get_backend
-    from dtcompile.manifest import verify_file
     from dtcompile.runtime.run import select_engine
 
     centry = manifest.component(component)
@@ -257,9 +256,9 @@ def load_cached_module(
     device: Any = "cpu"
     for name, part in entries.items():
         entry = select_engine(manifest, name, chosen, gpu)
-        path = verify_file(artifact_dir, entry, full=verify)
+        path = verifier.check(entry)
         for extra in part.onnx.external_data if part.onnx and chosen == "onnxruntime" else []:
-            verify_file(artifact_dir, extra, full=verify)
+            verifier.check(extra)
         runner = backend_impl.open_runner(path, entry.to_json())
         runners[name] = runner
         device = getattr(runner, "device", "cpu")

@@ -14,7 +14,7 @@ from typing import Any
 
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 from dtcompile.core.targets import BACKENDS, TRT_EXTRAS, gpu_arch, installed_trt_major
-from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, artifact_path, read_manifest, verify_file
+from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, artifact_path, read_manifest
 from dtcompile.models import adapter_for
 from dtcompile.models.base import GenerationRequest
 
@@ -65,14 +65,14 @@ def select_engine(manifest: Manifest, component: str, backend: str, gpu: str | N
     return entry
 
 
-def verify_pipeline_files(artifact_dir: Path, manifest: Manifest, *, full: bool = True) -> None:
+def verify_pipeline_files(artifact_dir: Path, manifest: Manifest, verifier: Verifier) -> None:
     """Check every file of the saved pipeline against the manifest, and refuse files it does not list.
 
-    ``full``: sha256 as well as size. Raises ArtifactError naming the file.
+    Raises ArtifactError naming the file.
     """
     listed = {e.file for e in manifest.pipeline.files}
     for e in manifest.pipeline.files:
-        verify_file(artifact_dir, e, full=full)
+        verifier.check(e)
     folder = artifact_path(artifact_dir, manifest.pipeline.dir or "pipeline")
     for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
         if path.is_dir() and not path.is_symlink():
@@ -119,9 +119,12 @@ class RunResult:
 
 
 def load_engine_pipeline(
-    artifact_dir: Path, backend: str = "auto", *, verify: bool = True, cache: bool | None = None
+    artifact_dir: Path, backend: str = "auto", *, verify: bool | str = True, cache: bool | None = None
 ) -> tuple[Any, Any, Manifest, EngineEntry]:
     """(pipeline, engine module, manifest, engine entry) for an artifact on this machine.
+
+    ``verify``: how the files it loads are checked (``dtcompile.manifest.VERIFY_MODES``; True: "recorded", a
+    hash only for files changed since their last check; False: "size").
 
     ``cache``: for artifacts split into block engines, skip cached blocks (None: yes); elsewhere must not be True.
     """
@@ -133,6 +136,7 @@ def load_engine_pipeline(
 
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
+    verifier = Verifier(artifact_dir, verify)
     # cache-split artifacts also list their parts as components ("part_of" names the component they make up)
     comp = manifest.main_component()
     centry = manifest.component(comp)
@@ -145,15 +149,15 @@ def load_engine_pipeline(
         from dtcompile.runtime.cache import load_cached_module
 
         module, entry = load_cached_module(
-            artifact_dir, manifest, comp, backend, gpu=gpu_arch(), verify=verify, enabled=cache is not False
+            artifact_dir, manifest, comp, backend, gpu=gpu_arch(), verifier=verifier, enabled=cache is not False
         )
         dtype, device = module.dtype, module.device
     else:
         entry = select_engine(manifest, comp, backend, gpu_arch())
-        path = verify_file(artifact_dir, entry, full=verify)
+        path = verifier.check(entry)
         external = centry.onnx.external_data if centry.onnx and entry.backend == "onnxruntime" else []
         for extra in external:
-            verify_file(artifact_dir, extra, full=verify)
+            verifier.check(extra)
         runner = get_backend(entry.backend).open_runner(path, entry.to_json())
         dtype = getattr(torch, manifest.dtype)
         device = getattr(runner, "device", "cpu")
@@ -169,7 +173,10 @@ def load_engine_pipeline(
         raise ArtifactError(
             f"{pipeline_dir}: artifact has no pipeline files (built with output.include_pipeline: false)"
         )
-    verify_pipeline_files(artifact_dir, manifest, full=verify)
+    verify_pipeline_files(artifact_dir, manifest, verifier)
+    verifier.save()
+    log.info("verified %d file(s) by sha256, %d by their record (verify=%s)", len(verifier.hashed),
+             len(verifier.trusted), verifier.mode)  # fmt: skip
     pipe_cls = getattr(diffusers, manifest.source.pipeline_class)
     diffusers.utils.logging.disable_progress_bar()
     pipe = pipe_cls.from_pretrained(pipeline_dir, **{comp: module}, dtype=dtype, use_safetensors=True)
@@ -189,7 +196,7 @@ def run_artifact(
     guidance: float = 3.5,
     backend: str = "auto",
     trace: bool = False,
-    verify: bool = True,
+    verify: bool | str = True,
     cache: bool | None = None,
 ) -> RunResult:
     """Generate one image with the artifact's engine; ``trace`` keeps every step's noise prediction.

@@ -123,12 +123,12 @@ class FusedLoras:
 # --- resolving sources ----------------------------------------------------------------------------------------
 
 
-def _looks_like_hub_id(source: str) -> bool:
+def _looks_like_hub_id(source: str, local: Path) -> bool:
     return (
         source.count("/") == 1
         and not source.startswith((".", "/", "~"))
         and not source.endswith(".safetensors")
-        and not Path(source).exists()
+        and not local.exists()
     )
 
 
@@ -159,11 +159,19 @@ def check_safetensors(path: Path, label: str) -> dict[str, Any]:
 
 
 def resolve_lora(
-    source: str, weight_name: str | None, scale: float, label: str, *, download: bool = True
+    source: str,
+    weight_name: str | None,
+    scale: float,
+    label: str,
+    *,
+    download: bool = True,
+    base_dir: Path | None = None,
 ) -> ResolvedLora:
     """Find an adapter's file (local file, folder + weight_name, or hub id), check it is safetensors, hash it.
 
-    ``download=False`` (the dry run) leaves hub ids unresolved: the returned path is empty and sha256 "".
+    A relative local path resolves against ``base_dir`` (the recipe's folder, as calibration prompts do; None:
+    the current directory). ``download=False`` (the dry run) leaves hub ids unresolved: the returned path is
+    empty and sha256 "".
 
     Raises:
         RecipeError: missing file or folder, a pickled/non-safetensors file, or an unreachable hub id.
@@ -174,7 +182,9 @@ def resolve_lora(
             "files only (never unpickles): convert it with safetensors.torch.save_file"
         )
     path = Path(source).expanduser()
-    if _looks_like_hub_id(source):
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    if _looks_like_hub_id(source, path):
         if not download:
             return ResolvedLora(label, source, weight_name, Path(), "", scale)
         path = _hub_file(source, weight_name or DEFAULT_WEIGHT_NAME, label)
@@ -194,7 +204,8 @@ def resolve_lora(
         if not path.is_file():
             raise RecipeError(f"{label}: '{path}' does not exist (folder '{source}', weight_name '{weight_name}')")
     elif not path.exists():
-        raise RecipeError(f"{label}: LoRA file '{source}' does not exist")
+        where = f" (looked for {path})" if str(path) != source else ""
+        raise RecipeError(f"{label}: LoRA file '{source}' does not exist{where}")
     elif not source.endswith(".safetensors"):
         raise RecipeError(
             f"{label}: '{source}' is not a .safetensors file; dtc reads LoRAs from .safetensors files only "
@@ -219,10 +230,10 @@ def _hub_file(repo: str, filename: str, label: str) -> Path:
         ) from None
 
 
-def resolve_loras(specs: list[LoraSpec], *, download: bool = True) -> list[ResolvedLora]:
-    """``resolve_lora`` for every recipe entry (labels ``lora[i].source``)."""
+def resolve_loras(specs: list[LoraSpec], *, download: bool = True, base_dir: Path | None = None) -> list[ResolvedLora]:
+    """``resolve_lora`` for every recipe entry (labels ``lora[i].source``), relative paths against ``base_dir``."""
     return [
-        resolve_lora(s.source, s.weight_name, s.scale, f"lora[{i}].source", download=download)
+        resolve_lora(s.source, s.weight_name, s.scale, f"lora[{i}].source", download=download, base_dir=base_dir)
         for i, s in enumerate(specs)
     ]
 

@@ -92,6 +92,10 @@ def make_plan(recipe: Recipe, recipe_path: str | Path | None = None) -> Plan:
         base_dir=base_dir,
         recipe_path=str(recipe_path) if recipe_path is not None else None,
     )
+    _check_output_dir(plan.out_dir)
+    adapter = plan.source.adapter
+    if adapter is not None:  # shape rules of the family, from config files only
+        adapter.check_shapes(recipe.export.shapes, lambda comp: component_config(plan.source, comp))
     plan.targets = _plan_targets(recipe, plan.settings)
     if recipe.quant is not None:
         _plan_quant(plan)
@@ -100,7 +104,7 @@ def make_plan(recipe: Recipe, recipe_path: str | Path | None = None) -> Plan:
     if recipe.lora:  # local LoRA files must exist and be safetensors (hub ids are fetched at build)
         from dtcompile.stages.lora import resolve_loras
 
-        for r in resolve_loras(recipe.lora, download=False):
+        for r in resolve_loras(recipe.lora, download=False, base_dir=plan.base_dir):
             plan.notes.append(f"lora: {r.path if r.sha256 else r.source} (scale {r.scale:g})")
     # export.attention over the buildable targets: an explicit mode a target cannot take raises here
     plan.attention = resolve_attention(recipe, [(t.backend, t.arch) for t in plan.buildable()])
@@ -132,6 +136,15 @@ def _plan_targets(recipe: Recipe, settings: BuildSettings) -> list[PlannedTarget
     return out
 
 
+def _check_output_dir(out_dir: Path) -> None:
+    """``output.dir/name`` must be a folder that can be created: no file on the way."""
+    for path in (out_dir, *out_dir.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                raise RecipeError(f"output.dir: {path} is a file, not a folder; choose another output.dir or name")
+            return
+
+
 def _plan_quant(plan: Plan) -> None:
     """Quant rules before any weights load: format x backend x arch, SVDQuant rank vs width, no cache mix."""
     from dtcompile.quant import check_targets, get_format
@@ -149,6 +162,9 @@ def _plan_quant(plan: Plan) -> None:
         else t
         for t in plan.targets
     ]
+    from dtcompile.quant.calibration import load_prompts
+
+    load_prompts(spec.calib, plan.base_dir)  # a missing or empty prompts file fails here, not after loading
     adapter = plan.source.adapter
     config = component_config(plan.source, adapter.component) if adapter is not None else None
     width = adapter.hidden_width(config) if config else 0

@@ -82,7 +82,7 @@ def _artifact_key(plan: Plan, files: SourceFiles) -> tuple[str, str, dict[str, A
     if recipe.lora:  # the key covers each adapter's sha256 and scale
         from dtcompile.stages.lora import lora_key_digest, resolve_loras
 
-        loras = resolve_loras(recipe.lora)
+        loras = resolve_loras(recipe.lora, base_dir=plan.base_dir)
         weights_digest = lora_key_digest(files.component_sha256, loras)
     if recipe.quant is not None:  # the key covers the calibration prompts' content, not just their path
         from dtcompile.quant.calibration import load_prompts, prompts_sha256
@@ -127,7 +127,7 @@ def run_build(
 ) -> BuildReport:
     """Run the stages for ``recipe`` (or an already computed ``Plan``) and move the artifact to ``output.dir/name``."""
     from dtcompile.core.files import collect_stale, make_temp_dir, replace_dir
-    from dtcompile.manifest import read_manifest, write_manifest
+    from dtcompile.manifest import Verifier, read_manifest, write_manifest
     from dtcompile.stages.load import locate_source
 
     if stop_after is not None and stop_after not in STAGE_NAMES:
@@ -155,7 +155,9 @@ def run_build(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("artifact: %s", out_dir)
-    return BuildReport(out_dir, read_manifest(out_dir))
+    manifest = read_manifest(out_dir)
+    Verifier(out_dir).record_written(manifest.all_file_entries())  # hashed as written: a run need not re-hash
+    return BuildReport(out_dir, manifest)
 
 
 def _run_stages(state: BuildState, stop_after: str | None) -> None:

@@ -51,6 +51,7 @@ from dtcompile.core.targets import arch_order, gpu_arch, installed_trt_major, is
 from dtcompile.manifest import (
     MANIFEST,
     Manifest,
+    Verifier,
     read_manifest,
     verify_file,
     write_manifest,
@@ -688,6 +689,10 @@ def pull_artifact(
     exists = out_dir.exists() or out_dir.is_symlink()
     if exists and not force and (out_dir.is_symlink() or not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ArtifactError(f"--out {out_dir}: already exists; choose a new folder or pass --force to replace it")
+    if exists and (out_dir.is_symlink() or not out_dir.is_dir()):  # --force replaces artifacts, not other files
+        raise ArtifactError(
+            f"--out {out_dir}: is a file or a link, not an artifact folder; --force will not replace it"
+        )
     store = open_store(url)
     if arch == "auto":
         arch = _detect_gpu_arch() or "auto"  # still "auto" without a GPU: the error lists what was published
@@ -703,6 +708,7 @@ def pull_artifact(
         report = _pull_into(store, vrel, vurl, tmp, arch, backend, how)
         report.artifact_dir = out_dir
         replace_dir(tmp / "artifact", out_dir)
+        Verifier(out_dir).record_written(read_manifest(out_dir).all_file_entries())  # each member was hashed
     except DtcError as exc:
         _cleanup(tmp, created)
         if type(exc) in (ArtifactError, VerificationError):

@@ -531,7 +531,7 @@ def refit_artifact(
     import math
 
     from dtcompile.core.files import collect_stale, make_temp_dir, replace_dir
-    from dtcompile.manifest import read_manifest, verify_file
+    from dtcompile.manifest import Verifier, read_manifest, verify_file
 
     for path, scale in loras:
         if not math.isfinite(scale):
@@ -575,6 +575,7 @@ def refit_artifact(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    Verifier(dest).record_written(read_manifest(dest).all_file_entries())
     timings["total_s"] = time.perf_counter() - t_start
     log.info(
         "refit %s -> %s: %d adapter(s), %d initializers in %.2f s",

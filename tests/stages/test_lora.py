@@ -240,3 +240,23 @@ def test_fuse_matches_the_formula_and_keeps_the_base(files):
     untouched = "transformer_blocks.0.ff.net.2.weight"
     assert untouched not in out.base and torch.equal(after[untouched].detach(), before[untouched])
     assert set(out.base) == {n for n in before if not torch.equal(before[n], after[n].detach())}
+
+
+def test_relative_lora_paths_resolve_against_the_recipe_folder(tmp_path):
+    """Like calibration prompts: a recipe and its adapters move together, whatever the current directory."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    folder = tmp_path / "elsewhere"
+    shutil.copytree(root / "recipes" / "lora", folder / "lora")
+    shutil.copy(root / "recipes" / "tiny-flux-lora.yaml", folder / "r.yaml")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    r = subprocess.run(
+        [sys.executable, "-m", "dtcompile", "build", "--recipe", str(folder / "r.yaml"), "--dry-run"],
+        capture_output=True, text=True, cwd=cwd,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert f"lora: {(folder / 'lora' / 'tiny-flux-style.safetensors').resolve()}" in r.stdout

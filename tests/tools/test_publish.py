@@ -332,6 +332,15 @@ def test_pull_refuses_an_existing_out(published: Path, tmp_path: Path) -> None:
     assert not (out / "keep").exists() and (out / "manifest.json").is_file()
 
 
+def test_pull_force_never_replaces_a_regular_file(published: Path, tmp_path: Path) -> None:
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    with pytest.raises(ArtifactError, match="is a file or a link, not an artifact folder; --force will not replace it"):
+        pull_artifact(str(published), out, arch="sm_89", force=True)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert out.read_text() == "mine" and not [n for n in left if n.startswith(".")]  # no temp folder
+
+
 def test_pull_from_fsspec_url(art: Path, tmp_path: Path) -> None:
     pytest.importorskip("fsspec")
     url = f"memory://dtc-test-{os.getpid()}"
