@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from dtcompile import __version__
 from dtcompile.core.errors import DtcError
+from dtcompile.core.versions import DTC_VERSION as __version__
 
 # name -> ("module:function", one-line help); the module is imported only when the command runs.
 COMMANDS = {

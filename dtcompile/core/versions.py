@@ -6,6 +6,9 @@ import hashlib
 from importlib import metadata
 from pathlib import Path
 
+#: dtcompile's own version (``dtcompile.__version__``).
+DTC_VERSION = "0.1.0"
+
 #: Name in the manifest -> distribution name: the tools whose versions shape an artifact (and its key).
 TOOLS: dict[str, str] = {
     "dtcompile": "dtcompile",

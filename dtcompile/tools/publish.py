@@ -539,7 +539,7 @@ def publish_artifact(artifact_dir: Path, url: str) -> PublishReport:
                 }
             )
             log.info("packed %s (%.1f MB)", archive.file, out.stat().st_size / 2**20)
-        from dtcompile import __version__
+        from dtcompile.core.versions import DTC_VERSION as __version__
 
         version = {
             "name": name,
