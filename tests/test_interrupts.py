@@ -129,3 +129,36 @@ def test_a_swap_killed_between_its_two_renames_is_recovered(tmp_path: Path) -> N
     new.mkdir()
     replace_dir(new, dest)
     assert not (dest / "manifest.json").exists()
+
+
+def test_sigkill_during_refit_in_place_leaves_a_whole_artifact(tmp_path: Path) -> None:
+    """Killed at any point of ``refit --in-place``: the old or the new artifact is whole, and the next refit
+    (which must succeed) leaves no temp folder behind."""
+    from dtcompile.manifest import read_manifest, verify_file
+
+    out = tmp_path / "engines"
+    r = subprocess.run(
+        [sys.executable, "-m", "dtcompile", "build", "--recipe", str(RECIPE), "--set", f"output.dir={out}",
+         "--set", "engine={backends: [onnxruntime]}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    art = out / "tiny-flux"
+    lora = ROOT / "recipes" / "lora" / "tiny-flux-style.safetensors"
+    cmd = [sys.executable, "-m", "dtcompile", "refit", str(art), "--lora", f"{lora}:0.5", "--in-place"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not list(out.glob(".tiny-flux.refit-*")) and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate(timeout=60)
+    from dtcompile.core.files import collect_stale
+
+    collect_stale(art)  # what the next writer does first: restore an interrupted swap, drop dead temp folders
+    m = read_manifest(art)  # whole: the old artifact or the refit one
+    for entry in m.all_file_entries():
+        verify_file(art, entry)
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert leftovers(out) == []
+    assert read_manifest(art).lora.adapters[0]["scale"] == 0.5
