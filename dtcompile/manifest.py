@@ -453,6 +453,7 @@ class Verifier:
         self.mode = verify_mode(mode)
         self.path = cache_root() / "verified" / f"{sha256_text(str(self.artifact_dir.resolve()))[:32]}.json"
         self.records: dict[str, Any] = {}
+        self._changed = False  # save() writes only when a check added or refreshed a record
         self.hashed: list[str] = []
         self.trusted: list[str] = []
         try:
@@ -480,6 +481,7 @@ class Verifier:
             raise ArtifactError(f"{path}: sha256 does not match the manifest (file modified); rebuild or re-pull")
         self.hashed.append(rel)
         self.records[rel] = record
+        self._changed = True
         return path
 
     def record_written(self, entries: list[FileEntry | EngineEntry]) -> None:
@@ -487,12 +489,16 @@ class Verifier:
         for entry in entries:
             rel, _, sha = _entry_fields(entry)
             self.records[rel] = {"sha256": sha, "stat": self._stamp(self.artifact_dir / rel)}
+        self._changed = True
         self.save()
 
     def save(self) -> None:
-        """Write the records (best effort: a read-only cache only costs the next run a hash)."""
+        """Write the records if they changed (best effort: a read-only cache only costs the next run a hash)."""
+        if not self._changed:
+            return
         with contextlib.suppress(OSError):
             write_text_atomic(self.path, json.dumps(self.records, sort_keys=True))
+        self._changed = False
 
 
 def _as_manifest(manifest: Manifest | dict[str, Any]) -> Manifest:

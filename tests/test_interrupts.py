@@ -28,10 +28,15 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def build_cmd(out: Path, *overrides: str) -> list[str]:
+    """``dtc build`` of the tiny recipe into ``out`` (sm_89 only unless ``overrides`` say otherwise)."""
+    sets = [a for o in ("engine.targets=[sm_89]", *overrides) for a in ("--set", o)]
+    return [sys.executable, "-m", "dtcompile", "build", "--recipe", str(RECIPE), "--set", f"output.dir={out}", *sets]
+
+
 def start_build(out: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "dtcompile", "build", "--recipe", str(RECIPE), "--set", f"output.dir={out}",
-         "--set", "engine.targets=[sm_89]", "--force"],
+        [*build_cmd(out), "--force"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
     )  # fmt: skip
 
@@ -56,11 +61,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 def previous(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A finished build of the tiny recipe (sm_89 only): the artifact every kill must leave intact."""
     out = tmp_path_factory.mktemp("kill")
-    r = subprocess.run(
-        [sys.executable, "-m", "dtcompile", "build", "--recipe", str(RECIPE), "--set", f"output.dir={out}",
-         "--set", "engine.targets=[sm_89]"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    r = subprocess.run(build_cmd(out), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     return out, snapshot(out / "tiny-flux")
 
@@ -97,11 +98,7 @@ def test_sigkill_leaves_the_old_artifact_and_the_next_build_collects_the_temp_fo
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert leftovers(out) and snapshot(out / "tiny-flux") == before  # a dead writer's temp folder
-    r = subprocess.run(
-        [sys.executable, "-m", "dtcompile", "build", "--recipe", str(RECIPE), "--set", f"output.dir={out}",
-         "--set", "engine.targets=[sm_89]", "--force"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    r = subprocess.run([*build_cmd(out), "--force"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "which no longer runs" in r.stderr
     assert leftovers(out) == []
@@ -137,11 +134,7 @@ def test_sigkill_during_refit_in_place_leaves_a_whole_artifact(tmp_path: Path) -
     from dtcompile.manifest import read_manifest, verify_file
 
     out = tmp_path / "engines"
-    r = subprocess.run(
-        [sys.executable, "-m", "dtcompile", "build", "--recipe", str(RECIPE), "--set", f"output.dir={out}",
-         "--set", "engine={backends: [onnxruntime]}"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    r = subprocess.run(build_cmd(out, "engine={backends: [onnxruntime]}"), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     art = out / "tiny-flux"
     lora = ROOT / "recipes" / "lora" / "tiny-flux-style.safetensors"

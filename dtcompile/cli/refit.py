@@ -56,18 +56,14 @@ def refit(artifact: str, loras: tuple[str, ...], out_dir: str | None, in_place: 
 
 
 def parse_lora_arg(value: str) -> tuple[str, float]:
-    """``PATH[:SCALE]`` -> (path, scale); a suffix that is not a number belongs to the path."""
-    import math
+    """``PATH[:SCALE]`` -> (path, scale); a suffix that is not a number belongs to the path.
 
-    from dtcompile.core.errors import DtcError
-
+    A NaN or infinite scale parses; ``refit_artifact`` refuses it (for API callers too).
+    """
     path, sep, tail = value.rpartition(":")
     if sep and path:
         try:
-            scale = float(tail)
+            return path, float(tail)
         except ValueError:
-            return value, 1.0
-        if not math.isfinite(scale):
-            raise DtcError(f"--lora {value}: the scale must be a finite number, got {tail!r}")
-        return path, scale
+            pass
     return value, 1.0
