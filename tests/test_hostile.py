@@ -200,6 +200,14 @@ def test_non_finite_guidance_is_refused(art: Path, tmp_path: Path, value: str) -
     assert not (tmp_path / "o.png").exists()
 
 
+def test_a_size_the_family_would_round_is_refused_not_rounded(tiny_artifact: Path, tmp_path: Path) -> None:
+    # tiny-flux's VAE downsamples by 2: FLUX sizes are multiples of 4; FluxPipeline would silently make 32 of 34
+    r = dtc("run", str(tiny_artifact), "--prompt", PROMPT, "--height", "34", "--out", str(tmp_path / "o.png"))
+    assert r.returncode == 2
+    assert "image height 34 is not a positive multiple of 4" in one_error_line(r)
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_a_lora_with_nan_weights_is_refused(tmp_path: Path) -> None:
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file, save_file

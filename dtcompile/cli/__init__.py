@@ -24,6 +24,7 @@ COMMANDS = {
     "pull": ("dtcompile.cli.pull:pull", "Fetch, verify and unpack one arch of a published artifact."),
     "bench": ("dtcompile.cli.bench:bench", "Measure latency and memory of an artifact next to PyTorch."),
     "refit": ("dtcompile.cli.refit:refit", "Swap LoRA weights into a built artifact without rebuilding it."),
+    "serve": ("dtcompile.cli.serve:serve", "Serve artifacts behind an OpenAI-compatible image API."),
 }
 
 

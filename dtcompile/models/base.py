@@ -111,6 +111,12 @@ class ModelAdapter(Protocol):
         downloaded yet); nothing is loaded. Raises RecipeError.
         """
 
+    def check_image_size(self, height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:
+        """Refuse a generation size the family cannot make exactly (UnsupportedError naming height or width).
+
+        ``config`` as for ``check_shapes``; the runtime and the server call this before the pipeline runs.
+        """
+
     def block_names(self, config: dict[str, Any]) -> list[str]:
         """Block names of the component, in execution order (UnsupportedError when it cannot be split)."""
 

@@ -269,6 +269,12 @@ def validate_image_size(height: int, width: int, vae_scale_factor: int) -> None:
             )
 
 
+def _vae_factor(config: Callable[[str], dict[str, Any] | None]) -> int:
+    """FluxPipeline.vae_scale_factor from the VAE's config; FLUX.1's (8) when the config is not at hand."""
+    vae = config("vae") or {}
+    return 2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else 8
+
+
 def img_tokens(height: int, width: int, vae_scale_factor: int) -> int:
     """Number of image tokens FluxPipeline feeds the transformer for a ``height`` x ``width`` image."""
     validate_image_size(height, width, vae_scale_factor)
@@ -601,9 +607,7 @@ class FluxAdapter:
                 f"export.shapes.text_len.max: {text.max} is above {MAX_SEQUENCE_LENGTH}, the longest prompt "
                 "FluxPipeline encodes (max_sequence_length)"
             )
-        vae = config("vae") or {}
-        # FluxPipeline.vae_scale_factor; FLUX.1's VAE (8) when the config is not at hand (hub model not fetched)
-        vsf = 2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else 8
+        vsf = _vae_factor(config)
         for var in ("height", "width"):
             r = getattr(shapes, var)
             for which in ("min", "opt", "max"):
@@ -613,6 +617,10 @@ class FluxAdapter:
                     raise RecipeError(
                         f"export.shapes.{var}.{which}: {str(exc).removeprefix('image height ')}"
                     ) from None
+
+    @staticmethod
+    def check_image_size(height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:
+        validate_image_size(height, width, _vae_factor(config))
 
     def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         """FluxPipeline's keyword arguments (``max_sequence_length`` is the T5 text length)."""

@@ -6,8 +6,10 @@ component differs, so parity with the plain pipeline is a like-for-like comparis
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +104,24 @@ def check_size(shapes: dict[str, ShapeRange], height: int, width: int, batch: in
                 f"--{name} {value} is outside the artifact's range {r.min}..{r.max}; "
                 f"rebuild with export.shapes.{name} covering it"
             )
+
+
+def pipeline_config(artifact_dir: Path) -> Callable[[str], dict[str, Any] | None]:
+    """``component -> config.json`` of the artifact's saved pipeline (None where it has none)."""
+
+    def config(component: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(artifact_path(artifact_dir, f"pipeline/{component}/config.json").read_text())
+        except (OSError, ValueError, ArtifactError):
+            return None
+
+    return config
+
+
+def check_generation(artifact_dir: Path, manifest: Manifest, height: int, width: int, batch: int = 1) -> None:
+    """Refuse a size the artifact was not built for, or one its family cannot make exactly (UnsupportedError)."""
+    check_size(manifest.shapes, height, width, batch)
+    adapter_for(manifest.source.pipeline_class).check_image_size(height, width, pipeline_config(artifact_dir))
 
 
 @dataclass
@@ -206,10 +226,10 @@ def run_artifact(
     import torch
 
     check_finite_option("guidance", guidance)
-    shapes = read_manifest(artifact_dir).shapes
+    shapes = (before := read_manifest(artifact_dir)).shapes
     height = height or shapes["height"].opt
     width = width or shapes["width"].opt
-    check_size(shapes, height, width)
+    check_generation(artifact_dir, before, height, width)
     pipe, module, manifest, entry = load_engine_pipeline(artifact_dir, backend, verify=verify, cache=cache)
     if trace:
         module.trace = []

@@ -1,0 +1,344 @@
+"""The ASGI app: OpenAI's image endpoints, model list, health, readiness and metrics over ``ServerState``.
+
+The same app runs under uvicorn (``dtc serve``, ``dtcompile.serve.server``) and as a Ray Serve ingress
+(``dtcompile.serve.ray_app``); routes find the state through a provider, so each Ray replica has its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import io
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dtcompile.serve.metrics import ServerMetrics
+from dtcompile.serve.models import ServedModel, ServeOptions
+from dtcompile.serve.protocol import OUTPUT_FORMATS, APIError, parse_request
+from dtcompile.serve.scheduler import Job, Scheduler
+from dtcompile.serve.store import ImageStore
+
+log = logging.getLogger("dtcompile.serve")
+IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
+CLIENT_GONE = 499  # nginx's "client closed request": logged and counted, never seen by a client
+
+
+class ServerState:
+    """Everything a server process holds: the models, the scheduler, metrics, the url store, readiness."""
+
+    def __init__(self, models: list[ServedModel], options: ServeOptions, api_key: str | None = None) -> None:
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            from dtcompile.core.errors import ArtifactError
+
+            raise ArtifactError(f"two artifacts share a model name ({', '.join(names)}); each must be unique")
+        self.models = {m.name: m for m in models}
+        self.options = options
+        self.api_key = api_key
+        self.ready = False
+        self.load_error: str | None = None
+        self.on_fatal: Callable[[str], None] = lambda message: None
+        self.started = time.time()
+        self.metrics = ServerMetrics(lambda: len(self.scheduler), lambda: self.ready)
+        self.store = ImageStore(options.url_ttl, options.url_max_items, options.url_max_bytes)
+        self.scheduler = Scheduler(
+            self._run_batch, self.capacity, options.max_queue, on_batch=self._on_batch, on_drop=self._on_drop
+        )
+
+    def capacity(self, model: str) -> int:
+        return max(1, min(self.options.max_batch, self.models[model].batch_max))
+
+    def load(self) -> None:
+        """Load and warm every model, then start the worker (blocking; progress and timings in the log)."""
+        t0 = time.perf_counter()
+        for i, model in enumerate(self.models.values(), 1):
+            log.info("[%d/%d] loading %s from %s", i, len(self.models), model.name, model.artifact_dir)
+            model.load(self.options)
+            if self.options.warmup:
+                model.warm_up()
+        self.scheduler.start()
+        self.ready = True
+        log.info("ready: %d model(s) in %.1fs", len(self.models), time.perf_counter() - t0)
+
+    def load_in_background(self) -> None:
+        def target() -> None:
+            try:
+                self.load()
+            except Exception as exc:  # reported once, and the server stops (dtc serve exits non-zero)
+                self.load_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                log.error("loading failed: %s", self.load_error)
+                self.on_fatal(self.load_error)
+
+        threading.Thread(target=target, name="dtc-loader", daemon=True).start()
+
+    def drain(self) -> None:
+        """Stop taking requests: queued ones get 503, the running batch completes."""
+        self.ready = False
+        answered = self.scheduler.drain()
+        log.info("draining: %d queued request(s) answered 503, %d image(s) still running", answered,
+                 self.scheduler.running)  # fmt: skip
+
+    def model(self, name: str | None) -> ServedModel:
+        if name is None:
+            if len(self.models) == 1:
+                return next(iter(self.models.values()))
+            raise APIError(400, f"model: required (this server has {', '.join(self.models)})", param="model")
+        if name not in self.models:
+            raise APIError(
+                404, f"model {name!r} does not exist (this server has: {', '.join(self.models)})",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+        return self.models[name]
+
+    def _run_batch(self, jobs: list[Job]) -> list[list[Any]]:
+        model = self.models[jobs[0].model]
+        step = self.metrics.step_seconds.labels(model.name)
+        return model.generate(jobs, on_step=step.observe)
+
+    def _on_batch(self, jobs: list[Job]) -> None:
+        name = jobs[0].model
+        now = time.monotonic()
+        self.metrics.batch_size.labels(name).observe(sum(j.n for j in jobs))
+        for job in jobs:
+            self.metrics.queue_seconds.labels(name).observe(now - job.enqueued)
+
+    def _on_drop(self, job: Job) -> None:
+        self.metrics.dropped.labels(job.model).inc()
+
+
+def create_app(provider: Callable[[], ServerState], *, autoload: bool = True) -> FastAPI:
+    """The app; ``provider()`` returns the process's ``ServerState``. ``autoload``: load it at start-up."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        if autoload:
+            provider().load_in_background()
+        yield
+        state = provider()
+        state.drain()
+        await asyncio.to_thread(state.scheduler.join, 30)
+
+    app = FastAPI(title="dtcompile", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.dtc_provider = provider
+
+    @app.middleware("http")
+    async def name_the_server(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        response = await call_next(request)
+        # which process answered (a Ray replica unpickles this app: read the pid here, not when it was made)
+        response.headers["x-dtc-server"] = f"{socket.gethostname()}-{os.getpid()}"
+        return response
+
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    app.include_router(router)
+    return app
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.dtc_provider()
+
+
+def _authorized(request: Request) -> None:
+    key = _state(request).api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')")
+
+
+State = Annotated[ServerState, Depends(_state)]
+router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authorized)])
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    message = "no such route" if exc.status_code == 404 else str(exc.detail)
+    return await _api_error(request, APIError(exc.status_code, f"{request.method} {request.url.path}: {message}"))
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return await _api_error(request, APIError(500, "internal server error (see the server log)"))
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(s: State) -> dict[str, Any]:
+    if not s.ready:
+        raise APIError(503, f"loading failed: {s.load_error}" if s.load_error else "models are loading")
+    return {"status": "ready", "models": list(s.models)}
+
+
+@router.get("/metrics")
+async def metrics(s: State) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(s.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/images/files/{image_id}")
+async def image_file(image_id: str, s: State) -> Response:
+    # a capability url (unguessable, expiring): no bearer token, so a browser or <img> can fetch it
+    item = s.store.get(image_id) if IMAGE_ID_RE.match(image_id) else None
+    if item is None:
+        raise APIError(404, "no such image (image urls expire)", code="not_found")
+    return Response(item[0], media_type=item[1], headers={"Cache-Control": "private, max-age=3600"})
+
+
+@v1.get("/models")
+async def list_models(s: State) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(s, m) for m in s.models.values()]}
+
+
+@v1.get("/models/{name}")
+async def get_model(name: str, s: State) -> dict[str, Any]:
+    return _model_card(s, s.model(name))
+
+
+@v1.post("/images/generations")
+async def generations(request: Request, s: State) -> Response:
+    t0 = time.monotonic()
+    name = "-"
+    try:
+        if not s.ready:
+            raise APIError(503, "models are loading" if s.load_error is None else "the server failed to load")
+        req = parse_request(await _read_json(request, s.options.max_body_bytes))
+        model = s.model(req.model)
+        name = model.name
+        job = model.make_job(req, s.options, s.capacity(model.name))
+        s.scheduler.submit(job)
+        images = await _wait(request, job, s.options.request_timeout, t0)
+        encoded = await asyncio.to_thread(_encode, images, req.output_format, req.output_compression)
+    except APIError as exc:
+        s.metrics.requests.labels(name, str(exc.status)).inc()
+        raise
+    except _ClientGone:
+        s.metrics.requests.labels(name, str(CLIENT_GONE)).inc()
+        return Response(status_code=CLIENT_GONE)
+    except Exception:
+        s.metrics.requests.labels(name, "500").inc()
+        raise
+    mime = OUTPUT_FORMATS[req.output_format][1]
+    if req.response_format == "url":
+        base = str(request.base_url).rstrip("/")
+        data = [{"url": f"{base}/v1/images/files/{s.store.put(b, mime)}"} for b in encoded]
+    else:
+        data = [{"b64_json": base64.b64encode(b).decode("ascii")} for b in encoded]
+    s.metrics.requests.labels(name, "200").inc()
+    s.metrics.images.labels(name).inc(len(data))
+    s.metrics.request_seconds.labels(name).observe(time.monotonic() - t0)
+    body = {"created": int(time.time()), "data": data, "output_format": req.output_format,
+            "size": f"{job.width}x{job.height}"}  # fmt: skip
+    return JSONResponse(body)
+
+
+router.include_router(v1)
+
+
+def _model_card(s: ServerState, model: ServedModel) -> dict[str, Any]:
+    shapes = model.manifest.shapes
+    return {
+        "id": model.name,
+        "object": "model",
+        "created": int(s.started),
+        "owned_by": "dtcompile",
+        "pipeline": model.manifest.source.pipeline_class,
+        "sizes": {k: shapes[k].model_dump() for k in ("height", "width") if k in shapes},
+        "max_images_per_batch": s.capacity(model.name),
+    }
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The decoded JSON body; APIError 413 beyond ``limit`` bytes (checked while reading), 400 if not JSON."""
+    import json
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"request body is over the limit of {limit} bytes")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise APIError(400, "the request body is not valid JSON") from None
+
+
+async def _wait(request: Request, job: Job, timeout: float, since: float) -> list[Any]:
+    """The job's images; drops a job whose client went away before it started, 504 ``timeout`` s after ``since``."""
+    result = asyncio.wrap_future(job.future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    left = max(0.0, timeout - (time.monotonic() - since))
+    try:
+        done, _ = await asyncio.wait({result, gone}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if result in done:
+        if result.cancelled():  # cancelled by us below, never otherwise
+            raise _ClientGone
+        exc = result.exception()
+        if isinstance(exc, APIError):
+            raise exc
+        if exc is not None:
+            raise APIError(500, "generation failed (see the server log)") from exc
+        return result.result()
+    result.add_done_callback(_discard)
+    job.future.cancel()  # takes effect only while still queued; a running batch finishes and is discarded
+    if gone in done:
+        raise _ClientGone
+    raise APIError(
+        504, f"the request did not finish within the server's request timeout ({timeout:g} s)", code="timeout"
+    )
+
+
+def _discard(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _encode(images: list[Any], output_format: str, compression: int | None) -> list[bytes]:
+    pil_format = OUTPUT_FORMATS[output_format][0]
+    out = []
+    for image in images:
+        buf = io.BytesIO()
+        kwargs = {"quality": compression} if compression is not None and pil_format != "PNG" else {}
+        image.save(buf, format=pil_format, **kwargs)
+        out.append(buf.getvalue())
+    return out

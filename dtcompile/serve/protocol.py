@@ -1,0 +1,103 @@
+"""OpenAI's image-generation wire format: the request model, the response body and the error shape.
+
+Request fields are OpenAI's (``model``, ``prompt``, ``n``, ``size``, ``response_format``, ``output_format``,
+``output_compression``, ``user``) plus the diffusion fields peers accept (``seed``, ``num_inference_steps``,
+``guidance_scale``, ``negative_prompt``). Any other field is refused with 400 naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+#: output_format -> (PIL format name, MIME type)
+OUTPUT_FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
+SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+
+# OpenAI's error "type" and "code" by HTTP status, where a handler does not name its own.
+ERROR_KINDS = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", "internal_error"),
+    503: ("server_error", "service_unavailable"),
+    504: ("server_error", "timeout"),
+}
+
+
+class APIError(Exception):
+    """An error answered with OpenAI's body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        kind, default_code = ERROR_KINDS.get(status, ("server_error", None))
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = kind
+        self.code = code or default_code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ImageGenerationRequest(BaseModel):
+    """``POST /v1/images/generations``; limits that depend on the model are checked by the server."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    n: int = Field(default=1, ge=1, le=64)
+    size: str | None = None  # "WxH"; None or "auto": the artifact's opt size
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    user: str | None = Field(default=None, max_length=256)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
+    guidance_scale: float | None = Field(default=None, allow_inf_nan=False, ge=0, le=100)
+    negative_prompt: str | None = None
+
+    def pixel_size(self) -> tuple[int, int] | None:
+        """(width, height) from ``size``; None for the model's default. APIError 400 when malformed."""
+        if self.size in (None, "auto"):
+            return None
+        match = SIZE_RE.match(self.size)
+        if not match:
+            raise APIError(400, f"size {self.size!r}: expected 'WIDTHxHEIGHT' such as '1024x1024'", param="size")
+        return int(match.group(1)), int(match.group(2))
+
+
+def parse_request(payload: Any) -> ImageGenerationRequest:
+    """The request model for a decoded JSON body, or APIError 400 naming the first bad field."""
+    if not isinstance(payload, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return ImageGenerationRequest.model_validate(payload)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        if err["type"] == "extra_forbidden":
+            message = f"{param}: unknown parameter (this server accepts: {', '.join(accepted_fields())})"
+        else:
+            message = f"{param}: {err['msg']}"
+        raise APIError(400, message, param=param) from None
+
+
+def accepted_fields() -> list[str]:
+    return list(ImageGenerationRequest.model_fields)
