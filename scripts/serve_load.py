@@ -42,7 +42,7 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def _client(url: str, body: dict[str, Any], headers: dict[str, str], deadline: float, backoff: float,
-            results: list[tuple[int, float, int]], lock: threading.Lock) -> None:  # fmt: skip
+            results: list[tuple[int, float, int]], samples: dict[int, Any], lock: threading.Lock) -> None:  # fmt: skip
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
     rng = random.Random()
@@ -55,6 +55,9 @@ def _client(url: str, body: dict[str, Any], headers: dict[str, str], deadline: f
             data = resp.read()
             status = resp.status
             images = len(json.loads(data).get("data", [])) if status == 200 else 0
+            if status != 200:
+                with lock:
+                    samples.setdefault(status, {"body": json.loads(data), "retry_after": resp.getheader("Retry-After")})
         except (OSError, http.client.HTTPException):
             status, images = -1, 0  # connection error: a lost answer
             conn.close()
@@ -75,11 +78,12 @@ def run_load(url: str, model: str, *, clients: int, seconds: float, size: str, s
     body = {"model": model, "prompt": "a lighthouse at dusk", "size": size, "num_inference_steps": steps, "n": n}
     before = scrape(url)
     results: list[tuple[int, float, int]] = []
+    samples: dict[int, Any] = {}  # the first answer of each non-200 status
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
     t0 = time.monotonic()
     threads = [
-        threading.Thread(target=_client, args=(url, body, headers, deadline, backoff, results, lock))
+        threading.Thread(target=_client, args=(url, body, headers, deadline, backoff, results, samples, lock))
         for _ in range(clients)
     ]
     for t in threads:
@@ -88,7 +92,9 @@ def run_load(url: str, model: str, *, clients: int, seconds: float, size: str, s
         t.join()
     wall = time.monotonic() - t0
     after = scrape(url)
-    return _report(results, wall, before, after, model, clients, seconds)
+    report = _report(results, wall, before, after, model, clients, seconds)
+    report["first_error_answers"] = {str(k): v for k, v in sorted(samples.items())}
+    return report
 
 
 def _report(results: list[tuple[int, float, int]], wall: float, before: dict[str, float], after: dict[str, float],

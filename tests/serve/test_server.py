@@ -237,6 +237,8 @@ def test_load_no_lost_answers_429_batching_flat_memory(server: Server) -> None:
     assert report["answers_by_status"].get("200", 0) > 10
     assert report["answers_by_status"].get("429", 0) > 0  # 8 clients, 2 running + 4 queued
     assert set(report["answers_by_status"]) <= {"200", "429"}
+    full = report["first_error_answers"]["429"]
+    assert full["body"]["error"]["code"] == "rate_limit_exceeded" and int(full["retry_after"]) >= 1
     assert report["batches_over_1_image"] > 0  # batching observed in /metrics
     assert report["latency_ms"]["p50"] and report["latency_ms"]["p99"] >= report["latency_ms"]["p50"]
     assert report["server_rss_mb"]["growth"] < 200, report["server_rss_mb"]
