@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "diffusers", "tensorrt", "tensorrt_rtx", "modelopt", "onnx", "onnxruntime", "transformers")
-COMMANDS = ["", "build", "run", "inspect", "models", "publish", "pull", "refit", "bench"]
+HEAVY = ("torch", "diffusers", "tensorrt", "tensorrt_rtx", "modelopt", "onnx", "onnxruntime", "transformers",
+         "fastapi", "uvicorn", "ray")  # fmt: skip
+COMMANDS = ["", "build", "run", "inspect", "models", "publish", "pull", "refit", "bench", "serve"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -31,3 +32,18 @@ def test_unknown_command_exits_nonzero() -> None:
     r = subprocess.run([sys.executable, "-m", "dtcompile", "frobnicate"], capture_output=True, text=True)
     assert r.returncode != 0
     assert "No such command" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "x"], "error: Missing option '--prompt'. (see: dtc run --help)"),
+        (["run", "x", "--prompt", "p", "--steps", "0"], "error: Invalid value for '--steps'"),
+        (["serve"], "error: Missing argument 'ARTIFACTS...'. (see: dtc serve --help)"),
+        (["frobnicate"], "error: No such command 'frobnicate'."),
+    ],
+)
+def test_usage_errors_are_one_line(args: list[str], message: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "dtcompile", *args], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(message), r.stderr

@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> Any:
         return cli.main(args=args, prog_name="dtc", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # one line, like every other error, with where to look
+        where = exc.ctx.command_path if exc.ctx is not None else "dtc"
+        click.echo(f"error: {exc.format_message()} (see: {where} --help)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> Any:
     except OSError as exc:  # the machine, not the input: full or read-only disk, a path that is a file, ...
         if "--debug" in args:
             raise
-        where = f"{exc.filename}: " if exc.filename else ""
+        # a copy names its source first: "src -> dst" says which side failed to write
+        where = f"{exc.filename} -> {exc.filename2}: " if exc.filename2 else f"{exc.filename}: " if exc.filename else ""
         click.echo(f"error: {where}{exc.strerror or exc}", err=True)
         sys.exit(1)
     except Exception as exc:  # a bug: still one line, the traceback with --debug

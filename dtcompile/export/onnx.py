@@ -172,6 +172,8 @@ def export_onnx(
                         do_constant_folding=True,
                         dynamo=False,
                     )
+            except OSError:  # the machine (full or read-only disk), not the model: the CLI's one-line OSError
+                raise
             except Exception as e:  # the exporter raises many unrelated types; all mean "cannot export"
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:500]
                 raise BuildError(f"ONNX export of {type(module).__name__} failed: {first}") from e

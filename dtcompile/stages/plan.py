@@ -104,8 +104,10 @@ def make_plan(recipe: Recipe, recipe_path: str | Path | None = None) -> Plan:
     if recipe.lora:  # local LoRA files must exist and be safetensors (hub ids are fetched at build)
         from dtcompile.stages.lora import resolve_loras
 
-        for r in resolve_loras(recipe.lora, download=False, base_dir=plan.base_dir):
+        loras = resolve_loras(recipe.lora, download=False, base_dir=plan.base_dir)
+        for r in loras:
             plan.notes.append(f"lora: {r.path if r.sha256 else r.source} (scale {r.scale:g})")
+        plan.notes += _plan_lora_targets(plan, [r for r in loras if r.sha256])
     # export.attention over the buildable targets: an explicit mode a target cannot take raises here
     plan.attention = resolve_attention(recipe, [(t.backend, t.arch) for t in plan.buildable()])
     plan.notes.append(plan.attention.line())
@@ -195,6 +197,38 @@ def component_config(resolved: ResolvedSource, component: str) -> dict[str, Any]
     if not path.is_file():
         raise RecipeError(f"model.source: {path} not found; the pipeline has no {component} component")
     return json.loads(path.read_text())
+
+
+def component_weight_shapes(resolved: ResolvedSource, component: str) -> dict[str, tuple[int, ...]] | None:
+    """Every weight's shape from the component's safetensors headers, no tensor read (None: not local)."""
+    if resolved.kind == "hub":
+        return None
+    from dtcompile.stages.load import source_dir
+    from dtcompile.stages.lora import check_safetensors
+
+    files = sorted((source_dir(resolved) / component).glob("*.safetensors"))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        header = check_safetensors(path, f"model.source ({component})")
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if isinstance(v, dict) and "shape" in v})
+    return shapes or None
+
+
+def _plan_lora_targets(plan: Plan, local: list[Any]) -> list[str]:
+    """Local LoRA files against the component's weight shapes (RecipeError for a LoRA of another model)."""
+    from dtcompile.stages.lora import check_lora_fits, read_lora
+
+    adapter = plan.source.adapter
+    if not local or adapter is None:
+        return []
+    shapes = component_weight_shapes(plan.source, adapter.component)
+    if shapes is None:
+        return ["lora: modules are matched to the model's weights once it downloads (not cached locally)"]
+    for r in local:
+        check_lora_fits(
+            read_lora(r, adapter.pipeline_class, adapter.component), shapes, f"the model's {adapter.component}"
+        )
+    return [f"lora: every module of {len(local)} adapter(s) matches a {adapter.component} weight"]
 
 
 def _plan_cache(plan: Plan) -> list[str]:

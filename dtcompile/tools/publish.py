@@ -28,6 +28,7 @@ hf://, memory://), imported on first use.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -371,8 +372,13 @@ class LocalStore(_Store):
     @contextmanager
     def stage(self, rel: str) -> Iterator[Path]:
         final = self._path(rel)
+        created = _missing_parents(final)  # removed again (when still empty) if the publish fails
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        except BaseException:
+            _cleanup(None, created)
+            raise
         try:
             yield tmp
             if (final / SUMS).exists():
@@ -382,6 +388,9 @@ class LocalStore(_Store):
             for p in [tmp, *tmp.iterdir()]:
                 os.chmod(p, 0o755 if p.is_dir() else 0o644)
             os.replace(tmp, final)
+        except BaseException:
+            _cleanup(tmp, created)
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -832,12 +841,17 @@ def _pull_into(store: _Store, vrel: str, vurl: str, tmp: Path, arch: str, backen
     return report
 
 
+LOCAL_WRITE_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+
+
 def _fetch(store: _Store, rel: str, dest: Path) -> None:
     try:
         store.get_file(rel, dest)
     except FileNotFoundError:
         raise ArtifactError(f"{store.url_of(rel)}: not found; the version is incomplete") from None
     except OSError as exc:
+        if exc.errno in LOCAL_WRITE_ERRORS:  # this machine's disk, not the store: the CLI's OSError line
+            raise OSError(exc.errno, exc.strerror, str(dest)) from None
         raise ArtifactError(f"{store.url_of(rel)}: download failed ({exc})") from None
 
 
@@ -851,8 +865,9 @@ def _missing_parents(path: Path) -> list[Path]:
     return out
 
 
-def _cleanup(tmp: Path, created: list[Path]) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
+def _cleanup(tmp: Path | None, created: list[Path]) -> None:
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
     for parent in created:
         try:
             parent.rmdir()

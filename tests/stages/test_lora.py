@@ -260,3 +260,39 @@ def test_relative_lora_paths_resolve_against_the_recipe_folder(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-1500:]
     assert f"lora: {(folder / 'lora' / 'tiny-flux-style.safetensors').resolve()}" in r.stdout
+
+
+def test_the_dry_run_refuses_a_lora_for_another_model(tmp_path):
+    """Matched against the weights' safetensors headers: no weight is loaded, the build never starts."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    root = Path(__file__).resolve().parents[2]
+    other = tmp_path / "sdxl.safetensors"
+    save_file(
+        {
+            "transformer.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 64),
+            "transformer.down_blocks.0.attn.to_q.lora_B.weight": torch.zeros(64, 4),
+        },
+        str(other),
+    )
+    good = subprocess.run(
+        [sys.executable, "-m", "dtcompile", "build", "--recipe", str(root / "recipes" / "tiny-flux-lora.yaml"),
+         "--dry-run", "--set", f"output.dir={tmp_path / 'out'}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert good.returncode == 0, good.stderr[-1500:]
+    assert "lora: every module of 1 adapter(s) matches a transformer weight" in good.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "dtcompile", "build", "--recipe", str(root / "recipes" / "tiny-flux.yaml"),
+         "--dry-run", "--set", f"lora=[{{source: {other}}}]", "--set", f"output.dir={tmp_path / 'out'}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "error: lora[0].source: 'sdxl.safetensors': none of its LoRA modules match a module of the model's "
+        "transformer (e.g. 'down_blocks.0.attn.to_q'); is this a LoRA for another model?"
+    )
+    assert not (tmp_path / "out").exists()
