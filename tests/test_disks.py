@@ -6,6 +6,7 @@ because root ignores `chmod` and a real full disk cannot be made otherwise.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ def check(r: subprocess.CompletedProcess[str], mnt: Path, message: str) -> None:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert sorted(p.name for p in mnt.iterdir()) in ([], ["filler"])  # nothing half-written, no temp folder
+    assert str(mnt) in lines[0] and not re.search(r"/\.[^/]+\.[a-z]+-\d+-", lines[0]), lines[0]  # no temp names
 
 
 def test_build(disk: tuple[Path, str]) -> None:
@@ -74,3 +76,4 @@ def test_publish_and_pull(tiny_artifact: Path, disk: tuple[Path, str], tmp_path:
     assert dtc("-q", "publish", str(tiny_artifact), "--to", str(published)).returncode == 0
     r = dtc("-q", "pull", str(published / tiny_artifact.name), "--arch", "sm_89", "--out", str(mnt / "pulled"))
     check(r, mnt, message)
+    assert r.stderr.startswith((f"error: {mnt / 'pulled'}: ", f"error: {mnt}: "))  # not a temp folder that is gone

@@ -73,8 +73,12 @@ def run(
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    result.image.save(tmp, format=image_format)
-    tmp.replace(out)
+    try:
+        result.image.save(tmp, format=image_format)
+        tmp.replace(out)
+    except OSError as exc:  # a full or read-only disk: nothing half-written, the error names --out
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from None
     click.echo(
         f"wrote {out} ({result.image.width}x{result.image.height}) with {result.backend} {result.arch}: "
         f"{result.steps} steps in {result.seconds:.2f}s"

@@ -54,9 +54,33 @@ def make_temp_dir(dest: Path, kind: str) -> Path:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{kind}-{os.getpid()}-", dir=dest.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{kind}-{os.getpid()}-", dir=dest.parent))
+    except OSError as exc:  # name the folder written to, not a temp name that never existed
+        raise OSError(exc.errno, exc.strerror, str(dest.parent)) from None
     tmp.chmod(0o755)  # mkdtemp is owner-only; artifacts are shared read-only
     return tmp
+
+
+def as_written_to(exc: OSError, tmp: Path, dest: Path) -> OSError:
+    """``exc`` naming where the user asked to write: a path inside ``tmp`` (removed by now) becomes the same path
+    under ``dest``, and an error without a file (a full disk during a write) names ``dest``."""
+
+    def public(name: object) -> str | None:
+        if name is None:
+            return None
+        path = Path(os.fsdecode(name))  # type: ignore[arg-type]
+        try:
+            return str(dest / path.relative_to(tmp))
+        except ValueError:
+            return str(path)
+
+    first, second = public(exc.filename), public(exc.filename2)
+    if first is None:
+        first = str(dest)
+    if second is not None:
+        return OSError(exc.errno, exc.strerror, first, None, second)
+    return OSError(exc.errno, exc.strerror or str(exc), first)
 
 
 def _alive(pid: int) -> bool:

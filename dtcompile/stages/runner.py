@@ -126,7 +126,7 @@ def run_build(
     recipe_path: str | None = None,
 ) -> BuildReport:
     """Run the stages for ``recipe`` (or an already computed ``Plan``) and move the artifact to ``output.dir/name``."""
-    from dtcompile.core.files import collect_stale, make_temp_dir, replace_dir
+    from dtcompile.core.files import as_written_to, collect_stale, make_temp_dir, replace_dir
     from dtcompile.manifest import Verifier, read_manifest, write_manifest
     from dtcompile.stages.load import locate_source
 
@@ -151,6 +151,9 @@ def run_build(
         state.manifest["stages"] = [s.to_json() for s in state.stats]
         write_manifest(tmp, state.manifest)
         replace_dir(tmp, out_dir)
+    except OSError as exc:  # a full or read-only disk: name out_dir, not the temp folder removed here
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise as_written_to(exc, tmp, out_dir) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

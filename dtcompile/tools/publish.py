@@ -723,6 +723,11 @@ def pull_artifact(
         if type(exc) in (ArtifactError, VerificationError):
             raise type(exc)(f"{exc}; nothing was extracted to {out_dir}") from None
         raise
+    except OSError as exc:
+        _cleanup(tmp, created)
+        if exc.errno in LOCAL_WRITE_ERRORS:  # name --out, not the temp folder that is gone now
+            raise OSError(exc.errno, f"{exc.strerror}; nothing was extracted", str(out_dir)) from None
+        raise
     except BaseException:
         _cleanup(tmp, created)
         raise
@@ -851,7 +856,7 @@ def _fetch(store: _Store, rel: str, dest: Path) -> None:
         raise ArtifactError(f"{store.url_of(rel)}: not found; the version is incomplete") from None
     except OSError as exc:
         if exc.errno in LOCAL_WRITE_ERRORS:  # this machine's disk, not the store: the CLI's OSError line
-            raise OSError(exc.errno, exc.strerror, str(dest)) from None
+            raise OSError(exc.errno, exc.strerror, str(dest)) from exc
         raise ArtifactError(f"{store.url_of(rel)}: download failed ({exc})") from None
 
 
