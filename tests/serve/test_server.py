@@ -344,16 +344,7 @@ def test_ray_serve_two_replicas_answer_the_same_client(tiny_artifact: Path, tmp_
                                 stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     s = Server(proc, port, log)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                if s.request("GET", "/ready", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
+        _wait_ready(s, timeout=240)
         c = client(s)
         servers: set[str] = set()
         lock = threading.Lock()
