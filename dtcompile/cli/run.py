@@ -16,7 +16,8 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**64 - 1))
 @click.option("--height", type=click.IntRange(1), help="Pixels; default: the artifact's opt height.")
 @click.option("--width", type=click.IntRange(1), help="Pixels; default: the artifact's opt width.")
-@click.option("--guidance", default=3.5, show_default=True, type=float, help="Guidance scale.")
+@click.option("--guidance", type=float, help="Guidance scale; default: the pipeline's (FLUX.1 3.5, SD3 7.0).")
+@click.option("--negative-prompt", help="For pipelines with classifier-free guidance (SD3).")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
 @click.option(
     "--out",
@@ -48,7 +49,8 @@ def run(
     seed: int,
     height: int | None,
     width: int | None,
-    guidance: float,
+    guidance: float | None,
+    negative_prompt: str | None,
     backend: str,
     out_path: str,
     verify: str,
@@ -67,6 +69,7 @@ def run(
         height=height,
         width=width,
         guidance=guidance,
+        negative_prompt=negative_prompt,
         backend=backend,
         verify="size" if no_verify else verify,
         cache=None if cache is None else cache == "on",

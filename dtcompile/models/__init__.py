@@ -13,10 +13,12 @@ from dtcompile.core.registry import Registry
 if TYPE_CHECKING:
     from dtcompile.models.base import ModelAdapter
 
-ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family", {"flux": "dtcompile.models.flux:FluxAdapter"})
+ADAPTERS: Registry[type[ModelAdapter]] = Registry(
+    "model family", {"flux": "dtcompile.models.flux:FluxAdapter", "sd3": "dtcompile.models.sd3:SD3Adapter"}
+)
 
 # diffusers pipeline class name (model_index.json's "_class_name") -> model family.
-PIPELINE_FAMILIES: dict[str, str] = {"FluxPipeline": "flux"}
+PIPELINE_FAMILIES: dict[str, str] = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
 
 
 def adapter_for_pipeline_class(name: str) -> str:

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 class GenerationRequest:
     """One pipeline call in family-neutral terms; the adapter turns it into the pipeline's keyword arguments.
 
-    ``prompt`` is one prompt or a batch; ``guidance`` and ``text_len`` are left to the pipeline's defaults when
-    None; ``output_type`` is diffusers' ("pil", "pt", "np" or "latent"); ``callback`` is diffusers'
+    ``prompt`` is one prompt or a batch; ``guidance``, ``text_len`` and ``negative_prompt`` are left to the
+    pipeline's defaults when None; ``output_type`` is diffusers' ("pil", "pt", "np" or "latent"); ``callback`` is diffusers'
     ``callback_on_step_end``.
     """
 
@@ -38,6 +38,7 @@ class GenerationRequest:
     images_per_prompt: int = 1
     output_type: str = "pil"
     callback: Any = None
+    negative_prompt: str | list[str] | None = None
 
 
 class CacheLayout(Protocol):
@@ -76,6 +77,7 @@ class ModelAdapter(Protocol):
     family: str
     pipeline_class: str  # diffusers class name, e.g. "FluxPipeline"
     component: str  # the component turned into an engine, e.g. "transformer"
+    negative_prompt: bool  # whether the pipeline uses a negative prompt (classifier-free guidance)
     default_exclude: tuple[str, ...]  # module-name patterns never quantized
 
     def pipe_config(self, pipe: Any) -> dict[str, Any]:

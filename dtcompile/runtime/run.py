@@ -213,7 +213,8 @@ def run_artifact(
     seed: int = 0,
     height: int | None = None,
     width: int | None = None,
-    guidance: float = 3.5,
+    guidance: float | None = None,
+    negative_prompt: str | None = None,
     backend: str = "auto",
     trace: bool = False,
     verify: bool | str = True,
@@ -225,11 +226,14 @@ def run_artifact(
     """
     import torch
 
-    check_finite_option("guidance", guidance)
+    if guidance is not None:
+        check_finite_option("guidance", guidance)
     shapes = (before := read_manifest(artifact_dir)).shapes
     height = height or shapes["height"].opt
     width = width or shapes["width"].opt
     check_generation(artifact_dir, before, height, width)
+    if negative_prompt is not None and not adapter_for(before.source.pipeline_class).negative_prompt:
+        raise UnsupportedError(f"--negative-prompt: {before.source.pipeline_class} artifacts take no negative prompt")
     pipe, module, manifest, entry = load_engine_pipeline(artifact_dir, backend, verify=verify, cache=cache)
     if trace:
         module.trace = []
@@ -244,6 +248,7 @@ def run_artifact(
         generator=torch.Generator("cpu").manual_seed(seed),
         guidance=guidance,
         text_len=shapes["text_len"].opt,
+        negative_prompt=negative_prompt,
     )
     t0 = time.perf_counter()
     out = pipe(**adapter.call_kwargs(request))

@@ -59,6 +59,11 @@ class ServedModel:
             raise ArtifactError(f"{path}: the build stopped after '{manifest.stopped_after}'; it has no engines")
         return cls(path, manifest)
 
+    def _adapter(self) -> Any:
+        from dtcompile.models import adapter_for
+
+        return self.adapter or adapter_for(self.manifest.source.pipeline_class)
+
     @property
     def batch_max(self) -> int:
         return self.manifest.shapes["batch"].max
@@ -92,7 +97,7 @@ class ServedModel:
             raise APIError(
                 400, f"prompt: {len(req.prompt)} characters, at most {options.max_prompt_chars}", param="prompt"
             )
-        if req.negative_prompt is not None:
+        if req.negative_prompt is not None and not self._adapter().negative_prompt:
             raise APIError(
                 400,
                 f"negative_prompt: model {self.name} ({self.manifest.source.pipeline_class}) is guidance-distilled "
@@ -148,6 +153,9 @@ class ServedModel:
             guidance=head.guidance,
             text_len=self.manifest.shapes["text_len"].opt,
             callback=step_end,
+            negative_prompt=head.negative_prompt
+            if head.negative_prompt is None
+            else [head.negative_prompt] * len(prompts),
         )
         with torch.inference_mode():
             images = self.adapter.output_media(self.pipe(**self.adapter.call_kwargs(request)))

@@ -69,16 +69,17 @@ def test_import_loads_no_heavy_module() -> None:
 def test_registry_and_pipeline_class_lookup() -> None:
     assert ADAPTERS.get("flux") is FluxAdapter
     assert adapter_for_pipeline_class("FluxPipeline") == "flux"
-    with pytest.raises(UnsupportedError, match=r"unsupported pipeline class 'StableDiffusion3Pipeline'.*FluxPipeline"):
-        adapter_for_pipeline_class("StableDiffusion3Pipeline")
-    with pytest.raises(UnsupportedError, match=r"unknown model family 'sdxl'; choose one of: flux"):
+    assert adapter_for_pipeline_class("StableDiffusion3Pipeline") == "sd3"
+    with pytest.raises(UnsupportedError, match=r"unsupported pipeline class 'StableDiffusionXLPipeline'.*FluxPipeline"):
+        adapter_for_pipeline_class("StableDiffusionXLPipeline")
+    with pytest.raises(UnsupportedError, match=r"unknown model family 'sdxl'; choose one of: flux, sd3"):
         ADAPTERS.get("sdxl")
 
 
 def test_unknown_builtin_names_the_choices() -> None:
     with pytest.raises(UnsupportedError) as err:
         builtin_model_path("huge-flux")
-    assert str(err.value) == "unknown built-in model 'huge-flux'; choose one of: tiny-flux, flux-realwidth-1"
+    assert str(err.value) == "unknown built-in model 'huge-flux'; choose one of: tiny-flux, flux-realwidth-1, tiny-sd3"
 
 
 def test_builtins_have_descriptions() -> None:

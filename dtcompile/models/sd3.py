@@ -1,0 +1,353 @@
+"""Stable Diffusion 3 / 3.5: the ``transformer`` (an ``SD3Transformer2DModel``) of a ``StableDiffusion3Pipeline``.
+
+Graph: ``hidden_states`` (the VAE latents, batch x C x h x w), ``encoder_hidden_states`` (CLIP-L and CLIP-G
+hidden states side by side, zero-padded to T5's width, followed by T5's tokens: 77 + text_len tokens),
+``pooled_projections`` (both CLIPs' pooled outputs) and ``timestep``; output ``latent`` (the velocity, shaped
+like ``hidden_states``). SD3 runs classifier-free guidance as one doubled batch (``guidance_scale > 1``), so
+the engine's batch range is twice the recipe's.
+
+Image sizes are fixed per artifact (``export.shapes.height/width`` min = opt = max): diffusers crops SD3's
+position embedding with Python integers (``PatchEmbed.cropped_pos_embed``), which the ONNX tracer records as
+constants. The batch stays dynamic.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.core.errors import RecipeError, UnsupportedError
+from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
+from dtcompile.models.base import GenerationRequest
+from dtcompile.models.builtin import BuiltinModel
+from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
+
+if TYPE_CHECKING:
+    import torch
+
+TINY_SD3_VERSION = 1
+CLIP_TOKENS = 77  # both CLIP tokenizers' model_max_length: SD3's prompt embeds start with 77 CLIP tokens
+MAX_SEQUENCE_LENGTH = 512  # StableDiffusion3Pipeline refuses a longer T5 max_sequence_length
+
+_TINY_WORDS: tuple[str, ...] = (
+    "a", "the", "of", "in", "on", "with", "and", "photo", "painting", "cat", "dog", "fox", "lighthouse", "tree",
+    "mountain", "river", "sea", "city", "house", "sky", "sun", "moon", "night", "snow", "red", "blue", "green",
+    "small", "big", "old", "detailed", "style", "dusk", "blur", "blurry", "ugly",
+)  # fmt: skip
+
+# SD3.5-medium's layout scaled down: head_dim 16, widths multiples of 16; CLIP-L + CLIP-G pooled = 64,
+# T5 d_model 64 (>= both CLIP widths side by side, as in SD3: 768 + 1280 <= 4096).
+TINY_SD3_CONFIG: dict[str, Any] = {
+    "transformer": {
+        "sample_size": 32,
+        "patch_size": 2,
+        "in_channels": 4,
+        "num_layers": 2,
+        "attention_head_dim": 16,
+        "num_attention_heads": 4,
+        "joint_attention_dim": 64,
+        "caption_projection_dim": 64,
+        "pooled_projection_dim": 64,
+        "out_channels": 4,
+        "pos_embed_max_size": 48,
+    },
+    "vae": {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "block_out_channels": [16, 32],  # vae_scale_factor 2; with patch 2, sizes are multiples of 4
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+        "sample_size": 32,
+        "scaling_factor": 1.5305,  # SD3's values
+        "shift_factor": 0.0609,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    },
+    "text_encoder": {  # CLIP-L (CLIPTextModelWithProjection)
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": CLIP_TOKENS,
+        "projection_dim": 32,
+        "hidden_act": "quick_gelu",
+    },
+    "text_encoder_2": {  # CLIP-G
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": CLIP_TOKENS,
+        "projection_dim": 32,
+        "hidden_act": "gelu",
+    },
+    "text_encoder_3": {  # T5 v1.1
+        "d_model": 64,
+        "d_kv": 16,
+        "d_ff": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 32,
+        "feed_forward_proj": "gated-gelu",
+        "dropout_rate": 0.0,
+        "is_encoder_decoder": False,
+        "use_cache": False,
+    },
+    "scheduler": {"num_train_timesteps": 1000, "shift": 3.0},
+    "tokenizer_words": list(_TINY_WORDS),
+    "tokenizer_max_length": CLIP_TOKENS,
+    "tokenizer_2_max_length": 256,
+}
+
+
+def build_tiny_sd3(seed: int = 0, config: dict[str, Any] = TINY_SD3_CONFIG) -> Any:
+    """A randomly initialised ``StableDiffusion3Pipeline``; the same seed gives the same weights."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    clip_tok, t5_tok = build_tiny_tokenizers(config)
+    clip_tok_2, _ = build_tiny_tokenizers(config)
+
+    def clip_config(key: str) -> Any:
+        return CLIPTextConfig(
+            vocab_size=len(clip_tok),
+            bos_token_id=clip_tok.bos_token_id,
+            eos_token_id=clip_tok.eos_token_id,
+            pad_token_id=clip_tok.pad_token_id,
+            **config[key],
+        )
+
+    t5_config = T5Config(
+        vocab_size=len(t5_tok),
+        pad_token_id=t5_tok.pad_token_id,
+        eos_token_id=t5_tok.eos_token_id,
+        decoder_start_token_id=t5_tok.pad_token_id,
+        **config["text_encoder_3"],
+    )
+
+    def seeded(offset: int, make: Callable[[], Any]) -> Any:
+        torch.manual_seed(seed + offset)
+        return make().eval()
+
+    with torch.random.fork_rng(devices=[]):
+        transformer = seeded(0, lambda: SD3Transformer2DModel(**config["transformer"]))
+        vae = seeded(1, lambda: AutoencoderKL(**config["vae"]))
+        text_encoder = seeded(2, lambda: CLIPTextModelWithProjection(clip_config("text_encoder")))
+        text_encoder_2 = seeded(3, lambda: CLIPTextModelWithProjection(clip_config("text_encoder_2")))
+        text_encoder_3 = seeded(4, lambda: T5EncoderModel(t5_config))
+    return StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tok_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tok,
+        transformer=transformer,
+    )
+
+
+def generate_tiny_sd3(out_dir: Path, seed: int = 0) -> Path:
+    """Write the tiny SD3 pipeline to ``out_dir`` in diffusers' layout; load it with ``from_pretrained``."""
+    out_dir = Path(out_dir)
+    build_tiny_sd3(seed).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    "tiny-sd3": BuiltinModel(
+        "tiny-sd3",
+        "sd3",
+        "random-weight SD3.5 lookalike (2 joint blocks, width 64, three text encoders) for offline tests",
+        generate_tiny_sd3,
+        TINY_SD3_CONFIG,
+        TINY_SD3_VERSION,
+        (*TOKENIZER_CODE, build_tiny_sd3, generate_tiny_sd3),
+    )
+}
+
+#: The transformer's graph inputs, in order.
+GRAPH_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+
+
+@functools.cache
+def _export_wrapper_class() -> type:
+    import torch
+
+    class SD3TransformerForExport(torch.nn.Module):
+        """Takes the graph inputs positionally and returns the transformer's output tensor."""
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return self.transformer(**dict(zip(GRAPH_INPUTS, inputs, strict=True)), return_dict=False)[0]
+
+    return SD3TransformerForExport
+
+
+def _vae_factor(config: Callable[[str], dict[str, Any] | None]) -> int:
+    vae = config("vae") or {}
+    return 2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else 8
+
+
+def _patch(config: Callable[[str], dict[str, Any] | None]) -> int:
+    return int((config("transformer") or {}).get("patch_size", 2))
+
+
+class SD3Adapter:
+    """SD3 / SD3.5 (medium, large, large-turbo): the ``transformer`` of a ``StableDiffusion3Pipeline``."""
+
+    family = "sd3"
+    pipeline_class = "StableDiffusion3Pipeline"
+    component = "transformer"
+    negative_prompt = True  # classifier-free guidance: a negative prompt is used
+    # High precision for the embedders and the output layers (as for FLUX).
+    default_exclude = ("*pos_embed*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
+
+    @staticmethod
+    def pipe_config(pipe: Any) -> dict[str, Any]:
+        return {"vae_scale_factor": int(pipe.vae_scale_factor)}
+
+    @staticmethod
+    def hidden_width(config: dict[str, Any]) -> int:
+        return int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
+
+    @staticmethod
+    def _shapes_at(module: torch.nn.Module, vsf: int, batch: int, height: int, width: int, text_len: int) -> dict:
+        cfg = module.config
+        latent = (batch, int(cfg["in_channels"]), height // vsf, width // vsf)
+        return {
+            "hidden_states": latent,
+            "encoder_hidden_states": (batch, CLIP_TOKENS + text_len, int(cfg["joint_attention_dim"])),
+            "pooled_projections": (batch, int(cfg["pooled_projection_dim"])),
+            "timestep": (batch,),
+        }
+
+    def export_spec(
+        self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, dtype: torch.dtype
+    ) -> ExportSpec:
+        """Symbolic batch (CFG doubles it), everything else at the artifact's one size; examples at opt."""
+        import torch
+
+        vsf = int(pipe_config["vae_scale_factor"])
+        dt = str(dtype).removeprefix("torch.")
+        opt = self._shapes_at(module, vsf, 2 * shapes.batch.opt, shapes.height.opt, shapes.width.opt,
+                              shapes.text_len.opt)  # fmt: skip
+        cfg = module.config
+        inputs = [
+            TensorSpec("hidden_states", dt, ("batch", *opt["hidden_states"][1:])),
+            TensorSpec("encoder_hidden_states", dt, ("batch", *opt["encoder_hidden_states"][1:])),
+            TensorSpec("pooled_projections", dt, ("batch", *opt["pooled_projections"][1:])),
+            TensorSpec("timestep", dt, ("batch",)),
+        ]
+        out_ch = int(cfg.get("out_channels") or cfg["in_channels"])
+        outputs = [TensorSpec("latent", dt, ("batch", out_ch, *opt["hidden_states"][2:]))]
+        device = next(module.parameters()).device
+        gen = torch.Generator().manual_seed(0)
+
+        def randn(name: str) -> torch.Tensor:
+            return torch.randn(opt[name], generator=gen).to(device=device, dtype=dtype)
+
+        example = {name: randn(name) for name in GRAPH_INPUTS[:3]}
+        # StableDiffusion3Pipeline passes the scheduler's timesteps (0..1000) in the latents' dtype.
+        example["timestep"] = (torch.rand(opt["timestep"], generator=gen) * 1000).to(device=device, dtype=dtype)
+        return ExportSpec(inputs=inputs, outputs=outputs, example_inputs=example)
+
+    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return _export_wrapper_class()(module)
+
+    def shape_profile(self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes) -> ShapeProfile:
+        """Batch from the recipe's min (no CFG) to twice its max (CFG); one image size and text length."""
+        vsf = int(pipe_config["vae_scale_factor"])
+
+        def at(batch: int) -> dict[str, tuple[int, ...]]:
+            return self._shapes_at(module, vsf, batch, shapes.height.opt, shapes.width.opt, shapes.text_len.opt)
+
+        return ShapeProfile(min=at(shapes.batch.min), opt=at(2 * shapes.batch.opt), max=at(2 * shapes.batch.max))
+
+    @staticmethod
+    def export_patches() -> tuple[str, ...]:
+        return ()
+
+    def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        """StableDiffusion3Pipeline's keyword arguments (``max_sequence_length`` is the T5 text length)."""
+        kwargs: dict[str, Any] = {
+            "prompt": request.prompt,
+            "height": request.height,
+            "width": request.width,
+            "num_inference_steps": request.steps,
+            "generator": request.generator,
+            "num_images_per_prompt": request.images_per_prompt,
+            "output_type": request.output_type,
+        }
+        optional = {
+            "guidance_scale": request.guidance,
+            "max_sequence_length": request.text_len,
+            "callback_on_step_end": request.callback,
+            "negative_prompt": request.negative_prompt,
+        }
+        kwargs.update({k: v for k, v in optional.items() if v is not None})
+        return kwargs
+
+    @staticmethod
+    def output_media(output: Any) -> list[Any]:
+        return list(output.images)
+
+    def check_shapes(self, shapes: Any, config: Callable[[str], dict[str, Any] | None]) -> None:
+        """One image size per artifact, a multiple of the VAE factor x the patch size; T5 length <= 512."""
+        if shapes.text_len.max > MAX_SEQUENCE_LENGTH:
+            raise RecipeError(
+                f"export.shapes.text_len.max: {shapes.text_len.max} is above {MAX_SEQUENCE_LENGTH}, the longest "
+                "prompt StableDiffusion3Pipeline encodes (max_sequence_length)"
+            )
+        if shapes.text_len.min != shapes.text_len.max:
+            raise RecipeError("export.shapes.text_len: SD3 engines take one text length; give a single number")
+        for var in ("height", "width"):
+            r = getattr(shapes, var)
+            if not r.min == r.opt == r.max:
+                raise RecipeError(
+                    f"export.shapes.{var}: SD3 engines are built for one size (diffusers crops the position "
+                    f"embedding with Python integers, which the ONNX trace fixes); set min = opt = max = {r.opt}"
+                )
+        try:
+            self.check_image_size(shapes.height.opt, shapes.width.opt, config)
+        except UnsupportedError as exc:
+            raise RecipeError(f"export.shapes: {exc}") from None
+
+    @staticmethod
+    def check_image_size(height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:
+        multiple = _vae_factor(config) * _patch(config)
+        for what, size in (("height", height), ("width", width)):
+            if size <= 0 or size % multiple:
+                lower = max(multiple, size // multiple * multiple)
+                raise UnsupportedError(
+                    f"image {what} {size} is not a positive multiple of {multiple} (the VAE factor x SD3's patch "
+                    f"size); use e.g. {lower} or {lower + multiple}"
+                )
+
+    @staticmethod
+    def block_names(config: dict[str, Any]) -> list[str]:
+        raise UnsupportedError(
+            "cache: SD3 transformers cannot be split into block engines yet; remove the cache section"
+        )
+
+    @staticmethod
+    def cache_layout() -> Any:
+        raise UnsupportedError(
+            "cache: SD3 transformers cannot be split into block engines yet; remove the cache section"
+        )

@@ -1,0 +1,114 @@
+"""SD3 / SD3.5 through the same build, run and serve paths as FLUX: tiny-sd3 built for real, compared with
+the plain diffusers pipeline step by step (classifier-free guidance with a negative prompt)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dtcompile.core.errors import RecipeError, UnsupportedError
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
+
+
+@pytest.fixture(scope="module")
+def sd3_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.runner import run_build
+
+    out = tmp_path_factory.mktemp("engines-sd3")
+    return run_build(load_recipe(ROOT / "recipes" / "tiny-sd3.yaml", [f"output.dir={out}"])).artifact_dir
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_artifact_has_the_transformer_for_every_target(sd3_artifact: Path) -> None:
+    from dtcompile.manifest import read_manifest
+
+    m = read_manifest(sd3_artifact)
+    assert m.source.pipeline_class == "StableDiffusion3Pipeline"
+    engines = {(e.backend, e.arch) for e in m.components["transformer"].engines}
+    assert engines == {("onnxruntime", "any"), ("tensorrt-rtx", "sm_89"), ("tensorrt-rtx", "sm_120")}
+    assert m.components["transformer"].parity["rel_l2"] < 1e-4
+    profile = m.components["transformer"].profile
+    assert profile["hidden_states"]["min"][0] == 1 and profile["hidden_states"]["max"][0] == 4  # CFG doubles 2
+
+
+def test_run_matches_diffusers_every_step_with_cfg_and_a_negative_prompt(sd3_artifact: Path) -> None:
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.models.builtin import builtin_model_path
+    from dtcompile.runtime.run import run_artifact
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(builtin_model_path("tiny-sd3"), dtype=torch.float32)
+    preds: list[torch.Tensor] = []
+    pipe.transformer.register_forward_hook(lambda mod, args, out: preds.append(out[0].detach().clone()))
+    ref = pipe(
+        PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_inference_steps=4, guidance_scale=5.0,
+        generator=torch.Generator("cpu").manual_seed(3), max_sequence_length=32,
+    ).images[0]  # fmt: skip
+    got = run_artifact(sd3_artifact, PROMPT, steps=4, seed=3, guidance=5.0, negative_prompt=NEGATIVE,
+                       backend="onnxruntime", trace=True)  # fmt: skip
+    assert len(got.trace) == len(preds) == 4
+    for step, (a, b) in enumerate(zip(got.trace, preds, strict=True)):
+        assert a.shape == b.shape == (2, 4, 32, 32)  # cond + uncond in one batch
+        assert rel_l2(a, b) <= 1e-4, f"step {step}"
+    assert psnr(np.asarray(got.image), np.asarray(ref)) >= 40
+
+
+def test_the_server_path_takes_a_negative_prompt_and_matches_the_run(sd3_artifact: Path, tiny_artifact: Path) -> None:
+    from dtcompile.runtime.run import run_artifact
+    from dtcompile.serve.models import ServedModel, ServeOptions
+    from dtcompile.serve.protocol import APIError, parse_request
+
+    options = ServeOptions(default_steps=4)
+    model = ServedModel.open(sd3_artifact)
+    req = parse_request({"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 3, "guidance_scale": 5.0})
+    job = model.make_job(req, options, capacity=2)
+    model.load(options)
+    served = model.generate([job])[0][0]
+    ran = run_artifact(sd3_artifact, PROMPT, steps=4, seed=3, guidance=5.0, negative_prompt=NEGATIVE)
+    assert psnr(np.asarray(served), np.asarray(ran.image)) >= 40
+    with pytest.raises(APIError) as err:  # FLUX.1 is guidance-distilled
+        ServedModel.open(tiny_artifact).make_job(req, options, capacity=2)
+    assert err.value.status == 400 and err.value.param == "negative_prompt"
+
+
+def test_sd3_shape_rules_in_the_dry_run(tmp_path: Path) -> None:
+    from dtcompile.api import plan
+
+    recipe = str(ROOT / "recipes" / "tiny-sd3.yaml")
+    with pytest.raises(RecipeError, match=r"export.shapes.height: SD3 engines are built for one size"):
+        plan(recipe, ["export.shapes.height={min: 32, opt: 64, max: 128}", f"output.dir={tmp_path}"])
+    with pytest.raises(RecipeError, match=r"image width 66 is not a positive multiple of 4"):
+        plan(recipe, ["export.shapes.width={min: 66, opt: 66, max: 66}", f"output.dir={tmp_path}"])
+    with pytest.raises(RecipeError, match=r"text_len: SD3 engines take one text length"):
+        plan(recipe, ["export.shapes.text_len={min: 16, opt: 32, max: 64}", f"output.dir={tmp_path}"])
+
+
+def test_run_refuses_a_size_other_than_the_built_one(sd3_artifact: Path) -> None:
+    from dtcompile.runtime.run import run_artifact
+
+    with pytest.raises(UnsupportedError, match="outside the artifact's range 64..64"):
+        run_artifact(sd3_artifact, PROMPT, steps=1, height=128, width=64)
+
+
+def test_fp8_build_quantizes_linears_and_attention_and_stays_close(tmp_path: Path) -> None:
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.runner import run_build
+
+    report = run_build(load_recipe(ROOT / "recipes" / "tiny-sd3-fp8.yaml", [f"output.dir={tmp_path}"]))
+    quant = report.manifest.components["transformer"].quant
+    assert quant["graph"]["fp8_qdq"] > 0 and quant["graph"]["fp8_attention"] > 0
+    assert quant["parity"]["summary"]["min_psnr_db"] >= 40  # onnxruntime vs fake-quant torch
+    assert quant["accuracy"]["summary"]["min_psnr_db"] >= 30  # quantized vs unquantized
+    engines = {(e.backend, e.arch) for e in report.manifest.components["transformer"].engines}
+    assert {("tensorrt-rtx", "sm_89"), ("tensorrt-rtx", "sm_120")} <= engines
