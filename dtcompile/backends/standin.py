@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dtcompile.core.errors import VerificationError
+from dtcompile.core.errors import UnsupportedError, VerificationError
 
 
 class ComponentStandIn(torch.nn.Module):
@@ -52,6 +52,12 @@ class ComponentStandIn(torch.nn.Module):
         if joint_attention_kwargs:
             raise NotImplementedError(
                 f"joint_attention_kwargs {sorted(joint_attention_kwargs)} are not supported by engines"
+            )
+        extra = sorted(k for k, v in kwargs.items() if v is not None and k not in self.input_names)
+        if extra:  # e.g. SD3's skip_layers (skip-layer guidance): an engine would silently ignore it
+            raise UnsupportedError(
+                f"the pipeline passed {', '.join(extra)} to the engine-backed component, which takes only "
+                f"{', '.join(self.input_names)}; this pipeline option cannot run on an engine"
             )
         feeds = {name: kwargs[name] for name in self.input_names if kwargs.get(name) is not None}
         missing = [n for n in self.input_names if n not in feeds]

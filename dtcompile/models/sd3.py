@@ -37,7 +37,7 @@ _TINY_WORDS: tuple[str, ...] = (
     "small", "big", "old", "detailed", "style", "dusk", "blur", "blurry", "ugly",
 )  # fmt: skip
 
-# SD3.5-medium's layout scaled down: head_dim 16, widths multiples of 16; CLIP-L + CLIP-G pooled = 64,
+# SD3.5 Medium's layout scaled down (dual attention, qk RMSNorm): head_dim 16, widths multiples of 16; CLIP-L + CLIP-G pooled = 64,
 # T5 d_model 64 (>= both CLIP widths side by side, as in SD3: 768 + 1280 <= 4096).
 TINY_SD3_CONFIG: dict[str, Any] = {
     "transformer": {
@@ -52,6 +52,8 @@ TINY_SD3_CONFIG: dict[str, Any] = {
         "pooled_projection_dim": 64,
         "out_channels": 4,
         "pos_embed_max_size": 48,
+        "dual_attention_layers": [0],  # SD3.5 Medium's MMDiT-X: a second self-attention in the first block(s)
+        "qk_norm": "rms_norm",  # SD3.5's query/key RMSNorm
     },
     "vae": {
         "in_channels": 3,

@@ -112,3 +112,20 @@ def test_fp8_build_quantizes_linears_and_attention_and_stays_close(tmp_path: Pat
     assert quant["accuracy"]["summary"]["min_psnr_db"] >= 30  # quantized vs unquantized
     engines = {(e.backend, e.arch) for e in report.manifest.components["transformer"].engines}
     assert {("tensorrt-rtx", "sm_89"), ("tensorrt-rtx", "sm_120")} <= engines
+
+
+def test_skip_layer_guidance_is_refused_not_ignored(sd3_artifact: Path) -> None:
+    import torch
+
+    from dtcompile.api import load_pipeline
+
+    pipe = load_pipeline(sd3_artifact, backend="onnxruntime")
+    with pytest.raises(UnsupportedError, match=r"passed skip_layers to the engine-backed component"):
+        pipe(PROMPT, num_inference_steps=4, guidance_scale=5.0, skip_guidance_layers=[0], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0,
+             generator=torch.Generator("cpu").manual_seed(0), max_sequence_length=32)  # fmt: skip
+
+
+def test_tiny_sd3_has_sd35_medium_dual_attention_and_qk_norm() -> None:
+    from dtcompile.models.sd3 import TINY_SD3_CONFIG
+
+    assert TINY_SD3_CONFIG["transformer"]["dual_attention_layers"] and TINY_SD3_CONFIG["transformer"]["qk_norm"]
