@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,11 @@ def test_usage_errors_are_one_line(args: list[str], message: str) -> None:
     r = subprocess.run([sys.executable, "-m", "dtcompile", *args], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(message), r.stderr
+
+
+def test_models_lists_families_builtins_and_their_recipes() -> None:
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "dtcompile", "models"], capture_output=True, text=True, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert "sd3    StableDiffusion3Pipeline" in r.stdout and "flux   FluxPipeline" in r.stdout
+    assert "builtin:tiny-sd3" in r.stdout and "recipes/tiny-sd3.yaml" in r.stdout
