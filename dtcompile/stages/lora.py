@@ -285,10 +285,14 @@ def read_lora(resolved: ResolvedLora, pipeline_class: str, component: str = "tra
     pipe_cls = getattr(diffusers, pipeline_class, None)
     if pipe_cls is None or not hasattr(pipe_cls, "lora_state_dict"):
         raise UnsupportedError(f"{label}: {pipeline_class} has no diffusers LoRA loader")
+    import inspect
+
+    # FLUX's loader returns alphas (kohya/BFL files carry them); SD3's has no such option
+    with_alphas = "return_alphas" in inspect.signature(pipe_cls.lora_state_dict).parameters
+    options = {"return_alphas": True} if with_alphas else {}
     try:
-        state_dict, alphas, metadata = pipe_cls.lora_state_dict(
-            str(resolved.path), return_alphas=True, return_lora_metadata=True, use_safetensors=True
-        )
+        out = pipe_cls.lora_state_dict(str(resolved.path), return_lora_metadata=True, use_safetensors=True, **options)
+        state_dict, alphas, metadata = out if with_alphas else (out[0], None, out[1])
     except Exception as exc:  # diffusers' converters raise ValueError, KeyError, AssertionError...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise RecipeError(f"{label}: diffusers cannot read '{resolved.path.name}' as a LoRA ({first})") from None

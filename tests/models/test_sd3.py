@@ -129,3 +129,36 @@ def test_tiny_sd3_has_sd35_medium_dual_attention_and_qk_norm() -> None:
     from dtcompile.models.sd3 import TINY_SD3_CONFIG
 
     assert TINY_SD3_CONFIG["transformer"]["dual_attention_layers"] and TINY_SD3_CONFIG["transformer"]["qk_norm"]
+
+
+def test_lora_fuse_and_refit_agree_and_the_base_comes_back(sd3_artifact: Path, tmp_path: Path) -> None:
+    """An SD3 LoRA through diffusers' SD3 loader: built fused == refit into the plain artifact; --lora none."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from dtcompile.models.builtin import builtin_model_path
+    from dtcompile.recipe import load_recipe
+    from dtcompile.runtime.run import run_artifact
+    from dtcompile.stages.runner import run_build
+    from dtcompile.tools.refit import refit_artifact
+    from tests.fixtures.lora import FLUX_TARGETS, make_peft_lora
+
+    transformer = SD3Transformer2DModel.from_pretrained(builtin_model_path("tiny-sd3") / "transformer")
+    lora = make_peft_lora(transformer, tmp_path / "sd3-style.safetensors", pipeline_class="StableDiffusion3Pipeline",
+                          targets=FLUX_TARGETS, rank=4, alpha=8.0, seed=1)  # fmt: skip
+    overrides = [f"output.dir={tmp_path / 'fused'}", "engine={backends: [onnxruntime]}",
+                 f"lora=[{{source: {lora}, scale: 0.8}}]"]  # fmt: skip
+    fused = run_build(load_recipe(ROOT / "recipes" / "tiny-sd3.yaml", overrides)).artifact_dir
+    refit = refit_artifact(sd3_artifact, [(str(lora), 0.8)], out_dir=tmp_path / "refit", drop_unrefittable=True)
+    back = refit_artifact(refit.artifact_dir, [], out_dir=tmp_path / "back", drop_unrefittable=True)
+
+    def image(artifact: Path) -> np.ndarray:
+        with torch.no_grad():
+            return np.asarray(
+                run_artifact(artifact, PROMPT, steps=4, seed=3, guidance=5.0, backend="onnxruntime").image
+            )
+
+    base, with_lora = image(sd3_artifact), image(fused)
+    assert not np.array_equal(base, with_lora)  # the adapter changes the image
+    assert psnr(image(refit.artifact_dir), with_lora) >= 40
+    assert psnr(image(back.artifact_dir), base) >= 40
