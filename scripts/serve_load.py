@@ -105,10 +105,10 @@ def _report(results: list[tuple[int, float, int]], wall: float, before: dict[str
     by_status = Counter(status for status, _, _ in results)
     ok = sorted(lat for status, lat, _ in results if status == 200)
     images = sum(i for _, _, i in results)
-    server = {
-        str(code): int(delta(f"dtc_requests_total{{model={model},status={code}}}"))
-        for code in (200, 400, 429, 503, 504)
-    }
+    prefix = f"dtc_requests_total{{model={model},status="
+    codes = {k.removeprefix(prefix).rstrip("}") for k in after if k.startswith(prefix)}
+    codes |= {str(s) for s in by_status if s > 0}  # every status either side saw
+    server = {code: int(delta(f"{prefix}{code}}}")) for code in sorted(codes)}
     mismatches = {code: (by_status.get(int(code), 0), count) for code, count in server.items()
                   if by_status.get(int(code), 0) != count}  # fmt: skip
     batches = delta(f"dtc_batch_size_count{{model={model}}}")

@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 #: Suffixes of pickle-based weight files (torch.load runs code from them): never read, never carried.
@@ -81,6 +83,20 @@ def as_written_to(exc: OSError, tmp: Path, dest: Path) -> OSError:
     if second is not None:
         return OSError(exc.errno, exc.strerror, first, None, second)
     return OSError(exc.errno, exc.strerror or str(exc), first)
+
+
+@contextmanager
+def discarded_on_failure(tmp: Path, dest: Path) -> Iterator[None]:
+    """Remove ``tmp`` if the block fails; an OSError (full or read-only disk) is re-raised naming ``dest``
+    (``as_written_to``), not the temp folder removed here."""
+    try:
+        yield
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise as_written_to(exc, tmp, dest) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _alive(pid: int) -> bool:

@@ -79,15 +79,6 @@ TINY_SD3_CONFIG: dict[str, Any] = {
         "projection_dim": 32,
         "hidden_act": "quick_gelu",
     },
-    "text_encoder_2": {  # CLIP-G
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": CLIP_TOKENS,
-        "projection_dim": 32,
-        "hidden_act": "gelu",
-    },
     "text_encoder_3": {  # T5 v1.1
         "d_model": 64,
         "d_kv": 16,
@@ -106,6 +97,7 @@ TINY_SD3_CONFIG: dict[str, Any] = {
     "tokenizer_max_length": CLIP_TOKENS,
     "tokenizer_2_max_length": 256,
 }
+TINY_SD3_CONFIG["text_encoder_2"] = {**TINY_SD3_CONFIG["text_encoder"], "hidden_act": "gelu"}  # CLIP-G
 
 
 def build_tiny_sd3(seed: int = 0, config: dict[str, Any] = TINY_SD3_CONFIG) -> Any:

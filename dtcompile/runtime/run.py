@@ -6,6 +6,7 @@ component differs, so parity with the plain pipeline is a like-for-like comparis
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -95,20 +96,22 @@ def check_finite_option(name: str, value: float) -> None:
         raise UnsupportedError(f"--{name} {value}: must be a finite number")
 
 
-def check_size(shapes: dict[str, ShapeRange], height: int, width: int, batch: int = 1) -> None:
-    """Refuse sizes outside the shape ranges (``Manifest.shapes``) the artifact was built for."""
+def check_size(shapes: dict[str, ShapeRange], height: int, width: int, batch: int = 1, *, flag: str = "--{}") -> None:
+    """Refuse sizes outside the shape ranges (``Manifest.shapes``) the artifact was built for; ``flag`` formats
+    the variable's name in the message (the CLI's ``--height``; the server's plain ``height``)."""
     for name, value in (("height", height), ("width", width), ("batch", batch)):
         r = shapes[name]
         if not r.min <= value <= r.max:
             raise UnsupportedError(
-                f"--{name} {value} is outside the artifact's range {r.min}..{r.max}; "
+                f"{flag.format(name)} {value} is outside the artifact's range {r.min}..{r.max}; "
                 f"rebuild with export.shapes.{name} covering it"
             )
 
 
 def pipeline_config(artifact_dir: Path) -> Callable[[str], dict[str, Any] | None]:
-    """``component -> config.json`` of the artifact's saved pipeline (None where it has none)."""
+    """``component -> config.json`` of the artifact's saved pipeline (None where it has none), each read once."""
 
+    @functools.cache
     def config(component: str) -> dict[str, Any] | None:
         try:
             return json.loads(artifact_path(artifact_dir, f"pipeline/{component}/config.json").read_text())
@@ -118,10 +121,18 @@ def pipeline_config(artifact_dir: Path) -> Callable[[str], dict[str, Any] | None
     return config
 
 
-def check_generation(artifact_dir: Path, manifest: Manifest, height: int, width: int, batch: int = 1) -> None:
-    """Refuse a size the artifact was not built for, or one its family cannot make exactly (UnsupportedError)."""
-    check_size(manifest.shapes, height, width, batch)
-    adapter_for(manifest.source.pipeline_class).check_image_size(height, width, pipeline_config(artifact_dir))
+def check_generation(
+    manifest: Manifest,
+    height: int,
+    width: int,
+    config: Callable[[str], dict[str, Any] | None],
+    *,
+    flag: str = "--{}",
+) -> None:
+    """Refuse a size the artifact was not built for, or one its family cannot make exactly (UnsupportedError);
+    ``config`` is the artifact's ``pipeline_config``."""
+    check_size(manifest.shapes, height, width, flag=flag)
+    adapter_for(manifest.source.pipeline_class).check_image_size(height, width, config)
 
 
 @dataclass
@@ -231,15 +242,15 @@ def run_artifact(
     shapes = (before := read_manifest(artifact_dir)).shapes
     height = height or shapes["height"].opt
     width = width or shapes["width"].opt
-    check_generation(artifact_dir, before, height, width)
-    if negative_prompt is not None and not adapter_for(before.source.pipeline_class).negative_prompt:
+    check_generation(before, height, width, pipeline_config(artifact_dir))
+    adapter = adapter_for(before.source.pipeline_class)
+    if negative_prompt is not None and not adapter.negative_prompt:
         raise UnsupportedError(f"--negative-prompt: {before.source.pipeline_class} artifacts take no negative prompt")
     pipe, module, manifest, entry = load_engine_pipeline(artifact_dir, backend, verify=verify, cache=cache)
     if trace:
         module.trace = []
     if hasattr(module, "begin_run"):
         module.begin_run(steps)
-    adapter = adapter_for(manifest.source.pipeline_class)
     request = GenerationRequest(
         prompt,
         steps,

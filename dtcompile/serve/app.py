@@ -90,6 +90,12 @@ class ServerState:
         log.info("draining: %d queued request(s) answered 503, %d image(s) still running", answered,
                  self.scheduler.running)  # fmt: skip
 
+    def not_ready(self) -> str:
+        """Why requests get 503 now (only meaningful while ``ready`` is False)."""
+        if self.load_error is not None:
+            return f"loading failed: {self.load_error}"
+        return "the server is shutting down" if not self.scheduler.accepting else "models are loading"
+
     def model(self, name: str | None) -> ServedModel:
         if name is None:
             if len(self.models) == 1:
@@ -189,7 +195,7 @@ async def health() -> dict[str, str]:
 @router.get("/ready")
 async def ready(s: State) -> dict[str, Any]:
     if not s.ready:
-        raise APIError(503, f"loading failed: {s.load_error}" if s.load_error else "models are loading")
+        raise APIError(503, s.not_ready())
     return {"status": "ready", "models": list(s.models)}
 
 
@@ -225,7 +231,7 @@ async def generations(request: Request, s: State) -> Response:
     name = "-"
     try:
         if not s.ready:
-            raise APIError(503, "models are loading" if s.load_error is None else "the server failed to load")
+            raise APIError(503, s.not_ready())
         req = parse_request(await _read_json(request, s.options.max_body_bytes))
         model = s.model(req.model)
         name = model.name

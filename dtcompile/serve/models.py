@@ -40,13 +40,17 @@ class ServedModel:
     """An artifact loaded for serving; ``name`` is the artifact's name (the request's ``model``)."""
 
     def __init__(self, artifact_dir: Path, manifest: Manifest) -> None:
+        from dtcompile.models import adapter_for
+        from dtcompile.runtime.run import pipeline_config
+
         self.artifact_dir = artifact_dir
         self.manifest = manifest
         self.name = manifest.name
+        self.adapter = adapter_for(manifest.source.pipeline_class)
+        self.config = pipeline_config(artifact_dir)  # read once: requests are checked against it
         self.pipe: Any = None
         self.module: Any = None
         self.entry: Any = None
-        self.adapter: Any = None
 
     @classmethod
     def open(cls, artifact_dir: str | Path) -> ServedModel:
@@ -59,24 +63,17 @@ class ServedModel:
             raise ArtifactError(f"{path}: the build stopped after '{manifest.stopped_after}'; it has no engines")
         return cls(path, manifest)
 
-    def _adapter(self) -> Any:
-        from dtcompile.models import adapter_for
-
-        return self.adapter or adapter_for(self.manifest.source.pipeline_class)
-
     @property
     def batch_max(self) -> int:
         return self.manifest.shapes["batch"].max
 
     def load(self, options: ServeOptions) -> None:
-        from dtcompile.models import adapter_for
         from dtcompile.runtime.run import load_engine_pipeline
 
         t0 = time.perf_counter()
         self.pipe, self.module, _, self.entry = load_engine_pipeline(
             self.artifact_dir, options.backend, verify=options.verify
         )
-        self.adapter = adapter_for(self.manifest.source.pipeline_class)
         log.info("loaded %s (%s %s) in %.1fs", self.name, self.entry.backend, self.entry.arch, time.perf_counter() - t0)
 
     def warm_up(self) -> float:
@@ -97,7 +94,7 @@ class ServedModel:
             raise APIError(
                 400, f"prompt: {len(req.prompt)} characters, at most {options.max_prompt_chars}", param="prompt"
             )
-        if req.negative_prompt is not None and not self._adapter().negative_prompt:
+        if req.negative_prompt is not None and not self.adapter.negative_prompt:
             raise APIError(
                 400,
                 f"negative_prompt: model {self.name} ({self.manifest.source.pipeline_class}) is guidance-distilled "
@@ -110,9 +107,9 @@ class ServedModel:
         size = req.pixel_size() or (shapes["width"].opt, shapes["height"].opt)
         width, height = size
         try:
-            check_generation(self.artifact_dir, self.manifest, height, width)
+            check_generation(self.manifest, height, width, self.config, flag="{}")
         except DtcError as exc:
-            raise APIError(400, f"size {width}x{height}: {_size_reason(exc, shapes)}", param="size") from None
+            raise APIError(400, f"size {width}x{height}: {str(exc).removeprefix('image ')}", param="size") from None
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
         steps = req.num_inference_steps or options.default_steps
         return Job(self.name, req.prompt, req.n, width, height, steps, req.guidance_scale, seed, req.negative_prompt)
@@ -164,13 +161,3 @@ class ServedModel:
             out.append(images[at : at + job.n])
             at += job.n
         return out
-
-
-def _size_reason(exc: DtcError, shapes: dict[str, Any]) -> str:
-    """The size rule a request broke, in the server's terms (no CLI flags, no paths)."""
-    text = str(exc)
-    for var in ("height", "width", "batch"):
-        if text.startswith(f"--{var} "):
-            r = shapes[var]
-            return f"{var} outside the model's built range {r.min}..{r.max}"
-    return text.removeprefix("image ")

@@ -75,6 +75,10 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self._queue)
 
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="dtc-worker", daemon=True)
         self._thread.start()

@@ -45,13 +45,13 @@ class ResolvedSource:
             return ADAPTERS.get(builtin(self.builtin_name).family)()
         if self.local_dir is not None:
             return ADAPTERS.get(adapter_for_pipeline_class(pipeline_class_of(self.local_dir)))()
-        index = _cached_hub_file(self.spec, "model_index.json")  # a hub model already downloaded
+        index = cached_hub_file(self.spec, "model_index.json")  # a hub model already downloaded
         if index is not None:
             return ADAPTERS.get(adapter_for_pipeline_class(pipeline_class_of(index.parent)))()
         return None
 
 
-def _cached_hub_file(spec: ModelSpec, filename: str) -> Path | None:
+def cached_hub_file(spec: ModelSpec, filename: str) -> Path | None:
     """A file of a hub model from the local Hugging Face cache, or None (nothing is downloaded)."""
     try:
         from huggingface_hub import try_to_load_from_cache

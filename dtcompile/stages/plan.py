@@ -183,15 +183,11 @@ def component_config(resolved: ResolvedSource, component: str) -> dict[str, Any]
         config = builtin(resolved.builtin_name).config.get(component)
         if isinstance(config, dict):
             return dict(config)
+    from dtcompile.stages.load import cached_hub_file, source_dir
+
     if resolved.kind == "hub":
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
-        spec = resolved.spec
-        cached = try_to_load_from_cache(spec.source, f"{component}/config.json", revision=spec.revision)
-        return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
-    from dtcompile.stages.load import source_dir
+        cached = cached_hub_file(resolved.spec, f"{component}/config.json")
+        return json.loads(cached.read_text()) if cached is not None else None
 
     path = source_dir(resolved) / component / "config.json"
     if not path.is_file():

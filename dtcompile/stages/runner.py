@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,7 +125,7 @@ def run_build(
     recipe_path: str | None = None,
 ) -> BuildReport:
     """Run the stages for ``recipe`` (or an already computed ``Plan``) and move the artifact to ``output.dir/name``."""
-    from dtcompile.core.files import as_written_to, collect_stale, make_temp_dir, replace_dir
+    from dtcompile.core.files import collect_stale, discarded_on_failure, make_temp_dir, replace_dir
     from dtcompile.manifest import Verifier, read_manifest, write_manifest
     from dtcompile.stages.load import locate_source
 
@@ -143,7 +142,7 @@ def run_build(
         log.warning("build: %s", line)
     tmp = make_temp_dir(out_dir, "tmp")
     state = BuildState(plan, files, key, versions, weights_digest, tmp, loras=loras)
-    try:
+    with discarded_on_failure(tmp, out_dir):
         state.manifest = _base_manifest(state)
         _run_stages(state, stop_after)
         # targets the plan already knew could not be built (e.g. onnxruntime for an nvfp4 graph)
@@ -151,12 +150,6 @@ def run_build(
         state.manifest["stages"] = [s.to_json() for s in state.stats]
         write_manifest(tmp, state.manifest)
         replace_dir(tmp, out_dir)
-    except OSError as exc:  # a full or read-only disk: name out_dir, not the temp folder removed here
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise as_written_to(exc, tmp, out_dir) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("artifact: %s", out_dir)
     manifest = read_manifest(out_dir)
     Verifier(out_dir).record_written(manifest.all_file_entries())  # hashed as written: a run need not re-hash

@@ -855,8 +855,8 @@ def _fetch(store: _Store, rel: str, dest: Path) -> None:
     except FileNotFoundError:
         raise ArtifactError(f"{store.url_of(rel)}: not found; the version is incomplete") from None
     except OSError as exc:
-        if exc.errno in LOCAL_WRITE_ERRORS:  # this machine's disk, not the store: the CLI's OSError line
-            raise OSError(exc.errno, exc.strerror, str(dest)) from exc
+        if exc.errno in LOCAL_WRITE_ERRORS:  # this machine's disk, not the store: pull_artifact names --out
+            raise
         raise ArtifactError(f"{store.url_of(rel)}: download failed ({exc})") from None
 
 

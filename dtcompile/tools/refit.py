@@ -530,7 +530,7 @@ def refit_artifact(
     """
     import math
 
-    from dtcompile.core.files import as_written_to, collect_stale, make_temp_dir, replace_dir
+    from dtcompile.core.files import collect_stale, discarded_on_failure, make_temp_dir, replace_dir
     from dtcompile.manifest import Verifier, read_manifest, verify_file
 
     for path, scale in loras:
@@ -569,15 +569,9 @@ def refit_artifact(
         log.warning("refit: %s", line)
     tmp = make_temp_dir(dest, "refit")
     job = _Job(artifact_dir, tmp, manifest, comp, plan, graph, blocked)
-    try:
+    with discarded_on_failure(tmp, dest):
         new_manifest, refit_done = _assemble(job, base_store, adapters, t_start, timings)
         replace_dir(tmp, dest)
-    except OSError as exc:  # a full or read-only disk: name dest, not the temp folder removed here
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise as_written_to(exc, tmp, dest) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     Verifier(dest).record_written(read_manifest(dest).all_file_entries())
     timings["total_s"] = time.perf_counter() - t_start
     log.info(

@@ -76,6 +76,16 @@ def _wait_ready(server: Server, timeout: float = 180) -> None:
     raise AssertionError(f"server not ready in {timeout} s: {server.log.read_text()[-2000:]}")
 
 
+def stop(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL (and fail) if the server has not exited within ``timeout`` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
 @contextmanager
 def serving(artifact: Path, tmp: Path, *args: str, ready: bool = True, env: dict | None = None) -> Iterator[Server]:
     port = free_port()
@@ -92,12 +102,7 @@ def serving(artifact: Path, tmp: Path, *args: str, ready: bool = True, env: dict
         yield server
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
+            stop(proc, 60)
         out.close()
 
 
@@ -368,9 +373,4 @@ def test_ray_serve_two_replicas_answer_the_same_client(tiny_artifact: Path, tmp_
         assert len(servers) == 2, servers
         assert [m.id for m in c.models.list().data] == ["tiny-flux"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
+        stop(proc, 90)
