@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -151,11 +151,19 @@ class ComponentEntry(_Strict):
     blocks: list[Any] | None = None
     segment: dict[str, Any] | None = None
     cache: dict[str, Any] | None = None
+    role: Literal["text_encoder", "vae_decoder"] | None = None  # None: the denoiser
+    attr: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")] | None = None  # pipeline attribute
+    dtype: str | None = None  # the graph's precision where it differs from the manifest's
 
     @property
     def is_part(self) -> bool:
         """A part of a split component (not run on its own)."""
         return self.part_of is not None
+
+    @property
+    def is_aux(self) -> bool:
+        """A text encoder or VAE decoder standing in next to the denoiser (``role`` set)."""
+        return self.role is not None
 
     @property
     def is_split(self) -> bool:
@@ -251,9 +259,13 @@ class Manifest(_Strict):
         """Components that run on their own (not ``part_of`` another), in manifest order."""
         return [name for name, comp in self.components.items() if not comp.is_part]
 
+    def aux_names(self) -> list[str]:
+        """The engine-backed text encoders and VAE decoder (``ComponentEntry.role``), in manifest order."""
+        return [name for name, comp in self.components.items() if comp.is_aux]
+
     def main_component(self) -> str:
-        """The engine-backed component the runtime stands in for the pipeline's."""
-        names = self.component_names()
+        """The denoiser: the engine-backed component LoRA, quant, cache and refit apply to."""
+        names = [n for n in self.component_names() if not self.components[n].is_aux]
         if not names:
             raise ArtifactError(f"artifact {self.name} lists no components (stopped after {self.stopped_after!r})")
         return names[0]

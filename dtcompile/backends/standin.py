@@ -99,3 +99,108 @@ class EngineModule(ComponentStandIn):
         if self.trace is not None:
             self.trace.append(out.detach().clone())
         return (out,) if not return_dict else {"sample": out}
+
+
+class _EngineCalls(ComponentStandIn):
+    """A stand-in that runs one engine and hands back every graph output by name."""
+
+    def __init__(
+        self,
+        runner: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+        config: dict[str, Any],
+        input_names: list[str],
+        output_names: list[str],
+        dtype: torch.dtype,
+        device: str = "cpu",
+    ) -> None:
+        super().__init__(config, input_names, output_names[0], dtype, device)
+        self.runner = runner
+        self.output_names = list(output_names)
+        self.calls = 0
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outs = self.runner(feeds)
+        got = {n: self.check_finite(outs[n].to(self._device, self._dtype), self.calls) for n in self.output_names}
+        self.calls += 1
+        return got
+
+
+class PenultimateHiddenStates(tuple):
+    """``hidden_states`` of a text encoder engine: only ``[-2]`` (the penultimate layer, what SD3 reads with
+    ``clip_skip`` unset) is in the graph; any other index is refused rather than answered wrongly."""
+
+    def __getitem__(self, index: Any) -> Any:
+        if index != -2:
+            raise UnsupportedError(
+                f"hidden_states[{index}]: the text encoder engine has only the penultimate layer "
+                "(hidden_states[-2]); clip_skip and other layers need the torch text encoder"
+            )
+        return tuple.__getitem__(self, 0)
+
+
+class TextEncoderModule(_EngineCalls):
+    """Stands in for a transformers text encoder (CLIP, T5): ``input_ids`` in, the output object the
+    pipeline reads (``last_hidden_state``, ``pooler_output`` or ``text_embeds``, ``hidden_states[-2]``)."""
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        if attention_mask is not None:
+            raise UnsupportedError("the text encoder engine was built without attention_mask (pipelines pad instead)")
+        feeds = self.graph_feeds({"input_ids": input_ids, **kwargs})
+        got = self.run(feeds)
+        if self.trace is not None:
+            self.trace.append({k: v.detach().clone() for k, v in got.items()})
+        hidden = got.get("penultimate_hidden_state")
+        if output_hidden_states and hidden is None:
+            raise UnsupportedError("output_hidden_states: the text encoder engine has no hidden-state outputs")
+        fields = {k: got[k] for k in ("text_embeds", "last_hidden_state", "pooler_output") if k in got}
+        if hidden is not None:
+            fields["hidden_states"] = PenultimateHiddenStates((hidden, got.get("last_hidden_state")))
+        from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+        from transformers.models.clip.modeling_clip import CLIPTextModelOutput
+
+        cls = (
+            CLIPTextModelOutput
+            if "text_embeds" in got
+            else BaseModelOutputWithPooling
+            if "pooler_output" in got
+            else BaseModelOutput
+        )
+        out = cls(**fields)
+        return out if return_dict else out.to_tuple()
+
+
+class VaeDecoderModule(_EngineCalls):
+    """Stands in for the pipeline's VAE where only decoding is engine-backed: ``decode(latent)`` runs the
+    engine; ``encode`` is refused (image-to-image needs a ``vae_encoder`` component)."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsupportedError("the VAE engine only decodes (vae.decode); vae(...) needs the torch VAE")
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
+        if kwargs.get("generator") is not None:
+            kwargs.pop("generator")
+        sample = self.run(self.graph_feeds({"latent": z, **kwargs}))["sample"]
+        if self.trace is not None:
+            self.trace.append(sample.detach().clone())
+        if not return_dict:
+            return (sample,)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=sample)
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsupportedError(
+            "vae.encode: this artifact's VAE is engine-backed for decoding only (component vae_decoder); "
+            "image inputs need the torch VAE: rebuild without vae_decoder in components"
+        )
+
+
+#: ``ComponentEntry.role`` -> the stand-in the runtime puts on the pipeline attribute.
+STANDINS: dict[str, type[_EngineCalls]] = {"text_encoder": TextEncoderModule, "vae_decoder": VaeDecoderModule}

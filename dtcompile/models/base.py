@@ -1,6 +1,6 @@
 """The contract of a model-family adapter (``ModelAdapter``); the graph types it speaks live in core.graph.
 
-Everything family-specific is behind this contract: which component becomes an engine, its graph I/O and
+Everything family-specific is behind this contract: which components become engines, their graph I/O and
 shape profile, how to call the pipeline (``call_kwargs``) and read what it returns (``output_media``), how a
 transformer splits into block engines for caching (``cache_layout``), its quantization exclusions and the
 upstream export patches it needs. Stages, the runtime and the tools talk to the adapter, never to a family.
@@ -15,6 +15,8 @@ from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from dtcompile.models.components import AuxGraph
 
     import torch
 
@@ -79,6 +81,7 @@ class ModelAdapter(Protocol):
     component: str  # the component turned into an engine, e.g. "transformer"
     negative_prompt: bool  # whether the pipeline uses a negative prompt (classifier-free guidance)
     default_exclude: tuple[str, ...]  # module-name patterns never quantized
+    aux_components: tuple[str, ...]  # other components that can become engines (recipe ``components``)
 
     def pipe_config(self, pipe: Any) -> dict[str, Any]:
         """The pipeline facts the other methods need (their ``pipe_config``), read from a loaded pipeline."""
@@ -90,6 +93,10 @@ class ModelAdapter(Protocol):
 
     def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """A wrapper taking the graph inputs positionally and returning the single output tensor."""
+
+    def aux_graph(self, name: str, pipe_config: dict[str, Any]) -> AuxGraph:
+        """The engine graph of component ``name`` (one of ``aux_components``: a text encoder or the VAE
+        decoder, ``dtcompile.models.components``) with the family's facts filled in."""
 
     def shape_profile(self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes) -> ShapeProfile:
         """Concrete min/opt/max shapes of every graph input for the recipe's shape ranges."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
+from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
 from dtcompile.models.base import GenerationRequest
 from dtcompile.models.builtin import BuiltinModel
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
@@ -485,10 +486,24 @@ class FluxAdapter:
         """The transformer's hidden width (heads x head dim) from its config; 0 when the config lacks them."""
         return int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
 
+    # other components that can become engines (recipe ``components``), besides the transformer
+    aux_components = ("text_encoder", "text_encoder_2", "vae_decoder")
+
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:
         """The pipeline facts the adapter needs (``pipe_config`` of the other methods) from a FluxPipeline."""
-        return {"vae_scale_factor": int(pipe.vae_scale_factor)}
+        return {"vae_scale_factor": int(pipe.vae_scale_factor), "tokenizer_max_length": int(pipe.tokenizer_max_length)}
+
+    def aux_graph(self, name: str, pipe_config: dict[str, Any]) -> AuxGraph:
+        """FluxPipeline reads CLIP's ``pooler_output`` (77 tokens), T5's hidden states (``max_sequence_length``
+        tokens) and ``vae.decode``."""
+        if name == "text_encoder":
+            return TextEncoderGraph(name, ("last_hidden_state", "pooler_output"), pipe_config["tokenizer_max_length"])
+        if name == "text_encoder_2":
+            return TextEncoderGraph(name, ("last_hidden_state",))
+        if name == "vae_decoder":
+            return VaeDecoderGraph(self._vae_scale_factor(pipe_config))
+        raise UnsupportedError(f"components: FluxPipeline has no component {name!r}")
 
     @staticmethod
     def _channels(module: torch.nn.Module) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
 from dtcompile.models.base import GenerationRequest
+from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
 from dtcompile.models.builtin import BuiltinModel
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
 
@@ -213,9 +214,23 @@ class SD3Adapter:
     # High precision for the embedders and the output layers (as for FLUX).
     default_exclude = ("*pos_embed*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
 
+    # other components that can become engines (recipe ``components``), besides the transformer
+    aux_components = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
+
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:
         return {"vae_scale_factor": int(pipe.vae_scale_factor)}
+
+    def aux_graph(self, name: str, pipe_config: dict[str, Any]) -> AuxGraph:
+        """StableDiffusion3Pipeline reads each CLIP's projected pooled output and its penultimate hidden state
+        (``clip_skip`` unset; 77 tokens), T5's hidden states (``max_sequence_length`` tokens) and ``vae.decode``."""
+        if name in ("text_encoder", "text_encoder_2"):
+            return TextEncoderGraph(name, ("text_embeds", "penultimate_hidden_state"), CLIP_TOKENS)
+        if name == "text_encoder_3":
+            return TextEncoderGraph(name, ("last_hidden_state",))
+        if name == "vae_decoder":
+            return VaeDecoderGraph(int(pipe_config["vae_scale_factor"]))
+        raise UnsupportedError(f"components: StableDiffusion3Pipeline has no component {name!r}")
 
     @staticmethod
     def hidden_width(config: dict[str, Any]) -> int:

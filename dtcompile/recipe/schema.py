@@ -186,6 +186,24 @@ class LoraSpec(_Strict):
         return value
 
 
+class ComponentSpec(_Strict):
+    """A pipeline component built as an engine; a bare name means the recipe's dtype.
+
+    Names: the family's denoiser (``transformer``) and, where the family has them, ``text_encoder``,
+    ``text_encoder_2``, ``text_encoder_3`` and ``vae_decoder`` (`dtc models` lists each family's).
+    """
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    """The component (a pipeline attribute, or vae_decoder for the VAE's decode)."""
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    """Precision of this component's graph; null: the recipe's dtype."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
 class Recipe(_Strict):
     """A build recipe: model, dtype, export, engine, output and (optional) lora sections."""
 
@@ -201,6 +219,9 @@ class Recipe(_Strict):
     """Backends and GPU arches to build."""
     output: OutputSpec = OutputSpec()
     """Where the artifact goes."""
+    components: list[ComponentSpec] = Field(default_factory=list)
+    """Components built as engines: the denoiser and any of the family's text encoders and VAE decoder
+    (quant, LoRA and cache apply to the denoiser); empty: the denoiser only."""
     lora: list[LoraSpec] = Field(default_factory=list)
     """LoRA adapters fused before quantization and export."""
     quant: QuantSpec | None = None  # PTQ: dtcompile/recipe/quant.py, docs/quantization.md
@@ -208,9 +229,20 @@ class Recipe(_Strict):
     cache: CacheSpec | None = None  # block caching: dtcompile/recipe/cache.py, docs/cache.md
     """Block-cache engines (docs/cache.md); null: one monolithic engine."""
 
+    @field_validator("components")
+    @classmethod
+    def _unique_components(cls, value: list[ComponentSpec]) -> list[ComponentSpec]:
+        names = [c.name for c in value]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise _ItemError(i, f"'{name}' is listed twice")
+        return value
+
     def engine_fields(self) -> dict[str, Any]:
         """The fields that change an engine (everything but name and output), as plain JSON."""
         data = self.model_dump(mode="json")
         data.pop("name")
         data.pop("output")
+        if not data["components"]:  # the default (denoiser only) keeps the keys of earlier artifacts
+            data.pop("components")
         return data

@@ -162,7 +162,6 @@ def load_engine_pipeline(
     import diffusers
     import torch
 
-    from dtcompile.backends import get_backend
     from dtcompile.backends.standin import EngineModule
 
     artifact_dir = Path(artifact_dir)
@@ -184,12 +183,7 @@ def load_engine_pipeline(
         )
         dtype, device = module.dtype, module.device
     else:
-        entry = select_engine(manifest, comp, backend, gpu_arch())
-        path = verifier.check(entry)
-        external = centry.onnx.external_data if centry.onnx and entry.backend == "onnxruntime" else []
-        for extra in external:
-            verifier.check(extra)
-        runner = get_backend(entry.backend).open_runner(path, entry.to_json())
+        runner, entry = _open_engine(artifact_dir, manifest, comp, backend, verifier)
         dtype = getattr(torch, manifest.dtype)
         device = getattr(runner, "device", "cpu")
         module = EngineModule(
@@ -200,6 +194,10 @@ def load_engine_pipeline(
             dtype,
             device,
         )
+    standins = {
+        manifest.component(name).attr or name: _aux_module(artifact_dir, manifest, name, backend, verifier)
+        for name in manifest.aux_names()
+    }
     if not (pipeline_dir / "model_index.json").is_file():
         raise ArtifactError(
             f"{pipeline_dir}: artifact has no pipeline files (built with output.include_pipeline: false)"
@@ -210,10 +208,40 @@ def load_engine_pipeline(
              len(verifier.trusted), verifier.mode)  # fmt: skip
     pipe_cls = getattr(diffusers, manifest.source.pipeline_class)
     diffusers.utils.logging.disable_progress_bar()
-    pipe = pipe_cls.from_pretrained(pipeline_dir, **{comp: module}, dtype=dtype, use_safetensors=True)
+    pipe = pipe_cls.from_pretrained(pipeline_dir, **{comp: module}, **standins, dtype=dtype, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return pipe, module, manifest, entry
+
+
+def _open_engine(artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier) -> tuple[Any, EngineEntry]:
+    """The runner of component ``name``'s engine for this machine (its files checked first) and its entry."""
+    from dtcompile.backends import get_backend
+
+    centry = manifest.component(name)
+    entry = select_engine(manifest, name, backend, gpu_arch())
+    path = verifier.check(entry)
+    for extra in centry.onnx.external_data if centry.onnx and entry.backend == "onnxruntime" else []:
+        verifier.check(extra)
+    return get_backend(entry.backend).open_runner(path, entry.to_json()), entry
+
+
+def _aux_module(artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier) -> Any:
+    """The stand-in for an engine-backed text encoder or VAE decoder (``ComponentEntry.role``)."""
+    import torch
+
+    from dtcompile.backends.standin import STANDINS
+
+    centry = manifest.component(name)
+    runner, _ = _open_engine(artifact_dir, manifest, name, backend, verifier)
+    return STANDINS[centry.role](
+        runner,
+        centry.config or {},
+        centry.input_names(),
+        centry.output_names(),
+        getattr(torch, centry.dtype or manifest.dtype),
+        getattr(runner, "device", "cpu"),
+    )
 
 
 def run_artifact(

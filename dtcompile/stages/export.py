@@ -9,6 +9,7 @@ library exporter ``dtcompile.export.onnx.export_onnx`` with the upstream patches
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from dtcompile.export.onnx import export_onnx
 if TYPE_CHECKING:
     from dtcompile.attention import AttentionChoice
     from dtcompile.recipe import Recipe
+    from dtcompile.recipe.schema import ComponentSpec
     from dtcompile.stages.load import LoadedPipeline
     from dtcompile.stages.quantize import QuantizedComponent
 
@@ -47,7 +49,10 @@ def shapes_from_recipe(shapes: Any) -> Shapes:
 
 
 def check_parity(onnx_path: Path, wrapper: Any, spec: ExportSpec, dtype: str) -> dict[str, Any]:
-    """onnxruntime vs torch on the export's example inputs; VerificationError beyond the tolerance."""
+    """onnxruntime vs torch on the export's example inputs, every output; VerificationError beyond the tolerance.
+
+    The record's ``rel_l2`` / ``max_abs`` are the worst over the outputs (``outputs`` has each one's).
+    """
     import torch
 
     from dtcompile.backends.onnxruntime import OrtRunner
@@ -55,15 +60,22 @@ def check_parity(onnx_path: Path, wrapper: Any, spec: ExportSpec, dtype: str) ->
     runner = OrtRunner(onnx_path, optimization="basic")
     with torch.no_grad():
         ref = wrapper(*spec.example_inputs.values())
-    got = runner(dict(spec.example_inputs))[spec.output_names[0]]
-    err = rel_l2(got, ref)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    got = runner(dict(spec.example_inputs))
+    per = {
+        name: {"rel_l2": rel_l2(got[name], r), "max_abs": float((got[name].double() - r.double()).abs().max())}
+        for name, r in zip(spec.output_names, refs, strict=True)
+    }
+    err = max(p["rel_l2"] for p in per.values())
     result = {
         "rel_l2": err,
-        "max_abs": float((got.double() - ref.double()).abs().max()),
+        "max_abs": max(p["max_abs"] for p in per.values()),
         "tolerance": PARITY_TOL[dtype],
         "inputs": {k: list(v.shape) for k, v in spec.example_inputs.items()},
     }
-    log.info("parity onnxruntime vs torch: rel L2 %.2e (tolerance %.0e)", err, PARITY_TOL[dtype])
+    if len(per) > 1:
+        result["outputs"] = per
+    log.info("parity onnxruntime vs torch (%s): rel L2 %.2e (tolerance %.0e)", onnx_path.stem, err, PARITY_TOL[dtype])
     if not err <= PARITY_TOL[dtype]:
         raise VerificationError(
             f"{onnx_path}: onnxruntime output differs from torch by rel L2 {err:.2e} > {PARITY_TOL[dtype]:.0e}; "
@@ -87,8 +99,6 @@ def export_component(
     standard Q/DQ and checked against the fake-quant torch model over its held-out trace (``parity_report``)
     instead.
     """
-    import dataclasses
-
     from dtcompile.attention import export_attention
     from dtcompile.stages.load import torch_dtype
 
@@ -152,6 +162,48 @@ def export_component(
     return ExportedComponent(art.path, profile, entry)
 
 
+def export_aux(loaded: LoadedPipeline, recipe: Recipe, artifact_dir: Path, spec: ComponentSpec) -> ExportedComponent:
+    """Export a text encoder or the VAE decoder (``ModelAdapter.aux_graph``) into ``artifact_dir/onnx`` and
+    check every output against torch on the example inputs. Never quantized; attention as torch exports it."""
+    from dtcompile.stages.load import torch_dtype
+
+    dtype = spec.dtype or recipe.dtype
+    graph = loaded.adapter.aux_graph(spec.name, loaded.pipe_config)
+    module = graph.module(loaded.pipe).eval()
+    if module.dtype != torch_dtype(dtype):
+        module.to(torch_dtype(dtype))  # its own precision; the pipeline saved next to it leaves this module out
+    shapes = shapes_from_recipe(recipe.export.shapes)
+    ex = dataclasses.replace(graph.export_spec(module, shapes, torch_dtype(dtype)), opset=recipe.export.opset)
+    wrapper = graph.export_module(module)
+    art = export_onnx(wrapper, ex, artifact_dir / "onnx", name=spec.name, patches=())
+    profile = graph.shape_profile(module, shapes)
+    entry: dict[str, Any] = {
+        "role": graph.role,
+        "attr": graph.attr,
+        "config": _config_json(module.config),
+        **art.to_manifest(artifact_dir),
+        "profile": profile.to_json(),
+        "engines": [],
+    }
+    if spec.dtype not in (None, recipe.dtype):
+        entry["dtype"] = dtype
+    if "onnxruntime" in recipe.engine.backends:
+        entry["parity"] = check_parity(art.path, wrapper, ex, dtype)
+        onnx_entry = entry["onnx"]
+        entry["engines"].append(
+            {"backend": "onnxruntime", "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}
+        )
+    return ExportedComponent(art.path, profile, entry)
+
+
+def _config_json(config: Any) -> dict[str, Any]:
+    """A diffusers or transformers config as plain JSON (private ``_`` keys dropped)."""
+    import json
+
+    data = json.loads(config.to_json_string()) if hasattr(config, "to_json_string") else dict(config)
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
 def adapter_patches(adapter: Any) -> Sequence[Any] | None:
     """The upstream export patches the model adapter selects (``export_patches()``: names in
     ``dtcompile.export.patches.PATCHES`` or factories); ``None`` (the exporter's defaults) for an adapter
@@ -160,13 +212,15 @@ def adapter_patches(adapter: Any) -> Sequence[Any] | None:
     return None if select is None else tuple(select())
 
 
-def export_pipeline_files(loaded: LoadedPipeline, artifact_dir: Path) -> dict[str, Any]:
-    """Save the pipeline minus the engine-backed component into ``artifact_dir/pipeline``."""
+def export_pipeline_files(loaded: LoadedPipeline, artifact_dir: Path, attrs: Sequence[str] = ()) -> dict[str, Any]:
+    """Save the pipeline minus the engine-backed components (``attrs``: the other ones' pipeline attributes)
+    into ``artifact_dir/pipeline``."""
     from dtcompile.manifest import file_entry
 
     pipe = loaded.pipe
     comps = dict(pipe.components)
-    comps[loaded.adapter.component] = None
+    for attr in (loaded.adapter.component, *attrs):
+        comps[attr] = None
     out = artifact_dir / "pipeline"
     from diffusers.utils import logging as dlogging
 

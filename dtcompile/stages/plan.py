@@ -19,7 +19,9 @@ from dtcompile.core.targets import REFERENCE_BACKEND, TRT_ARCHS
 
 if TYPE_CHECKING:
     from dtcompile.attention import AttentionChoice
+    from dtcompile.models.base import ModelAdapter
     from dtcompile.recipe import Recipe
+    from dtcompile.recipe.schema import ComponentSpec
     from dtcompile.stages.load import ResolvedSource
 
 
@@ -97,6 +99,13 @@ def make_plan(recipe: Recipe, recipe_path: str | Path | None = None) -> Plan:
     if adapter is not None:  # shape rules of the family, from config files only
         adapter.check_shapes(recipe.export.shapes, lambda comp: component_config(plan.source, comp))
     plan.targets = _plan_targets(recipe, plan.settings)
+    if recipe.components and adapter is not None:
+        aux = aux_components(recipe, adapter)
+        plan.notes.append(
+            "components: "
+            + ", ".join([adapter.component, *(f"{c.name} ({c.dtype or recipe.dtype})" for c in aux)])
+            + " as engines"
+        )
     if recipe.quant is not None:
         _plan_quant(plan)
     if recipe.cache is not None:
@@ -173,6 +182,31 @@ def _plan_quant(plan: Plan) -> None:
     problem = fmt.check_width(spec, width) if width else None
     if problem:
         raise UnsupportedError(problem)
+
+
+def aux_components(recipe: Recipe, adapter: ModelAdapter) -> list[ComponentSpec]:
+    """The recipe's ``components`` besides the denoiser, checked against the family (RecipeError naming the
+    item): each one the family has, and the denoiser listed (in the recipe's dtype) when the list is not empty."""
+    specs = recipe.components
+    if not specs:
+        return []
+    names = [c.name for c in specs]
+    choices = ", ".join([adapter.component, *adapter.aux_components])
+    for i, c in enumerate(specs):
+        if c.name != adapter.component and c.name not in adapter.aux_components:
+            raise RecipeError(
+                f"components[{i}]: {adapter.pipeline_class} has no engine component '{c.name}'; choose from: {choices}"
+            )
+        if c.name == adapter.component and c.dtype not in (None, recipe.dtype):
+            raise RecipeError(
+                f"components[{i}].dtype: the denoiser '{c.name}' is built in the recipe's dtype ({recipe.dtype}); "
+                "set dtype instead"
+            )
+    if adapter.component not in names:
+        raise RecipeError(
+            f"components: the list must include the denoiser '{adapter.component}' (it has {', '.join(names)})"
+        )
+    return [c for c in specs if c.name != adapter.component]
 
 
 def component_config(resolved: ResolvedSource, component: str) -> dict[str, Any] | None:

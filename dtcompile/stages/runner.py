@@ -78,6 +78,14 @@ def _artifact_key(plan: Plan, files: SourceFiles) -> tuple[str, str, dict[str, A
     recipe = plan.recipe
     versions = tool_versions()
     weights_digest, loras = files.component_sha256, []
+    if recipe.components:  # engine-backed text encoders and VAE: their weights too
+        from dtcompile.core.digests import sha256_json, sha256_tree
+        from dtcompile.models.components import aux_attr
+        from dtcompile.stages.plan import aux_components
+
+        folders = {c.name: files.folder / aux_attr(c.name) for c in aux_components(recipe, files.adapter)}
+        digests = {n: sha256_tree(p) if p.is_dir() else "unknown" for n, p in folders.items()}
+        weights_digest = sha256_json({"denoiser": weights_digest, **digests})
     if recipe.lora:  # the key covers each adapter's sha256 and scale
         from dtcompile.stages.lora import lora_key_digest, resolve_loras
 
@@ -202,7 +210,8 @@ def quantize_step(state: BuildState) -> list[str]:
 
 def export_step(state: BuildState) -> list[str]:
     """export: ONNX graphs (one, or one per cache part) + pipeline files -> ``state.graphs`` and the manifest."""
-    from dtcompile.stages.export import export_component, export_pipeline_files
+    from dtcompile.stages.export import export_aux, export_component, export_pipeline_files
+    from dtcompile.stages.plan import aux_components
 
     recipe, comp, manifest = state.plan.recipe, state.component, state.manifest
     attention = state.plan.attention
@@ -212,7 +221,12 @@ def export_step(state: BuildState) -> list[str]:
         manifest["components"][comp], graphs = export_split(state.loaded, recipe, state.tmp, attention=attention)
     else:
         graphs = [(comp, export_component(state.loaded, recipe, state.tmp, state.quantized, attention=attention))]
-    manifest["pipeline"] = export_pipeline_files(state.loaded, state.tmp) if recipe.output.include_pipeline else {}
+    aux = aux_components(recipe, state.loaded.adapter)
+    for i, spec in enumerate(aux, 1):  # text encoders and the VAE decoder, after the denoiser
+        log.info("[export] component %d/%d %s ...", i, len(aux), spec.name)
+        graphs.append((spec.name, export_aux(state.loaded, recipe, state.tmp, spec)))
+    attrs = [g.manifest["attr"] for name, g in graphs if "attr" in g.manifest]
+    manifest["pipeline"] = export_pipeline_files(state.loaded, state.tmp, attrs) if recipe.output.include_pipeline else {}
     manifest["components"].update((name, g.manifest) for name, g in graphs)
     if state.fused is not None:  # base weights of the LoRA-touched tensors, for a later `dtc refit`
         from dtcompile.weights.weight_map import record_build_loras

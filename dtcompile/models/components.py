@@ -1,0 +1,217 @@
+"""Engine graphs for a pipeline's other heavy components: its text encoders and its VAE decoder.
+
+Families share these (FLUX and SD3 both use CLIP, T5 and an ``AutoencoderKL``), so they live here and each
+adapter's ``aux_graph`` picks one per component name with the family's facts (which outputs the pipeline
+reads, the tokenizer's fixed length, the VAE's scale factor). Each graph says what it exports
+(``export_spec``, ``export_module``), its TensorRT ``shape_profile``, the pipeline attribute it stands in
+for (``attr``) and the stand-in the runtime puts there (``role``; ``dtcompile.backends.standin.STANDINS``).
+
+Text encoders: ``input_ids`` (int64, batch x tokens) in; out the tensors the pipeline reads, named after the
+transformers output fields (``last_hidden_state``, ``pooler_output``, ``text_embeds``) plus
+``penultimate_hidden_state`` (``hidden_states[-2]``, SD3's CLIP input). VAE decoder: ``latent`` (batch x C x
+h/f x w/f) in, ``sample`` (batch x 3 x h x w) out, as ``vae.decode(latent)`` computes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from dtcompile.core.errors import UnsupportedError
+from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+
+#: Graph outputs a text encoder stand-in can hand back, and the width key of each in the encoder's config.
+TEXT_OUTPUTS = ("last_hidden_state", "pooler_output", "text_embeds", "penultimate_hidden_state")
+
+#: Component names the recipe's ``components`` list can name besides the denoiser.
+AUX_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
+
+
+def aux_attr(name: str) -> str:
+    """The pipeline attribute (and source folder) behind component ``name``: ``vae`` for ``vae_decoder``."""
+    return "vae" if name == "vae_decoder" else name
+
+
+class AuxGraph(Protocol):
+    """One non-denoiser component as an engine graph."""
+
+    name: str  # component name in the recipe and manifest, e.g. "text_encoder_2", "vae_decoder"
+    attr: str  # the pipeline attribute the stand-in replaces, e.g. "text_encoder_2", "vae"
+    role: str  # the runtime stand-in: "text_encoder" | "vae_decoder"
+
+    def module(self, pipe: Any) -> torch.nn.Module:
+        """The torch module exported (``pipe.<attr>``)."""
+
+    def export_spec(self, module: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> ExportSpec:
+        """I/O specs and example inputs at the opt shapes."""
+
+    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A wrapper taking the graph inputs positionally and returning the graph outputs in order."""
+
+    def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
+        """Concrete min/opt/max shapes of every graph input."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _profile(at: Any, shapes: Shapes) -> ShapeProfile:
+    return ShapeProfile(min=at(lambda r: r.min), opt=at(lambda r: r.opt), max=at(lambda r: r.max))
+
+
+@dataclass(frozen=True)
+class TextEncoderGraph:
+    """A transformers text encoder (CLIP, T5): ``input_ids`` in, ``outputs`` out.
+
+    ``tokens``: a fixed token count (CLIP's tokenizer pads to its 77); None: the recipe's ``text_len`` (T5,
+    padded to ``max_sequence_length``). The encoder's batch is the recipe's prompt batch (pipelines encode
+    the prompt once and repeat the embeddings per image).
+    """
+
+    name: str
+    outputs: tuple[str, ...]
+    tokens: int | None = None
+    role: str = "text_encoder"
+
+    def __post_init__(self) -> None:
+        unknown = [o for o in self.outputs if o not in TEXT_OUTPUTS]
+        if unknown or not self.outputs:
+            raise ValueError(f"text encoder outputs {unknown or '()'}: choose from {TEXT_OUTPUTS}")
+
+    @property
+    def attr(self) -> str:
+        return self.name
+
+    def module(self, pipe: Any) -> torch.nn.Module:
+        return getattr(pipe, self.attr)
+
+    def _tokens(self, shapes: Shapes) -> Range:
+        return shapes.text_len if self.tokens is None else Range(self.tokens, self.tokens, self.tokens)
+
+    @staticmethod
+    def _widths(module: torch.nn.Module) -> dict[str, int]:
+        cfg = module.config
+        hidden = int(getattr(cfg, "hidden_size", None) or cfg.d_model)
+        return {
+            "last_hidden_state": hidden,
+            "penultimate_hidden_state": hidden,
+            "pooler_output": hidden,
+            "text_embeds": int(getattr(cfg, "projection_dim", hidden)),
+        }
+
+    def export_spec(self, module: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> ExportSpec:
+        import torch
+
+        r = self._tokens(shapes)
+        seq: int | str = r.opt if r.min == r.max else "text_len"
+        widths, dt = self._widths(module), _dtype_name(dtype)
+        outputs = [
+            TensorSpec(o, dt, ("batch", widths[o]) if o in ("pooler_output", "text_embeds") else ("batch", seq, widths[o]))
+            for o in self.outputs
+        ]
+        vocab = int(module.config.vocab_size)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (shapes.batch.opt, r.opt), generator=gen, dtype=torch.int64)
+        device = next(module.parameters()).device
+        return ExportSpec(
+            inputs=[TensorSpec("input_ids", "int64", ("batch", seq))],
+            outputs=outputs,
+            example_inputs={"input_ids": ids.to(device)},
+        )
+
+    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return _text_wrapper_class()(module, self.outputs)
+
+    def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
+        return _profile(lambda pick: {"input_ids": (pick(shapes.batch), pick(self._tokens(shapes)))}, shapes)
+
+
+def _text_wrapper_class() -> type:
+    import torch
+
+    class TextEncoderForExport(torch.nn.Module):
+        """input_ids -> the chosen output fields of a transformers text encoder, in order."""
+
+        def __init__(self, encoder: torch.nn.Module, outputs: tuple[str, ...]) -> None:
+            super().__init__()
+            self.encoder = encoder
+            self.outputs = outputs
+
+        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            hidden = "penultimate_hidden_state" in self.outputs
+            out = self.encoder(input_ids, output_hidden_states=hidden, return_dict=True)
+            got = {
+                "penultimate_hidden_state": out.hidden_states[-2] if hidden else None,
+                **{k: getattr(out, k, None) for k in ("last_hidden_state", "pooler_output", "text_embeds")},
+            }
+            return tuple(got[o] for o in self.outputs)
+
+    return TextEncoderForExport
+
+
+@dataclass(frozen=True)
+class VaeDecoderGraph:
+    """``vae.decode``: latents (batch x C x height/f x width/f) in, the image (batch x 3 x height x width) out.
+
+    ``scale_factor`` is the pipeline's ``vae_scale_factor`` (pixels per latent); the batch is the recipe's
+    images per call (``shapes.batch``).
+    """
+
+    scale_factor: int
+    name: str = "vae_decoder"
+    attr: str = "vae"
+    role: str = "vae_decoder"
+
+    def module(self, pipe: Any) -> torch.nn.Module:
+        return getattr(pipe, self.attr)
+
+    def _latent(self, pixels: int, var: str) -> int:
+        if pixels % self.scale_factor:
+            raise UnsupportedError(f"export.shapes.{var}: {pixels} is not a multiple of the VAE's factor {self.scale_factor}")
+        return pixels // self.scale_factor
+
+    def _shape(self, module: torch.nn.Module, batch: int, height: int, width: int) -> tuple[int, ...]:
+        return (batch, int(module.config.latent_channels), self._latent(height, "height"), self._latent(width, "width"))
+
+    def export_spec(self, module: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> ExportSpec:
+        import torch
+
+        dt = _dtype_name(dtype)
+        c, out_c = int(module.config.latent_channels), int(module.config.out_channels)
+        opt = self._shape(module, shapes.batch.opt, shapes.height.opt, shapes.width.opt)
+        gen = torch.Generator().manual_seed(0)
+        device = next(module.parameters()).device
+        return ExportSpec(
+            inputs=[TensorSpec("latent", dt, ("batch", c, "latent_height", "latent_width"))],
+            outputs=[TensorSpec("sample", dt, ("batch", out_c, "height", "width"))],
+            example_inputs={"latent": torch.randn(opt, generator=gen).to(device=device, dtype=dtype)},
+        )
+
+    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return _vae_wrapper_class()(module)
+
+    def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
+        return _profile(
+            lambda pick: {"latent": self._shape(module, pick(shapes.batch), pick(shapes.height), pick(shapes.width))},
+            shapes,
+        )
+
+
+def _vae_wrapper_class() -> type:
+    import torch
+
+    class VaeDecoderForExport(torch.nn.Module):
+        """latent -> ``vae.decode(latent).sample`` (no tiling or slicing)."""
+
+        def __init__(self, vae: torch.nn.Module) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent: torch.Tensor) -> torch.Tensor:
+            return self.vae.decode(latent, return_dict=False)[0]
+
+    return VaeDecoderForExport
