@@ -38,7 +38,8 @@ def inspect_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     click.echo(f"versions   {versions}")
     for comp, entry in m.components.items():
         io = ", ".join(f"{t.name}:{t.dtype}{list(t.dims)}" for t in entry.inputs or [])
-        click.echo(f"{comp}: inputs {io}")
+        stands_in = f" (stands in for pipe.{entry.attr}, {entry.role})" if entry.is_aux else ""
+        click.echo(f"{comp}{stands_in}: {entry.dtype or m.dtype}, inputs {io}")
         if entry.parity:
             p = entry.parity
             click.echo(f"  onnxruntime vs torch: rel L2 {p['rel_l2']:.2e}, max abs {p['max_abs']:.2e}")

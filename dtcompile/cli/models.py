@@ -21,7 +21,9 @@ def models(recipes_dir: str) -> None:
     click.echo("families:")
     for family in ADAPTERS.names():
         classes = ", ".join(c for c, f in PIPELINE_FAMILIES.items() if f == family)
-        click.echo(f"  {family:<6} {classes}")
+        adapter = ADAPTERS.get(family)
+        engines = ", ".join([adapter.component, *adapter.aux_components])
+        click.echo(f"  {family:<6} {classes}  components: {engines}")
     uses: dict[str, list[str]] = {}
     folder = Path(recipes_dir)
     for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:

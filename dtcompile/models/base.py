@@ -16,9 +16,9 @@ from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from dtcompile.models.components import AuxGraph
-
     import torch
+
+    from dtcompile.models.components import AuxGraph
 
 
 @dataclass(frozen=True)

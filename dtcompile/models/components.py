@@ -110,7 +110,9 @@ class TextEncoderGraph:
         seq: int | str = r.opt if r.min == r.max else "text_len"
         widths, dt = self._widths(module), _dtype_name(dtype)
         outputs = [
-            TensorSpec(o, dt, ("batch", widths[o]) if o in ("pooler_output", "text_embeds") else ("batch", seq, widths[o]))
+            TensorSpec(
+                o, dt, ("batch", widths[o]) if o in ("pooler_output", "text_embeds") else ("batch", seq, widths[o])
+            )
             for o in self.outputs
         ]
         vocab = int(module.config.vocab_size)
@@ -171,7 +173,9 @@ class VaeDecoderGraph:
 
     def _latent(self, pixels: int, var: str) -> int:
         if pixels % self.scale_factor:
-            raise UnsupportedError(f"export.shapes.{var}: {pixels} is not a multiple of the VAE's factor {self.scale_factor}")
+            raise UnsupportedError(
+                f"export.shapes.{var}: {pixels} is not a multiple of the VAE's factor {self.scale_factor}"
+            )
         return pixels // self.scale_factor
 
     def _shape(self, module: torch.nn.Module, batch: int, height: int, width: int) -> tuple[int, ...]:

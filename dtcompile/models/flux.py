@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
-from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
 from dtcompile.models.base import GenerationRequest
 from dtcompile.models.builtin import BuiltinModel
+from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
 
 if TYPE_CHECKING:

@@ -23,6 +23,7 @@ SECTIONS: tuple[tuple[str, type[BaseModel]], ...] = (
     ("export.shapes.<variable> (a range, or one integer for a static size)", schema.RangeSpec),
     ("engine", schema.EngineSpec),
     ("output", schema.OutputSpec),
+    ("components[]", schema.ComponentSpec),
     ("lora[]", schema.LoraSpec),
     ("quant (format: fp8)", quant.Fp8Spec),
     ("quant (format: int8)", quant.Int8Spec),

@@ -214,7 +214,9 @@ def load_engine_pipeline(
     return pipe, module, manifest, entry
 
 
-def _open_engine(artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier) -> tuple[Any, EngineEntry]:
+def _open_engine(
+    artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier
+) -> tuple[Any, EngineEntry]:
     """The runner of component ``name``'s engine for this machine (its files checked first) and its entry."""
     from dtcompile.backends import get_backend
 

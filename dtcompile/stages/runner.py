@@ -226,7 +226,9 @@ def export_step(state: BuildState) -> list[str]:
         log.info("[export] component %d/%d %s ...", i, len(aux), spec.name)
         graphs.append((spec.name, export_aux(state.loaded, recipe, state.tmp, spec)))
     attrs = [g.manifest["attr"] for name, g in graphs if "attr" in g.manifest]
-    manifest["pipeline"] = export_pipeline_files(state.loaded, state.tmp, attrs) if recipe.output.include_pipeline else {}
+    manifest["pipeline"] = (
+        export_pipeline_files(state.loaded, state.tmp, attrs) if recipe.output.include_pipeline else {}
+    )
     manifest["components"].update((name, g.manifest) for name, g in graphs)
     if state.fused is not None:  # base weights of the LoRA-touched tensors, for a later `dtc refit`
         from dtcompile.weights.weight_map import record_build_loras

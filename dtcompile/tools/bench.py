@@ -313,8 +313,9 @@ def build_profile(manifest: Manifest) -> dict[str, Any]:
     """Build cost recorded in the manifest: wall time and peak RSS per stage, per engine build time and size."""
     stages = [{"name": s.name, "wall_s": s.wall_s, "peak_rss_mb": s.peak_rss_mb} for s in manifest.stages]
     engines = [
-        {"backend": e.backend, "arch": e.arch, "size_mb": e.size / 2**20, "build_s": e.build_s}
-        for e in manifest.engine_entries()
+        {"component": name, "backend": e.backend, "arch": e.arch, "size_mb": e.size / 2**20, "build_s": e.build_s}
+        for name, comp in manifest.components.items()
+        for e in comp.engines
     ]
     return {
         "stages": stages,
@@ -617,10 +618,15 @@ def format_report(report: dict[str, Any]) -> str:
         stages = ", ".join(f"{st['name']} {st['wall_s']:.1f} s / {st['peak_rss_mb']:.0f} MB" for st in b["stages"])
         lines.append(f"build (manifest): {stages}; total {b['total_s']:.1f} s, peak RSS {b['peak_rss_mb']:.0f} MB")
     built = [e for e in b["engines"] if e["build_s"] is not None]
+    manifest_components = {e.get("component") for e in b["engines"]}
     if built:
         lines.append(
             "engines: "
-            + ", ".join(f"{e['backend']} {e['arch']} {e['build_s']:.1f} s ({e['size_mb']:.1f} MB)" for e in built)
+            + ", ".join(
+                f"{e['component'] + ' ' if len(manifest_components) > 1 else ''}{e['backend']} {e['arch']} "
+                f"{e['build_s']:.1f} s ({e['size_mb']:.1f} MB)"
+                for e in built
+            )
         )
     return "\n".join(lines)
 

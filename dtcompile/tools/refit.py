@@ -305,13 +305,15 @@ def _refit_component(artifact_dir: Path, manifest: dict[str, Any]) -> str:
         raise ArtifactError(
             f"{artifact_dir}: artifact stopped after stage '{manifest['stopped_after']}'; build it fully first"
         )
-    if len(manifest["components"]) != 1:
+    # the denoiser's graph; engine-backed text encoders and VAE decoder (their "role") are carried over as built
+    graphs = [name for name, c in manifest["components"].items() if not c.get("role")]
+    if len(graphs) != 1:
         raise UnsupportedError(
-            f"{artifact_dir}: refit takes artifacts with one engine graph; this one has "
-            f"{len(manifest['components'])} ({', '.join(manifest['components'])}, e.g. a block-cached build): "
+            f"{artifact_dir}: refit takes artifacts with one denoiser graph; this one has "
+            f"{len(graphs)} ({', '.join(graphs)}, e.g. a block-cached build): "
             "put the LoRA in the recipe's lora: section and rebuild"
         )
-    return next(iter(manifest["components"]))
+    return graphs[0]
 
 
 def _blocked_engines(centry: dict[str, Any], drop_unrefittable: bool) -> list[tuple[dict[str, Any], str]]:

@@ -172,3 +172,89 @@ def test_engine_vae_refuses_encoding_and_clip_skip(flux_components: Path, sd3_co
     sd3, *_ = load_engine_pipeline(sd3_components, "onnxruntime")
     with pytest.raises(UnsupportedError, match="penultimate"):
         sd3("a cat", height=64, width=64, num_inference_steps=1, clip_skip=1, max_sequence_length=32)
+
+
+def test_refit_updates_the_denoiser_and_carries_the_other_engines(flux_components: Path, tmp_path: Path) -> None:
+    """A LoRA refit into a components artifact equals a fresh build with it fused; --lora none restores."""
+    import torch
+
+    from dtcompile.manifest import read_manifest
+    from dtcompile.recipe import load_recipe
+    from dtcompile.runtime.run import run_artifact
+    from dtcompile.stages.runner import run_build
+    from dtcompile.tools.refit import refit_artifact
+
+    lora = ROOT / "recipes" / "lora" / "tiny-flux-style.safetensors"
+    overrides = [f"output.dir={tmp_path / 'fused'}", "engine={backends: [onnxruntime]}",
+                 f"lora=[{{source: {lora}, scale: 0.8}}]"]  # fmt: skip
+    fused = run_build(load_recipe(ROOT / "recipes" / "tiny-flux-components.yaml", overrides)).artifact_dir
+    refit = refit_artifact(flux_components, [(str(lora), 0.8)], out_dir=tmp_path / "refit", drop_unrefittable=True)
+    back = refit_artifact(refit.artifact_dir, [], out_dir=tmp_path / "back", drop_unrefittable=True)
+    before, after = read_manifest(flux_components), read_manifest(refit.artifact_dir)
+    for name in before.aux_names():  # carried over unchanged, engines included
+        assert before.component(name).onnx == after.component(name).onnx
+        assert before.component(name).engines == after.component(name).engines
+
+    def image(artifact: Path) -> np.ndarray:
+        with torch.no_grad():
+            return np.asarray(run_artifact(artifact, PROMPT, steps=4, seed=3, backend="onnxruntime").image)
+
+    base, with_lora = image(flux_components), image(fused)
+    assert not np.array_equal(base, with_lora)
+    assert psnr(image(refit.artifact_dir), with_lora) >= 40
+    assert psnr(image(back.artifact_dir), base) >= 40
+
+
+def test_publish_and_pull_carry_every_component_per_arch(flux_components: Path, tmp_path: Path) -> None:
+    from dtcompile.manifest import read_manifest
+    from dtcompile.tools.publish import plan_archives, publish_artifact, pull_artifact
+
+    archives = plan_archives(read_manifest(flux_components))
+    sm89 = next(a for a in archives if a.file == "tensorrt-rtx-sm_89.tar")
+    assert sorted(e["file"] for e in sm89.entries) == [
+        f"tensorrt-rtx/sm_89/{c}.engine" for c in ("text_encoder", "text_encoder_2", "transformer", "vae_decoder")
+    ]
+    publish_artifact(flux_components, str(tmp_path / "pub"))
+    out = tmp_path / "pulled"
+    pull_artifact(str(tmp_path / "pub" / "tiny-flux-components"), out, arch="sm_120")
+    pulled = read_manifest(out)
+    for name in pulled.component_names():
+        assert [(e.backend, e.arch) for e in pulled.component(name).engines] == [
+            ("onnxruntime", "any"), ("tensorrt-rtx", "sm_120")
+        ], name  # fmt: skip
+        assert (out / f"tensorrt-rtx/sm_120/{name}.engine").is_file()
+    assert not (out / "tensorrt-rtx/sm_89").exists()
+
+
+def test_a_modified_component_engine_is_refused(flux_components: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from dtcompile.core.errors import ArtifactError, VerificationError
+    from dtcompile.runtime.run import load_engine_pipeline
+
+    copy = tmp_path / "copy"
+    shutil.copytree(flux_components, copy)
+    graph = copy / "onnx" / "vae_decoder.onnx"
+    graph.write_bytes(graph.read_bytes()[:-1] + b"\x00")
+    with pytest.raises((ArtifactError, VerificationError), match="vae_decoder.onnx"):
+        load_engine_pipeline(copy, "onnxruntime", verify="full")
+
+
+def test_a_component_in_its_own_dtype_and_the_key_covers_the_components(tmp_path: Path) -> None:
+    """vae_decoder in float16 next to a float32 transformer; the artifact key changes with the components
+    list and an unchanged recipe is a no-op rebuild."""
+    from dtcompile.recipe import load_recipe
+    from dtcompile.runtime.run import run_artifact
+    from dtcompile.stages.runner import run_build
+
+    base = ROOT / "recipes" / "tiny-flux-components.yaml"
+    common = [f"output.dir={tmp_path}", "engine={backends: [onnxruntime]}"]
+    mixed = load_recipe(base, [*common, "components=[transformer, {name: vae_decoder, dtype: float16}]"])
+    report = run_build(mixed)
+    vae = report.manifest.component("vae_decoder")
+    assert vae.dtype == "float16" and vae.inputs[0].dtype == "float16"
+    assert vae.parity["tolerance"] == 1e-2 and vae.parity["rel_l2"] <= 1e-2
+    assert run_artifact(report.artifact_dir, PROMPT, steps=2, backend="onnxruntime").image.size == (64, 64)
+    assert run_build(mixed).up_to_date
+    fp32 = load_recipe(base, [*common, "components=[transformer, vae_decoder]"])
+    assert run_build(fp32).manifest.key != report.manifest.key
