@@ -232,7 +232,7 @@ def test_export_spec_example_inputs_run(pipe: Any) -> None:
 
     adapter = FluxAdapter()
     cfg = adapter.pipe_config(pipe)
-    assert cfg == {"vae_scale_factor": 2}
+    assert cfg == {"vae_scale_factor": 2, "tokenizer_max_length": 77}
     shapes = _shapes(batch=(1, 2, 4), height=(32, 64, 128), width=(32, 32, 64), text_len=(8, 16, 32))
     spec = adapter.export_spec(pipe.transformer, cfg, shapes, torch.float32)
 
