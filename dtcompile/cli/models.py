@@ -23,7 +23,7 @@ def models(recipes_dir: str) -> None:
         classes = ", ".join(c for c, f in PIPELINE_FAMILIES.items() if f == family)
         adapter = ADAPTERS.get(family)
         engines = ", ".join([adapter.component, *adapter.aux_components])
-        click.echo(f"  {family:<6} {classes}  components: {engines}")
+        click.echo(f"  {family:<12} {classes}  components: {engines}")
     uses: dict[str, list[str]] = {}
     folder = Path(recipes_dir)
     for path in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
@@ -35,6 +35,6 @@ def models(recipes_dir: str) -> None:
             uses.setdefault(name, []).append(path.as_posix())
     click.echo("built-ins:")
     for name, model in builtins().items():
-        click.echo(f"  builtin:{name:<16} {model.family:<6} {model.description}")
+        click.echo(f"  builtin:{name:<17} {model.family:<12} {model.description}")
         if uses.get(name):
-            click.echo(f"  {'':<24} recipes: {', '.join(uses[name])}")
+            click.echo(f"  {'':<39} recipes: {', '.join(uses[name])}")

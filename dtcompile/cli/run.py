@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -18,6 +19,12 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option("--width", type=click.IntRange(1), help="Pixels; default: the artifact's opt width.")
 @click.option("--guidance", type=float, help="Guidance scale; default: the pipeline's (FLUX.1 3.5, SD3 7.0).")
 @click.option("--negative-prompt", help="For pipelines with classifier-free guidance (SD3).")
+@click.option(
+    "--image",
+    "image_path",
+    type=click.Path(dir_okay=False),
+    help="Reference image to edit (FLUX.1 Kontext); resized to the generation size.",
+)
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
 @click.option(
     "--out",
@@ -51,6 +58,7 @@ def run(
     width: int | None,
     guidance: float | None,
     negative_prompt: str | None,
+    image_path: str | None,
     backend: str,
     out_path: str,
     verify: str,
@@ -61,6 +69,7 @@ def run(
     from dtcompile.runtime.run import run_artifact
 
     out, image_format = _output_file(out_path)  # checked before the run, not after it
+    image = None if image_path is None else _reference_image(image_path)
     result = run_artifact(
         Path(artifact),
         prompt,
@@ -70,6 +79,7 @@ def run(
         width=width,
         guidance=guidance,
         negative_prompt=negative_prompt,
+        image=image,
         backend=backend,
         verify="size" if no_verify else verify,
         cache=None if cache is None else cache == "on",
@@ -94,6 +104,19 @@ def run(
 
 #: Image formats ``--out`` may name, by suffix.
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def _reference_image(value: str) -> Any:
+    """``--image``: a readable image file, as an RGB PIL image; UsageError naming the file otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(value) as img:
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise click.UsageError(f"--image {value}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise click.UsageError(f"--image {value}: not a readable image ({type(exc).__name__})") from None
 
 
 def _output_file(value: str) -> tuple[Path, str]:

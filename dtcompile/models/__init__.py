@@ -14,11 +14,20 @@ if TYPE_CHECKING:
     from dtcompile.models.base import ModelAdapter
 
 ADAPTERS: Registry[type[ModelAdapter]] = Registry(
-    "model family", {"flux": "dtcompile.models.flux:FluxAdapter", "sd3": "dtcompile.models.sd3:SD3Adapter"}
+    "model family",
+    {
+        "flux": "dtcompile.models.flux:FluxAdapter",
+        "sd3": "dtcompile.models.sd3:SD3Adapter",
+        "flux-kontext": "dtcompile.models.kontext:KontextAdapter",
+    },
 )
 
 # diffusers pipeline class name (model_index.json's "_class_name") -> model family.
-PIPELINE_FAMILIES: dict[str, str] = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+PIPELINE_FAMILIES: dict[str, str] = {
+    "FluxPipeline": "flux",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxKontextPipeline": "flux-kontext",
+}
 
 
 def adapter_for_pipeline_class(name: str) -> str:

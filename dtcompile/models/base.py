@@ -41,6 +41,7 @@ class GenerationRequest:
     output_type: str = "pil"
     callback: Any = None
     negative_prompt: str | list[str] | None = None
+    image: Any = None  # the reference image (PIL) of an editing family (``ModelAdapter.reference_image``)
 
 
 class CacheLayout(Protocol):
@@ -80,6 +81,7 @@ class ModelAdapter(Protocol):
     pipeline_class: str  # diffusers class name, e.g. "FluxPipeline"
     component: str  # the component turned into an engine, e.g. "transformer"
     negative_prompt: bool  # whether the pipeline uses a negative prompt (classifier-free guidance)
+    reference_image: bool  # whether a call edits a reference image (``GenerationRequest.image``)
     default_exclude: tuple[str, ...]  # module-name patterns never quantized
     aux_components: tuple[str, ...]  # other components that can become engines (recipe ``components``)
 

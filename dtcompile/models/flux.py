@@ -466,6 +466,7 @@ class FluxAdapter:
     family = "flux"
     pipeline_class = "FluxPipeline"
     component = "transformer"
+    reference_image = False
     negative_prompt = False  # guidance-distilled: FluxPipeline's negative prompt needs true_cfg_scale, not used
     # Modules ModelOpt's FLUX example keeps in high precision: embedders, the output norm and projection.
     default_exclude = ("*x_embedder*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")

@@ -211,6 +211,7 @@ class SD3Adapter:
     pipeline_class = "StableDiffusion3Pipeline"
     component = "transformer"
     negative_prompt = True  # classifier-free guidance: a negative prompt is used
+    reference_image = False
     # High precision for the embedders and the output layers (as for FLUX).
     default_exclude = ("*pos_embed*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
 

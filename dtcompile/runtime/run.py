@@ -135,6 +135,14 @@ def check_generation(
     adapter_for(manifest.source.pipeline_class).check_image_size(height, width, config)
 
 
+def check_reference(adapter: Any, image: Any, pipeline_class: str, *, flag: str = "--image") -> None:
+    """An editing family needs a reference image and the others take none (UnsupportedError naming ``flag``)."""
+    if adapter.reference_image and image is None:
+        raise UnsupportedError(f"{flag}: {pipeline_class} artifacts edit a reference image; pass {flag} REF.png")
+    if not adapter.reference_image and image is not None:
+        raise UnsupportedError(f"{flag}: {pipeline_class} artifacts take no reference image")
+
+
 @dataclass
 class RunResult:
     """What a run produced and how long it took."""
@@ -256,6 +264,7 @@ def run_artifact(
     width: int | None = None,
     guidance: float | None = None,
     negative_prompt: str | None = None,
+    image: Any = None,
     backend: str = "auto",
     trace: bool = False,
     verify: bool | str = True,
@@ -276,6 +285,7 @@ def run_artifact(
     adapter = adapter_for(before.source.pipeline_class)
     if negative_prompt is not None and not adapter.negative_prompt:
         raise UnsupportedError(f"--negative-prompt: {before.source.pipeline_class} artifacts take no negative prompt")
+    check_reference(adapter, image, before.source.pipeline_class)
     pipe, module, manifest, entry = load_engine_pipeline(artifact_dir, backend, verify=verify, cache=cache)
     if trace:
         module.trace = []
@@ -290,6 +300,7 @@ def run_artifact(
         guidance=guidance,
         text_len=shapes["text_len"].opt,
         negative_prompt=negative_prompt,
+        image=image,
     )
     t0 = time.perf_counter()
     out = pipe(**adapter.call_kwargs(request))

@@ -101,6 +101,13 @@ class ServedModel:
                 "and takes no negative prompt",
                 param="negative_prompt",
             )
+        if self.adapter.reference_image:  # /v1/images/edits (a reference image upload) is not served yet
+            raise APIError(
+                400,
+                f"model {self.name} ({self.manifest.source.pipeline_class}) edits a reference image; "
+                "/v1/images/edits is not served yet, use dtc run --image",
+                param="model",
+            )
         if req.n > capacity:
             raise APIError(400, f"n: {req.n} images, at most {capacity} per request for model {self.name}", param="n")
         shapes = self.manifest.shapes

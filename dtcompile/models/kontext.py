@@ -1,0 +1,143 @@
+"""FLUX.1 Kontext (image editing): the ``transformer`` of a ``FluxKontextPipeline``.
+
+The transformer is FLUX.1's; the pipeline packs the reference image's latents after the generated latents on
+the image-token axis (``hidden_states`` and ``img_ids``, the reference ids with channel 0 set to 1) and keeps
+the first half of the output. The engine's image-token range therefore covers latent + reference tokens: the
+reference is resized to the generation size, so a call has twice the latent tokens (the profile's min stays
+at the latent tokens alone, for text-to-image calls without a reference).
+
+Runs pass ``max_area = height x width`` and ``_auto_resize=False``, so FluxKontextPipeline keeps the requested
+size instead of snapping to its preferred ~1 MP resolutions. The reference goes through ``vae.encode``: the
+VAE stays in torch (no ``vae_decoder`` component for this family).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.core.errors import UnsupportedError
+from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes
+from dtcompile.models.base import GenerationRequest
+from dtcompile.models.builtin import BuiltinModel
+from dtcompile.models.flux import (
+    _GENERATOR_CODE,
+    TINY_FLUX_CONFIG,
+    FluxAdapter,
+    build_tiny_flux,
+    img_tokens,
+    latent_image_ids,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+TINY_KONTEXT_VERSION = 1
+
+
+def generate_tiny_kontext(out_dir: Path, seed: int = 0) -> Path:
+    """tiny-flux's components as a ``FluxKontextPipeline`` (same seeds, same weights), in diffusers' layout."""
+    from diffusers import FluxKontextPipeline
+
+    out_dir = Path(out_dir)
+    FluxKontextPipeline(**build_tiny_flux(seed).components).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    "tiny-flux-kontext": BuiltinModel(
+        "tiny-flux-kontext",
+        "flux-kontext",
+        "tiny-flux's weights as a FluxKontextPipeline (reference-image editing) for offline tests",
+        generate_tiny_kontext,
+        TINY_FLUX_CONFIG,
+        TINY_KONTEXT_VERSION,
+        (*_GENERATOR_CODE, generate_tiny_kontext),
+    )
+}
+
+
+def reference_ids(height: int, width: int, vae_scale_factor: int, device: Any = None) -> torch.Tensor:
+    """``img_ids`` of a reference image the generation's size: latent ids with channel 0 set to 1."""
+    ids = latent_image_ids(height, width, vae_scale_factor, device=device).clone()
+    ids[:, 0] = 1
+    return ids
+
+
+def synthetic_reference(height: int, width: int) -> Any:
+    """A fixed smooth RGB image (PIL) for calls that need a reference and were given none: calibration,
+    accuracy evaluation and benchmarks. ``dtc run`` and the server refuse a missing reference instead."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rgb = np.stack([x / max(width - 1, 1), y / max(height - 1, 1), 0.5 + 0.5 * np.sin((x + y) / 7.0)], axis=-1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8), "RGB")
+
+
+class KontextAdapter(FluxAdapter):
+    """FLUX.1 Kontext: FLUX.1's transformer graph with latent + reference tokens on the image-token axis."""
+
+    family = "flux-kontext"
+    pipeline_class = "FluxKontextPipeline"
+    reference_image = True
+    aux_components = ("text_encoder", "text_encoder_2")  # the reference is VAE-encoded: the VAE stays torch
+
+    def _shapes_at(
+        self, module: torch.nn.Module, vae_scale_factor: int, batch: int, height: int, width: int, text_len: int
+    ) -> dict[str, tuple[int, ...]]:
+        shapes = super()._shapes_at(module, vae_scale_factor, batch, height, width, text_len)
+        tokens = 2 * img_tokens(height, width, vae_scale_factor)  # latents + the reference at the same size
+        shapes["hidden_states"] = (batch, tokens, shapes["hidden_states"][2])
+        shapes["img_ids"] = (tokens, 3)
+        return shapes
+
+    def export_spec(
+        self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, dtype: torch.dtype
+    ) -> ExportSpec:
+        import torch
+
+        spec = super().export_spec(module, pipe_config, shapes, dtype)
+        vsf = self._vae_scale_factor(pipe_config)
+        h, w = shapes.height.opt, shapes.width.opt
+        ids = spec.example_inputs["img_ids"]
+        spec.example_inputs["img_ids"] = torch.cat([ids, reference_ids(h, w, vsf, device=ids.device)], dim=0)
+        return spec
+
+    def shape_profile(self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes) -> ShapeProfile:
+        """FLUX's profile with latent + reference tokens; min keeps the latent tokens alone (no reference)."""
+        profile = super().shape_profile(module, pipe_config, shapes)
+        vsf = self._vae_scale_factor(pipe_config)
+        alone = img_tokens(shapes.height.min, shapes.width.min, vsf)
+        hidden = profile.min["hidden_states"]
+        profile.min["hidden_states"] = (hidden[0], alone, hidden[2])
+        profile.min["img_ids"] = (alone, 3)
+        return profile
+
+    def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        """FluxKontextPipeline's arguments: the reference resized to the generation size, which is kept as
+        asked (``max_area``, ``_auto_resize=False``)."""
+        from PIL import Image
+
+        kwargs = super().call_kwargs(request)
+        ref = request.image if request.image is not None else synthetic_reference(request.height, request.width)
+        if not isinstance(ref, Image.Image):
+            raise UnsupportedError(f"image: a PIL image is expected, got {type(ref).__name__}")
+        size = (request.width, request.height)
+        kwargs["image"] = ref.convert("RGB").resize(size, Image.LANCZOS) if ref.size != size else ref.convert("RGB")
+        kwargs["max_area"] = request.height * request.width
+        kwargs["_auto_resize"] = False
+        return kwargs
+
+    @staticmethod
+    def check_image_size(height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:
+        FluxAdapter.check_image_size(height, width, config)
+
+    def block_names(self, config: dict[str, Any]) -> list[str]:
+        raise UnsupportedError(
+            "cache: FluxKontextPipeline artifacts are not split into block engines yet; remove the cache section"
+        )
+
+
+__all__ = ["BUILTINS", "KontextAdapter", "generate_tiny_kontext", "synthetic_reference"]
