@@ -263,9 +263,13 @@ class Manifest(_Strict):
         """The engine-backed text encoders and VAE decoder (``ComponentEntry.role``), in manifest order."""
         return [name for name, comp in self.components.items() if comp.is_aux]
 
+    def denoiser_names(self) -> list[str]:
+        """The denoiser engines (every component that is neither a part nor an aux), the main one first."""
+        return [n for n in self.component_names() if not self.components[n].is_aux]
+
     def main_component(self) -> str:
         """The denoiser: the engine-backed component LoRA, quant, cache and refit apply to."""
-        names = [n for n in self.component_names() if not self.components[n].is_aux]
+        names = self.denoiser_names()
         if not names:
             raise ArtifactError(f"artifact {self.name} lists no components (stopped after {self.stopped_after!r})")
         return names[0]

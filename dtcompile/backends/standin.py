@@ -43,7 +43,7 @@ class ComponentStandIn(torch.nn.Module):
         return self._device
 
     @contextmanager
-    def cache_context(self, name: str) -> Iterator[None]:
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
         # diffusers' pipelines wrap calls in cache_context; a plain engine keeps no such state.
         yield
 

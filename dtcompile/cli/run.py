@@ -1,4 +1,4 @@
-"""`dtc run`: generate an image with a built (or pulled) artifact."""
+"""`dtc run`: generate an image (or a video) with a built (or pulled) artifact."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ from dtcompile.runtime.run import BACKEND_CHOICES
     type=click.Path(dir_okay=False),
     help="Reference image to edit (FLUX.1 Kontext); resized to the generation size.",
 )
+@click.option(
+    "--frames", type=click.IntRange(1), help="Video artifacts: pixel frames (Wan: 4k+1); default: the built opt."
+)
+@click.option("--fps", default=16.0, show_default=True, type=click.FloatRange(0, 240, min_open=True),
+              help="Video artifacts: frames per second of the MP4.")  # fmt: skip
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
 @click.option(
     "--out",
@@ -32,7 +37,7 @@ from dtcompile.runtime.run import BACKEND_CHOICES
     default="out.png",
     show_default=True,
     type=click.Path(dir_okay=False),
-    help=".png, .jpg or .webp",
+    help=".png, .jpg or .webp; video artifacts: .mp4 (H.264), a folder (PNG frames) or an image with --frames 1",
 )
 @click.option(
     "--verify",
@@ -59,16 +64,18 @@ def run(
     guidance: float | None,
     negative_prompt: str | None,
     image_path: str | None,
+    frames: int | None,
+    fps: float,
     backend: str,
     out_path: str,
     verify: str,
     no_verify: bool,
     cache: str | None,
 ) -> None:
-    """Run the denoising loop with the artifact's engine and write an image."""
+    """Run the denoising loop with the artifact's engines and write an image or a video."""
     from dtcompile.runtime.run import run_artifact
 
-    out, image_format = _output_file(out_path)  # checked before the run, not after it
+    out, image_format = _output_file(out_path, _is_video(Path(artifact)), frames)  # checked before the run
     image = None if image_path is None else _reference_image(image_path)
     result = run_artifact(
         Path(artifact),
@@ -80,21 +87,30 @@ def run(
         guidance=guidance,
         negative_prompt=negative_prompt,
         image=image,
+        frames=frames,
         backend=backend,
         verify="size" if no_verify else verify,
         cache=None if cache is None else cache == "on",
     )
+    from dtcompile.runtime import media
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        result.image.save(tmp, format=image_format)
-        tmp.replace(out)
-    except OSError as exc:  # a full or read-only disk: nothing half-written, the error names --out
-        tmp.unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from None
+    if image_format == "MP4":
+        n = media.write_mp4(result.image, out, fps)
+        what = f"{n} frames at {fps:g} fps"
+    elif image_format == "FRAMES":
+        n = media.write_frames(result.image, out)
+        what = f"{n} PNG frames"
+    else:
+        picture = result.image
+        if not hasattr(picture, "save"):  # a one-frame video
+            from PIL import Image
+
+            picture = Image.fromarray(media.video_uint8(picture)[0])
+        media.write_image(picture, out, image_format)
+        what = f"{picture.width}x{picture.height}"
     click.echo(
-        f"wrote {out} ({result.image.width}x{result.image.height}) with {result.backend} {result.arch}: "
-        f"{result.steps} steps in {result.seconds:.2f}s"
+        f"wrote {out} ({what}) with {result.backend} {result.arch}: {result.steps} steps in {result.seconds:.2f}s"
     )
     if result.cache_stats is not None:
         from dtcompile.recipe.cache import stats_line
@@ -102,8 +118,16 @@ def run(
         click.echo(stats_line(result.cache_stats))
 
 
-#: Image formats ``--out`` may name, by suffix.
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+def _is_video(artifact: Path) -> bool:
+    """Whether the artifact's family makes videos (False when the manifest cannot be read: run says why)."""
+    from dtcompile.core.errors import DtcError
+    from dtcompile.manifest import read_manifest
+    from dtcompile.models import adapter_for
+
+    try:
+        return bool(adapter_for(read_manifest(artifact).source.pipeline_class).video)
+    except DtcError:
+        return False
 
 
 def _reference_image(value: str) -> Any:
@@ -119,15 +143,39 @@ def _reference_image(value: str) -> Any:
         raise click.UsageError(f"--image {value}: not a readable image ({type(exc).__name__})") from None
 
 
-def _output_file(value: str) -> tuple[Path, str]:
-    """``--out``: the path and the image format its suffix names; UsageError for anything else."""
+def _output_file(value: str, video: bool = False, frames: int | None = None) -> tuple[Path, str]:
+    """``--out``: the path and its format (an image format, "MP4" or "FRAMES" for a folder of PNGs);
+    UsageError for anything else."""
+    from dtcompile.runtime.media import IMAGE_FORMATS, VIDEO_SUFFIXES
+
     out = Path(value)
-    image_format = IMAGE_FORMATS.get(out.suffix.lower())
+    suffix = out.suffix.lower()
+    if video and (value.endswith("/") or out.is_dir()):
+        if out.is_dir() and any(out.iterdir()):
+            raise click.UsageError(f"--out {value}: folder is not empty; PNG frames go into an empty or new folder")
+        return out, "FRAMES"
+    if suffix in VIDEO_SUFFIXES:
+        if not video:
+            raise click.UsageError(
+                f"--out {value}: this artifact makes images; expected a {', '.join(IMAGE_FORMATS)} file name"
+            )
+        return _parents_ok(out, value), "MP4"
+    image_format = IMAGE_FORMATS.get(suffix)
+    if video and image_format is not None and frames != 1:
+        raise click.UsageError(
+            f"--out {value}: a video artifact writes .mp4 or a folder/ of PNG frames (an image only with --frames 1)"
+        )
     if image_format is None:
-        raise click.UsageError(f"--out {value}: expected a {', '.join(IMAGE_FORMATS)} file name")
+        choices = ", ".join([*VIDEO_SUFFIXES, *IMAGE_FORMATS, "a folder/"] if video else IMAGE_FORMATS)
+        raise click.UsageError(f"--out {value}: expected a {choices} file name")
+    return _parents_ok(out, value), image_format
+
+
+def _parents_ok(out: Path, value: str) -> Path:
+    """``out`` when no file stands where one of its folders should be (UsageError otherwise)."""
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise click.UsageError(f"--out {value}: {parent} is a file, not a folder")
             break
-    return out, image_format
+    return out

@@ -21,12 +21,13 @@ class Range:
 
 @dataclass(frozen=True)
 class Shapes:
-    """Shape variables of a build: pixel height/width, batch and text length ranges."""
+    """Shape variables of a build: pixel height/width, batch and text length ranges; pixel frames for video."""
 
     batch: Range
     height: Range
     width: Range
     text_len: Range
+    frames: Range | None = None
 
 
 @dataclass(frozen=True)

@@ -149,8 +149,60 @@ def _make_dynamic_rope(original: Callable[..., Any]) -> Callable[..., Any]:
     return apply_rotary_emb
 
 
+_WAN_PROCESSOR_PARAMS = ("self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "rotary_emb")
+
+
+@contextlib.contextmanager
+def _wan_rope() -> Iterator[None]:
+    """Run ``WanAttnProcessor``'s text-to-video path with RoPE written as ``stack`` + ``flatten``, then restore it.
+
+    Upstream rotates queries and keys by strided in-place writes (``out[..., 0::2] = ...``), which the tracer
+    records as an ``Expand`` to the example's shape: the graph fails at any other frame count or size. The
+    replacement computes the same products and calls ``dispatch_attention_fn`` through the module (so the
+    attention router still sees every call); image-conditioned (I2V) attention keeps the original.
+    """
+    try:
+        from diffusers.models.transformers import transformer_wan as tw
+    except ImportError:
+        yield
+        return
+    cls = getattr(tw, "WanAttnProcessor", None)
+    original = cls.__dict__.get("__call__") if cls is not None else None
+    if original is None or tuple(inspect.signature(original).parameters) != _WAN_PROCESSOR_PARAMS:
+        logger.warning("diffusers' WanAttnProcessor has a new signature; not patching it (the graph may be static)")
+        yield
+        return
+    import torch
+
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        c, s = cos[..., 0::2], sin[..., 1::2]
+        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+
+    def call(self: Any, attn: Any, hidden_states: Any, encoder_hidden_states: Any = None,
+             attention_mask: Any = None, rotary_emb: Any = None) -> Any:  # fmt: skip
+        if attn.add_k_proj is not None:
+            return original(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = tw._get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query, key = rotate(query, *rotary_emb), rotate(key, *rotary_emb)
+        out = tw.dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                       backend=self._attention_backend, parallel_config=None)  # fmt: skip
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    cls.__call__ = call
+    try:
+        yield
+    finally:
+        cls.__call__ = original
+
+
 #: Selectable patches by name (what ``ModelAdapter.export_patches()`` may return instead of the factories).
-PATCHES: dict[str, Patch] = {"dynamic_rope": lambda: _dynamic_rope()}
+PATCHES: dict[str, Patch] = {"dynamic_rope": lambda: _dynamic_rope(), "wan_rope": lambda: _wan_rope()}
 #: What ``export_onnx`` applies when the caller selects none (``patches=None``): every patch, as before
 #: adapters chose their own.
 DEFAULT_PATCHES: tuple[str, ...] = ("dynamic_rope",)

@@ -19,6 +19,7 @@ ADAPTERS: Registry[type[ModelAdapter]] = Registry(
         "flux": "dtcompile.models.flux:FluxAdapter",
         "sd3": "dtcompile.models.sd3:SD3Adapter",
         "flux-kontext": "dtcompile.models.kontext:KontextAdapter",
+        "wan": "dtcompile.models.wan:WanAdapter",
     },
 )
 
@@ -27,6 +28,7 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "FluxPipeline": "flux",
     "StableDiffusion3Pipeline": "sd3",
     "FluxKontextPipeline": "flux-kontext",
+    "WanPipeline": "wan",
 }
 
 

@@ -42,6 +42,7 @@ class GenerationRequest:
     callback: Any = None
     negative_prompt: str | list[str] | None = None
     image: Any = None  # the reference image (PIL) of an editing family (``ModelAdapter.reference_image``)
+    frames: int | None = None  # video families: pixel frames (None: the pipeline's default)
 
 
 class CacheLayout(Protocol):
@@ -82,8 +83,13 @@ class ModelAdapter(Protocol):
     component: str  # the component turned into an engine, e.g. "transformer"
     negative_prompt: bool  # whether the pipeline uses a negative prompt (classifier-free guidance)
     reference_image: bool  # whether a call edits a reference image (``GenerationRequest.image``)
+    video: bool  # whether the pipeline makes videos (``export.shapes.frames``, ``GenerationRequest.frames``)
     default_exclude: tuple[str, ...]  # module-name patterns never quantized
     aux_components: tuple[str, ...]  # other components that can become engines (recipe ``components``)
+
+    def denoisers(self, model_index: dict[str, Any]) -> tuple[str, ...]:
+        """The components that become denoiser engines, ``component`` first (Wan2.2: both experts), from the
+        pipeline's model_index.json."""
 
     def pipe_config(self, pipe: Any) -> dict[str, Any]:
         """The pipeline facts the other methods need (their ``pipe_config``), read from a loaded pipeline."""

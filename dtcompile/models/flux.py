@@ -467,6 +467,7 @@ class FluxAdapter:
     pipeline_class = "FluxPipeline"
     component = "transformer"
     reference_image = False
+    video = False
     negative_prompt = False  # guidance-distilled: FluxPipeline's negative prompt needs true_cfg_scale, not used
     # Modules ModelOpt's FLUX example keeps in high precision: embedders, the output norm and projection.
     default_exclude = ("*x_embedder*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
@@ -489,6 +490,9 @@ class FluxAdapter:
 
     # other components that can become engines (recipe ``components``), besides the transformer
     aux_components = ("text_encoder", "text_encoder_2", "vae_decoder")
+
+    def denoisers(self, model_index: dict[str, Any]) -> tuple[str, ...]:
+        return (self.component,)
 
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:

@@ -212,11 +212,15 @@ class SD3Adapter:
     component = "transformer"
     negative_prompt = True  # classifier-free guidance: a negative prompt is used
     reference_image = False
+    video = False
     # High precision for the embedders and the output layers (as for FLUX).
     default_exclude = ("*pos_embed*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
 
     # other components that can become engines (recipe ``components``), besides the transformer
     aux_components = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
+
+    def denoisers(self, model_index: dict[str, Any]) -> tuple[str, ...]:
+        return (self.component,)
 
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:

@@ -52,19 +52,21 @@ class ShapesSpec(_Strict):
     """Image width in pixels."""
     text_len: RangeSpec = RangeSpec(min=512, opt=512, max=512)
     """Text tokens of the prompt encoder the denoiser reads."""
+    frames: RangeSpec | None = None
+    """Video frames in pixels (video families only, e.g. Wan's 4k+1); null: an image model."""
 
     @model_validator(mode="after")
     def _bounded(self) -> ShapesSpec:
         for name, limit in SHAPE_LIMITS.items():
             r = getattr(self, name)
-            if r.max > limit:
+            if r is not None and r.max > limit:
                 raise _ItemError("max", f"{r.max} is above {limit}, the largest {name} dtc builds engines for", name)
         return self
 
 
 #: Largest value of each shape variable: beyond these an engine would not fit any GPU, and the export of such a
 #: profile runs for minutes before failing.
-SHAPE_LIMITS = {"batch": 64, "height": 16384, "width": 16384, "text_len": 4096}
+SHAPE_LIMITS = {"batch": 64, "height": 16384, "width": 16384, "text_len": 4096, "frames": 1025}
 
 
 class ModelSpec(_Strict):
@@ -245,4 +247,6 @@ class Recipe(_Strict):
         data.pop("output")
         if not data["components"]:  # the default (denoiser only) keeps the keys of earlier artifacts
             data.pop("components")
+        if data["export"]["shapes"]["frames"] is None:  # image models: as before the frames axis
+            data["export"]["shapes"].pop("frames")
         return data

@@ -135,6 +135,28 @@ def check_generation(
     adapter_for(manifest.source.pipeline_class).check_image_size(height, width, config)
 
 
+def check_frames(manifest: Manifest, frames: int | None, config: Callable[[str], dict[str, Any] | None],
+                 *, flag: str = "--frames") -> None:  # fmt: skip
+    """A video artifact's frame count: inside the built range and one its family makes exactly; image
+    artifacts take none (UnsupportedError naming ``flag``)."""
+    adapter = adapter_for(manifest.source.pipeline_class)
+    if not adapter.video:
+        if frames is not None:
+            raise UnsupportedError(f"{flag}: {manifest.source.pipeline_class} artifacts make images, not videos")
+        return
+    r = manifest.shapes["frames"]
+    assert frames is not None
+    if not r.min <= frames <= r.max:
+        raise UnsupportedError(
+            f"{flag} {frames} is outside the artifact's range {r.min}..{r.max}; rebuild with export.shapes.frames "
+            "covering it"
+        )
+    try:
+        adapter.check_frames(frames, config)
+    except UnsupportedError as exc:
+        raise UnsupportedError(f"{flag} {str(exc).removeprefix('frames ')}") from None
+
+
 def check_reference(adapter: Any, image: Any, pipeline_class: str, *, flag: str = "--image") -> None:
     """An editing family needs a reference image and the others take none (UnsupportedError naming ``flag``)."""
     if adapter.reference_image and image is None:
@@ -168,9 +190,6 @@ def load_engine_pipeline(
     ``cache``: for artifacts split into block engines, skip cached blocks (None: yes); elsewhere must not be True.
     """
     import diffusers
-    import torch
-
-    from dtcompile.backends.standin import EngineModule
 
     artifact_dir = Path(artifact_dir)
     manifest = read_manifest(artifact_dir)
@@ -191,21 +210,14 @@ def load_engine_pipeline(
         )
         dtype, device = module.dtype, module.device
     else:
-        runner, entry = _open_engine(artifact_dir, manifest, comp, backend, verifier)
-        dtype = getattr(torch, manifest.dtype)
-        device = getattr(runner, "device", "cpu")
-        module = EngineModule(
-            runner,
-            centry.config or {},
-            centry.input_names(),
-            centry.output_name(),
-            dtype,
-            device,
-        )
+        module, entry = _denoiser_module(artifact_dir, manifest, comp, backend, verifier)
+        dtype, device = module.dtype, module.device
     standins = {
         manifest.component(name).attr or name: _aux_module(artifact_dir, manifest, name, backend, verifier)
         for name in manifest.aux_names()
     }
+    for name in manifest.denoiser_names()[1:]:  # Wan2.2's second expert: the pipeline switches between them
+        standins[name] = _denoiser_module(artifact_dir, manifest, name, backend, verifier)[0]
     if not (pipeline_dir / "model_index.json").is_file():
         raise ArtifactError(
             f"{pipeline_dir}: artifact has no pipeline files (built with output.include_pipeline: false)"
@@ -234,6 +246,23 @@ def _open_engine(
     for extra in centry.onnx.external_data if centry.onnx and entry.backend == "onnxruntime" else []:
         verifier.check(extra)
     return get_backend(entry.backend).open_runner(path, entry.to_json()), entry
+
+
+def _denoiser_module(
+    artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier
+) -> tuple[Any, EngineEntry]:
+    """The stand-in for a denoiser (one engine for the whole component) and its engine entry."""
+    import torch
+
+    from dtcompile.backends.standin import EngineModule
+
+    centry = manifest.component(name)
+    runner, entry = _open_engine(artifact_dir, manifest, name, backend, verifier)
+    dtype = getattr(torch, manifest.dtype)
+    module = EngineModule(
+        runner, centry.config or {}, centry.input_names(), centry.output_name(), dtype, getattr(runner, "device", "cpu")
+    )
+    return module, entry
 
 
 def _aux_module(artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier) -> Any:
@@ -265,12 +294,14 @@ def run_artifact(
     guidance: float | None = None,
     negative_prompt: str | None = None,
     image: Any = None,
+    frames: int | None = None,
     backend: str = "auto",
     trace: bool = False,
     verify: bool | str = True,
     cache: bool | None = None,
 ) -> RunResult:
-    """Generate one image with the artifact's engine; ``trace`` keeps every step's noise prediction.
+    """Generate one image (or, for video artifacts, one video of ``frames`` frames: default the built opt)
+    with the artifact's engines; ``trace`` keeps every step's noise prediction.
 
     ``cache``: skip cached blocks of a cache-split artifact (None: when it has a cache section; False: run all).
     """
@@ -281,14 +312,21 @@ def run_artifact(
     shapes = (before := read_manifest(artifact_dir)).shapes
     height = height or shapes["height"].opt
     width = width or shapes["width"].opt
-    check_generation(before, height, width, pipeline_config(artifact_dir))
+    config = pipeline_config(artifact_dir)
+    check_generation(before, height, width, config)
     adapter = adapter_for(before.source.pipeline_class)
+    if adapter.video and frames is None:
+        frames = shapes["frames"].opt
+    check_frames(before, frames, config)
     if negative_prompt is not None and not adapter.negative_prompt:
         raise UnsupportedError(f"--negative-prompt: {before.source.pipeline_class} artifacts take no negative prompt")
     check_reference(adapter, image, before.source.pipeline_class)
     pipe, module, manifest, entry = load_engine_pipeline(artifact_dir, backend, verify=verify, cache=cache)
+    experts = [getattr(pipe, name) for name in manifest.denoiser_names()[1:]]
     if trace:
         module.trace = []
+        for expert in experts:  # Wan2.2's low-noise expert records into the same list, in call order
+            expert.trace = module.trace
     if hasattr(module, "begin_run"):
         module.begin_run(steps)
     request = GenerationRequest(
@@ -301,6 +339,7 @@ def run_artifact(
         text_len=shapes["text_len"].opt,
         negative_prompt=negative_prompt,
         image=image,
+        frames=frames,
     )
     t0 = time.perf_counter()
     out = pipe(**adapter.call_kwargs(request))

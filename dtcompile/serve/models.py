@@ -101,6 +101,13 @@ class ServedModel:
                 "and takes no negative prompt",
                 param="negative_prompt",
             )
+        if self.adapter.video:  # a video endpoint is not served yet
+            raise APIError(
+                400,
+                f"model {self.name} ({self.manifest.source.pipeline_class}) makes videos; video generation is not "
+                "served yet, use dtc run --out video.mp4",
+                param="model",
+            )
         if self.adapter.reference_image:  # /v1/images/edits (a reference image upload) is not served yet
             raise APIError(
                 400,

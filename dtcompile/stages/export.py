@@ -45,7 +45,7 @@ class ExportedComponent:
 
 def shapes_from_recipe(shapes: Any) -> Shapes:
     """Recipe ShapesSpec -> the adapters' Shapes."""
-    return Shapes(**{k: Range(v.min, v.opt, v.max) for k, v in shapes})
+    return Shapes(**{k: Range(v.min, v.opt, v.max) for k, v in shapes if v is not None})
 
 
 def check_parity(onnx_path: Path, wrapper: Any, spec: ExportSpec, dtype: str) -> dict[str, Any]:
@@ -91,6 +91,7 @@ def export_component(
     quantized: QuantizedComponent | None = None,
     *,
     attention: AttentionChoice,
+    component: str | None = None,
 ) -> ExportedComponent:
     """Export the adapter's component of ``loaded`` into ``artifact_dir/onnx`` and check it against torch.
 
@@ -103,7 +104,7 @@ def export_component(
     from dtcompile.stages.load import torch_dtype
 
     adapter = loaded.adapter
-    comp = adapter.component
+    comp = component or adapter.component  # another denoiser of the pipeline (Wan2.2's transformer_2)
     module = getattr(loaded.pipe, comp).eval()
     shapes = shapes_from_recipe(recipe.export.shapes)
     spec = adapter.export_spec(module, loaded.pipe_config, shapes, torch_dtype(recipe.dtype))
@@ -196,6 +197,15 @@ def export_aux(loaded: LoadedPipeline, recipe: Recipe, artifact_dir: Path, spec:
     return ExportedComponent(art.path, profile, entry)
 
 
+def _init_config(pipe: Any, comps: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's own config values its constructor takes (e.g. Wan2.2's ``boundary_ratio``), which
+    ``pipe.components`` does not carry."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__init__).parameters
+    return {k: pipe.config[k] for k in params if k not in comps and k != "self" and k in pipe.config}
+
+
 def _config_json(config: Any) -> dict[str, Any]:
     """A diffusers or transformers config as plain JSON (private ``_`` keys dropped)."""
     import json
@@ -227,7 +237,7 @@ def export_pipeline_files(loaded: LoadedPipeline, artifact_dir: Path, attrs: Seq
     level = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # "transformer=None cannot be saved" is the point here
     try:
-        type(pipe)(**comps).save_pretrained(out, safe_serialization=True)
+        type(pipe)(**comps, **_init_config(pipe, comps)).save_pretrained(out, safe_serialization=True)
     finally:
         dlogging.set_verbosity(level)
     files = [file_entry(artifact_dir, p) for p in sorted(out.rglob("*")) if p.is_file()]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.core.errors import DtcError, MissingDependencyError, RecipeError
+from dtcompile.core.errors import DtcError, MissingDependencyError, RecipeError, UnsupportedError
 from dtcompile.recipe import ModelSpec
 
 if TYPE_CHECKING:
@@ -151,6 +151,34 @@ class SourceFiles:
     pipeline_class: str
     adapter: ModelAdapter
     component_sha256: str  # digest of the engine component's files (weights + config)
+    denoisers: tuple[str, ...] = ()  # every denoiser engine component, adapter.component first (Wan2.2: two)
+
+    def extra_denoisers(self) -> tuple[str, ...]:
+        """Denoisers besides ``adapter.component`` (Wan2.2's ``transformer_2``)."""
+        return tuple(d for d in self.denoisers if d != self.adapter.component)
+
+
+def model_index(folder: Path) -> dict[str, Any]:
+    """A pipeline folder's model_index.json (RecipeError naming the file when unreadable)."""
+    try:
+        data = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{folder / 'model_index.json'}: cannot read it ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{folder / 'model_index.json'}: not a JSON object")
+    return data
+
+
+def check_denoisers(recipe: Any, denoisers: tuple[str, ...]) -> None:
+    """Quant, LoRA and cache handle one denoiser: refuse them for a pipeline with several (UnsupportedError)."""
+    if len(denoisers) < 2:
+        return
+    for section in ("quant", "lora", "cache"):
+        if getattr(recipe, section):
+            raise UnsupportedError(
+                f"{section}: this pipeline has {len(denoisers)} denoisers ({', '.join(denoisers)}, e.g. Wan2.2's "
+                f"experts) and dtc applies {section} to one so far; build it without the {section} section"
+            )
 
 
 def locate_source(spec: ModelSpec) -> SourceFiles:
@@ -167,7 +195,7 @@ def locate_source(spec: ModelSpec) -> SourceFiles:
     adapter = ADAPTERS.get(adapter_for_pipeline_class(class_name))()
     component_dir = folder / adapter.component
     digest = sha256_tree(component_dir) if component_dir.is_dir() else "unknown"
-    return SourceFiles(resolved, folder, class_name, adapter, digest)
+    return SourceFiles(resolved, folder, class_name, adapter, digest, tuple(adapter.denoisers(model_index(folder))))
 
 
 def load_pipeline(files: SourceFiles, dtype: str) -> LoadedPipeline:

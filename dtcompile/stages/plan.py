@@ -97,7 +97,13 @@ def make_plan(recipe: Recipe, recipe_path: str | Path | None = None) -> Plan:
     _check_output_dir(plan.out_dir)
     adapter = plan.source.adapter
     if adapter is not None:  # shape rules of the family, from config files only
+        if recipe.export.shapes.frames is not None and not adapter.video:
+            raise RecipeError(f"export.shapes.frames: {adapter.pipeline_class} makes images, not videos; remove frames")
         adapter.check_shapes(recipe.export.shapes, lambda comp: component_config(plan.source, comp))
+        if plan.source.local_dir is not None:  # several denoisers (Wan2.2's experts) take no quant/LoRA/cache yet
+            from dtcompile.stages.load import check_denoisers, model_index
+
+            check_denoisers(recipe, tuple(adapter.denoisers(model_index(plan.source.local_dir))))
     plan.targets = _plan_targets(recipe, plan.settings)
     if recipe.components and adapter is not None:
         aux = aux_components(recipe, adapter)

@@ -78,6 +78,12 @@ def _artifact_key(plan: Plan, files: SourceFiles) -> tuple[str, str, dict[str, A
     recipe = plan.recipe
     versions = tool_versions()
     weights_digest, loras = files.component_sha256, []
+    if files.extra_denoisers():  # Wan2.2's second expert: its weights too
+        from dtcompile.core.digests import sha256_json, sha256_tree
+
+        weights_digest = sha256_json(
+            {"denoiser": weights_digest, **{d: sha256_tree(files.folder / d) for d in files.extra_denoisers()}}
+        )
     if recipe.components:  # engine-backed text encoders and VAE: their weights too
         from dtcompile.core.digests import sha256_json, sha256_tree
         from dtcompile.models.components import aux_attr
@@ -119,7 +125,7 @@ def _base_manifest(state: BuildState) -> dict[str, Any]:
         },
         "dtype": recipe.dtype,
         "precision": recipe.dtype if recipe.quant is None else f"{recipe.quant.format} ({recipe.dtype} compute)",
-        "shapes": recipe.export.shapes.model_dump(mode="json"),
+        "shapes": recipe.export.shapes.model_dump(mode="json", exclude_none=True),
         "components": {},
         "skipped": [],
     }
@@ -135,13 +141,14 @@ def run_build(
     """Run the stages for ``recipe`` (or an already computed ``Plan``) and move the artifact to ``output.dir/name``."""
     from dtcompile.core.files import collect_stale, discarded_on_failure, make_temp_dir, replace_dir
     from dtcompile.manifest import Verifier, read_manifest, write_manifest
-    from dtcompile.stages.load import locate_source
+    from dtcompile.stages.load import check_denoisers, locate_source
 
     if stop_after is not None and stop_after not in STAGE_NAMES:
         raise RecipeError(f"--stop-after: unknown stage '{stop_after}'; choose one of: {', '.join(STAGE_NAMES)}")
     plan = recipe if isinstance(recipe, Plan) else make_plan(recipe, recipe_path)
     out_dir = plan.out_dir
     files = locate_source(plan.recipe.model)
+    check_denoisers(plan.recipe, files.denoisers)
     key, weights_digest, versions, loras = _artifact_key(plan, files)
     if not force and stop_after is None and _existing_key(out_dir) == key:
         log.info("artifact %s is up to date (key %s); use --force to rebuild", out_dir, key[:12])
@@ -221,11 +228,14 @@ def export_step(state: BuildState) -> list[str]:
         manifest["components"][comp], graphs = export_split(state.loaded, recipe, state.tmp, attention=attention)
     else:
         graphs = [(comp, export_component(state.loaded, recipe, state.tmp, state.quantized, attention=attention))]
+    for name in state.files.extra_denoisers():  # Wan2.2's second expert: a graph of its own, same shapes
+        log.info("[export] denoiser %s ...", name)
+        graphs.append((name, export_component(state.loaded, recipe, state.tmp, attention=attention, component=name)))
     aux = aux_components(recipe, state.loaded.adapter)
     for i, spec in enumerate(aux, 1):  # text encoders and the VAE decoder, after the denoiser
         log.info("[export] component %d/%d %s ...", i, len(aux), spec.name)
         graphs.append((spec.name, export_aux(state.loaded, recipe, state.tmp, spec)))
-    attrs = [g.manifest["attr"] for name, g in graphs if "attr" in g.manifest]
+    attrs = [g.manifest.get("attr", name) for name, g in graphs if name != comp and not g.manifest.get("part_of")]
     manifest["pipeline"] = (
         export_pipeline_files(state.loaded, state.tmp, attrs) if recipe.output.include_pipeline else {}
     )

@@ -1,0 +1,377 @@
+"""Wan2.1 / Wan2.2 text-to-video: the ``transformer`` (and Wan2.2's ``transformer_2``) of a ``WanPipeline``.
+
+Graph: ``hidden_states`` (5-D video latents, batch x C x latent_frames x h x w), ``timestep`` (batch, 0..1000)
+and ``encoder_hidden_states`` (UMT5's hidden states, batch x text_len x text_dim); output ``latent`` (the
+velocity, shaped like ``hidden_states``). Batch, latent frames, height and width are dynamic within the
+recipe's ranges; ``export.shapes.frames`` counts pixel frames (4k+1), which the VAE compresses 4x in time
+(``(frames - 1) // 4 + 1`` latent frames) and 8x in space.
+
+Classifier-free guidance is two calls per step (conditional, then unconditional; WanPipeline does not batch
+them), so the engine's batch is the prompt batch. Wan2.2 A14B is a mixture of two experts: ``transformer`` for
+the high-noise steps and ``transformer_2`` for the low-noise ones, switched by the pipeline at
+``boundary_ratio``; both become engines in one artifact and the pipeline's own boundary logic picks them.
+
+The VAE (a causal 3-D VAE decoding frame by frame with a feature cache) and the UMT5 encoder (called with an
+attention mask) stay in torch: no ``components`` besides the experts for this family yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.core.errors import RecipeError, UnsupportedError
+from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
+from dtcompile.models.base import GenerationRequest
+from dtcompile.models.builtin import BuiltinModel
+from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
+
+if TYPE_CHECKING:
+    import torch
+
+    from dtcompile.models.components import AuxGraph
+
+TINY_WAN_VERSION = 1
+MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default T5 length is 512 (its helper's 226 is not used by __call__)
+
+_TINY_WORDS: tuple[str, ...] = (
+    "a", "the", "of", "in", "on", "with", "and", "cat", "dog", "playing", "piano", "running", "beach", "city",
+    "night", "snow", "rain", "red", "blue", "slow", "motion", "video", "blurry", "static", "ugly", "camera",
+)  # fmt: skip
+
+# Wan2.1-T2V-1.3B's layout scaled down: patch (1, 2, 2), head_dim 16, UMT5 width 32, a 4x temporal / 8x spatial
+# causal VAE with 16 latent channels.
+TINY_WAN_CONFIG: dict[str, Any] = {
+    "transformer": {
+        "patch_size": [1, 2, 2],
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": 32,
+        "freq_dim": 32,
+        "ffn_dim": 64,
+        "num_layers": 2,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "rope_max_seq_len": 64,
+    },
+    "vae": {
+        "base_dim": 8,
+        "z_dim": 16,
+        "dim_mult": [1, 1, 1, 1],
+        "num_res_blocks": 1,
+        "temperal_downsample": [False, True, True],
+    },
+    "text_encoder": {  # UMT5EncoderModel
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 16,
+        "feed_forward_proj": "gated-gelu",
+        "dropout_rate": 0.0,
+    },
+    "scheduler": {"shift": 3.0},
+    "tokenizer_words": list(_TINY_WORDS),
+    "tokenizer_max_length": 77,
+    "tokenizer_2_max_length": MAX_SEQUENCE_LENGTH,
+}
+#: Wan2.2 A14B's layout: the same expert twice (separately seeded), switched at ``boundary_ratio``.
+TINY_WAN22_CONFIG: dict[str, Any] = {**TINY_WAN_CONFIG, "boundary_ratio": 0.875}
+
+
+def build_tiny_wan(seed: int = 0, config: dict[str, Any] = TINY_WAN_CONFIG) -> Any:
+    """A randomly initialised ``WanPipeline`` from ``config`` (two experts when it has ``boundary_ratio``)."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    _, tokenizer = build_tiny_tokenizers(config)  # a T5-style Unigram tokenizer (UMT5's kind)
+    text_config = UMT5Config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        **config["text_encoder"],
+    )
+    tcfg = dict(config["transformer"], patch_size=tuple(config["transformer"]["patch_size"]))
+    two = config.get("boundary_ratio") is not None
+
+    def seeded(offset: int, make: Callable[[], Any]) -> Any:
+        torch.manual_seed(seed + offset)
+        return make().eval()
+
+    with torch.random.fork_rng(devices=[]):
+        transformer = seeded(0, lambda: WanTransformer3DModel(**tcfg))
+        vae = seeded(1, lambda: AutoencoderKLWan(**config["vae"]))
+        text_encoder = seeded(2, lambda: UMT5EncoderModel(text_config))
+        transformer_2 = seeded(3, lambda: WanTransformer3DModel(**tcfg)) if two else None
+    return WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
+        transformer=transformer,
+        transformer_2=transformer_2,
+        boundary_ratio=config.get("boundary_ratio"),
+    )
+
+
+def generate_tiny_wan21(out_dir: Path, seed: int = 0) -> Path:
+    """Write tiny-wan21 (one expert) in diffusers' layout."""
+    build_tiny_wan(seed).save_pretrained(Path(out_dir), safe_serialization=True)
+    return Path(out_dir)
+
+
+def generate_tiny_wan22(out_dir: Path, seed: int = 0) -> Path:
+    """Write tiny-wan22 (two experts, ``boundary_ratio`` 0.875) in diffusers' layout."""
+    build_tiny_wan(seed, TINY_WAN22_CONFIG).save_pretrained(Path(out_dir), safe_serialization=True)
+    return Path(out_dir)
+
+
+def _builtin(name: str, description: str, generate: Callable[[Path], Path], config: dict[str, Any]) -> BuiltinModel:
+    code = (*TOKENIZER_CODE, build_tiny_wan, generate)
+    return BuiltinModel(name, "wan", description, generate, config, TINY_WAN_VERSION, code)
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in (
+        _builtin(
+            "tiny-wan21",
+            "random-weight Wan2.1 T2V lookalike (2 blocks, width 32) for offline tests",
+            generate_tiny_wan21,
+            TINY_WAN_CONFIG,
+        ),
+        _builtin(
+            "tiny-wan22",
+            "random-weight Wan2.2 T2V A14B lookalike: two experts switched at boundary 0.875",
+            generate_tiny_wan22,
+            TINY_WAN22_CONFIG,
+        ),
+    )  # fmt: skip
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Adapter
+# --------------------------------------------------------------------------------------------------
+
+
+def latent_frames(frames: int, temporal: int) -> int:
+    """Latent frames of ``frames`` pixel frames (``4k+1`` for Wan's 4x causal VAE)."""
+    return (frames - 1) // temporal + 1
+
+
+def validate_frames(frames: int, temporal: int) -> None:
+    """UnsupportedError unless ``frames`` is ``k * temporal + 1`` (WanPipeline would round it silently)."""
+    if frames < 1 or (frames - 1) % temporal:
+        lower = (frames - 1) // temporal * temporal + 1
+        raise UnsupportedError(
+            f"frames {frames}: Wan takes {temporal}k+1 frames (its VAE compresses {temporal}x in time); "
+            f"use {max(lower, 1)} or {lower + temporal}"
+        )
+
+
+def validate_video_size(height: int, width: int, multiple: int) -> None:
+    """UnsupportedError unless height and width divide by the VAE factor x the patch size (16 for Wan)."""
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            raise UnsupportedError(
+                f"image {name} {value} is not a multiple of {multiple} (Wan's VAE factor x patch size); "
+                f"use {value // multiple * multiple or multiple} or {(value // multiple + 1) * multiple}"
+            )
+
+
+def _factors(config: Callable[[str], dict[str, Any] | None]) -> tuple[int, int, int]:
+    """(temporal, spatial, spatial x patch) factors from the saved vae and transformer configs."""
+    vae = config("vae") or {}
+    temporal = int(vae.get("scale_factor_temporal") or 2 ** sum(vae.get("temperal_downsample", [False, True, True])))
+    spatial = int(vae.get("scale_factor_spatial") or 2 ** len(vae.get("temperal_downsample", [0, 0, 0])))
+    tr = config("transformer") or config("transformer_2") or {}
+    patch = int((tr.get("patch_size") or [1, 2, 2])[1])
+    return temporal, spatial, spatial * patch
+
+
+def _export_wrapper_class() -> type:
+    import torch
+
+    class WanTransformerForExport(torch.nn.Module):
+        """hidden_states, timestep, encoder_hidden_states -> the velocity."""
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder: torch.Tensor) -> torch.Tensor:
+            return self.transformer(
+                hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder, return_dict=False
+            )[0]
+
+    return WanTransformerForExport
+
+
+class WanAdapter:
+    """Wan2.1 / Wan2.2 T2V: ``transformer`` (and ``transformer_2``) of a ``WanPipeline`` become engines."""
+
+    family = "wan"
+    pipeline_class = "WanPipeline"
+    component = "transformer"
+    negative_prompt = True  # classifier-free guidance with a negative prompt
+    reference_image = False
+    video = True
+    aux_components: tuple[str, ...] = ()  # the causal VAE and the masked UMT5 call stay in torch
+    # NVIDIA's Wan examples keep the embedders, the output head and the norms in high precision.
+    default_exclude = (
+        "*patch_embedding*", "*condition_embedder*", "*proj_out*", "*norm_out*", "*scale_shift_table*",
+    )  # fmt: skip
+
+    @staticmethod
+    def denoisers(model_index: dict[str, Any]) -> tuple[str, ...]:
+        """The engine components: ``transformer``, plus ``transformer_2`` when the pipeline has one (Wan2.2)."""
+        two = isinstance(model_index.get("transformer_2"), list) and model_index["transformer_2"][0] is not None
+        return ("transformer", "transformer_2") if two else ("transformer",)
+
+    @staticmethod
+    def pipe_config(pipe: Any) -> dict[str, Any]:
+        return {"temporal": int(pipe.vae_scale_factor_temporal), "spatial": int(pipe.vae_scale_factor_spatial)}
+
+    @staticmethod
+    def hidden_width(config: dict[str, Any]) -> int:
+        return int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
+
+    def aux_graph(self, name: str, pipe_config: dict[str, Any]) -> AuxGraph:
+        raise UnsupportedError(f"components: WanPipeline has no engine component {name!r}")
+
+    @staticmethod
+    def _latent(module: torch.nn.Module, pipe_config: dict[str, Any], batch: int, frames: int, h: int, w: int):
+        s = pipe_config["spatial"]
+        return (
+            batch,
+            int(module.config["in_channels"]),
+            latent_frames(frames, pipe_config["temporal"]),
+            h // s,
+            w // s,
+        )
+
+    def _shapes_at(self, module, pipe_config, batch, frames, height, width, text_len) -> dict[str, tuple[int, ...]]:  # noqa: ANN001
+        return {
+            "hidden_states": self._latent(module, pipe_config, batch, frames, height, width),
+            "timestep": (batch,),
+            "encoder_hidden_states": (batch, text_len, int(module.config["text_dim"])),
+        }
+
+    @staticmethod
+    def _frames(shapes: Shapes) -> Range:
+        if shapes.frames is None:
+            raise RecipeError("export.shapes.frames: Wan builds need a frame range (pixel frames, 4k+1)")
+        return shapes.frames
+
+    def export_spec(
+        self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, dtype: torch.dtype
+    ) -> ExportSpec:
+        import torch
+
+        dt = str(dtype).removeprefix("torch.")
+        c, out = int(module.config["in_channels"]), int(module.config["out_channels"] or module.config["in_channels"])
+        text: int | str = "text_len" if shapes.text_len.min != shapes.text_len.max else shapes.text_len.opt
+        inputs = [
+            TensorSpec("hidden_states", dt, ("batch", c, "latent_frames", "latent_height", "latent_width")),
+            TensorSpec("timestep", dt, ("batch",)),
+            TensorSpec("encoder_hidden_states", dt, ("batch", text, int(module.config["text_dim"]))),
+        ]
+        outputs = [TensorSpec("latent", dt, ("batch", out, "latent_frames", "latent_height", "latent_width"))]
+        opt = self._shapes_at(module, pipe_config, shapes.batch.opt, self._frames(shapes).opt, shapes.height.opt,
+                              shapes.width.opt, shapes.text_len.opt)  # fmt: skip
+        gen = torch.Generator().manual_seed(0)
+        device = next(module.parameters()).device
+
+        def randn(name: str) -> torch.Tensor:
+            return torch.randn(opt[name], generator=gen).to(device=device, dtype=dtype)
+
+        example = {
+            "hidden_states": randn("hidden_states"),
+            "timestep": (torch.rand(opt["timestep"], generator=gen) * 1000).to(device=device, dtype=dtype),
+            "encoder_hidden_states": randn("encoder_hidden_states"),
+        }
+        return ExportSpec(inputs=inputs, outputs=outputs, example_inputs=example)
+
+    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return _export_wrapper_class()(module)
+
+    def shape_profile(self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes) -> ShapeProfile:
+        frames = self._frames(shapes)
+
+        def at(pick: Callable[[Range], int]) -> dict[str, tuple[int, ...]]:
+            return self._shapes_at(module, pipe_config, pick(shapes.batch), pick(frames), pick(shapes.height),
+                                   pick(shapes.width), pick(shapes.text_len))  # fmt: skip
+
+        return ShapeProfile(min=at(lambda r: r.min), opt=at(lambda r: r.opt), max=at(lambda r: r.max))
+
+    def export_patches(self) -> tuple[str, ...]:
+        """``wan_rope``: WanAttnProcessor's RoPE without shape-fixed in-place writes (dtcompile.export.patches)."""
+        return ("wan_rope",)
+
+    def check_shapes(self, shapes: Any, config: Callable[[str], dict[str, Any] | None]) -> None:
+        """Frames 4k+1 within the range, sizes multiples of 16, the T5 length at most 512."""
+        if shapes.frames is None:
+            raise RecipeError("export.shapes.frames: Wan builds need a frame range (pixel frames, 4k+1), e.g. 33")
+        if shapes.text_len.max > MAX_SEQUENCE_LENGTH:
+            raise RecipeError(f"export.shapes.text_len.max: {shapes.text_len.max} is above {MAX_SEQUENCE_LENGTH}")
+        temporal, _, multiple = _factors(config)
+        for which in ("min", "opt", "max"):
+            try:
+                validate_frames(getattr(shapes.frames, which), temporal)
+            except UnsupportedError as exc:
+                raise RecipeError(f"export.shapes.frames.{which}: {str(exc).removeprefix('frames ')}") from None
+            for var in ("height", "width"):
+                try:
+                    v = getattr(getattr(shapes, var), which)
+                    validate_video_size(v, v, multiple)
+                except UnsupportedError as exc:
+                    raise RecipeError(
+                        f"export.shapes.{var}.{which}: {str(exc).removeprefix('image height ')}"
+                    ) from None
+
+    @staticmethod
+    def check_image_size(height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:
+        validate_video_size(height, width, _factors(config)[2])
+
+    @staticmethod
+    def check_frames(frames: int, config: Callable[[str], dict[str, Any] | None]) -> None:
+        validate_frames(frames, _factors(config)[0])
+
+    def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        """WanPipeline's arguments; ``num_frames`` from the request (its default, 81, otherwise)."""
+        kwargs: dict[str, Any] = {
+            "prompt": request.prompt,
+            "height": request.height,
+            "width": request.width,
+            "num_inference_steps": request.steps,
+            "generator": request.generator,
+            "num_videos_per_prompt": request.images_per_prompt,
+            "output_type": "np" if request.output_type == "pil" else request.output_type,
+        }
+        for key, value in (("num_frames", request.frames), ("guidance_scale", request.guidance),
+                           ("negative_prompt", request.negative_prompt), ("max_sequence_length", request.text_len),
+                           ("callback_on_step_end", request.callback)):  # fmt: skip
+            if value is not None:
+                kwargs[key] = value
+        return kwargs
+
+    @staticmethod
+    def output_media(output: Any) -> list[Any]:
+        """WanPipeline returns videos (``frames``: batch x frames x H x W x 3 in [0, 1], or tensors for "pt")."""
+        return list(output.frames)
+
+    @staticmethod
+    def block_names(config: dict[str, Any]) -> list[str]:
+        raise UnsupportedError("cache: Wan transformers are not split into block engines yet; remove the cache section")
+
+    def cache_layout(self) -> Any:
+        raise UnsupportedError("cache: Wan transformers are not split into block engines yet")

@@ -1,0 +1,223 @@
+"""Wan2.1 / Wan2.2 text-to-video through the same build and run paths: tiny-wan21 and tiny-wan22 (two experts)
+built for real and compared with diffusers' own WanPipeline at every transformer call, at two frame counts and
+two sizes, down to an MP4 a standard decoder reads back."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dtcompile.core.errors import RecipeError, UnsupportedError
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT, NEGATIVE = "a cat playing piano", "blurry"
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, recipe: str) -> Path:
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.runner import run_build
+
+    out = tmp_path_factory.mktemp("engines-wan")
+    return run_build(load_recipe(ROOT / "recipes" / recipe, [f"output.dir={out}"])).artifact_dir
+
+
+@pytest.fixture(scope="module")
+def wan21(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "tiny-wan21.yaml")
+
+
+@pytest.fixture(scope="module")
+def wan22(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "tiny-wan22.yaml")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_both_experts_have_engines_and_the_frames_profile(wan22: Path) -> None:
+    from dtcompile.manifest import read_manifest
+
+    m = read_manifest(wan22)
+    assert m.source.pipeline_class == "WanPipeline" and m.denoiser_names() == ["transformer", "transformer_2"]
+    assert m.shapes["frames"].min == 5 and m.shapes["frames"].max == 17
+    for name in ("transformer", "transformer_2"):
+        comp = m.component(name)
+        assert {(e.backend, e.arch) for e in comp.engines} == {
+            ("onnxruntime", "any"), ("tensorrt-rtx", "sm_89"), ("tensorrt-rtx", "sm_120")
+        }, name  # fmt: skip
+        assert comp.parity["rel_l2"] <= 1e-4
+        # 5..17 pixel frames -> 2..5 latent frames; 32..96 px -> 4..12 latent rows and columns
+        assert comp.profile["hidden_states"] == {"min": [1, 16, 2, 4, 4], "opt": [1, 16, 3, 8, 8],
+                                                 "max": [2, 16, 5, 12, 12]}  # fmt: skip
+    files = {Path(f.file).parts[1] for f in m.pipeline.files}
+    assert "transformer" not in files and "transformer_2" not in files
+
+
+def _reference(builtin: str, frames: int, height: int, width: int) -> tuple[Any, list[Any], list[str]]:
+    """diffusers' WanPipeline: the video, every transformer output and which expert made it."""
+    import torch
+    from diffusers import WanPipeline
+
+    from dtcompile.models.builtin import builtin_model_path
+
+    pipe = WanPipeline.from_pretrained(builtin_model_path(builtin), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    preds: list[Any] = []
+    who: list[str] = []
+
+    def record(name: str) -> Any:
+        def hook(mod: Any, args: Any, out: Any) -> None:
+            preds.append(out[0].detach().clone())
+            who.append(name)
+
+        return hook
+
+    for name in ("transformer", "transformer_2"):
+        if getattr(pipe, name) is not None:
+            getattr(pipe, name).register_forward_hook(record(name))
+    video = pipe(PROMPT, negative_prompt=NEGATIVE, num_frames=frames, height=height, width=width,
+                 num_inference_steps=4, guidance_scale=5.0, max_sequence_length=32,
+                 generator=torch.Generator("cpu").manual_seed(3)).frames[0]  # fmt: skip
+    return video, preds, who
+
+
+@pytest.mark.parametrize(("frames", "height", "width"), [(5, 32, 48), (9, 64, 64)])
+@pytest.mark.parametrize("fixture", ["wan21", "wan22"])
+def test_run_matches_wanpipeline_every_call(
+    fixture: str, frames: int, height: int, width: int, request: pytest.FixtureRequest
+) -> None:
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.runtime.media import video_uint8
+    from dtcompile.runtime.run import run_artifact
+
+    artifact = request.getfixturevalue(fixture)
+    builtin = {"wan21": "tiny-wan21", "wan22": "tiny-wan22"}[fixture]
+    want, preds, who = _reference(builtin, frames, height, width)
+    got = run_artifact(artifact, PROMPT, steps=4, seed=3, frames=frames, height=height, width=width, guidance=5.0,
+                       negative_prompt=NEGATIVE, backend="onnxruntime", trace=True)  # fmt: skip
+    assert len(got.trace) == len(preds) == 8  # 4 steps x (conditional + unconditional)
+    latent = (1, 16, (frames - 1) // 4 + 1, height // 8, width // 8)
+    for call, (a, b) in enumerate(zip(got.trace, preds, strict=True)):
+        assert tuple(a.shape) == tuple(b.shape) == latent
+        assert rel_l2(a, b) <= 1e-4, f"call {call} ({who[call]})"
+    if fixture == "wan22":  # boundary 0.875 x 1000 steps: the high-noise expert first, then the low-noise one
+        switch = who.index("transformer_2")
+        assert 0 < switch < len(who) and set(who[switch:]) == {"transformer_2"}
+        module = got.engine_module
+        assert module.calls == switch  # the engines were called exactly as the experts were
+    a, b = video_uint8(got.image), video_uint8(want)
+    assert a.shape == b.shape == (frames, height, width, 3)
+    assert min(psnr(x, y) for x, y in zip(a, b, strict=True)) >= 40  # every decoded frame
+
+
+def test_cli_writes_an_mp4_a_decoder_reads_back(wan21: Path, tmp_path: Path) -> None:
+    import av
+
+    out = tmp_path / "cat.mp4"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dtcompile", "run", str(wan21), "--prompt", PROMPT, "--frames", "9", "--fps", "12",
+         "--height", "48", "--width", "64", "--steps", "2", "--out", str(out)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        assert stream.codec_context.name == "h264" and float(stream.average_rate) == 12
+    assert len(decoded) == 9 and decoded[0].shape == (48, 64, 3)
+    frames = tmp_path / "frames"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dtcompile", "run", str(wan21), "--prompt", PROMPT, "--frames", "5", "--steps", "1",
+         "--out", f"{frames}/"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in frames.iterdir()) == [f"frame_{i:04d}.png" for i in range(5)]
+    single = tmp_path / "one.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dtcompile", "run", str(wan21), "--prompt", PROMPT, "--frames", "1", "--steps", "1",
+         "--out", str(single)], capture_output=True, text=True,
+    )  # fmt: skip
+    # 1 frame is outside this artifact's 5..17: refused in one line, nothing written
+    assert proc.returncode != 0 and "--frames 1 is outside the artifact's range 5..17" in proc.stderr
+    assert not single.exists()
+
+
+def test_bad_video_input_is_one_line(wan21: Path, tiny_artifact: Path, tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dtcompile", "run", *args, "--prompt", PROMPT, "--steps", "1"],
+                              capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+
+    cases = {
+        (str(wan21), "--frames", "8", "--out", "v.mp4"): "--frames 8: Wan takes 4k+1 frames",
+        (str(wan21), "--frames", "21", "--out", "v.mp4"): "--frames 21 is outside the artifact's range 5..17",
+        (str(wan21), "--out", "v.png"): "a video artifact writes .mp4 or a folder/ of PNG frames",
+        (str(wan21), "--image", str(ROOT / "README.md"), "--out", "v.mp4"): "--image",
+        (str(tiny_artifact), "--frames", "9", "--out", "i.png"): "--frames: FluxPipeline artifacts make images",
+        (str(tiny_artifact), "--out", "i.mp4"): "this artifact makes images",
+    }
+    for args, message in cases.items():
+        proc = run(*args)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_recipe_frame_rules_in_the_dry_run(tmp_path: Path) -> None:
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.plan import make_plan
+
+    base = ROOT / "recipes" / "tiny-wan21.yaml"
+    cases = {
+        "export.shapes.frames={min: 5, opt: 8, max: 17}": "export.shapes.frames.opt: 8: Wan takes 4k+1 frames",
+        "export.shapes.height={min: 32, opt: 40, max: 96}": "export.shapes.height.opt",
+        "export.shapes.frames=null": "export.shapes.frames: Wan builds need a frame range",
+    }
+    for override, message in cases.items():
+        with pytest.raises(RecipeError, match=re.escape(message)):
+            make_plan(load_recipe(base, [override, f"output.dir={tmp_path}"]))
+    flux = ROOT / "recipes" / "tiny-flux.yaml"
+    with pytest.raises(RecipeError, match="FluxPipeline makes images, not videos"):
+        make_plan(load_recipe(flux, ["export.shapes.frames=9", f"output.dir={tmp_path}"]))
+
+
+def test_two_experts_refuse_quant_lora_and_cache_before_loading(tmp_path: Path) -> None:
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.runner import run_build
+
+    base = ROOT / "recipes" / "tiny-wan22.yaml"
+    quant = "quant={format: fp8, calib: {prompts: builtin, size: 2, batch: 1, steps: 2}}"
+    with pytest.raises(UnsupportedError, match=r"quant: this pipeline has 2 denoisers \(transformer, transformer_2"):
+        run_build(load_recipe(base, [quant, f"output.dir={tmp_path}"]))
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_wan_lora_on_a_flux_artifact_is_one_line(tiny_artifact: Path, tmp_path: Path) -> None:
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from dtcompile.models.builtin import builtin_model_path
+    from dtcompile.tools.refit import refit_artifact
+    from tests.fixtures.lora import make_peft_lora
+
+    wan = WanTransformer3DModel.from_pretrained(builtin_model_path("tiny-wan21") / "transformer", dtype=torch.float32)
+    lora = make_peft_lora(wan, tmp_path / "wan.safetensors", pipeline_class="WanPipeline",
+                          targets=("to_q", "to_k", "to_v"), seed=1)  # fmt: skip
+    with pytest.raises((RecipeError, UnsupportedError)) as err:
+        refit_artifact(tiny_artifact, [(str(lora), 1.0)], out_dir=tmp_path / "out", drop_unrefittable=True)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_the_server_refuses_video_models(wan21: Path) -> None:
+    from dtcompile.serve.models import ServedModel, ServeOptions
+    from dtcompile.serve.protocol import APIError, ImageGenerationRequest
+
+    with pytest.raises(APIError, match="makes videos"):
+        ServedModel.open(wan21).make_job(ImageGenerationRequest(prompt=PROMPT), ServeOptions(), capacity=2)
