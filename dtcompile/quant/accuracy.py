@@ -80,8 +80,11 @@ def trace_pipeline(
     max_sequence_length: int | None = None,
     guidance_scale: float | None = None,
     component: Any = None,
+    frames: int | None = None,
 ) -> PipelineTrace:
     """Run the pipeline once per prompt (generator seeded ``seed`` + index) and record every step.
+
+    ``frames``: video families' pixel frames (None for images).
 
     ``component`` stands in for the pipeline's own component during the run (e.g. an onnxruntime module).
     """
@@ -106,6 +109,7 @@ def trace_pipeline(
                     guidance=guidance_scale,
                     text_len=max_sequence_length,
                     output_type="pt",
+                    frames=frames,
                 )
                 image = adapter.output_media(pipe(**adapter.call_kwargs(request)))[0]
             finally:
@@ -120,6 +124,7 @@ def trace_pipeline(
         "seed": seed,
         "max_sequence_length": max_sequence_length,
         "guidance_scale": guidance_scale,
+        "frames": frames,
     }
     return PipelineTrace(list(prompts), inputs, noise, images, settings)
 
@@ -165,7 +170,8 @@ def quantized_forward_ctx() -> contextlib.AbstractContextManager[None]:
 @dataclass
 class AccuracyReport:
     """Candidate against reference. Per step (worst prompt): teacher-forced and free-running noise-prediction
-    cosine similarity and relative L2 error; per prompt: final-image PSNR (dB)."""
+    cosine similarity and relative L2 error; per prompt: final-image PSNR (dB); for videos also every frame's
+    PSNR (``frame_psnr_db``, per prompt) and ``psnr_db`` the worst frame's."""
 
     candidate: str
     reference: str
@@ -174,6 +180,7 @@ class AccuracyReport:
     teacher_forced: dict[str, list[float]]
     free_running: dict[str, list[float]]
     psnr_db: list[float]
+    frame_psnr_db: list[list[float]] | None = None
 
     @property
     def max_rel_err(self) -> float:
@@ -199,6 +206,7 @@ class AccuracyReport:
             "teacher_forced": {k: r(v) for k, v in self.teacher_forced.items()},
             "free_running": {k: r(v) for k, v in self.free_running.items()},
             "psnr_db": r(self.psnr_db),
+            **({"frame_psnr_db": [r(f) for f in self.frame_psnr_db]} if self.frame_psnr_db else {}),
             "summary": {
                 "min_cos": float(f"{self.min_cos:.6g}"),
                 "max_rel_err": float(f"{self.max_rel_err:.6g}"),
@@ -237,6 +245,7 @@ def accuracy_report(
         max_sequence_length=s["max_sequence_length"],
         guidance_scale=s["guidance_scale"],
         component=component,
+        frames=s.get("frames"),
     )
     module = component if component is not None else getattr(pipe, adapter.component)
     forced: list[list[Any]] = []
@@ -256,6 +265,12 @@ def accuracy_report(
         free_running=_per_step(trace.noise, reference.noise),
         psnr_db=[psnr(a, b, cap=PSNR_IDENTICAL) for a, b in zip(trace.images, reference.images, strict=True)],
     )
+    if trace.images and trace.images[0].dim() == 4:  # videos (frames x C x H x W): every frame, worst as psnr_db
+        report.frame_psnr_db = [
+            [psnr(fa, fb, cap=PSNR_IDENTICAL) for fa, fb in zip(a, b, strict=True)]
+            for a, b in zip(trace.images, reference.images, strict=True)
+        ]
+        report.psnr_db = [min(f) for f in report.frame_psnr_db]
     log.info(
         "accuracy %s vs %s: teacher-forced min cos %.6f, max rel err %.3g; PSNR min %.1f dB",
         candidate,

@@ -155,6 +155,7 @@ def calibration_key(
     width: int,
     max_sequence_length: int | None,
     guidance_scale: float | None,
+    frames: int | None = None,
 ) -> str:
     """sha256 of everything that changes the calibrated state (see the module docstring)."""
     payload = {
@@ -169,6 +170,8 @@ def calibration_key(
         "guidance_scale": guidance_scale,
         "versions": {d: dist_version(d) for d in ("nvidia-modelopt", "torch", "diffusers")},
     }
+    if frames is not None:  # video calibration (image keys stay as they were)
+        payload["frames"] = frames
     return sha256_json(payload)
 
 
@@ -226,6 +229,7 @@ def calibrate(
     guidance_scale: float | None = None,
     component_sha256: str | None = None,
     base_dir: Path | None = None,
+    frames: int | None = None,
 ) -> QuantResult:
     """Quantize ``pipe``'s component in place: restore its calibrated state from the cache, or calibrate it.
 
@@ -239,6 +243,7 @@ def calibrate(
         guidance_scale: passed to the pipeline when set (else its default).
         component_sha256: digest of the component's weights (else hashed from its state dict).
         base_dir: folder relative prompt paths are resolved against (the recipe's folder).
+        frames: video families' pixel frames per calibration run (the recipe's opt ``frames``).
 
     Raises:
         RecipeError: prompts or exclude patterns are wrong. UnsupportedError: the spec cannot quantize this
@@ -264,6 +269,7 @@ def calibrate(
         width=width,
         max_sequence_length=max_sequence_length,
         guidance_scale=guidance_scale,
+        frames=frames,
     )
     state_path = Path(cache_dir) / key[:32] / "state.mto"
     import modelopt.torch.opt as mto
@@ -291,7 +297,9 @@ def calibrate(
         import modelopt.torch.quantization as mtq
 
         config = fmt.modelopt_config(spec, exclude, dtype)
-        loop = _forward_loop(pipe, adapter, spec.calib, prompts, height, width, max_sequence_length, guidance_scale)
+        loop = _forward_loop(
+            pipe, adapter, spec.calib, prompts, height, width, max_sequence_length, guidance_scale, frames
+        )
 
         def forward_loop(model: torch.nn.Module) -> None:
             # Modules are converted by now: route attention before any range is collected.
@@ -402,6 +410,7 @@ def _forward_loop(
     width: int,
     max_sequence_length: int | None,
     guidance_scale: float | None,
+    frames: int | None = None,
 ) -> Callable[[Any], None]:
     """ModelOpt forward loop: the pipeline's denoising loop over ``prompts``, ``calib.batch`` per call.
 
@@ -428,6 +437,7 @@ def _forward_loop(
                 generator=torch.Generator("cpu").manual_seed(calib.seed + b),
                 guidance=guidance_scale,
                 text_len=max_sequence_length,
+                frames=frames,
                 output_type="latent",
                 callback=stop_after_collected if collect < calib.steps else None,
             )

@@ -35,6 +35,8 @@ def quantize_component(loaded: Any, recipe: Any, base_dir: Path | None, weights_
     """Trace the unquantized model on held-out prompts, calibrate (or restore), then measure accuracy (a)."""
     spec, shapes = recipe.quant, recipe.export.shapes
     size = {"height": shapes.height.opt, "width": shapes.width.opt, "max_sequence_length": shapes.text_len.opt}
+    if shapes.frames is not None:  # video: calibrate and evaluate at the opt frame count
+        size["frames"] = shapes.frames.opt
     reference = trace_pipeline(
         loaded.pipe,
         loaded.adapter,

@@ -221,3 +221,52 @@ def test_the_server_refuses_video_models(wan21: Path) -> None:
 
     with pytest.raises(APIError, match="makes videos"):
         ServedModel.open(wan21).make_job(ImageGenerationRequest(prompt=PROMPT), ServeOptions(), capacity=2)
+
+
+def test_fp8_build_calibrates_on_wan_runs_and_records_per_frame_accuracy(tmp_path: Path) -> None:
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.runner import run_build
+
+    m = run_build(load_recipe(ROOT / "recipes" / "tiny-wan21-fp8.yaml", [f"output.dir={tmp_path}"])).manifest
+    comp = m.component("transformer")
+    assert {(e.backend, e.arch) for e in comp.engines} == {
+        ("onnxruntime", "any"), ("tensorrt-rtx", "sm_89"), ("tensorrt-rtx", "sm_120")
+    }  # fmt: skip
+    quant = comp.quant
+    frames = quant["accuracy"]["frame_psnr_db"]
+    assert len(frames) == 2 and all(len(f) == 9 for f in frames)  # 2 held-out prompts x 9 frames (opt)
+    assert quant["accuracy"]["summary"]["min_psnr_db"] == min(min(f) for f in frames) >= 30
+    assert quant["parity"]["summary"]["min_psnr_db"] >= 40  # onnxruntime vs fake-quant torch
+    assert min(quant["accuracy"]["teacher_forced"]["cos_min"]) > 0.999
+
+
+def test_wan21_lora_fuse_and_refit_agree(wan21: Path, tmp_path: Path) -> None:
+    """A Wan LoRA read by WanPipeline's own loader: fused at build == refit into the plain artifact."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from dtcompile.models.builtin import builtin_model_path
+    from dtcompile.recipe import load_recipe
+    from dtcompile.runtime.media import video_uint8
+    from dtcompile.runtime.run import run_artifact
+    from dtcompile.stages.runner import run_build
+    from dtcompile.tools.refit import refit_artifact
+    from tests.fixtures.lora import make_peft_lora
+
+    wan = WanTransformer3DModel.from_pretrained(builtin_model_path("tiny-wan21") / "transformer", dtype=torch.float32)
+    lora = make_peft_lora(wan, tmp_path / "wan-style.safetensors", pipeline_class="WanPipeline",
+                          targets=("to_q", "to_k", "to_v", "to_out.0"), rank=4, alpha=8.0, seed=1)  # fmt: skip
+    overrides = [f"output.dir={tmp_path / 'fused'}", "engine={backends: [onnxruntime]}",
+                 f"lora=[{{source: {lora}, scale: 0.8}}]"]  # fmt: skip
+    fused = run_build(load_recipe(ROOT / "recipes" / "tiny-wan21.yaml", overrides)).artifact_dir
+    refit = refit_artifact(wan21, [(str(lora), 0.8)], out_dir=tmp_path / "refit", drop_unrefittable=True)
+    back = refit_artifact(refit.artifact_dir, [], out_dir=tmp_path / "back", drop_unrefittable=True)
+
+    def video(artifact: Path) -> np.ndarray:
+        out = run_artifact(artifact, PROMPT, steps=4, seed=3, frames=5, guidance=5.0, backend="onnxruntime")
+        return video_uint8(out.image)
+
+    base, with_lora = video(wan21), video(fused)
+    assert not np.array_equal(base, with_lora)
+    assert min(psnr(a, b) for a, b in zip(video(refit.artifact_dir), with_lora, strict=True)) >= 40
+    assert min(psnr(a, b) for a, b in zip(video(back.artifact_dir), base, strict=True)) >= 40
