@@ -79,7 +79,10 @@ def test_registry_and_pipeline_class_lookup() -> None:
 def test_unknown_builtin_names_the_choices() -> None:
     with pytest.raises(UnsupportedError) as err:
         builtin_model_path("huge-flux")
-    assert str(err.value) == "unknown built-in model 'huge-flux'; choose one of: tiny-flux, flux-realwidth-1, tiny-sd3"
+    assert (
+        str(err.value)
+        == "unknown built-in model 'huge-flux'; choose one of: tiny-flux, flux-realwidth-1, tiny-sd3, tiny-flux-kontext, tiny-wan21, tiny-wan22"
+    )
 
 
 def test_builtins_have_descriptions() -> None:
