@@ -75,6 +75,25 @@ class CacheLayout(Protocol):
         """Concrete shapes of every stream and shared tensor for one set of monolithic input shapes."""
 
 
+class _ComponentView:
+    """An adapter whose ``component`` is another denoiser of the same pipeline; everything else delegates."""
+
+    def __init__(self, adapter: Any, component: str) -> None:
+        self._adapter = adapter
+        self.component = component
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._adapter, name)
+
+
+def component_view(adapter: Any, component: str | None) -> Any:
+    """``adapter`` itself, or a view of it whose ``component`` is ``component`` (e.g. Wan2.2's ``transformer_2``),
+    so code written for ``adapter.component`` (calibration, accuracy, parity) runs on that denoiser."""
+    if component is None or component == adapter.component:
+        return adapter
+    return _ComponentView(adapter, component)
+
+
 class ModelAdapter(Protocol):
     """One model family (FLUX, SD3, ...): what to load, export and how to shape and call it."""
 

@@ -101,10 +101,11 @@ def export_component(
     instead.
     """
     from dtcompile.attention import export_attention
+    from dtcompile.models.base import component_view
     from dtcompile.stages.load import torch_dtype
 
-    adapter = loaded.adapter
-    comp = component or adapter.component  # another denoiser of the pipeline (Wan2.2's transformer_2)
+    adapter = component_view(loaded.adapter, component)  # another denoiser of the pipeline (Wan2.2's transformer_2)
+    comp = adapter.component
     module = getattr(loaded.pipe, comp).eval()
     shapes = shapes_from_recipe(recipe.export.shapes)
     spec = adapter.export_spec(module, loaded.pipe_config, shapes, torch_dtype(recipe.dtype))
@@ -148,9 +149,7 @@ def export_component(
         fmt = recipe.quant.format
         entry["quant"] = {**quantized.to_manifest(), "graph": qonnx.to_manifest()}
         # parity (b): the graph in onnxruntime against the fake-quant torch model, step by step
-        entry["quant"]["parity"] = parity_report(
-            loaded.pipe, loaded.adapter, quantized.trace, art.path, fmt
-        ).to_manifest()
+        entry["quant"]["parity"] = parity_report(loaded.pipe, adapter, quantized.trace, art.path, fmt).to_manifest()
         if "onnxruntime" in recipe.engine.backends and get_format(fmt).onnxruntime_runnable:
             entry["engines"].append(
                 {"backend": "onnxruntime", "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}

@@ -170,10 +170,16 @@ def model_index(folder: Path) -> dict[str, Any]:
 
 
 def check_denoisers(recipe: Any, denoisers: tuple[str, ...]) -> None:
-    """Quant, LoRA and cache handle one denoiser: refuse them for a pipeline with several (UnsupportedError)."""
+    """LoRA and cache handle one denoiser: refuse them for a pipeline with several (UnsupportedError); quant
+    takes each denoiser in turn, with every calibration step."""
     if len(denoisers) < 2:
         return
-    for section in ("quant", "lora", "cache"):
+    if recipe.quant is not None and recipe.quant.calib.percentile < 1:
+        raise UnsupportedError(
+            "quant.calib.percentile: with several denoisers every calibration step is needed (the later experts run "
+            "only the late steps); set it to 1.0"
+        )
+    for section in ("lora", "cache"):
         if getattr(recipe, section):
             raise UnsupportedError(
                 f"{section}: this pipeline has {len(denoisers)} denoisers ({', '.join(denoisers)}, e.g. Wan2.2's "

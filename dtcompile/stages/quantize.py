@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dtcompile.core.errors import UnsupportedError
+from dtcompile.models.base import component_view
 from dtcompile.quant.accuracy import HELDOUT_PROMPTS, AccuracyReport, PipelineTrace, accuracy_report, trace_pipeline
 from dtcompile.quant.calibration import QuantResult, calibrate, quant_cache_dir
 
@@ -33,36 +35,53 @@ class QuantizedComponent:
 
 def quantize_component(loaded: Any, recipe: Any, base_dir: Path | None, weights_sha256: str) -> QuantizedComponent:
     """Trace the unquantized model on held-out prompts, calibrate (or restore), then measure accuracy (a)."""
+    return quantize_denoisers(loaded, recipe, base_dir, weights_sha256, [loaded.adapter.component])[
+        loaded.adapter.component
+    ]
+
+
+def quantize_denoisers(
+    loaded: Any, recipe: Any, base_dir: Path | None, weights_sha256: str, names: list[str]
+) -> dict[str, QuantizedComponent]:
+    """``quantize_component`` for each denoiser in ``names`` (Wan2.2: both experts, each calibrated on the
+    pipeline's own runs, which call it only on its own steps). Every unquantized reference is traced before
+    anything is quantized, so each expert's accuracy is measured against the fully unquantized pipeline."""
+    import hashlib
+
     spec, shapes = recipe.quant, recipe.export.shapes
     size = {"height": shapes.height.opt, "width": shapes.width.opt, "max_sequence_length": shapes.text_len.opt}
     if shapes.frames is not None:  # video: calibrate and evaluate at the opt frame count
         size["frames"] = shapes.frames.opt
-    reference = trace_pipeline(
-        loaded.pipe,
-        loaded.adapter,
-        HELDOUT_PROMPTS[: spec.accuracy.prompts],
-        steps=spec.accuracy.steps,
-        seed=spec.calib.seed,
-        **size,
-    )
-    result = calibrate(
-        loaded.pipe,
-        loaded.adapter,
-        spec,
-        quant_cache_dir(),
-        component_sha256=weights_sha256,
-        base_dir=base_dir,
-        **size,
-    )
-    accuracy, trace = accuracy_report(loaded.pipe, loaded.adapter, reference)
-    log.info(
-        "quantized %s (%s): held-out min cosine %.6f, max rel err %.2e vs unquantized",
-        loaded.adapter.component,
-        spec.format,
-        accuracy.min_cos,
-        accuracy.max_rel_err,
-    )
-    return QuantizedComponent(result, accuracy, trace)
+    views = {n: component_view(loaded.adapter, n) for n in names}
+    references = {
+        n: trace_pipeline(
+            loaded.pipe, views[n], HELDOUT_PROMPTS[: spec.accuracy.prompts], steps=spec.accuracy.steps,
+            seed=spec.calib.seed, **size,
+        )
+        for n in names
+    }  # fmt: skip
+    for n, ref in references.items():
+        if not any(ref.inputs):
+            raise UnsupportedError(
+                f"quant.accuracy.steps: {n} ran no step in {spec.accuracy.steps} held-out step(s) (the pipeline "
+                "calls it only on its own part of the schedule); raise quant.accuracy.steps"
+            )
+    results = {}
+    for n in names:  # one calibrated state per denoiser: the key covers its name
+        digest = (
+            weights_sha256
+            if n == loaded.adapter.component
+            else hashlib.sha256(f"{weights_sha256}:{n}".encode()).hexdigest()
+        )
+        results[n] = calibrate(loaded.pipe, views[n], spec, quant_cache_dir(), component_sha256=digest,
+                               base_dir=base_dir, **size)  # fmt: skip
+    out = {}
+    for n in names:
+        accuracy, trace = accuracy_report(loaded.pipe, views[n], references[n])
+        log.info("quantized %s (%s): held-out min cosine %.6f, max rel err %.2e vs unquantized", n, spec.format,
+                 accuracy.min_cos, accuracy.max_rel_err)  # fmt: skip
+        out[n] = QuantizedComponent(results[n], accuracy, trace)
+    return out
 
 
-__all__ = ["QuantizedComponent", "quantize_component"]
+__all__ = ["QuantizedComponent", "quantize_component", "quantize_denoisers"]

@@ -49,6 +49,7 @@ class BuildState:
     loaded: LoadedPipeline | None = None
     fused: Any = None  # stages.lora.FusedLoras
     quantized: Any = None  # stages.quantize.QuantizedComponent
+    quantized_extra: dict[str, Any] = field(default_factory=dict)  # the other denoisers' (Wan2.2's transformer_2)
     graphs: list[tuple[str, Any]] = field(default_factory=list)  # (component or part name, ExportedComponent)
     manifest: dict[str, Any] = field(default_factory=dict)
     stats: list[StageStats] = field(default_factory=list)
@@ -208,10 +209,13 @@ def lora_step(state: BuildState) -> list[str]:
 
 def quantize_step(state: BuildState) -> list[str]:
     """quantize: ModelOpt PTQ on real denoising runs -> ``state.quantized`` (calibration and accuracy)."""
-    from dtcompile.stages.quantize import quantize_component
+    from dtcompile.stages.quantize import quantize_denoisers
 
     plan = state.plan
-    state.quantized = quantize_component(state.loaded, plan.recipe, plan.base_dir, state.weights_digest)
+    names = list(state.files.denoisers or (state.component,))
+    done = quantize_denoisers(state.loaded, plan.recipe, plan.base_dir, state.weights_digest, names)
+    state.quantized = done.pop(state.component)
+    state.quantized_extra = done
     return []
 
 
@@ -230,7 +234,9 @@ def export_step(state: BuildState) -> list[str]:
         graphs = [(comp, export_component(state.loaded, recipe, state.tmp, state.quantized, attention=attention))]
     for name in state.files.extra_denoisers():  # Wan2.2's second expert: a graph of its own, same shapes
         log.info("[export] denoiser %s ...", name)
-        graphs.append((name, export_component(state.loaded, recipe, state.tmp, attention=attention, component=name)))
+        quantized = state.quantized_extra.get(name)
+        graphs.append((name, export_component(state.loaded, recipe, state.tmp, quantized, attention=attention,
+                                              component=name)))  # fmt: skip
     aux = aux_components(recipe, state.loaded.adapter)
     for i, spec in enumerate(aux, 1):  # text encoders and the VAE decoder, after the denoiser
         log.info("[export] component %d/%d %s ...", i, len(aux), spec.name)

@@ -188,15 +188,53 @@ def test_recipe_frame_rules_in_the_dry_run(tmp_path: Path) -> None:
         make_plan(load_recipe(flux, ["export.shapes.frames=9", f"output.dir={tmp_path}"]))
 
 
-def test_two_experts_refuse_quant_lora_and_cache_before_loading(tmp_path: Path) -> None:
+def test_two_experts_refuse_lora_cache_and_partial_calibration_before_loading(tmp_path: Path) -> None:
     from dtcompile.recipe import load_recipe
     from dtcompile.stages.runner import run_build
 
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from dtcompile.models.builtin import builtin_model_path
+    from tests.fixtures.lora import make_peft_lora
+
     base = ROOT / "recipes" / "tiny-wan22.yaml"
-    quant = "quant={format: fp8, calib: {prompts: builtin, size: 2, batch: 1, steps: 2}}"
-    with pytest.raises(UnsupportedError, match=r"quant: this pipeline has 2 denoisers \(transformer, transformer_2"):
-        run_build(load_recipe(base, [quant, f"output.dir={tmp_path}"]))
+    wan = WanTransformer3DModel.from_pretrained(builtin_model_path("tiny-wan22") / "transformer", dtype=torch.float32)
+    lora = make_peft_lora(wan, tmp_path.parent / "wan22.safetensors", pipeline_class="WanPipeline",
+                          targets=("to_q", "to_k"), seed=2)  # fmt: skip
+    quant = "quant={format: fp8, calib: {prompts: builtin, size: 2, batch: 1, steps: 4, percentile: 0.5}}"
+    cases = {
+        quant: "quant.calib.percentile: with several denoisers every calibration step is needed",
+        f"lora=[{{source: {lora}}}]": r"lora: this pipeline has 2 denoisers \(transformer, transformer_2",
+    }
+    for override, message in cases.items():
+        with pytest.raises(UnsupportedError, match=message):
+            run_build(load_recipe(base, [override, f"output.dir={tmp_path}"]))
     assert not list(tmp_path.iterdir())
+
+
+def test_fp8_quantizes_both_experts(tmp_path: Path) -> None:
+    from dtcompile.recipe import load_recipe
+    from dtcompile.runtime.run import run_artifact
+    from dtcompile.stages.runner import run_build
+
+    report = run_build(load_recipe(ROOT / "recipes" / "tiny-wan22-fp8.yaml", [f"output.dir={tmp_path}"]))
+    m = report.manifest
+    keys = set()
+    for name in ("transformer", "transformer_2"):
+        quant = m.component(name).quant
+        assert quant["graph"]["fp8_qdq"] > 0, name
+        assert {(e.backend, e.arch) for e in m.component(name).engines} >= {
+            ("tensorrt-rtx", "sm_89"),
+            ("tensorrt-rtx", "sm_120"),
+        }
+        assert quant["parity"]["summary"]["min_psnr_db"] >= 40, name  # onnxruntime vs fake-quant torch
+        assert quant["accuracy"]["summary"]["min_psnr_db"] >= 30, name
+        assert len(quant["accuracy"]["frame_psnr_db"][0]) == 9
+        keys.add(quant["calib"]["key"])
+    assert len(keys) == 2  # one calibrated state per expert
+    got = run_artifact(report.artifact_dir, PROMPT, steps=4, frames=9, backend="onnxruntime")
+    assert got.image.shape == (9, 64, 64, 3)
 
 
 def test_a_wan_lora_on_a_flux_artifact_is_one_line(tiny_artifact: Path, tmp_path: Path) -> None:
