@@ -189,13 +189,12 @@ def test_recipe_frame_rules_in_the_dry_run(tmp_path: Path) -> None:
 
 
 def test_two_experts_refuse_lora_cache_and_partial_calibration_before_loading(tmp_path: Path) -> None:
-    from dtcompile.recipe import load_recipe
-    from dtcompile.stages.runner import run_build
-
     import torch
     from diffusers import WanTransformer3DModel
 
     from dtcompile.models.builtin import builtin_model_path
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.runner import run_build
     from tests.fixtures.lora import make_peft_lora
 
     base = ROOT / "recipes" / "tiny-wan22.yaml"
