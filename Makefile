@@ -1,9 +1,10 @@
-# make demo: build the built-in tiny FLUX recipe and generate a PNG; make test: the CPU test suite.
+# make demo: build the built-in tiny FLUX recipe and generate a PNG; make demo-video: the tiny Wan2.2 (two
+# experts) to an MP4; make test: the CPU test suite.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo demo-video test lint clean
 
 $(BIN)/dtc: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +16,10 @@ demo: $(BIN)/dtc
 	$(BIN)/dtc build --recipe recipes/tiny-flux.yaml
 	$(BIN)/dtc inspect engines/tiny-flux --verify
 	$(BIN)/dtc run engines/tiny-flux --prompt "a red fox in the snow" --steps 4 --seed 0 --out engines/tiny-flux-demo.png
+
+demo-video: $(BIN)/dtc
+	$(BIN)/dtc build --recipe recipes/tiny-wan22.yaml
+	$(BIN)/dtc run engines/tiny-wan22 --prompt "a cat playing piano" --negative-prompt blurry --frames 9 --steps 4 --seed 0 --fps 8 --out engines/tiny-wan22-demo.mp4
 
 test: $(BIN)/dtc
 	$(BIN)/python -m pytest -q
