@@ -55,10 +55,11 @@ class CacheLayout(Protocol):
 
     streams: tuple[str, ...]
     shared: tuple[str, ...]
+    carried: tuple[str, ...]  # prologue outputs only the epilogue reads (SD3's latent grid size)
     epilogue_inputs: tuple[str, ...]
 
     def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
-        """The forward up to the first block: graph inputs in, ``streams + shared`` out (in that order)."""
+        """The forward up to the first block: graph inputs in, ``streams + shared + carried`` out (in that order)."""
 
     def blocks(self, blocks: list[torch.nn.Module]) -> torch.nn.Module:
         """A run of consecutive blocks: ``streams + shared`` in, ``<stream>_out`` out."""

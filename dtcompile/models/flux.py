@@ -412,6 +412,7 @@ class FluxCacheLayout:
 
     streams = ("hidden", "context")
     shared = ("temb", "rope_cos", "rope_sin")
+    carried: tuple[str, ...] = ()
     epilogue_inputs = ("hidden", "temb")
 
     def prologue(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -195,6 +195,116 @@ def _export_wrapper_class() -> type:
     return SD3TransformerForExport
 
 
+@functools.cache
+def _cache_part_classes() -> tuple[type, type, type]:
+    """The nn.Module classes of SD3's three cache part kinds (built on first use: needs torch)."""
+    import torch
+
+    class SD3Prologue(torch.nn.Module):
+        """SD3Transformer2DModel.forward up to the first block: patch + position embedding, time/text embedding,
+        context embedder; ``grid`` (latent rows x columns / patch, zeros) carries the size to the epilogue."""
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.pos_embed = transformer.pos_embed
+            self.time_text_embed = transformer.time_text_embed
+            self.context_embedder = transformer.context_embedder
+            self.patch = int(transformer.config["patch_size"])
+
+        def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            x = dict(zip(GRAPH_INPUTS, inputs, strict=True))
+            latent = x["hidden_states"]
+            hidden = self.pos_embed(latent).contiguous()
+            temb = self.time_text_embed(x["timestep"], x["pooled_projections"])
+            context = self.context_embedder(x["encoder_hidden_states"])
+            grid = latent.new_zeros(latent.shape[-2] // self.patch, latent.shape[-1] // self.patch)
+            return hidden, context, temb, grid
+
+    class SD3Blocks(torch.nn.Module):
+        """A run of consecutive MMDiT blocks. The last block of the model updates only ``hidden`` (its context
+        output is None): ``context`` passes through unchanged, and nothing after it reads it."""
+
+        def __init__(self, blocks: list[torch.nn.Module]) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(blocks)
+
+        def forward(self, hidden: torch.Tensor, context: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            for block in self.blocks:
+                new_context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
+                context = context if new_context is None else new_context
+            return hidden, context
+
+    class SD3Epilogue(torch.nn.Module):
+        """norm_out (modulated by temb), proj_out and the unpatchify back to latents of ``grid``'s size."""
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.norm_out = transformer.norm_out
+            self.proj_out = transformer.proj_out
+            self.patch = int(transformer.config["patch_size"])
+            self.out_channels = int(transformer.out_channels)
+
+        def forward(self, hidden: torch.Tensor, temb: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+            p, c = self.patch, self.out_channels
+            h, w = grid.shape[0], grid.shape[1]
+            x = self.proj_out(self.norm_out(hidden, temb))
+            x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, w, p, p, c))
+            return x.reshape(x.shape[0], c, h * p, w * p)
+
+    return SD3Prologue, SD3Blocks, SD3Epilogue
+
+
+class SD3CacheLayout:
+    """The SD3 transformer split for block caching (``dtcompile.models.base.CacheLayout``): the MMDiT blocks
+    update ``hidden`` and ``context``; ``temb`` is computed once per call and ``grid`` (the latent size, which
+    the unpatchify needs) goes from the prologue straight to the epilogue."""
+
+    streams = ("hidden", "context")
+    shared = ("temb",)
+    carried = ("grid",)
+    epilogue_inputs = ("hidden", "temb", "grid")
+
+    def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
+        return _cache_part_classes()[0](module)
+
+    def blocks(self, blocks: list[torch.nn.Module]) -> torch.nn.Module:
+        return _cache_part_classes()[1](blocks)
+
+    def epilogue(self, module: torch.nn.Module) -> torch.nn.Module:
+        return _cache_part_classes()[2](module)
+
+    @staticmethod
+    def _widths(module: torch.nn.Module) -> tuple[int, int, int]:
+        cfg = module.config
+        inner = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
+        return inner, int(cfg.get("caption_projection_dim") or inner), int(cfg["patch_size"])
+
+    def intermediate_specs(self, module: torch.nn.Module, mono: ExportSpec, dtype: str) -> dict[str, TensorSpec]:
+        inner, caption, p = self._widths(module)
+        latent = next(t for t in mono.inputs if t.name == "hidden_states").dims
+        text = next(t for t in mono.inputs if t.name == "encoder_hidden_states").dims[1]
+        h, w = int(latent[2]) // p, int(latent[3]) // p  # SD3 sizes are fixed per artifact
+        return {
+            "hidden": TensorSpec("hidden", dtype, ("batch", h * w, inner)),
+            "context": TensorSpec("context", dtype, ("batch", text, caption)),
+            "temb": TensorSpec("temb", dtype, ("batch", inner)),
+            # symbolic, so the epilogue's graph reads its size (static dims would be folded and the input dropped)
+            "grid": TensorSpec("grid", dtype, ("grid_height", "grid_width")),
+        }
+
+    def intermediate_shapes(
+        self, module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, tuple[int, ...]]:
+        inner, caption, p = self._widths(module)
+        batch, _, lh, lw = shapes["hidden_states"]
+        return {
+            "hidden": (batch, (lh // p) * (lw // p), inner),
+            "context": (batch, shapes["encoder_hidden_states"][1], caption),
+            "temb": (batch, inner),
+            "grid": (lh // p, lw // p),
+        }
+
+
 def _vae_factor(config: Callable[[str], dict[str, Any] | None]) -> int:
     vae = config("vae") or {}
     return 2 ** (len(vae["block_out_channels"]) - 1) if "block_out_channels" in vae else 8
@@ -356,12 +466,11 @@ class SD3Adapter:
 
     @staticmethod
     def block_names(config: dict[str, Any]) -> list[str]:
-        raise UnsupportedError(
-            "cache: SD3 transformers cannot be split into block engines yet; remove the cache section"
-        )
+        """The MMDiT blocks in execution order (``transformer_blocks.0`` ...; SD3.5's dual-attention ones too)."""
+        if "num_layers" not in config:
+            raise UnsupportedError("cache: the SD3 transformer config has no num_layers; remove the cache section")
+        return [f"transformer_blocks.{i}" for i in range(int(config["num_layers"]))]
 
     @staticmethod
-    def cache_layout() -> Any:
-        raise UnsupportedError(
-            "cache: SD3 transformers cannot be split into block engines yet; remove the cache section"
-        )
+    def cache_layout() -> SD3CacheLayout:
+        return SD3CacheLayout()

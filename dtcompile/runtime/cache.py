@@ -92,7 +92,7 @@ class CachedEngineModule(ComponentStandIn):
         self._reset_stats()
 
     @contextmanager
-    def cache_context(self, name: str) -> Iterator[None]:
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
         """Pipelines wrap their conditional and unconditional calls in contexts; each keeps its own cache."""
         previous, self._context_name = self._context_name, name
         try:
@@ -160,7 +160,7 @@ class CachedEngineModule(ComponentStandIn):
             streams, skipped = self._first_block(ctx, streams, shared)
         else:
             streams, skipped = self._static(ctx, streams, shared)
-        state = {**shared, **dict(zip(self.streams, streams, strict=True))}
+        state = {**pro, **dict(zip(self.streams, streams, strict=True))}  # prologue outputs, updated streams
         out = self.runners[self.epilogue]({k: state[k] for k in self.epilogue_inputs})[self.output_name]
         out = self.check_finite(out.to(self._device, self._dtype), self.calls)
         ctx.step += 1

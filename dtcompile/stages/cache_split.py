@@ -79,6 +79,11 @@ def block_inputs(layout: CacheLayout) -> tuple[str, ...]:
     return (*layout.streams, *layout.shared)
 
 
+def prologue_outputs(layout: CacheLayout) -> tuple[str, ...]:
+    """What the prologue returns: the block inputs, then what it hands straight to the epilogue (``carried``)."""
+    return (*block_inputs(layout), *layout.carried)
+
+
 def block_outputs(layout: CacheLayout) -> tuple[str, ...]:
     """What every block part returns: ``<stream>_out`` per stream."""
     return tuple(f"{s}_out" for s in layout.streams)
@@ -119,7 +124,7 @@ def _part_tensor_specs(
 ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """Graph inputs and outputs of ``part`` (monolithic I/O for the ends, intermediates in between)."""
     if part.kind == "prologue":
-        return list(mono.inputs), [inter[k] for k in block_inputs(layout)]
+        return list(mono.inputs), [inter[k] for k in prologue_outputs(layout)]
     if part.kind == "epilogue":
         return [inter[k] for k in layout.epilogue_inputs], list(mono.outputs)
     outs = [TensorSpec(f"{s}_out", inter[s].dtype, inter[s].dims) for s in layout.streams]
@@ -149,7 +154,7 @@ def _torch_runner(layout: CacheLayout, output_name: str) -> Any:
     """``run(part, feeds) -> outputs dict`` in torch, with the names the part's graph outputs get."""
     import torch
 
-    names = {"prologue": block_inputs(layout), "blocks": block_outputs(layout), "epilogue": (output_name,)}
+    names = {"prologue": prologue_outputs(layout), "blocks": block_outputs(layout), "epilogue": (output_name,)}
 
     def run(part: Part, feeds: dict[str, Any]) -> dict[str, Any]:
         with torch.no_grad():
