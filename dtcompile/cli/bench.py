@@ -20,6 +20,7 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(1), help="Images per prompt.")
 @click.option("--height", type=click.IntRange(1), help="Pixels; default: the artifact's opt height.")
 @click.option("--width", type=click.IntRange(1), help="Pixels; default: the artifact's opt width.")
+@click.option("--frames", type=click.IntRange(1), help="Video artifacts: pixel frames; default: the built opt.")
 @click.option("--repeat", default=3, show_default=True, type=click.IntRange(1), help="Timed runs per backend.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Untimed 1-step runs first.")
 @click.option("--prompt", default=None, help="Text prompt (default: a fixed one).")
@@ -34,6 +35,7 @@ def bench(
     batch: int,
     height: int | None,
     width: int | None,
+    frames: int | None,
     repeat: int,
     warmup: int,
     prompt: str | None,
@@ -54,6 +56,7 @@ def bench(
         batch=batch,
         height=height,
         width=width,
+        frames=frames,
         repeat=repeat,
         warmup=warmup,
         prompt=prompt or DEFAULT_PROMPT,

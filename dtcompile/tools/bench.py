@@ -61,7 +61,7 @@ RATIO_METRICS = (
 class StepTimer:
     """Times every forward call of a module with forward hooks: CUDA events on a GPU, perf counters otherwise."""
 
-    def __init__(self, module: Any, cuda: bool) -> None:
+    def __init__(self, module: Any, cuda: bool, others: tuple[Any, ...] = ()) -> None:
         import torch
 
         self.cuda = cuda
@@ -69,8 +69,9 @@ class StepTimer:
         self._marks: list[tuple[Any, Any]] = []
         self._open: Any = None
         self._handles = [
-            module.register_forward_pre_hook(self._start),
-            module.register_forward_hook(self._stop),
+            h
+            for m in (module, *others)  # others: the pipeline's other denoisers (Wan2.2's transformer_2)
+            for h in (m.register_forward_pre_hook(self._start), m.register_forward_hook(self._stop))
         ]
 
     def _now(self) -> Any:
@@ -255,8 +256,13 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _psnr(a: Any, b: Any) -> float | None:
-    """PSNR of two 8-bit images; None when one is missing or the sizes differ."""
+    """PSNR of two 8-bit images (videos: their uint8 frames); None when one is missing or the sizes differ."""
     import numpy as np
+
+    from dtcompile.runtime.media import video_uint8
+
+    if a is not None and b is not None and np.asarray(a).ndim == 4:  # videos: frames x H x W x 3 in [0, 1]
+        a, b = video_uint8(a), video_uint8(b)
 
     if a is None or b is None or np.asarray(a).shape != np.asarray(b).shape:
         return None
@@ -372,6 +378,8 @@ class _Session:
     text_len: int
     warmup: int
     adapter: ModelAdapter
+    frames: int | None = None  # video artifacts
+    experts: tuple[str, ...] = ()  # denoisers besides the main one, timed with it
     contenders: list[Contender] = field(default_factory=list)
     seen: set[tuple[str, str]] = field(default_factory=set)
 
@@ -386,6 +394,7 @@ class _Session:
             guidance=self.guidance,
             text_len=self.text_len,
             images_per_prompt=self.batch,
+            frames=self.frames,
         )
         _run_once(c, self.adapter, request, record=record)
 
@@ -402,8 +411,9 @@ class _Session:
                 return None
             self.seen.add(key)
             c = Contender(
-                key[0] if entry else name, *key, pipe, module, device, StepTimer(module, _cuda(device)), load_s
-            )
+                key[0] if entry else name, *key, pipe, module, device,
+                StepTimer(module, _cuda(device), tuple(getattr(pipe, n) for n in self.experts)), load_s,
+            )  # fmt: skip
             self.contenders.append(c)
             t0 = time.perf_counter()
             for _ in range(self.warmup):
@@ -478,6 +488,7 @@ def bench_artifact(
     batch: int = 1,
     height: int | None = None,
     width: int | None = None,
+    frames: int | None = None,
     repeat: int = 3,
     warmup: int = 1,
     prompt: str = DEFAULT_PROMPT,
@@ -503,6 +514,11 @@ def bench_artifact(
     width = width or shapes["width"].opt
     check_size(shapes, height, width, batch)
     text_len = shapes["text_len"].opt
+    from dtcompile.runtime.run import check_frames, pipeline_config
+
+    if "frames" in shapes and frames is None:
+        frames = shapes["frames"].opt
+    check_frames(manifest, frames, pipeline_config(artifact_dir))
 
     import diffusers  # noqa: F401  (imported before any load is measured)
     import torch
@@ -515,7 +531,8 @@ def bench_artifact(
         torch.set_num_threads(threads)
     _preimport(artifact_dir / "pipeline")
     adapter = adapter_for(manifest.source.pipeline_class)
-    session = _Session(prompt, steps, batch, (height, width), seed, guidance, text_len, warmup, adapter)
+    session = _Session(prompt, steps, batch, (height, width), seed, guidance, text_len, warmup, adapter, frames,
+                       tuple(manifest.denoiser_names()[1:]))  # fmt: skip
     m = _measure(session, manifest, artifact_dir, backends, repeat, verify, threads)
 
     results = [_summary(c, batch) for c in m.everyone]
@@ -533,6 +550,7 @@ def bench_artifact(
             "batch": batch,
             "height": height,
             "width": width,
+            "frames": frames,
             "text_len": text_len,
             "repeat": repeat,
             "warmup": warmup,
@@ -594,7 +612,8 @@ def format_report(report: dict[str, Any]) -> str:
     s = report["settings"]
     lines = [
         f"dtc bench {report['name']}: {s['steps']} steps, batch {s['batch']}, {s['height']}x{s['width']}, "
-        f"text {s['text_len']}, {s['dtype']} on {s['device']} (threads: {s['threads']}); {s['repeat']} interleaved "
+        + (f"{s['frames']} frames, " if s.get("frames") else "")
+        + f"text {s['text_len']}, {s['dtype']} on {s['device']} (threads: {s['threads']}); {s['repeat']} interleaved "
         f"repeats after {s['warmup']} warm-up ({s['timer']})",
         f"{'backend':<14}{'step med ms':>12}{'step p90 ms':>12}{'e2e med s':>11}{'e2e p90 s':>11}{'images/s':>10}"
         f"{'host MB':>9}{'device MB':>11}{'load s':>8}{'PSNR dB':>9}",

@@ -307,3 +307,12 @@ def test_wan21_lora_fuse_and_refit_agree(wan21: Path, tmp_path: Path) -> None:
     assert not np.array_equal(base, with_lora)
     assert min(psnr(a, b) for a, b in zip(video(refit.artifact_dir), with_lora, strict=True)) >= 40
     assert min(psnr(a, b) for a, b in zip(video(back.artifact_dir), base, strict=True)) >= 40
+
+
+def test_bench_times_both_experts_on_video_runs(wan22: Path) -> None:
+    from dtcompile.tools.bench import bench_artifact
+
+    report = bench_artifact(wan22, ["onnxruntime"], steps=2, frames=5, repeat=1, warmup=0)
+    assert report["settings"]["frames"] == 5
+    by = {r["name"]: r for r in report["results"]}
+    assert by["onnxruntime"]["psnr_db_vs_pytorch"] >= 40  # the decoded frames match PyTorch's
