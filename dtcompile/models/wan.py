@@ -85,6 +85,40 @@ TINY_WAN_CONFIG: dict[str, Any] = {
 TINY_WAN22_CONFIG: dict[str, Any] = {**TINY_WAN_CONFIG, "boundary_ratio": 0.875}
 
 
+#: Wan2.1-T2V-1.3B's transformer widths (Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json) minus the depth.
+WAN21_1_3B_WIDTHS: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+
+
+def realwidth_wan_config(blocks: int) -> dict[str, Any]:
+    """Wan2.1-1.3B's transformer at its real widths with ``blocks`` of its 30 blocks, around a tiny UMT5 whose
+    output width is the real 4096 and the tiny 4x/8x VAE (real token counts, little else)."""
+    return {
+        **TINY_WAN_CONFIG,
+        "transformer": {**WAN21_1_3B_WIDTHS, "num_layers": blocks},
+        "text_encoder": {
+            **TINY_WAN_CONFIG["text_encoder"],
+            "d_model": 4096,
+            "d_kv": 64,
+            "d_ff": 512,
+            "num_heads": 8,
+            "num_layers": 1,
+        },  # fmt: skip
+    }
+
+
 def build_tiny_wan(seed: int = 0, config: dict[str, Any] = TINY_WAN_CONFIG) -> Any:
     """A randomly initialised ``WanPipeline`` from ``config`` (two experts when it has ``boundary_ratio``)."""
     import torch
@@ -134,6 +168,15 @@ def generate_tiny_wan22(out_dir: Path, seed: int = 0) -> Path:
     return Path(out_dir)
 
 
+def _generate_realwidth(blocks: int) -> Callable[[Path], Path]:
+    def generate_wan21_realwidth(out_dir: Path, seed: int = 0) -> Path:
+        """Write the real-width Wan2.1 stand-in with ``blocks`` blocks in diffusers' layout."""
+        build_tiny_wan(seed, realwidth_wan_config(blocks)).save_pretrained(Path(out_dir), safe_serialization=True)
+        return Path(out_dir)
+
+    return generate_wan21_realwidth
+
+
 def _builtin(name: str, description: str, generate: Callable[[Path], Path], config: dict[str, Any]) -> BuiltinModel:
     code = (*TOKENIZER_CODE, build_tiny_wan, generate)
     return BuiltinModel(name, "wan", description, generate, config, TINY_WAN_VERSION, code)
@@ -153,6 +196,15 @@ BUILTINS: dict[str, BuiltinModel] = {
             "random-weight Wan2.2 T2V A14B lookalike: two experts switched at boundary 0.875",
             generate_tiny_wan22,
             TINY_WAN22_CONFIG,
+        ),
+        *(
+            _builtin(
+                f"wan21-realwidth-{n}",
+                f"random-weight Wan2.1-1.3B transformer at real widths, {n} of its 30 blocks, tiny encoders",
+                _generate_realwidth(n),
+                realwidth_wan_config(n),
+            )
+            for n in (1, 2)
         ),
     )  # fmt: skip
 }
