@@ -248,6 +248,12 @@ async def generations(request: Request, s: State) -> Response:
     except Exception:
         s.metrics.requests.labels(name, "500").inc()
         raise
+    return _images_response(request, s, name, job, req, encoded, t0)
+
+
+def _images_response(request: Request, s: ServerState, name: str, job: Job, req: Any, encoded: list[bytes],
+                     t0: float) -> JSONResponse:  # fmt: skip
+    """OpenAI's images body (b64_json or url data) for a finished job, with its metrics."""
     mime = OUTPUT_FORMATS[req.output_format][1]
     if req.response_format == "url":
         base = str(request.base_url).rstrip("/")
@@ -260,6 +266,54 @@ async def generations(request: Request, s: State) -> Response:
     body = {"created": int(time.time()), "data": data, "output_format": req.output_format,
             "size": f"{job.width}x{job.height}"}  # fmt: skip
     return JSONResponse(body)
+
+
+@v1.post("/images/edits")
+async def edits(request: Request, s: State) -> Response:
+    """OpenAI's image edit: a multipart form with ``image`` (the reference) and the generation parameters."""
+    t0 = time.monotonic()
+    name = "-"
+    try:
+        if not s.ready:
+            raise APIError(503, s.not_ready())
+        req, image = await _read_edit(request, s.options.max_body_bytes)
+        model = s.model(req.model)
+        name = model.name
+        job = model.make_job(req, s.options, s.capacity(model.name), image=image)
+        s.scheduler.submit(job)
+        images = await _wait(request, job, s.options.request_timeout, t0)
+        encoded = await asyncio.to_thread(_encode, images, req.output_format, req.output_compression)
+    except APIError as exc:
+        s.metrics.requests.labels(name, str(exc.status)).inc()
+        raise
+    except _ClientGone:
+        s.metrics.requests.labels(name, str(CLIENT_GONE)).inc()
+        return Response(status_code=CLIENT_GONE)
+    except Exception:
+        s.metrics.requests.labels(name, "500").inc()
+        raise
+    return _images_response(request, s, name, job, req, encoded, t0)
+
+
+async def _read_edit(request: Request, limit: int) -> tuple[Any, Any]:
+    """(request model, reference image) of a multipart edit; 413 beyond ``limit`` bytes, 400 naming the field."""
+    from dtcompile.serve.protocol import parse_edit_form, read_reference
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise APIError(400, "the request body must be multipart/form-data with an image file and a prompt")
+    async with request.form(max_files=1, max_fields=32) as form:
+        uploads = [(k, v) for k, v in form.multi_items() if not isinstance(v, str)]
+        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        if not uploads or uploads[0][0] not in ("image", "image[]"):
+            raise APIError(400, "image: missing (upload the reference image as the 'image' file)", param="image")
+        data = await uploads[0][1].read(limit + 1)
+        if len(data) > limit:
+            raise APIError(413, f"image: over the limit of {limit} bytes", param="image")
+        image = read_reference(data, uploads[0][1].filename)
+    return parse_edit_form(fields), image
 
 
 router.include_router(v1)

@@ -86,8 +86,9 @@ class ServedModel:
         log.info("warmed up %s in %.2fs", self.name, seconds)
         return seconds
 
-    def make_job(self, req: ImageGenerationRequest, options: ServeOptions, capacity: int) -> Job:
-        """The ``Job`` for a request, or APIError 400 naming the parameter the model cannot take."""
+    def make_job(self, req: ImageGenerationRequest, options: ServeOptions, capacity: int, image: Any = None) -> Job:
+        """The ``Job`` for a request (``image``: an edit's reference), or APIError 400 naming the parameter the
+        model cannot take."""
         from dtcompile.runtime.run import check_generation
 
         if len(req.prompt) > options.max_prompt_chars:
@@ -108,12 +109,19 @@ class ServedModel:
                 "served yet, use dtc run --out video.mp4",
                 param="model",
             )
-        if self.adapter.reference_image:  # /v1/images/edits (a reference image upload) is not served yet
+        if self.adapter.reference_image and image is None:
             raise APIError(
                 400,
-                f"model {self.name} ({self.manifest.source.pipeline_class}) edits a reference image; "
-                "/v1/images/edits is not served yet, use dtc run --image",
+                f"model {self.name} ({self.manifest.source.pipeline_class}) edits a reference image: use "
+                "/v1/images/edits with an image",
                 param="model",
+            )
+        if image is not None and not self.adapter.reference_image:
+            raise APIError(
+                400,
+                f"image: model {self.name} ({self.manifest.source.pipeline_class}) takes no reference image; "
+                "use /v1/images/generations",
+                param="image",
             )
         if req.n > capacity:
             raise APIError(400, f"n: {req.n} images, at most {capacity} per request for model {self.name}", param="n")
@@ -126,7 +134,8 @@ class ServedModel:
             raise APIError(400, f"size {width}x{height}: {str(exc).removeprefix('image ')}", param="size") from None
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
         steps = req.num_inference_steps or options.default_steps
-        return Job(self.name, req.prompt, req.n, width, height, steps, req.guidance_scale, seed, req.negative_prompt)
+        return Job(self.name, req.prompt, req.n, width, height, steps, req.guidance_scale, seed, req.negative_prompt,
+                   image)  # fmt: skip
 
     def generate(self, jobs: list[Job], on_step: Callable[[float], None] | None = None) -> list[list[Any]]:
         """Run one batch (same size, steps and guidance) and split the images back by job.
@@ -167,6 +176,7 @@ class ServedModel:
             negative_prompt=head.negative_prompt
             if head.negative_prompt is None
             else [head.negative_prompt] * len(prompts),
+            image=head.image,
         )
         with torch.inference_mode():
             images = self.adapter.output_media(self.pipe(**self.adapter.call_kwargs(request)))

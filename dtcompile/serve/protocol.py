@@ -99,5 +99,28 @@ def parse_request(payload: Any) -> ImageGenerationRequest:
         raise APIError(400, message, param=param) from None
 
 
+def parse_edit_form(fields: dict[str, str]) -> ImageGenerationRequest:
+    """``POST /v1/images/edits``'s form fields (everything but the image) as a request, APIError 400 naming the
+    first bad one; the same parameters as generations (form values are strings, converted here)."""
+    return parse_request(dict(fields))
+
+
+def read_reference(data: bytes, filename: str | None) -> Any:
+    """The uploaded reference image as RGB PIL, or APIError 400 naming ``image``."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise APIError(400, "image: the uploaded file is empty", param="image")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        raise APIError(400, f"image: {filename or 'the upload'} is not a readable image (png, jpeg, webp)",
+                       param="image") from None  # fmt: skip
+
+
 def accepted_fields() -> list[str]:
     return list(ImageGenerationRequest.model_fields)

@@ -35,12 +35,14 @@ class Job:
     guidance: float | None
     seed: int
     negative_prompt: str | None = None
+    image: Any = None  # the reference image of an edit (never batched with another job's)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> Hashable:
-        return (self.model, self.width, self.height, self.steps, self.guidance, self.negative_prompt)
+        ref = None if self.image is None else id(self)  # each edit has its own reference: batched alone
+        return (self.model, self.width, self.height, self.steps, self.guidance, self.negative_prompt, ref)
 
 
 class Scheduler:

@@ -171,3 +171,47 @@ def test_the_server_refuses_generations_for_an_editing_model(kontext_artifact: P
     with pytest.raises(APIError) as err:
         model.make_job(ImageGenerationRequest(prompt=PROMPT), ServeOptions(), capacity=2)
     assert err.value.status == 400 and err.value.param == "model" and "/v1/images/edits" in str(err.value)
+
+
+def test_openai_client_edits_through_the_server_as_dtc_run_does(
+    kontext_artifact: Path, tiny_artifact: Path, reference: Path, tmp_path: Path
+) -> None:
+    """``client.images.edit`` (multipart, the unmodified openai client) on /v1/images/edits equals ``dtc run
+    --image`` for the same seed and size; wrong uses are the client's own error types."""
+    import base64
+    import io
+
+    import openai
+    from PIL import Image
+
+    from dtcompile.runtime.run import run_artifact
+    from tests.serve.test_server import serving
+
+    want = run_artifact(kontext_artifact, PROMPT, steps=4, seed=3, height=48, width=64,
+                        image=Image.open(reference).convert("RGB"))  # fmt: skip
+    with serving(kontext_artifact, tmp_path) as server:
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        with reference.open("rb") as f:
+            r = c.images.edit(model="tiny-flux-kontext", image=f, prompt=PROMPT, size="64x48",
+                              extra_body={"seed": 3, "num_inference_steps": 4})  # fmt: skip
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
+        assert got.shape == (48, 64, 3) and psnr(got, np.asarray(want.image)) >= 40
+        with pytest.raises(openai.BadRequestError, match="edits a reference image"):
+            c.images.generate(model="tiny-flux-kontext", prompt=PROMPT, size="64x48")
+        with pytest.raises(openai.BadRequestError, match="not a readable image"):
+            c.images.edit(model="tiny-flux-kontext", image=("x.png", b"not an image", "image/png"), prompt=PROMPT)
+        with pytest.raises(openai.BadRequestError, match="unknown parameter"), reference.open("rb") as f:
+            c.images.edit(model="tiny-flux-kontext", image=f, prompt=PROMPT, extra_body={"strength": "0.5"})
+
+
+def test_an_edit_for_a_model_without_reference_images_is_a_400(tiny_artifact: Path) -> None:
+    from PIL import Image
+
+    from dtcompile.serve.models import ServedModel, ServeOptions
+    from dtcompile.serve.protocol import APIError, ImageGenerationRequest
+
+    with pytest.raises(APIError) as err:
+        ServedModel.open(tiny_artifact).make_job(
+            ImageGenerationRequest(prompt=PROMPT), ServeOptions(), capacity=2, image=Image.new("RGB", (64, 64))
+        )
+    assert err.value.status == 400 and err.value.param == "image" and "/v1/images/generations" in str(err.value)
