@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,5 +55,7 @@ def test_models_lists_families_builtins_and_their_recipes() -> None:
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-m", "dtcompile", "models"], capture_output=True, text=True, cwd=root)
     assert r.returncode == 0, r.stderr
-    assert "sd3    StableDiffusion3Pipeline" in r.stdout and "flux   FluxPipeline" in r.stdout
+    assert re.search(r"sd3 +StableDiffusion3Pipeline", r.stdout) and re.search(r"flux +FluxPipeline", r.stdout)
+    assert re.search(r"wan +WanPipeline  components: transformer", r.stdout)
+    assert re.search(r"flux-kontext +FluxKontextPipeline", r.stdout) and "recipes/tiny-wan22.yaml" in r.stdout
     assert "builtin:tiny-sd3" in r.stdout and "recipes/tiny-sd3.yaml" in r.stdout
