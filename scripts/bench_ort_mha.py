@@ -64,9 +64,9 @@ def main() -> None:
         got = torch.from_numpy(mha.run(None, feeds_mha)[0]).reshape(b, s, h, d).transpose(1, 2)
         err = float((got - ref).norm() / ref.norm())
         runs = {
-            "torch": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
-            "mha": lambda: mha.run(None, feeds_mha),
-            "dec": lambda: dec.run(None, feeds_dec),
+            "torch": lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+            "mha": lambda mha=mha, f=feeds_mha: mha.run(None, f),
+            "dec": lambda dec=dec, f=feeds_dec: dec.run(None, f),
         }
         times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeat):

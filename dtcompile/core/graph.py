@@ -74,6 +74,11 @@ class ShapeProfile:
     opt: dict[str, tuple[int, ...]] = field(default_factory=dict)
     max: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
+    @classmethod
+    def over_ranges(cls, at: Any) -> ShapeProfile:
+        """The profile whose min/opt/max are ``at(pick)`` with ``pick`` taking each ``Range``'s min/opt/max."""
+        return cls(min=at(lambda r: r.min), opt=at(lambda r: r.opt), max=at(lambda r: r.max))
+
     def to_json(self) -> dict[str, dict[str, list[int]]]:
         return {
             name: {"min": list(self.min[name]), "opt": list(self.opt[name]), "max": list(self.max[name])}

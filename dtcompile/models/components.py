@@ -59,10 +59,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _profile(at: Any, shapes: Shapes) -> ShapeProfile:
-    return ShapeProfile(min=at(lambda r: r.min), opt=at(lambda r: r.opt), max=at(lambda r: r.max))
-
-
 @dataclass(frozen=True)
 class TextEncoderGraph:
     """A transformers text encoder (CLIP, T5): ``input_ids`` in, ``outputs`` out.
@@ -129,7 +125,7 @@ class TextEncoderGraph:
         return _text_wrapper_class()(module, self.outputs)
 
     def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
-        return _profile(lambda pick: {"input_ids": (pick(shapes.batch), pick(self._tokens(shapes)))}, shapes)
+        return ShapeProfile.over_ranges(lambda pick: {"input_ids": (pick(shapes.batch), pick(self._tokens(shapes)))})
 
 
 def _text_wrapper_class() -> type:
@@ -199,9 +195,8 @@ class VaeDecoderGraph:
         return _vae_wrapper_class()(module)
 
     def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
-        return _profile(
-            lambda pick: {"latent": self._shape(module, pick(shapes.batch), pick(shapes.height), pick(shapes.width))},
-            shapes,
+        return ShapeProfile.over_ranges(
+            lambda pick: {"latent": self._shape(module, pick(shapes.batch), pick(shapes.height), pick(shapes.width))}
         )
 
 

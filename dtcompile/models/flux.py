@@ -613,7 +613,7 @@ class FluxAdapter:
                 pick(shapes.text_len),
             )
 
-        return ShapeProfile(min=at(lambda r: r.min), opt=at(lambda r: r.opt), max=at(lambda r: r.max))
+        return ShapeProfile.over_ranges(at)
 
     def export_patches(self) -> tuple[str, ...]:
         """Upstream patches the ONNX export needs, by name (``dtcompile.export.patches.PATCHES``): diffusers'

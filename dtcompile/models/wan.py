@@ -363,7 +363,7 @@ class WanAdapter:
             return self._shapes_at(module, pipe_config, pick(shapes.batch), pick(frames), pick(shapes.height),
                                    pick(shapes.width), pick(shapes.text_len))  # fmt: skip
 
-        return ShapeProfile(min=at(lambda r: r.min), opt=at(lambda r: r.opt), max=at(lambda r: r.max))
+        return ShapeProfile.over_ranges(at)
 
     def export_patches(self) -> tuple[str, ...]:
         """``wan_rope``: WanAttnProcessor's RoPE without shape-fixed in-place writes (dtcompile.export.patches)."""

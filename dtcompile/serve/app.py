@@ -227,15 +227,25 @@ async def get_model(name: str, s: State) -> dict[str, Any]:
 
 @v1.post("/images/generations")
 async def generations(request: Request, s: State) -> Response:
+
+    async def read() -> tuple[Any, Any]:
+        return parse_request(await _read_json(request, s.options.max_body_bytes)), None
+
+    return await _serve_images(request, s, read)
+
+
+async def _serve_images(request: Request, s: ServerState, read: Callable[[], Any]) -> Response:
+    """One images request end to end: ``read()`` -> (request model, reference image or None), then the job,
+    the wait and the body, with the status of every outcome counted."""
     t0 = time.monotonic()
     name = "-"
     try:
         if not s.ready:
             raise APIError(503, s.not_ready())
-        req = parse_request(await _read_json(request, s.options.max_body_bytes))
+        req, image = await read()
         model = s.model(req.model)
         name = model.name
-        job = model.make_job(req, s.options, s.capacity(model.name))
+        job = model.make_job(req, s.options, s.capacity(model.name), image=image)
         s.scheduler.submit(job)
         images = await _wait(request, job, s.options.request_timeout, t0)
         encoded = await asyncio.to_thread(_encode, images, req.output_format, req.output_compression)
@@ -271,28 +281,7 @@ def _images_response(request: Request, s: ServerState, name: str, job: Job, req:
 @v1.post("/images/edits")
 async def edits(request: Request, s: State) -> Response:
     """OpenAI's image edit: a multipart form with ``image`` (the reference) and the generation parameters."""
-    t0 = time.monotonic()
-    name = "-"
-    try:
-        if not s.ready:
-            raise APIError(503, s.not_ready())
-        req, image = await _read_edit(request, s.options.max_body_bytes)
-        model = s.model(req.model)
-        name = model.name
-        job = model.make_job(req, s.options, s.capacity(model.name), image=image)
-        s.scheduler.submit(job)
-        images = await _wait(request, job, s.options.request_timeout, t0)
-        encoded = await asyncio.to_thread(_encode, images, req.output_format, req.output_compression)
-    except APIError as exc:
-        s.metrics.requests.labels(name, str(exc.status)).inc()
-        raise
-    except _ClientGone:
-        s.metrics.requests.labels(name, str(CLIENT_GONE)).inc()
-        return Response(status_code=CLIENT_GONE)
-    except Exception:
-        s.metrics.requests.labels(name, "500").inc()
-        raise
-    return _images_response(request, s, name, job, req, encoded, t0)
+    return await _serve_images(request, s, lambda: _read_edit(request, s.options.max_body_bytes))
 
 
 async def _read_edit(request: Request, limit: int) -> tuple[Any, Any]:
