@@ -96,7 +96,13 @@ class QuantFormat:
         entries = [{"quantizer_name": "*", "enable": False}, *self.quantizer_entries(spec)]
         if spec.quantize_mha:
             entries.append({"quantizer_name": "*[qkv]_bmm_quantizer", "cfg": dict(FP8)})
-        entries += [{"parent_class": cls, "quantizer_name": "*", "enable": False} for cls in _ALWAYS_OFF_CLASSES]
+        # off; convolutions not FP4-shaped either: ModelOpt routes a Conv3d whose (even disabled) quantizers
+        # look like NVFP4 through a CUDA-only implicit-GEMM kernel (Wan's patch embedding)
+        entries += [
+            {"parent_class": cls, "quantizer_name": "*", "enable": False}
+            | ({"cfg": dict(INT8_PER_TENSOR)} if "Conv" in cls else {})
+            for cls in _ALWAYS_OFF_CLASSES
+        ]
         entries += [{"quantizer_name": quantizer_pattern(p), "enable": False} for p in exclude]
         high = _TRT_DTYPE.get(dtype)
         if high is None:

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dtcompile.quantize")
 
 #: Bump when the calibration procedure changes what it saves: part of the cache key.
-CALIB_VERSION = 1
+CALIB_VERSION = 2  # 2: always-off classes get a non-FP4 quantizer config
 #: The prompt file shipped with dtcompile (``calib.prompts: builtin``).
 BUILTIN_PROMPTS_FILE = Path(__file__).resolve().parents[2] / "recipes" / "calib" / "prompts.txt"
 
