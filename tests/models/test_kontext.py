@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from dtcompile.core.errors import UnsupportedError
+from tests.fixtures.images import psnr
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "make it snow"
@@ -33,11 +34,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ref") / "ref.png"
     Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(path)  # not the generation size
     return path
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def test_profile_covers_latent_plus_reference_tokens(kontext_artifact: Path) -> None:

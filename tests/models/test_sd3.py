@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
+from tests.fixtures.images import psnr
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT, NEGATIVE = "a red fox in the snow", "blurry"
@@ -21,11 +22,6 @@ def sd3_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("engines-sd3")
     return run_build(load_recipe(ROOT / "recipes" / "tiny-sd3.yaml", [f"output.dir={out}"])).artifact_dir
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def test_artifact_has_the_transformer_for_every_target(sd3_artifact: Path) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
+from tests.fixtures.images import psnr
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT, NEGATIVE = "a cat playing piano", "blurry"
@@ -35,11 +36,6 @@ def wan21(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def wan22(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build(tmp_path_factory, "tiny-wan22.yaml")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def test_both_experts_have_engines_and_the_frames_profile(wan22: Path) -> None:

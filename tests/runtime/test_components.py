@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
+from tests.fixtures.images import psnr
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "a red fox in the snow"
@@ -36,11 +37,6 @@ def flux_components(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sd3_components(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build(tmp_path_factory, "tiny-sd3-components.yaml")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def _record(pipe: Any, names: list[str]) -> dict[str, list[Any]]:
