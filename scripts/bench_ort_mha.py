@@ -7,6 +7,9 @@ the ``com.microsoft.MultiHeadAttention`` contrib op ((B, S, H*D) inputs); MatMul
 bring the onnxruntime reference backend to PyTorch's speed (docs/attention.md).
 
     python scripts/bench_ort_mha.py --tokens 1088 1536 4608
+
+``--gemm`` also times the step's dominant matmul shapes (FLUX's 3072-wide projections and MLP at 1152 tokens)
+in both libraries, fp32.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1088, 1536, 4608])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--gemm", action="store_true", help="also time the step's dominant GEMM shapes")
     args = ap.parse_args()
     b, h, d = 1, 24, 128
     so = ort.SessionOptions()
@@ -77,6 +81,40 @@ def main() -> None:
         med = {name: statistics.median(t) * 1000 for name, t in times.items()}
         print(f"{s:6d} {med['torch']:9.1f} {med['mha']:7.1f} {med['dec']:14.1f} {med['mha'] / med['torch']:10.2f} "
               f"{med['dec'] / med['torch']:17.2f} {err:12.1e}")  # fmt: skip
+
+    if args.gemm:
+        gemms(so, args.repeat)
+
+
+def gemms(so: object, repeat: int) -> None:
+    """(tokens x K) @ (K x N) in onnxruntime (weights as initializers) and torch, fp32, interleaved medians."""
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    print("GEMM (M x K x N)       torch ms  onnxruntime ms  onnxruntime/torch")
+    for m, k, n in ((1152, 3072, 3072), (1152, 3072, 12288), (1152, 12288, 3072)):
+        w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemm",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, m, k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, m, n])], [numpy_helper.from_array(w, "w")],
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        x = torch.randn(1, m, k)
+        wt = torch.from_numpy(w)
+        feeds = {"x": x.numpy()}
+        times: dict[str, list[float]] = {"torch": [], "ort": []}
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            torch.matmul(x, wt)
+            times["torch"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            sess.run(None, feeds)
+            times["ort"].append(time.perf_counter() - t0)
+        med = {name: statistics.median(t) * 1000 for name, t in times.items()}
+        print(f"{m} x {k} x {n:<6} {med['torch']:12.1f} {med['ort']:15.1f} {med['ort'] / med['torch']:18.2f}")
 
 
 if __name__ == "__main__":
