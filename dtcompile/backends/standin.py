@@ -184,8 +184,7 @@ class VaeDecoderModule(_EngineCalls):
         raise UnsupportedError("the VAE engine only decodes (vae.decode); vae(...) needs the torch VAE")
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
-        if kwargs.get("generator") is not None:
-            kwargs.pop("generator")
+        kwargs.pop("generator", None)  # diffusers passes one for sampling; decoding is deterministic
         sample = self.run(self.graph_feeds({"latent": z, **kwargs}))["sample"]
         if self.trace is not None:
             self.trace.append(sample.detach().clone())

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
+from dtcompile.models.base import ExampleSampler
 
 if TYPE_CHECKING:
     import torch
@@ -178,17 +179,13 @@ class VaeDecoderGraph:
         return (batch, int(module.config.latent_channels), self._latent(height, "height"), self._latent(width, "width"))
 
     def export_spec(self, module: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> ExportSpec:
-        import torch
-
         dt = _dtype_name(dtype)
         c, out_c = int(module.config.latent_channels), int(module.config.out_channels)
-        opt = self._shape(module, shapes.batch.opt, shapes.height.opt, shapes.width.opt)
-        gen = torch.Generator().manual_seed(0)
-        device = next(module.parameters()).device
+        opt = {"latent": self._shape(module, shapes.batch.opt, shapes.height.opt, shapes.width.opt)}
         return ExportSpec(
             inputs=[TensorSpec("latent", dt, ("batch", c, "latent_height", "latent_width"))],
             outputs=[TensorSpec("sample", dt, ("batch", out_c, "height", "width"))],
-            example_inputs={"latent": torch.randn(opt, generator=gen).to(device=device, dtype=dtype)},
+            example_inputs={"latent": ExampleSampler(opt, module, dtype).randn("latent")},
         )
 
     def export_module(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
-from dtcompile.models.base import GenerationRequest
+from dtcompile.models.base import ExampleSampler, GenerationRequest
 from dtcompile.models.builtin import BuiltinModel
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
@@ -575,18 +575,14 @@ class FluxAdapter:
 
         b, h, w, t = shapes.batch.opt, shapes.height.opt, shapes.width.opt, shapes.text_len.opt
         opt = self._shapes_at(module, vsf, b, h, w, t)
-        device = next(module.parameters()).device
-        gen = torch.Generator().manual_seed(0)
-
-        def randn(name: str) -> torch.Tensor:
-            return torch.randn(opt[name], generator=gen).to(device=device, dtype=dtype)
-
+        sample = ExampleSampler(opt, module, dtype)
+        device = sample.device
         example: dict[str, Any] = {
-            "hidden_states": randn("hidden_states"),
-            "encoder_hidden_states": randn("encoder_hidden_states"),
-            "pooled_projections": randn("pooled_projections"),
+            "hidden_states": sample.randn("hidden_states"),
+            "encoder_hidden_states": sample.randn("encoder_hidden_states"),
+            "pooled_projections": sample.randn("pooled_projections"),
             # FluxPipeline passes sigma-like timesteps (t / 1000, in [0, 1]) in the latents' dtype.
-            "timestep": torch.rand(opt["timestep"], generator=gen).to(device=device, dtype=dtype),
+            "timestep": sample.rand("timestep"),
             "img_ids": latent_image_ids(h, w, vsf, device=device),
             "txt_ids": torch.zeros(opt["txt_ids"], device=device),  # FluxPipeline's text ids are all zero
         }

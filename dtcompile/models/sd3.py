@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
-from dtcompile.models.base import GenerationRequest
+from dtcompile.models.base import ExampleSampler, GenerationRequest
 from dtcompile.models.builtin import BuiltinModel
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
@@ -366,7 +366,6 @@ class SD3Adapter:
         self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, dtype: torch.dtype
     ) -> ExportSpec:
         """Symbolic batch (CFG doubles it), everything else at the artifact's one size; examples at opt."""
-        import torch
 
         vsf = int(pipe_config["vae_scale_factor"])
         dt = str(dtype).removeprefix("torch.")
@@ -381,15 +380,10 @@ class SD3Adapter:
         ]
         out_ch = int(cfg.get("out_channels") or cfg["in_channels"])
         outputs = [TensorSpec("latent", dt, ("batch", out_ch, *opt["hidden_states"][2:]))]
-        device = next(module.parameters()).device
-        gen = torch.Generator().manual_seed(0)
-
-        def randn(name: str) -> torch.Tensor:
-            return torch.randn(opt[name], generator=gen).to(device=device, dtype=dtype)
-
-        example = {name: randn(name) for name in GRAPH_INPUTS[:3]}
+        sample = ExampleSampler(opt, module, dtype)
+        example = {name: sample.randn(name) for name in GRAPH_INPUTS[:3]}
         # StableDiffusion3Pipeline passes the scheduler's timesteps (0..1000) in the latents' dtype.
-        example["timestep"] = (torch.rand(opt["timestep"], generator=gen) * 1000).to(device=device, dtype=dtype)
+        example["timestep"] = sample.rand("timestep", 1000)
         return ExportSpec(inputs=inputs, outputs=outputs, example_inputs=example)
 
     def export_module(self, module: torch.nn.Module) -> torch.nn.Module:

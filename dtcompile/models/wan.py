@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
-from dtcompile.models.base import GenerationRequest
+from dtcompile.models.base import ExampleSampler, GenerationRequest
 from dtcompile.models.builtin import BuiltinModel
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
 
@@ -327,7 +327,6 @@ class WanAdapter:
     def export_spec(
         self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, dtype: torch.dtype
     ) -> ExportSpec:
-        import torch
 
         dt = str(dtype).removeprefix("torch.")
         c, out = int(module.config["in_channels"]), int(module.config["out_channels"] or module.config["in_channels"])
@@ -340,16 +339,11 @@ class WanAdapter:
         outputs = [TensorSpec("latent", dt, ("batch", out, "latent_frames", "latent_height", "latent_width"))]
         opt = self._shapes_at(module, pipe_config, shapes.batch.opt, self._frames(shapes).opt, shapes.height.opt,
                               shapes.width.opt, shapes.text_len.opt)  # fmt: skip
-        gen = torch.Generator().manual_seed(0)
-        device = next(module.parameters()).device
-
-        def randn(name: str) -> torch.Tensor:
-            return torch.randn(opt[name], generator=gen).to(device=device, dtype=dtype)
-
+        sample = ExampleSampler(opt, module, dtype)
         example = {
-            "hidden_states": randn("hidden_states"),
-            "timestep": (torch.rand(opt["timestep"], generator=gen) * 1000).to(device=device, dtype=dtype),
-            "encoder_hidden_states": randn("encoder_hidden_states"),
+            "hidden_states": sample.randn("hidden_states"),
+            "timestep": sample.rand("timestep", 1000),  # WanPipeline passes the scheduler's timesteps (0..1000)
+            "encoder_hidden_states": sample.randn("encoder_hidden_states"),
         }
         return ExportSpec(inputs=inputs, outputs=outputs, example_inputs=example)
 

@@ -134,12 +134,12 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def pipeline_class_of(folder: Path) -> str:
-    """The ``_class_name`` recorded in a pipeline folder's model_index.json."""
-    try:
-        return json.loads((folder / "model_index.json").read_text())["_class_name"]
-    except (OSError, KeyError, json.JSONDecodeError) as exc:
-        raise RecipeError(f"{folder / 'model_index.json'}: cannot read the pipeline class ({exc})") from None
+def pipeline_class_of(folder: Path, index: dict[str, Any] | None = None) -> str:
+    """The ``_class_name`` recorded in a pipeline folder's model_index.json (``index``: that file, already read)."""
+    index = model_index(folder) if index is None else index
+    if not isinstance(index.get("_class_name"), str):
+        raise RecipeError(f"{folder / 'model_index.json'}: cannot read the pipeline class (no _class_name)")
+    return index["_class_name"]
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class SourceFiles:
     pipeline_class: str
     adapter: ModelAdapter
     component_sha256: str  # digest of the engine component's files (weights + config)
-    denoisers: tuple[str, ...] = ()  # every denoiser engine component, adapter.component first (Wan2.2: two)
+    denoisers: tuple[str, ...]  # every denoiser engine component, adapter.component first (Wan2.2: two)
 
     def extra_denoisers(self) -> tuple[str, ...]:
         """Denoisers besides ``adapter.component`` (Wan2.2's ``transformer_2``)."""
@@ -163,7 +163,7 @@ def model_index(folder: Path) -> dict[str, Any]:
     try:
         data = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError) as exc:
-        raise RecipeError(f"{folder / 'model_index.json'}: cannot read it ({exc})") from None
+        raise RecipeError(f"{folder / 'model_index.json'}: cannot read the pipeline class ({exc})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{folder / 'model_index.json'}: not a JSON object")
     return data
@@ -197,11 +197,12 @@ def locate_source(spec: ModelSpec) -> SourceFiles:
 
     resolved = resolve_source(spec)
     folder = source_dir(resolved)
-    class_name = pipeline_class_of(folder)
+    index = model_index(folder)
+    class_name = pipeline_class_of(folder, index)
     adapter = ADAPTERS.get(adapter_for_pipeline_class(class_name))()
     component_dir = folder / adapter.component
     digest = sha256_tree(component_dir) if component_dir.is_dir() else "unknown"
-    return SourceFiles(resolved, folder, class_name, adapter, digest, tuple(adapter.denoisers(model_index(folder))))
+    return SourceFiles(resolved, folder, class_name, adapter, digest, tuple(adapter.denoisers(index)))
 
 
 def load_pipeline(files: SourceFiles, dtype: str) -> LoadedPipeline:

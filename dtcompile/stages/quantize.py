@@ -1,9 +1,9 @@
-"""Quantize stage: a loaded pipeline and the recipe's ``quant:`` section in, its component quantized in place out.
+"""Quantize stage: a loaded pipeline and the recipe's ``quant:`` section in, its denoisers quantized in place out.
 
-Traces the unquantized component on held-out prompts, calibrates it (or restores its cached calibrated state,
+Traces each unquantized denoiser on held-out prompts, calibrates it (or restores its cached calibrated state,
 ``dtcompile.quant.calibration``), then measures it against the unquantized trace
-(``dtcompile.quant.accuracy``). Output: ``QuantizedComponent``, which the export stage turns into a Q/DQ graph
-and checks against the fake-quant trace.
+(``dtcompile.quant.accuracy``). Output: one ``QuantizedComponent`` per denoiser, which the export stage turns
+into a Q/DQ graph and checks against the fake-quant trace.
 """
 
 from __future__ import annotations
@@ -33,18 +33,12 @@ class QuantizedComponent:
         return {**self.result.to_manifest(), "accuracy": self.accuracy.to_manifest()}
 
 
-def quantize_component(loaded: Any, recipe: Any, base_dir: Path | None, weights_sha256: str) -> QuantizedComponent:
-    """Trace the unquantized model on held-out prompts, calibrate (or restore), then measure accuracy (a)."""
-    return quantize_denoisers(loaded, recipe, base_dir, weights_sha256, [loaded.adapter.component])[
-        loaded.adapter.component
-    ]
-
-
 def quantize_denoisers(
     loaded: Any, recipe: Any, base_dir: Path | None, weights_sha256: str, names: list[str]
 ) -> dict[str, QuantizedComponent]:
-    """``quantize_component`` for each denoiser in ``names`` (Wan2.2: both experts, each calibrated on the
-    pipeline's own runs, which call it only on its own steps). Every unquantized reference is traced before
+    """For each denoiser in ``names`` (Wan2.2: both experts): trace the unquantized model on held-out prompts,
+    calibrate (or restore) it on the pipeline's own runs (which call an expert only on its own steps), then
+    measure its accuracy (a). Every unquantized reference is traced before
     anything is quantized, so each expert's accuracy is measured against the fully unquantized pipeline."""
     import hashlib
 
@@ -84,4 +78,4 @@ def quantize_denoisers(
     return out
 
 
-__all__ = ["QuantizedComponent", "quantize_component", "quantize_denoisers"]
+__all__ = ["QuantizedComponent", "quantize_denoisers"]

@@ -48,8 +48,7 @@ class BuildState:
     loras: list[Any] = field(default_factory=list)
     loaded: LoadedPipeline | None = None
     fused: Any = None  # stages.lora.FusedLoras
-    quantized: Any = None  # stages.quantize.QuantizedComponent
-    quantized_extra: dict[str, Any] = field(default_factory=dict)  # the other denoisers' (Wan2.2's transformer_2)
+    quantized: dict[str, Any] = field(default_factory=dict)  # denoiser -> stages.quantize.QuantizedComponent
     graphs: list[tuple[str, Any]] = field(default_factory=list)  # (component or part name, ExportedComponent)
     manifest: dict[str, Any] = field(default_factory=dict)
     stats: list[StageStats] = field(default_factory=list)
@@ -79,18 +78,15 @@ def _artifact_key(plan: Plan, files: SourceFiles) -> tuple[str, str, dict[str, A
     recipe = plan.recipe
     versions = tool_versions()
     weights_digest, loras = files.component_sha256, []
-    if files.extra_denoisers():  # Wan2.2's second expert: its weights too
+    # every further engine component's weights too: Wan2.2's second expert, engine-backed text encoders and VAE
+    from dtcompile.models.components import aux_attr
+    from dtcompile.stages.plan import aux_components
+
+    folders = {d: files.folder / d for d in files.extra_denoisers()}
+    folders |= {c.name: files.folder / aux_attr(c.name) for c in aux_components(recipe, files.adapter)}
+    if folders:
         from dtcompile.core.digests import sha256_json, sha256_tree
 
-        weights_digest = sha256_json(
-            {"denoiser": weights_digest, **{d: sha256_tree(files.folder / d) for d in files.extra_denoisers()}}
-        )
-    if recipe.components:  # engine-backed text encoders and VAE: their weights too
-        from dtcompile.core.digests import sha256_json, sha256_tree
-        from dtcompile.models.components import aux_attr
-        from dtcompile.stages.plan import aux_components
-
-        folders = {c.name: files.folder / aux_attr(c.name) for c in aux_components(recipe, files.adapter)}
         digests = {n: sha256_tree(p) if p.is_dir() else "unknown" for n, p in folders.items()}
         weights_digest = sha256_json({"denoiser": weights_digest, **digests})
     if recipe.lora:  # the key covers each adapter's sha256 and scale
@@ -212,10 +208,8 @@ def quantize_step(state: BuildState) -> list[str]:
     from dtcompile.stages.quantize import quantize_denoisers
 
     plan = state.plan
-    names = list(state.files.denoisers or (state.component,))
-    done = quantize_denoisers(state.loaded, plan.recipe, plan.base_dir, state.weights_digest, names)
-    state.quantized = done.pop(state.component)
-    state.quantized_extra = done
+    names = list(state.files.denoisers)
+    state.quantized = quantize_denoisers(state.loaded, plan.recipe, plan.base_dir, state.weights_digest, names)
     return []
 
 
@@ -231,12 +225,12 @@ def export_step(state: BuildState) -> list[str]:
 
         manifest["components"][comp], graphs = export_split(state.loaded, recipe, state.tmp, attention=attention)
     else:
-        graphs = [(comp, export_component(state.loaded, recipe, state.tmp, state.quantized, attention=attention))]
+        quantized = state.quantized.get(comp)
+        graphs = [(comp, export_component(state.loaded, recipe, state.tmp, quantized, attention=attention))]
     for name in state.files.extra_denoisers():  # Wan2.2's second expert: a graph of its own, same shapes
         log.info("[export] denoiser %s ...", name)
-        quantized = state.quantized_extra.get(name)
-        graphs.append((name, export_component(state.loaded, recipe, state.tmp, quantized, attention=attention,
-                                              component=name)))  # fmt: skip
+        graphs.append((name, export_component(state.loaded, recipe, state.tmp, state.quantized.get(name),
+                                              attention=attention, component=name)))  # fmt: skip
     aux = aux_components(recipe, state.loaded.adapter)
     for i, spec in enumerate(aux, 1):  # text encoders and the VAE decoder, after the denoiser
         log.info("[export] component %d/%d %s ...", i, len(aux), spec.name)
