@@ -20,6 +20,7 @@ ADAPTERS: Registry[type[ModelAdapter]] = Registry(
         "sd3": "dtcompile.models.sd3:SD3Adapter",
         "flux-kontext": "dtcompile.models.kontext:KontextAdapter",
         "wan": "dtcompile.models.wan:WanAdapter",
+        "flux2": "dtcompile.models.flux2:Flux2Adapter",
     },
 )
 
@@ -29,6 +30,7 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxKontextPipeline": "flux-kontext",
     "WanPipeline": "wan",
+    "Flux2Pipeline": "flux2",
 }
 
 

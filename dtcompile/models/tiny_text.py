@@ -1,4 +1,5 @@
-"""Tokenizers for the tiny built-in pipelines, built in code: CLIP-style byte-level BPE and T5-style Unigram.
+"""Tokenizers for the tiny built-in pipelines, built in code: CLIP-style byte-level BPE, T5-style Unigram and a
+Mistral-style chat tokenizer (Unigram pieces plus Mistral's control tokens and a chat template).
 
 Listed words become single tokens; any other text still tokenizes (CLIP: into bytes, T5: into characters).
 Shared by every family whose built-ins need CLIP or T5 tokenizers. Importing this module loads no transformers.
@@ -97,5 +98,43 @@ def build_tiny_tokenizers(config: dict[str, Any]) -> tuple[Any, Any]:
     return tokenizer, tokenizer_2
 
 
+def build_tiny_mistral_tokenizer(words: tuple[str, ...] | list[str], max_length: int) -> Any:
+    """A chat tokenizer shaped like Mistral-Small-3.1's, built in code: ``apply_chat_template`` takes the
+    conversations Flux2Pipeline builds (batched, padded to ``max_length``). Listed words are single pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # Mistral-Small-3.1's layout, <s>[SYSTEM_PROMPT]..[/SYSTEM_PROMPT][INST]..[/INST]; content is a string or a
+    # list of {"type": "text", "text": ...} parts (what Flux2Pipeline's format_input builds). In the function so
+    # the built-ins' cache key (the source of MISTRAL_TOKENIZER_CODE) covers it.
+    template = (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% set text = m['content'] if m['content'] is string else "
+        "(m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('')) %}"
+        "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+        "{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]"
+        "{% else %}{{ text }}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+
+    control = ("[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]", "[IMG_BREAK]", "[IMG_END]")
+    specials = ("<unk>", "<s>", "</s>", "<pad>", *control)
+    pieces = [(s, 0.0) for s in specials] + [p for p in _t5_vocab(words) if p[0] not in specials]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=list(control),
+        model_max_length=max_length,
+    )
+    tokenizer.chat_template = template
+    return tokenizer
+
+
 #: Functions whose source goes into a built-in's cache key (their output is part of the files).
 TOKENIZER_CODE = (_bytes_to_unicode, _merge_pair, _clip_vocab_and_merges, _t5_vocab, build_tiny_tokenizers)
+MISTRAL_TOKENIZER_CODE = (_t5_vocab, build_tiny_mistral_tokenizer)

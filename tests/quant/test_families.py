@@ -19,7 +19,12 @@ FORMATS = {  # quant section, engine section, engines expected
     "svdquant": ("{format: svdquant, rank: 8, calib: {prompts: builtin}}",
                  "{backends: [tensorrt-rtx], targets: [sm_120]}", {"tensorrt-rtx:sm_120"}),
 }  # fmt: skip
-FAMILIES = {"sd3": "tiny-sd3.yaml", "kontext": "tiny-flux-kontext.yaml", "wan": "tiny-wan21.yaml"}
+FAMILIES = {
+    "sd3": "tiny-sd3.yaml",
+    "kontext": "tiny-flux-kontext.yaml",
+    "wan": "tiny-wan21.yaml",
+    "flux2": "tiny-flux2.yaml",
+}
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
