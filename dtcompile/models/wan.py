@@ -17,6 +17,7 @@ attention mask) stay in torch: no ``components`` besides the experts for this fa
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -268,6 +269,135 @@ def _export_wrapper_class() -> type:
     return WanTransformerForExport
 
 
+@functools.cache
+def _cache_part_classes() -> tuple[type, type, type]:
+    """The nn.Module classes of Wan's three cache part kinds (built on first use: needs torch)."""
+    import torch
+
+    class WanPrologue(torch.nn.Module):
+        """WanTransformer3DModel.forward up to the first block: RoPE (float32), patch embedding, the condition
+        embedder (``temb``, the per-block modulation ``tproj``, projected text ``context``); ``grid`` (zeros,
+        latent frames x rows x columns after patching) carries the size to the epilogue."""
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.rope = transformer.rope
+            self.patch_embedding = transformer.patch_embedding
+            self.condition_embedder = transformer.condition_embedder
+            self.patch = tuple(int(p) for p in transformer.config["patch_size"])
+
+        def forward(
+            self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder: torch.Tensor
+        ) -> tuple[torch.Tensor, ...]:
+            rope_cos, rope_sin = self.rope(hidden_states)
+            hidden = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+            temb, tproj, context, _ = self.condition_embedder(timestep, encoder, None, timestep_seq_len=None)
+            pt, ph, pw = self.patch
+            f, h, w = hidden_states.shape[2:]
+            grid = hidden_states.new_zeros(f // pt, h // ph, w // pw)
+            return hidden, context, tproj.unflatten(1, (6, -1)), rope_cos.float(), rope_sin.float(), temb, grid
+
+    class WanBlocks(torch.nn.Module):
+        """A run of consecutive Wan blocks: each updates ``hidden``, reading the text, modulation and RoPE."""
+
+        def __init__(self, blocks: list[torch.nn.Module]) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(blocks)
+
+        def forward(
+            self,
+            hidden: torch.Tensor,
+            context: torch.Tensor,
+            tproj: torch.Tensor,
+            rope_cos: torch.Tensor,
+            rope_sin: torch.Tensor,
+        ) -> torch.Tensor:
+            for block in self.blocks:
+                hidden = block(hidden, context, tproj, (rope_cos, rope_sin))
+            return hidden
+
+    class WanEpilogue(torch.nn.Module):
+        """The output norm (shift/scale from ``temb`` and the learnt table), proj_out and the unpatchify back to
+        latents of ``grid``'s size."""
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            self.norm_out = transformer.norm_out
+            self.proj_out = transformer.proj_out
+            self.scale_shift_table = transformer.scale_shift_table
+            self.patch = tuple(int(p) for p in transformer.config["patch_size"])
+
+        def forward(self, hidden: torch.Tensor, temb: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+            shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+            x = (self.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+            x = self.proj_out(x)
+            pt, ph, pw = self.patch
+            f, h, w = grid.shape
+            x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+            return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    return WanPrologue, WanBlocks, WanEpilogue
+
+
+class WanCacheLayout:
+    """The Wan transformer split for block caching (``dtcompile.models.base.CacheLayout``): every block updates
+    ``hidden`` only; the text ``context``, the modulation ``tproj`` and the RoPE tables are computed once per
+    call; ``temb`` and ``grid`` (the latent size the unpatchify needs) go from the prologue to the epilogue.
+    WanPipeline calls the transformer once per guidance branch (``cache_context`` "cond" / "uncond"): the cache
+    runtime keeps one state per branch."""
+
+    streams = ("hidden",)
+    shared = ("context", "tproj", "rope_cos", "rope_sin")
+    carried = ("temb", "grid")
+    epilogue_inputs = ("hidden", "temb", "grid")
+
+    def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
+        return _cache_part_classes()[0](module)
+
+    def blocks(self, blocks: list[torch.nn.Module]) -> torch.nn.Module:
+        return _cache_part_classes()[1](blocks)
+
+    def epilogue(self, module: torch.nn.Module) -> torch.nn.Module:
+        return _cache_part_classes()[2](module)
+
+    @staticmethod
+    def _dims(module: torch.nn.Module) -> tuple[int, int]:
+        head = int(module.config["attention_head_dim"])
+        return int(module.config["num_attention_heads"]) * head, head
+
+    def intermediate_specs(self, module: torch.nn.Module, mono: ExportSpec, dtype: str) -> dict[str, TensorSpec]:
+        inner, head = self._dims(module)
+        text = next(t for t in mono.inputs if t.name == "encoder_hidden_states").dims[1]
+        return {
+            "hidden": TensorSpec("hidden", dtype, ("batch", "tokens", inner)),
+            "context": TensorSpec("context", dtype, ("batch", text, inner)),
+            "tproj": TensorSpec("tproj", dtype, ("batch", 6, inner)),
+            "rope_cos": TensorSpec("rope_cos", "float32", (1, "tokens", 1, head)),
+            "rope_sin": TensorSpec("rope_sin", "float32", (1, "tokens", 1, head)),
+            "temb": TensorSpec("temb", dtype, ("batch", inner)),
+            # symbolic, so the epilogue's graph reads its size (static dims would be folded and the input dropped)
+            "grid": TensorSpec("grid", dtype, ("grid_frames", "grid_height", "grid_width")),
+        }
+
+    def intermediate_shapes(
+        self, module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, tuple[int, ...]]:
+        inner, head = self._dims(module)
+        pt, ph, pw = (int(p) for p in module.config["patch_size"])
+        batch, _, f, h, w = shapes["hidden_states"]
+        grid = (f // pt, h // ph, w // pw)
+        tokens = grid[0] * grid[1] * grid[2]
+        return {
+            "hidden": (batch, tokens, inner),
+            "context": (batch, shapes["encoder_hidden_states"][1], inner),
+            "tproj": (batch, 6, inner),
+            "rope_cos": (1, tokens, 1, head),
+            "rope_sin": (1, tokens, 1, head),
+            "temb": (batch, inner),
+            "grid": grid,
+        }
+
+
 class WanAdapter:
     """Wan2.1 / Wan2.2 T2V: ``transformer`` (and ``transformer_2``) of a ``WanPipeline`` become engines."""
 
@@ -417,7 +547,11 @@ class WanAdapter:
 
     @staticmethod
     def block_names(config: dict[str, Any]) -> list[str]:
-        raise UnsupportedError("cache: Wan transformers are not split into block engines yet; remove the cache section")
+        """``blocks.<i>`` for each of the transformer's ``num_layers`` blocks, in execution order."""
+        if "num_layers" not in config:
+            raise UnsupportedError("cache: the Wan transformer config has no num_layers; it cannot be split")
+        return [f"blocks.{i}" for i in range(int(config["num_layers"]))]
 
-    def cache_layout(self) -> Any:
-        raise UnsupportedError("cache: Wan transformers are not split into block engines yet")
+    @staticmethod
+    def cache_layout() -> WanCacheLayout:
+        return WanCacheLayout()

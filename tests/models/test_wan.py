@@ -114,6 +114,45 @@ def test_run_matches_wanpipeline_every_call(
     assert min(psnr(x, y) for x, y in zip(a, b, strict=True)) >= 40  # every decoded frame
 
 
+def test_first_block_cache_off_matches_the_monolithic_artifact_per_branch(wan21: Path, tmp_path: Path) -> None:
+    """Wan2.1 split into block engines (recipes/tiny-wan21-cache.yaml): --cache off equals the monolithic
+    artifact at every call (cond and uncond branches); first-block caching skips with one state per branch and
+    reports the per-call change it decided on."""
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.manifest import read_manifest
+    from dtcompile.recipe import load_recipe
+    from dtcompile.recipe.cache import stats_line
+    from dtcompile.runtime.run import run_artifact
+    from dtcompile.stages.runner import run_build
+
+    cached = run_build(load_recipe(ROOT / "recipes" / "tiny-wan21-cache.yaml", [f"output.dir={tmp_path}"]))
+    m = read_manifest(cached.artifact_dir)
+    parts = m.component("transformer").parts
+    assert parts == ["transformer.prologue", "transformer.blocks0", "transformer.blocks1", "transformer.epilogue"]
+    for name in parts:
+        assert {e.target for e in m.component(name).engines} >= {"tensorrt-rtx:sm_89", "tensorrt-rtx:sm_120"}
+    kw = {"steps": 6, "seed": 3, "frames": 9, "height": 48, "width": 64, "guidance": 5.0,
+          "negative_prompt": NEGATIVE, "backend": "onnxruntime", "trace": True}  # fmt: skip
+    mono = run_artifact(wan21, PROMPT, **kw)
+    off = run_artifact(cached.artifact_dir, PROMPT, cache=False, **kw)
+    assert len(off.trace) == len(mono.trace) == 12  # 6 steps x (conditional + unconditional)
+    for call, (got, ref) in enumerate(zip(off.trace, mono.trace, strict=True)):
+        assert got.shape == (1, 16, 3, 6, 8)
+        assert rel_l2(got, ref) <= 1e-4, f"call {call}"
+    assert stats_line(off.cache_stats).startswith("cache off: 24 of 24 block evaluations run, 0 skipped")
+    on = run_artifact(cached.artifact_dir, PROMPT, **kw)
+    stats = on.cache_stats
+    change = stats["rel_change"]
+    assert change[:2] == [None, None]  # the first call of each branch has nothing to compare with
+    skipped = stats["cached_calls"]
+    assert skipped and stats["blocks_skipped"] == len(skipped)  # one cached block segment of one block
+    for call in skipped:
+        assert change[call] is not None and change[call] < 0.1
+        assert 0 < rel_l2(on.trace[call], off.trace[call]) < 0.05  # an approximation, not a copy
+    assert {c % 2 for c in skipped} == {0, 1}  # both branches skip, each deciding on its own state
+    assert "skipped" in stats_line(stats)
+
+
 def test_cli_writes_an_mp4_a_decoder_reads_back(wan21: Path, tmp_path: Path) -> None:
     import av
 
