@@ -76,6 +76,31 @@ class CacheLayout(Protocol):
         """Concrete shapes of every stream and shared tensor for one set of monolithic input shapes."""
 
 
+class SplitLayout:
+    """Base of the families' ``CacheLayout``s: ``prologue``, ``blocks`` and ``epilogue`` wrap modules in the
+    family's three part classes, which ``part_classes()`` returns (built on first use: they need torch)."""
+
+    @staticmethod
+    def part_classes() -> tuple[type, type, type]:
+        raise NotImplementedError
+
+    def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
+        return self.part_classes()[0](module)
+
+    def blocks(self, blocks: list[torch.nn.Module]) -> torch.nn.Module:
+        return self.part_classes()[1](blocks)
+
+    def epilogue(self, module: torch.nn.Module) -> torch.nn.Module:
+        return self.part_classes()[2](module)
+
+
+def attention_dims(config: Any) -> tuple[int, int]:
+    """(heads x head dim, head dim) of a transformer config with ``num_attention_heads`` and
+    ``attention_head_dim``."""
+    head = int(config["attention_head_dim"])
+    return int(config["num_attention_heads"]) * head, head
+
+
 class ExampleSampler:
     """Seeded example inputs for an export at the opt shapes ``opt`` (name -> shape): one CPU generator (seed 0)
     drawn in call order, each tensor moved to ``module``'s device in ``dtype``."""

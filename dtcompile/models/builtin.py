@@ -36,9 +36,22 @@ class BuiltinModel:
     def cache_key(self) -> str:
         """Short hash of everything that changes the generated files (config, generator, library versions)."""
         libs = {lib: dist_version(lib) for lib in ("torch", "diffusers", "transformers", "tokenizers")}
-        code = sha256_text("".join(inspect.getsource(fn) for fn in self.code))
+        code = sha256_text("".join(inspect.getsource(fn) for fn in (seeded_modules, *self.code)))
         key = {"name": self.name, "version": self.version, "config": self.config, "libs": libs, "code": code}
         return sha256_json(key)[:12]
+
+
+def seeded_modules(seed: int, *makers: Callable[[], Any] | None) -> list[Any]:
+    """``makers[i]()`` in eval mode, its weights drawn from seed ``seed + i`` inside a forked RNG, so they depend
+    neither on construction order elsewhere nor on the caller's RNG state; a None maker gives None."""
+    import torch
+
+    out: list[Any] = []
+    with torch.random.fork_rng(devices=[]):
+        for offset, make in enumerate(makers):
+            torch.manual_seed(seed + offset)
+            out.append(make().eval() if make is not None else None)
+    return out
 
 
 def builtins() -> dict[str, BuiltinModel]:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
-from dtcompile.models.base import ExampleSampler, GenerationRequest
-from dtcompile.models.builtin import BuiltinModel
+from dtcompile.models.base import ExampleSampler, GenerationRequest, SplitLayout, attention_dims
+from dtcompile.models.builtin import BuiltinModel, seeded_modules
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
 
@@ -116,7 +116,6 @@ def build_tiny_flux(seed: int = 0, config: dict[str, Any] = TINY_FLUX_CONFIG) ->
     Every component is initialised from its own seed (``seed``, ``seed + 1``, ...) inside a forked RNG, so
     the result depends neither on construction order elsewhere nor on the caller's global RNG state.
     """
-    import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -137,15 +136,13 @@ def build_tiny_flux(seed: int = 0, config: dict[str, Any] = TINY_FLUX_CONFIG) ->
     )
     transformer_config = dict(config["transformer"], axes_dims_rope=tuple(config["transformer"]["axes_dims_rope"]))
 
-    def seeded(offset: int, make: Callable[[], Any]) -> Any:
-        torch.manual_seed(seed + offset)
-        return make().eval()
-
-    with torch.random.fork_rng(devices=[]):
-        transformer = seeded(0, lambda: FluxTransformer2DModel(**transformer_config))
-        vae = seeded(1, lambda: AutoencoderKL(**config["vae"]))
-        text_encoder = seeded(2, lambda: CLIPTextModel(clip_config))
-        text_encoder_2 = seeded(3, lambda: T5EncoderModel(t5_config))
+    transformer, vae, text_encoder, text_encoder_2 = seeded_modules(
+        seed,
+        lambda: FluxTransformer2DModel(**transformer_config),
+        lambda: AutoencoderKL(**config["vae"]),
+        lambda: CLIPTextModel(clip_config),
+        lambda: T5EncoderModel(t5_config),
+    )
     return FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
         vae=vae,
@@ -402,7 +399,7 @@ def _cache_part_classes() -> tuple[type, type, type]:
     return FluxPrologue, FluxBlocks, FluxEpilogue
 
 
-class FluxCacheLayout:
+class FluxCacheLayout(SplitLayout):
     """The FLUX transformer split for block caching (``dtcompile.models.base.CacheLayout``).
 
     The prologue runs the embedders (``hidden`` from x_embedder, ``context`` from context_embedder, ``temb``
@@ -415,22 +412,10 @@ class FluxCacheLayout:
     carried: tuple[str, ...] = ()
     epilogue_inputs = ("hidden", "temb")
 
-    def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
-        return _cache_part_classes()[0](module)
-
-    def blocks(self, blocks: list[torch.nn.Module]) -> torch.nn.Module:
-        return _cache_part_classes()[1](blocks)
-
-    def epilogue(self, module: torch.nn.Module) -> torch.nn.Module:
-        return _cache_part_classes()[2](module)
-
-    @staticmethod
-    def _dims(module: torch.nn.Module) -> tuple[int, int]:
-        head = int(module.config["attention_head_dim"])
-        return int(module.config["num_attention_heads"]) * head, head
+    part_classes = staticmethod(_cache_part_classes)
 
     def intermediate_specs(self, module: torch.nn.Module, mono: ExportSpec, dtype: str) -> dict[str, TensorSpec]:
-        width, head = self._dims(module)
+        width, head = attention_dims(module.config)
         text = next(t for t in mono.inputs if t.name == "encoder_hidden_states").dims[1]
         return {
             "hidden": TensorSpec("hidden", dtype, ("batch", "img_tokens", width)),
@@ -443,7 +428,7 @@ class FluxCacheLayout:
     def intermediate_shapes(
         self, module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
     ) -> dict[str, tuple[int, ...]]:
-        width, head = self._dims(module)
+        width, head = attention_dims(module.config)
         batch, img, _ = shapes["hidden_states"]
         text = shapes["encoder_hidden_states"][1]
         return {

@@ -15,14 +15,13 @@ Importing this module loads no torch, diffusers or transformers.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import ExportSpec, Shapes, TensorSpec
 from dtcompile.models.base import ExampleSampler
-from dtcompile.models.builtin import BuiltinModel
+from dtcompile.models.builtin import BuiltinModel, seeded_modules
 from dtcompile.models.components import AuxGraph
 from dtcompile.models.flux import _TINY_WORDS, FluxAdapter, img_tokens, validate_image_size
 from dtcompile.models.tiny_text import MISTRAL_TOKENIZER_CODE, build_tiny_mistral_tokenizer
@@ -100,7 +99,6 @@ TINY_FLUX2_CONFIG: dict[str, Any] = {
 def build_tiny_flux2(seed: int = 0, config: dict[str, Any] = TINY_FLUX2_CONFIG) -> Any:
     """A randomly initialised ``Flux2Pipeline`` from ``config``; the same seed gives the same weights (each
     component from its own seed inside a forked RNG, as ``flux.build_tiny_flux``)."""
-    import torch
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
@@ -123,14 +121,12 @@ def build_tiny_flux2(seed: int = 0, config: dict[str, Any] = TINY_FLUX2_CONFIG) 
     transformer_config = dict(config["transformer"], axes_dims_rope=tuple(config["transformer"]["axes_dims_rope"]))
     vae_config = {k: tuple(v) if isinstance(v, list) else v for k, v in config["vae"].items()}
 
-    def seeded(offset: int, make: Callable[[], Any]) -> Any:
-        torch.manual_seed(seed + offset)
-        return make().eval()
-
-    with torch.random.fork_rng(devices=[]):
-        transformer = seeded(0, lambda: Flux2Transformer2DModel(**transformer_config))
-        vae = seeded(1, lambda: AutoencoderKLFlux2(**vae_config))
-        text_encoder = seeded(2, lambda: Mistral3ForConditionalGeneration(mistral_config))
+    transformer, vae, text_encoder = seeded_modules(
+        seed,
+        lambda: Flux2Transformer2DModel(**transformer_config),
+        lambda: AutoencoderKLFlux2(**vae_config),
+        lambda: Mistral3ForConditionalGeneration(mistral_config),
+    )
     return Flux2Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
         vae=vae,

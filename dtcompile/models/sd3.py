@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
-from dtcompile.models.base import ExampleSampler, GenerationRequest
-from dtcompile.models.builtin import BuiltinModel
+from dtcompile.models.base import ExampleSampler, GenerationRequest, SplitLayout
+from dtcompile.models.builtin import BuiltinModel, seeded_modules
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
 
@@ -103,7 +103,6 @@ TINY_SD3_CONFIG["text_encoder_2"] = {**TINY_SD3_CONFIG["text_encoder"], "hidden_
 
 def build_tiny_sd3(seed: int = 0, config: dict[str, Any] = TINY_SD3_CONFIG) -> Any:
     """A randomly initialised ``StableDiffusion3Pipeline``; the same seed gives the same weights."""
-    import torch
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -132,16 +131,14 @@ def build_tiny_sd3(seed: int = 0, config: dict[str, Any] = TINY_SD3_CONFIG) -> A
         **config["text_encoder_3"],
     )
 
-    def seeded(offset: int, make: Callable[[], Any]) -> Any:
-        torch.manual_seed(seed + offset)
-        return make().eval()
-
-    with torch.random.fork_rng(devices=[]):
-        transformer = seeded(0, lambda: SD3Transformer2DModel(**config["transformer"]))
-        vae = seeded(1, lambda: AutoencoderKL(**config["vae"]))
-        text_encoder = seeded(2, lambda: CLIPTextModelWithProjection(clip_config("text_encoder")))
-        text_encoder_2 = seeded(3, lambda: CLIPTextModelWithProjection(clip_config("text_encoder_2")))
-        text_encoder_3 = seeded(4, lambda: T5EncoderModel(t5_config))
+    transformer, vae, text_encoder, text_encoder_2, text_encoder_3 = seeded_modules(
+        seed,
+        lambda: SD3Transformer2DModel(**config["transformer"]),
+        lambda: AutoencoderKL(**config["vae"]),
+        lambda: CLIPTextModelWithProjection(clip_config("text_encoder")),
+        lambda: CLIPTextModelWithProjection(clip_config("text_encoder_2")),
+        lambda: T5EncoderModel(t5_config),
+    )
     return StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
         vae=vae,
@@ -254,7 +251,7 @@ def _cache_part_classes() -> tuple[type, type, type]:
     return SD3Prologue, SD3Blocks, SD3Epilogue
 
 
-class SD3CacheLayout:
+class SD3CacheLayout(SplitLayout):
     """The SD3 transformer split for block caching (``dtcompile.models.base.CacheLayout``): the MMDiT blocks
     update ``hidden`` and ``context``; ``temb`` is computed once per call and ``grid`` (the latent size, which
     the unpatchify needs) goes from the prologue straight to the epilogue."""
@@ -264,14 +261,7 @@ class SD3CacheLayout:
     carried = ("grid",)
     epilogue_inputs = ("hidden", "temb", "grid")
 
-    def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
-        return _cache_part_classes()[0](module)
-
-    def blocks(self, blocks: list[torch.nn.Module]) -> torch.nn.Module:
-        return _cache_part_classes()[1](blocks)
-
-    def epilogue(self, module: torch.nn.Module) -> torch.nn.Module:
-        return _cache_part_classes()[2](module)
+    part_classes = staticmethod(_cache_part_classes)
 
     @staticmethod
     def _widths(module: torch.nn.Module) -> tuple[int, int, int]:

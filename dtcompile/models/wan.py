@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
-from dtcompile.models.base import ExampleSampler, GenerationRequest
-from dtcompile.models.builtin import BuiltinModel
+from dtcompile.models.base import ExampleSampler, GenerationRequest, SplitLayout, attention_dims
+from dtcompile.models.builtin import BuiltinModel, seeded_modules
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
 
 if TYPE_CHECKING:
@@ -122,7 +122,6 @@ def realwidth_wan_config(blocks: int) -> dict[str, Any]:
 
 def build_tiny_wan(seed: int = 0, config: dict[str, Any] = TINY_WAN_CONFIG) -> Any:
     """A randomly initialised ``WanPipeline`` from ``config`` (two experts when it has ``boundary_ratio``)."""
-    import torch
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -137,15 +136,13 @@ def build_tiny_wan(seed: int = 0, config: dict[str, Any] = TINY_WAN_CONFIG) -> A
     tcfg = dict(config["transformer"], patch_size=tuple(config["transformer"]["patch_size"]))
     two = config.get("boundary_ratio") is not None
 
-    def seeded(offset: int, make: Callable[[], Any]) -> Any:
-        torch.manual_seed(seed + offset)
-        return make().eval()
-
-    with torch.random.fork_rng(devices=[]):
-        transformer = seeded(0, lambda: WanTransformer3DModel(**tcfg))
-        vae = seeded(1, lambda: AutoencoderKLWan(**config["vae"]))
-        text_encoder = seeded(2, lambda: UMT5EncoderModel(text_config))
-        transformer_2 = seeded(3, lambda: WanTransformer3DModel(**tcfg)) if two else None
+    transformer, vae, text_encoder, transformer_2 = seeded_modules(
+        seed,
+        lambda: WanTransformer3DModel(**tcfg),
+        lambda: AutoencoderKLWan(**config["vae"]),
+        lambda: UMT5EncoderModel(text_config),
+        (lambda: WanTransformer3DModel(**tcfg)) if two else None,
+    )
     return WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -339,7 +336,7 @@ def _cache_part_classes() -> tuple[type, type, type]:
     return WanPrologue, WanBlocks, WanEpilogue
 
 
-class WanCacheLayout:
+class WanCacheLayout(SplitLayout):
     """The Wan transformer split for block caching (``dtcompile.models.base.CacheLayout``): every block updates
     ``hidden`` only; the text ``context``, the modulation ``tproj`` and the RoPE tables are computed once per
     call; ``temb`` and ``grid`` (the latent size the unpatchify needs) go from the prologue to the epilogue.
@@ -351,22 +348,10 @@ class WanCacheLayout:
     carried = ("temb", "grid")
     epilogue_inputs = ("hidden", "temb", "grid")
 
-    def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
-        return _cache_part_classes()[0](module)
-
-    def blocks(self, blocks: list[torch.nn.Module]) -> torch.nn.Module:
-        return _cache_part_classes()[1](blocks)
-
-    def epilogue(self, module: torch.nn.Module) -> torch.nn.Module:
-        return _cache_part_classes()[2](module)
-
-    @staticmethod
-    def _dims(module: torch.nn.Module) -> tuple[int, int]:
-        head = int(module.config["attention_head_dim"])
-        return int(module.config["num_attention_heads"]) * head, head
+    part_classes = staticmethod(_cache_part_classes)
 
     def intermediate_specs(self, module: torch.nn.Module, mono: ExportSpec, dtype: str) -> dict[str, TensorSpec]:
-        inner, head = self._dims(module)
+        inner, head = attention_dims(module.config)
         text = next(t for t in mono.inputs if t.name == "encoder_hidden_states").dims[1]
         return {
             "hidden": TensorSpec("hidden", dtype, ("batch", "tokens", inner)),
@@ -382,7 +367,7 @@ class WanCacheLayout:
     def intermediate_shapes(
         self, module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
     ) -> dict[str, tuple[int, ...]]:
-        inner, head = self._dims(module)
+        inner, head = attention_dims(module.config)
         pt, ph, pw = (int(p) for p in module.config["patch_size"])
         batch, _, f, h, w = shapes["hidden_states"]
         grid = (f // pt, h // ph, w // pw)
