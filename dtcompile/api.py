@@ -61,13 +61,15 @@ def load_pipeline(
 
 def refit(
     artifact: str | Path,
-    loras: Sequence[tuple[str, float]],
+    loras: Sequence[tuple[str, float] | tuple[str, float, str | None]],
     *,
     out: str | Path | None = None,
     in_place: bool = False,
     drop_unrefittable: bool = False,
 ) -> RefitReport:
-    """Swap LoRA weights into a built artifact: ``loras`` is ``[(path, scale), ...]``; ``[]`` restores the base."""
+    """Swap LoRA weights into a built artifact: ``loras`` is ``[(path, scale), ...]`` (or ``(path, scale,
+    denoiser)`` for another denoiser than the main one, e.g. Wan2.2's ``transformer_2``); ``[]`` restores the
+    base."""
     from dtcompile.tools.refit import refit_artifact
 
     return refit_artifact(

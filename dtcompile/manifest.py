@@ -216,6 +216,7 @@ class SkippedTarget(_Strict):
     backend: str
     arch: str
     reason: str
+    component: str | None = None  # set when an artifact with several denoisers dropped one denoiser's engine
 
 
 class StageRecord(_Open):
@@ -227,11 +228,20 @@ class StageRecord(_Open):
     wrote: list[str] = Field(default_factory=list)
 
 
+class LoraState(_Open):
+    """One denoiser's LoRA state for ``dtc refit``: the parameters ever touched and their stored base weights."""
+
+    touched: list[str] = Field(default_factory=list)
+    base_store: FileEntry | None = None
+
+
 class LoraSection(_Open):
-    """Fused LoRA adapters and, for ``dtc refit``, the stored base weights."""
+    """Fused LoRA adapters and, for ``dtc refit``, the main denoiser's stored base weights; other denoisers
+    (Wan2.2's ``transformer_2``) have theirs under ``components``."""
 
     adapters: list[dict[str, Any]] = Field(default_factory=list)
     base_store: FileEntry | None = None
+    components: dict[str, LoraState] = Field(default_factory=dict)
 
 
 class Manifest(_Strict):
@@ -289,8 +299,9 @@ class Manifest(_Strict):
     def common_file_entries(self) -> list[FileEntry]:
         """Files every arch needs: pipeline files, ONNX graphs and external data, weight maps, LoRA base weights."""
         out = list(self.pipeline.files) if self.pipeline else []
-        if self.lora is not None and self.lora.base_store is not None:
-            out.append(self.lora.base_store)
+        if self.lora is not None:
+            stores = [self.lora.base_store, *(c.base_store for c in self.lora.components.values())]
+            out.extend(store for store in stores if store is not None)
         for comp in self.components.values():
             if comp.onnx:
                 out.append(comp.onnx)

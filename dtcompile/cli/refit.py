@@ -12,8 +12,9 @@ import click
     "loras",
     multiple=True,
     required=True,
-    metavar="PATH[:SCALE]",
-    help="A LoRA .safetensors file (diffusers/PEFT or kohya keys) and its scale (default 1); repeat to stack. "
+    metavar="PATH[:SCALE][@DENOISER]",
+    help="A LoRA .safetensors file (diffusers/PEFT or kohya keys), its scale (default 1) and the denoiser it goes "
+    "into (default the main one; Wan2.2's low-noise expert: @transformer_2); repeat to stack. "
     "'none' restores the base weights.",
 )
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Write the refit artifact to this folder.")
@@ -33,9 +34,9 @@ def refit(artifact: str, loras: tuple[str, ...], out_dir: str | None, in_place: 
     if any(v.lower() == "none" for v in loras):
         if len(loras) > 1:
             raise DtcError("--lora none restores the base weights and cannot be combined with other --lora values")
-        pairs: list[tuple[str, float]] = []
+        pairs: list[tuple[str, float, str | None]] = []
     else:
-        pairs = [parse_lora_arg(v) for v in loras]
+        pairs = [(*parse_lora_arg(arg), denoiser) for arg, denoiser in map(split_denoiser, loras)]
     report = refit_artifact(
         Path(artifact),
         pairs,
@@ -44,15 +45,30 @@ def refit(artifact: str, loras: tuple[str, ...], out_dir: str | None, in_place: 
         drop_unrefittable=drop_unrefittable,
     )
     m = report.manifest
-    names = ", ".join(f"{Path(a['source']).name}:{a['scale']:g}" for a in report.adapters) or "none (base weights)"
+    names = ", ".join(
+        f"{Path(a['source']).name}:{a['scale']:g}" + (f"@{a['component']}" if a.get("component") else "")
+        for a in report.adapters
+    )
+    names = names or "none (base weights)"
     click.echo(f"refit: {report.artifact_dir} (key {m['key'][:12]}) with {names}")
     click.echo(
         f"  {report.updated} initializers written ({report.touched} weights ever touched) in {report.seconds:.2f}s"
     )
-    for engine in ["onnxruntime:any", *report.refit_engines]:
+    for engine in m["lora"]["refit"]["engines"]:  # "[denoiser ]backend:arch", onnxruntime's graph included
         click.echo(f"  refit        {engine}")
     for d in report.dropped:
-        click.echo(f"  DROPPED      {d['backend']}:{d['arch']}  {d['reason']}")
+        where = f"{d['component']} " if d.get("component") else ""
+        click.echo(f"  DROPPED      {where}{d['backend']}:{d['arch']}  {d['reason']}")
+
+
+def split_denoiser(value: str) -> tuple[str, str | None]:
+    """``ARG@DENOISER`` -> (ARG, DENOISER); (value, None) when there is no ``@name`` suffix."""
+    import re
+
+    head, at, name = value.rpartition("@")
+    if at and head and re.fullmatch(r"[A-Za-z_]\w*", name):
+        return head, name
+    return value, None
 
 
 def parse_lora_arg(value: str) -> tuple[str, float]:

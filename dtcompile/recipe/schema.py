@@ -176,6 +176,8 @@ class LoraSpec(_Strict):
     """The adapter's strength."""
     weight_name: str | None = None
     """File inside a folder or hub repo (default pytorch_lora_weights.safetensors)."""
+    component: str | None = Field(default=None, min_length=1)
+    """The denoiser it goes into (default the pipeline's main one; Wan2.2's low-noise expert: transformer_2)."""
 
     @field_validator("source", "weight_name")
     @classmethod

@@ -170,8 +170,15 @@ def model_index(folder: Path) -> dict[str, Any]:
 
 
 def check_denoisers(recipe: Any, denoisers: tuple[str, ...]) -> None:
-    """LoRA and cache handle one denoiser: refuse them for a pipeline with several (UnsupportedError); quant
-    takes each denoiser in turn, with every calibration step."""
+    """Each LoRA names one of ``denoisers`` (``lora[i].component``, default the first); block caching handles one
+    denoiser, so it is refused for a pipeline with several (UnsupportedError); quant takes each denoiser in turn,
+    with every calibration step."""
+    for i, spec in enumerate(recipe.lora or []):
+        if spec.component is not None and spec.component not in denoisers:
+            raise RecipeError(
+                f"lora[{i}].component: {spec.component!r} is not a denoiser of this pipeline (it has: "
+                f"{', '.join(denoisers)})"
+            )
     if len(denoisers) < 2:
         return
     if recipe.quant is not None and recipe.quant.calib.percentile < 1:
@@ -179,12 +186,11 @@ def check_denoisers(recipe: Any, denoisers: tuple[str, ...]) -> None:
             "quant.calib.percentile: with several denoisers every calibration step is needed (the later experts run "
             "only the late steps); set it to 1.0"
         )
-    for section in ("lora", "cache"):
-        if getattr(recipe, section):
-            raise UnsupportedError(
-                f"{section}: this pipeline has {len(denoisers)} denoisers ({', '.join(denoisers)}, e.g. Wan2.2's "
-                f"experts) and dtc applies {section} to one so far; build it without the {section} section"
-            )
+    if recipe.cache:
+        raise UnsupportedError(
+            f"cache: this pipeline has {len(denoisers)} denoisers ({', '.join(denoisers)}, e.g. Wan2.2's experts) "
+            "and dtc splits one into block engines so far; build it without the cache section"
+        )
 
 
 def locate_source(spec: ModelSpec) -> SourceFiles:

@@ -53,15 +53,16 @@ class ResolvedLora:
     path: Path
     sha256: str
     scale: float
+    component: str | None = None  # the denoiser it goes into; None: the pipeline's main one
 
     def record(self) -> dict[str, Any]:
-        """Manifest fields identifying the adapter (what the artifact key hashes: sha256 and scale)."""
-        return {
-            "source": self.source,
-            "weight_name": self.weight_name,
-            "sha256": self.sha256,
-            "scale": self.scale,
-        }
+        """Manifest fields identifying the adapter (what the artifact key hashes: sha256, scale, component)."""
+        out = {"source": self.source, "weight_name": self.weight_name, "sha256": self.sha256, "scale": self.scale}
+        return {**out, "component": self.component} if self.component is not None else out
+
+    def target(self, main: str) -> str:
+        """The denoiser this adapter goes into, ``main`` unless the recipe or ``--lora ...@NAME`` said."""
+        return self.component or main
 
 
 @dataclass
@@ -114,10 +115,17 @@ class LoraWeights:
 
 @dataclass
 class FusedLoras:
-    """What the `lora` stage did: manifest records and the base (pre-fuse) value of every touched parameter."""
+    """What the `lora` stage did: manifest records and, per denoiser, the base (pre-fuse) value of every
+    touched parameter."""
 
     adapters: list[dict[str, Any]]
-    base: dict[str, torch.Tensor] = field(default_factory=dict)
+    bases: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # denoiser -> parameter -> value
+    main: str = "transformer"
+
+    @property
+    def base(self) -> dict[str, torch.Tensor]:
+        """The main denoiser's pre-fuse values (parameter name -> tensor)."""
+        return self.bases.get(self.main, {})
 
 
 # --- resolving sources ----------------------------------------------------------------------------------------
@@ -166,6 +174,7 @@ def resolve_lora(
     *,
     download: bool = True,
     base_dir: Path | None = None,
+    component: str | None = None,
 ) -> ResolvedLora:
     """Find an adapter's file (local file, folder + weight_name, or hub id), check it is safetensors, hash it.
 
@@ -186,7 +195,7 @@ def resolve_lora(
         path = base_dir / path
     if _looks_like_hub_id(source, path):
         if not download:
-            return ResolvedLora(label, source, weight_name, Path(), "", scale)
+            return ResolvedLora(label, source, weight_name, Path(), "", scale, component)
         path = _hub_file(source, weight_name or DEFAULT_WEIGHT_NAME, label)
     elif path.is_dir():
         if weight_name is None:
@@ -212,7 +221,7 @@ def resolve_lora(
             "(never unpickles): convert it with safetensors"
         )
     check_safetensors(path, label)
-    return ResolvedLora(label, source, weight_name, path.resolve(), sha256_file(path), scale)
+    return ResolvedLora(label, source, weight_name, path.resolve(), sha256_file(path), scale, component)
 
 
 def _hub_file(repo: str, filename: str, label: str) -> Path:
@@ -233,15 +242,17 @@ def _hub_file(repo: str, filename: str, label: str) -> Path:
 def resolve_loras(specs: list[LoraSpec], *, download: bool = True, base_dir: Path | None = None) -> list[ResolvedLora]:
     """``resolve_lora`` for every recipe entry (labels ``lora[i].source``), relative paths against ``base_dir``."""
     return [
-        resolve_lora(s.source, s.weight_name, s.scale, f"lora[{i}].source", download=download, base_dir=base_dir)
+        resolve_lora(s.source, s.weight_name, s.scale, f"lora[{i}].source", download=download, base_dir=base_dir,
+                     component=s.component)
         for i, s in enumerate(specs)
-    ]
+    ]  # fmt: skip
 
 
 def lora_key_digest(component_sha256: str, loras: list[ResolvedLora]) -> str:
     """The weights digest that goes into the artifact key: the component's files plus each adapter's sha256
     and scale (in order: fusing is a sum, but the manifest lists them as given)."""
-    payload = {"component": component_sha256, "lora": [[r.sha256, r.scale] for r in loras]}
+    lora = [[r.sha256, r.scale, *([r.component] if r.component is not None else [])] for r in loras]
+    payload = {"component": component_sha256, "lora": lora}
     return sha256_json(payload)
 
 
@@ -440,27 +451,48 @@ def check_lora_fits(weights: LoraWeights, shapes: dict[str, tuple[int, ...]], wh
 
 
 def fuse_lora(loaded: LoadedPipeline, loras: list[ResolvedLora], dtype: str) -> FusedLoras:
-    """Fuse ``loras`` into the pipeline's engine component with diffusers' loaders, then unload them.
+    """Fuse ``loras`` into their denoisers (the main one, or ``component``: Wan2.2's ``transformer_2``) with
+    diffusers' loaders, then unload them.
 
-    Every adapter is parsed and checked against the component before anything changes; after fusing, each
+    Every adapter is parsed and checked against its denoiser before anything changes; after fusing, each
     touched weight is compared with ``base + sum(delta)`` from ``read_lora`` (``VerificationError`` if off).
     """
+    pipe, main = loaded.pipe, loaded.adapter.component
+    # adapter files name the pipeline's main transformer (WanPipeline saves the low-noise expert's that way too)
+    parsed = [read_lora(r, loaded.pipeline_class, main) for r in loras]
+    loadable = tuple(getattr(type(pipe), "_lora_loadable_modules", (main,)))
+    for r, w in zip(loras, parsed, strict=True):
+        target = r.target(main)
+        if target not in loadable or getattr(pipe, target, None) is None:
+            raise UnsupportedError(
+                f"{r.label.removesuffix('.source')}.component: {loaded.pipeline_class} has no LoRA-loadable "
+                f"denoiser {target!r} (it loads into: {', '.join(x for x in loadable if getattr(pipe, x, None))})"
+            )
+        module = getattr(pipe, target)
+        check_lora_fits(
+            w, {n: tuple(p.shape) for n, p in module.named_parameters()}, f"{loaded.pipeline_class}.{target}"
+        )
+    base: dict[str, dict[str, torch.Tensor]] = {}
+    for target in dict.fromkeys(r.target(main) for r in loras):
+        idx = [i for i, r in enumerate(loras) if r.target(main) == target]
+        base[target] = _fuse_into(pipe, target, main, [loras[i] for i in idx], [parsed[i] for i in idx], dtype)
+    adapters = [{**r.record(), **w.summary()} for r, w in zip(loras, parsed, strict=True)]
+    return FusedLoras(adapters=adapters, bases=base, main=main)
 
-    pipe = loaded.pipe
-    comp = loaded.adapter.component
-    module = getattr(pipe, comp)
-    shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
-    parsed = [read_lora(r, loaded.pipeline_class, comp) for r in loras]
-    for w in parsed:
-        check_lora_fits(w, shapes, f"{loaded.pipeline_class}.{comp}")
+
+def _fuse_into(
+    pipe: Any, target: str, main: str, loras: list[ResolvedLora], parsed: list[LoraWeights], dtype: str
+) -> dict[str, torch.Tensor]:
+    """Fuse the adapters of one denoiser and check the result; returns the pre-fuse value of every touched weight."""
+    module = getattr(pipe, target)
     touched = sorted({p for w in parsed for p in w.params()})
     base = {n: module.get_parameter(n).detach().clone() for n in touched}
-
-    names = [f"dtc_lora_{i}" for i in range(len(loras))]
+    names = [f"dtc_lora_{target}_{i}" for i in range(len(loras))]
+    into = {} if target == main else {f"load_into_{target}": True}  # diffusers' option name (WanPipeline's)
     for r, name in zip(loras, names, strict=True):
-        pipe.load_lora_weights(str(r.path), adapter_name=name, use_safetensors=True)
+        pipe.load_lora_weights(str(r.path), adapter_name=name, use_safetensors=True, **into)
     pipe.set_adapters(names, adapter_weights=[r.scale for r in loras])
-    pipe.fuse_lora(components=[comp], lora_scale=1.0, adapter_names=names)
+    pipe.fuse_lora(components=[target], lora_scale=1.0, adapter_names=names)
     pipe.unload_lora_weights()
     leftover = [n for n, _ in module.named_parameters() if "lora_" in n or ".base_layer." in n]
     if leftover:
@@ -479,9 +511,8 @@ def fuse_lora(loaded: LoadedPipeline, loras: list[ResolvedLora], dtype: str) -> 
             f"fused LoRA weights differ from W + scale*alpha/r*B@A by {worst:.2e} (relative to the update) > "
             f"{tol:.0e}; diffusers and dtc disagree on this adapter, so a refit would not match a rebuild"
         )
-    log.info("fused %d LoRA(s) into %d %s weights (fused vs refit math: %.1e)", len(loras), len(touched), comp, worst)
-    adapters = [{**r.record(), **w.summary()} for r, w in zip(loras, parsed, strict=True)]
-    return FusedLoras(adapters=adapters, base=base)
+    log.info("fused %d LoRA(s) into %d %s weights (fused vs refit math: %.1e)", len(loras), len(touched), target, worst)
+    return base
 
 
 def apply_deltas(base: dict[str, torch.Tensor], loras: list[tuple[LoraWeights, float]]) -> dict[str, torch.Tensor]:

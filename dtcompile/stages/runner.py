@@ -241,12 +241,26 @@ def export_step(state: BuildState) -> list[str]:
     )
     manifest["components"].update((name, g.manifest) for name, g in graphs)
     if state.fused is not None:  # base weights of the LoRA-touched tensors, for a later `dtc refit`
-        from dtcompile.weights.weight_map import record_build_loras
-
-        manifest["lora"] = record_build_loras(state.tmp, comp, manifest["components"][comp], state.fused)
+        manifest["lora"] = _lora_section(state, comp, manifest["components"])
     state.graphs = graphs
     onnx_entries = [g.manifest["onnx"] for _, g in graphs]
     return [e["file"] for e in [*onnx_entries, *manifest["pipeline"].get("files", [])[:1]]]
+
+
+def _lora_section(state: BuildState, main: str, components: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``lora`` section after the export: the adapters, and per denoiser they touched its LoRA
+    state (``touched``, ``base_store``): the main denoiser's at the top, other experts' under ``components``."""
+    from dtcompile.weights.weight_map import record_build_loras
+
+    fused = state.fused
+    section: dict[str, Any] = {"adapters": fused.adapters, "built_with": fused.adapters, "touched": []}
+    for name, base in fused.bases.items():
+        recorded = record_build_loras(state.tmp, name, components[name], base)
+        if name == main:
+            section.update(recorded)
+        else:
+            section.setdefault("components", {})[name] = recorded
+    return section
 
 
 def build_step(state: BuildState) -> list[str]:

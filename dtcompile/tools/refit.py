@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -281,7 +281,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def _new_key(base_key: str, built_with: list[dict[str, Any]], adapters: list[dict[str, Any]]) -> str:
     if not adapters and not built_with:
         return base_key  # all weights are the base bytes again: the artifact is the one that was built
-    payload = {"refit_of": base_key, "lora": [[a["sha256"], a["scale"]] for a in adapters]}
+    lora = [[a["sha256"], a["scale"], *([a["component"]] if a.get("component") else [])] for a in adapters]
+    payload = {"refit_of": base_key, "lora": lora}
     return sha256_json(payload)
 
 
@@ -299,21 +300,29 @@ def _destination(artifact_dir: Path, out_dir: Path | None, in_place: bool) -> Pa
     return dest
 
 
-def _refit_component(artifact_dir: Path, manifest: dict[str, Any]) -> str:
-    """The one engine graph of a fully built artifact (ArtifactError / UnsupportedError otherwise)."""
+def _refit_components(artifact_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    """The denoiser graphs of a fully built artifact, the main one first (ArtifactError / UnsupportedError)."""
     if manifest.get("stopped_after"):
         raise ArtifactError(
             f"{artifact_dir}: artifact stopped after stage '{manifest['stopped_after']}'; build it fully first"
         )
-    # the denoiser's graph; engine-backed text encoders and VAE decoder (their "role") are carried over as built
-    graphs = [name for name, c in manifest["components"].items() if not c.get("role")]
-    if len(graphs) != 1:
+    comps = manifest["components"]
+    # the denoisers' graphs; engine-backed text encoders and VAE decoder (their "role") are carried over as built
+    graphs = [name for name, c in comps.items() if not c.get("role")]
+    split = [name for name in graphs if comps[name].get("parts") or comps[name].get("part_of")]
+    if split or not graphs:
         raise UnsupportedError(
-            f"{artifact_dir}: refit takes artifacts with one denoiser graph; this one has "
-            f"{len(graphs)} ({', '.join(graphs)}, e.g. a block-cached build): "
-            "put the LoRA in the recipe's lora: section and rebuild"
+            f"{artifact_dir}: refit takes artifacts whose denoisers are whole graphs; this one has "
+            f"{', '.join(graphs) or 'none'} (a block-cached build): put the LoRA in the recipe's lora: section "
+            "and rebuild"
         )
-    return graphs[0]
+    return graphs
+
+
+def _lora_state(lora: dict[str, Any], comp: str, main: str) -> dict[str, Any]:
+    """A denoiser's LoRA state in the manifest's ``lora`` section: the main one's at the top, others' under
+    ``components``."""
+    return lora if comp == main else (lora.get("components") or {}).get(comp, {})
 
 
 def _blocked_engines(centry: dict[str, Any], drop_unrefittable: bool) -> list[tuple[dict[str, Any], str]]:
@@ -332,19 +341,19 @@ def _blocked_engines(centry: dict[str, Any], drop_unrefittable: bool) -> list[tu
 
 
 def _read_adapters(
-    loras: list[tuple[str, float]], wmap: dict[str, Any], pipeline_class: str, comp: str
-) -> tuple[list[ResolvedLora], list[LoraWeights]]:
-    """Resolve, parse and check the adapters against the weight map, before anything is written."""
-    from dtcompile.stages.lora import check_lora_fits, read_lora, resolve_lora
+    resolved: list[ResolvedLora], wmap: dict[str, Any], pipeline_class: str, comp: str, main: str
+) -> list[LoraWeights]:
+    """Parse and check the adapters of denoiser ``comp`` against its weight map, before anything is written.
+    Adapter files name the main denoiser (``main``), whichever expert they go into."""
+    from dtcompile.stages.lora import check_lora_fits, read_lora
 
-    resolved = [resolve_lora(src, None, scale, "--lora") for src, scale in loras]
     shapes = {p: tuple(e["shape"]) for p, e in wmap["params"].items()}
-    parsed = [read_lora(r, pipeline_class, comp) for r in resolved]
+    parsed = [read_lora(r, pipeline_class, main) for r in resolved]
     for w in parsed:
         check_lora_fits(w, shapes, f"the artifact's {comp}")
         for p in w.params():
             _entry(wmap, p, w.label)
-    return resolved, parsed
+    return parsed
 
 
 @dataclass
@@ -358,6 +367,7 @@ class _Job:
     plan: RefitPlan
     graph: OnnxWeights
     blocked: list[tuple[dict[str, Any], str]]
+    base_store: dict[str, Any] = field(default_factory=dict)  # the stored base values the refit started from
 
     @property
     def centry(self) -> dict[str, Any]:
@@ -378,19 +388,23 @@ class _Job:
         ]
 
 
-def _copy_unchanged(job: _Job) -> None:
-    """Hard-link (or copy) into the temp folder every file the refit does not rewrite."""
+def _rewritten(job: _Job) -> set[str]:
+    """The files of ``job``'s denoiser the refit writes anew (or drops)."""
     onnx_rel, centry = job.onnx_rel, job.centry
-    new_onnx = job.tmp / onnx_rel
-    rewritten = {Path(onnx_rel).as_posix()} | {x["file"] for x in centry["onnx"].get("external_data", [])}
-    rewritten.add((Path(onnx_rel).parent / overlay_file(new_onnx.name)).as_posix())
-    skip = rewritten | job.dropped_files | {e["file"] for e in job.trt_entries()} | {"manifest.json"}
-    skip.add(base_store_file(job.comp))
+    out = {Path(onnx_rel).as_posix()} | {x["file"] for x in centry["onnx"].get("external_data", [])}
+    out.add((Path(onnx_rel).parent / overlay_file(Path(onnx_rel).name)).as_posix())
+    return out | job.dropped_files | {e["file"] for e in job.trt_entries()} | {base_store_file(job.comp)}
+
+
+def _copy_unchanged(jobs: list[_Job]) -> None:
+    """Hard-link (or copy) into the temp folder every file the refit does not rewrite."""
     from dtcompile.manifest import all_file_entries
 
+    first = jobs[0]
+    skip = {"manifest.json"}.union(*(_rewritten(j) for j in jobs))
     # Only what the manifest lists (and verify_file checked) is carried over; stray files stay behind.
-    for rel in sorted({e["file"] for e in all_file_entries(job.manifest)} - skip):
-        _link_or_copy(job.artifact_dir / rel, job.tmp / rel)
+    for rel in sorted({e["file"] for e in all_file_entries(first.manifest)} - skip):
+        _link_or_copy(first.artifact_dir / rel, first.tmp / rel)
 
 
 def _graph_weights(graph: OnnxWeights) -> Callable[[str], Any]:
@@ -425,8 +439,9 @@ def _refit_engines(job: _Job, new_onnx_entry: dict[str, Any]) -> tuple[list[dict
     return new_engines, refit_done
 
 
-def _write_base_store(job: _Job, base_store: dict[str, Any]) -> None:
+def _write_base_store(job: _Job) -> None:
     store_rel = base_store_file(job.comp)
+    base_store = job.base_store
     if base_store and set(job.plan.base_store) == set(base_store):  # nothing newly touched: the base is unchanged
         _link_or_copy(job.artifact_dir / store_rel, job.tmp / store_rel)
     else:
@@ -450,38 +465,52 @@ def _onnx_entry(job: _Job, new_onnx_entry: dict[str, Any], graph_files: dict[str
     return onnx_entry
 
 
+@dataclass
+class _Written:
+    """One job's output: its manifest ``onnx`` entry, engine entries and the engines refit."""
+
+    onnx_entry: dict[str, Any]
+    engines: list[dict[str, Any]]
+    refit_done: list[str]
+
+
 def _new_manifest(
-    job: _Job,
-    onnx_entry: dict[str, Any],
-    new_engines: list[dict[str, Any]],
-    adapters: list[dict[str, Any]],
-    refit_done: list[str],
-    seconds: float,
+    jobs: list[_Job], written: list[_Written], adapters: list[dict[str, Any]], main: str, seconds: float
 ) -> dict[str, Any]:
-    """The refit artifact's manifest: new graph and engines, skipped engines, key and ``lora`` section."""
+    """The refit artifact's manifest: new graphs and engines, skipped engines, key and ``lora`` section."""
     from dtcompile.manifest import file_entry
 
-    manifest, plan = job.manifest, job.plan
+    manifest = jobs[0].manifest
     old_lora = manifest.get("lora") or {}
     new_manifest = json.loads(json.dumps(manifest))
-    nc = new_manifest["components"][job.comp]
-    nc["onnx"] = onnx_entry
-    nc["engines"] = new_engines
-    dropped = [{"backend": e["backend"], "arch": e["arch"], "reason": r} for e, r in job.blocked]
+    dropped: list[dict[str, str]] = []
+    lora: dict[str, Any] = {k: v for k, v in old_lora.items() if k in ("components",)}
+    for job, out in zip(jobs, written, strict=True):
+        nc = new_manifest["components"][job.comp]
+        nc["onnx"] = out.onnx_entry
+        nc["engines"] = out.engines
+        here = [{"backend": e["backend"], "arch": e["arch"], "reason": r} for e, r in job.blocked]
+        dropped += [{**d, "component": job.comp} for d in here] if len(jobs) > 1 else here
+        state = {"touched": job.plan.touched, "base_store": file_entry(job.tmp, job.tmp / base_store_file(job.comp))}
+        if job.comp == main:
+            lora.update(state)
+        else:
+            lora.setdefault("components", {})[job.comp] = state
     new_manifest["skipped"] = [*manifest.get("skipped", []), *dropped]
     built_with = old_lora.get("built_with", [])
     base_key = old_lora.get("base_key", manifest["key"])
     new_manifest["key"] = _new_key(base_key, built_with, adapters)
+    engines = [f"{p}{e}" for job, out in zip(jobs, written, strict=True)
+               for p in [f"{job.comp} " if len(jobs) > 1 else ""] for e in ["onnxruntime:any", *out.refit_done]]  # fmt: skip
     new_manifest["lora"] = {
         "adapters": adapters,
         "built_with": built_with,
         "base_key": base_key,
-        "touched": plan.touched,
-        "base_store": file_entry(job.tmp, job.tmp / base_store_file(job.comp)),
+        **lora,
         "refit": {
-            "updated_initializers": len(plan.updates),
-            "recomputed_parameters": len(plan.computed),
-            "engines": ["onnxruntime:any", *refit_done],
+            "updated_initializers": sum(len(j.plan.updates) for j in jobs),
+            "recomputed_parameters": sum(len(j.plan.computed) for j in jobs),
+            "engines": engines,
             "dropped": dropped,
             "wall_s": round(seconds, 3),
         },
@@ -489,40 +518,50 @@ def _new_manifest(
     return new_manifest
 
 
-def _assemble(
-    job: _Job, base_store: dict[str, Any], adapters: list[dict[str, Any]], t_start: float, timings: dict[str, float]
-) -> tuple[dict[str, Any], list[str]]:
-    """Write the refit artifact into ``job.tmp`` (manifest last); returns its manifest and the engines refit."""
-    from dtcompile.manifest import file_entry, write_manifest
+def _write_job(job: _Job, timings: dict[str, float]) -> _Written:
+    """Rewrite one denoiser's graph, refit its engines and write its base store into ``job.tmp``."""
+    from dtcompile.manifest import file_entry
 
     t0 = time.perf_counter()
-    _copy_unchanged(job)
     new_onnx = job.tmp / job.onnx_rel
     graph_files = rewrite_onnx(job.artifact_dir / job.onnx_rel, new_onnx, job.plan.updates)
     new_onnx_entry = file_entry(job.tmp, new_onnx)
-    timings["write_onnx_s"] = time.perf_counter() - t0
+    timings["write_onnx_s"] = timings.get("write_onnx_s", 0.0) + time.perf_counter() - t0
 
     t0 = time.perf_counter()
     new_engines, refit_done = _refit_engines(job, new_onnx_entry)
-    timings["refit_engines_s"] = time.perf_counter() - t0
+    timings["refit_engines_s"] = timings.get("refit_engines_s", 0.0) + time.perf_counter() - t0
+    _write_base_store(job)
+    return _Written(_onnx_entry(job, new_onnx_entry, graph_files), new_engines, refit_done)
 
-    _write_base_store(job, base_store)
-    onnx_entry = _onnx_entry(job, new_onnx_entry, graph_files)
-    seconds = time.perf_counter() - t_start
-    new_manifest = _new_manifest(job, onnx_entry, new_engines, adapters, refit_done, seconds)
-    write_manifest(job.tmp, new_manifest)
-    return new_manifest, refit_done
+
+def _assemble(
+    jobs: list[_Job], adapters: list[dict[str, Any]], main: str, t_start: float, timings: dict[str, float]
+) -> tuple[dict[str, Any], list[str]]:
+    """Write the refit artifact into the jobs' temp folder (manifest last); returns its manifest and the
+    engines refit."""
+    from dtcompile.manifest import write_manifest
+
+    _copy_unchanged(jobs)
+    written = [_write_job(job, timings) for job in jobs]
+    new_manifest = _new_manifest(jobs, written, adapters, main, time.perf_counter() - t_start)
+    write_manifest(jobs[0].tmp, new_manifest)
+    prefix = len(jobs) > 1
+    done = [f"{j.comp} {e}" if prefix else e for j, w in zip(jobs, written, strict=True) for e in w.refit_done]
+    return new_manifest, done
 
 
 def refit_artifact(
     artifact_dir: Path,
-    loras: list[tuple[str, float]],
+    loras: Sequence[tuple[str, float] | tuple[str, float, str | None]],
     *,
     out_dir: Path | None = None,
     in_place: bool = False,
     drop_unrefittable: bool = False,
 ) -> RefitReport:
-    """Swap ``loras`` ((path, scale) pairs; empty = base weights) into the artifact at ``artifact_dir``.
+    """Swap ``loras`` ((path, scale) or (path, scale, denoiser) tuples; empty = base weights) into the
+    artifact at ``artifact_dir``. The denoiser defaults to the main one; Wan2.2's low-noise expert is
+    ``transformer_2``. A denoiser given no adapter gets its base weights back.
 
     Everything is checked (engines refittable here, adapter files, keys, ranks, shapes) before anything is
     written; the result is assembled in a temp folder next to the destination and renamed into place.
@@ -534,8 +573,10 @@ def refit_artifact(
 
     from dtcompile.core.files import collect_stale, discarded_on_failure, make_temp_dir, replace_dir
     from dtcompile.manifest import Verifier, read_manifest, verify_file
+    from dtcompile.stages.lora import resolve_lora
 
-    for path, scale in loras:
+    specs = [(str(x[0]), float(x[1]), x[2] if len(x) > 2 else None) for x in loras]
+    for path, scale, _ in specs:
         if not math.isfinite(scale):
             raise DtcError(f"LoRA {path}: the scale must be a finite number, got {scale}")
     t_start = time.perf_counter()
@@ -548,48 +589,70 @@ def refit_artifact(
     for entry in typed.all_file_entries():
         verify_file(artifact_dir, entry, full=True)
     manifest = typed.to_json()  # plain dicts: the refit edits a copy of them
-    comp = _refit_component(artifact_dir, manifest)
-    centry = manifest["components"][comp]
-    wmap = load_weight_map(artifact_dir, centry, comp)
+    comps = _refit_components(artifact_dir, manifest)
+    main = comps[0]
+    for path, _, comp in specs:
+        if comp is not None and comp not in comps:
+            raise DtcError(f"--lora {path}@{comp}: the artifact's denoisers are {', '.join(comps)}")
     old_lora = manifest.get("lora") or {}
-    blocked = _blocked_engines(centry, drop_unrefittable)
+    pipeline_class = manifest["source"]["pipeline_class"]
 
     t0 = time.perf_counter()
-    resolved, parsed = _read_adapters(loras, wmap, manifest["source"]["pipeline_class"], comp)
+    resolved: dict[int, ResolvedLora] = {}
+    parsed: dict[int, LoraWeights] = {}
+    work = []
+    for comp in comps:
+        mine = [i for i, (_, _, c) in enumerate(specs) if (c or main) == comp]
+        state = _lora_state(old_lora, comp, main)
+        if comp != main and not mine and not state.get("touched"):
+            continue  # never touched by an adapter: carried over as built
+        centry = manifest["components"][comp]
+        wmap = load_weight_map(artifact_dir, centry, comp)
+        blocked = _blocked_engines(centry, drop_unrefittable)  # before any adapter file is read
+        for i in mine:
+            src, scale, c = specs[i]
+            resolved[i] = resolve_lora(src, None, scale, "--lora", component=c)
+        got = _read_adapters([resolved[i] for i in mine], wmap, pipeline_class, comp, main)
+        parsed.update(zip(mine, got, strict=True))
+        work.append((comp, centry, wmap, state, blocked, mine))
     timings["read_loras_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    graph = OnnxWeights(artifact_dir / centry["onnx"]["file"])
-    base_store = load_base_store(artifact_dir, old_lora)
-    weights = [(w, r.scale) for w, r in zip(parsed, resolved, strict=True)]
-    plan = plan_refit(wmap, graph, base_store, list(old_lora.get("touched", [])), weights)
+    tmp_jobs = []
+    for comp, centry, wmap, state, blocked, mine in work:
+        graph = OnnxWeights(artifact_dir / centry["onnx"]["file"])
+        base_store = load_base_store(artifact_dir, state)
+        weights = [(parsed[i], resolved[i].scale) for i in mine]
+        plan = plan_refit(wmap, graph, base_store, list(state.get("touched", [])), weights)
+        tmp_jobs.append((comp, plan, graph, blocked, base_store))
     timings["compute_s"] = time.perf_counter() - t0
 
-    adapters = [{**r.record(), **w.summary()} for r, w in zip(resolved, parsed, strict=True)]
+    adapters = [{**resolved[i].record(), **parsed[i].summary()} for i in range(len(specs))]
     dest.parent.mkdir(parents=True, exist_ok=True)
     for line in collect_stale(dest):
         log.warning("refit: %s", line)
     tmp = make_temp_dir(dest, "refit")
-    job = _Job(artifact_dir, tmp, manifest, comp, plan, graph, blocked)
+    jobs = [_Job(artifact_dir, tmp, manifest, c, p, g, b, store) for c, p, g, b, store in tmp_jobs]
     with discarded_on_failure(tmp, dest):
-        new_manifest, refit_done = _assemble(job, base_store, adapters, t_start, timings)
+        new_manifest, refit_done = _assemble(jobs, adapters, main, t_start, timings)
         replace_dir(tmp, dest)
     Verifier(dest).record_written(read_manifest(dest).all_file_entries())
     timings["total_s"] = time.perf_counter() - t_start
+    updated = sum(len(j.plan.updates) for j in jobs)
     log.info(
         "refit %s -> %s: %d adapter(s), %d initializers in %.2f s",
         artifact_dir,
         dest,
         len(adapters),
-        len(plan.updates),
+        updated,
         timings["total_s"],
     )
     return RefitReport(
         artifact_dir=dest,
         manifest=new_manifest,
         adapters=adapters,
-        updated=len(plan.updates),
-        touched=len(plan.touched),
+        updated=updated,
+        touched=sum(len(j.plan.touched) for j in jobs),
         refit_engines=refit_done,
         dropped=new_manifest["lora"]["refit"]["dropped"],
         seconds=timings["total_s"],

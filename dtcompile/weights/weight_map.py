@@ -21,7 +21,7 @@ import logging
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 from dtcompile.core.numerics import QMAX
@@ -40,13 +40,6 @@ _Q_OPS = ("QuantizeLinear",)
 #: A parameter's candidate initializers: (initializer, layout) pairs.
 Matches = dict[str, list[tuple[str, str]]]
 Consumers = dict[str, list[tuple[Any, int]]]
-
-
-class FusedLoras(Protocol):
-    """What ``record_build_loras`` reads of the lora stage's ``FusedLoras`` (stages sit above this layer)."""
-
-    adapters: list[dict[str, Any]]
-    base: dict[str, torch.Tensor]
 
 
 def weight_map_file(component: str) -> str:
@@ -435,18 +428,19 @@ def save_base_store(tensors: dict[str, Any], path: Path) -> None:
 
 
 def record_build_loras(
-    artifact_dir: Path, component: str, component_entry: dict[str, Any], fused: FusedLoras
+    artifact_dir: Path, component: str, component_entry: dict[str, Any], base: dict[str, torch.Tensor]
 ) -> dict[str, Any]:
-    """After an export with recipe LoRAs fused: store the base (pre-fuse) value of every touched weight in the
-    engine's layout and dtype, so a later refit starts from the base. Returns the manifest's ``lora`` section."""
+    """After an export with recipe LoRAs fused into ``component``: store the base (pre-fuse) value ``base`` of
+    every touched weight in the engine's layout and dtype, so a later refit starts from the base. Returns the
+    component's LoRA state for the manifest (``touched`` and ``base_store``)."""
     from dtcompile.manifest import file_entry
 
     if "weight_map" not in component_entry:  # e.g. a block-cached (split) export: not refittable
-        return {"adapters": fused.adapters, "built_with": fused.adapters, "touched": []}
+        return {"touched": []}
     wmap = json.loads((artifact_dir / component_entry["weight_map"]["file"]).read_text())
     store: dict[str, Any] = {}
     touched = []
-    for param, value in fused.base.items():
+    for param, value in base.items():
         e = wmap["params"].get(param, {})
         if "initializer" not in e:
             log.warning("LoRA-touched %s is %s in the graph: it cannot be refit later", param, e.get("status"))
@@ -457,9 +451,4 @@ def record_build_loras(
         store[e["initializer"]] = v if e.get("quant") else v.to(torch_dtype(e["onnx_dtype"]))
     path = artifact_dir / base_store_file(component)
     save_base_store(store, path)
-    return {
-        "adapters": fused.adapters,
-        "built_with": fused.adapters,
-        "touched": sorted(touched),
-        "base_store": file_entry(artifact_dir, path),
-    }
+    return {"touched": sorted(touched), "base_store": file_entry(artifact_dir, path)}

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dtcompile.core.errors import RecipeError, UnsupportedError
+from dtcompile.core.errors import DtcError, RecipeError, UnsupportedError
 from tests.fixtures.images import psnr
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -239,10 +239,12 @@ def test_two_experts_refuse_lora_cache_and_partial_calibration_before_loading(tm
     quant = "quant={format: fp8, calib: {prompts: builtin, size: 2, batch: 1, steps: 4, percentile: 0.5}}"
     cases = {
         quant: "quant.calib.percentile: with several denoisers every calibration step is needed",
-        f"lora=[{{source: {lora}}}]": r"lora: this pipeline has 2 denoisers \(transformer, transformer_2",
+        f"lora=[{{source: {lora}, component: transformer_3}}]": r"lora\[0\].component: 'transformer_3' is not a "
+        r"denoiser of this pipeline \(it has: transformer, transformer_2\)",
+        "cache={mode: first_block, threshold: 0.1}": r"cache: this pipeline has 2 denoisers",
     }
     for override, message in cases.items():
-        with pytest.raises(UnsupportedError, match=message):
+        with pytest.raises((UnsupportedError, RecipeError), match=message):
             run_build(load_recipe(base, [override, f"output.dir={tmp_path}"]))
     assert not list(tmp_path.iterdir())
 
@@ -342,6 +344,73 @@ def test_wan21_lora_fuse_and_refit_agree(wan21: Path, tmp_path: Path) -> None:
     assert not np.array_equal(base, with_lora)
     assert min(psnr(a, b) for a, b in zip(video(refit.artifact_dir), with_lora, strict=True)) >= 40
     assert min(psnr(a, b) for a, b in zip(video(back.artifact_dir), base, strict=True)) >= 40
+
+
+def test_wan22_lora_pair_into_both_experts_fused_equals_refit(wan22: Path, tmp_path: Path) -> None:
+    """A Wan2.2 LoRA pair (high-noise file into transformer, low-noise into transformer_2, as WanPipeline's
+    loader takes them with load_into_transformer_2): fused at build == refit (``...@transformer_2``); refitting
+    one expert restores the other's base; --lora none restores both."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.manifest import read_manifest
+    from dtcompile.models.builtin import builtin_model_path
+    from dtcompile.recipe import load_recipe
+    from dtcompile.runtime.media import video_uint8
+    from dtcompile.runtime.run import run_artifact
+    from dtcompile.stages.runner import run_build
+    from dtcompile.tools.refit import refit_artifact
+    from tests.fixtures.lora import make_peft_lora
+
+    src = builtin_model_path("tiny-wan22")
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    high = make_peft_lora(
+        WanTransformer3DModel.from_pretrained(src / "transformer", dtype=torch.float32),
+        tmp_path / "high.safetensors",
+        pipeline_class="WanPipeline",
+        targets=targets,
+        seed=1,
+    )
+    low = make_peft_lora(WanTransformer3DModel.from_pretrained(src / "transformer_2", dtype=torch.float32),
+                         tmp_path / "low.safetensors", pipeline_class="WanPipeline", targets=targets, seed=2)  # fmt: skip
+    lora = f"lora=[{{source: {high}, scale: 0.8}}, {{source: {low}, scale: 0.6, component: transformer_2}}]"
+    overrides = [f"output.dir={tmp_path / 'fused'}", "engine={backends: [onnxruntime]}", lora]
+    fused = run_build(load_recipe(ROOT / "recipes" / "tiny-wan22.yaml", overrides)).artifact_dir
+    m = read_manifest(fused)
+    assert [a.get("component") for a in m.lora.adapters] == [None, "transformer_2"]
+    assert m.lora.touched and m.lora.components["transformer_2"].touched  # both experts' bases stored
+    proc = subprocess.run(
+        [sys.executable, "-m", "dtcompile", "refit", str(wan22), "--lora", f"{high}:0.8",
+         "--lora", f"{low}:0.6@transformer_2", "--out", str(tmp_path / "refit"), "--drop-unrefittable"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "low.safetensors:0.6@transformer_2" in proc.stdout and "transformer_2 onnxruntime:any" in proc.stdout
+    only_low = refit_artifact(tmp_path / "refit", [(str(low), 0.6, "transformer_2")], out_dir=tmp_path / "low",
+                              drop_unrefittable=True)  # fmt: skip
+    back = refit_artifact(only_low.artifact_dir, [], out_dir=tmp_path / "back", drop_unrefittable=True)
+
+    def video(artifact: Path) -> np.ndarray:
+        out = run_artifact(artifact, PROMPT, steps=4, seed=3, frames=5, guidance=5.0, backend="onnxruntime")
+        return video_uint8(out.image)
+
+    def same(a: np.ndarray, b: np.ndarray) -> bool:
+        return min(psnr(x, y) for x, y in zip(a, b, strict=True)) >= 40
+
+    base, with_both = video(wan22), video(fused)
+    assert not np.array_equal(base, with_both)
+    assert same(video(tmp_path / "refit"), with_both)
+    # the high-noise expert (the first call) back at its base, the low-noise one still adapted
+    first = {name: run_artifact(a, PROMPT, steps=4, seed=3, frames=5, guidance=5.0, backend="onnxruntime",
+                                trace=True).trace[0] for name, a in (("base", wan22), ("both", fused),
+                                                                     ("low", only_low.artifact_dir))}  # fmt: skip
+    assert rel_l2(first["low"], first["base"]) <= 1e-6 < 1e-3 < rel_l2(first["both"], first["base"])
+    assert not same(video(only_low.artifact_dir), base)
+    assert same(video(back.artifact_dir), base)
+    assert read_manifest(back.artifact_dir).key == read_manifest(wan22).key  # the built artifact again
+    with pytest.raises(DtcError, match="the artifact's denoisers are transformer, transformer_2"):
+        refit_artifact(wan22, [(str(low), 1.0, "transformer_3")], out_dir=tmp_path / "bad")
 
 
 def test_bench_times_both_experts_on_video_runs(wan22: Path) -> None:
