@@ -43,6 +43,10 @@ def test_quantized_build(fmt: str, tmp_path: Path) -> None:
     # (a) quantized vs unquantized on held-out prompts: measured, recorded, and sane for a tiny model
     assert 0.99 < q["accuracy"]["summary"]["min_cos"] <= 1.0
     assert q["accuracy"]["psnr_db"]
+    # what the report cost next to calibration (this build calibrated unless an earlier one cached the state)
+    assert q["calibration_s"] > 0 and q["accuracy_s"] > 0
+    if not q["cache_hit"]:
+        assert q["accuracy_to_calibration"] == pytest.approx(q["accuracy_s"] / q["calibration_s"], rel=1e-2)
     # (b) exported graph vs fake-quant torch within the format's tolerance (the build fails otherwise)
     assert q["parity"]["summary"]["max_rel_err"] <= q["parity"]["tolerance"]
     graph = q["graph"]

@@ -255,3 +255,17 @@ def test_calibration_logs_progress_lines_off_a_terminal(
     assert [m.split(",")[0] for m in got[:-1]] == [f"calibrate transformer: {i}/6 steps" for i in range(1, 6)]
     assert re.fullmatch(r"calibrate transformer: 3/6 steps, [\d.]+ step/s, ETA [\d.]+ s", got[2]), got
     assert got[-1].startswith("calibrate transformer: 6 steps in ")
+
+
+def test_manifest_records_the_cost_of_the_accuracy_report() -> None:
+    from types import SimpleNamespace
+
+    from dtcompile.stages.quantize import QuantizedComponent
+
+    def cost(calib_s: float, cache_hit: bool) -> dict:
+        result = SimpleNamespace(calib_s=calib_s, cache_hit=cache_hit)
+        return QuantizedComponent(result, None, None, accuracy_s=3.0).cost()  # type: ignore[arg-type]
+
+    assert cost(30.0, False) == {"calibration_s": 30.0, "accuracy_s": 3.0, "accuracy_to_calibration": 0.1}
+    # a cache hit only restored the state: no ratio against a calibration that did not run
+    assert cost(0.2, True) == {"calibration_s": 0.2, "accuracy_s": 3.0}
