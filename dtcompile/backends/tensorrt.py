@@ -171,26 +171,38 @@ def check_build_target(flavour: str, arch: str, *, refittable: bool = False, str
 
 
 @contextlib.contextmanager
-def _interruptible(trt: Any, config: Any) -> Iterator[threading.Event]:
-    """Make Ctrl-C and SIGTERM cancel a running TensorRT build instead of waiting for it to finish.
+def _interruptible(trt: Any, config: Any, label: str = "build") -> Iterator[threading.Event]:
+    """Make Ctrl-C and SIGTERM cancel a running TensorRT build instead of waiting for it to finish, and show
+    the build's progress (``label``: its top-level phase's steps, the phase running now next to them).
 
     TensorRT's build is one C++ call, so Python's own interrupt would only fire once it returns. Here the signal
     sets an event and a progress monitor (``IBuilderConfig.progress_monitor``) returns False at the next step,
     which makes TensorRT abandon the build; the caller raises KeyboardInterrupt once the build call returns.
     """
+    from dtcompile.core.progress import Progress
+
     event = threading.Event()
 
     class _Monitor(trt.IProgressMonitor):
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
+            self.top: str | None = None  # "Building engine": the phase whose steps the bar counts
+            self.bar: Progress | None = None
 
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             log.debug("build phase %s (%d steps)", phase_name, num_steps)
+            if parent_phase is None and self.bar is None:
+                self.top, self.bar = phase_name, Progress(label, num_steps, heartbeat=True)
+            elif self.bar is not None:
+                self.bar.note(phase_name)
 
         def phase_finish(self, phase_name: str) -> None:
-            pass
+            if phase_name == self.top and self.bar is not None:
+                self.bar.close()
 
         def step_complete(self, phase_name: str, step: int) -> bool:
+            if phase_name == self.top and self.bar is not None:
+                self.bar.update()
             return not event.is_set()
 
     monitor = _Monitor()
@@ -206,6 +218,8 @@ def _interruptible(trt: Any, config: Any) -> Iterator[threading.Event]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         config.progress_monitor = None
+        if monitor.bar is not None:  # an abandoned build finishes no phase
+            monitor.bar.close()
         del monitor
 
 
@@ -292,7 +306,7 @@ def engine_from_onnx(
             _load_timing_cache(config, Path(timing_cache))
 
     trt_logger.errors.clear()
-    with _interruptible(trt, config) as interrupted:
+    with _interruptible(trt, config, f"build {out_path.stem} {flavour} {arch}") as interrupted:
         serialized = builder.build_serialized_network(network, config)
     if interrupted.is_set():
         raise KeyboardInterrupt(f"{flavour} build of {out_path.name} for {arch} interrupted")

@@ -49,17 +49,25 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dtc")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors (no progress bars or lines).")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """dtcompile: diffusers pipelines -> quantized TensorRT engines, reproducibly."""
     ctx.ensure_object(dict)["debug"] = debug
     logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
+        level=logging.INFO,
         format="%(asctime)s %(levelname).1s %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    if quiet:
+        set_quiet()
+
+
+def set_quiet() -> None:
+    """Only warnings and errors from here on (``dtc -q``, ``dtc build --quiet``): no stage lines, and no progress
+    bars or lines either (``dtcompile.core.progress.Progress`` draws only while the log shows INFO)."""
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def _terminate(signum: int, frame: Any) -> None:

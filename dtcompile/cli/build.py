@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from dtcompile.cli import set_quiet
 from dtcompile.stages import STAGE_NAMES
 
 
@@ -13,12 +14,17 @@ from dtcompile.stages import STAGE_NAMES
 @click.option("--dry-run", is_flag=True, help="Check the recipe and every target's requirements; load nothing.")
 @click.option("--stop-after", type=click.Choice(STAGE_NAMES), help="Stop after this stage (artifact is marked).")
 @click.option("--force", is_flag=True, help="Rebuild even if the artifact's key is unchanged.")
-def build(recipe_path: str, overrides: tuple[str, ...], dry_run: bool, stop_after: str | None, force: bool) -> None:
-    """Build an artifact from a recipe."""
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or lines, only warnings and errors (as dtc -q).")
+def build(
+    recipe_path: str, overrides: tuple[str, ...], dry_run: bool, stop_after: str | None, force: bool, quiet: bool
+) -> None:
+    """Build an artifact from a recipe (progress: a bar on a terminal, a log line every 10% elsewhere)."""
     from dtcompile import api
     from dtcompile.cli.summary import echo_engines, echo_not_built
     from dtcompile.manifest import validate_manifest
 
+    if quiet:
+        set_quiet()
     if dry_run:
         for line in api.plan(recipe_path, overrides).lines():
             click.echo(line)

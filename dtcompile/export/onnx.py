@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
+    from dtcompile.core.progress import Progress
+
 logger = log = logging.getLogger("dtcompile.export")
 
 #: Above this many bytes of parameters and buffers the weights go to one external data file (protobuf's hard
@@ -106,6 +108,7 @@ def export_onnx(
     external_data: bool | None = None,
     optimize: bool = True,
     patches: Sequence[str | Patch] | None = None,
+    progress: Progress | None = None,
 ) -> OnnxArtifact:
     """Export ``module`` to ``<out_dir>/<name>.onnx`` with the dynamic axes and opset of ``spec``.
 
@@ -120,6 +123,7 @@ def export_onnx(
         patches: upstream patches active during the trace (``dtcompile.export.patches``): context-manager
             factories or names in ``PATCHES``; ``None`` applies ``DEFAULT_PATCHES``, ``()`` none. The
             ``aten::rms_norm`` symbolic is always registered.
+        progress: the caller's phase progress (``Progress.phase``): tracing, cleaning up, writing, checking.
 
     Raises:
         BuildError: the example inputs do not match the spec, the exporter fails, or the written graph's
@@ -154,6 +158,7 @@ def export_onnx(
     # scratch folder on the same filesystem, then write the final files from it.
     with tempfile.TemporaryDirectory(prefix=f".{name}-export-", dir=out_dir) as scratch:
         raw_path = Path(scratch) / f"{name}.onnx"
+        _phase(progress, "tracing")
         with _rms_norm_symbolic(spec.opset), _patched(patches), warnings.catch_warnings():
             # The legacy exporter warns on every call that it is deprecated, and on every traced Python
             # condition; neither is actionable here.
@@ -194,12 +199,15 @@ def export_onnx(
         if optimize and exported_external:
             logger.info("export %s: graph over 2 GiB, skipping the graph-surgeon cleanup", name)
         elif optimize:
+            _phase(progress, "cleaning up the graph")
             model = _optimize(model)
         for stale in (onnx_path, data_path):
             stale.unlink(missing_ok=True)
+        _phase(progress, "writing")
         _save(model, Path(scratch), onnx_path, data_path if use_external else None)
         del model
 
+    _phase(progress, "checking")
     onnx.checker.check_model(str(onnx_path))  # by path: works past 2 GiB with external data
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     inputs = tuple(_tensor_spec(v) for v in graph.input)
@@ -232,6 +240,11 @@ def export_onnx(
         ", ".join(str(p) for p in artifact.files),
     )
     return artifact
+
+
+def _phase(progress: Progress | None, name: str) -> None:
+    if progress is not None:
+        progress.phase(name)
 
 
 # --- checks -------------------------------------------------------------------------------------------------

@@ -81,20 +81,33 @@ def trace_pipeline(
     guidance_scale: float | None = None,
     component: Any = None,
     frames: int | None = None,
+    label: str = "trace",
 ) -> PipelineTrace:
     """Run the pipeline once per prompt (generator seeded ``seed`` + index) and record every step.
 
     ``frames``: video families' pixel frames (None for images).
 
     ``component`` stands in for the pipeline's own component during the run (e.g. an onnxruntime module).
+    ``label`` names the run's progress (prompts x steps).
     """
     import torch
+
+    from dtcompile.core.progress import progress
 
     name = adapter.component
     inputs: list[list[dict[str, Any]]] = []
     noise: list[list[Any]] = []
     images: list[Any] = []
-    with _swap_component(pipe, name, component), quantized_forward_ctx(), _no_progress_bar(pipe):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_swap_component(pipe, name, component))
+        stack.enter_context(quantized_forward_ctx())
+        stack.enter_context(_no_progress_bar(pipe))
+        bar = stack.enter_context(progress(label, len(prompts) * steps))
+
+        def step_done(_pipe: Any, _step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            bar.update()
+            return kwargs
+
         module = getattr(pipe, name)
         for i, prompt in enumerate(prompts):
             recorder = _StepRecorder()
@@ -110,6 +123,7 @@ def trace_pipeline(
                     text_len=max_sequence_length,
                     output_type="pt",
                     frames=frames,
+                    callback=step_done,
                 )
                 image = adapter.output_media(pipe(**adapter.call_kwargs(request)))[0]
             finally:
@@ -224,15 +238,20 @@ def accuracy_report(
     component: Any = None,
     candidate: str = "quantized",
     reference_name: str = "unquantized",
+    label: str | None = None,
 ) -> tuple[AccuracyReport, PipelineTrace]:
     """Compare ``component`` (default: the pipeline's own component now) against ``reference``.
 
     Teacher-forced: the candidate is called on each recorded step input of the reference. Free-running: the
     pipeline is run again with the candidate, same prompts and seeds. Returns the report and the candidate's
     own trace (a reference for the next comparison, e.g. onnxruntime against this fake-quant model).
+    ``label`` names its progress (default ``accuracy <candidate>``).
     """
     import torch
 
+    from dtcompile.core.progress import progress
+
+    label = label or f"accuracy {candidate}"
     s = reference.settings
     trace = trace_pipeline(
         pipe,
@@ -246,15 +265,18 @@ def accuracy_report(
         guidance_scale=s["guidance_scale"],
         component=component,
         frames=s.get("frames"),
+        label=label,
     )
     module = component if component is not None else getattr(pipe, adapter.component)
     forced: list[list[Any]] = []
-    with torch.no_grad(), quantized_forward_ctx():
+    calls = sum(len(per_prompt) for per_prompt in reference.inputs)
+    with torch.no_grad(), quantized_forward_ctx(), progress(f"{label} teacher-forced", calls) as bar:
         for per_prompt in reference.inputs:
             outs = []
             for kwargs in per_prompt:
                 out = module(**kwargs, return_dict=False)[0]
                 outs.append(out.detach().float().cpu())
+                bar.update()
             forced.append(outs)
     report = AccuracyReport(
         candidate=candidate,
@@ -385,6 +407,7 @@ def parity_report(
             component=component,
             candidate="onnxruntime",
             reference_name="fake-quant torch",
+            label="parity onnxruntime",
         )
         del component
     check_parity(report, quant_format, limit)

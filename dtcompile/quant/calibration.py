@@ -416,33 +416,39 @@ def _forward_loop(
 
     Each call uses a generator seeded with ``calib.seed`` + batch index and stops after the collected steps
     (``calib.percentile`` of ``calib.steps``): later steps would add no ranges. Latents are never decoded.
+    The step callback also drives the ``calibrate`` progress (batches x collected steps).
     """
     import torch
+
+    from dtcompile.core.progress import progress
 
     collect = calib.collected_steps()
     batches = [list(prompts[i : i + calib.batch]) for i in range(0, len(prompts), calib.batch)]
 
-    def stop_after_collected(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-        if step + 1 >= collect:
-            raise _StopDenoising
-        return kwargs
-
     def loop(_model: Any) -> None:
-        for b, batch in enumerate(batches):
-            request = GenerationRequest(
-                batch,
-                calib.steps,
-                height,
-                width,
-                generator=torch.Generator("cpu").manual_seed(calib.seed + b),
-                guidance=guidance_scale,
-                text_len=max_sequence_length,
-                frames=frames,
-                output_type="latent",
-                callback=stop_after_collected if collect < calib.steps else None,
-            )
-            with contextlib.suppress(_StopDenoising):
-                pipe(**adapter.call_kwargs(request))
+        with progress(f"calibrate {adapter.component}", len(batches) * collect) as bar:
+
+            def step_done(_pipe: Any, step: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+                bar.update()
+                if collect < calib.steps and step + 1 >= collect:
+                    raise _StopDenoising
+                return kwargs
+
+            for b, batch in enumerate(batches):
+                request = GenerationRequest(
+                    batch,
+                    calib.steps,
+                    height,
+                    width,
+                    generator=torch.Generator("cpu").manual_seed(calib.seed + b),
+                    guidance=guidance_scale,
+                    text_len=max_sequence_length,
+                    frames=frames,
+                    output_type="latent",
+                    callback=step_done,
+                )
+                with contextlib.suppress(_StopDenoising):
+                    pipe(**adapter.call_kwargs(request))
 
     return loop
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import torch
 
     from dtcompile.core.graph import ExportSpec
+    from dtcompile.core.progress import Progress
     from dtcompile.export.onnx import OnnxArtifact
     from dtcompile.export.patches import Patch
 
@@ -263,13 +264,14 @@ def export_quantized(
     dtype: str,
     external_data: bool | None = None,
     patches: Sequence[str | Patch] | None = None,
+    progress: Progress | None = None,
 ) -> QuantizedOnnx:
     """Export a fake-quant component to ONNX with standard Q/DQ (custom ops only where ONNX has none).
 
     Args:
         module: the export wrapper around the quantized component (``ModelAdapter.export_module``).
         spec: I/O specs, example inputs and opset, as for ``export_onnx``.
-        out_dir, name, external_data, patches: as for ``export_onnx``.
+        out_dir, name, external_data, patches, progress: as for ``export_onnx`` (plus a Q/DQ rewrite phase).
         quant_format: the recipe's ``quant.format``.
         dtype: the component's dtype name (float32, float16, bfloat16).
 
@@ -289,7 +291,11 @@ def export_quantized(
         stack.enter_context(_fp4_block_dq_placeholder())
         # Block-quantized (NVFP4) weights export as static TRT_FP4QDQ, activations as dynamic quantize.
         stack.enter_context(configure_linear_module_onnx_quantizers(module))
-        artifact = export_onnx(module, spec, out_dir, name, external_data=external_data, patches=patches)
+        artifact = export_onnx(
+            module, spec, out_dir, name, external_data=external_data, patches=patches, progress=progress
+        )
+    if progress is not None:
+        progress.phase("rewriting Q/DQ")
     report = standardize_file(artifact.path, dtype)
     unexpected = sorted(set(report.custom_ops) - set(fmt.custom_ops))
     if unexpected:

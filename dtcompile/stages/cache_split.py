@@ -227,6 +227,7 @@ def export_parts(
     from dtcompile.attention import export_attention
     from dtcompile.backends.onnxruntime import OrtRunner
     from dtcompile.core.metrics import rel_l2
+    from dtcompile.core.progress import progress
     from dtcompile.export.onnx import export_onnx
     from dtcompile.stages.export import PARITY_TOL, ExportedComponent, adapter_patches
     from dtcompile.stages.load import torch_dtype
@@ -261,8 +262,11 @@ def export_parts(
         inputs, outputs = _part_tensor_specs(part, layout, mono, inter)
         example = {t.name: feeds[t.name] for t in inputs if t.name in feeds}
         spec = ExportSpec(inputs=inputs, outputs=outputs, example_inputs=example, opset=opset)
-        with export_attention(attention) as trace:
-            art = export_onnx(part.module, spec, artifact_dir / "onnx", name=part.name, patches=patches)
+        with (
+            progress(f"export {part.name}", None, "phase", heartbeat=True) as bar,
+            export_attention(attention) as trace,
+        ):
+            art = export_onnx(part.module, spec, artifact_dir / "onnx", name=part.name, patches=patches, progress=bar)
         profile = part_profile(part, layout, module, mono_profile)
         entry: dict[str, Any] = {
             "part_of": comp,

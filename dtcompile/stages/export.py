@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from dtcompile.core.errors import VerificationError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes
 from dtcompile.core.metrics import rel_l2
+from dtcompile.core.progress import Progress, progress
 from dtcompile.export.onnx import export_onnx
 
 if TYPE_CHECKING:
@@ -112,23 +113,14 @@ def export_component(
     spec = dataclasses.replace(spec, opset=recipe.export.opset)
     wrapper = adapter.export_module(module)
     patches = adapter_patches(adapter)
-    qonnx = None
-    with export_attention(attention.mode) as trace:
-        if quantized is None:
-            art = export_onnx(wrapper, spec, artifact_dir / "onnx", name=comp, patches=patches)
-        else:
-            from dtcompile.quant.export import export_quantized
+    with progress(f"export {comp}", None, "phase", heartbeat=True) as bar:
+        with export_attention(attention.mode) as trace:
+            art, qonnx = _export_graph(wrapper, spec, artifact_dir, comp, recipe, patches, bar, quantized is not None)
+        bar.phase("mapping weights")
+        from dtcompile.weights.weight_map import write_weight_map
 
-            qonnx = export_quantized(
-                wrapper,
-                spec,
-                artifact_dir / "onnx",
-                name=comp,
-                quant_format=recipe.quant.format,
-                dtype=recipe.dtype,
-                patches=patches,
-            )
-            art = qonnx.artifact
+        # torch parameter -> ONNX initializer (name, layout, dtype, Q/DQ scale), recorded once for `dtc refit`
+        weight_map = write_weight_map(module, art.path, artifact_dir, comp)
     profile = adapter.shape_profile(module, loaded.pipe_config, shapes)
     entry: dict[str, Any] = {
         "config": {k: v for k, v in dict(module.config).items() if not k.startswith("_")},
@@ -136,11 +128,8 @@ def export_component(
         "attention": {**attention.to_json(), **trace.check_graph(art.op_types, type(module).__name__)},
         "profile": profile.to_json(),
         "engines": [],
+        "weight_map": weight_map,
     }
-    from dtcompile.weights.weight_map import write_weight_map
-
-    # torch parameter -> ONNX initializer (name, layout, dtype, Q/DQ scale), recorded once for `dtc refit`
-    entry["weight_map"] = write_weight_map(module, art.path, artifact_dir, comp)
     onnx_entry = entry["onnx"]
     if quantized is not None:
         from dtcompile.quant import get_format
@@ -162,6 +151,28 @@ def export_component(
     return ExportedComponent(art.path, profile, entry)
 
 
+def _export_graph(
+    wrapper: Any, spec: ExportSpec, artifact_dir: Path, comp: str, recipe: Recipe, patches: Any, bar: Progress,
+    quantized: bool,
+) -> tuple[Any, Any]:  # fmt: skip
+    """(OnnxArtifact, QuantizedOnnx or None): the plain graph, or the quantized one with standard Q/DQ."""
+    if not quantized:
+        return export_onnx(wrapper, spec, artifact_dir / "onnx", name=comp, patches=patches, progress=bar), None
+    from dtcompile.quant.export import export_quantized
+
+    qonnx = export_quantized(
+        wrapper,
+        spec,
+        artifact_dir / "onnx",
+        name=comp,
+        quant_format=recipe.quant.format,
+        dtype=recipe.dtype,
+        patches=patches,
+        progress=bar,
+    )
+    return qonnx.artifact, qonnx
+
+
 def export_aux(loaded: LoadedPipeline, recipe: Recipe, artifact_dir: Path, spec: ComponentSpec) -> ExportedComponent:
     """Export a text encoder or the VAE decoder (``ModelAdapter.aux_graph``) into ``artifact_dir/onnx`` and
     check every output against torch on the example inputs. Never quantized; attention as torch exports it."""
@@ -175,7 +186,8 @@ def export_aux(loaded: LoadedPipeline, recipe: Recipe, artifact_dir: Path, spec:
     shapes = shapes_from_recipe(recipe.export.shapes)
     ex = dataclasses.replace(graph.export_spec(module, shapes, torch_dtype(dtype)), opset=recipe.export.opset)
     wrapper = graph.export_module(module)
-    art = export_onnx(wrapper, ex, artifact_dir / "onnx", name=spec.name, patches=())
+    with progress(f"export {spec.name}", None, "phase", heartbeat=True) as bar:
+        art = export_onnx(wrapper, ex, artifact_dir / "onnx", name=spec.name, patches=(), progress=bar)
     profile = graph.shape_profile(module, shapes)
     entry: dict[str, Any] = {
         "role": graph.role,

@@ -28,9 +28,20 @@ class QuantizedComponent:
     result: QuantResult
     accuracy: AccuracyReport
     trace: PipelineTrace  # the fake-quant run; the exported graph is checked against it (parity b)
+    accuracy_s: float = 0.0  # both held-out runs (unquantized reference and fake-quant) and the teacher-forced pass
 
     def to_manifest(self) -> dict[str, Any]:
-        return {**self.result.to_manifest(), "accuracy": self.accuracy.to_manifest()}
+        """JSON for the manifest's ``quant`` section, with what calibration and the accuracy report cost."""
+        return {**self.result.to_manifest(), "accuracy": self.accuracy.to_manifest(), **self.cost()}
+
+    def cost(self) -> dict[str, Any]:
+        """``calibration_s`` (restoring the state on a cache hit), ``accuracy_s`` and, when this build
+        calibrated, ``accuracy_to_calibration``: how much the held-out report adds to calibration."""
+        calib_s = self.result.calib_s
+        out: dict[str, Any] = {"calibration_s": round(calib_s, 3), "accuracy_s": round(self.accuracy_s, 3)}
+        if not self.result.cache_hit and calib_s > 0:
+            out["accuracy_to_calibration"] = round(self.accuracy_s / calib_s, 3)
+        return out
 
 
 def quantize_denoisers(
@@ -41,19 +52,23 @@ def quantize_denoisers(
     measure its accuracy (a). Every unquantized reference is traced before
     anything is quantized, so each expert's accuracy is measured against the fully unquantized pipeline."""
     import hashlib
+    import time
+
+    import modelopt.torch.quantization  # noqa: F401  (its import takes seconds: timed as neither stage part)
 
     spec, shapes = recipe.quant, recipe.export.shapes
     size = {"height": shapes.height.opt, "width": shapes.width.opt, "max_sequence_length": shapes.text_len.opt}
     if shapes.frames is not None:  # video: calibrate and evaluate at the opt frame count
         size["frames"] = shapes.frames.opt
     views = {n: component_view(loaded.adapter, n) for n in names}
-    references = {
-        n: trace_pipeline(
+    references, accuracy_s = {}, {}
+    for n in names:
+        t0 = time.perf_counter()
+        references[n] = trace_pipeline(
             loaded.pipe, views[n], HELDOUT_PROMPTS[: spec.accuracy.prompts], steps=spec.accuracy.steps,
-            seed=spec.calib.seed, **size,
-        )
-        for n in names
-    }  # fmt: skip
+            seed=spec.calib.seed, label=f"accuracy unquantized {n}", **size,
+        )  # fmt: skip
+        accuracy_s[n] = time.perf_counter() - t0
     for n, ref in references.items():
         if not any(ref.inputs):
             raise UnsupportedError(
@@ -71,11 +86,28 @@ def quantize_denoisers(
                                base_dir=base_dir, **size)  # fmt: skip
     out = {}
     for n in names:
-        accuracy, trace = accuracy_report(loaded.pipe, views[n], references[n])
+        t0 = time.perf_counter()
+        accuracy, trace = accuracy_report(loaded.pipe, views[n], references[n], label=f"accuracy quantized {n}")
+        accuracy_s[n] += time.perf_counter() - t0
         log.info("quantized %s (%s): held-out min cosine %.6f, max rel err %.2e vs unquantized", n, spec.format,
                  accuracy.min_cos, accuracy.max_rel_err)  # fmt: skip
-        out[n] = QuantizedComponent(results[n], accuracy, trace)
+        out[n] = QuantizedComponent(results[n], accuracy, trace, accuracy_s[n])
+        _log_cost(n, out[n])
     return out
+
+
+def _log_cost(name: str, q: QuantizedComponent) -> None:
+    cost = q.cost()
+    ratio = cost.get("accuracy_to_calibration")
+    versus = (
+        f"{ratio:.2f}x calibration's {cost['calibration_s']:.1f} s" if ratio is not None else "calibration restored"
+    )
+    log.info(
+        "quantize %s: accuracy report took %.1f s (%s; quant.accuracy.prompts x steps sizes it)",
+        name,
+        cost["accuracy_s"],
+        versus,
+    )
 
 
 __all__ = ["QuantizedComponent", "quantize_denoisers"]

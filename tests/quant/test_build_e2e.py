@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,10 @@ def test_quantized_build(fmt: str, tmp_path: Path) -> None:
     # (a) quantized vs unquantized on held-out prompts: measured, recorded, and sane for a tiny model
     assert 0.99 < q["accuracy"]["summary"]["min_cos"] <= 1.0
     assert q["accuracy"]["psnr_db"]
+    # what the report cost next to calibration (this build calibrated unless an earlier one cached the state)
+    assert q["calibration_s"] > 0 and q["accuracy_s"] > 0
+    if not q["cache_hit"]:
+        assert q["accuracy_to_calibration"] == pytest.approx(q["accuracy_s"] / q["calibration_s"], rel=1e-2)
     # (b) exported graph vs fake-quant torch within the format's tolerance (the build fails otherwise)
     assert q["parity"]["summary"]["max_rel_err"] <= q["parity"]["tolerance"]
     graph = q["graph"]
@@ -78,3 +83,44 @@ def test_quantized_artifact_runs_in_onnxruntime(tmp_path: Path) -> None:
     result = run_artifact(artifact, "a red fox", steps=2, backend="onnxruntime", trace=True)
     assert len(result.trace) == 2 and result.image.size == (64, 64)
     assert read_manifest(artifact).to_json()["components"]["transformer"]["quant"]["format"] == "int8"
+
+
+def _build_quantize(tmp_path: Path, *extra: str) -> list[str]:
+    """`dtc build` of tiny-flux-fp8 up to the quantize stage, calibrating afresh (its own cache folder)."""
+    return [sys.executable, "-m", "dtcompile", "build", "--recipe", str(ROOT / "recipes" / "tiny-flux-fp8.yaml"),
+            "--set", f"output.dir={tmp_path / 'out'}", "--set", "quant.calib.size=4", "--set",
+            "quant.accuracy.prompts=1", "--set", "quant.accuracy.steps=2", "--stop-after", "quantize",
+            *extra]  # fmt: skip
+
+
+def test_build_shows_a_calibration_bar_on_a_terminal_and_nothing_with_quiet(tmp_path: Path) -> None:
+    import os
+
+    leader, follower = os.openpty()  # a real pseudo-terminal (0 x 0: no size, as under `script` or CI)
+    env = {**os.environ, "DTC_CACHE_DIR": str(tmp_path / "cache-tty")}
+    try:
+        proc = subprocess.Popen(_build_quantize(tmp_path), stdout=follower, stderr=follower, env=env)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the build closed its side
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=600) == 0
+    finally:
+        os.close(leader)
+    shown = b"".join(chunks).decode(errors="replace")
+    # 4 prompts, batch 2, 4 steps: 8 steps, drawn with count, elapsed<remaining (the ETA) and rate
+    bar = r"calibrate transformer: +\d+%\|.*\| +[1-7]/8 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+(step/s|s/step)"
+    assert re.search(bar, shown), shown[-3000:]
+    assert re.search(r"calibrate transformer: 8 steps in [\d.]+ s", shown)
+
+    env["DTC_CACHE_DIR"] = str(tmp_path / "cache-quiet")  # calibrates again: the loop runs, silently
+    r = subprocess.run(_build_quantize(tmp_path, "--quiet"), capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "built:" in r.stdout
+    assert not re.search(r"calibrate|accuracy|steps? in|step/s", r.stderr), r.stderr

@@ -3,7 +3,11 @@ accuracy against the unquantized model. CPU only: NVFP4 runs through the pure-to
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -206,3 +210,62 @@ def test_accuracy_against_the_unquantized_model(tmp_path: Path) -> None:
     again, _ = acc.accuracy_report(pipe, ADAPTER, reference)
     assert again.to_manifest() == data
     assert trace.prompts == reference.prompts
+
+
+class _Terminal(io.StringIO):
+    """stderr as a terminal: tqdm draws the bar on it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_calibration_and_accuracy_draw_bars_with_eta_on_a_terminal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dtcompile.core.progress import Progress
+
+    caplog.set_level(logging.INFO, logger="dtcompile")
+    monkeypatch.setattr(Progress, "redraw_s", 0.0)  # every step redrawn, however fast the tiny model runs
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    pipe = pipeline()
+    reference = acc.trace_pipeline(pipe, ADAPTER, acc.HELDOUT_PROMPTS[:1], steps=2, label="accuracy unquantized", **RUN)
+    cal.calibrate(pipe, ADAPTER, spec("fp8", calib={"steps": 3}), tmp_path, **RUN)  # 2 calls x 3 steps
+    acc.accuracy_report(pipe, ADAPTER, reference)
+    drawn = term.getvalue()
+    # tqdm's count, elapsed<remaining and rate: "calibrate transformer:  67%|...| 4/6 [00:00<00:00, 9.1step/s]"
+    assert re.search(r"calibrate transformer: +\d+%\|.*\| [1-5]/6 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+(step/s|s/step)", drawn)
+    for label in ("accuracy unquantized", "accuracy quantized", "accuracy quantized teacher-forced"):
+        assert re.search(rf"{label}: +\d+%\|.*\| 1/2 \[\d\d:\d\d<\d\d:\d\d", drawn), label
+    summaries = [r.getMessage() for r in caplog.records if r.name == "dtcompile"]
+    assert any(re.fullmatch(r"calibrate transformer: 6 steps in [\d.]+ s, [\d.]+ step/s", m) for m in summaries)
+
+
+def test_calibration_logs_progress_lines_off_a_terminal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dtcompile.core.progress import Progress
+
+    caplog.set_level(logging.INFO, logger="dtcompile")
+    monkeypatch.setattr(Progress, "min_gap_s", 0.0)  # a line at every tenth, however fast the tiny model runs
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    cal.calibrate(pipeline(), ADAPTER, spec("fp8", calib={"steps": 3}), tmp_path, **RUN)
+    assert sys.stderr.getvalue() == ""  # no bar in a log
+    got = [r.getMessage() for r in caplog.records if r.name == "dtcompile" and r.getMessage().startswith("calibrate")]
+    assert [m.split(",")[0] for m in got[:-1]] == [f"calibrate transformer: {i}/6 steps" for i in range(1, 6)]
+    assert re.fullmatch(r"calibrate transformer: 3/6 steps, [\d.]+ step/s, ETA [\d.]+ s", got[2]), got
+    assert got[-1].startswith("calibrate transformer: 6 steps in ")
+
+
+def test_manifest_records_the_cost_of_the_accuracy_report() -> None:
+    from types import SimpleNamespace
+
+    from dtcompile.stages.quantize import QuantizedComponent
+
+    def cost(calib_s: float, cache_hit: bool) -> dict:
+        result = SimpleNamespace(calib_s=calib_s, cache_hit=cache_hit)
+        return QuantizedComponent(result, None, None, accuracy_s=3.0).cost()  # type: ignore[arg-type]
+
+    assert cost(30.0, False) == {"calibration_s": 30.0, "accuracy_s": 3.0, "accuracy_to_calibration": 0.1}
+    # a cache hit only restored the state: no ratio against a calibration that did not run
+    assert cost(0.2, True) == {"calibration_s": 0.2, "accuracy_s": 3.0}
