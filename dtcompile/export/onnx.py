@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from dtcompile.core.digests import sha256_file
 from dtcompile.core.errors import BuildError
 from dtcompile.core.graph import ExportSpec, TensorSpec
-from dtcompile.export.patches import Patch, _rms_norm_symbolic, resolve_patches
+from dtcompile.export.patches import Patch, _gelu_symbolic, _rms_norm_symbolic, resolve_patches
 
 if TYPE_CHECKING:
     import onnx
@@ -154,7 +154,7 @@ def export_onnx(
     # scratch folder on the same filesystem, then write the final files from it.
     with tempfile.TemporaryDirectory(prefix=f".{name}-export-", dir=out_dir) as scratch:
         raw_path = Path(scratch) / f"{name}.onnx"
-        with _rms_norm_symbolic(spec.opset), _patched(patches), warnings.catch_warnings():
+        with _rms_norm_symbolic(spec.opset), _gelu_symbolic(spec.opset), _patched(patches), warnings.catch_warnings():
             # The legacy exporter warns on every call that it is deprecated, and on every traced Python
             # condition; neither is actionable here.
             warnings.simplefilter("ignore", category=DeprecationWarning)
