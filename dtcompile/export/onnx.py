@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from dtcompile.core.digests import sha256_file
 from dtcompile.core.errors import BuildError
 from dtcompile.core.graph import ExportSpec, TensorSpec
-from dtcompile.export.patches import Patch, _rms_norm_symbolic, resolve_patches
+from dtcompile.export.patches import Patch, _gelu_symbolic, _rms_norm_symbolic, resolve_patches
 
 if TYPE_CHECKING:
     import onnx
@@ -159,7 +159,7 @@ def export_onnx(
     with tempfile.TemporaryDirectory(prefix=f".{name}-export-", dir=out_dir) as scratch:
         raw_path = Path(scratch) / f"{name}.onnx"
         _phase(progress, "tracing")
-        with _rms_norm_symbolic(spec.opset), _patched(patches), warnings.catch_warnings():
+        with _rms_norm_symbolic(spec.opset), _gelu_symbolic(spec.opset), _patched(patches), warnings.catch_warnings():
             # The legacy exporter warns on every call that it is deprecated, and on every traced Python
             # condition; neither is actionable here.
             warnings.simplefilter("ignore", category=DeprecationWarning)

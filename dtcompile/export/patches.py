@@ -1,10 +1,14 @@
 """Upstream patches the ONNX exporter applies, in one place.
 
-The legacy TorchScript exporter (``dynamo=False``) has two traps for diffusers models; each is fixed for the
+The legacy TorchScript exporter (``dynamo=False``) has three traps for diffusers models; each is fixed for the
 duration of one export only:
 
 - ``aten::rms_norm`` has no symbolic: ``_rms_norm_symbolic`` registers one that decomposes it into
   Pow/ReduceMean/Add/Sqrt/Div/Mul (computed in fp32 for fp16/bf16 inputs, as torch does). Always applied.
+- ``aten::gelu``'s own symbolic (opsets below 20) writes its constants in the input's type: in a bf16 graph
+  the tanh form's sqrt(2/pi) becomes 0.796875 (-0.13%) and 0.044715 becomes 0.04468, while torch computes
+  bf16 GELU in fp32 with exact constants. ``_gelu_symbolic`` computes fp16/bf16 GELU in fp32 and casts back,
+  as torch does (found by the float32 parity check, ``quant.accuracy.float32_parity``). Always applied.
 - diffusers' RoPE (``x.reshape(*x.shape[:-1], -1, 2)``) is traced with constant shapes, so the graph fails at
   any other batch or sequence size; ``_dynamic_rope`` swaps ``apply_rotary_emb`` for an ``unflatten`` version
   and restores it. Selectable: a model adapter names it in ``export_patches()`` (``FluxAdapter`` does).
@@ -74,6 +78,37 @@ def _rms_norm(g: Any, x: Any, normalized_shape: Any, weight: Any, eps: Any) -> A
     if not sh._is_none(weight):
         y = g.op("Mul", y, weight)
     return y
+
+
+@contextlib.contextmanager
+def _gelu_symbolic(opset: int) -> Iterator[None]:
+    """Register ``_gelu`` as ``aten::gelu``'s symbolic for ``opset`` for the duration of the export (below
+    opset 20 only: from 20 on ONNX has a Gelu op)."""
+    if opset >= 20:
+        yield
+        return
+    from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
+
+    register_custom_op_symbolic("aten::gelu", _gelu, opset)
+    try:
+        yield
+    finally:
+        unregister_custom_op_symbolic("aten::gelu", opset)
+
+
+def _gelu(g: Any, x: Any, approximate: Any) -> Any:
+    """ONNX symbolic of ``aten::gelu(input, approximate)``: torch's own decomposition (opset 9), computed in
+    fp32 for fp16/bf16 inputs and cast back, as torch's kernel does; float32 inputs get torch's graph as is."""
+    import torch
+    from torch.onnx import symbolic_helper as sh
+    from torch.onnx import symbolic_opset9
+
+    mode = sh._maybe_get_const(approximate, "s")
+    scalar_type = sh._type_utils.JitScalarType.from_value(x, sh._type_utils.JitScalarType.FLOAT)
+    if scalar_type.dtype() not in (torch.float16, torch.bfloat16):
+        return symbolic_opset9.gelu(g, x, mode)
+    xf = g.op("Cast", x, to_i=sh._type_utils.JitScalarType.FLOAT.onnx_type())
+    return g.op("Cast", symbolic_opset9.gelu(g, xf, mode), to_i=scalar_type.onnx_type())
 
 
 _ROPE_PARAMS = ("x", "freqs_cis", "use_real", "use_real_unbind_dim", "sequence_dim")

@@ -47,7 +47,8 @@ class QuantFormat:
         onnxruntime_runnable: whether the exported graph runs in onnxruntime (standard ops only).
         custom_ops: ops the exported graph keeps outside the standard ONNX domain (``domain::op``).
         parity_tolerance: the largest per-step relative error of onnxruntime against the fake-quant torch
-            model that ``dtc build`` accepts (teacher-forced: both see the same step inputs).
+            model that ``dtc build`` accepts (teacher-forced: both see the same step inputs; both in float32,
+            a 16-bit model through float32 copies of graph and model, so the dtype adds nothing).
         fix_hint: what to do instead when an arch cannot run the format.
     """
 

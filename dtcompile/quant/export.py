@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import BuildError
-from dtcompile.core.numerics import fp8_fake_quant
+from dtcompile.core.numerics import FP8_E4M3_MAX, fp8_fake_quant
 from dtcompile.quant import get_format
 from dtcompile.quant.qdq import FP4_BLOCK_DQ_PLACEHOLDER, TRT_DOMAIN, QdqReport, standardize_file
 
@@ -49,6 +49,8 @@ log = logging.getLogger("dtcompile.quant")
 #: TensorRT fuses fp8 attention only for head sizes that are a multiple of 16 (ModelOpt's rule too).
 MHA_HEAD_MULTIPLE = 16
 _ATTN_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer")
+#: Set by ``float32_reference`` on a float32 copy's fp8 attentions: the dtype whose constants the graph holds.
+_GRAPH_DTYPE_ATTR = "_dtc_graph_dtype"
 
 
 @dataclass(frozen=True)
@@ -141,15 +143,27 @@ def _fp8_sdpa(
     if torch.onnx.is_in_onnx_export():
         amax = [float(getattr(self, q).amax) for q in _ATTN_QUANTIZERS]
         return _fp8_attention_function().apply(query, key, value, attn_mask, root, *amax)
+    softmax_amax = 1.0
+    graph_dtype = getattr(self, _GRAPH_DTYPE_ATTR, None)  # a float32 reference of a 16-bit model
+    if graph_dtype is not None:
+        # the constants the 16-bit graph holds: root and the softmax scale rounded to the model's type
+        root = float(torch.tensor(root, dtype=graph_dtype))
+        softmax_amax = float(fp8_graph_scale(1.0, graph_dtype)) * FP8_E4M3_MAX
     q = self.q_bmm_quantizer(query * root)
     k = self.k_bmm_quantizer(key * root)
     v = self.v_bmm_quantizer(value)
     calibrating = not self.q_bmm_quantizer._if_quant
-    return _attention(q, k, v, attn_mask, quantize_softmax=not calibrating)
+    return _attention(q, k, v, attn_mask, quantize_softmax=not calibrating, softmax_amax=softmax_amax)
 
 
 def _attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, *, quantize_softmax: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    *,
+    quantize_softmax: bool,
+    softmax_amax: float = 1.0,
 ) -> torch.Tensor:
     """softmax(q k^T + mask) v with matmuls in fp32 for 16-bit inputs (as the ONNX graph's Casts do)."""
     import torch
@@ -161,7 +175,7 @@ def _attention(
         logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
     probs = torch.softmax(logits, dim=-1)
     if quantize_softmax:
-        probs = fp8_fake_quant(probs, 1.0)
+        probs = fp8_fake_quant(probs, softmax_amax)
     return (probs.to(wide) @ v.to(wide)).to(dtype)
 
 
@@ -214,6 +228,73 @@ def _fp8_attention_function() -> type:
             return narrow(g.op("MatMul", widen(probs), widen(v)))
 
     return Fp8Attention
+
+
+# --- float32 reference of a 16-bit component -------------------------------------------------------------------
+
+
+def fp8_graph_scale(amax: float, dtype: torch.dtype) -> torch.Tensor:
+    """The scale ModelOpt's fp8 export writes for ``amax`` in a ``dtype`` graph: 1 / (448 / amax), as a
+    float32 tensor rounded to ``dtype`` (``modelopt.torch.quantization.export_onnx.export_fp8``)."""
+    import torch
+
+    return torch.tensor(1.0 / (FP8_E4M3_MAX / float(amax))).to(dtype)
+
+
+def int8_graph_scale(amax: torch.Tensor, dtype: torch.dtype, maxbound: int = 127) -> torch.Tensor:
+    """The scale ModelOpt's int8 export writes for ``amax`` (per tensor or per channel) in a ``dtype`` graph:
+    amax rounded to ``dtype``, divided by 127 in ``dtype``, 0 replaced by 1 (``export_int8``)."""
+    scale = amax.to(dtype) / maxbound
+    return scale.masked_fill(scale == 0, 1.0)
+
+
+def float32_reference(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A float32 copy of the fake-quant ``module`` (a ``dtype`` model) computing what the float32 copy of its
+    exported graph computes (``qdq.float32_copy``), for a parity check at one precision.
+
+    The copy's weights are the ``dtype`` weights, exactly. Only the constants the export rounds to ``dtype``
+    differ from a plain ``.float()``: every fp8 and int8 quantizer's amax is set so that its fake quantization
+    uses the very scale the graph holds (``fp8_graph_scale``, ``int8_graph_scale``), and the fp8 attentions
+    use the graph's sqrt(softmax scale) and softmax scale. NVFP4 quantizers are left as they are: their
+    per-tensor scales are float32 in the graph and their block scales are computed at run time. ``module``
+    itself is unchanged; the copy costs float32 weights (twice a 16-bit model's): free it after use.
+    """
+    import copy
+    import types
+
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    # fp8 attention routing holds torch.nn.functional, which deepcopy cannot copy: share it
+    memo: dict[int, Any] = {}
+    for sub in module.modules():
+        for entry in sub.__dict__.get("_functionals_to_replace", ()):
+            if isinstance(entry[0], types.ModuleType):
+                memo[id(entry[0])] = entry[0]
+    reference = copy.deepcopy(module, memo).float()
+    for sub in reference.modules():
+        if isinstance(sub, TensorQuantizer):
+            _round_amax_as_exported(sub, dtype)
+    for _, attention in attention_modules(reference):
+        if attention.__dict__.get("_functionals_to_replace"):
+            setattr(attention, _GRAPH_DTYPE_ATTR, dtype)
+    return reference
+
+
+def _round_amax_as_exported(quantizer: Any, dtype: torch.dtype) -> None:
+    """Set a float32 quantizer's amax to scale x maxbound, where scale is what a ``dtype`` export writes."""
+    import torch
+
+    amax = getattr(quantizer, "_amax", None)
+    if not quantizer.is_enabled or amax is None or quantizer.block_sizes:
+        return  # disabled, dynamic (NVFP4: float32 scales) or uncalibrated
+    if isinstance(quantizer.num_bits, tuple):  # fp8 E4M3: per tensor
+        if amax.numel() != 1 or float(amax) <= 0:
+            return
+        scale = fp8_graph_scale(float(amax), dtype)
+        quantizer.amax = scale.to(torch.float32).reshape(amax.shape) * FP8_E4M3_MAX
+    elif quantizer.num_bits == 8 and not quantizer.unsigned:
+        scale = int8_graph_scale(amax, dtype)
+        quantizer.amax = scale.to(torch.float32) * 127
 
 
 # --- torch forward of a quantized component --------------------------------------------------------------------
@@ -346,5 +427,8 @@ __all__ = [
     "attention_modules",
     "enable_fp8_attention",
     "export_quantized",
+    "float32_reference",
+    "fp8_graph_scale",
+    "int8_graph_scale",
     "quantized_forward",
 ]

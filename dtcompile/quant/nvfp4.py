@@ -43,7 +43,7 @@ class Nvfp4Format(QuantFormat):
     }
     onnxruntime_runnable: ClassVar[bool] = False
     custom_ops: ClassVar[tuple[str, ...]] = ("trt::TRT_FP4DynamicQuantize",)
-    # Checked on a copy with the FP4 ops emulated by standard ops; measured on tiny-flux: 1.6e-7 (fp32).
+    # Checked on a copy with the FP4 ops emulated by standard ops; measured: tiny-flux 1.6e-7, width 512 2.6e-3.
     parity_tolerance: ClassVar[float] = 1e-2
     fix_hint: ClassVar[str] = "use quant.format fp8 (sm_89+) or int8"
 

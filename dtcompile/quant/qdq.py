@@ -534,19 +534,20 @@ def fp4_reference_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def bfloat16_as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of a bfloat16 graph computing in float32, for onnxruntime parity checks only (its CPU kernels
-    have no bfloat16). Weights keep their bfloat16 values; intermediate results are no longer rounded to
-    bfloat16, so the comparison carries bfloat16's own error (about 1e-2)."""
+def float32_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a bfloat16 or float16 graph computing in float32, for onnxruntime parity checks only (its CPU
+    kernels have no bfloat16). Every 16-bit initializer, constant and Cast target becomes float32 with the
+    same values (weights, Q/DQ scales and constants keep their 16-bit rounding); intermediate results are no
+    longer rounded to 16 bits. ``quant.export.float32_reference`` is the torch model it is compared with."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
-    bf16, f32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    narrow, f32 = (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16), onnx.TensorProto.FLOAT
     model = _copy(model)
 
     def widen(t: onnx.TensorProto) -> None:
-        if t.data_type != bf16:
+        if t.data_type not in narrow:
             return
         values = numpy_helper.to_array(t).astype(np.float32)
         t.CopyFrom(numpy_helper.from_array(values, t.name))
@@ -557,10 +558,10 @@ def bfloat16_as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
                 widen(a.t)
-            elif a.name == "to" and a.type == onnx.AttributeProto.INT and a.i == bf16:
+            elif a.name == "to" and a.type == onnx.AttributeProto.INT and a.i in narrow:
                 a.i = f32
     for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        if vi.type.tensor_type.elem_type == bf16:
+        if vi.type.tensor_type.elem_type in narrow:
             vi.type.tensor_type.elem_type = f32
     return model
 

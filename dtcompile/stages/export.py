@@ -137,7 +137,8 @@ def export_component(
 
         fmt = recipe.quant.format
         entry["quant"] = {**quantized.to_manifest(), "graph": qonnx.to_manifest()}
-        # parity (b): the graph in onnxruntime against the fake-quant torch model, step by step
+        # parity (b): the graph in onnxruntime against the fake-quant torch model, step by step, both in float32
+        # (a 16-bit model also end to end, information only: quant.parity.end_to_end)
         entry["quant"]["parity"] = parity_report(loaded.pipe, adapter, quantized.trace, art.path, fmt).to_manifest()
         if "onnxruntime" in recipe.engine.backends and get_format(fmt).onnxruntime_runnable:
             entry["engines"].append(
