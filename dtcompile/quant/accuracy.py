@@ -267,7 +267,7 @@ def accuracy_report(
         label=label,
     )
     module = component if component is not None else getattr(pipe, adapter.component)
-    forced = teacher_forced(module, reference)
+    forced = teacher_forced(module, reference, label=f"{label} teacher-forced")
     report = AccuracyReport(
         candidate=candidate,
         reference=reference_name,
@@ -294,21 +294,28 @@ def accuracy_report(
     return report, trace
 
 
-def teacher_forced(module: Any, trace: PipelineTrace, dtype: torch.dtype | None = None) -> list[list[torch.Tensor]]:
+def teacher_forced(
+    module: Any, trace: PipelineTrace, dtype: torch.dtype | None = None, label: str = "teacher-forced"
+) -> list[list[torch.Tensor]]:
     """``module``'s noise prediction (CPU float32) on every recorded step input of ``trace``, [prompt][step];
-    ``dtype``: floating-point inputs cast to it first (e.g. float32 for a float32 copy of a 16-bit model)."""
+    ``dtype``: floating-point inputs cast to it first (e.g. float32 for a float32 copy of a 16-bit model);
+    ``label`` names the progress bar."""
     import torch
+
+    from dtcompile.core.progress import progress
 
     def cast(v: Any) -> Any:
         return v.to(dtype) if dtype is not None and isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
     forced: list[list[torch.Tensor]] = []
-    with torch.no_grad(), quantized_forward_ctx():
+    calls = sum(len(per_prompt) for per_prompt in trace.inputs)
+    with torch.no_grad(), quantized_forward_ctx(), progress(label, calls) as bar:
         for per_prompt in trace.inputs:
             outs = []
             for kwargs in per_prompt:
                 out = module(**{k: cast(v) for k, v in kwargs.items()}, return_dict=False)[0]
                 outs.append(out.detach().float().cpu())
+                bar.update()
             forced.append(outs)
     return forced
 
@@ -419,11 +426,11 @@ def float32_parity(module: torch.nn.Module, graph_path: Path, trace: PipelineTra
     from dtcompile.quant.export import float32_reference
 
     reference = float32_reference(module, getattr(torch, dtype))
-    expected = teacher_forced(reference, trace, torch.float32)
+    expected = teacher_forced(reference, trace, torch.float32, label="parity fake-quant float32")
     del reference
     gc.collect()
     component = onnxruntime_component(graph_path, module, dtype=torch.float32)
-    got = teacher_forced(component, trace, torch.float32)
+    got = teacher_forced(component, trace, torch.float32, label="parity onnxruntime float32")
     del component
     return AccuracyReport(
         candidate="onnxruntime (float32)",
