@@ -162,6 +162,11 @@ BUILTINS: dict[str, BuiltinModel] = {
 
 #: The transformer's graph inputs in order (``guidance`` only for guidance-distilled models).
 GRAPH_INPUTS = ("hidden_states", "encoder_hidden_states", "timestep", "img_ids", "txt_ids", "guidance")
+#: Why a cache section is refused for FLUX.2.
+_NO_CACHE = (
+    "cache: Flux2Pipeline artifacts are not split into block engines yet (FLUX.2's blocks share modulation "
+    "tensors FLUX.1's split does not carry); remove the cache section"
+)
 #: Flux2Pipeline's default guidance_scale, used for example inputs.
 GUIDANCE_SCALE_EXAMPLE = 4.0
 
@@ -306,13 +311,11 @@ class Flux2Adapter(FluxAdapter):
 
     @staticmethod
     def block_names(config: dict[str, Any]) -> list[str]:
-        raise UnsupportedError(
-            "cache: Flux2Pipeline artifacts are not split into block engines yet (FLUX.2's blocks share "
-            "modulation tensors FLUX.1's split does not carry); remove the cache section"
-        )
+        raise UnsupportedError(_NO_CACHE)
 
-    def cache_layout(self) -> Any:
-        return self.block_names({})
+    @staticmethod
+    def cache_layout() -> Any:
+        raise UnsupportedError(_NO_CACHE)
 
 
 __all__ = ["BUILTINS", "GRAPH_INPUTS", "Flux2Adapter", "build_tiny_flux2", "generate_tiny_flux2"]

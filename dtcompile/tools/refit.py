@@ -474,6 +474,16 @@ class _Written:
     refit_done: list[str]
 
 
+def _engine_names(jobs: list[_Job], written: list[_Written], *, with_graphs: bool) -> list[str]:
+    """``backend:arch`` of every engine refit (with each denoiser's onnxruntime graph first when
+    ``with_graphs``), prefixed by the denoiser when the refit wrote several."""
+    names = []
+    for job, out in zip(jobs, written, strict=True):
+        for engine in ["onnxruntime:any"] * with_graphs + out.refit_done:
+            names.append(f"{job.comp} {engine}" if len(jobs) > 1 else engine)
+    return names
+
+
 def _new_manifest(
     jobs: list[_Job], written: list[_Written], adapters: list[dict[str, Any]], main: str, seconds: float
 ) -> dict[str, Any]:
@@ -484,7 +494,9 @@ def _new_manifest(
     old_lora = manifest.get("lora") or {}
     new_manifest = json.loads(json.dumps(manifest))
     dropped: list[dict[str, str]] = []
-    lora: dict[str, Any] = {k: v for k, v in old_lora.items() if k in ("components",)}
+    lora: dict[str, Any] = {}
+    if old_lora.get("components"):  # experts this refit did not touch keep their state
+        lora["components"] = dict(old_lora["components"])
     for job, out in zip(jobs, written, strict=True):
         nc = new_manifest["components"][job.comp]
         nc["onnx"] = out.onnx_entry
@@ -500,8 +512,6 @@ def _new_manifest(
     built_with = old_lora.get("built_with", [])
     base_key = old_lora.get("base_key", manifest["key"])
     new_manifest["key"] = _new_key(base_key, built_with, adapters)
-    engines = [f"{p}{e}" for job, out in zip(jobs, written, strict=True)
-               for p in [f"{job.comp} " if len(jobs) > 1 else ""] for e in ["onnxruntime:any", *out.refit_done]]  # fmt: skip
     new_manifest["lora"] = {
         "adapters": adapters,
         "built_with": built_with,
@@ -510,7 +520,7 @@ def _new_manifest(
         "refit": {
             "updated_initializers": sum(len(j.plan.updates) for j in jobs),
             "recomputed_parameters": sum(len(j.plan.computed) for j in jobs),
-            "engines": engines,
+            "engines": _engine_names(jobs, written, with_graphs=True),
             "dropped": dropped,
             "wall_s": round(seconds, 3),
         },
@@ -546,9 +556,7 @@ def _assemble(
     written = [_write_job(job, timings) for job in jobs]
     new_manifest = _new_manifest(jobs, written, adapters, main, time.perf_counter() - t_start)
     write_manifest(jobs[0].tmp, new_manifest)
-    prefix = len(jobs) > 1
-    done = [f"{j.comp} {e}" if prefix else e for j, w in zip(jobs, written, strict=True) for e in w.refit_done]
-    return new_manifest, done
+    return new_manifest, _engine_names(jobs, written, with_graphs=False)
 
 
 def refit_artifact(

@@ -3,7 +3,6 @@ model, fp8 attention in the graph, and TensorRT-RTX engines for the arches each 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +71,7 @@ class Built:
         return engine_from_onnx(self.path, self.profile, arch, "tensorrt-rtx", self.root / f"{self.fmt}-{arch}.engine")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
