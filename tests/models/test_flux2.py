@@ -107,7 +107,7 @@ def test_cli_run_and_the_one_line_refusals(flux2_artifact: Path, tmp_path: Path)
     cases = {
         ("--negative-prompt", "blurry"): "--negative-prompt: Flux2Pipeline artifacts take no negative prompt",
         ("--image", str(png)): "--image: Flux2Pipeline artifacts take no reference image",
-        ("--height", "200"): "height",
+        ("--height", "200"): "--height 200 is outside the artifact's range 32..128",
     }
     for args, message in cases.items():
         proc = run(*args, "--out", "bad.png")
