@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.backends.base import BuildSettings, EngineJob, Target
 from dtcompile.core.digests import sha256_file
+from dtcompile.core.dtypes import from_ort
 from dtcompile.core.errors import ArtifactError, MissingDependencyError, UnsupportedError
 
 if TYPE_CHECKING:
@@ -17,14 +18,6 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger("dtcompile.onnxruntime")
-
-_TORCH_FROM_ORT = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(bfloat16)": "bfloat16",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-}
 
 
 class OrtRunner:
@@ -55,7 +48,7 @@ class OrtRunner:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             first = str(exc).splitlines()[0][:300]
             raise ArtifactError(f"{onnx_path}: onnxruntime cannot load the graph ({first})") from None
-        self.input_types = {i.name: _TORCH_FROM_ORT.get(i.type, i.type) for i in self.session.get_inputs()}
+        self.input_types = {i.name: from_ort(i.type) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.device = "cpu"
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.backends.base import BuildSettings, EngineJob, Target
+from dtcompile.core.dtypes import FROM_TRT
 from dtcompile.core.errors import ArtifactError, BuildError, MissingDependencyError, UnsupportedError
 from dtcompile.core.files import write_atomic
 from dtcompile.core.graph import ShapeProfile, TensorSpec
@@ -40,22 +41,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("dtcompile.tensorrt")
-
-# TensorRT DataType member name -> numpy-style dtype name (as in TensorSpec).
-_DTYPE_NAMES = {
-    "FLOAT": "float32",
-    "HALF": "float16",
-    "BF16": "bfloat16",
-    "INT8": "int8",
-    "INT32": "int32",
-    "INT64": "int64",
-    "BOOL": "bool",
-    "UINT8": "uint8",
-    "FP8": "float8_e4m3fn",
-    "INT4": "int4",
-    "FP4": "float4_e2m1fn",
-    "E8M0": "float8_e8m0fnu",
-}
 
 
 @dataclass(frozen=True)
@@ -569,7 +554,7 @@ def _io_json(t: TensorSpec) -> dict[str, Any]:
 
 
 def _tensor_spec(t: Any) -> TensorSpec:
-    return TensorSpec(t.name, _DTYPE_NAMES.get(t.dtype.name, t.dtype.name.lower()), tuple(int(d) for d in t.shape))
+    return TensorSpec(t.name, FROM_TRT.get(t.dtype.name, t.dtype.name.lower()), tuple(int(d) for d in t.shape))
 
 
 def _optimization_profile(builder: Any, inputs: tuple[TensorSpec, ...], profile: ShapeProfile, onnx_path: Path) -> Any:
@@ -608,7 +593,7 @@ def _load_timing_cache(config: Any, path: Path) -> None:
 
 
 def _torch_dtype(torch: Any, trt_dtype: Any) -> Any:
-    name = _DTYPE_NAMES.get(trt_dtype.name)
+    name = FROM_TRT.get(trt_dtype.name)
     dtype = getattr(torch, name, None) if name else None
     if dtype is None:
         raise ArtifactError(f"engine tensor type {trt_dtype.name} has no torch equivalent")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.digests import sha256_file
+from dtcompile.core.dtypes import dtype_name, from_onnx_name
 from dtcompile.core.errors import BuildError
 from dtcompile.core.graph import ExportSpec, TensorSpec
 from dtcompile.export.patches import Patch, _gelu_symbolic, _rms_norm_symbolic, resolve_patches
@@ -45,9 +46,6 @@ logger = log = logging.getLogger("dtcompile.export")
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 #: Initializers smaller than this stay inside the .onnx file when external data is used.
 _EXTERNAL_MIN_BYTES = 1024
-
-# ONNX TensorProto type names (lower-cased) -> the numpy-style names TensorSpec uses.
-_ONNX_DTYPE_NAMES = {"float": "float32", "double": "float64", "float8e4m3fn": "float8_e4m3fn"}
 
 
 @dataclass(frozen=True)
@@ -262,7 +260,7 @@ def _check_example_inputs(spec: ExportSpec) -> None:
         )
     for t in spec.inputs:
         x = spec.example_inputs[t.name]
-        dtype = str(x.dtype).removeprefix("torch.")
+        dtype = dtype_name(x.dtype)
         if dtype != t.dtype:
             raise BuildError(f"example input '{t.name}' is {dtype} but the ExportSpec says {t.dtype}")
         shape = tuple(x.shape)
@@ -295,11 +293,11 @@ def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
     import onnx
 
     tt = value.type.tensor_type
-    dtype = onnx.TensorProto.DataType.Name(tt.elem_type).lower()
+    dtype = from_onnx_name(onnx.TensorProto.DataType.Name(tt.elem_type))
     dims: list[int | str] = []
     for d in tt.shape.dim:
         dims.append(d.dim_param if d.HasField("dim_param") else d.dim_value if d.HasField("dim_value") else "?")
-    return TensorSpec(value.name, _ONNX_DTYPE_NAMES.get(dtype, dtype), tuple(dims))
+    return TensorSpec(value.name, dtype, tuple(dims))
 
 
 # --- graph cleanup and saving -------------------------------------------------------------------------------

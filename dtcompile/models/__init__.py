@@ -13,25 +13,16 @@ from dtcompile.core.registry import Registry
 if TYPE_CHECKING:
     from dtcompile.models.base import ModelAdapter
 
-ADAPTERS: Registry[type[ModelAdapter]] = Registry(
-    "model family",
-    {
-        "flux": "dtcompile.models.flux:FluxAdapter",
-        "sd3": "dtcompile.models.sd3:SD3Adapter",
-        "flux-kontext": "dtcompile.models.kontext:KontextAdapter",
-        "wan": "dtcompile.models.wan:WanAdapter",
-        "flux2": "dtcompile.models.flux2:Flux2Adapter",
-    },
-)
-
-# diffusers pipeline class name (model_index.json's "_class_name") -> model family.
-PIPELINE_FAMILIES: dict[str, str] = {
-    "FluxPipeline": "flux",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxKontextPipeline": "flux-kontext",
-    "WanPipeline": "wan",
-    "Flux2Pipeline": "flux2",
+# diffusers pipeline class (model_index.json's "_class_name") -> its model family and that family's adapter.
+_FAMILIES: dict[str, tuple[str, str]] = {
+    "FluxPipeline": ("flux", "dtcompile.models.flux:FluxAdapter"),
+    "StableDiffusion3Pipeline": ("sd3", "dtcompile.models.sd3:SD3Adapter"),
+    "FluxKontextPipeline": ("flux-kontext", "dtcompile.models.kontext:KontextAdapter"),
+    "WanPipeline": ("wan", "dtcompile.models.wan:WanAdapter"),
+    "Flux2Pipeline": ("flux2", "dtcompile.models.flux2:Flux2Adapter"),
 }
+ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family", dict(_FAMILIES.values()))
+PIPELINE_FAMILIES: dict[str, str] = {cls: family for cls, (family, _) in _FAMILIES.items()}
 
 
 def adapter_for_pipeline_class(name: str) -> str:

@@ -8,10 +8,12 @@ upstream export patches it needs. Stages, the runtime and the tools talk to the 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
+from dtcompile.core.errors import UnsupportedError
+from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -76,6 +78,31 @@ class CacheLayout(Protocol):
         """Concrete shapes of every stream and shared tensor for one set of monolithic input shapes."""
 
 
+@functools.cache
+def part_bases() -> tuple[type, type]:
+    """Base classes of the families' cache parts (built on first use: they need torch).
+
+    ``TransformerPart(transformer)`` keeps the submodules its class lists in ``uses`` (a prologue or epilogue);
+    ``BlockRun(blocks)`` holds a run of consecutive blocks as ``self.blocks``.
+    """
+    import torch
+
+    class TransformerPart(torch.nn.Module):
+        uses: tuple[str, ...] = ()
+
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__()
+            for name in self.uses:
+                setattr(self, name, getattr(transformer, name))
+
+    class BlockRun(torch.nn.Module):
+        def __init__(self, blocks: list[torch.nn.Module]) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(blocks)
+
+    return TransformerPart, BlockRun
+
+
 class SplitLayout:
     """Base of the families' ``CacheLayout``s: ``prologue``, ``blocks`` and ``epilogue`` wrap modules in the
     family's three part classes, which ``part_classes()`` returns (built on first use: they need torch)."""
@@ -92,6 +119,18 @@ class SplitLayout:
 
     def epilogue(self, module: torch.nn.Module) -> torch.nn.Module:
         return self.part_classes()[2](module)
+
+
+def check_size_multiple(height: int, width: int, multiple: int, why: str) -> None:
+    """UnsupportedError naming height or width unless both are positive multiples of ``multiple``; ``why`` says
+    where the multiple comes from, and the message offers the nearest sizes that work."""
+    for what, size in (("height", height), ("width", width)):
+        if size <= 0 or size % multiple:
+            lower = max(multiple, size // multiple * multiple)
+            raise UnsupportedError(
+                f"image {what} {size} is not a positive multiple of {multiple} ({why}); use e.g. {lower} or "
+                f"{lower + multiple}"
+            )
 
 
 def attention_dims(config: Any) -> tuple[int, int]:
@@ -206,3 +245,114 @@ class ModelAdapter(Protocol):
 
     def cache_layout(self) -> CacheLayout:
         """How the component splits into block engines (UnsupportedError when it cannot)."""
+
+
+@functools.cache
+def _positional_forward_class() -> type:
+    """The nn.Module class of ``AdapterBase.export_module`` (built on first use: needs torch)."""
+    import torch
+
+    class DenoiserForExport(torch.nn.Module):
+        """Takes the graph inputs positionally (``names`` order; trailing optional ones may be left out) and
+        returns the denoiser's output tensor."""
+
+        def __init__(self, transformer: torch.nn.Module, names: tuple[str, ...]) -> None:
+            super().__init__()
+            self.transformer = transformer
+            self.names = names
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            if len(inputs) > len(self.names):
+                raise TypeError(f"the graph takes at most {len(self.names)} inputs, got {len(inputs)}")
+            return self.transformer(**dict(zip(self.names, inputs, strict=False)), return_dict=False)[0]
+
+    return DenoiserForExport
+
+
+class AdapterBase:
+    """What the families' adapters share; each family sets the class attributes and implements ``shapes_at``.
+
+    ``graph_inputs`` are the denoiser's graph inputs in order; ``block_lists`` its block lists in execution
+    order as (module list, config key of its length);
+    ``cache_layout_class`` the ``CacheLayout`` of that split (None: not split); ``per_prompt_key`` the pipeline's
+    outputs-per-prompt argument.
+    """
+
+    pipeline_class: ClassVar[str]
+    component: ClassVar[str] = "transformer"
+    negative_prompt: ClassVar[bool] = False
+    reference_image: ClassVar[bool] = False
+    video: ClassVar[bool] = False
+    graph_inputs: ClassVar[tuple[str, ...]]
+    block_lists: ClassVar[tuple[tuple[str, str], ...]] = ()
+    cache_layout_class: ClassVar[type | None] = None
+    per_prompt_key: ClassVar[str] = "num_images_per_prompt"
+    no_cache_reason: ClassVar[str] = ""  # " (why)" where cache_layout_class is None
+
+    def denoisers(self, model_index: dict[str, Any]) -> tuple[str, ...]:
+        """The denoiser engine components: ``component`` alone, unless the family says otherwise."""
+        return (self.component,)
+
+    def shapes_at(
+        self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, pick: Callable[[Range], int]
+    ) -> dict[str, tuple[int, ...]]:
+        """Concrete shape of every graph input with ``pick`` choosing each range's min, opt or max."""
+        raise NotImplementedError
+
+    def shape_profile(self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes) -> ShapeProfile:
+        """Concrete min/opt/max shapes of every graph input for the recipe's shape ranges."""
+        return ShapeProfile.over_ranges(lambda pick: self.shapes_at(module, pipe_config, shapes, pick))
+
+    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A wrapper taking ``graph_inputs`` positionally and returning the single output tensor."""
+        return _positional_forward_class()(module, self.graph_inputs)
+
+    @staticmethod
+    def hidden_width(config: dict[str, Any]) -> int:
+        """The transformer's hidden width (heads x head dim) from its config; 0 when the config lacks them."""
+        return int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
+
+    def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        """The pipeline's keyword arguments; options left None keep the pipeline's defaults."""
+        kwargs: dict[str, Any] = {
+            "prompt": request.prompt,
+            "height": request.height,
+            "width": request.width,
+            "num_inference_steps": request.steps,
+            "generator": request.generator,
+            self.per_prompt_key: request.images_per_prompt,
+            "output_type": request.output_type,
+        }
+        optional = {
+            "guidance_scale": request.guidance,
+            "max_sequence_length": request.text_len,
+            "callback_on_step_end": request.callback,
+            "negative_prompt": request.negative_prompt if self.negative_prompt else None,
+            "num_frames": request.frames if self.video else None,
+        }
+        kwargs.update({k: v for k, v in optional.items() if v is not None})
+        return kwargs
+
+    def output_media(self, output: Any) -> list[Any]:
+        """The pipeline output's images, or videos (``frames``) for a video family."""
+        return list(output.frames if self.video else output.images)
+
+    def block_names(self, config: dict[str, Any]) -> list[str]:
+        """``<list>.<i>`` for every block of ``block_lists``, in execution order."""
+        self.cache_layout()  # refuses a family that is not split
+        missing = [key for _, key in self.block_lists if key not in config]
+        if missing:
+            raise UnsupportedError(
+                f"cache: the {self.pipeline_class} {self.component} config has no {', '.join(missing)}; it cannot be "
+                "split into block engines; remove the cache section"
+            )
+        return [f"{name}.{i}" for name, key in self.block_lists for i in range(int(config[key]))]
+
+    def cache_layout(self) -> CacheLayout:
+        """How the component splits into block engines (UnsupportedError for a family that is not split)."""
+        if self.cache_layout_class is None:
+            raise UnsupportedError(
+                f"cache: {self.pipeline_class} artifacts are not split into block engines yet{self.no_cache_reason}; "
+                "remove the cache section"
+            )
+        return self.cache_layout_class()

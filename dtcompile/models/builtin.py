@@ -28,29 +28,37 @@ class BuiltinModel:
     name: str
     family: str
     description: str
-    generate: Callable[[Path], Path]
+    build: Callable[[int, dict[str, Any]], Any]  # (seed, config) -> the diffusers pipeline, random weights
     config: dict[str, Any]
     version: int
-    code: tuple[Callable[..., Any], ...] = ()  # functions whose source is hashed too (stale-cache guard)
+    code: tuple[Callable[..., Any], ...] = ()  # further functions whose source is hashed (stale-cache guard)
+
+    def generate(self, out_dir: Path, seed: int = 0) -> Path:
+        """Write the pipeline built from ``seed`` to ``out_dir`` in diffusers' layout (``from_pretrained`` reads it)."""
+        out_dir = Path(out_dir)
+        self.build(seed, self.config).save_pretrained(out_dir, safe_serialization=True)
+        return out_dir
 
     def cache_key(self) -> str:
         """Short hash of everything that changes the generated files (config, generator, library versions)."""
         libs = {lib: dist_version(lib) for lib in ("torch", "diffusers", "transformers", "tokenizers")}
-        code = sha256_text("".join(inspect.getsource(fn) for fn in (seeded_modules, *self.code)))
+        fns = (seeded_components, self.build, *self.code)
+        code = sha256_text("".join(inspect.getsource(fn) for fn in fns))
         key = {"name": self.name, "version": self.version, "config": self.config, "libs": libs, "code": code}
         return sha256_json(key)[:12]
 
 
-def seeded_modules(seed: int, *makers: Callable[[], Any] | None) -> list[Any]:
-    """``makers[i]()`` in eval mode, its weights drawn from seed ``seed + i`` inside a forked RNG, so they depend
-    neither on construction order elsewhere nor on the caller's RNG state; a None maker gives None."""
+def seeded_components(seed: int, **makers: Callable[[], Any] | None) -> dict[str, Any]:
+    """Pipeline components by name: the i-th maker's module in eval mode, its weights drawn from seed ``seed + i``
+    inside a forked RNG, so they depend neither on construction order elsewhere nor on the caller's RNG state;
+    a None maker gives None (an absent optional component)."""
     import torch
 
-    out: list[Any] = []
+    out: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
-        for offset, make in enumerate(makers):
+        for offset, (name, make) in enumerate(makers.items()):
             torch.manual_seed(seed + offset)
-            out.append(make().eval() if make is not None else None)
+            out[name] = make().eval() if make is not None else None
     return out
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
 from dtcompile.models.base import ExampleSampler
@@ -54,10 +55,6 @@ class AuxGraph(Protocol):
 
     def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
         """Concrete min/opt/max shapes of every graph input."""
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,7 @@ class TextEncoderGraph:
 
         r = self._tokens(shapes)
         seq: int | str = r.opt if r.min == r.max else "text_len"
-        widths, dt = self._widths(module), _dtype_name(dtype)
+        widths, dt = self._widths(module), dtype_name(dtype)
         outputs = [
             TensorSpec(
                 o, dt, ("batch", widths[o]) if o in ("pooler_output", "text_embeds") else ("batch", seq, widths[o])
@@ -179,7 +176,7 @@ class VaeDecoderGraph:
         return (batch, int(module.config.latent_channels), self._latent(height, "height"), self._latent(width, "width"))
 
     def export_spec(self, module: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> ExportSpec:
-        dt = _dtype_name(dtype)
+        dt = dtype_name(dtype)
         c, out_c = int(module.config.latent_channels), int(module.config.out_channels)
         opt = {"latent": self._shape(module, shapes.batch.opt, shapes.height.opt, shapes.width.opt)}
         return ExportSpec(

@@ -1,8 +1,8 @@
 """FLUX.1 family: the transformer's graph I/O, shape profiles and exclusions, plus a tiny built-in model.
 
 Input: a diffusers ``FluxPipeline`` (its ``transformer`` component and ``vae_scale_factor``).
-Output: ``ExportSpec`` / ``ShapeProfile`` for the export and build stages, and ``generate_tiny_flux``, which
-writes a randomly initialised, seeded FLUX pipeline small enough for CPU tests.
+Output: ``ExportSpec`` / ``ShapeProfile`` for the export and build stages, and the ``BUILTINS`` (``build_tiny_flux``:
+a randomly initialised, seeded FLUX pipeline small enough for CPU tests).
 
 Importing this module loads no torch, diffusers or transformers.
 """
@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import RecipeError, UnsupportedError
-from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
-from dtcompile.models.base import ExampleSampler, GenerationRequest, SplitLayout, attention_dims
-from dtcompile.models.builtin import BuiltinModel, seeded_modules
+from dtcompile.core.graph import ExportSpec, Range, Shapes, TensorSpec
+from dtcompile.models.base import (
+    AdapterBase,
+    ExampleSampler,
+    SplitLayout,
+    attention_dims,
+    check_size_multiple,
+    part_bases,
+)
+from dtcompile.models.builtin import BuiltinModel, seeded_components
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
-from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
+from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers, text_config, tiny_t5
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +35,7 @@ if TYPE_CHECKING:
 # Tiny built-in pipeline
 # --------------------------------------------------------------------------------------------------
 
-# Bump when generate_tiny_flux changes what it writes: it is part of the built-in cache key.
+# Bump when build_tiny_flux changes what it writes: it is part of the built-in cache key.
 TINY_FLUX_VERSION = 1
 
 # Words that get whole-word tokens in both tokenizers; anything else falls back to characters (CLIP: bytes).
@@ -43,6 +50,16 @@ _TINY_WORDS: tuple[str, ...] = (
 
 # Configs of every component, as plain data (hashed into the cache key). Shapes mirror FLUX.1-dev, scaled
 # down: head_dim 16 and every width a multiple of 16 so fp8/int8/nvfp4 paths see realistic alignment.
+#: FLUX.1-dev's FlowMatchEulerDiscreteScheduler config.
+FLUX_DEV_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
 TINY_FLUX_CONFIG: dict[str, Any] = {
     "transformer": {
         "patch_size": 1,
@@ -82,28 +99,8 @@ TINY_FLUX_CONFIG: dict[str, Any] = {
         "projection_dim": 32,
         "hidden_act": "quick_gelu",
     },
-    "text_encoder_2": {  # T5Config (v1.1 style, like FLUX's T5-XXL)
-        "d_model": 32,
-        "d_kv": 8,
-        "d_ff": 64,
-        "num_layers": 2,
-        "num_heads": 4,
-        "relative_attention_num_buckets": 8,
-        "relative_attention_max_distance": 32,
-        "feed_forward_proj": "gated-gelu",
-        "dropout_rate": 0.0,
-        "is_encoder_decoder": False,
-        "use_cache": False,
-    },
-    "scheduler": {  # FLUX.1-dev's FlowMatchEulerDiscreteScheduler config
-        "num_train_timesteps": 1000,
-        "shift": 3.0,
-        "use_dynamic_shifting": True,
-        "base_shift": 0.5,
-        "max_shift": 1.15,
-        "base_image_seq_len": 256,
-        "max_image_seq_len": 4096,
-    },
+    "text_encoder_2": tiny_t5(32),  # T5Config (v1.1 style, like FLUX's T5-XXL)
+    "scheduler": FLUX_DEV_SCHEDULER,
     "tokenizer_words": list(_TINY_WORDS),
     "tokenizer_max_length": 77,
     "tokenizer_2_max_length": 512,
@@ -120,45 +117,19 @@ def build_tiny_flux(seed: int = 0, config: dict[str, Any] = TINY_FLUX_CONFIG) ->
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer, tokenizer_2 = build_tiny_tokenizers(config)
-    clip_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **config["text_encoder"],
-    )
-    t5_config = T5Config(
-        vocab_size=len(tokenizer_2),
-        pad_token_id=tokenizer_2.pad_token_id,
-        eos_token_id=tokenizer_2.eos_token_id,
-        decoder_start_token_id=tokenizer_2.pad_token_id,
-        **config["text_encoder_2"],
-    )
+    clip_config = text_config(CLIPTextConfig, tokenizer, **config["text_encoder"])
+    t5_config = text_config(T5Config, tokenizer_2, **config["text_encoder_2"])
     transformer_config = dict(config["transformer"], axes_dims_rope=tuple(config["transformer"]["axes_dims_rope"]))
 
-    transformer, vae, text_encoder, text_encoder_2 = seeded_modules(
+    modules = seeded_components(
         seed,
-        lambda: FluxTransformer2DModel(**transformer_config),
-        lambda: AutoencoderKL(**config["vae"]),
-        lambda: CLIPTextModel(clip_config),
-        lambda: T5EncoderModel(t5_config),
+        transformer=lambda: FluxTransformer2DModel(**transformer_config),
+        vae=lambda: AutoencoderKL(**config["vae"]),
+        text_encoder=lambda: CLIPTextModel(clip_config),
+        text_encoder_2=lambda: T5EncoderModel(t5_config),
     )
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-    )
-
-
-def generate_tiny_flux(out_dir: Path, seed: int = 0) -> Path:
-    """Write the tiny FLUX pipeline to ``out_dir`` in diffusers' layout; load it with ``from_pretrained``."""
-    out_dir = Path(out_dir)
-    build_tiny_flux(seed).save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
+    return FluxPipeline(scheduler=scheduler, tokenizer=tokenizer, tokenizer_2=tokenizer_2, **modules)
 
 
 # FLUX.1-dev's transformer at its real widths but with 1 double + 1 single block, around tiny text encoders
@@ -202,39 +173,26 @@ REALWIDTH_FLUX_CONFIG: dict[str, Any] = {
 }
 
 
-def generate_flux_realwidth(out_dir: Path, seed: int = 0) -> Path:
-    """Write the real-width FLUX pipeline (1+1 blocks, tiny text encoders and VAE) to ``out_dir``."""
-    out_dir = Path(out_dir)
-    build_tiny_flux(seed, REALWIDTH_FLUX_CONFIG).save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
-
-
-# Functions every built-in's files depend on (their source is part of the cache key).
-_GENERATOR_CODE = (*TOKENIZER_CODE, build_tiny_flux)
-
-
-def _builtin(
-    name: str, description: str, generate: Callable[[Path], Path], config: dict[str, Any], version: int
-) -> BuiltinModel:
-    return BuiltinModel(name, "flux", description, generate, config, version, (*_GENERATOR_CODE, generate))
-
-
 BUILTINS: dict[str, BuiltinModel] = {
     m.name: m
     for m in (
-        _builtin(
+        BuiltinModel(
             "tiny-flux",
+            "flux",
             "random-weight FLUX.1-dev lookalike (2+2 blocks, width 64, ~3 MB) for offline tests",
-            generate_tiny_flux,
+            build_tiny_flux,
             TINY_FLUX_CONFIG,
             TINY_FLUX_VERSION,
+            TOKENIZER_CODE,
         ),
-        _builtin(
+        BuiltinModel(
             "flux-realwidth-1",
+            "flux",
             "random-weight FLUX.1-dev transformer at real widths, 1+1 blocks, tiny encoders (~2.2 GB)",
-            generate_flux_realwidth,
+            build_tiny_flux,
             REALWIDTH_FLUX_CONFIG,
             REALWIDTH_FLUX_VERSION,
+            TOKENIZER_CODE,
         ),
     )
 }
@@ -257,14 +215,8 @@ def validate_image_size(height: int, width: int, vae_scale_factor: int) -> None:
     FLUX packs 2x2 latent patches into one token, so pixel sizes must be multiples of twice the VAE's
     downsampling factor (16 for FLUX.1); FluxPipeline would otherwise silently round the size down.
     """
-    multiple = 2 * vae_scale_factor
-    for what, size in (("height", height), ("width", width)):
-        if size <= 0 or size % multiple:
-            lower = max(multiple, size // multiple * multiple)
-            raise UnsupportedError(
-                f"image {what} {size} is not a positive multiple of {multiple} (FLUX packs 2x2 latent patches "
-                f"and the VAE downsamples by {vae_scale_factor}); use e.g. {lower} or {lower + multiple}"
-            )
+    why = f"FLUX packs 2x2 latent patches and the VAE downsamples by {vae_scale_factor}"
+    check_size_multiple(height, width, 2 * vae_scale_factor, why)
 
 
 def _vae_factor(config: Callable[[str], dict[str, Any] | None]) -> int:
@@ -292,10 +244,6 @@ def latent_image_ids(height: int, width: int, vae_scale_factor: int, device: Any
     return ids.reshape(rows * cols, 3).to(device)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 #: The transformer's graph inputs in order (``guidance`` only for guidance-distilled models).
 GRAPH_INPUTS = (
     "hidden_states",
@@ -316,37 +264,16 @@ def graph_kwargs(inputs: tuple[Any, ...]) -> dict[str, Any]:
 
 
 @functools.cache
-def _export_wrapper_class() -> type:
-    """The nn.Module class wrapping a FluxTransformer2DModel for export (built on first use: needs torch)."""
-    import torch
-
-    class FluxTransformerForExport(torch.nn.Module):
-        """Takes the graph inputs positionally and returns the transformer's noise prediction tensor."""
-
-        def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            return self.transformer(**graph_kwargs(inputs), return_dict=False)[0]
-
-    return FluxTransformerForExport
-
-
-@functools.cache
 def _cache_part_classes() -> tuple[type, type, type]:
     """The nn.Module classes of the three cache part kinds (built on first use: needs torch)."""
     import torch
 
-    class FluxPrologue(torch.nn.Module):
+    TransformerPart, BlockRun = part_bases()
+
+    class FluxPrologue(TransformerPart):
         """FluxTransformer2DModel.forward up to the first block: embedders and rotary embedding."""
 
-        def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            self.x_embedder = transformer.x_embedder
-            self.time_text_embed = transformer.time_text_embed
-            self.context_embedder = transformer.context_embedder
-            self.pos_embed = transformer.pos_embed
+        uses = ("x_embedder", "time_text_embed", "context_embedder", "pos_embed")
 
         def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
             x = graph_kwargs(inputs)
@@ -361,12 +288,8 @@ def _cache_part_classes() -> tuple[type, type, type]:
             rope_cos, rope_sin = self.pos_embed(torch.cat((x["txt_ids"], x["img_ids"]), dim=0))
             return hidden, context, temb, rope_cos, rope_sin
 
-    class FluxBlocks(torch.nn.Module):
+    class FluxBlocks(BlockRun):
         """A run of consecutive transformer blocks (double- and/or single-stream; both take and return both streams)."""
-
-        def __init__(self, blocks: list[torch.nn.Module]) -> None:
-            super().__init__()
-            self.blocks = torch.nn.ModuleList(blocks)
 
         def forward(
             self,
@@ -385,13 +308,10 @@ def _cache_part_classes() -> tuple[type, type, type]:
                 )
             return hidden, context
 
-    class FluxEpilogue(torch.nn.Module):
+    class FluxEpilogue(TransformerPart):
         """The output norm (modulated by temb) and projection."""
 
-        def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            self.norm_out = transformer.norm_out
-            self.proj_out = transformer.proj_out
+        uses = ("norm_out", "proj_out")
 
         def forward(self, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
             return self.proj_out(self.norm_out(hidden, temb))
@@ -440,7 +360,7 @@ class FluxCacheLayout(SplitLayout):
         }
 
 
-class FluxAdapter:
+class FluxAdapter(AdapterBase):
     """FLUX.1 (dev/schnell and fine-tunes): the ``transformer`` of a ``FluxPipeline`` becomes the engine.
 
     Graph inputs follow NVIDIA's TensorRT diffusion demo: hidden_states, encoder_hidden_states,
@@ -451,34 +371,16 @@ class FluxAdapter:
 
     family = "flux"
     pipeline_class = "FluxPipeline"
-    component = "transformer"
-    reference_image = False
-    video = False
     negative_prompt = False  # guidance-distilled: FluxPipeline's negative prompt needs true_cfg_scale, not used
-    # Modules ModelOpt's FLUX example keeps in high precision: embedders, the output norm and projection.
-    default_exclude = ("*x_embedder*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
-
-    @staticmethod
-    def block_names(config: dict[str, Any]) -> list[str]:
-        """Block names of a FLUX transformer config, in execution order (double-stream, then single-stream)."""
-        if "num_layers" not in config or "num_single_layers" not in config:
-            raise UnsupportedError(
-                "cache: only FLUX transformers (transformer_blocks + single_transformer_blocks; config keys "
-                "num_layers and num_single_layers) can be split into block engines; remove the cache section"
-            )
-        n_double, n_single = int(config["num_layers"]), int(config["num_single_layers"])
-        return [f"{DOUBLE}.{i}" for i in range(n_double)] + [f"{SINGLE}.{i}" for i in range(n_single)]
-
-    @staticmethod
-    def hidden_width(config: dict[str, Any]) -> int:
-        """The transformer's hidden width (heads x head dim) from its config; 0 when the config lacks them."""
-        return int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
-
+    graph_inputs = GRAPH_INPUTS
+    block_lists = ((DOUBLE, "num_layers"), (SINGLE, "num_single_layers"))
+    cache_layout_class = FluxCacheLayout
+    guidance_example = GUIDANCE_SCALE_EXAMPLE
+    id_layout: tuple[tuple[str, ...], int] = ((), 3)  # (leading dims, axes) of img_ids/txt_ids: (tokens, 3)
     # other components that can become engines (recipe ``components``), besides the transformer
     aux_components = ("text_encoder", "text_encoder_2", "vae_decoder")
-
-    def denoisers(self, model_index: dict[str, Any]) -> tuple[str, ...]:
-        return (self.component,)
+    # Modules ModelOpt's FLUX example keeps in high precision: embedders, the output norm and projection.
+    default_exclude = ("*x_embedder*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
 
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:
@@ -503,7 +405,7 @@ class FluxAdapter:
             "in": int(cfg["in_channels"]),
             "out": int(cfg.get("out_channels") or cfg["in_channels"]) * int(cfg.get("patch_size", 1)) ** 2,
             "joint": int(cfg["joint_attention_dim"]),
-            "pooled": int(cfg["pooled_projection_dim"]),
+            "pooled": int(cfg.get("pooled_projection_dim") or 0),  # 0: no pooled input (FLUX.2)
             "guidance": bool(cfg.get("guidance_embeds", False)),
         }
 
@@ -513,28 +415,52 @@ class FluxAdapter:
             raise UnsupportedError("FLUX pipe_config needs 'vae_scale_factor' (FluxPipeline.vae_scale_factor)")
         return int(pipe_config["vae_scale_factor"])
 
-    def _shapes_at(
-        self,
-        module: torch.nn.Module,
-        vae_scale_factor: int,
-        batch: int,
-        height: int,
-        width: int,
-        text_len: int,
-    ) -> dict[str, tuple[int, ...]]:
+    def _input_specs(self, module: torch.nn.Module, shapes: Shapes, dt: str) -> list[TensorSpec]:
+        """The graph inputs with symbolic ``batch``, ``img_tokens`` and ``text_len`` (when it varies)."""
         ch = self._channels(module)
-        tokens = img_tokens(height, width, vae_scale_factor)
-        shapes = {
-            "hidden_states": (batch, tokens, ch["in"]),
-            "encoder_hidden_states": (batch, text_len, ch["joint"]),
-            "pooled_projections": (batch, ch["pooled"]),
-            "timestep": (batch,),
-            "img_ids": (tokens, 3),
-            "txt_ids": (text_len, 3),
+        text: int | str = "text_len" if shapes.text_len.min != shapes.text_len.max else shapes.text_len.opt
+        lead, axes = self.id_layout
+        inputs = [
+            TensorSpec("hidden_states", dt, ("batch", "img_tokens", ch["in"])),
+            TensorSpec("encoder_hidden_states", dt, ("batch", text, ch["joint"])),
+            TensorSpec("pooled_projections", dt, ("batch", ch["pooled"])),
+            TensorSpec("timestep", dt, ("batch",)),
+            TensorSpec("img_ids", "float32", (*lead, "img_tokens", axes)),
+            TensorSpec("txt_ids", "float32", (*lead, text, axes)),
+            TensorSpec("guidance", "float32", ("batch",)),
+        ]
+        return [t for t in inputs if t.name in self.graph_inputs and (t.name != "guidance" or ch["guidance"])]
+
+    def _examples(self, sample: ExampleSampler, vae_scale_factor: int, height: int, width: int) -> dict[str, Any]:
+        """Example inputs at the opt shapes, in graph-input order (guidance is added by ``export_spec``)."""
+        import torch
+
+        return {
+            "hidden_states": sample.randn("hidden_states"),
+            "encoder_hidden_states": sample.randn("encoder_hidden_states"),
+            "pooled_projections": sample.randn("pooled_projections"),
+            # FluxPipeline passes sigma-like timesteps (t / 1000, in [0, 1]) in the latents' dtype.
+            "timestep": sample.rand("timestep"),
+            "img_ids": latent_image_ids(height, width, vae_scale_factor, device=sample.device),
+            # FluxPipeline's text ids are all zero
+            "txt_ids": torch.zeros(sample.opt["txt_ids"], device=sample.device),
         }
-        if ch["guidance"]:
-            shapes["guidance"] = (batch,)
-        return shapes
+
+    @staticmethod
+    def _img_tokens(height: int, width: int, vae_scale_factor: int) -> int:
+        """Length of the image-token axis for one generation size (validates the size)."""
+        return img_tokens(height, width, vae_scale_factor)
+
+    def shapes_at(
+        self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, pick: Callable[[Range], int]
+    ) -> dict[str, tuple[int, ...]]:
+        """The graph inputs' dims with the picked batch, image tokens (from height x width) and text length."""
+        tokens = self._img_tokens(pick(shapes.height), pick(shapes.width), self._vae_scale_factor(pipe_config))
+        env = {"batch": pick(shapes.batch), "img_tokens": tokens, "text_len": pick(shapes.text_len)}
+        return {
+            t.name: tuple(env[d] if isinstance(d, str) else d for d in t.dims)
+            for t in self._input_specs(module, shapes, "float32")
+        }
 
     def export_spec(
         self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, dtype: torch.dtype
@@ -542,59 +468,14 @@ class FluxAdapter:
         """I/O specs with symbolic batch/img_tokens (and text_len when it varies), example inputs at opt."""
         import torch
 
-        vsf = self._vae_scale_factor(pipe_config)
-        ch = self._channels(module)
-        text: int | str = "text_len" if shapes.text_len.min != shapes.text_len.max else shapes.text_len.opt
-        dt, f32 = _dtype_name(dtype), "float32"
-        inputs = [
-            TensorSpec("hidden_states", dt, ("batch", "img_tokens", ch["in"])),
-            TensorSpec("encoder_hidden_states", dt, ("batch", text, ch["joint"])),
-            TensorSpec("pooled_projections", dt, ("batch", ch["pooled"])),
-            TensorSpec("timestep", dt, ("batch",)),
-            TensorSpec("img_ids", f32, ("img_tokens", 3)),
-            TensorSpec("txt_ids", f32, (text, 3)),
-        ]
-        if ch["guidance"]:
-            inputs.append(TensorSpec("guidance", f32, ("batch",)))
-        outputs = [TensorSpec("latent", dt, ("batch", "img_tokens", ch["out"]))]
-
-        b, h, w, t = shapes.batch.opt, shapes.height.opt, shapes.width.opt, shapes.text_len.opt
-        opt = self._shapes_at(module, vsf, b, h, w, t)
+        dt = dtype_name(dtype)
+        outputs = [TensorSpec("latent", dt, ("batch", "img_tokens", self._channels(module)["out"]))]
+        opt = self.shapes_at(module, pipe_config, shapes, lambda r: r.opt)
         sample = ExampleSampler(opt, module, dtype)
-        device = sample.device
-        example: dict[str, Any] = {
-            "hidden_states": sample.randn("hidden_states"),
-            "encoder_hidden_states": sample.randn("encoder_hidden_states"),
-            "pooled_projections": sample.randn("pooled_projections"),
-            # FluxPipeline passes sigma-like timesteps (t / 1000, in [0, 1]) in the latents' dtype.
-            "timestep": sample.rand("timestep"),
-            "img_ids": latent_image_ids(h, w, vsf, device=device),
-            "txt_ids": torch.zeros(opt["txt_ids"], device=device),  # FluxPipeline's text ids are all zero
-        }
-        if ch["guidance"]:
-            example["guidance"] = torch.full(opt["guidance"], GUIDANCE_SCALE_EXAMPLE, device=device)
-        return ExportSpec(inputs=inputs, outputs=outputs, example_inputs=example)
-
-    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Wrap the transformer: positional graph inputs in, the ``latent`` tensor out."""
-        return _export_wrapper_class()(module)
-
-    def shape_profile(self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes) -> ShapeProfile:
-        """Concrete min/opt/max shapes of every input (image tokens follow from height x width)."""
-        vsf = self._vae_scale_factor(pipe_config)
-
-        # img_tokens() validates each of height/width's min, opt and max.
-        def at(pick: Callable[[Range], int]) -> dict[str, tuple[int, ...]]:
-            return self._shapes_at(
-                module,
-                vsf,
-                pick(shapes.batch),
-                pick(shapes.height),
-                pick(shapes.width),
-                pick(shapes.text_len),
-            )
-
-        return ShapeProfile.over_ranges(at)
+        example = self._examples(sample, self._vae_scale_factor(pipe_config), shapes.height.opt, shapes.width.opt)
+        if "guidance" in opt:
+            example["guidance"] = torch.full(opt["guidance"], self.guidance_example, device=sample.device)
+        return ExportSpec(inputs=self._input_specs(module, shapes, dt), outputs=outputs, example_inputs=example)
 
     def export_patches(self) -> tuple[str, ...]:
         """Upstream patches the ONNX export needs, by name (``dtcompile.export.patches.PATCHES``): diffusers'
@@ -624,31 +505,3 @@ class FluxAdapter:
     @staticmethod
     def check_image_size(height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:
         validate_image_size(height, width, _vae_factor(config))
-
-    def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
-        """FluxPipeline's keyword arguments (``max_sequence_length`` is the T5 text length)."""
-        kwargs: dict[str, Any] = {
-            "prompt": request.prompt,
-            "height": request.height,
-            "width": request.width,
-            "num_inference_steps": request.steps,
-            "generator": request.generator,
-            "num_images_per_prompt": request.images_per_prompt,
-            "output_type": request.output_type,
-        }
-        if request.guidance is not None:
-            kwargs["guidance_scale"] = request.guidance
-        if request.text_len is not None:
-            kwargs["max_sequence_length"] = request.text_len
-        if request.callback is not None:
-            kwargs["callback_on_step_end"] = request.callback
-        return kwargs
-
-    @staticmethod
-    def output_media(output: Any) -> list[Any]:
-        """FluxPipeline returns images (``FluxPipelineOutput.images``)."""
-        return list(output.images)
-
-    @staticmethod
-    def cache_layout() -> FluxCacheLayout:
-        return FluxCacheLayout()

@@ -14,16 +14,13 @@ Importing this module loads no torch, diffusers or transformers.
 
 from __future__ import annotations
 
-import functools
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import UnsupportedError
-from dtcompile.core.graph import ExportSpec, Shapes, TensorSpec
 from dtcompile.models.base import ExampleSampler
-from dtcompile.models.builtin import BuiltinModel, seeded_modules
+from dtcompile.models.builtin import BuiltinModel, seeded_components
 from dtcompile.models.components import AuxGraph
-from dtcompile.models.flux import _TINY_WORDS, FluxAdapter, img_tokens, validate_image_size
+from dtcompile.models.flux import _TINY_WORDS, FLUX_DEV_SCHEDULER, FluxAdapter
 from dtcompile.models.tiny_text import MISTRAL_TOKENIZER_CODE, build_tiny_mistral_tokenizer
 
 if TYPE_CHECKING:
@@ -81,16 +78,7 @@ TINY_FLUX2_CONFIG: dict[str, Any] = {
         "spatial_merge_size": 1,
         "vision_feature_layer": -1,
     },
-    "scheduler": {  # FLUX.2-dev's FlowMatchEulerDiscreteScheduler config
-        "num_train_timesteps": 1000,
-        "shift": 3.0,
-        "use_dynamic_shifting": True,
-        "base_shift": 0.5,
-        "max_shift": 1.15,
-        "base_image_seq_len": 256,
-        "max_image_seq_len": 4096,
-        "time_shift_type": "exponential",
-    },
+    "scheduler": {**FLUX_DEV_SCHEDULER, "time_shift_type": "exponential"},  # FLUX.2-dev's
     "tokenizer_words": list(_TINY_WORDS),
     "tokenizer_max_length": 512,
 }
@@ -121,26 +109,14 @@ def build_tiny_flux2(seed: int = 0, config: dict[str, Any] = TINY_FLUX2_CONFIG) 
     transformer_config = dict(config["transformer"], axes_dims_rope=tuple(config["transformer"]["axes_dims_rope"]))
     vae_config = {k: tuple(v) if isinstance(v, list) else v for k, v in config["vae"].items()}
 
-    transformer, vae, text_encoder = seeded_modules(
+    modules = seeded_components(
         seed,
-        lambda: Flux2Transformer2DModel(**transformer_config),
-        lambda: AutoencoderKLFlux2(**vae_config),
-        lambda: Mistral3ForConditionalGeneration(mistral_config),
+        transformer=lambda: Flux2Transformer2DModel(**transformer_config),
+        vae=lambda: AutoencoderKLFlux2(**vae_config),
+        text_encoder=lambda: Mistral3ForConditionalGeneration(mistral_config),
     )
-    return Flux2Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        transformer=transformer,
-    )
-
-
-def generate_tiny_flux2(out_dir: Path, seed: int = 0) -> Path:
-    """Write the tiny FLUX.2 pipeline to ``out_dir`` in diffusers' layout; load it with ``from_pretrained``."""
-    out_dir = Path(out_dir)
-    build_tiny_flux2(seed).save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
+    return Flux2Pipeline(scheduler=scheduler, tokenizer=tokenizer, **modules)
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -148,10 +124,10 @@ BUILTINS: dict[str, BuiltinModel] = {
         "tiny-flux2",
         "flux2",
         "random-weight FLUX.2-dev lookalike (2+2 blocks, width 64, 30-layer tiny Mistral-3, ~4 MB) for offline tests",
-        generate_tiny_flux2,
+        build_tiny_flux2,
         TINY_FLUX2_CONFIG,
         TINY_FLUX2_VERSION,
-        (*MISTRAL_TOKENIZER_CODE, build_tiny_flux2, generate_tiny_flux2),
+        MISTRAL_TOKENIZER_CODE,
     )
 }
 
@@ -162,11 +138,6 @@ BUILTINS: dict[str, BuiltinModel] = {
 
 #: The transformer's graph inputs in order (``guidance`` only for guidance-distilled models).
 GRAPH_INPUTS = ("hidden_states", "encoder_hidden_states", "timestep", "img_ids", "txt_ids", "guidance")
-#: Why a cache section is refused for FLUX.2.
-_NO_CACHE = (
-    "cache: Flux2Pipeline artifacts are not split into block engines yet (FLUX.2's blocks share modulation "
-    "tensors FLUX.1's split does not carry); remove the cache section"
-)
 #: Flux2Pipeline's default guidance_scale, used for example inputs.
 GUIDANCE_SCALE_EXAMPLE = 4.0
 
@@ -188,25 +159,6 @@ def text_ids(text_len: int, batch: int, device: Any = None) -> torch.Tensor:
     return ids.unsqueeze(0).expand(batch, -1, -1).contiguous().to(device)
 
 
-@functools.cache
-def _export_wrapper_class() -> type:
-    """The nn.Module class wrapping a Flux2Transformer2DModel for export (built on first use: needs torch)."""
-    import torch
-
-    class Flux2TransformerForExport(torch.nn.Module):
-        """Takes the graph inputs positionally and returns the transformer's noise prediction tensor."""
-
-        def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            kwargs = dict(zip(GRAPH_INPUTS, inputs, strict=False))
-            return self.transformer(**kwargs, return_dict=False)[0]
-
-    return Flux2TransformerForExport
-
-
 class Flux2Adapter(FluxAdapter):
     """FLUX.2: FLUX.1's image-token layout and size rules; its own graph I/O (one text embedding, 4-axis batched
     ids, no pooled projection) and exclusions. Text-to-image: reference images (FLUX.2's multi-reference
@@ -214,6 +166,13 @@ class Flux2Adapter(FluxAdapter):
 
     family = "flux2"
     pipeline_class = "Flux2Pipeline"
+    graph_inputs = GRAPH_INPUTS
+    guidance_example = GUIDANCE_SCALE_EXAMPLE
+    # Flux2Pipeline passes int64 ids; the transformer casts them to float32 first, so the graph takes float32
+    # (exact for positions below 2**24) and the runtime casts the pipeline's ids on the way in.
+    id_layout = (("batch",), 4)
+    cache_layout_class = None
+    no_cache_reason = " (FLUX.2's blocks share modulation tensors FLUX.1's split does not carry)"
     # ModelOpt's FLUX practice applied to FLUX.2's names: embedders, the shared modulation MLPs, output layers.
     default_exclude = (
         "*x_embedder*",
@@ -227,95 +186,21 @@ class Flux2Adapter(FluxAdapter):
     # text_encoder: Mistral-3's hidden states of three layers, not a graph output yet.
     aux_components: tuple[str, ...] = ()
 
-    @staticmethod
-    def pipe_config(pipe: Any) -> dict[str, Any]:
-        return {"vae_scale_factor": int(pipe.vae_scale_factor), "tokenizer_max_length": int(pipe.tokenizer_max_length)}
-
     def aux_graph(self, name: str, pipe_config: dict[str, Any]) -> AuxGraph:
         raise UnsupportedError(
             f"components: {name} of a Flux2Pipeline cannot become an engine yet (the transformer only)"
         )
 
-    @staticmethod
-    def _channels(module: torch.nn.Module) -> dict[str, Any]:
-        cfg = module.config
+    def _examples(self, sample: ExampleSampler, vae_scale_factor: int, height: int, width: int) -> dict[str, Any]:
+        batch, text_len = sample.opt["txt_ids"][:2]
+        rows, cols = height // (2 * vae_scale_factor), width // (2 * vae_scale_factor)
         return {
-            "in": int(cfg["in_channels"]),
-            "out": int(cfg.get("out_channels") or cfg["in_channels"]) * int(cfg.get("patch_size", 1)) ** 2,
-            "joint": int(cfg["joint_attention_dim"]),
-            "guidance": bool(cfg.get("guidance_embeds", False)),
-        }
-
-    def _shapes_at(
-        self, module: torch.nn.Module, vae_scale_factor: int, batch: int, height: int, width: int, text_len: int
-    ) -> dict[str, tuple[int, ...]]:
-        ch = self._channels(module)
-        tokens = img_tokens(height, width, vae_scale_factor)
-        shapes = {
-            "hidden_states": (batch, tokens, ch["in"]),
-            "encoder_hidden_states": (batch, text_len, ch["joint"]),
-            "timestep": (batch,),
-            "img_ids": (batch, tokens, 4),
-            "txt_ids": (batch, text_len, 4),
-        }
-        if ch["guidance"]:
-            shapes["guidance"] = (batch,)
-        return shapes
-
-    def export_spec(
-        self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, dtype: torch.dtype
-    ) -> ExportSpec:
-        """I/O specs with symbolic batch/img_tokens (and text_len when it varies), example inputs at opt."""
-        import torch
-
-        vsf = self._vae_scale_factor(pipe_config)
-        ch = self._channels(module)
-        text: int | str = "text_len" if shapes.text_len.min != shapes.text_len.max else shapes.text_len.opt
-        dt, f32 = str(dtype).removeprefix("torch."), "float32"
-        inputs = [
-            TensorSpec("hidden_states", dt, ("batch", "img_tokens", ch["in"])),
-            TensorSpec("encoder_hidden_states", dt, ("batch", text, ch["joint"])),
-            TensorSpec("timestep", dt, ("batch",)),
-            # Flux2Pipeline passes int64 ids; the transformer casts them to float32 first, so the graph takes
-            # float32 (exact for positions below 2**24) and the runtime casts the pipeline's ids on the way in.
-            TensorSpec("img_ids", f32, ("batch", "img_tokens", 4)),
-            TensorSpec("txt_ids", f32, ("batch", text, 4)),
-        ]
-        if ch["guidance"]:
-            inputs.append(TensorSpec("guidance", f32, ("batch",)))
-        outputs = [TensorSpec("latent", dt, ("batch", "img_tokens", ch["out"]))]
-
-        b, h, w, t = shapes.batch.opt, shapes.height.opt, shapes.width.opt, shapes.text_len.opt
-        opt = self._shapes_at(module, vsf, b, h, w, t)
-        sample = ExampleSampler(opt, module, dtype)
-        validate_image_size(h, w, vsf)
-        rows, cols = h // (2 * vsf), w // (2 * vsf)
-        example: dict[str, Any] = {
             "hidden_states": sample.randn("hidden_states"),
             "encoder_hidden_states": sample.randn("encoder_hidden_states"),
             "timestep": sample.rand("timestep"),  # t / 1000 in [0, 1], in the latents' dtype
-            "img_ids": position_ids(rows, cols, b, device=sample.device),
-            "txt_ids": text_ids(t, b, device=sample.device),
+            "img_ids": position_ids(rows, cols, batch, device=sample.device),
+            "txt_ids": text_ids(text_len, batch, device=sample.device),
         }
-        if ch["guidance"]:
-            example["guidance"] = torch.full(opt["guidance"], GUIDANCE_SCALE_EXAMPLE, device=sample.device)
-        return ExportSpec(inputs=inputs, outputs=outputs, example_inputs=example)
-
-    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        return _export_wrapper_class()(module)
-
-    @staticmethod
-    def output_media(output: Any) -> list[Any]:
-        """Flux2Pipeline returns images (``Flux2PipelineOutput.images``)."""
-        return list(output.images)
-
-    @staticmethod
-    def block_names(config: dict[str, Any]) -> list[str]:
-        raise UnsupportedError(_NO_CACHE)
-
-    @staticmethod
-    def cache_layout() -> Any:
-        raise UnsupportedError(_NO_CACHE)
 
 
-__all__ = ["BUILTINS", "GRAPH_INPUTS", "Flux2Adapter", "build_tiny_flux2", "generate_tiny_flux2"]
+__all__ = ["BUILTINS", "GRAPH_INPUTS", "Flux2Adapter", "build_tiny_flux2"]

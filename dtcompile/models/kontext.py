@@ -14,7 +14,6 @@ VAE stays in torch (no ``vae_decoder`` component for this family).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import UnsupportedError
@@ -22,13 +21,13 @@ from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes
 from dtcompile.models.base import GenerationRequest
 from dtcompile.models.builtin import BuiltinModel
 from dtcompile.models.flux import (
-    _GENERATOR_CODE,
     TINY_FLUX_CONFIG,
     FluxAdapter,
     build_tiny_flux,
     img_tokens,
     latent_image_ids,
 )
+from dtcompile.models.tiny_text import TOKENIZER_CODE
 
 if TYPE_CHECKING:
     import torch
@@ -36,13 +35,11 @@ if TYPE_CHECKING:
 TINY_KONTEXT_VERSION = 1
 
 
-def generate_tiny_kontext(out_dir: Path, seed: int = 0) -> Path:
-    """tiny-flux's components as a ``FluxKontextPipeline`` (same seeds, same weights), in diffusers' layout."""
+def build_tiny_kontext(seed: int = 0, config: dict[str, Any] = TINY_FLUX_CONFIG) -> Any:
+    """tiny-flux's components as a ``FluxKontextPipeline`` (same seeds, same weights)."""
     from diffusers import FluxKontextPipeline
 
-    out_dir = Path(out_dir)
-    FluxKontextPipeline(**build_tiny_flux(seed).components).save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    return FluxKontextPipeline(**build_tiny_flux(seed, config).components)
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -50,10 +47,10 @@ BUILTINS: dict[str, BuiltinModel] = {
         "tiny-flux-kontext",
         "flux-kontext",
         "tiny-flux's weights as a FluxKontextPipeline (reference-image editing) for offline tests",
-        generate_tiny_kontext,
+        build_tiny_kontext,
         TINY_FLUX_CONFIG,
         TINY_KONTEXT_VERSION,
-        (*_GENERATOR_CODE, generate_tiny_kontext),
+        (*TOKENIZER_CODE, build_tiny_flux),
     )
 }
 
@@ -82,16 +79,12 @@ class KontextAdapter(FluxAdapter):
     family = "flux-kontext"
     pipeline_class = "FluxKontextPipeline"
     reference_image = True
+    cache_layout_class = None
     aux_components = ("text_encoder", "text_encoder_2")  # the reference is VAE-encoded: the VAE stays torch
 
-    def _shapes_at(
-        self, module: torch.nn.Module, vae_scale_factor: int, batch: int, height: int, width: int, text_len: int
-    ) -> dict[str, tuple[int, ...]]:
-        shapes = super()._shapes_at(module, vae_scale_factor, batch, height, width, text_len)
-        tokens = 2 * img_tokens(height, width, vae_scale_factor)  # latents + the reference at the same size
-        shapes["hidden_states"] = (batch, tokens, shapes["hidden_states"][2])
-        shapes["img_ids"] = (tokens, 3)
-        return shapes
+    @staticmethod
+    def _img_tokens(height: int, width: int, vae_scale_factor: int) -> int:
+        return 2 * img_tokens(height, width, vae_scale_factor)  # latents + the reference at the same size
 
     def export_spec(
         self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, dtype: torch.dtype
@@ -134,10 +127,5 @@ class KontextAdapter(FluxAdapter):
     def check_image_size(height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:
         FluxAdapter.check_image_size(height, width, config)
 
-    def block_names(self, config: dict[str, Any]) -> list[str]:
-        raise UnsupportedError(
-            "cache: FluxKontextPipeline artifacts are not split into block engines yet; remove the cache section"
-        )
 
-
-__all__ = ["BUILTINS", "KontextAdapter", "generate_tiny_kontext", "synthetic_reference"]
+__all__ = ["BUILTINS", "KontextAdapter", "build_tiny_kontext", "synthetic_reference"]

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import RecipeError, UnsupportedError
-from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
-from dtcompile.models.base import ExampleSampler, GenerationRequest, SplitLayout
-from dtcompile.models.builtin import BuiltinModel, seeded_modules
+from dtcompile.core.graph import ExportSpec, Range, Shapes, TensorSpec
+from dtcompile.models.base import AdapterBase, ExampleSampler, SplitLayout, check_size_multiple, part_bases
+from dtcompile.models.builtin import BuiltinModel, seeded_components
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
-from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
+from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers, text_config, tiny_t5
 
 if TYPE_CHECKING:
     import torch
@@ -80,19 +80,7 @@ TINY_SD3_CONFIG: dict[str, Any] = {
         "projection_dim": 32,
         "hidden_act": "quick_gelu",
     },
-    "text_encoder_3": {  # T5 v1.1
-        "d_model": 64,
-        "d_kv": 16,
-        "d_ff": 128,
-        "num_layers": 2,
-        "num_heads": 4,
-        "relative_attention_num_buckets": 8,
-        "relative_attention_max_distance": 32,
-        "feed_forward_proj": "gated-gelu",
-        "dropout_rate": 0.0,
-        "is_encoder_decoder": False,
-        "use_cache": False,
-    },
+    "text_encoder_3": tiny_t5(64),  # T5 v1.1
     "scheduler": {"num_train_timesteps": 1000, "shift": 3.0},
     "tokenizer_words": list(_TINY_WORDS),
     "tokenizer_max_length": CLIP_TOKENS,
@@ -114,49 +102,22 @@ def build_tiny_sd3(seed: int = 0, config: dict[str, Any] = TINY_SD3_CONFIG) -> A
     clip_tok, t5_tok = build_tiny_tokenizers(config)
     clip_tok_2, _ = build_tiny_tokenizers(config)
 
-    def clip_config(key: str) -> Any:
-        return CLIPTextConfig(
-            vocab_size=len(clip_tok),
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-            **config[key],
-        )
-
-    t5_config = T5Config(
-        vocab_size=len(t5_tok),
-        pad_token_id=t5_tok.pad_token_id,
-        eos_token_id=t5_tok.eos_token_id,
-        decoder_start_token_id=t5_tok.pad_token_id,
-        **config["text_encoder_3"],
-    )
-
-    transformer, vae, text_encoder, text_encoder_2, text_encoder_3 = seeded_modules(
+    t5_config = text_config(T5Config, t5_tok, **config["text_encoder_3"])
+    modules = seeded_components(
         seed,
-        lambda: SD3Transformer2DModel(**config["transformer"]),
-        lambda: AutoencoderKL(**config["vae"]),
-        lambda: CLIPTextModelWithProjection(clip_config("text_encoder")),
-        lambda: CLIPTextModelWithProjection(clip_config("text_encoder_2")),
-        lambda: T5EncoderModel(t5_config),
+        transformer=lambda: SD3Transformer2DModel(**config["transformer"]),
+        vae=lambda: AutoencoderKL(**config["vae"]),
+        text_encoder=lambda: CLIPTextModelWithProjection(
+            text_config(CLIPTextConfig, clip_tok, **config["text_encoder"])
+        ),
+        text_encoder_2=lambda: CLIPTextModelWithProjection(
+            text_config(CLIPTextConfig, clip_tok, **config["text_encoder_2"])
+        ),
+        text_encoder_3=lambda: T5EncoderModel(t5_config),
     )
-    return StableDiffusion3Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tok,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=clip_tok_2,
-        text_encoder_3=text_encoder_3,
-        tokenizer_3=t5_tok,
-        transformer=transformer,
-    )
-
-
-def generate_tiny_sd3(out_dir: Path, seed: int = 0) -> Path:
-    """Write the tiny SD3 pipeline to ``out_dir`` in diffusers' layout; load it with ``from_pretrained``."""
-    out_dir = Path(out_dir)
-    build_tiny_sd3(seed).save_pretrained(out_dir, safe_serialization=True)
-    return out_dir
+    tokenizers = {"tokenizer": clip_tok, "tokenizer_2": clip_tok_2, "tokenizer_3": t5_tok}
+    scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
+    return StableDiffusion3Pipeline(scheduler=scheduler, **tokenizers, **modules)
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -164,10 +125,10 @@ BUILTINS: dict[str, BuiltinModel] = {
         "tiny-sd3",
         "sd3",
         "random-weight SD3.5 lookalike (2 joint blocks, width 64, three text encoders) for offline tests",
-        generate_tiny_sd3,
+        build_tiny_sd3,
         TINY_SD3_CONFIG,
         TINY_SD3_VERSION,
-        (*TOKENIZER_CODE, build_tiny_sd3, generate_tiny_sd3),
+        TOKENIZER_CODE,
     )
 }
 
@@ -176,36 +137,20 @@ GRAPH_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", 
 
 
 @functools.cache
-def _export_wrapper_class() -> type:
-    import torch
-
-    class SD3TransformerForExport(torch.nn.Module):
-        """Takes the graph inputs positionally and returns the transformer's output tensor."""
-
-        def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            return self.transformer(**dict(zip(GRAPH_INPUTS, inputs, strict=True)), return_dict=False)[0]
-
-    return SD3TransformerForExport
-
-
-@functools.cache
 def _cache_part_classes() -> tuple[type, type, type]:
     """The nn.Module classes of SD3's three cache part kinds (built on first use: needs torch)."""
     import torch
 
-    class SD3Prologue(torch.nn.Module):
+    TransformerPart, BlockRun = part_bases()
+
+    class SD3Prologue(TransformerPart):
         """SD3Transformer2DModel.forward up to the first block: patch + position embedding, time/text embedding,
         context embedder; ``grid`` (latent rows x columns / patch, zeros) carries the size to the epilogue."""
 
+        uses = ("pos_embed", "time_text_embed", "context_embedder")
+
         def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            self.pos_embed = transformer.pos_embed
-            self.time_text_embed = transformer.time_text_embed
-            self.context_embedder = transformer.context_embedder
+            super().__init__(transformer)
             self.patch = int(transformer.config["patch_size"])
 
         def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -217,13 +162,9 @@ def _cache_part_classes() -> tuple[type, type, type]:
             grid = latent.new_zeros(latent.shape[-2] // self.patch, latent.shape[-1] // self.patch)
             return hidden, context, temb, grid
 
-    class SD3Blocks(torch.nn.Module):
+    class SD3Blocks(BlockRun):
         """A run of consecutive MMDiT blocks. The last block of the model updates only ``hidden`` (its context
         output is None): ``context`` passes through unchanged, and nothing after it reads it."""
-
-        def __init__(self, blocks: list[torch.nn.Module]) -> None:
-            super().__init__()
-            self.blocks = torch.nn.ModuleList(blocks)
 
         def forward(self, hidden: torch.Tensor, context: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
             for block in self.blocks:
@@ -231,13 +172,13 @@ def _cache_part_classes() -> tuple[type, type, type]:
                 context = context if new_context is None else new_context
             return hidden, context
 
-    class SD3Epilogue(torch.nn.Module):
+    class SD3Epilogue(TransformerPart):
         """norm_out (modulated by temb), proj_out and the unpatchify back to latents of ``grid``'s size."""
 
+        uses = ("norm_out", "proj_out")
+
         def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            self.norm_out = transformer.norm_out
-            self.proj_out = transformer.proj_out
+            super().__init__(transformer)
             self.patch = int(transformer.config["patch_size"])
             self.out_channels = int(transformer.out_channels)
 
@@ -304,23 +245,20 @@ def _patch(config: Callable[[str], dict[str, Any] | None]) -> int:
     return int((config("transformer") or {}).get("patch_size", 2))
 
 
-class SD3Adapter:
+class SD3Adapter(AdapterBase):
     """SD3 / SD3.5 (medium, large, large-turbo): the ``transformer`` of a ``StableDiffusion3Pipeline``."""
 
     family = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
-    component = "transformer"
     negative_prompt = True  # classifier-free guidance: a negative prompt is used
-    reference_image = False
-    video = False
+    graph_inputs = GRAPH_INPUTS
+    block_lists = (("transformer_blocks", "num_layers"),)  # SD3.5's dual-attention blocks are among them
+    cache_layout_class = SD3CacheLayout
     # High precision for the embedders and the output layers (as for FLUX).
     default_exclude = ("*pos_embed*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
 
     # other components that can become engines (recipe ``components``), besides the transformer
     aux_components = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
-
-    def denoisers(self, model_index: dict[str, Any]) -> tuple[str, ...]:
-        return (self.component,)
 
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:
@@ -338,10 +276,6 @@ class SD3Adapter:
         raise UnsupportedError(f"components: StableDiffusion3Pipeline has no component {name!r}")
 
     @staticmethod
-    def hidden_width(config: dict[str, Any]) -> int:
-        return int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
-
-    @staticmethod
     def _shapes_at(module: torch.nn.Module, vsf: int, batch: int, height: int, width: int, text_len: int) -> dict:
         cfg = module.config
         latent = (batch, int(cfg["in_channels"]), height // vsf, width // vsf)
@@ -357,10 +291,8 @@ class SD3Adapter:
     ) -> ExportSpec:
         """Symbolic batch (CFG doubles it), everything else at the artifact's one size; examples at opt."""
 
-        vsf = int(pipe_config["vae_scale_factor"])
-        dt = str(dtype).removeprefix("torch.")
-        opt = self._shapes_at(module, vsf, 2 * shapes.batch.opt, shapes.height.opt, shapes.width.opt,
-                              shapes.text_len.opt)  # fmt: skip
+        dt = dtype_name(dtype)
+        opt = self.shapes_at(module, pipe_config, shapes, lambda r: r.opt)
         cfg = module.config
         inputs = [
             TensorSpec("hidden_states", dt, ("batch", *opt["hidden_states"][1:])),
@@ -376,45 +308,14 @@ class SD3Adapter:
         example["timestep"] = sample.rand("timestep", 1000)
         return ExportSpec(inputs=inputs, outputs=outputs, example_inputs=example)
 
-    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        return _export_wrapper_class()(module)
-
-    def shape_profile(self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes) -> ShapeProfile:
-        """Batch from the recipe's min (no CFG) to twice its max (CFG); one image size and text length."""
+    def shapes_at(
+        self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, pick: Callable[[Range], int]
+    ) -> dict[str, tuple[int, ...]]:
+        """Batch from the recipe's min (no CFG) to twice its opt and max (CFG); one image size and text length."""
+        b = shapes.batch
+        batch = pick(Range(b.min, 2 * b.opt, 2 * b.max))
         vsf = int(pipe_config["vae_scale_factor"])
-
-        def at(batch: int) -> dict[str, tuple[int, ...]]:
-            return self._shapes_at(module, vsf, batch, shapes.height.opt, shapes.width.opt, shapes.text_len.opt)
-
-        return ShapeProfile(min=at(shapes.batch.min), opt=at(2 * shapes.batch.opt), max=at(2 * shapes.batch.max))
-
-    @staticmethod
-    def export_patches() -> tuple[str, ...]:
-        return ()
-
-    def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
-        """StableDiffusion3Pipeline's keyword arguments (``max_sequence_length`` is the T5 text length)."""
-        kwargs: dict[str, Any] = {
-            "prompt": request.prompt,
-            "height": request.height,
-            "width": request.width,
-            "num_inference_steps": request.steps,
-            "generator": request.generator,
-            "num_images_per_prompt": request.images_per_prompt,
-            "output_type": request.output_type,
-        }
-        optional = {
-            "guidance_scale": request.guidance,
-            "max_sequence_length": request.text_len,
-            "callback_on_step_end": request.callback,
-            "negative_prompt": request.negative_prompt,
-        }
-        kwargs.update({k: v for k, v in optional.items() if v is not None})
-        return kwargs
-
-    @staticmethod
-    def output_media(output: Any) -> list[Any]:
-        return list(output.images)
+        return self._shapes_at(module, vsf, batch, shapes.height.opt, shapes.width.opt, shapes.text_len.opt)
 
     def check_shapes(self, shapes: Any, config: Callable[[str], dict[str, Any] | None]) -> None:
         """One image size per artifact, a multiple of the VAE factor x the patch size; T5 length <= 512."""
@@ -439,22 +340,4 @@ class SD3Adapter:
 
     @staticmethod
     def check_image_size(height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:
-        multiple = _vae_factor(config) * _patch(config)
-        for what, size in (("height", height), ("width", width)):
-            if size <= 0 or size % multiple:
-                lower = max(multiple, size // multiple * multiple)
-                raise UnsupportedError(
-                    f"image {what} {size} is not a positive multiple of {multiple} (the VAE factor x SD3's patch "
-                    f"size); use e.g. {lower} or {lower + multiple}"
-                )
-
-    @staticmethod
-    def block_names(config: dict[str, Any]) -> list[str]:
-        """The MMDiT blocks in execution order (``transformer_blocks.0`` ...; SD3.5's dual-attention ones too)."""
-        if "num_layers" not in config:
-            raise UnsupportedError("cache: the SD3 transformer config has no num_layers; remove the cache section")
-        return [f"transformer_blocks.{i}" for i in range(int(config["num_layers"]))]
-
-    @staticmethod
-    def cache_layout() -> SD3CacheLayout:
-        return SD3CacheLayout()
+        check_size_multiple(height, width, _vae_factor(config) * _patch(config), "the VAE factor x SD3's patch size")

@@ -135,6 +135,44 @@ def build_tiny_mistral_tokenizer(words: tuple[str, ...] | list[str], max_length:
     return tokenizer
 
 
+def tiny_t5(d_model: int, **overrides: Any) -> dict[str, Any]:
+    """A tiny T5 v1.1-style encoder config (gated GELU, 2 layers, 4 heads; ``d_kv`` and ``d_ff`` follow from
+    ``d_model``), as FLUX's T5-XXL, SD3's T5 and Wan's UMT5 are shaped; ``overrides`` replace any key."""
+    return {
+        "d_model": d_model,
+        "d_kv": d_model // 4,
+        "d_ff": 2 * d_model,
+        "num_layers": 2,
+        "num_heads": 4,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 32,
+        "feed_forward_proj": "gated-gelu",
+        "dropout_rate": 0.0,
+        "is_encoder_decoder": False,
+        "use_cache": False,
+        **overrides,
+    }
+
+
+def text_config(config_cls: type, tokenizer: Any, **kwargs: Any) -> Any:
+    """A transformers text-encoder config (``CLIPTextConfig``, ``T5Config``, ``UMT5Config``) sized and
+    token-numbered for ``tokenizer``: its vocabulary size and eos/pad ids, plus its bos id (CLIP) or, for a
+    T5-style tokenizer without one, the pad id as ``decoder_start_token_id``; ``kwargs`` are the model's widths."""
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if tokenizer.bos_token_id is not None:
+        ids["bos_token_id"] = tokenizer.bos_token_id
+    else:
+        ids["decoder_start_token_id"] = tokenizer.pad_token_id
+    return config_cls(vocab_size=len(tokenizer), **ids, **kwargs)
+
+
 #: Functions whose source goes into a built-in's cache key (their output is part of the files).
-TOKENIZER_CODE = (_bytes_to_unicode, _merge_pair, _clip_vocab_and_merges, _t5_vocab, build_tiny_tokenizers)
+TOKENIZER_CODE = (
+    _bytes_to_unicode,
+    _merge_pair,
+    _clip_vocab_and_merges,
+    _t5_vocab,
+    build_tiny_tokenizers,
+    text_config,
+)
 MISTRAL_TOKENIZER_CODE = (_t5_vocab, build_tiny_mistral_tokenizer)

@@ -19,14 +19,22 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import RecipeError, UnsupportedError
-from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
-from dtcompile.models.base import ExampleSampler, GenerationRequest, SplitLayout, attention_dims
-from dtcompile.models.builtin import BuiltinModel, seeded_modules
-from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers
+from dtcompile.core.graph import ExportSpec, Range, Shapes, TensorSpec
+from dtcompile.models.base import (
+    AdapterBase,
+    ExampleSampler,
+    GenerationRequest,
+    SplitLayout,
+    attention_dims,
+    check_size_multiple,
+    part_bases,
+)
+from dtcompile.models.builtin import BuiltinModel, seeded_components
+from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers, text_config, tiny_t5
 
 if TYPE_CHECKING:
     import torch
@@ -66,17 +74,7 @@ TINY_WAN_CONFIG: dict[str, Any] = {
         "num_res_blocks": 1,
         "temperal_downsample": [False, True, True],
     },
-    "text_encoder": {  # UMT5EncoderModel
-        "d_model": 32,
-        "d_kv": 8,
-        "d_ff": 64,
-        "num_layers": 2,
-        "num_heads": 4,
-        "relative_attention_num_buckets": 8,
-        "relative_attention_max_distance": 16,
-        "feed_forward_proj": "gated-gelu",
-        "dropout_rate": 0.0,
-    },
+    "text_encoder": tiny_t5(32, relative_attention_max_distance=16),  # UMT5EncoderModel
     "scheduler": {"shift": 3.0},
     "tokenizer_words": list(_TINY_WORDS),
     "tokenizer_max_length": 77,
@@ -126,58 +124,23 @@ def build_tiny_wan(seed: int = 0, config: dict[str, Any] = TINY_WAN_CONFIG) -> A
     from transformers import UMT5Config, UMT5EncoderModel
 
     _, tokenizer = build_tiny_tokenizers(config)  # a T5-style Unigram tokenizer (UMT5's kind)
-    text_config = UMT5Config(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-        **config["text_encoder"],
-    )
+    umt5_config = text_config(UMT5Config, tokenizer, **config["text_encoder"])
     tcfg = dict(config["transformer"], patch_size=tuple(config["transformer"]["patch_size"]))
     two = config.get("boundary_ratio") is not None
 
-    transformer, vae, text_encoder, transformer_2 = seeded_modules(
+    modules = seeded_components(
         seed,
-        lambda: WanTransformer3DModel(**tcfg),
-        lambda: AutoencoderKLWan(**config["vae"]),
-        lambda: UMT5EncoderModel(text_config),
-        (lambda: WanTransformer3DModel(**tcfg)) if two else None,
+        transformer=lambda: WanTransformer3DModel(**tcfg),
+        vae=lambda: AutoencoderKLWan(**config["vae"]),
+        text_encoder=lambda: UMT5EncoderModel(umt5_config),
+        transformer_2=(lambda: WanTransformer3DModel(**tcfg)) if two else None,
     )
-    return WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(**config["scheduler"]),
-        transformer=transformer,
-        transformer_2=transformer_2,
-        boundary_ratio=config.get("boundary_ratio"),
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
+    return WanPipeline(tokenizer=tokenizer, scheduler=scheduler, boundary_ratio=config.get("boundary_ratio"), **modules)
 
 
-def generate_tiny_wan21(out_dir: Path, seed: int = 0) -> Path:
-    """Write tiny-wan21 (one expert) in diffusers' layout."""
-    build_tiny_wan(seed).save_pretrained(Path(out_dir), safe_serialization=True)
-    return Path(out_dir)
-
-
-def generate_tiny_wan22(out_dir: Path, seed: int = 0) -> Path:
-    """Write tiny-wan22 (two experts, ``boundary_ratio`` 0.875) in diffusers' layout."""
-    build_tiny_wan(seed, TINY_WAN22_CONFIG).save_pretrained(Path(out_dir), safe_serialization=True)
-    return Path(out_dir)
-
-
-def _generate_realwidth(blocks: int) -> Callable[[Path], Path]:
-    def generate_wan21_realwidth(out_dir: Path, seed: int = 0) -> Path:
-        """Write the real-width Wan2.1 stand-in with ``blocks`` blocks in diffusers' layout."""
-        build_tiny_wan(seed, realwidth_wan_config(blocks)).save_pretrained(Path(out_dir), safe_serialization=True)
-        return Path(out_dir)
-
-    return generate_wan21_realwidth
-
-
-def _builtin(name: str, description: str, generate: Callable[[Path], Path], config: dict[str, Any]) -> BuiltinModel:
-    code = (*TOKENIZER_CODE, build_tiny_wan, generate)
-    return BuiltinModel(name, "wan", description, generate, config, TINY_WAN_VERSION, code)
+def _builtin(name: str, description: str, config: dict[str, Any]) -> BuiltinModel:
+    return BuiltinModel(name, "wan", description, build_tiny_wan, config, TINY_WAN_VERSION, TOKENIZER_CODE)
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -186,20 +149,17 @@ BUILTINS: dict[str, BuiltinModel] = {
         _builtin(
             "tiny-wan21",
             "random-weight Wan2.1 T2V lookalike (2 blocks, width 32) for offline tests",
-            generate_tiny_wan21,
             TINY_WAN_CONFIG,
         ),
         _builtin(
             "tiny-wan22",
             "random-weight Wan2.2 T2V A14B lookalike: two experts switched at boundary 0.875",
-            generate_tiny_wan22,
             TINY_WAN22_CONFIG,
         ),
         *(
             _builtin(
                 f"wan21-realwidth-{n}",
                 f"random-weight Wan2.1-1.3B transformer at real widths, {n} of its 30 blocks, tiny encoders",
-                _generate_realwidth(n),
                 realwidth_wan_config(n),
             )
             for n in (1, 2)
@@ -230,12 +190,7 @@ def validate_frames(frames: int, temporal: int) -> None:
 
 def validate_video_size(height: int, width: int, multiple: int) -> None:
     """UnsupportedError unless height and width divide by the VAE factor x the patch size (16 for Wan)."""
-    for name, value in (("height", height), ("width", width)):
-        if value % multiple:
-            raise UnsupportedError(
-                f"image {name} {value} is not a multiple of {multiple} (Wan's VAE factor x patch size); "
-                f"use {value // multiple * multiple or multiple} or {(value // multiple + 1) * multiple}"
-            )
+    check_size_multiple(height, width, multiple, "Wan's VAE factor x patch size")
 
 
 def _factors(config: Callable[[str], dict[str, Any] | None]) -> tuple[int, int, int]:
@@ -248,39 +203,20 @@ def _factors(config: Callable[[str], dict[str, Any] | None]) -> tuple[int, int, 
     return temporal, spatial, spatial * patch
 
 
-def _export_wrapper_class() -> type:
-    import torch
-
-    class WanTransformerForExport(torch.nn.Module):
-        """hidden_states, timestep, encoder_hidden_states -> the velocity."""
-
-        def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder: torch.Tensor) -> torch.Tensor:
-            return self.transformer(
-                hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder, return_dict=False
-            )[0]
-
-    return WanTransformerForExport
-
-
 @functools.cache
 def _cache_part_classes() -> tuple[type, type, type]:
     """The nn.Module classes of Wan's three cache part kinds (built on first use: needs torch)."""
-    import torch
+    TransformerPart, BlockRun = part_bases()
 
-    class WanPrologue(torch.nn.Module):
+    class WanPrologue(TransformerPart):
         """WanTransformer3DModel.forward up to the first block: RoPE (float32), patch embedding, the condition
         embedder (``temb``, the per-block modulation ``tproj``, projected text ``context``); ``grid`` (zeros,
         latent frames x rows x columns after patching) carries the size to the epilogue."""
 
+        uses = ("rope", "patch_embedding", "condition_embedder")
+
         def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            self.rope = transformer.rope
-            self.patch_embedding = transformer.patch_embedding
-            self.condition_embedder = transformer.condition_embedder
+            super().__init__(transformer)
             self.patch = tuple(int(p) for p in transformer.config["patch_size"])
 
         def forward(
@@ -294,12 +230,8 @@ def _cache_part_classes() -> tuple[type, type, type]:
             grid = hidden_states.new_zeros(f // pt, h // ph, w // pw)
             return hidden, context, tproj.unflatten(1, (6, -1)), rope_cos.float(), rope_sin.float(), temb, grid
 
-    class WanBlocks(torch.nn.Module):
+    class WanBlocks(BlockRun):
         """A run of consecutive Wan blocks: each updates ``hidden``, reading the text, modulation and RoPE."""
-
-        def __init__(self, blocks: list[torch.nn.Module]) -> None:
-            super().__init__()
-            self.blocks = torch.nn.ModuleList(blocks)
 
         def forward(
             self,
@@ -313,15 +245,14 @@ def _cache_part_classes() -> tuple[type, type, type]:
                 hidden = block(hidden, context, tproj, (rope_cos, rope_sin))
             return hidden
 
-    class WanEpilogue(torch.nn.Module):
+    class WanEpilogue(TransformerPart):
         """The output norm (shift/scale from ``temb`` and the learnt table), proj_out and the unpatchify back to
         latents of ``grid``'s size."""
 
+        uses = ("norm_out", "proj_out", "scale_shift_table")
+
         def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            self.norm_out = transformer.norm_out
-            self.proj_out = transformer.proj_out
-            self.scale_shift_table = transformer.scale_shift_table
+            super().__init__(transformer)
             self.patch = tuple(int(p) for p in transformer.config["patch_size"])
 
         def forward(self, hidden: torch.Tensor, temb: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -383,15 +314,17 @@ class WanCacheLayout(SplitLayout):
         }
 
 
-class WanAdapter:
+class WanAdapter(AdapterBase):
     """Wan2.1 / Wan2.2 T2V: ``transformer`` (and ``transformer_2``) of a ``WanPipeline`` become engines."""
 
     family = "wan"
     pipeline_class = "WanPipeline"
-    component = "transformer"
     negative_prompt = True  # classifier-free guidance with a negative prompt
-    reference_image = False
     video = True
+    graph_inputs = ("hidden_states", "timestep", "encoder_hidden_states")
+    block_lists = (("blocks", "num_layers"),)
+    cache_layout_class = WanCacheLayout
+    per_prompt_key = "num_videos_per_prompt"
     aux_components: tuple[str, ...] = ()  # the causal VAE and the masked UMT5 call stay in torch
     # NVIDIA's Wan examples keep the embedders, the output head and the norms in high precision.
     default_exclude = (
@@ -408,10 +341,6 @@ class WanAdapter:
     def pipe_config(pipe: Any) -> dict[str, Any]:
         return {"temporal": int(pipe.vae_scale_factor_temporal), "spatial": int(pipe.vae_scale_factor_spatial)}
 
-    @staticmethod
-    def hidden_width(config: dict[str, Any]) -> int:
-        return int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
-
     def aux_graph(self, name: str, pipe_config: dict[str, Any]) -> AuxGraph:
         raise UnsupportedError(f"components: WanPipeline has no engine component {name!r}")
 
@@ -426,11 +355,14 @@ class WanAdapter:
             w // s,
         )
 
-    def _shapes_at(self, module, pipe_config, batch, frames, height, width, text_len) -> dict[str, tuple[int, ...]]:  # noqa: ANN001
+    def shapes_at(
+        self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, pick: Callable[[Range], int]
+    ) -> dict[str, tuple[int, ...]]:
+        batch, frames, h, w = (pick(r) for r in (shapes.batch, self._frames(shapes), shapes.height, shapes.width))
         return {
-            "hidden_states": self._latent(module, pipe_config, batch, frames, height, width),
+            "hidden_states": self._latent(module, pipe_config, batch, frames, h, w),
             "timestep": (batch,),
-            "encoder_hidden_states": (batch, text_len, int(module.config["text_dim"])),
+            "encoder_hidden_states": (batch, pick(shapes.text_len), int(module.config["text_dim"])),
         }
 
     @staticmethod
@@ -443,7 +375,7 @@ class WanAdapter:
         self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, dtype: torch.dtype
     ) -> ExportSpec:
 
-        dt = str(dtype).removeprefix("torch.")
+        dt = dtype_name(dtype)
         c, out = int(module.config["in_channels"]), int(module.config["out_channels"] or module.config["in_channels"])
         text: int | str = "text_len" if shapes.text_len.min != shapes.text_len.max else shapes.text_len.opt
         inputs = [
@@ -452,8 +384,7 @@ class WanAdapter:
             TensorSpec("encoder_hidden_states", dt, ("batch", text, int(module.config["text_dim"]))),
         ]
         outputs = [TensorSpec("latent", dt, ("batch", out, "latent_frames", "latent_height", "latent_width"))]
-        opt = self._shapes_at(module, pipe_config, shapes.batch.opt, self._frames(shapes).opt, shapes.height.opt,
-                              shapes.width.opt, shapes.text_len.opt)  # fmt: skip
+        opt = self.shapes_at(module, pipe_config, shapes, lambda r: r.opt)
         sample = ExampleSampler(opt, module, dtype)
         example = {
             "hidden_states": sample.randn("hidden_states"),
@@ -461,18 +392,6 @@ class WanAdapter:
             "encoder_hidden_states": sample.randn("encoder_hidden_states"),
         }
         return ExportSpec(inputs=inputs, outputs=outputs, example_inputs=example)
-
-    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        return _export_wrapper_class()(module)
-
-    def shape_profile(self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes) -> ShapeProfile:
-        frames = self._frames(shapes)
-
-        def at(pick: Callable[[Range], int]) -> dict[str, tuple[int, ...]]:
-            return self._shapes_at(module, pipe_config, pick(shapes.batch), pick(frames), pick(shapes.height),
-                                   pick(shapes.width), pick(shapes.text_len))  # fmt: skip
-
-        return ShapeProfile.over_ranges(at)
 
     def export_patches(self) -> tuple[str, ...]:
         """``wan_rope``: WanAttnProcessor's RoPE without shape-fixed in-place writes (dtcompile.export.patches)."""
@@ -508,35 +427,9 @@ class WanAdapter:
         validate_frames(frames, _factors(config)[0])
 
     def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
-        """WanPipeline's arguments; ``num_frames`` from the request (its default, 81, otherwise)."""
-        kwargs: dict[str, Any] = {
-            "prompt": request.prompt,
-            "height": request.height,
-            "width": request.width,
-            "num_inference_steps": request.steps,
-            "generator": request.generator,
-            "num_videos_per_prompt": request.images_per_prompt,
-            "output_type": "np" if request.output_type == "pil" else request.output_type,
-        }
-        for key, value in (("num_frames", request.frames), ("guidance_scale", request.guidance),
-                           ("negative_prompt", request.negative_prompt), ("max_sequence_length", request.text_len),
-                           ("callback_on_step_end", request.callback)):  # fmt: skip
-            if value is not None:
-                kwargs[key] = value
+        """WanPipeline's arguments (``num_frames`` from the request, its default 81 otherwise); frames come back as
+        numpy arrays where PIL images are asked for (``runtime.media`` writes them)."""
+        kwargs = super().call_kwargs(request)
+        if kwargs["output_type"] == "pil":
+            kwargs["output_type"] = "np"
         return kwargs
-
-    @staticmethod
-    def output_media(output: Any) -> list[Any]:
-        """WanPipeline returns videos (``frames``: batch x frames x H x W x 3 in [0, 1], or tensors for "pt")."""
-        return list(output.frames)
-
-    @staticmethod
-    def block_names(config: dict[str, Any]) -> list[str]:
-        """``blocks.<i>`` for each of the transformer's ``num_layers`` blocks, in execution order."""
-        if "num_layers" not in config:
-            raise UnsupportedError("cache: the Wan transformer config has no num_layers; it cannot be split")
-        return [f"blocks.{i}" for i in range(int(config["num_layers"]))]
-
-    @staticmethod
-    def cache_layout() -> WanCacheLayout:
-        return WanCacheLayout()

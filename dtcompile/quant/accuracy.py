@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import VerificationError
 from dtcompile.core.metrics import PSNR_IDENTICAL, psnr
 from dtcompile.models.base import GenerationRequest
@@ -465,7 +466,7 @@ def parity_report(
             tolerance (raised by ``check_parity``, naming the step, the error and the tolerance).
     """
     module = getattr(pipe, adapter.component)
-    dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+    dtype = dtype_name(next(module.parameters()).dtype)
     limit = parity_tolerance(quant_format, tolerance)
     with tempfile.TemporaryDirectory(prefix=".dtc-parity-") as scratch:
         path, notes = runnable_graph(Path(onnx_path), dtype, Path(scratch))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.digests import sha256_json, sha256_text
+from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import ArtifactError, BuildError, DtcError, RecipeError
 from dtcompile.core.files import cache_root
 from dtcompile.core.versions import dist_version
@@ -258,7 +259,7 @@ def calibrate(
     _check_lora_fused(module)
     fmt.check_module(spec, module, exclude)
     prompts = load_prompts(spec.calib, base_dir)
-    dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+    dtype = dtype_name(next(module.parameters()).dtype)
     key = calibration_key(
         spec,
         exclude,

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.digests import sha256_json
+from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import ArtifactError, BuildError, DtcError, UnsupportedError
 from dtcompile.core.numerics import dequantize, quantize_weight
 from dtcompile.weights.onnx_weights import OnnxWeights, tensor_bytes, torch_dtype
@@ -124,7 +125,7 @@ def plan_refit(
             for copy, copy_layout in targets(e)[1:]:
                 updates[copy] = relayout(stored, layout, copy_layout)
             continue
-        if q and str(stored.dtype).removeprefix("torch.") == q["qdtype"]:
+        if q and dtype_name(stored.dtype) == q["qdtype"]:
             w = dequantize(stored, store[q["scale"]], q["axis"])
         else:
             w = stored.float() if q else stored
@@ -179,7 +180,7 @@ def rewrite_onnx(src: Path, dst: Path, updates: dict[str, Any]) -> dict[str, str
     for name, value in updates.items():
         if name not in graph.inits:
             raise ArtifactError(f"{src}: no initializer '{name}' (the weight map does not match the graph)")
-        if tuple(value.shape) != graph.dims(name) or graph.dtype(name) != str(value.dtype).removeprefix("torch."):
+        if tuple(value.shape) != graph.dims(name) or graph.dtype(name) != dtype_name(value.dtype):
             raise BuildError(
                 f"refit: new value of '{name}' is {value.dtype} {list(value.shape)}, the graph holds "
                 f"{graph.dtype(name)} {list(graph.dims(name))}"

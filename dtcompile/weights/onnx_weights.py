@@ -2,7 +2,7 @@
 
 ``OnnxWeights`` indexes the initializers straight from the protobuf wire format (memory-mapped): a refit of a
 multi-GB graph reads only the tensors it touches, inline or from external data. ``tensor_bytes`` gives a
-tensor's bytes as ONNX ``raw_data`` stores them; ``ONNX_TORCH`` maps ONNX element types to torch dtypes.
+tensor's bytes as ONNX ``raw_data`` stores them.
 """
 
 from __future__ import annotations
@@ -11,25 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtcompile.core.dtypes import ONNX_WEIGHT_TYPES
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 
 if TYPE_CHECKING:
     import onnx
     import torch
-
-#: ONNX element type -> torch dtype name (the types a weight or a Q/DQ scale can have).
-ONNX_TORCH = {
-    1: "float32",
-    2: "uint8",
-    3: "int8",
-    6: "int32",
-    7: "int64",
-    10: "float16",
-    11: "float64",
-    16: "bfloat16",
-    17: "float8_e4m3fn",
-    19: "float8_e5m2",
-}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -163,7 +150,7 @@ class OnnxWeights:
         return next(t for t in self.model.graph.initializer if t.name == name)
 
     def dtype(self, name: str) -> str | None:
-        return ONNX_TORCH.get(self.inits[name].data_type)
+        return ONNX_WEIGHT_TYPES.get(self.inits[name].data_type)
 
     def dims(self, name: str) -> tuple[int, ...]:
         return self.inits[name].dims

@@ -23,9 +23,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtcompile.core.dtypes import ONNX_WEIGHT_TYPES, dtype_name
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 from dtcompile.core.numerics import QMAX
-from dtcompile.weights.onnx_weights import ONNX_TORCH, OnnxWeights, tensor_bytes, torch_dtype
+from dtcompile.weights.onnx_weights import OnnxWeights, tensor_bytes, torch_dtype
 
 if TYPE_CHECKING:
     import onnx
@@ -154,7 +155,7 @@ def _content_matches(graph: OnnxWeights, params: dict[str, torch.Tensor]) -> Mat
     wanted: dict[tuple[str, tuple[int, ...]], list[tuple[str, str]]] = defaultdict(list)
     prints: dict[tuple[str, str], bytes] = {}
     for pname, p in params.items():
-        dtype = str(p.dtype).removeprefix("torch.")
+        dtype = dtype_name(p.dtype)
         wanted[(dtype, tuple(p.shape))].append((pname, "same"))
         if p.ndim == 2:
             wanted[(dtype, tuple(p.shape[::-1]))].append((pname, "transposed"))
@@ -185,7 +186,7 @@ def _float_entry(
 ) -> dict[str, Any]:
     """The weight map entry of one parameter from its content matches ``found`` (``claims``: initializer ->
     the parameters whose content it matches)."""
-    entry: dict[str, Any] = {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
+    entry: dict[str, Any] = {"shape": list(p.shape), "dtype": dtype_name(p.dtype)}
     own = [(i, lay) for i, lay in found if len(claims[i]) == 1]
     if not own and found:
         own = _break_tie(pname, found, consumers)
@@ -282,7 +283,7 @@ def _map_quantized(
             continue
         entries[pname] = {
             "shape": list(shape),
-            "dtype": str(p.dtype).removeprefix("torch."),
+            "dtype": dtype_name(p.dtype),
             "initializer": init,
             "layout": layout,
             "onnx_dtype": qdtype,
@@ -304,8 +305,8 @@ def _attach_qdq(
             continue
         q = qs[0]
         zp = q.input[2] if len(q.input) > 2 and q.input[2] else None
-        qdtype = ONNX_TORCH.get(graph.inits[zp].data_type) if zp and zp in graph.inits else None
-        qdtype = qdtype or ONNX_TORCH.get(_attr(q, "output_dtype", 0)) or "uint8"  # ONNX's default is uint8
+        qdtype = ONNX_WEIGHT_TYPES.get(graph.inits[zp].data_type) if zp and zp in graph.inits else None
+        qdtype = qdtype or ONNX_WEIGHT_TYPES.get(_attr(q, "output_dtype", 0)) or "uint8"  # ONNX's default is uint8
         dq_scales = {n.input[1] for n, i in consumers.get(q.output[0], []) if n.op_type in _DQ_OPS and i == 0}
         reason = None
         if qdtype not in QMAX:

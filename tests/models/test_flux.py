@@ -16,7 +16,7 @@ from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import Range, Shapes
 from dtcompile.models import ADAPTERS, adapter_for_pipeline_class
 from dtcompile.models.builtin import builtin_model_path
-from dtcompile.models.flux import BUILTINS, FluxAdapter, generate_tiny_flux, img_tokens, validate_image_size
+from dtcompile.models.flux import BUILTINS, FluxAdapter, img_tokens, validate_image_size
 
 PROMPTS = ["a photo of a cat", "a painting of a dog", "A red car at night, cinematic lighting!", "zebra 42"]
 
@@ -42,7 +42,7 @@ def _fake_transformer(guidance_embeds: bool = True) -> Any:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("diffusers")
-    return generate_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "seed0", seed=0)
+    return BUILTINS["tiny-flux"].generate(tmp_path_factory.mktemp("tiny-flux") / "seed0", seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,8 @@ def test_shape_profile_without_guidance_and_bad_size() -> None:
 
 
 def test_generation_is_deterministic_and_small(tiny_dir: Path, tmp_path: Path) -> None:
-    again = _files(generate_tiny_flux(tmp_path / "again", seed=0))
-    other = _files(generate_tiny_flux(tmp_path / "other", seed=1))
+    again = _files(BUILTINS["tiny-flux"].generate(tmp_path / "again", seed=0))
+    other = _files(BUILTINS["tiny-flux"].generate(tmp_path / "other", seed=1))
     first = _files(tiny_dir)
     assert again == first  # byte-identical, configs and tokenizers included
     weights = [name for name in first if name.endswith(".safetensors")]
@@ -161,9 +161,9 @@ def test_generation_ignores_global_rng_state(tmp_path: Path) -> None:
     import torch
 
     torch.manual_seed(123)
-    a = _files(generate_tiny_flux(tmp_path / "a"))
+    a = _files(BUILTINS["tiny-flux"].generate(tmp_path / "a"))
     state = torch.random.get_rng_state()
-    b = _files(generate_tiny_flux(tmp_path / "b"))
+    b = _files(BUILTINS["tiny-flux"].generate(tmp_path / "b"))
     assert a == b
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
 
