@@ -12,7 +12,7 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from dtcompile.core.errors import UnsupportedError
+from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
 
 if TYPE_CHECKING:
@@ -105,11 +105,30 @@ def part_bases() -> tuple[type, type]:
 
 class SplitLayout:
     """Base of the families' ``CacheLayout``s: ``prologue``, ``blocks`` and ``epilogue`` wrap modules in the
-    family's three part classes, which ``part_classes()`` returns (built on first use: they need torch)."""
+    family's three part classes, which ``part_classes()`` returns (built on first use: they need torch); the
+    intermediate tensors' specs and shapes both come from the family's ``tensor_dims``."""
+
+    float32_tensors: tuple[str, ...] = ("rope_cos", "rope_sin")  # kept in float32 whatever the build dtype
 
     @staticmethod
     def part_classes() -> tuple[type, type, type]:
         raise NotImplementedError
+
+    def tensor_dims(
+        self, module: torch.nn.Module, dims: dict[str, tuple[int | str, ...]], symbolic: bool
+    ) -> dict[str, tuple[int | str, ...]]:
+        """Dims of every stream, shared and carried tensor from the monolithic graph inputs' ``dims``: the
+        graph's symbolic dims (``symbolic``: names for the sizes the split introduces) or one call's shapes."""
+        raise NotImplementedError
+
+    def intermediate_specs(self, module: torch.nn.Module, mono: ExportSpec, dtype: str) -> dict[str, TensorSpec]:
+        dims = self.tensor_dims(module, {t.name: t.dims for t in mono.inputs}, symbolic=True)
+        return {n: TensorSpec(n, "float32" if n in self.float32_tensors else dtype, d) for n, d in dims.items()}
+
+    def intermediate_shapes(
+        self, module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, tuple[int, ...]]:
+        return self.tensor_dims(module, dict(shapes), symbolic=False)
 
     def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
         return self.part_classes()[0](module)
@@ -311,6 +330,22 @@ class AdapterBase:
     def hidden_width(config: dict[str, Any]) -> int:
         """The transformer's hidden width (heads x head dim) from its config; 0 when the config lacks them."""
         return int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
+
+    def check_size_ranges(self, shapes: Shapes, config: Callable[[str], dict[str, Any] | None]) -> None:
+        """``check_image_size`` on the min, opt and max of the recipe's height and width ranges, as RecipeError
+        naming the field (``export.shapes.height.max: ...``)."""
+        for var in ("height", "width"):
+            for which in ("min", "opt", "max"):
+                size = getattr(getattr(shapes, var), which)
+                try:
+                    self.check_image_size(size, size, config)
+                except UnsupportedError as exc:
+                    raise RecipeError(
+                        f"export.shapes.{var}.{which}: {str(exc).removeprefix('image height ')}"
+                    ) from None
+
+    def check_image_size(self, height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:
+        raise NotImplementedError
 
     def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         """The pipeline's keyword arguments; options left None keep the pipeline's defaults."""

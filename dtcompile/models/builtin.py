@@ -48,6 +48,11 @@ class BuiltinModel:
         return sha256_json(key)[:12]
 
 
+def by_name(*models: BuiltinModel) -> dict[str, BuiltinModel]:
+    """A family's ``BUILTINS`` table: its built-in models by name."""
+    return {m.name: m for m in models}
+
+
 def seeded_components(seed: int, **makers: Callable[[], Any] | None) -> dict[str, Any]:
     """Pipeline components by name: the i-th maker's module in eval mode, its weights drawn from seed ``seed + i``
     inside a forked RNG, so they depend neither on construction order elsewhere nor on the caller's RNG state;

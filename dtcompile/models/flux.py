@@ -24,7 +24,7 @@ from dtcompile.models.base import (
     check_size_multiple,
     part_bases,
 )
-from dtcompile.models.builtin import BuiltinModel, seeded_components
+from dtcompile.models.builtin import BuiltinModel, by_name, seeded_components
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers, text_config, tiny_t5
 
@@ -173,29 +173,26 @@ REALWIDTH_FLUX_CONFIG: dict[str, Any] = {
 }
 
 
-BUILTINS: dict[str, BuiltinModel] = {
-    m.name: m
-    for m in (
-        BuiltinModel(
-            "tiny-flux",
-            "flux",
-            "random-weight FLUX.1-dev lookalike (2+2 blocks, width 64, ~3 MB) for offline tests",
-            build_tiny_flux,
-            TINY_FLUX_CONFIG,
-            TINY_FLUX_VERSION,
-            TOKENIZER_CODE,
-        ),
-        BuiltinModel(
-            "flux-realwidth-1",
-            "flux",
-            "random-weight FLUX.1-dev transformer at real widths, 1+1 blocks, tiny encoders (~2.2 GB)",
-            build_tiny_flux,
-            REALWIDTH_FLUX_CONFIG,
-            REALWIDTH_FLUX_VERSION,
-            TOKENIZER_CODE,
-        ),
-    )
-}
+BUILTINS = by_name(
+    BuiltinModel(
+        "tiny-flux",
+        "flux",
+        "random-weight FLUX.1-dev lookalike (2+2 blocks, width 64, ~3 MB) for offline tests",
+        build_tiny_flux,
+        TINY_FLUX_CONFIG,
+        TINY_FLUX_VERSION,
+        TOKENIZER_CODE,
+    ),
+    BuiltinModel(
+        "flux-realwidth-1",
+        "flux",
+        "random-weight FLUX.1-dev transformer at real widths, 1+1 blocks, tiny encoders (~2.2 GB)",
+        build_tiny_flux,
+        REALWIDTH_FLUX_CONFIG,
+        REALWIDTH_FLUX_VERSION,
+        TOKENIZER_CODE,
+    ),
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,29 +331,19 @@ class FluxCacheLayout(SplitLayout):
 
     part_classes = staticmethod(_cache_part_classes)
 
-    def intermediate_specs(self, module: torch.nn.Module, mono: ExportSpec, dtype: str) -> dict[str, TensorSpec]:
+    def tensor_dims(
+        self, module: torch.nn.Module, dims: dict[str, tuple[int | str, ...]], symbolic: bool
+    ) -> dict[str, tuple[int | str, ...]]:
         width, head = attention_dims(module.config)
-        text = next(t for t in mono.inputs if t.name == "encoder_hidden_states").dims[1]
-        return {
-            "hidden": TensorSpec("hidden", dtype, ("batch", "img_tokens", width)),
-            "context": TensorSpec("context", dtype, ("batch", text, width)),
-            "temb": TensorSpec("temb", dtype, ("batch", width)),
-            "rope_cos": TensorSpec("rope_cos", "float32", ("rope_tokens", head)),
-            "rope_sin": TensorSpec("rope_sin", "float32", ("rope_tokens", head)),
-        }
-
-    def intermediate_shapes(
-        self, module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
-    ) -> dict[str, tuple[int, ...]]:
-        width, head = attention_dims(module.config)
-        batch, img, _ = shapes["hidden_states"]
-        text = shapes["encoder_hidden_states"][1]
+        batch, img, _ = dims["hidden_states"]
+        text = dims["encoder_hidden_states"][1]
+        rope = "rope_tokens" if symbolic else int(text) + int(img)  # text + image tokens
         return {
             "hidden": (batch, img, width),
             "context": (batch, text, width),
             "temb": (batch, width),
-            "rope_cos": (text + img, head),
-            "rope_sin": (text + img, head),
+            "rope_cos": (rope, head),
+            "rope_sin": (rope, head),
         }
 
 
@@ -491,16 +478,7 @@ class FluxAdapter(AdapterBase):
                 f"export.shapes.text_len.max: {text.max} is above {MAX_SEQUENCE_LENGTH}, the longest prompt "
                 "FluxPipeline encodes (max_sequence_length)"
             )
-        vsf = _vae_factor(config)
-        for var in ("height", "width"):
-            r = getattr(shapes, var)
-            for which in ("min", "opt", "max"):
-                try:
-                    validate_image_size(getattr(r, which), getattr(r, which), vsf)
-                except UnsupportedError as exc:
-                    raise RecipeError(
-                        f"export.shapes.{var}.{which}: {str(exc).removeprefix('image height ')}"
-                    ) from None
+        self.check_size_ranges(shapes, config)
 
     @staticmethod
     def check_image_size(height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:

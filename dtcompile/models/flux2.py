@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.models.base import ExampleSampler
-from dtcompile.models.builtin import BuiltinModel, seeded_components
+from dtcompile.models.builtin import BuiltinModel, by_name, seeded_components
 from dtcompile.models.components import AuxGraph
 from dtcompile.models.flux import _TINY_WORDS, FLUX_DEV_SCHEDULER, FluxAdapter
 from dtcompile.models.tiny_text import MISTRAL_TOKENIZER_CODE, build_tiny_mistral_tokenizer
@@ -119,8 +119,8 @@ def build_tiny_flux2(seed: int = 0, config: dict[str, Any] = TINY_FLUX2_CONFIG) 
     return Flux2Pipeline(scheduler=scheduler, tokenizer=tokenizer, **modules)
 
 
-BUILTINS: dict[str, BuiltinModel] = {
-    "tiny-flux2": BuiltinModel(
+BUILTINS = by_name(
+    BuiltinModel(
         "tiny-flux2",
         "flux2",
         "random-weight FLUX.2-dev lookalike (2+2 blocks, width 64, 30-layer tiny Mistral-3, ~4 MB) for offline tests",
@@ -129,7 +129,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         TINY_FLUX2_VERSION,
         MISTRAL_TOKENIZER_CODE,
     )
-}
+)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes
 from dtcompile.models.base import GenerationRequest
-from dtcompile.models.builtin import BuiltinModel
+from dtcompile.models.builtin import BuiltinModel, by_name
 from dtcompile.models.flux import (
     TINY_FLUX_CONFIG,
     FluxAdapter,
@@ -42,8 +42,8 @@ def build_tiny_kontext(seed: int = 0, config: dict[str, Any] = TINY_FLUX_CONFIG)
     return FluxKontextPipeline(**build_tiny_flux(seed, config).components)
 
 
-BUILTINS: dict[str, BuiltinModel] = {
-    "tiny-flux-kontext": BuiltinModel(
+BUILTINS = by_name(
+    BuiltinModel(
         "tiny-flux-kontext",
         "flux-kontext",
         "tiny-flux's weights as a FluxKontextPipeline (reference-image editing) for offline tests",
@@ -52,7 +52,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         TINY_KONTEXT_VERSION,
         (*TOKENIZER_CODE, build_tiny_flux),
     )
-}
+)
 
 
 def reference_ids(height: int, width: int, vae_scale_factor: int, device: Any = None) -> torch.Tensor:

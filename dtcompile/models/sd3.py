@@ -21,7 +21,7 @@ from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, Shapes, TensorSpec
 from dtcompile.models.base import AdapterBase, ExampleSampler, SplitLayout, check_size_multiple, part_bases
-from dtcompile.models.builtin import BuiltinModel, seeded_components
+from dtcompile.models.builtin import BuiltinModel, by_name, seeded_components
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers, text_config, tiny_t5
 
@@ -120,8 +120,8 @@ def build_tiny_sd3(seed: int = 0, config: dict[str, Any] = TINY_SD3_CONFIG) -> A
     return StableDiffusion3Pipeline(scheduler=scheduler, **tokenizers, **modules)
 
 
-BUILTINS: dict[str, BuiltinModel] = {
-    "tiny-sd3": BuiltinModel(
+BUILTINS = by_name(
+    BuiltinModel(
         "tiny-sd3",
         "sd3",
         "random-weight SD3.5 lookalike (2 joint blocks, width 64, three text encoders) for offline tests",
@@ -130,7 +130,7 @@ BUILTINS: dict[str, BuiltinModel] = {
         TINY_SD3_VERSION,
         TOKENIZER_CODE,
     )
-}
+)
 
 #: The transformer's graph inputs, in order.
 GRAPH_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
@@ -210,29 +210,18 @@ class SD3CacheLayout(SplitLayout):
         inner = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
         return inner, int(cfg.get("caption_projection_dim") or inner), int(cfg["patch_size"])
 
-    def intermediate_specs(self, module: torch.nn.Module, mono: ExportSpec, dtype: str) -> dict[str, TensorSpec]:
+    def tensor_dims(
+        self, module: torch.nn.Module, dims: dict[str, tuple[int | str, ...]], symbolic: bool
+    ) -> dict[str, tuple[int | str, ...]]:
         inner, caption, p = self._widths(module)
-        latent = next(t for t in mono.inputs if t.name == "hidden_states").dims
-        text = next(t for t in mono.inputs if t.name == "encoder_hidden_states").dims[1]
-        h, w = int(latent[2]) // p, int(latent[3]) // p  # SD3 sizes are fixed per artifact
+        batch, _, lh, lw = dims["hidden_states"]
+        h, w = int(lh) // p, int(lw) // p  # SD3 sizes are fixed per artifact
         return {
-            "hidden": TensorSpec("hidden", dtype, ("batch", h * w, inner)),
-            "context": TensorSpec("context", dtype, ("batch", text, caption)),
-            "temb": TensorSpec("temb", dtype, ("batch", inner)),
-            # symbolic, so the epilogue's graph reads its size (static dims would be folded and the input dropped)
-            "grid": TensorSpec("grid", dtype, ("grid_height", "grid_width")),
-        }
-
-    def intermediate_shapes(
-        self, module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
-    ) -> dict[str, tuple[int, ...]]:
-        inner, caption, p = self._widths(module)
-        batch, _, lh, lw = shapes["hidden_states"]
-        return {
-            "hidden": (batch, (lh // p) * (lw // p), inner),
-            "context": (batch, shapes["encoder_hidden_states"][1], caption),
+            "hidden": (batch, h * w, inner),
+            "context": (batch, dims["encoder_hidden_states"][1], caption),
             "temb": (batch, inner),
-            "grid": (lh // p, lw // p),
+            # symbolic, so the epilogue's graph reads its size (static dims would be folded and the input dropped)
+            "grid": ("grid_height", "grid_width") if symbolic else (h, w),
         }
 
 

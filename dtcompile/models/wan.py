@@ -33,7 +33,7 @@ from dtcompile.models.base import (
     check_size_multiple,
     part_bases,
 )
-from dtcompile.models.builtin import BuiltinModel, seeded_components
+from dtcompile.models.builtin import BuiltinModel, by_name, seeded_components
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers, text_config, tiny_t5
 
 if TYPE_CHECKING:
@@ -143,29 +143,26 @@ def _builtin(name: str, description: str, config: dict[str, Any]) -> BuiltinMode
     return BuiltinModel(name, "wan", description, build_tiny_wan, config, TINY_WAN_VERSION, TOKENIZER_CODE)
 
 
-BUILTINS: dict[str, BuiltinModel] = {
-    m.name: m
-    for m in (
+BUILTINS = by_name(
+    _builtin(
+        "tiny-wan21",
+        "random-weight Wan2.1 T2V lookalike (2 blocks, width 32) for offline tests",
+        TINY_WAN_CONFIG,
+    ),
+    _builtin(
+        "tiny-wan22",
+        "random-weight Wan2.2 T2V A14B lookalike: two experts switched at boundary 0.875",
+        TINY_WAN22_CONFIG,
+    ),
+    *(
         _builtin(
-            "tiny-wan21",
-            "random-weight Wan2.1 T2V lookalike (2 blocks, width 32) for offline tests",
-            TINY_WAN_CONFIG,
-        ),
-        _builtin(
-            "tiny-wan22",
-            "random-weight Wan2.2 T2V A14B lookalike: two experts switched at boundary 0.875",
-            TINY_WAN22_CONFIG,
-        ),
-        *(
-            _builtin(
-                f"wan21-realwidth-{n}",
-                f"random-weight Wan2.1-1.3B transformer at real widths, {n} of its 30 blocks, tiny encoders",
-                realwidth_wan_config(n),
-            )
-            for n in (1, 2)
-        ),
-    )  # fmt: skip
-}
+            f"wan21-realwidth-{n}",
+            f"random-weight Wan2.1-1.3B transformer at real widths, {n} of its 30 blocks, tiny encoders",
+            realwidth_wan_config(n),
+        )
+        for n in (1, 2)
+    ),
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,31 +278,22 @@ class WanCacheLayout(SplitLayout):
 
     part_classes = staticmethod(_cache_part_classes)
 
-    def intermediate_specs(self, module: torch.nn.Module, mono: ExportSpec, dtype: str) -> dict[str, TensorSpec]:
+    def tensor_dims(
+        self, module: torch.nn.Module, dims: dict[str, tuple[int | str, ...]], symbolic: bool
+    ) -> dict[str, tuple[int | str, ...]]:
         inner, head = attention_dims(module.config)
-        text = next(t for t in mono.inputs if t.name == "encoder_hidden_states").dims[1]
-        return {
-            "hidden": TensorSpec("hidden", dtype, ("batch", "tokens", inner)),
-            "context": TensorSpec("context", dtype, ("batch", text, inner)),
-            "tproj": TensorSpec("tproj", dtype, ("batch", 6, inner)),
-            "rope_cos": TensorSpec("rope_cos", "float32", (1, "tokens", 1, head)),
-            "rope_sin": TensorSpec("rope_sin", "float32", (1, "tokens", 1, head)),
-            "temb": TensorSpec("temb", dtype, ("batch", inner)),
+        batch, _, f, h, w = dims["hidden_states"]
+        if symbolic:
             # symbolic, so the epilogue's graph reads its size (static dims would be folded and the input dropped)
-            "grid": TensorSpec("grid", dtype, ("grid_frames", "grid_height", "grid_width")),
-        }
-
-    def intermediate_shapes(
-        self, module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
-    ) -> dict[str, tuple[int, ...]]:
-        inner, head = attention_dims(module.config)
-        pt, ph, pw = (int(p) for p in module.config["patch_size"])
-        batch, _, f, h, w = shapes["hidden_states"]
-        grid = (f // pt, h // ph, w // pw)
-        tokens = grid[0] * grid[1] * grid[2]
+            grid: tuple[int | str, ...] = ("grid_frames", "grid_height", "grid_width")
+            tokens: int | str = "tokens"
+        else:
+            pt, ph, pw = (int(p) for p in module.config["patch_size"])
+            grid = (int(f) // pt, int(h) // ph, int(w) // pw)
+            tokens = grid[0] * grid[1] * grid[2]
         return {
             "hidden": (batch, tokens, inner),
-            "context": (batch, shapes["encoder_hidden_states"][1], inner),
+            "context": (batch, dims["encoder_hidden_states"][1], inner),
             "tproj": (batch, 6, inner),
             "rope_cos": (1, tokens, 1, head),
             "rope_sin": (1, tokens, 1, head),
@@ -403,20 +391,13 @@ class WanAdapter(AdapterBase):
             raise RecipeError("export.shapes.frames: Wan builds need a frame range (pixel frames, 4k+1), e.g. 33")
         if shapes.text_len.max > MAX_SEQUENCE_LENGTH:
             raise RecipeError(f"export.shapes.text_len.max: {shapes.text_len.max} is above {MAX_SEQUENCE_LENGTH}")
-        temporal, _, multiple = _factors(config)
+        temporal = _factors(config)[0]
         for which in ("min", "opt", "max"):
             try:
                 validate_frames(getattr(shapes.frames, which), temporal)
             except UnsupportedError as exc:
                 raise RecipeError(f"export.shapes.frames.{which}: {str(exc).removeprefix('frames ')}") from None
-            for var in ("height", "width"):
-                try:
-                    v = getattr(getattr(shapes, var), which)
-                    validate_video_size(v, v, multiple)
-                except UnsupportedError as exc:
-                    raise RecipeError(
-                        f"export.shapes.{var}.{which}: {str(exc).removeprefix('image height ')}"
-                    ) from None
+        self.check_size_ranges(shapes, config)
 
     @staticmethod
     def check_image_size(height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:
