@@ -45,3 +45,14 @@ def test_recipe_reference_is_current() -> None:
 @pytest.mark.parametrize("name", ["recipes.md", "architecture.md"])
 def test_docs_named_in_errors_exist(name: str) -> None:
     assert (ROOT / "docs" / name).is_file()
+
+
+def test_the_recipe_names_the_backends_of_the_targets_table() -> None:
+    # pydantic needs the literal values in the schema; they must be core.targets.BACKENDS, in its order.
+    import typing
+
+    from dtcompile.core.targets import BACKENDS
+    from dtcompile.recipe.schema import EngineSpec
+
+    (item,) = typing.get_args(EngineSpec.model_fields["backends"].annotation)
+    assert typing.get_args(item) == BACKENDS

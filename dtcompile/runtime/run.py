@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dtcompile.core.errors import ArtifactError, UnsupportedError
-from dtcompile.core.targets import BACKENDS, TRT_EXTRAS, gpu_arch, installed_trt_major
+from dtcompile.core.targets import BACKENDS, TRT_EXTRAS, TRT_MODULES, gpu_arch, installed_trt_major
 from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, artifact_path, read_manifest
 from dtcompile.models import adapter_for
 from dtcompile.models.base import GenerationRequest
@@ -32,7 +32,7 @@ def select_engine(manifest: Manifest, component: str, backend: str, gpu: str | N
     engines = manifest.component(component).engines
     if backend == "auto":
         if gpu is not None:
-            for flavour in ("tensorrt", "tensorrt-rtx"):
+            for flavour in TRT_MODULES:  # datacenter TensorRT first
                 if installed_trt_major(flavour) and any(e.backend == flavour and e.arch == gpu for e in engines):
                     return select_engine(manifest, component, flavour, gpu)
         backend = "onnxruntime"

@@ -48,7 +48,7 @@ from typing import Any
 from dtcompile.core.digests import sha256_file
 from dtcompile.core.errors import ArtifactError, DtcError, MissingDependencyError, UnsupportedError, VerificationError
 from dtcompile.core.files import collect_stale, make_temp_dir, replace_dir
-from dtcompile.core.targets import arch_order, gpu_arch, installed_trt_major, is_arch
+from dtcompile.core.targets import TRT_ARCHS, TRT_EXTRAS, arch_order, gpu_arch, installed_trt_major, is_arch
 from dtcompile.manifest import (
     MANIFEST,
     Manifest,
@@ -65,7 +65,7 @@ SUMS = "SHA256SUMS"
 VERSION = "version.json"
 INDEX = "index.json"
 INDEX_SCHEMA = 1
-BACKEND_FILTERS = ("all", "tensorrt-rtx", "tensorrt")
+BACKEND_FILTERS = ("all", *TRT_ARCHS)
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 22
@@ -810,9 +810,9 @@ def _runtime_warnings(wanted: list[Archive]) -> list[str]:
         installed = installed_trt_major(a.backend)
         built = a.trt_version
         if installed is None:
-            extra = "rtx" if a.backend == "tensorrt-rtx" else "trt"
             warnings.append(
-                f"{a.backend} is not installed here; dtc run needs it for {a.file} (pip install 'dtcompile[{extra}]')"
+                f"{a.backend} is not installed here; dtc run needs it for {a.file} "
+                f"(pip install 'dtcompile[{TRT_EXTRAS[a.backend]}]')"
             )
         elif built and str(installed) != built.split(".")[0]:
             warnings.append(
