@@ -32,6 +32,7 @@ class BuiltinModel:
     config: dict[str, Any]
     version: int
     code: tuple[Callable[..., Any], ...] = ()  # functions whose source is hashed too (stale-cache guard)
+    denoisers: tuple[str, ...] = ()  # the denoiser components when there are several (Wan2.2's experts)
 
     def cache_key(self) -> str:
         """Short hash of everything that changes the generated files (config, generator, library versions)."""

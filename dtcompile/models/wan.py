@@ -83,7 +83,11 @@ TINY_WAN_CONFIG: dict[str, Any] = {
     "tokenizer_2_max_length": MAX_SEQUENCE_LENGTH,
 }
 #: Wan2.2 A14B's layout: the same expert twice (separately seeded), switched at ``boundary_ratio``.
-TINY_WAN22_CONFIG: dict[str, Any] = {**TINY_WAN_CONFIG, "boundary_ratio": 0.875}
+TINY_WAN22_CONFIG: dict[str, Any] = {
+    **TINY_WAN_CONFIG,
+    "transformer_2": TINY_WAN_CONFIG["transformer"],
+    "boundary_ratio": 0.875,
+}
 
 
 #: Wan2.1-T2V-1.3B's transformer widths (Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json) minus the depth.
@@ -133,15 +137,17 @@ def build_tiny_wan(seed: int = 0, config: dict[str, Any] = TINY_WAN_CONFIG) -> A
         decoder_start_token_id=tokenizer.pad_token_id,
         **config["text_encoder"],
     )
-    tcfg = dict(config["transformer"], patch_size=tuple(config["transformer"]["patch_size"]))
-    two = config.get("boundary_ratio") is not None
+
+    def expert(name: str) -> Callable[[], Any]:
+        cfg = config[name]
+        return lambda: WanTransformer3DModel(**dict(cfg, patch_size=tuple(cfg["patch_size"])))
 
     transformer, vae, text_encoder, transformer_2 = seeded_modules(
         seed,
-        lambda: WanTransformer3DModel(**tcfg),
+        expert("transformer"),
         lambda: AutoencoderKLWan(**config["vae"]),
         lambda: UMT5EncoderModel(text_config),
-        (lambda: WanTransformer3DModel(**tcfg)) if two else None,
+        expert("transformer_2") if config.get("boundary_ratio") is not None else None,
     )
     return WanPipeline(
         tokenizer=tokenizer,
@@ -177,7 +183,8 @@ def _generate_realwidth(blocks: int) -> Callable[[Path], Path]:
 
 def _builtin(name: str, description: str, generate: Callable[[Path], Path], config: dict[str, Any]) -> BuiltinModel:
     code = (*TOKENIZER_CODE, build_tiny_wan, generate)
-    return BuiltinModel(name, "wan", description, generate, config, TINY_WAN_VERSION, code)
+    experts = ("transformer", "transformer_2") if config.get("boundary_ratio") is not None else ()
+    return BuiltinModel(name, "wan", description, generate, config, TINY_WAN_VERSION, code, experts)
 
 
 BUILTINS: dict[str, BuiltinModel] = {
