@@ -1,8 +1,8 @@
 """Export stage for cached artifacts: a loaded transformer in, one ONNX graph per part out.
 
 Input: a ``LoadedPipeline`` whose recipe has a ``cache`` section. The adapter's ``cache_layout()``
-(``dtcompile.models.base.CacheLayout``) says how its component splits. Output: ``<artifact>/onnx/<comp>.<part>.onnx``
-for
+(``dtcompile.models.base.CacheLayout``) says how its component splits, and each further denoiser (Wan2.2's
+``transformer_2``) splits the same way. Output: ``<artifact>/onnx/<comp>.<part>.onnx`` per denoiser ``comp`` for
 
 - ``prologue``: the monolithic graph's inputs -> the layout's ``streams`` and ``shared`` tensors;
 - ``blocks<i>``: one per segment (``dtcompile.recipe.cache.plan_segments``): streams + shared -> ``<stream>_out``,

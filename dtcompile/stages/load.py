@@ -187,7 +187,7 @@ def model_index(folder: Path) -> dict[str, Any]:
 
 def check_denoisers(recipe: Any, denoisers: tuple[str, ...]) -> None:
     """Each LoRA names one of ``denoisers`` (``lora[i].component``, default the first); quant takes each denoiser
-    in turn, with every calibration step. (Block caching splits each denoiser: nothing to check here.)"""
+    in turn, with every calibration step."""
     for i, spec in enumerate(recipe.lora or []):
         if spec.component is not None and spec.component not in denoisers:
             raise RecipeError(

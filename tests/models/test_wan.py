@@ -95,9 +95,11 @@ def wan22_cache_runs(wan22: Path, wan22_cache: Path) -> dict[str, Any]:
 
 def test_both_experts_have_engines_and_the_frames_profile(wan22: Path) -> None:
     from dtcompile.manifest import read_manifest
+    from dtcompile.models.builtin import builtin
 
     m = read_manifest(wan22)
     assert m.source.pipeline_class == "WanPipeline" and m.denoiser_names() == ["transformer", "transformer_2"]
+    assert builtin("tiny-wan22").denoisers == tuple(m.denoiser_names())  # what the dry run knows before generating
     assert m.shapes["frames"].min == 5 and m.shapes["frames"].max == 17
     for name in ("transformer", "transformer_2"):
         comp = m.component(name)
@@ -234,8 +236,8 @@ def test_wan22_cache_off_matches_the_monolithic_artifact_every_call(wan22_cache_
 
 def test_wan22_first_block_skips_per_expert_with_separate_states(wan22_cache_runs: dict[str, Any]) -> None:
     """First-block caching on both experts: each skips on its own, decided on its own per-branch state, and the
-    first calls after the switch (cond and uncond) compute every block: no change is measured there (nothing
-    of transformer's is compared with) and the output equals the uncached run's."""
+    first calls after the switch (cond and uncond) compute every block: no change is measured there (there is
+    nothing of transformer_2's own to compare with, and transformer's residuals are not used)."""
     from dtcompile.core.metrics import rel_l2
     from dtcompile.recipe.cache import stats_line
 
@@ -253,8 +255,7 @@ def test_wan22_first_block_skips_per_expert_with_separate_states(wan22_cache_run
             assert [c for c in e["cached_calls"] if c in calls] == skipped, (name, branch)
         assert e["blocks_skipped"] == len(e["cached_calls"])  # one cached segment of one block
     for call in experts["transformer_2"]["calls"][:2]:  # the switch: every block computed, nothing reused
-        assert stats["skipped_per_call"][call] == 0
-        assert rel_l2(on.trace[call], off.trace[call]) == 0.0
+        assert stats["skipped_per_call"][call] == 0 and stats["rel_change"][call] is None
     for call in stats["cached_calls"]:
         assert 0 < rel_l2(on.trace[call], off.trace[call]) < 0.05  # an approximation, not a copy
     lines = stats_line(stats).splitlines()
