@@ -147,8 +147,12 @@ def test_dry_run_shows_segments() -> None:
 # --- the runtime's arithmetic, exactly, with fake parts -----------------------------------------------------------
 
 
-def fake_module(spec: CacheSpec, segments: list[Segment], log: list[str]) -> Any:
-    """A CachedEngineModule whose parts are simple torch functions; ``log`` records which parts ran."""
+def fake_module(
+    spec: CacheSpec, segments: list[Segment], log: list[str], *, name: str = "transformer", scale: float = 2,
+    run: Any = None,
+) -> Any:  # fmt: skip
+    """A CachedEngineModule whose parts are simple torch functions; ``log`` records which parts ran. Its blocks
+    compute ``hidden * scale + temb`` (another ``scale`` for another expert ``name`` sharing ``run``)."""
     import torch
 
     from dtcompile.runtime.cache import CachedEngineModule
@@ -162,7 +166,7 @@ def fake_module(spec: CacheSpec, segments: list[Segment], log: list[str]) -> Any
         def run(f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             log.append(f"blocks{i}")
             # output depends on the step (temb) so a reused residual is distinguishable from a fresh one
-            return {"hidden_out": f["hidden"] * 2 + f["temb"], "context_out": f["context"] + i}
+            return {"hidden_out": f["hidden"] * scale + f["temb"], "context_out": f["context"] + i}
 
         return run
 
@@ -188,6 +192,8 @@ def fake_module(spec: CacheSpec, segments: list[Segment], log: list[str]) -> Any
         streams=("hidden", "context"),
         shared=("temb", "rope_cos", "rope_sin"),
         epilogue_inputs=("hidden", "temb"),
+        name=name,
+        run=run,
     )
 
 
@@ -238,6 +244,46 @@ def test_without_begin_run_a_rising_timestep_starts_a_new_run() -> None:
     for t in (1.0, 0.75, 0.5, 0.25, 1.0, 0.75):  # two runs of a falling (flow-matching) schedule
         call(m, 1.0, t)
     assert m.cache_stats()["cached_calls"] == [1, 3, 5]  # the 5th call is step 0 of the second run
+
+
+def test_two_experts_share_the_steps_but_never_each_others_residuals() -> None:
+    """Wan2.2's experts: static rules count the pipeline's steps across both; each expert keeps its own residuals,
+    so its first call after a switch (either way) computes every block, and the report counts per expert."""
+    from dtcompile.runtime.cache import CacheRun
+
+    spec = static([{"name": "g", "blocks": ["single*"], "start": 1}], steps=5)  # cached on every step from 1
+    segments = plan_segments(spec, TINY_BLOCKS)
+    run, log = CacheRun(), []
+    high = fake_module(spec, segments, log, run=run)
+    low = fake_module(spec, segments, log, name="transformer_2", scale=3, run=run)
+    high.begin_run(5)  # one begin for both experts
+    outs = []
+    for expert, x, t in ((high, 1, 10), (high, 2, 5), (low, 3, 4), (low, 1, 3), (high, 2, 2)):
+        with expert.cache_context("cond"):
+            outs.append(call(expert, x, t))
+    # step 2: the low-noise expert's first call computes both segments (3*3+4=13 -> 3*13+4=43), although the
+    # rule caches step 2 and the high-noise expert has a residual
+    assert outs[2] == 43.0
+    # step 3 reuses the low-noise expert's own residual from step 2 (43 - 13 = 30)
+    assert outs[3] == (3 * 1 + 3) + 30
+    # step 4: back to the high-noise expert, whose step-1 residual is not reused either: 2*(2*2+2)+2
+    assert outs[4] == 2 * (2 * 2 + 2) + 2
+    stats = high.cache_stats()
+    assert stats["skipped_per_call"] == [0, 2, 0, 2, 0] and stats["cached_calls"] == [1, 3]
+    assert stats["blocks_skipped"] == spec.predicted_skips(segments, 5, fresh=(2, 4)) == 4
+    assert stats["experts"]["transformer"] == {
+        "calls": [0, 1, 4], "steps": [0, 1, 4], "blocks_evaluated": 10, "blocks_skipped": 2,
+        "skipped_fraction": 2 / 12, "skipped_per_call": [0, 2, 0], "cached_calls": [1],
+    }  # fmt: skip
+    assert stats["experts"]["transformer_2"]["steps"] == [2, 3]
+    assert low.cache_stats() == stats  # either expert reports the whole run
+    assert high.calls == 3 and low.calls == 2
+    assert stats_line(stats).splitlines()[1:] == [
+        "  transformer (steps [0, 1, 4], 3 calls): 2 of 12 block evaluations skipped; cached calls [1]",
+        "  transformer_2 (steps 2-3, 2 calls): 2 of 8 block evaluations skipped; cached calls [3]",
+    ]
+    with pytest.raises(ValueError, match="'transformer_2' is already part of this cache run"):
+        fake_module(spec, segments, log, name="transformer_2", run=run)
 
 
 def test_first_block_runtime_skips_below_threshold_with_a_cap() -> None:

@@ -32,6 +32,7 @@ class BuiltinModel:
     config: dict[str, Any]
     version: int
     code: tuple[Callable[..., Any], ...] = ()  # further functions whose source is hashed (stale-cache guard)
+    denoisers: tuple[str, ...] = ()  # the denoiser components when there are several (Wan2.2's experts)
 
     def generate(self, out_dir: Path, seed: int = 0) -> Path:
         """Write the pipeline built from ``seed`` to ``out_dir`` in diffusers' layout (``from_pretrained`` reads it)."""

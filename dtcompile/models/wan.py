@@ -81,7 +81,11 @@ TINY_WAN_CONFIG: dict[str, Any] = {
     "tokenizer_2_max_length": MAX_SEQUENCE_LENGTH,
 }
 #: Wan2.2 A14B's layout: the same expert twice (separately seeded), switched at ``boundary_ratio``.
-TINY_WAN22_CONFIG: dict[str, Any] = {**TINY_WAN_CONFIG, "boundary_ratio": 0.875}
+TINY_WAN22_CONFIG: dict[str, Any] = {
+    **TINY_WAN_CONFIG,
+    "transformer_2": TINY_WAN_CONFIG["transformer"],
+    "boundary_ratio": 0.875,
+}
 
 
 #: Wan2.1-T2V-1.3B's transformer widths (Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json) minus the depth.
@@ -125,22 +129,25 @@ def build_tiny_wan(seed: int = 0, config: dict[str, Any] = TINY_WAN_CONFIG) -> A
 
     _, tokenizer = build_tiny_tokenizers(config)  # a T5-style Unigram tokenizer (UMT5's kind)
     umt5_config = text_config(UMT5Config, tokenizer, **config["text_encoder"])
-    tcfg = dict(config["transformer"], patch_size=tuple(config["transformer"]["patch_size"]))
-    two = config.get("boundary_ratio") is not None
+
+    def expert(name: str) -> Callable[[], Any]:
+        cfg = config[name]
+        return lambda: WanTransformer3DModel(**dict(cfg, patch_size=tuple(cfg["patch_size"])))
 
     modules = seeded_components(
         seed,
-        transformer=lambda: WanTransformer3DModel(**tcfg),
+        transformer=expert("transformer"),
         vae=lambda: AutoencoderKLWan(**config["vae"]),
         text_encoder=lambda: UMT5EncoderModel(umt5_config),
-        transformer_2=(lambda: WanTransformer3DModel(**tcfg)) if two else None,
+        transformer_2=expert("transformer_2") if config.get("boundary_ratio") is not None else None,
     )
     scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
     return WanPipeline(tokenizer=tokenizer, scheduler=scheduler, boundary_ratio=config.get("boundary_ratio"), **modules)
 
 
 def _builtin(name: str, description: str, config: dict[str, Any]) -> BuiltinModel:
-    return BuiltinModel(name, "wan", description, build_tiny_wan, config, TINY_WAN_VERSION, TOKENIZER_CODE)
+    experts = ("transformer", "transformer_2") if config.get("boundary_ratio") is not None else ()
+    return BuiltinModel(name, "wan", description, build_tiny_wan, config, TINY_WAN_VERSION, TOKENIZER_CODE, experts)
 
 
 BUILTINS = by_name(

@@ -212,10 +212,18 @@ class CacheSpec(_Strict):
                     f"for) or --cache off"
                 )
 
-    def predicted_skips(self, segments: list[Segment], num_steps: int) -> int:
-        """Block evaluations a static run of ``num_steps`` skips (one transformer call per step)."""
+    def predicted_skips(self, segments: list[Segment], num_steps: int, fresh: tuple[int, ...] = ()) -> int:
+        """Block evaluations a static run of ``num_steps`` skips (one transformer call per step).
+
+        ``fresh``: the steps where another expert takes over (Wan2.2's low-noise expert): that expert has no
+        residual of its own yet, so it computes every block there whatever the rules say.
+        """
         groups = {g.name: g for g in self.groups or []}
-        return sum(len(s.blocks) * len(groups[s.group].cached_steps(num_steps)) for s in segments if s.group)
+        return sum(
+            len(s.blocks) * len([n for n in groups[s.group].cached_steps(num_steps) if n not in fresh])
+            for s in segments
+            if s.group
+        )
 
 
 # --- blocks and segments -------------------------------------------------------------------------------------
@@ -283,27 +291,46 @@ def plan_segments(spec: CacheSpec, names: list[str]) -> list[Segment]:
     return segments
 
 
-def plan_lines(spec: CacheSpec, segments: list[Segment]) -> list[str]:
-    """Dry-run lines: the mode and each segment with its rule."""
+def plan_lines(spec: CacheSpec, segments: dict[str, list[Segment]]) -> list[str]:
+    """Dry-run lines: the mode and, per denoiser (Wan2.2: both experts), each segment with its rule."""
     groups = {g.name: g for g in spec.groups or []}
     if spec.mode == "first_block":
         head = f"cache first_block: threshold {spec.threshold}, at most {spec.max_consecutive_skips} consecutive skips"
     else:
         head = f"cache static: rules written for {spec.steps} steps"
-    out = [head, f"  graphs: prologue, {len(segments)} block segment(s), epilogue"]
-    for s in segments:
-        if spec.mode == "first_block":
-            what = "first block (always computed)" if s.index == 0 else "skipped when the first block barely changes"
-        elif s.group:
-            what = f"group {s.group}: {groups[s.group].describe(spec.steps)}"
-        else:
-            what = "always computed"
-        out.append(f"  segment {s.index}: {summarize_blocks(s.blocks)}  {what}")
+    several = len(segments) > 1
+    out = [head]
+    if several:
+        out.append(
+            f"  {len(segments)} denoisers ({', '.join(segments)}), switched by the pipeline: each is split and keeps "
+            "its own cache state; its first call after a switch computes every block"
+            + ("; rules count the pipeline's steps" if spec.mode == "static" else "")
+        )
+    for name, segs in segments.items():
+        indent = "    " if several else "  "
+        if several:
+            out.append(f"  {name}:")
+        out.append(f"{indent}graphs: prologue, {len(segs)} block segment(s), epilogue")
+        for s in segs:
+            if spec.mode == "first_block":
+                what = (
+                    "first block (always computed)" if s.index == 0 else "skipped when the first block barely changes"
+                )
+            elif s.group:
+                what = f"group {s.group}: {groups[s.group].describe(spec.steps)}"
+            else:
+                what = "always computed"
+            out.append(f"{indent}segment {s.index}: {summarize_blocks(s.blocks)}  {what}")
     return out
 
 
+def _changes(values: list[float | None]) -> str:
+    return "[" + ", ".join("-" if c is None else f"{c:.3f}" for c in values) + "]"
+
+
 def stats_line(stats: dict[str, Any]) -> str:
-    """The one-line run report of ``CachedEngineModule.cache_stats()``."""
+    """The run report of ``CachedEngineModule.cache_stats()``: one line, plus one line per expert when the
+    pipeline switches between several (Wan2.2), each with its own skip count and first-block changes."""
     done, skipped = stats["blocks_evaluated"], stats["blocks_skipped"]
     total = done + skipped
     line = (
@@ -312,8 +339,22 @@ def stats_line(stats: dict[str, Any]) -> str:
     )
     if stats["mode"] == "off":
         return line
-    if stats.get("threshold") is not None:
+    first_block = stats.get("threshold") is not None
+    if first_block:
         line += f"; threshold {stats['threshold']}, at most {stats['max_consecutive_skips']} consecutive skips"
-        changes = ", ".join("-" if c is None else f"{c:.3f}" for c in stats["rel_change"])
-        line += f"; first-block change per call [{changes}]"
-    return line + f"; cached calls {stats['cached_calls']}"
+        line += f"; first-block change per call {_changes(stats['rel_change'])}"
+    line += f"; cached calls {stats['cached_calls']}"
+    experts = stats.get("experts") or {}
+    if len(experts) < 2:
+        return line
+    for name, e in experts.items():
+        steps = e["steps"]
+        contiguous = steps == list(range(steps[0], steps[-1] + 1)) if steps else False
+        span = f"steps {steps[0]}-{steps[-1]}" if contiguous else f"steps {steps}"
+        line += (
+            f"\n  {name} ({span}, {len(e['calls'])} calls): {e['blocks_skipped']} of "
+            f"{e['blocks_evaluated'] + e['blocks_skipped']} block evaluations skipped; cached calls {e['cached_calls']}"
+        )
+        if first_block:
+            line += f"; first-block change per call {_changes(e['rel_change'])}"
+    return line

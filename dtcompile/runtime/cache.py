@@ -1,10 +1,10 @@
 """Runtime for cached artifacts: the part engines stitched into one module that skips cached block segments.
 
-Input: an artifact whose transformer was split (``components[comp]["parts"]``, see ``dtcompile.stages.cache_split``).
-Output: ``CachedEngineModule``, a stand-in for the split component with the same call interface as
-``dtcompile.backends.standin.EngineModule``. Each call (one denoising step of one ``cache_context``) runs
-the prologue, then every block segment, then the epilogue; a segment that is cached on this step is not run: its
-input plus the residual it produced on the last step it ran (output - input, for both streams) stands in for
+Input: an artifact whose denoisers were split (``components[comp]["parts"]``, see ``dtcompile.stages.cache_split``;
+Wan2.2: both experts). Output: one ``CachedEngineModule`` per split denoiser, a stand-in with the same call
+interface as ``dtcompile.backends.standin.EngineModule``. Each call (one denoising step of one ``cache_context``)
+runs the prologue, then every block segment, then the epilogue; a segment that is cached on this step is not run:
+its input plus the residual it produced on the last step it ran (output - input, for both streams) stands in for
 its output.
 
 - static mode: a segment of group G is cached on the steps G's rule names.
@@ -12,8 +12,12 @@ its output.
   block's first-stream residual since the last full step is below ``threshold`` (at most
   ``max_consecutive_skips`` steps in a row); its residual is the rest's output minus its input at that step.
 
-``cache_stats()`` reports block evaluations done and skipped (and, for first_block, each step's change).
-Steps are counted per ``cache_context`` (e.g. "cond"/"uncond"); ``begin_run(num_steps)`` starts a run.
+The experts of one pipeline share a ``CacheRun``: steps are the pipeline's, counted per ``cache_context`` (e.g.
+"cond"/"uncond") over every expert's calls, so static rules name the same steps whichever expert runs them. Cache
+state (residuals, the first-block reference) is kept per expert and context and is dropped when the context's
+previous call was another expert's: the first call after a switch computes every block. ``begin_run(num_steps)``
+on any of them starts a run for all; ``cache_stats()`` reports block evaluations done and skipped over the run
+(and, for first_block, each call's change), in total and per expert.
 """
 
 from __future__ import annotations
@@ -40,24 +44,99 @@ Streams = tuple[torch.Tensor, ...]
 
 
 @dataclass
-class _Context:
-    """Cache state of one ``cache_context`` within a run."""
+class _Branch:
+    """One expert's cache state in one ``cache_context``: residuals per segment and the first-block reference."""
 
-    step: int = 0
-    last_timestep: float | None = None
-    residuals: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    residuals: dict[int, Streams] = field(default_factory=dict)
     first_residual: torch.Tensor | None = None
     consecutive: int = 0
 
 
+@dataclass(frozen=True)
+class _Call:
+    """One call of an expert, for the run report."""
+
+    expert: str
+    context: str
+    step: int
+    skipped: int
+    change: float | None
+
+
+class CacheRun:
+    """What the experts standing in for a pipeline's denoisers share in one run: the pipeline step per
+    ``cache_context``, each expert's ``_Branch`` per context, and the log of calls (in call order)."""
+
+    def __init__(self) -> None:
+        self.num_steps: int | None = None
+        self.blocks_per_call: dict[str, int] = {}  # expert -> blocks it runs per uncached call
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps: dict[str, int] = {}  # context -> pipeline step of its next call
+        self.last_timestep: dict[str, float] = {}
+        self.last_expert: dict[str, str] = {}
+        self.branches: dict[tuple[str, str], _Branch] = {}
+        self.calls: list[_Call] = []
+
+    def begin(self, num_steps: int) -> None:
+        """Start a run of ``num_steps`` pipeline steps: clear every expert's state and the log."""
+        self.num_steps = num_steps
+        self._reset()
+
+    def enter(self, expert: str, context: str, timestep: torch.Tensor) -> tuple[int, _Branch]:
+        """The pipeline step of ``expert``'s call in ``context`` and its state there (fresh at a new run or
+        after another expert's call in this context)."""
+        step = self.steps.get(context, 0)
+        if self.num_steps is None:
+            # No begin: a rising timestep means the pipeline started a new run (flow-matching schedules fall).
+            t = float(timestep.detach().flatten()[0])
+            new_run = context in self.last_timestep and t > self.last_timestep[context]
+            self.last_timestep[context] = t
+        else:
+            new_run = step >= self.num_steps  # the next run of the same length
+        if new_run:
+            step = 0
+            self.last_expert.pop(context, None)
+            self.branches = {k: v for k, v in self.branches.items() if k[1] != context}
+        if self.last_expert.get(context) != expert:  # a switch: never reuse what this expert held before it
+            self.branches.pop((expert, context), None)
+        self.last_expert[context] = expert
+        return step, self.branches.setdefault((expert, context), _Branch())
+
+    def record(self, call: _Call) -> None:
+        """Log a finished call; its context moves on to the next step."""
+        self.calls.append(call)
+        self.steps[call.context] = call.step + 1
+
+    def stats(self, expert: str | None = None) -> dict[str, Any]:
+        """Block evaluations done and skipped over the run's calls (``expert``: that expert's calls only);
+        call indices count every expert's calls in order."""
+        calls = [(i, c) for i, c in enumerate(self.calls) if expert is None or c.expert == expert]
+        skipped = sum(c.skipped for _, c in calls)
+        total = sum(self.blocks_per_call[c.expert] for _, c in calls)
+        return {
+            "calls": [i for i, _ in calls],
+            "steps": sorted({c.step for _, c in calls}),
+            "blocks_evaluated": total - skipped,
+            "blocks_skipped": skipped,
+            "skipped_fraction": skipped / total if total else 0.0,
+            "skipped_per_call": [c.skipped for _, c in calls],
+            "cached_calls": [i for i, c in calls if c.skipped],
+            "rel_change": [c.change for _, c in calls],
+        }
+
+
 class CachedEngineModule(ComponentStandIn):
-    """Stands in for ``pipe.transformer``: runs prologue, block segments and epilogue, skipping cached segments.
+    """Stands in for ``pipe.transformer`` (or another expert: ``name``): runs prologue, block segments and
+    epilogue, skipping cached segments.
 
     ``runners`` maps part names to callables (feeds -> outputs); ``parts`` are the manifest's part entries in
     execution order (``kind``, ``segment``). ``streams`` are the tensors each block updates (it returns
     ``<stream>_out``; the first is the one first_block mode measures), ``shared`` the prologue's other outputs,
     ``epilogue_inputs`` what the epilogue reads (``dtcompile.models.base.CacheLayout``).
-    ``enabled=False`` runs every block (``dtc run --cache off``).
+    ``enabled=False`` runs every block (``dtc run --cache off``). ``run``: the ``CacheRun`` shared with the
+    pipeline's other experts (None: a run of its own).
     """
 
     def __init__(
@@ -75,21 +154,35 @@ class CachedEngineModule(ComponentStandIn):
         shared: tuple[str, ...],
         epilogue_inputs: tuple[str, ...],
         enabled: bool = True,
+        name: str = "transformer",
+        run: CacheRun | None = None,
     ) -> None:
         super().__init__(config, input_names, output_name, dtype, device)
         self.runners = runners
         self.streams, self.shared, self.epilogue_inputs = streams, shared, epilogue_inputs
-        self.prologue = next(name for name, kind, _ in parts if kind == "prologue")
-        self.epilogue = next(name for name, kind, _ in parts if kind == "epilogue")
-        self.segments: list[tuple[str, Segment]] = [(name, seg) for name, kind, seg in parts if seg is not None]
+        self.prologue = next(part for part, kind, _ in parts if kind == "prologue")
+        self.epilogue = next(part for part, kind, _ in parts if kind == "epilogue")
+        self.segments: list[tuple[str, Segment]] = [(part, seg) for part, kind, seg in parts if seg is not None]
         self.spec = spec
         self.groups = {g.name: g for g in spec.groups or []}
         self.enabled = enabled
-        self.num_steps: int | None = None
+        self.name = name
         self._context_name = "default"
-        self._contexts: dict[str, _Context] = {}
         self.blocks_per_call = sum(len(seg.blocks) for _, seg in self.segments)
-        self._reset_stats()
+        self.run = run if run is not None else CacheRun()
+        if name in self.run.blocks_per_call:
+            raise ValueError(f"expert {name!r} is already part of this cache run")
+        self.run.blocks_per_call[name] = self.blocks_per_call
+
+    @property
+    def num_steps(self) -> int | None:
+        """The run's length (set by ``begin_run``)."""
+        return self.run.num_steps
+
+    @property
+    def calls(self) -> int:
+        """This expert's calls in the current run."""
+        return sum(c.expert == self.name for c in self.run.calls)
 
     @contextmanager
     def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
@@ -101,73 +194,53 @@ class CachedEngineModule(ComponentStandIn):
             self._context_name = previous
 
     def begin_run(self, num_steps: int) -> None:
-        """Start a run of ``num_steps`` steps: check the static rules against it, clear caches and counters."""
+        """Start a run of ``num_steps`` steps for every expert sharing this run: check the static rules against
+        it, clear caches and counters."""
         if self.enabled:
             self.spec.check_run_steps(num_steps)
             if self.spec.steps is not None and self.spec.steps != num_steps:
                 log.warning("cache rules are written for %d steps; this run has %d", self.spec.steps, num_steps)
-        self.num_steps = num_steps
-        self._contexts.clear()
-        self._reset_stats()
-
-    def _reset_stats(self) -> None:
-        self.calls = 0
-        self.blocks_evaluated = 0
-        self.blocks_skipped = 0
-        self.skipped_per_call: list[int] = []
-        self.rel_change: list[float | None] = []
+        self.run.begin(num_steps)
 
     def cache_stats(self) -> dict[str, Any]:
-        """Counters of the current run: block evaluations done and skipped, per call, and the rule settings."""
-        total = self.blocks_evaluated + self.blocks_skipped
+        """Counters of the current run over every expert sharing it: block evaluations done and skipped, per call,
+        the rule settings, and the same per expert (``experts``: each one's calls, pipeline steps, skips and,
+        for first_block, changes)."""
+        total = self.run.stats()
         stats: dict[str, Any] = {
             "mode": self.spec.mode if self.enabled else "off",
-            "calls": self.calls,
+            "calls": len(total["calls"]),
             "blocks_per_call": self.blocks_per_call,
-            "blocks_evaluated": self.blocks_evaluated,
-            "blocks_skipped": self.blocks_skipped,
-            "skipped_fraction": self.blocks_skipped / total if total else 0.0,
-            "skipped_per_call": list(self.skipped_per_call),
-            "cached_calls": [i for i, n in enumerate(self.skipped_per_call) if n],
+            **{k: total[k] for k in ("blocks_evaluated", "blocks_skipped", "skipped_fraction")},
+            **{k: total[k] for k in ("skipped_per_call", "cached_calls")},
+            "experts": {name: self.run.stats(name) for name in self.run.blocks_per_call},
         }
         if self.spec.mode == "first_block":
             stats["threshold"] = self.spec.threshold
             stats["max_consecutive_skips"] = self.spec.max_consecutive_skips
-            stats["rel_change"] = list(self.rel_change)
+            stats["rel_change"] = total["rel_change"]
         else:
             stats["groups"] = {g.name: g.describe() for g in self.groups.values()}
+            for expert in stats["experts"].values():
+                del expert["rel_change"]
         return stats
-
-    def _context(self, timestep: torch.Tensor) -> _Context:
-        ctx = self._contexts.setdefault(self._context_name, _Context())
-        if self.num_steps is None:
-            # No begin_run: a rising timestep means the pipeline started a new run (flow-matching schedules fall).
-            t = float(timestep.detach().flatten()[0])
-            if ctx.last_timestep is not None and t > ctx.last_timestep:
-                ctx = self._contexts[self._context_name] = _Context()
-            ctx.last_timestep = t
-        elif ctx.step >= self.num_steps:
-            ctx = self._contexts[self._context_name] = _Context()  # the next run of the same length
-        return ctx
 
     def forward(self, return_dict: bool = True, joint_attention_kwargs: Any = None, **kwargs: Any) -> Any:
         feeds = self.graph_feeds(kwargs, joint_attention_kwargs)
-        ctx = self._context(feeds["timestep"])
+        context = self._context_name
+        step, branch = self.run.enter(self.name, context, feeds["timestep"])
         pro = self.runners[self.prologue](feeds)
         shared = {k: pro[k] for k in self.shared}
         streams = tuple(pro[k] for k in self.streams)
+        change = None
         if self.enabled and self.spec.mode == "first_block":
-            streams, skipped = self._first_block(ctx, streams, shared)
+            streams, skipped, change = self._first_block(branch, streams, shared)
         else:
-            streams, skipped = self._static(ctx, streams, shared)
+            streams, skipped = self._static(branch, step, streams, shared)
         state = {**pro, **dict(zip(self.streams, streams, strict=True))}  # prologue outputs, updated streams
         out = self.runners[self.epilogue]({k: state[k] for k in self.epilogue_inputs})[self.output_name]
-        out = self.check_finite(out.to(self._device, self._dtype), self.calls)
-        ctx.step += 1
-        self.calls += 1
-        self.blocks_skipped += skipped
-        self.blocks_evaluated += self.blocks_per_call - skipped
-        self.skipped_per_call.append(skipped)
+        out = self.check_finite(out.to(self._device, self._dtype), step)
+        self.run.record(_Call(self.name, context, step, skipped, change))
         if self.trace is not None:
             self.trace.append(out.detach().clone())
         return (out,) if not return_dict else {"sample": out}
@@ -176,47 +249,50 @@ class CachedEngineModule(ComponentStandIn):
         out = self.runners[name]({**dict(zip(self.streams, streams, strict=True)), **shared})
         return tuple(out[f"{k}_out"] for k in self.streams)
 
-    def _static(self, ctx: _Context, streams: Streams, shared: dict[str, torch.Tensor]) -> tuple[Streams, int]:
+    def _static(
+        self, branch: _Branch, step: int, streams: Streams, shared: dict[str, torch.Tensor]
+    ) -> tuple[Streams, int]:
         skipped = 0
         for name, seg in self.segments:
             group = self.groups.get(seg.group) if self.enabled and seg.group else None
-            cached = ctx.residuals.get(seg.index)
-            if group and group.cached_at(ctx.step) and cached and cached[0].shape == streams[0].shape:
+            cached = branch.residuals.get(seg.index)
+            if group and group.cached_at(step) and cached and cached[0].shape == streams[0].shape:
                 streams = _plus(streams, cached)
                 skipped += len(seg.blocks)
                 continue
             new = self._run(name, streams, shared)
             if group:
-                ctx.residuals[seg.index] = _minus(new, streams)
+                branch.residuals[seg.index] = _minus(new, streams)
             streams = new
         return streams, skipped
 
-    def _first_block(self, ctx: _Context, streams: Streams, shared: dict[str, torch.Tensor]) -> tuple[Streams, int]:
+    def _first_block(
+        self, branch: _Branch, streams: Streams, shared: dict[str, torch.Tensor]
+    ) -> tuple[Streams, int, float | None]:
         (first_name, _), rest = self.segments[0], self.segments[1:]
         new = self._run(first_name, streams, shared)
         residual = new[0] - streams[0]
         streams = new
         change = None
-        if ctx.first_residual is not None and ctx.first_residual.shape == residual.shape:
-            change = rel_l1(residual, ctx.first_residual)
-        self.rel_change.append(change)
-        cached = ctx.residuals.get(1)
+        if branch.first_residual is not None and branch.first_residual.shape == residual.shape:
+            change = rel_l1(residual, branch.first_residual)
+        cached = branch.residuals.get(1)
         threshold = self.spec.threshold or 0.0
         if (
             change is not None
             and change < threshold
-            and ctx.consecutive < (self.spec.max_consecutive_skips or 0)
+            and branch.consecutive < (self.spec.max_consecutive_skips or 0)
             and cached
         ):
-            ctx.consecutive += 1
-            return _plus(streams, cached), sum(len(seg.blocks) for _, seg in rest)
+            branch.consecutive += 1
+            return _plus(streams, cached), sum(len(seg.blocks) for _, seg in rest), change
         start = streams
         for name, _ in rest:
             streams = self._run(name, streams, shared)
-        ctx.residuals[1] = _minus(streams, start)
-        ctx.first_residual = residual
-        ctx.consecutive = 0
-        return streams, 0
+        branch.residuals[1] = _minus(streams, start)
+        branch.first_residual = residual
+        branch.consecutive = 0
+        return streams, 0, change
 
 
 def _plus(a: Streams, b: Streams) -> Streams:
@@ -236,8 +312,10 @@ def load_cached_module(
     gpu: str | None,
     verifier: Verifier,
     enabled: bool = True,
+    run: CacheRun | None = None,
 ) -> tuple[CachedEngineModule, EngineEntry]:
-    """The stitched module of a split artifact and the prologue's engine entry (names the backend and arch).
+    """The stitched module of split denoiser ``component`` and the prologue's engine entry (names the backend and
+    arch). ``run``: the ``CacheRun`` of the pipeline's other experts (Wan2.2), so they count the same steps.
 
     Every part runs on the same backend: the one ``select_engine`` picks for the prologue.
     """
@@ -280,5 +358,7 @@ def load_cached_module(
         shared=tuple(name for name in block.input_names() if name not in streams),
         epilogue_inputs=tuple(entries[parts[-1][0]].input_names()),
         enabled=enabled,
+        name=component,
+        run=run,
     )
     return module, first

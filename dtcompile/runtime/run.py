@@ -202,22 +202,30 @@ def load_engine_pipeline(
             f"--cache on: {artifact_dir} has no block engines (its recipe has no cache section); use --cache off"
         )
     pipeline_dir = artifact_dir / "pipeline"
+    run = None
     if centry.is_split and not manifest.stopped_after:
+        from dtcompile.runtime.cache import CacheRun
+
+        run = CacheRun()  # shared by the experts (Wan2.2): one step count, a cache state per expert, one report
+
+    def denoiser(name: str) -> tuple[Any, EngineEntry]:
+        if run is None or not manifest.component(name).is_split:
+            return _denoiser_module(artifact_dir, manifest, name, backend, verifier)
         from dtcompile.runtime.cache import load_cached_module
 
-        module, entry = load_cached_module(
-            artifact_dir, manifest, comp, backend, gpu=gpu_arch(), verifier=verifier, enabled=cache is not False
+        enabled = cache is not False
+        return load_cached_module(
+            artifact_dir, manifest, name, backend, gpu=gpu_arch(), verifier=verifier, enabled=enabled, run=run
         )
-        dtype, device = module.dtype, module.device
-    else:
-        module, entry = _denoiser_module(artifact_dir, manifest, comp, backend, verifier)
-        dtype, device = module.dtype, module.device
+
+    module, entry = denoiser(comp)
+    dtype, device = module.dtype, module.device
     standins = {
         manifest.component(name).attr or name: _aux_module(artifact_dir, manifest, name, backend, verifier)
         for name in manifest.aux_names()
     }
     for name in manifest.denoiser_names()[1:]:  # Wan2.2's second expert: the pipeline switches between them
-        standins[name] = _denoiser_module(artifact_dir, manifest, name, backend, verifier)[0]
+        standins[name] = denoiser(name)[0]
     if not (pipeline_dir / "model_index.json").is_file():
         raise ArtifactError(
             f"{pipeline_dir}: artifact has no pipeline files (built with output.include_pipeline: false)"

@@ -1,8 +1,8 @@
 """Export stage for cached artifacts: a loaded transformer in, one ONNX graph per part out.
 
 Input: a ``LoadedPipeline`` whose recipe has a ``cache`` section. The adapter's ``cache_layout()``
-(``dtcompile.models.base.CacheLayout``) says how its component splits. Output: ``<artifact>/onnx/<comp>.<part>.onnx``
-for
+(``dtcompile.models.base.CacheLayout``) says how its component splits, and each further denoiser (Wan2.2's
+``transformer_2``) splits the same way. Output: ``<artifact>/onnx/<comp>.<part>.onnx`` per denoiser ``comp`` for
 
 - ``prologue``: the monolithic graph's inputs -> the layout's ``streams`` and ``shared`` tensors;
 - ``blocks<i>``: one per segment (``dtcompile.recipe.cache.plan_segments``): streams + shared -> ``<stream>_out``,
@@ -166,26 +166,34 @@ def _torch_runner(layout: CacheLayout, output_name: str) -> Any:
 
 
 def export_split(
-    loaded: LoadedPipeline, recipe: Recipe, artifact_dir: Path, *, attention: AttentionChoice
+    loaded: LoadedPipeline,
+    recipe: Recipe,
+    artifact_dir: Path,
+    *,
+    attention: AttentionChoice,
+    component: str | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, ExportedComponent]]]:
-    """Export every part of the adapter's component of ``loaded`` into ``artifact_dir/onnx`` and check them.
+    """Export every part of the adapter's component of ``loaded`` (or of another denoiser, ``component``: Wan2.2's
+    ``transformer_2``) into ``artifact_dir/onnx`` and check them.
 
-    Returns the main component's manifest entry (config, overall I/O, the cache spec and segments, the part
+    Returns the component's manifest entry (config, overall I/O, the cache spec and segments, the part
     names in execution order, parity of the chain; no engines of its own) and ``(name, ExportedComponent)``
-    per part, in execution order, for the build stage. ``attention`` is the caller's
-    ``resolve_attention(recipe, targets)``; export.attention applies to every part (docs/attention.md).
-    Raises as ``export_parts``, and RecipeError when a cache pattern matches no block (checked again here for
-    sources the dry run could not read).
+    per part, in execution order, for the build stage; the parts are named ``<component>.<part>`` and list the
+    component as ``part_of``. ``attention`` is the caller's ``resolve_attention(recipe, targets)``;
+    export.attention applies to every part (docs/attention.md). Raises as ``export_parts``, and RecipeError when
+    a cache pattern matches no block (checked again here for sources the dry run could not read).
     """
+    from dtcompile.models.base import component_view
     from dtcompile.stages.export import shapes_from_recipe
 
     if recipe.cache is None:
         raise BuildError("export_split needs a recipe with a cache section")
-    module = getattr(loaded.pipe, loaded.adapter.component).eval()
-    segments = plan_segments(recipe.cache, loaded.adapter.block_names(dict(module.config)))
+    adapter = component_view(loaded.adapter, component)
+    module = getattr(loaded.pipe, adapter.component).eval()
+    segments = plan_segments(recipe.cache, adapter.block_names(dict(module.config)))
     main, exported = export_parts(
         module,
-        loaded.adapter,
+        adapter,
         loaded.pipe_config,
         shapes_from_recipe(recipe.export.shapes),
         recipe.dtype,

@@ -50,6 +50,22 @@ class ResolvedSource:
             return ADAPTERS.get(adapter_for_pipeline_class(pipeline_class_of(index.parent)))()
         return None
 
+    @property
+    def denoisers(self) -> tuple[str, ...] | None:
+        """The denoiser components, the adapter's first (Wan2.2: both experts), known without loading weights
+        (None: a hub model not downloaded yet)."""
+        adapter = self.adapter
+        if adapter is None:
+            return None
+        if self.kind == "builtin":
+            from dtcompile.models.builtin import builtin
+
+            return builtin(self.builtin_name).denoisers or (adapter.component,)
+        index = (
+            self.local_dir / "model_index.json" if self.local_dir else cached_hub_file(self.spec, "model_index.json")
+        )
+        return tuple(adapter.denoisers(model_index(index.parent))) if index is not None else None
+
 
 def cached_hub_file(spec: ModelSpec, filename: str) -> Path | None:
     """A file of a hub model from the local Hugging Face cache, or None (nothing is downloaded)."""
@@ -170,9 +186,8 @@ def model_index(folder: Path) -> dict[str, Any]:
 
 
 def check_denoisers(recipe: Any, denoisers: tuple[str, ...]) -> None:
-    """Each LoRA names one of ``denoisers`` (``lora[i].component``, default the first); block caching handles one
-    denoiser, so it is refused for a pipeline with several (UnsupportedError); quant takes each denoiser in turn,
-    with every calibration step."""
+    """Each LoRA names one of ``denoisers`` (``lora[i].component``, default the first); quant takes each denoiser
+    in turn, with every calibration step."""
     for i, spec in enumerate(recipe.lora or []):
         if spec.component is not None and spec.component not in denoisers:
             raise RecipeError(
@@ -185,11 +200,6 @@ def check_denoisers(recipe: Any, denoisers: tuple[str, ...]) -> None:
         raise UnsupportedError(
             "quant.calib.percentile: with several denoisers every calibration step is needed (the later experts run "
             "only the late steps); set it to 1.0"
-        )
-    if recipe.cache:
-        raise UnsupportedError(
-            f"cache: this pipeline has {len(denoisers)} denoisers ({', '.join(denoisers)}, e.g. Wan2.2's experts) "
-            "and dtc splits one into block engines so far; build it without the cache section"
         )
 
 

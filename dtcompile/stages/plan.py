@@ -100,10 +100,11 @@ def make_plan(recipe: Recipe, recipe_path: str | Path | None = None) -> Plan:
         if recipe.export.shapes.frames is not None and not adapter.video:
             raise RecipeError(f"export.shapes.frames: {adapter.pipeline_class} makes images, not videos; remove frames")
         adapter.check_shapes(recipe.export.shapes, lambda comp: component_config(plan.source, comp))
-        if plan.source.local_dir is not None:  # several denoisers (Wan2.2's experts) take no quant/LoRA/cache yet
-            from dtcompile.stages.load import check_denoisers, model_index
+        denoisers = plan.source.denoisers
+        if denoisers is not None:  # several denoisers (Wan2.2's experts): LoRA components, whole calibration runs
+            from dtcompile.stages.load import check_denoisers
 
-            check_denoisers(recipe, tuple(adapter.denoisers(model_index(plan.source.local_dir))))
+            check_denoisers(recipe, denoisers)
     plan.targets = _plan_targets(recipe, plan.settings)
     if recipe.components and adapter is not None:
         aux = aux_components(recipe, adapter)
@@ -272,8 +273,14 @@ def _plan_cache(plan: Plan) -> list[str]:
     from dtcompile.recipe.cache import plan_lines, plan_segments
 
     spec = plan.recipe.cache
-    adapter = plan.source.adapter
-    config = component_config(plan.source, adapter.component) if adapter is not None else None
-    if config is None:
-        return [f"cache {spec.mode}: block patterns are checked after the model downloads (not cached locally)"]
-    return plan_lines(spec, plan_segments(spec, adapter.block_names(config)))
+    adapter, denoisers = plan.source.adapter, plan.source.denoisers
+    later = [f"cache {spec.mode}: block patterns are checked after the model downloads (not cached locally)"]
+    if adapter is None or denoisers is None:
+        return later
+    segments = {}
+    for name in denoisers:  # each denoiser is split on its own (Wan2.2: both experts)
+        config = component_config(plan.source, name)
+        if config is None:
+            return later
+        segments[name] = plan_segments(spec, adapter.block_names(config))
+    return plan_lines(spec, segments)

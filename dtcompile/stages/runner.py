@@ -220,22 +220,32 @@ def export_step(state: BuildState) -> list[str]:
 
     recipe, comp, manifest = state.plan.recipe, state.component, state.manifest
     attention = state.plan.attention
-    if recipe.cache is not None:  # one graph per part (prologue, block segments, epilogue)
+    extra = state.files.extra_denoisers()  # Wan2.2's second expert: a graph (or parts) of its own, same shapes
+    graphs: list[tuple[str, Any]] = []
+    if recipe.cache is not None:  # each denoiser: one graph per part (prologue, block segments, epilogue)
         from dtcompile.stages.cache_split import export_split
 
-        manifest["components"][comp], graphs = export_split(state.loaded, recipe, state.tmp, attention=attention)
+        for name in state.files.denoisers:
+            if name != comp:
+                log.info("[export] denoiser %s, split for caching ...", name)
+            manifest["components"][name], parts = export_split(
+                state.loaded, recipe, state.tmp, attention=attention, component=name
+            )
+            graphs += parts
     else:
         quantized = state.quantized.get(comp)
-        graphs = [(comp, export_component(state.loaded, recipe, state.tmp, quantized, attention=attention))]
-    for name in state.files.extra_denoisers():  # Wan2.2's second expert: a graph of its own, same shapes
-        log.info("[export] denoiser %s ...", name)
-        graphs.append((name, export_component(state.loaded, recipe, state.tmp, state.quantized.get(name),
-                                              attention=attention, component=name)))  # fmt: skip
+        graphs.append((comp, export_component(state.loaded, recipe, state.tmp, quantized, attention=attention)))
+        for name in extra:
+            log.info("[export] denoiser %s ...", name)
+            graphs.append((name, export_component(state.loaded, recipe, state.tmp, state.quantized.get(name),
+                                                  attention=attention, component=name)))  # fmt: skip
     aux = aux_components(recipe, state.loaded.adapter)
+    aux_graphs = []
     for i, spec in enumerate(aux, 1):  # text encoders and the VAE decoder, after the denoiser
         log.info("[export] component %d/%d %s ...", i, len(aux), spec.name)
-        graphs.append((spec.name, export_aux(state.loaded, recipe, state.tmp, spec)))
-    attrs = [g.manifest.get("attr", name) for name, g in graphs if name != comp and not g.manifest.get("part_of")]
+        aux_graphs.append((spec.name, export_aux(state.loaded, recipe, state.tmp, spec)))
+    graphs += aux_graphs
+    attrs = [*extra, *(g.manifest.get("attr", name) for name, g in aux_graphs)]
     manifest["pipeline"] = (
         export_pipeline_files(state.loaded, state.tmp, attrs) if recipe.output.include_pipeline else {}
     )

@@ -38,11 +38,71 @@ def wan22(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build(tmp_path_factory, "tiny-wan22.yaml")
 
 
+@pytest.fixture(scope="module")
+def wan22_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """recipes/tiny-wan22-cache.yaml: both experts split into block engines, first-block caching."""
+    return _build(tmp_path_factory, "tiny-wan22-cache.yaml")
+
+
+# One small run for the cache tests: 6 steps x (cond + uncond) = 12 calls; at boundary 0.875 tiny-wan22's
+# high-noise expert takes steps 0-1 (calls 0-3) and the low-noise one steps 2-5 (calls 4-11).
+CACHE_RUN = {"steps": 6, "seed": 3, "frames": 9, "height": 48, "width": 64, "guidance": 5.0,
+             "negative_prompt": NEGATIVE, "backend": "onnxruntime", "trace": True}  # fmt: skip
+
+
+def _cache_runs(mono: Path, cached: Path) -> dict[str, Any]:
+    """The monolithic artifact's run ("mono") and the split artifact's with the cache off and on, at ``CACHE_RUN``."""
+    from dtcompile.runtime.run import run_artifact
+
+    return {
+        "mono": run_artifact(mono, PROMPT, **CACHE_RUN),
+        "off": run_artifact(cached, PROMPT, cache=False, **CACHE_RUN),
+        "on": run_artifact(cached, PROMPT, **CACHE_RUN),
+    }
+
+
+def _check_cache_off(runs: dict[str, Any]) -> list[float]:
+    """``--cache off`` equals the monolithic artifact at every transformer call (1e-4 rel L2, fp32, onnxruntime)
+    and runs every block; returns each call's rel L2."""
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.recipe.cache import stats_line
+
+    off, ref = runs["off"].trace, runs["mono"].trace
+    assert len(off) == len(ref) == 2 * CACHE_RUN["steps"]  # conditional + unconditional per step
+    errors = [rel_l2(a, b) for a, b in zip(off, ref, strict=True)]
+    for call, err in enumerate(errors):
+        assert off[call].shape == (1, 16, 3, 6, 8) and err <= 1e-4, f"call {call}: rel L2 {err:.2e}"
+    stats = runs["off"].cache_stats
+    total = stats["blocks_per_call"] * len(off)
+    assert stats_line(stats).startswith(f"cache off: {total} of {total} block evaluations run, 0 skipped")
+    return errors
+
+
+def _replay_first_block(changes: list[float | None], threshold: float, cap: int = 2) -> list[int]:
+    """The calls first-block caching skips, from the changes it reported (below the threshold, at most ``cap``
+    in a row), for the calls of one expert in one guidance branch."""
+    skipped, run = [], 0
+    for i, c in enumerate(changes):
+        if c is not None and c < threshold and run < cap:
+            skipped.append(i)
+            run += 1
+        else:
+            run = 0
+    return skipped
+
+
+@pytest.fixture(scope="module")
+def wan22_cache_runs(wan22: Path, wan22_cache: Path) -> dict[str, Any]:
+    return _cache_runs(wan22, wan22_cache)
+
+
 def test_both_experts_have_engines_and_the_frames_profile(wan22: Path) -> None:
     from dtcompile.manifest import read_manifest
+    from dtcompile.models.builtin import builtin
 
     m = read_manifest(wan22)
     assert m.source.pipeline_class == "WanPipeline" and m.denoiser_names() == ["transformer", "transformer_2"]
+    assert builtin("tiny-wan22").denoisers == tuple(m.denoiser_names())  # what the dry run knows before generating
     assert m.shapes["frames"].min == 5 and m.shapes["frames"].max == 17
     for name in ("transformer", "transformer_2"):
         comp = m.component(name)
@@ -114,33 +174,25 @@ def test_run_matches_wanpipeline_every_call(
     assert min(psnr(x, y) for x, y in zip(a, b, strict=True)) >= 40  # every decoded frame
 
 
-def test_first_block_cache_off_matches_the_monolithic_artifact_per_branch(wan21: Path, tmp_path: Path) -> None:
+def test_first_block_cache_off_matches_the_monolithic_artifact_per_branch(
+    wan21: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Wan2.1 split into block engines (recipes/tiny-wan21-cache.yaml): --cache off equals the monolithic
     artifact at every call (cond and uncond branches); first-block caching skips with one state per branch and
     reports the per-call change it decided on."""
     from dtcompile.core.metrics import rel_l2
     from dtcompile.manifest import read_manifest
-    from dtcompile.recipe import load_recipe
     from dtcompile.recipe.cache import stats_line
-    from dtcompile.runtime.run import run_artifact
-    from dtcompile.stages.runner import run_build
 
-    cached = run_build(load_recipe(ROOT / "recipes" / "tiny-wan21-cache.yaml", [f"output.dir={tmp_path}"]))
-    m = read_manifest(cached.artifact_dir)
+    cached = _build(tmp_path_factory, "tiny-wan21-cache.yaml")
+    m = read_manifest(cached)
     parts = m.component("transformer").parts
     assert parts == ["transformer.prologue", "transformer.blocks0", "transformer.blocks1", "transformer.epilogue"]
     for name in parts:
         assert {e.target for e in m.component(name).engines} >= {"tensorrt-rtx:sm_89", "tensorrt-rtx:sm_120"}
-    kw = {"steps": 6, "seed": 3, "frames": 9, "height": 48, "width": 64, "guidance": 5.0,
-          "negative_prompt": NEGATIVE, "backend": "onnxruntime", "trace": True}  # fmt: skip
-    mono = run_artifact(wan21, PROMPT, **kw)
-    off = run_artifact(cached.artifact_dir, PROMPT, cache=False, **kw)
-    assert len(off.trace) == len(mono.trace) == 12  # 6 steps x (conditional + unconditional)
-    for call, (got, ref) in enumerate(zip(off.trace, mono.trace, strict=True)):
-        assert got.shape == (1, 16, 3, 6, 8)
-        assert rel_l2(got, ref) <= 1e-4, f"call {call}"
-    assert stats_line(off.cache_stats).startswith("cache off: 24 of 24 block evaluations run, 0 skipped")
-    on = run_artifact(cached.artifact_dir, PROMPT, **kw)
+    runs = _cache_runs(wan21, cached)
+    _check_cache_off(runs)
+    on, off = runs["on"], runs["off"]
     stats = on.cache_stats
     change = stats["rel_change"]
     assert change[:2] == [None, None]  # the first call of each branch has nothing to compare with
@@ -150,7 +202,90 @@ def test_first_block_cache_off_matches_the_monolithic_artifact_per_branch(wan21:
         assert change[call] is not None and change[call] < 0.1
         assert 0 < rel_l2(on.trace[call], off.trace[call]) < 0.05  # an approximation, not a copy
     assert {c % 2 for c in skipped} == {0, 1}  # both branches skip, each deciding on its own state
-    assert "skipped" in stats_line(stats)
+    assert "skipped" in stats_line(stats) and "\n" not in stats_line(stats)  # one expert: one line
+
+
+def test_wan22_cache_splits_both_experts_per_target(wan22_cache: Path) -> None:
+    """Each expert of tiny-wan22 is split into its own prologue / block segments / epilogue, every part built
+    for every target and listed with ``part_of`` its expert; the pipeline files hold neither expert."""
+    from dtcompile.manifest import read_manifest
+
+    m = read_manifest(wan22_cache)
+    assert m.denoiser_names() == ["transformer", "transformer_2"]
+    for expert in ("transformer", "transformer_2"):
+        comp = m.component(expert)
+        assert comp.engines == [] and comp.parity["rel_l2"] <= 1e-4  # the chained parts vs the torch expert
+        assert comp.parts == [f"{expert}.{p}" for p in ("prologue", "blocks0", "blocks1", "epilogue")]
+        assert [s["blocks"] for s in comp.cache["segments"]] == [["blocks.0"], ["blocks.1"]]
+        for name in comp.parts:
+            part = m.component(name)
+            assert part.part_of == expert and part.parity["rel_l2"] <= 1e-4
+            assert {e.target for e in part.engines} == {
+                "onnxruntime:any", "tensorrt-rtx:sm_89", "tensorrt-rtx:sm_120"
+            }, name  # fmt: skip
+    files = {Path(f.file).parts[1] for f in m.pipeline.files}
+    assert "transformer" not in files and "transformer_2" not in files
+
+
+def test_wan22_cache_off_matches_the_monolithic_artifact_every_call(wan22_cache_runs: dict[str, Any]) -> None:
+    """--cache off on the split experts equals the monolithic tiny-wan22 artifact at all 12 calls, the calls
+    right after WanPipeline's switch to transformer_2 included, and the run reports each expert's calls."""
+    errors = _check_cache_off(wan22_cache_runs)
+    stats = wan22_cache_runs["off"].cache_stats
+    assert stats["calls"] == 12 and stats["blocks_skipped"] == 0
+    experts = stats["experts"]
+    assert experts["transformer"]["calls"] == [0, 1, 2, 3] and experts["transformer"]["steps"] == [0, 1]
+    assert experts["transformer_2"]["calls"] == list(range(4, 12)) and experts["transformer_2"]["steps"] == [2, 3, 4, 5]
+    assert wan22_cache_runs["mono"].engine_module.calls == 4  # the monolithic run switched at the same call
+    assert max(errors[c] for c in experts["transformer_2"]["calls"][:2]) <= 1e-4  # the switch (cond, uncond)
+
+
+def test_wan22_first_block_skips_per_expert_with_separate_states(wan22_cache_runs: dict[str, Any]) -> None:
+    """First-block caching on both experts: each skips on its own, decided on its own per-branch state, and the
+    first calls after the switch (cond and uncond) compute every block: no change is measured there (there is
+    nothing of transformer_2's own to compare with, and transformer's residuals are not used)."""
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.recipe.cache import stats_line
+
+    on, off = wan22_cache_runs["on"], wan22_cache_runs["off"]
+    stats = on.cache_stats
+    experts = stats["experts"]
+    assert sum(e["blocks_skipped"] for e in experts.values()) == stats["blocks_skipped"] > 0
+    for name, e in experts.items():
+        assert e["blocks_skipped"] > 0, name  # both experts skip
+        for branch in (0, 1):  # cond, uncond: each expert and branch replays the rule on its own changes
+            calls = e["calls"][branch::2]
+            changes = [stats["rel_change"][c] for c in calls]
+            assert changes[0] is None, (name, branch)  # a fresh state: the expert's first call in this branch
+            skipped = [calls[i] for i in _replay_first_block(changes, stats["threshold"])]
+            assert [c for c in e["cached_calls"] if c in calls] == skipped, (name, branch)
+        assert e["blocks_skipped"] == len(e["cached_calls"])  # one cached segment of one block
+    for call in experts["transformer_2"]["calls"][:2]:  # the switch: every block computed, nothing reused
+        assert stats["skipped_per_call"][call] == 0 and stats["rel_change"][call] is None
+    for call in stats["cached_calls"]:
+        assert 0 < rel_l2(on.trace[call], off.trace[call]) < 0.05  # an approximation, not a copy
+    lines = stats_line(stats).splitlines()
+    assert len(lines) == 3 and lines[1].startswith("  transformer (steps 0-1, 4 calls): ")
+    assert lines[2].startswith("  transformer_2 (steps 2-5, 8 calls): ")
+    assert "first-block change per call [-, -, " in lines[2]  # the switch: no change measured in either branch
+
+
+def test_wan22_cache_recipe_dry_run_lists_both_experts_segments() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dtcompile", "build", "--recipe", str(ROOT / "recipes" / "tiny-wan22-cache.yaml"),
+         "--dry-run"], capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "2 denoisers (transformer, transformer_2), switched by the pipeline" in out
+    for expert in ("transformer", "transformer_2"):
+        section = out.split(f"\n  {expert}:\n", 1)[1]
+        assert section.startswith(
+            "    graphs: prologue, 2 block segment(s), epilogue\n"
+            "    segment 0: blocks.0  first block (always computed)\n"
+            "    segment 1: blocks.1  skipped when the first block barely changes\n"
+        ), expert
+    assert out.rstrip().endswith("dry run: OK, nothing loaded or written")
 
 
 def test_cli_writes_an_mp4_a_decoder_reads_back(wan21: Path, tmp_path: Path) -> None:
@@ -223,12 +358,15 @@ def test_recipe_frame_rules_in_the_dry_run(tmp_path: Path) -> None:
         make_plan(load_recipe(flux, ["export.shapes.frames=9", f"output.dir={tmp_path}"]))
 
 
-def test_two_experts_refuse_lora_cache_and_partial_calibration_before_loading(tmp_path: Path) -> None:
+def test_two_experts_refuse_a_foreign_lora_and_partial_calibration_before_loading_but_take_a_cache(
+    tmp_path: Path,
+) -> None:
     import torch
     from diffusers import WanTransformer3DModel
 
     from dtcompile.models.builtin import builtin_model_path
     from dtcompile.recipe import load_recipe
+    from dtcompile.stages.plan import make_plan
     from dtcompile.stages.runner import run_build
     from tests.fixtures.lora import make_peft_lora
 
@@ -241,12 +379,14 @@ def test_two_experts_refuse_lora_cache_and_partial_calibration_before_loading(tm
         quant: "quant.calib.percentile: with several denoisers every calibration step is needed",
         f"lora=[{{source: {lora}, component: transformer_3}}]": r"lora\[0\].component: 'transformer_3' is not a "
         r"denoiser of this pipeline \(it has: transformer, transformer_2\)",
-        "cache={mode: first_block, threshold: 0.1}": r"cache: this pipeline has 2 denoisers",
     }
     for override, message in cases.items():
         with pytest.raises((UnsupportedError, RecipeError), match=message):
             run_build(load_recipe(base, [override, f"output.dir={tmp_path}"]))
     assert not list(tmp_path.iterdir())
+    # a cache section was refused here before each expert could be split; now it plans both experts' parts
+    plan = make_plan(load_recipe(base, ["cache={mode: first_block, threshold: 0.1}", f"output.dir={tmp_path}"]))
+    assert sum(line in ("  transformer:", "  transformer_2:") for line in plan.lines()) == 2
 
 
 def test_fp8_quantizes_both_experts(tmp_path: Path) -> None:
