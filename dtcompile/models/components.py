@@ -30,6 +30,39 @@ TEXT_OUTPUTS = ("last_hidden_state", "pooler_output", "text_embeds", "penultimat
 #: Component names the recipe's ``components`` list can name besides the denoiser.
 AUX_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
 
+#: T5 encoder modules a quantized T5 keeps in its own dtype, besides what no format quantizes (the RMS norms;
+#: attention matmuls stay unquantized in text encoders): the token embedding and the relative position bias
+#: (lookups, to which ModelOpt would give fp8 weight quantizers) and the feed-forward output projection ``wo``,
+#: which transformers keeps in float32 for 8-bit T5 because T5 v1.1-XXL's inputs to it carry outliers
+#: (``T5PreTrainedModel._keep_in_fp32_modules``, huggingface/transformers#20287).
+T5_QUANT_EXCLUDE = ("shared", "*embed_tokens", "*relative_attention_bias", "*DenseReluDense.wo")
+
+
+@dataclass(frozen=True)
+class ComponentKind:
+    """What an aux component is, and the quant formats dtcompile builds it in (``components[i].quant``).
+
+    ``quant_exclude``: module-name patterns (fnmatch, as ``quant.exclude``) left in the component's dtype when
+    it is quantized; ``no_quant``: why a kind with no formats takes none (the refusal says it).
+    """
+
+    description: str
+    quant_formats: tuple[str, ...] = ()
+    quant_exclude: tuple[str, ...] = ()
+    no_quant: str = ""
+
+
+#: The kinds ``ModelAdapter.aux_components`` maps each component name to.
+COMPONENT_KINDS: dict[str, ComponentKind] = {
+    "clip": ComponentKind(
+        "a CLIP text encoder", no_quant="CLIP encoders are built unquantized (fp8 is for T5 encoders)"
+    ),
+    "t5": ComponentKind("a T5 text encoder", ("fp8",), T5_QUANT_EXCLUDE),
+    "vae": ComponentKind(
+        "the VAE decoder", no_quant="it is convolutions, which dtcompile never quantizes: it stays float"
+    ),
+}
+
 
 def aux_attr(name: str) -> str:
     """The pipeline attribute (and source folder) behind component ``name``: ``vae`` for ``vae_decoder``."""
@@ -88,6 +121,20 @@ class TextEncoderGraph:
 
     def _tokens(self, shapes: Shapes) -> Range:
         return shapes.text_len if self.tokens is None else Range(self.tokens, self.tokens, self.tokens)
+
+    @property
+    def tokenizer(self) -> str:
+        """The pipeline attribute of this encoder's tokenizer (diffusers' naming: text_encoder_2 -> tokenizer_2)."""
+        return self.name.replace("text_encoder", "tokenizer", 1)
+
+    def input_ids(self, pipe: Any, prompts: list[str], shapes: Shapes) -> torch.Tensor:
+        """``prompts`` tokenized as the pipelines do for this encoder (padded and truncated to the graph's token
+        count at the opt shape: CLIP's 77, T5's ``text_len``): int64, len(prompts) x tokens."""
+        tokenizer = getattr(pipe, self.tokenizer)
+        n = self._tokens(shapes).opt
+        return tokenizer(
+            list(prompts), padding="max_length", max_length=n, truncation=True, return_tensors="pt"
+        ).input_ids
 
     @staticmethod
     def _widths(module: torch.nn.Module) -> dict[str, int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
@@ -475,7 +475,7 @@ class FluxAdapter:
         return int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
 
     # other components that can become engines (recipe ``components``), besides the transformer
-    aux_components = ("text_encoder", "text_encoder_2", "vae_decoder")
+    aux_components: ClassVar[dict[str, str]] = {"text_encoder": "clip", "text_encoder_2": "t5", "vae_decoder": "vae"}
 
     def denoisers(self, model_index: dict[str, Any]) -> tuple[str, ...]:
         return (self.component,)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import ExportSpec, Shapes, TensorSpec
@@ -225,7 +225,7 @@ class Flux2Adapter(FluxAdapter):
     )
     # vae_decoder: the pipeline reads vae.bn's running statistics, which an engine stand-in does not carry;
     # text_encoder: Mistral-3's hidden states of three layers, not a graph output yet.
-    aux_components: tuple[str, ...] = ()
+    aux_components: ClassVar[dict[str, str]] = {}
 
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:

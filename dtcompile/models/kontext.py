@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes
@@ -82,7 +82,8 @@ class KontextAdapter(FluxAdapter):
     family = "flux-kontext"
     pipeline_class = "FluxKontextPipeline"
     reference_image = True
-    aux_components = ("text_encoder", "text_encoder_2")  # the reference is VAE-encoded: the VAE stays torch
+    # the reference is VAE-encoded: the VAE stays torch
+    aux_components: ClassVar[dict[str, str]] = {"text_encoder": "clip", "text_encoder_2": "t5"}
 
     def _shapes_at(
         self, module: torch.nn.Module, vae_scale_factor: int, batch: int, height: int, width: int, text_len: int

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
@@ -317,7 +317,9 @@ class SD3Adapter:
     default_exclude = ("*pos_embed*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
 
     # other components that can become engines (recipe ``components``), besides the transformer
-    aux_components = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
+    aux_components: ClassVar[dict[str, str]] = {
+        "text_encoder": "clip", "text_encoder_2": "clip", "text_encoder_3": "t5", "vae_decoder": "vae",
+    }  # fmt: skip
 
     def denoisers(self, model_index: dict[str, Any]) -> tuple[str, ...]:
         return (self.component,)

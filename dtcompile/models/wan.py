@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
@@ -392,7 +392,7 @@ class WanAdapter:
     negative_prompt = True  # classifier-free guidance with a negative prompt
     reference_image = False
     video = True
-    aux_components: tuple[str, ...] = ()  # the causal VAE and the masked UMT5 call stay in torch
+    aux_components: ClassVar[dict[str, str]] = {}  # the causal VAE and the masked UMT5 call stay in torch
     # NVIDIA's Wan examples keep the embedders, the output head and the norms in high precision.
     default_exclude = (
         "*patch_embedding*", "*condition_embedder*", "*proj_out*", "*norm_out*", "*scale_shift_table*",

@@ -186,16 +186,18 @@ class AccuracyReport:
     """Candidate against reference. Per step (worst prompt): teacher-forced and free-running noise-prediction
     cosine similarity and relative L2 error; per prompt: final-image PSNR (dB); for videos also every frame's
     PSNR (``frame_psnr_db``, per prompt) and ``psnr_db`` the worst frame's. A teacher-forced-only report
-    (``free_running`` and ``psnr_db`` None) compares the component alone, outside the pipeline."""
+    (``free_running`` and ``psnr_db`` None) compares the component alone, outside the pipeline; a text
+    encoder's (``outputs`` set) has one entry per graph output in place of steps, each the worst prompt's."""
 
     candidate: str
     reference: str
     prompts: int
-    steps: int
+    steps: int | None  # None: a component called once per prompt (``outputs`` in place of steps)
     teacher_forced: dict[str, list[float]]
     free_running: dict[str, list[float]] | None = None
     psnr_db: list[float] | None = None
     frame_psnr_db: list[list[float]] | None = None
+    outputs: list[str] | None = None  # a text encoder's report: one entry per graph output, not per step
 
     @property
     def max_rel_err(self) -> float:
@@ -213,13 +215,12 @@ class AccuracyReport:
         def r(values: list[float]) -> list[float]:
             return [float(f"{v:.6g}") for v in values]
 
-        out: dict[str, Any] = {
-            "candidate": self.candidate,
-            "reference": self.reference,
-            "prompts": self.prompts,
-            "steps": self.steps,
-            "teacher_forced": {k: r(v) for k, v in self.teacher_forced.items()},
-        }
+        out: dict[str, Any] = {"candidate": self.candidate, "reference": self.reference, "prompts": self.prompts}
+        if self.outputs is not None:
+            out["outputs"] = list(self.outputs)
+        else:
+            out["steps"] = self.steps
+        out["teacher_forced"] = {k: r(v) for k, v in self.teacher_forced.items()}
         summary = {"min_cos": float(f"{self.min_cos:.6g}"), "max_rel_err": float(f"{self.max_rel_err:.6g}")}
         if self.free_running is not None:
             out["free_running"] = {k: r(v) for k, v in self.free_running.items()}
@@ -504,15 +505,17 @@ def parity_tolerance(quant_format: str, tolerance: float | None = None) -> float
     return get_format(quant_format).parity_tolerance if tolerance is None else tolerance
 
 
-def check_parity(report: AccuracyReport, quant_format: str, tolerance: float) -> None:
-    """Fail when the exported graph strays from the fake-quant model by more than ``tolerance``.
+def check_parity(report: AccuracyReport, quant_format: str, tolerance: float, *, field: str = "quant.format") -> None:
+    """Fail when the exported graph strays from the fake-quant model by more than ``tolerance``; ``field`` is
+    the recipe field that asked for the format (``components[2].quant`` for a text encoder).
 
     Raises:
-        VerificationError: naming the worst step, its error, the tolerance and what to do.
+        VerificationError: naming the worst step (or output), its error, the tolerance and what to do.
     """
     errors = report.teacher_forced["rel_err_max"]
     worst = max(range(len(errors)), key=lambda i: (math.isnan(errors[i]), errors[i]))
     err = errors[worst]
+    where = f"output {report.outputs[worst]}" if report.outputs else f"step {worst}"
     log.info(
         "parity %s vs %s: teacher-forced max rel err %.3g (tolerance %g)",
         report.candidate,
@@ -522,10 +525,96 @@ def check_parity(report: AccuracyReport, quant_format: str, tolerance: float) ->
     )
     if not err <= tolerance:  # also catches NaN
         raise VerificationError(
-            f"quant.format {quant_format}: the exported graph in {report.candidate} differs from the "
-            f"{report.reference} model by a relative error of {err:.3g} at step {worst}, over the tolerance "
+            f"{field} {quant_format}: the exported graph in {report.candidate} differs from the "
+            f"{report.reference} model by a relative error of {err:.3g} at {where}, over the tolerance "
             f"{tolerance:g}; the export is wrong, not the quantization: rebuild with --debug and report it"
         )
+
+
+# --- a component called once per prompt (text encoders) ----------------------------------------------------------
+
+
+def module_outputs(
+    module: Any, inputs: Sequence[dict[str, Any]], dtype: torch.dtype | None = None, label: str = "outputs"
+) -> list[list[torch.Tensor]]:
+    """[input][output]: ``module``'s outputs (a tensor or a tuple of them; CPU float32) on each keyword feed of
+    ``inputs``; floating-point inputs cast to ``dtype`` first when given. ``label`` names the progress."""
+    import torch
+
+    from dtcompile.core.progress import progress
+
+    def cast(v: Any) -> Any:
+        return v.to(dtype) if dtype is not None and isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    out: list[list[torch.Tensor]] = []
+    with torch.no_grad(), quantized_forward_ctx(), progress(label, len(inputs)) as bar:
+        for feeds in inputs:
+            got = module(**{k: cast(v) for k, v in feeds.items()})
+            out.append([t.detach().float().cpu() for t in (got if isinstance(got, (tuple, list)) else (got,))])
+            bar.update()
+    return out
+
+
+def outputs_report(
+    candidate: list[list[Any]], reference: list[list[Any]], outputs: Sequence[str], *, names: tuple[str, str]
+) -> AccuracyReport:
+    """Candidate against reference, [input][output] each (``module_outputs``): per output, the worst input's
+    cosine and relative error. ``names``: (candidate, reference) as the report calls them."""
+    return AccuracyReport(
+        candidate=names[0],
+        reference=names[1],
+        prompts=len(reference),
+        steps=None,
+        teacher_forced=_per_step(candidate, reference),
+        outputs=list(outputs),
+    )
+
+
+def component_parity(
+    module: torch.nn.Module,
+    wrap: Any,
+    onnx_path: Path,
+    inputs: Sequence[dict[str, Any]],
+    output_names: Sequence[str],
+    quant_format: str,
+    *,
+    field: str = "quant.format",
+    tolerance: float | None = None,
+) -> ParityResult:
+    """Parity (b) of a component called once per prompt (a text encoder): its exported graph in onnxruntime
+    against the fake-quant ``module``, both in float32, on ``inputs`` (keyword feeds); ``wrap(module)`` is the
+    export wrapper (graph inputs in, graph outputs out). A 16-bit model is compared through float32 copies of
+    graph and model (``runnable_graph``, ``quant.export.float32_reference``: the graph's own rounded scales), as
+    ``parity_report`` does for a denoiser, so the format's tolerance separates an export bug from noise.
+
+    Raises:
+        VerificationError: an output's worst relative error exceeds the tolerance (``check_parity``).
+    """
+    import gc
+
+    import torch
+
+    from dtcompile.backends.onnxruntime import OrtRunner
+    from dtcompile.quant.export import float32_reference
+
+    dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+    limit = parity_tolerance(quant_format, tolerance)
+    label = f"parity {Path(onnx_path).stem}"
+    reference = module if dtype == "float32" else float32_reference(module, getattr(torch, dtype))
+    expected = module_outputs(wrap(reference), inputs, torch.float32, label=f"{label} fake-quant float32")
+    del reference
+    gc.collect()
+    with tempfile.TemporaryDirectory(prefix=".dtc-parity-") as scratch:
+        path, notes = runnable_graph(Path(onnx_path), dtype, Path(scratch))
+        runner = OrtRunner(path, optimization="basic")
+        got = [[runner(dict(feeds))[n].float().cpu() for n in output_names] for feeds in inputs]
+        del runner
+    precision = "" if dtype == "float32" else " (float32 copy)"
+    report = outputs_report(
+        got, expected, output_names, names=(f"onnxruntime{precision}", f"fake-quant torch{precision}")
+    )
+    check_parity(report, quant_format, limit, field=field)
+    return ParityResult(report, limit, ", ".join(["exported", *notes]), dtype=dtype)
 
 
 __all__ = [
@@ -537,8 +626,11 @@ __all__ = [
     "PipelineTrace",
     "accuracy_report",
     "check_parity",
+    "component_parity",
     "float32_parity",
+    "module_outputs",
     "onnxruntime_component",
+    "outputs_report",
     "parity_report",
     "parity_tolerance",
     "quantized_forward_ctx",
