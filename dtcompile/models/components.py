@@ -14,6 +14,8 @@ h/f x w/f) in, ``sample`` (batch x 3 x h x w) out, as ``vae.decode(latent)`` com
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -55,12 +57,10 @@ class ComponentKind:
 #: The kinds ``ModelAdapter.aux_components`` maps each component name to.
 COMPONENT_KINDS: dict[str, ComponentKind] = {
     "clip": ComponentKind(
-        "a CLIP text encoder", no_quant="CLIP encoders are built unquantized (fp8 is for T5 encoders)"
+        "a CLIP text encoder", no_quant="CLIP encoders stay unquantized; fp8 is built for T5 encoders"
     ),
     "t5": ComponentKind("a T5 text encoder", ("fp8",), T5_QUANT_EXCLUDE),
-    "vae": ComponentKind(
-        "the VAE decoder", no_quant="it is convolutions, which dtcompile never quantizes: it stays float"
-    ),
+    "vae": ComponentKind("the VAE decoder", no_quant="it stays float: dtcompile never quantizes convolutions"),
 }
 
 
@@ -87,6 +87,9 @@ class AuxGraph(Protocol):
 
     def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
         """Concrete min/opt/max shapes of every graph input."""
+
+    def exporting(self, module: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
+        """What the export of ``module`` needs set for its duration (restored after)."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -175,6 +178,43 @@ class TextEncoderGraph:
     def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
         return ShapeProfile.over_ranges(lambda pick: {"input_ids": (pick(shapes.batch), pick(self._tokens(shapes)))})
 
+    @contextlib.contextmanager
+    def exporting(self, module: torch.nn.Module) -> Iterator[None]:
+        """What a 16-bit encoder's export needs, restored after (float32 graphs compute the same either way):
+
+        - transformers' eager attention (matmul, softmax, matmul): the TorchScript exporter's symbolic of
+          ``scaled_dot_product_attention`` fails on bfloat16 encoders ("ScalarType ComplexDouble is an
+          unexpected tensor scalar type").
+        - T5's tanh GELU (``NewGELUActivation``, Python arithmetic) as ``F.gelu(approximate="tanh")``: traced
+          as written, a bfloat16 graph holds sqrt(2/pi) and 0.044715 rounded to bfloat16 (-0.13%; torch
+          computes with them unrounded), while aten::gelu's export computes in fp32 (``export.patches``).
+        """
+        with contextlib.ExitStack() as stack:
+            before = getattr(module.config, "_attn_implementation", None)
+            if before not in (None, "eager") and hasattr(module, "set_attn_implementation"):
+                module.set_attn_implementation("eager")
+                stack.callback(module.set_attn_implementation, before)
+            stack.enter_context(_tanh_gelu_as_aten())
+            yield
+
+
+@contextlib.contextmanager
+def _tanh_gelu_as_aten() -> Iterator[None]:
+    """transformers' ``NewGELUActivation`` computed by ``F.gelu(approximate="tanh")`` (the same function)."""
+    try:
+        from transformers.activations import NewGELUActivation
+    except ImportError:  # not a transformers encoder
+        yield
+        return
+    import torch.nn.functional as F  # noqa: N812
+
+    original = NewGELUActivation.forward
+    NewGELUActivation.forward = lambda self, input: F.gelu(input, approximate="tanh")  # noqa: A002
+    try:
+        yield
+    finally:
+        NewGELUActivation.forward = original
+
 
 def _text_wrapper_class() -> type:
     import torch
@@ -242,6 +282,9 @@ class VaeDecoderGraph:
         return ShapeProfile.over_ranges(
             lambda pick: {"latent": self._shape(module, pick(shapes.batch), pick(shapes.height), pick(shapes.width))}
         )
+
+    def exporting(self, module: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 def _vae_wrapper_class() -> type:

@@ -370,11 +370,16 @@ class ParityResult:
     skipped: str | None = None
     dtype: str = "float32"  # the model's
     end_to_end: AccuracyReport | None = None
+    noise: RoundingNoise | None = None  # a component's own rounding noise, where the gate allows for it
 
     def to_manifest(self) -> dict[str, Any]:
         """JSON for the manifest: the gating report at the top (as before), ``precision`` both sides ran in,
-        and for a 16-bit model ``end_to_end`` (with the dtype's expected floor)."""
+        and for a 16-bit model ``end_to_end`` (with the dtype's expected floor); with ``noise`` its record and
+        the ``gate`` the check applied."""
         out: dict[str, Any] = {"tolerance": self.tolerance, "graph": self.graph, "precision": "float32"}
+        if self.noise is not None:
+            out["noise"] = self.noise.to_manifest()
+            out["gate"] = self.noise.gate(self.tolerance)
         if self.skipped:
             out["skipped"] = self.skipped
         if self.report is not None:
@@ -505,9 +510,17 @@ def parity_tolerance(quant_format: str, tolerance: float | None = None) -> float
     return get_format(quant_format).parity_tolerance if tolerance is None else tolerance
 
 
-def check_parity(report: AccuracyReport, quant_format: str, tolerance: float, *, field: str = "quant.format") -> None:
-    """Fail when the exported graph strays from the fake-quant model by more than ``tolerance``; ``field`` is
-    the recipe field that asked for the format (``components[2].quant`` for a text encoder).
+def check_parity(
+    report: AccuracyReport,
+    quant_format: str,
+    tolerance: float,
+    *,
+    field: str = "quant.format",
+    noise: RoundingNoise | None = None,
+) -> None:
+    """Fail when the exported graph strays from the fake-quant model by more than ``tolerance`` (with
+    ``noise``: by more than ``noise.gate(tolerance)``); ``field`` is the recipe field that asked for the format
+    (``components[2].quant`` for a text encoder).
 
     Raises:
         VerificationError: naming the worst step (or output), its error, the tolerance and what to do.
@@ -516,6 +529,13 @@ def check_parity(report: AccuracyReport, quant_format: str, tolerance: float, *,
     worst = max(range(len(errors)), key=lambda i: (math.isnan(errors[i]), errors[i]))
     err = errors[worst]
     where = f"output {report.outputs[worst]}" if report.outputs else f"step {worst}"
+    limit = f"the tolerance {tolerance:g}"
+    if noise is not None and noise.gate(tolerance) > tolerance:
+        limit = (
+            f"the gate {noise.gate(tolerance):.3g} ({NOISE_MARGIN:g} x the model's own fp8 rounding noise "
+            f"{noise.max_rel_err:.3g}; the format's tolerance is {tolerance:g})"
+        )
+        tolerance = noise.gate(tolerance)
     log.info(
         "parity %s vs %s: teacher-forced max rel err %.3g (tolerance %g)",
         report.candidate,
@@ -526,12 +546,80 @@ def check_parity(report: AccuracyReport, quant_format: str, tolerance: float, *,
     if not err <= tolerance:  # also catches NaN
         raise VerificationError(
             f"{field} {quant_format}: the exported graph in {report.candidate} differs from the "
-            f"{report.reference} model by a relative error of {err:.3g} at {where}, over the tolerance "
-            f"{tolerance:g}; the export is wrong, not the quantization: rebuild with --debug and report it"
+            f"{report.reference} model by a relative error of {err:.3g} at {where}, over {limit}; the export is "
+            "wrong, not the quantization: rebuild with --debug and report it"
         )
 
 
 # --- a component called once per prompt (text encoders) ----------------------------------------------------------
+
+#: Relative perturbation of every quantized input for ``rounding_noise``: about how far onnxruntime's float32
+#: arithmetic (another summation order) lands from torch's.
+NOISE_PERTURBATION = 1e-6
+#: A component's parity gate is the format's tolerance or this many times its own rounding noise, the larger.
+NOISE_MARGIN = 2.0
+
+
+@dataclass
+class RoundingNoise:
+    """How far the fake-quant model lands from itself when every quantizer input is perturbed by
+    ``perturbation`` (relative, seeded): where an fp8 value sits on a rounding boundary, float32 noise picks the
+    other side, and deep or wide models carry that flip through every later layer. onnxruntime against torch is
+    such a perturbation, so a graph cannot be expected closer to the model than this."""
+
+    perturbation: float
+    report: AccuracyReport
+
+    @property
+    def max_rel_err(self) -> float:
+        return self.report.max_rel_err
+
+    def gate(self, tolerance: float) -> float:
+        """The parity gate: ``tolerance`` or ``NOISE_MARGIN`` x this noise, the larger."""
+        return float(f"{max(tolerance, NOISE_MARGIN * self.max_rel_err):.6g}")
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "perturbation": self.perturbation,
+            "margin": NOISE_MARGIN,
+            "max_rel_err": float(f"{self.max_rel_err:.6g}"),
+            "rel_err_max": [float(f"{v:.6g}") for v in self.report.teacher_forced["rel_err_max"]],
+        }
+
+
+def rounding_noise(
+    module: Any,
+    wrap: Any,
+    inputs: Sequence[dict[str, Any]],
+    expected: list[list[Any]],
+    output_names: Sequence[str],
+    perturbation: float = NOISE_PERTURBATION,
+) -> RoundingNoise:
+    """``module`` (fake-quant, float32) run on ``inputs`` with every enabled activation quantizer's input
+    multiplied by 1 + ``perturbation`` x N(0, 1) (seeded), against ``expected`` (its own unperturbed outputs)."""
+    import torch
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    gen = torch.Generator().manual_seed(0)
+
+    def jitter(_mod: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        noise = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x.dtype)
+        return (x * (1 + perturbation * noise), *args[1:])
+
+    quantizers = [
+        q
+        for n, q in module.named_modules()
+        if isinstance(q, TensorQuantizer) and q.is_enabled and not n.endswith("weight_quantizer")
+    ]
+    handles = [q.register_forward_pre_hook(jitter) for q in quantizers]
+    try:
+        got = module_outputs(wrap(module), inputs, torch.float32, label="parity rounding noise")
+    finally:
+        for h in handles:
+            h.remove()
+    names = (f"fake-quant torch, quantizer inputs x (1 + {perturbation:g} N(0,1))", "fake-quant torch")
+    return RoundingNoise(perturbation, outputs_report(got, expected, output_names, names=names))
 
 
 def module_outputs(
@@ -587,8 +675,14 @@ def component_parity(
     graph and model (``runnable_graph``, ``quant.export.float32_reference``: the graph's own rounded scales), as
     ``parity_report`` does for a denoiser, so the format's tolerance separates an export bug from noise.
 
+    The gate allows for the model's own rounding noise (``rounding_noise``, recorded as ``noise``): an fp8
+    model wide and deep enough moves by more than the format's tolerance when its float32 arithmetic is
+    perturbed as little as onnxruntime's differs from torch's (a random-weight T5 of width 1024 and 4 layers:
+    up to 4e-2), which says nothing about the export; the gate is the tolerance or ``NOISE_MARGIN`` x that
+    noise, the larger. On small models the noise is ~1e-7 and the gate the tolerance.
+
     Raises:
-        VerificationError: an output's worst relative error exceeds the tolerance (``check_parity``).
+        VerificationError: an output's worst relative error exceeds the gate (``check_parity``).
     """
     import gc
 
@@ -602,6 +696,7 @@ def component_parity(
     label = f"parity {Path(onnx_path).stem}"
     reference = module if dtype == "float32" else float32_reference(module, getattr(torch, dtype))
     expected = module_outputs(wrap(reference), inputs, torch.float32, label=f"{label} fake-quant float32")
+    noise = rounding_noise(reference, wrap, inputs, expected, output_names)
     del reference
     gc.collect()
     with tempfile.TemporaryDirectory(prefix=".dtc-parity-") as scratch:
@@ -613,17 +708,22 @@ def component_parity(
     report = outputs_report(
         got, expected, output_names, names=(f"onnxruntime{precision}", f"fake-quant torch{precision}")
     )
-    check_parity(report, quant_format, limit, field=field)
-    return ParityResult(report, limit, ", ".join(["exported", *notes]), dtype=dtype)
+    log.info("parity %s: the fake-quant model's own rounding noise %.3g (gate %g)", Path(onnx_path).stem,
+             noise.max_rel_err, noise.gate(limit))  # fmt: skip
+    check_parity(report, quant_format, limit, field=field, noise=noise)
+    return ParityResult(report, limit, ", ".join(["exported", *notes]), dtype=dtype, noise=noise)
 
 
 __all__ = [
     "DTYPE_PARITY_FLOOR",
     "HELDOUT_PROMPTS",
+    "NOISE_MARGIN",
+    "NOISE_PERTURBATION",
     "PSNR_IDENTICAL",
     "AccuracyReport",
     "ParityResult",
     "PipelineTrace",
+    "RoundingNoise",
     "accuracy_report",
     "check_parity",
     "component_parity",
@@ -633,6 +733,7 @@ __all__ = [
     "outputs_report",
     "parity_report",
     "parity_tolerance",
+    "rounding_noise",
     "quantized_forward_ctx",
     "runnable_graph",
     "teacher_forced",

@@ -195,7 +195,7 @@ def export_aux(
     ex = dataclasses.replace(graph.export_spec(module, shapes, torch_dtype(dtype)), opset=recipe.export.opset)
     wrapper = graph.export_module(module)
     qonnx = None
-    with progress(f"export {spec.name}", None, "phase", heartbeat=True) as bar:
+    with progress(f"export {spec.name}", None, "phase", heartbeat=True) as bar, graph.exporting(module):
         if quantized is None:
             art = export_onnx(wrapper, ex, artifact_dir / "onnx", name=spec.name, patches=(), progress=bar)
         else:

@@ -217,6 +217,11 @@ def aux_components(recipe: Recipe, adapter: ModelAdapter) -> list[ComponentSpec]
                 f"components[{i}].dtype: the denoiser '{c.name}' is built in the recipe's dtype ({recipe.dtype}); "
                 "set dtype instead"
             )
+        if c.dtype == "bfloat16" and REFERENCE_BACKEND in recipe.engine.backends:
+            raise UnsupportedError(
+                f"components[{i}].dtype: onnxruntime has no CPU kernels for bfloat16 graphs; set dtype: float32 "
+                "or float16, or drop onnxruntime from engine.backends"
+            )
         if c.quant is not None:
             _check_component_quant(i, c, adapter)
     if adapter.component not in names:
@@ -240,11 +245,14 @@ def _check_component_quant(i: int, spec: ComponentSpec, adapter: ModelAdapter) -
     if spec.quant in kind.quant_formats:
         return
     if not kind.quant_formats:
-        takers = [n for n, k in adapter.aux_components.items() if COMPONENT_KINDS[k].quant_formats]
-        others = f" ({', '.join(takers)} can be quantized)" if takers else ""
+        takers = [
+            f"{n} takes {', '.join(COMPONENT_KINDS[k].quant_formats)}"
+            for n, k in adapter.aux_components.items()
+            if COMPONENT_KINDS[k].quant_formats
+        ]
         raise UnsupportedError(
-            f"{field}: {spec.name} is {kind.description}, which takes no quant format: {kind.no_quant}; "
-            f"remove quant from components[{i}]{others}"
+            f"{field}: {spec.name} is {kind.description}, which takes no quant format ({kind.no_quant}); "
+            f"remove quant from components[{i}]" + (f" ({'; '.join(takers)})" if takers else "")
         )
     raise UnsupportedError(
         f"{field}: {spec.name} is {kind.description}, which dtcompile does not build in {spec.quant}; "
