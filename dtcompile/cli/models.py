@@ -17,12 +17,17 @@ def models(recipes_dir: str) -> None:
     """List the model families and the built-in pipelines usable as `model.source: builtin:NAME`."""
     from dtcompile.models import ADAPTERS, PIPELINE_FAMILIES
     from dtcompile.models.builtin import builtins
+    from dtcompile.models.components import COMPONENT_KINDS
+
+    def listed(name: str, kind: str) -> str:  # with the quant formats a component takes (components[i].quant)
+        formats = COMPONENT_KINDS[kind].quant_formats
+        return f"{name} (quant: {', '.join(formats)})" if formats else name
 
     click.echo("families:")
     for family in ADAPTERS.names():
         classes = ", ".join(c for c, f in PIPELINE_FAMILIES.items() if f == family)
         adapter = ADAPTERS.get(family)
-        engines = ", ".join([adapter.component, *adapter.aux_components])
+        engines = ", ".join([adapter.component, *(listed(n, k) for n, k in adapter.aux_components.items())])
         click.echo(f"  {family:<12} {classes}  components: {engines}")
     uses: dict[str, list[str]] = {}
     folder = Path(recipes_dir)

@@ -16,7 +16,7 @@ from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     import torch
 
@@ -210,7 +210,9 @@ class ModelAdapter(Protocol):
     reference_image: bool  # whether a call edits a reference image (``GenerationRequest.image``)
     video: bool  # whether the pipeline makes videos (``export.shapes.frames``, ``GenerationRequest.frames``)
     default_exclude: tuple[str, ...]  # module-name patterns never quantized
-    aux_components: tuple[str, ...]  # other components that can become engines (recipe ``components``)
+    # other components that can become engines (recipe ``components``) -> their kind (``clip``, ``t5``, ``vae``:
+    # ``dtcompile.models.components.COMPONENT_KINDS``, which says what each can be quantized to)
+    aux_components: Mapping[str, str]
 
     def denoisers(self, model_index: dict[str, Any]) -> tuple[str, ...]:
         """The components that become denoiser engines, ``component`` first (Wan2.2: both experts), from the

@@ -14,6 +14,8 @@ h/f x w/f) in, ``sample`` (batch x 3 x h x w) out, as ``vae.decode(latent)`` com
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,6 +32,37 @@ TEXT_OUTPUTS = ("last_hidden_state", "pooler_output", "text_embeds", "penultimat
 
 #: Component names the recipe's ``components`` list can name besides the denoiser.
 AUX_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
+
+#: T5 encoder modules a quantized T5 keeps in its own dtype, besides what no format quantizes (the RMS norms;
+#: attention matmuls stay unquantized in text encoders): the token embedding and the relative position bias
+#: (lookups, to which ModelOpt would give fp8 weight quantizers) and the feed-forward output projection ``wo``,
+#: which transformers keeps in float32 for 8-bit T5 because T5 v1.1-XXL's inputs to it carry outliers
+#: (``T5PreTrainedModel._keep_in_fp32_modules``, huggingface/transformers#20287).
+T5_QUANT_EXCLUDE = ("shared", "*embed_tokens", "*relative_attention_bias", "*DenseReluDense.wo")
+
+
+@dataclass(frozen=True)
+class ComponentKind:
+    """What an aux component is, and the quant formats dtcompile builds it in (``components[i].quant``).
+
+    ``quant_exclude``: module-name patterns (fnmatch, as ``quant.exclude``) left in the component's dtype when
+    it is quantized; ``no_quant``: why a kind with no formats takes none (the refusal says it).
+    """
+
+    description: str
+    quant_formats: tuple[str, ...] = ()
+    quant_exclude: tuple[str, ...] = ()
+    no_quant: str = ""
+
+
+#: The kinds ``ModelAdapter.aux_components`` maps each component name to.
+COMPONENT_KINDS: dict[str, ComponentKind] = {
+    "clip": ComponentKind(
+        "a CLIP text encoder", no_quant="CLIP encoders stay unquantized; fp8 is built for T5 encoders"
+    ),
+    "t5": ComponentKind("a T5 text encoder", ("fp8",), T5_QUANT_EXCLUDE),
+    "vae": ComponentKind("the VAE decoder", no_quant="it stays float: dtcompile never quantizes convolutions"),
+}
 
 
 def aux_attr(name: str) -> str:
@@ -55,6 +88,9 @@ class AuxGraph(Protocol):
 
     def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
         """Concrete min/opt/max shapes of every graph input."""
+
+    def exporting(self, module: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
+        """What the export of ``module`` needs set for its duration (restored after)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +121,20 @@ class TextEncoderGraph:
 
     def _tokens(self, shapes: Shapes) -> Range:
         return shapes.text_len if self.tokens is None else Range(self.tokens, self.tokens, self.tokens)
+
+    @property
+    def tokenizer(self) -> str:
+        """The pipeline attribute of this encoder's tokenizer (diffusers' naming: text_encoder_2 -> tokenizer_2)."""
+        return self.name.replace("text_encoder", "tokenizer", 1)
+
+    def input_ids(self, pipe: Any, prompts: list[str], shapes: Shapes) -> torch.Tensor:
+        """``prompts`` tokenized as the pipelines do for this encoder (padded and truncated to the graph's token
+        count at the opt shape: CLIP's 77, T5's ``text_len``): int64, len(prompts) x tokens."""
+        tokenizer = getattr(pipe, self.tokenizer)
+        n = self._tokens(shapes).opt
+        return tokenizer(
+            list(prompts), padding="max_length", max_length=n, truncation=True, return_tensors="pt"
+        ).input_ids
 
     @staticmethod
     def _widths(module: torch.nn.Module) -> dict[str, int]:
@@ -124,6 +174,43 @@ class TextEncoderGraph:
 
     def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
         return ShapeProfile.over_ranges(lambda pick: {"input_ids": (pick(shapes.batch), pick(self._tokens(shapes)))})
+
+    @contextlib.contextmanager
+    def exporting(self, module: torch.nn.Module) -> Iterator[None]:
+        """What a 16-bit encoder's export needs, restored after (float32 graphs compute the same either way):
+
+        - transformers' eager attention (matmul, softmax, matmul): the TorchScript exporter's symbolic of
+          ``scaled_dot_product_attention`` fails on bfloat16 encoders ("ScalarType ComplexDouble is an
+          unexpected tensor scalar type").
+        - T5's tanh GELU (``NewGELUActivation``, Python arithmetic) as ``F.gelu(approximate="tanh")``: traced
+          as written, a bfloat16 graph holds sqrt(2/pi) and 0.044715 rounded to bfloat16 (-0.13%; torch
+          computes with them unrounded), while aten::gelu's export computes in fp32 (``export.patches``).
+        """
+        with contextlib.ExitStack() as stack:
+            before = getattr(module.config, "_attn_implementation", None)
+            if before not in (None, "eager") and hasattr(module, "set_attn_implementation"):
+                module.set_attn_implementation("eager")
+                stack.callback(module.set_attn_implementation, before)
+            stack.enter_context(_tanh_gelu_as_aten())
+            yield
+
+
+@contextlib.contextmanager
+def _tanh_gelu_as_aten() -> Iterator[None]:
+    """transformers' ``NewGELUActivation`` computed by ``F.gelu(approximate="tanh")`` (the same function)."""
+    try:
+        from transformers.activations import NewGELUActivation
+    except ImportError:  # not a transformers encoder
+        yield
+        return
+    import torch.nn.functional as F  # noqa: N812
+
+    original = NewGELUActivation.forward
+    NewGELUActivation.forward = lambda self, input: F.gelu(input, approximate="tanh")  # noqa: A002
+    try:
+        yield
+    finally:
+        NewGELUActivation.forward = original
 
 
 def _text_wrapper_class() -> type:
@@ -192,6 +279,9 @@ class VaeDecoderGraph:
         return ShapeProfile.over_ranges(
             lambda pick: {"latent": self._shape(module, pick(shapes.batch), pick(shapes.height), pick(shapes.width))}
         )
+
+    def exporting(self, module: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 def _vae_wrapper_class() -> type:

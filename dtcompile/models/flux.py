@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import RecipeError, UnsupportedError
@@ -365,7 +365,7 @@ class FluxAdapter(AdapterBase):
     guidance_example = GUIDANCE_SCALE_EXAMPLE
     id_layout: tuple[tuple[str, ...], int] = ((), 3)  # (leading dims, axes) of img_ids/txt_ids: (tokens, 3)
     # other components that can become engines (recipe ``components``), besides the transformer
-    aux_components = ("text_encoder", "text_encoder_2", "vae_decoder")
+    aux_components: ClassVar[dict[str, str]] = {"text_encoder": "clip", "text_encoder_2": "t5", "vae_decoder": "vae"}
     # Modules ModelOpt's FLUX example keeps in high precision: embedders, the output norm and projection.
     default_exclude = ("*x_embedder*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
 

@@ -14,7 +14,7 @@ Importing this module loads no torch, diffusers or transformers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.models.base import ExampleSampler
@@ -184,7 +184,7 @@ class Flux2Adapter(FluxAdapter):
     )
     # vae_decoder: the pipeline reads vae.bn's running statistics, which an engine stand-in does not carry;
     # text_encoder: Mistral-3's hidden states of three layers, not a graph output yet.
-    aux_components: tuple[str, ...] = ()
+    aux_components: ClassVar[dict[str, str]] = {}
 
     def aux_graph(self, name: str, pipe_config: dict[str, Any]) -> AuxGraph:
         raise UnsupportedError(

@@ -14,7 +14,7 @@ VAE stays in torch (no ``vae_decoder`` component for this family).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes
@@ -80,7 +80,8 @@ class KontextAdapter(FluxAdapter):
     pipeline_class = "FluxKontextPipeline"
     reference_image = True
     cache_layout_class = None
-    aux_components = ("text_encoder", "text_encoder_2")  # the reference is VAE-encoded: the VAE stays torch
+    # the reference is VAE-encoded: the VAE stays torch
+    aux_components: ClassVar[dict[str, str]] = {"text_encoder": "clip", "text_encoder_2": "t5"}
 
     @staticmethod
     def _img_tokens(height: int, width: int, vae_scale_factor: int) -> int:

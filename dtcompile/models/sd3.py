@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import RecipeError, UnsupportedError
@@ -247,7 +247,9 @@ class SD3Adapter(AdapterBase):
     default_exclude = ("*pos_embed*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
 
     # other components that can become engines (recipe ``components``), besides the transformer
-    aux_components = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
+    aux_components: ClassVar[dict[str, str]] = {
+        "text_encoder": "clip", "text_encoder_2": "clip", "text_encoder_3": "t5", "vae_decoder": "vae",
+    }  # fmt: skip
 
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import RecipeError, UnsupportedError
@@ -320,7 +320,7 @@ class WanAdapter(AdapterBase):
     block_lists = (("blocks", "num_layers"),)
     cache_layout_class = WanCacheLayout
     per_prompt_key = "num_videos_per_prompt"
-    aux_components: tuple[str, ...] = ()  # the causal VAE and the masked UMT5 call stay in torch
+    aux_components: ClassVar[dict[str, str]] = {}  # the causal VAE and the masked UMT5 call stay in torch
     # NVIDIA's Wan examples keep the embedders, the output head and the norms in high precision.
     default_exclude = (
         "*patch_embedding*", "*condition_embedder*", "*proj_out*", "*norm_out*", "*scale_shift_table*",

@@ -61,34 +61,39 @@ class QuantFormat:
     parity_tolerance: ClassVar[float]
     fix_hint: ClassVar[str]
 
-    def supports(self, backend: str, arch: str | None = None) -> str | None:
+    def supports(
+        self, backend: str, arch: str | None = None, *, field: str = "quant.format", fix: str | None = None
+    ) -> str | None:
         """None when ``backend`` can run this format on ``arch``; otherwise one line naming why and the fix.
 
-        ``arch`` is ignored for onnxruntime (it runs anywhere, or not at all).
+        ``arch`` is ignored for onnxruntime (it runs anywhere, or not at all). ``field`` is the recipe field
+        that asked for the format (``components[2].quant`` for a text encoder) and ``fix`` what to do instead
+        (default the format's ``fix_hint``).
         """
+        fix = fix or self.fix_hint
         if backend == "onnxruntime":
             if self.onnxruntime_runnable:
                 return None
             ops = ", ".join(self.custom_ops)
             return (
-                f"quant.format {self.name}: onnxruntime cannot run the graph (it keeps TensorRT custom ops {ops}, "
+                f"{field} {self.name}: onnxruntime cannot run the graph (it keeps TensorRT custom ops {ops}, "
                 f"which have no onnxruntime kernel); drop onnxruntime from engine.backends"
             )
         if backend not in self.archs:
-            return f"quant.format {self.name}: unknown backend '{backend}'; choose one of: onnxruntime, " + ", ".join(
+            return f"{field} {self.name}: unknown backend '{backend}'; choose one of: onnxruntime, " + ", ".join(
                 self.archs
             )
         sm = sm_number(arch)
         if sm < self.min_sm:
             return (
-                f"quant.format {self.name} cannot target {arch}: it needs sm_{self.min_sm} or newer; "
-                f"remove {arch} from engine.targets or {self.fix_hint}"
+                f"{field} {self.name} cannot target {arch}: it needs sm_{self.min_sm} or newer; "
+                f"remove {arch} from engine.targets or {fix}"
             )
         allowed = self.archs[backend]
         if arch not in allowed:
             return (
-                f"quant.format {self.name} cannot target {arch} with {backend} (it builds {self.name} for "
-                f"{', '.join(allowed)}); remove {arch} from engine.targets or {self.fix_hint}"
+                f"{field} {self.name} cannot target {arch} with {backend} (it builds {self.name} for "
+                f"{', '.join(allowed)}); remove {arch} from engine.targets or {fix}"
             )
         return None
 
@@ -167,14 +172,21 @@ def get_format(name: str) -> QuantFormat:
     return FORMATS.get(name)()
 
 
-def check_targets(spec: AnyQuantSpec, targets: Iterable[tuple[str, str | None]]) -> None:
+def check_targets(
+    spec: AnyQuantSpec | str,
+    targets: Iterable[tuple[str, str | None]],
+    *,
+    field: str = "quant.format",
+    fix: str | None = None,
+) -> None:
     """Dry-run check: raise UnsupportedError (one line: format, arch, fix) for the first impossible target.
 
-    ``targets`` are ``(backend, arch)`` pairs; ``arch`` is ignored for onnxruntime.
+    ``spec`` is the ``quant`` section or a format name (a component's ``quant``); ``targets`` are
+    ``(backend, arch)`` pairs (``arch`` is ignored for onnxruntime); ``field`` and ``fix`` as for ``supports``.
     """
-    fmt = get_format(spec.format)
+    fmt = get_format(spec if isinstance(spec, str) else spec.format)
     for backend, arch in targets:
-        reason = fmt.supports(backend, arch)
+        reason = fmt.supports(backend, arch, field=field, fix=fix)
         if reason is not None:
             raise UnsupportedError(reason)
 

@@ -6,10 +6,13 @@ folder. Output: ``QuantResult`` — the component is now a ModelOpt fake-quant m
 later stages (export, engine) skips calibration.
 
 Calibration runs the pipeline's own denoising loop (diffusers' scheduler, unchanged) over the calibration
-prompts as ``mtq.quantize``'s forward loop, on whatever device the pipeline is on. The cache key is the sha256
-of every input that changes the calibrated state: the resolved spec (format fields, calibration settings,
-attention, exclusions), the prompt text, the component's weights, its dtype, the calibration image size and
-text length, and the versions of dtcompile's calibration code, ModelOpt, torch and diffusers.
+prompts as ``mtq.quantize``'s forward loop, on whatever device the pipeline is on. A text encoder quantized on
+its own (``components[i].quant``, ``calibrate_encoder``) is calibrated by running the encoder itself on the
+same prompts, tokenized as its pipeline does; both share ``quantize_module`` (restore or calibrate, save).
+The cache key is the sha256 of every input that changes the calibrated state: the resolved spec (format
+fields, calibration settings, attention, exclusions), the prompt text, the component's weights, its dtype, the
+calibration image size and text length (an encoder's: its token count), and the versions of dtcompile's
+calibration code, ModelOpt, torch and diffusers (an encoder's: transformers).
 """
 
 from __future__ import annotations
@@ -272,41 +275,7 @@ def calibrate(
         guidance_scale=guidance_scale,
         frames=frames,
     )
-    state_path = Path(cache_dir) / key[:32] / "state.mto"
-    import modelopt.torch.opt as mto
-
-    from dtcompile.quant.export import enable_fp8_attention, quantized_forward
-
-    cache_hit = state_path.is_file()
-    attention: dict[str, list[str]] = {"fp8": [], "disabled": []}
-    if cache_hit:
-        log.info("quantize %s: restoring calibrated %s state %s", adapter.component, spec.format, state_path)
-        try:
-            with _modelopt_output():
-                restored = mto.restore(module, str(state_path))
-        except Exception as exc:  # a truncated or foreign file: name it and the way out
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ArtifactError(
-                f"cannot restore the calibrated state {state_path} ({first}); delete {state_path.parent} to "
-                f"calibrate again"
-            ) from exc
-        if restored is not module:
-            setattr(pipe, adapter.component, restored)
-            module = restored
-        attention = enable_fp8_attention(module)
-    else:
-        import modelopt.torch.quantization as mtq
-
-        config = fmt.modelopt_config(spec, exclude, dtype)
-        loop = _forward_loop(
-            pipe, adapter, spec.calib, prompts, height, width, max_sequence_length, guidance_scale, frames
-        )
-
-        def forward_loop(model: torch.nn.Module) -> None:
-            # Modules are converted by now: route attention before any range is collected.
-            attention.update(enable_fp8_attention(model) if spec.quantize_mha else {})
-            loop(model)
-
+    if not (Path(cache_dir) / key[:32] / "state.mto").is_file():
         log.info(
             "quantize %s: calibrating %s on %d prompts (batch %d, %d steps, ranges from %d) at %dx%d on %s",
             adapter.component,
@@ -319,31 +288,21 @@ def calibrate(
             width,
             next(module.parameters()).device,
         )
-        try:
-            with quantized_forward(), _modelopt_output(), _no_progress_bar(pipe):
-                quantized = mtq.quantize(module, config, forward_loop)
-        except DtcError:  # our own errors already speak to the user
-            raise
-        except Exception as exc:  # ModelOpt raises many types; all mean "calibration failed"
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
-            raise BuildError(f"calibration of {adapter.component} ({spec.format}) failed: {first}") from exc
-        if quantized is not module:
-            setattr(pipe, adapter.component, quantized)
-            module = quantized
-        _save_state(mto, module, state_path, key)
-    enabled = sum(1 for _, m in module.named_modules() if type(m).__name__.endswith("TensorQuantizer") and m.is_enabled)
-    if enabled == 0:
-        raise BuildError(
-            f"quant.format {spec.format}: no quantizer is enabled in {adapter.component} (every layer excluded?); "
-            f"check quant.exclude"
-        )
+    loop = _forward_loop(pipe, adapter, spec.calib, prompts, height, width, max_sequence_length, guidance_scale, frames)
+    done = quantize_module(
+        module, spec, exclude, dtype, key, cache_dir, loop, label=adapter.component, quiet=_no_progress_bar(pipe)
+    )
+    if done.module is not module:
+        setattr(pipe, adapter.component, done.module)
+        module = done.module
+    cache_hit, state_path, enabled, attention = done.cache_hit, done.state_path, done.enabled, done.fp8_attention
     calib_s = time.perf_counter() - t0
     log.info(
         "quantize %s: %s, %d quantizers enabled, %d fp8 attentions, %.1f s; state %s",
         adapter.component,
         "cache hit" if cache_hit else "calibrated",
         enabled,
-        len(attention["fp8"]),
+        len(attention),
         calib_s,
         state_path,
     )
@@ -355,12 +314,185 @@ def calibrate(
         prompts_sha256=prompts_sha256(prompts),
         n_prompts=len(prompts),
         exclude=exclude,
-        fp8_attention=attention["fp8"],
+        fp8_attention=attention,
         enabled_quantizers=enabled,
         calib_s=calib_s,
         spec={**spec.model_dump(mode="json"), "exclude": exclude},
         format_info=fmt.manifest(spec),
     )
+
+
+@dataclass
+class QuantizedModule:
+    """``quantize_module``'s outcome: the fake-quant module (``mto.restore`` may return a new object), where its
+    calibrated state is, whether it was restored, its fp8 attentions and how many quantizers are enabled."""
+
+    module: Any
+    state_path: Path
+    cache_hit: bool
+    fp8_attention: list[str]
+    enabled: int
+
+
+def quantize_module(
+    module: torch.nn.Module,
+    spec: AnyQuantSpec,
+    exclude: Sequence[str],
+    dtype: str,
+    key: str,
+    cache_dir: Path,
+    forward_loop: Callable[[Any], None],
+    *,
+    label: str,
+    quiet: contextlib.AbstractContextManager[Any] | None = None,
+) -> QuantizedModule:
+    """Quantize ``module`` in place with ``spec``: restore the calibrated state ``<cache_dir>/<key>/state.mto``,
+    or calibrate with ``forward_loop`` (ModelOpt's: it runs the model over the calibration data) and save the
+    state there. Denoisers (``calibrate``) and text encoders (``calibrate_encoder``) share it; ``label`` names
+    the module in logs and errors, ``quiet`` is entered around calibration (e.g. the pipeline's progress bar off).
+
+    Raises:
+        ArtifactError: the cached state cannot be restored. BuildError: calibration failed, or no quantizer is
+        enabled (everything excluded).
+    """
+    import modelopt.torch.opt as mto
+
+    from dtcompile.quant.export import enable_fp8_attention, quantized_forward
+
+    state_path = Path(cache_dir) / key[:32] / "state.mto"
+    fmt = get_format(spec.format)
+    cache_hit = state_path.is_file()
+    attention: dict[str, list[str]] = {"fp8": [], "disabled": []}
+    if cache_hit:
+        log.info("quantize %s: restoring calibrated %s state %s", label, spec.format, state_path)
+        try:
+            with _modelopt_output():
+                restored = mto.restore(module, str(state_path))
+        except Exception as exc:  # a truncated or foreign file: name it and the way out
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ArtifactError(
+                f"cannot restore the calibrated state {state_path} ({first}); delete {state_path.parent} to "
+                f"calibrate again"
+            ) from exc
+        module = restored
+        attention = enable_fp8_attention(module)
+    else:
+        import modelopt.torch.quantization as mtq
+
+        config = fmt.modelopt_config(spec, exclude, dtype)
+
+        def loop(model: torch.nn.Module) -> None:
+            # Modules are converted by now: route attention before any range is collected.
+            attention.update(enable_fp8_attention(model) if spec.quantize_mha else {})
+            forward_loop(model)
+
+        try:
+            with quantized_forward(), _modelopt_output(), quiet or contextlib.nullcontext():
+                module = mtq.quantize(module, config, loop)
+        except DtcError:  # our own errors already speak to the user
+            raise
+        except Exception as exc:  # ModelOpt raises many types; all mean "calibration failed"
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+            raise BuildError(f"calibration of {label} ({spec.format}) failed: {first}") from exc
+        _save_state(mto, module, state_path, key)
+    enabled = sum(1 for _, m in module.named_modules() if type(m).__name__.endswith("TensorQuantizer") and m.is_enabled)
+    if enabled == 0:
+        raise BuildError(
+            f"quant.format {spec.format}: no quantizer is enabled in {label} (every layer excluded?); "
+            f"check quant.exclude"
+        )
+    return QuantizedModule(module, state_path, cache_hit, attention["fp8"], enabled)
+
+
+def encoder_calibration_key(
+    spec: AnyQuantSpec,
+    exclude: Sequence[str],
+    prompts: Sequence[str],
+    component_sha256: str,
+    *,
+    dtype: str,
+    tokens: int,
+) -> str:
+    """sha256 of everything that changes a text encoder's calibrated state: the format's own fields (not the
+    denoising schedule, which an encoder never sees), exclusions, prompt text, weights, dtype, token count and
+    the versions of dtcompile's calibration code, ModelOpt, torch and transformers."""
+    payload = {
+        "calib_version": CALIB_VERSION,
+        "role": "text_encoder",
+        "spec": {**spec.model_dump(mode="json", exclude={"calib", "accuracy"}), "exclude": list(exclude)},
+        "prompts_sha256": prompts_sha256(prompts),
+        "component_sha256": component_sha256,
+        "dtype": dtype,
+        "tokens": tokens,
+        "versions": {d: dist_version(d) for d in ("nvidia-modelopt", "torch", "transformers")},
+    }
+    return sha256_json(payload)
+
+
+def calibrate_encoder(
+    module: torch.nn.Module,
+    spec: AnyQuantSpec,
+    exclude: Sequence[str],
+    prompts: Sequence[str],
+    batches: Sequence[dict[str, Any]],
+    cache_dir: Path,
+    *,
+    component_sha256: str,
+    label: str,
+    record: dict[str, Any],
+) -> tuple[QuantResult, torch.nn.Module]:
+    """Quantize a text encoder in place (or restore its cached state): ModelOpt's forward loop runs the encoder
+    itself on ``batches`` (its keyword inputs, e.g. ``input_ids`` of the tokenized ``prompts``). ``record`` is
+    what the manifest's ``spec`` says about the settings (format, exclusions, prompt source). Returns the record
+    and the fake-quant module, which the caller puts on the pipeline when it is a new object.
+
+    Raises: as ``quantize_module``.
+    """
+    t0 = time.perf_counter()
+    fmt = get_format(spec.format)
+    dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
+    tokens = int(batches[0]["input_ids"].shape[-1]) if batches else 0
+    key = encoder_calibration_key(
+        spec, exclude, prompts, component_sha256 or module_sha256(module), dtype=dtype, tokens=tokens
+    )
+    if not (Path(cache_dir) / key[:32] / "state.mto").is_file():
+        log.info("quantize %s: calibrating %s on %d prompts (%d tokens, %d batches)", label, spec.format,
+                 len(prompts), tokens, len(batches))  # fmt: skip
+    done = quantize_module(module, spec, exclude, dtype, key, cache_dir, _encoder_loop(batches, label), label=label)
+    calib_s = time.perf_counter() - t0
+    log.info("quantize %s: %s, %d quantizers enabled, %.1f s; state %s", label,
+             "cache hit" if done.cache_hit else "calibrated", done.enabled, calib_s, done.state_path)  # fmt: skip
+    result = QuantResult(
+        format=spec.format,
+        key=key,
+        state_path=done.state_path,
+        cache_hit=done.cache_hit,
+        prompts_sha256=prompts_sha256(prompts),
+        n_prompts=len(prompts),
+        exclude=list(exclude),
+        fp8_attention=done.fp8_attention,
+        enabled_quantizers=done.enabled,
+        calib_s=calib_s,
+        spec=record,
+        format_info=fmt.manifest(spec),
+    )
+    return result, done.module
+
+
+def _encoder_loop(batches: Sequence[dict[str, Any]], label: str) -> Callable[[Any], None]:
+    """ModelOpt forward loop over a text encoder: one call per batch of token ids (progress: batches)."""
+
+    def loop(model: Any) -> None:
+        import torch
+
+        from dtcompile.core.progress import progress
+
+        with progress(f"calibrate {label}", len(batches)) as bar, torch.no_grad():
+            for feeds in batches:
+                model(**feeds)
+                bar.update()
+
+    return loop
 
 
 @contextlib.contextmanager
@@ -463,12 +595,16 @@ __all__ = [
     "BUILTIN_PROMPTS_FILE",
     "CALIB_VERSION",
     "QuantResult",
+    "QuantizedModule",
     "calibrate",
+    "calibrate_encoder",
     "calibration_key",
+    "encoder_calibration_key",
     "check_exclude",
     "load_prompts",
     "module_sha256",
     "prompts_sha256",
     "quant_cache_dir",
+    "quantize_module",
     "resolve_exclude",
 ]

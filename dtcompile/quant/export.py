@@ -309,6 +309,23 @@ def quantized_forward() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def quantizers_off(*modules: torch.nn.Module) -> Iterator[None]:
+    """The fake-quant ``modules`` compute unquantized for the duration: every enabled ModelOpt quantizer is
+    disabled, then enabled again (their calibrated ranges are untouched). A pipeline run then sees the
+    original component, e.g. a quantized text encoder while a denoiser's parity runs the pipeline."""
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    enabled = [q for m in modules for q in m.modules() if isinstance(q, TensorQuantizer) and q.is_enabled]
+    for q in enabled:
+        q.disable()
+    try:
+        yield
+    finally:
+        for q in enabled:
+            q.enable()
+
+
 # --- export ---------------------------------------------------------------------------------------------------
 
 
@@ -431,4 +448,5 @@ __all__ = [
     "fp8_graph_scale",
     "int8_graph_scale",
     "quantized_forward",
+    "quantizers_off",
 ]

@@ -563,7 +563,38 @@ def float32_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         if vi.type.tensor_type.elem_type in narrow:
             vi.type.tensor_type.elem_type = f32
+    _merge_duplicate_casts(model.graph)
     return model
+
+
+def _merge_duplicate_casts(graph: onnx.GraphProto) -> None:
+    """One Cast per (input, target type): consumers of a duplicate read the first one's output.
+
+    The exporter writes two identical Casts where torch casts one tensor twice (T5's RMS norm: bfloat16 ->
+    float32, twice); once widened both are float32 -> float32, and onnxruntime's basic optimizations
+    (1.32) then drop one and leave its consumer dangling ("Node input ... is not a graph input").
+    """
+    first: dict[tuple[str, int], str] = {}
+    rename: dict[str, str] = {}
+    keep = []
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:  # in topological order: a duplicate's consumers come after it
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            key = (node.input[0], _attr(node, "to", 0))
+            if key in first:
+                rename[node.output[0]] = first[key]
+                continue
+            first[key] = node.output[0]
+        keep.append(node)
+    if rename:
+        kept = [type(n)() for n in keep]
+        for new, old in zip(kept, keep, strict=True):
+            new.CopyFrom(old)
+        del graph.node[:]
+        graph.node.extend(kept)
 
 
 def decode_nvfp4(packed: onnx.TensorProto, block_scale: onnx.TensorProto, global_scale: Any, block: int) -> np.ndarray:

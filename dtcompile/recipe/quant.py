@@ -38,11 +38,12 @@ class CalibSpec(_Strict):
     recipe's folder), or an inline list. The first ``size`` prompts are used, ``batch`` per pipeline call,
     each call running ``steps`` denoising steps from a generator seeded with ``seed`` + batch index.
     ``percentile`` is the fraction of those steps (counted from the first, noisiest one) whose activation
-    ranges are collected: 1.0 collects every step, 0.5 the first half.
+    ranges are collected: 1.0 collects every step, 0.5 the first half. A text encoder quantized on its own
+    (``components[i].quant``) runs on the first ``size`` prompts, ``batch`` per call (no steps).
     """
 
     prompts: str | list[str] = BUILTIN_PROMPTS
-    """"builtin" (the shipped prompt file), a path to a UTF-8 file (one prompt per line; relative to the recipe's folder) or an inline list."""
+    """"builtin" (the shipped prompt file), a path to a UTF-8 file (one prompt per line; relative to the recipe's folder) or an inline list; a components[i].quant text encoder is calibrated on the same prompts."""
     size: int = Field(default=128, ge=1)
     """How many prompts calibrate (the first ``size``)."""
     batch: int = Field(default=2, ge=1)

@@ -14,7 +14,7 @@ from dtcompile.core.targets import KNOWN_ARCHS, TRT_ARCHS
 from dtcompile.recipe.base import ItemError as _ItemError
 from dtcompile.recipe.base import Strict as _Strict
 from dtcompile.recipe.cache import CacheSpec
-from dtcompile.recipe.quant import QuantSpec
+from dtcompile.recipe.quant import FORMAT_NAMES, AccuracySpec, CalibSpec, QuantSpec
 
 
 class RangeSpec(_Strict):
@@ -191,21 +191,33 @@ class LoraSpec(_Strict):
 
 
 class ComponentSpec(_Strict):
-    """A pipeline component built as an engine; a bare name means the recipe's dtype.
+    """A pipeline component built as an engine; a bare name means the recipe's dtype, unquantized.
 
     Names: the family's denoiser (``transformer``) and, where the family has them, ``text_encoder``,
     ``text_encoder_2``, ``text_encoder_3`` and ``vae_decoder`` (`dtc models` lists each family's).
+    ``quant`` quantizes a text encoder on its own (fp8 for T5 encoders: FLUX's ``text_encoder_2``, SD3's
+    ``text_encoder_3``), calibrated on ``quant.calib``'s prompts (the schema's defaults without a ``quant:``
+    section); the denoiser's format is ``quant.format``. docs/components.md lists what each component takes.
     """
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     """The component (a pipeline attribute, or vae_decoder for the VAE's decode)."""
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     """Precision of this component's graph; null: the recipe's dtype."""
+    quant: Literal["fp8", "int8", "nvfp4", "svdquant"] | None = None
+    """Quantize this text encoder (fp8: T5 encoders); null: unquantized. The denoiser's is quant.format."""
 
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("quant", mode="before")
+    @classmethod
+    def _known_format(cls, value: Any) -> Any:
+        if value is not None and value not in FORMAT_NAMES:
+            raise ValueError(f"not a quant format; choose one of: {', '.join(FORMAT_NAMES)} (or null)")
+        return value
 
 
 class Recipe(_Strict):
@@ -225,7 +237,8 @@ class Recipe(_Strict):
     """Where the artifact goes."""
     components: list[ComponentSpec] = Field(default_factory=list)
     """Components built as engines: the denoiser and any of the family's text encoders and VAE decoder
-    (quant, LoRA and cache apply to the denoiser); empty: the denoiser only."""
+    (quant.format, LoRA and cache apply to the denoiser; a T5 encoder takes its own quant); empty: the
+    denoiser only."""
     lora: list[LoraSpec] = Field(default_factory=list)
     """LoRA adapters fused before quantization and export."""
     quant: QuantSpec | None = None  # PTQ: dtcompile/recipe/quant.py, docs/quantization.md
@@ -242,6 +255,17 @@ class Recipe(_Strict):
                 raise _ItemError(i, f"'{name}' is listed twice")
         return value
 
+    def quantized_components(self) -> list[ComponentSpec]:
+        """The ``components`` items with their own ``quant`` (text encoders; never the denoiser)."""
+        return [c for c in self.components if c.quant is not None]
+
+    def calibration(self) -> tuple[CalibSpec, AccuracySpec]:
+        """The calibration prompts and held-out report size every quantized component uses: the ``quant:``
+        section's, or the schema's defaults when only ``components[].quant`` quantizes."""
+        if self.quant is not None:
+            return self.quant.calib, self.quant.accuracy
+        return CalibSpec(), AccuracySpec()
+
     def engine_fields(self) -> dict[str, Any]:
         """The fields that change an engine (everything but name and output), as plain JSON."""
         data = self.model_dump(mode="json")
@@ -249,6 +273,9 @@ class Recipe(_Strict):
         data.pop("output")
         if not data["components"]:  # the default (denoiser only) keeps the keys of earlier artifacts
             data.pop("components")
+        for comp in data.get("components", []):  # unquantized components keep the keys of earlier artifacts
+            if comp["quant"] is None:
+                comp.pop("quant")
         if data["export"]["shapes"]["frames"] is None:  # image models: as before the frames axis
             data["export"]["shapes"].pop("frames")
         return data

@@ -37,7 +37,10 @@ class Stage:
         return {
             "load": recipe.model.source,
             "lora": f"{len(state.loras)} adapter(s) into {comp}",
-            "quantize": f"{recipe.quant.format if recipe.quant else ''} on {comp}",
+            "quantize": "; ".join(
+                ([f"{recipe.quant.format} on {comp}"] if recipe.quant else [])
+                + [f"{c.quant} on {c.name}" for c in recipe.quantized_components()]
+            ),
             "export": f"{comp} -> ONNX opset {recipe.export.opset}",
             "build": f"{len(state.plan.buildable(engines_only=True))} TensorRT target(s)",
         }.get(self.name, "")
@@ -51,9 +54,9 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "quantize",
-        "calibrated fake-quant component and its accuracy (QuantizedComponent)",
+        "calibrated fake-quant denoiser or text encoders and their accuracy (QuantizedComponent, QuantizedAux)",
         f"{_RUNNER}:quantize_step",
-        lambda r: r.quant is not None,
+        lambda r: r.quant is not None or bool(r.quantized_components()),
     ),
     Stage("export", "ONNX graphs, pipeline files, parity (ExportedComponent)", f"{_RUNNER}:export_step"),
     Stage("build", "one engine per (backend, arch) target", f"{_RUNNER}:build_step"),

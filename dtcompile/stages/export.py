@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from dtcompile.recipe import Recipe
     from dtcompile.recipe.schema import ComponentSpec
     from dtcompile.stages.load import LoadedPipeline
-    from dtcompile.stages.quantize import QuantizedComponent
+    from dtcompile.stages.quantize import QuantizedAux, QuantizedComponent
 
 log = logging.getLogger("dtcompile.export")
 
@@ -174,21 +174,36 @@ def _export_graph(
     return qonnx.artifact, qonnx
 
 
-def export_aux(loaded: LoadedPipeline, recipe: Recipe, artifact_dir: Path, spec: ComponentSpec) -> ExportedComponent:
+def export_aux(
+    loaded: LoadedPipeline,
+    recipe: Recipe,
+    artifact_dir: Path,
+    spec: ComponentSpec,
+    quantized: QuantizedAux | None = None,
+) -> ExportedComponent:
     """Export a text encoder or the VAE decoder (``ModelAdapter.aux_graph``) into ``artifact_dir/onnx`` and
-    check every output against torch on the example inputs. Never quantized; attention as torch exports it."""
-    from dtcompile.stages.load import torch_dtype
+    check every output against torch on the example inputs; attention as torch exports it.
 
-    dtype = spec.dtype or recipe.dtype
-    graph = loaded.adapter.aux_graph(spec.name, loaded.pipe_config)
-    module = graph.module(loaded.pipe).eval()
-    if module.dtype != torch_dtype(dtype):
-        module.to(torch_dtype(dtype))  # its own precision; the pipeline saved next to it leaves this module out
+    With ``quantized`` (a text encoder the quantize stage quantized, ``components[i].quant``) the graph is
+    written with standard Q/DQ and checked against the fake-quant encoder in float32 on the held-out prompts
+    (``component_parity``; VerificationError beyond the format's tolerance) instead.
+    """
+    from dtcompile.stages.load import aux_module, torch_dtype
+
+    graph, module, dtype = aux_module(loaded, recipe, spec)
     shapes = shapes_from_recipe(recipe.export.shapes)
     ex = dataclasses.replace(graph.export_spec(module, shapes, torch_dtype(dtype)), opset=recipe.export.opset)
     wrapper = graph.export_module(module)
-    with progress(f"export {spec.name}", None, "phase", heartbeat=True) as bar:
-        art = export_onnx(wrapper, ex, artifact_dir / "onnx", name=spec.name, patches=(), progress=bar)
+    qonnx = None
+    with progress(f"export {spec.name}", None, "phase", heartbeat=True) as bar, graph.exporting(module):
+        if quantized is None:
+            art = export_onnx(wrapper, ex, artifact_dir / "onnx", name=spec.name, patches=(), progress=bar)
+        else:
+            from dtcompile.quant.export import export_quantized
+
+            qonnx = export_quantized(wrapper, ex, artifact_dir / "onnx", name=spec.name,
+                                     quant_format=quantized.result.format, dtype=dtype, patches=(), progress=bar)  # fmt: skip
+            art = qonnx.artifact
     profile = graph.shape_profile(module, shapes)
     entry: dict[str, Any] = {
         "role": graph.role,
@@ -200,8 +215,19 @@ def export_aux(loaded: LoadedPipeline, recipe: Recipe, artifact_dir: Path, spec:
     }
     if spec.dtype not in (None, recipe.dtype):
         entry["dtype"] = dtype
-    if "onnxruntime" in recipe.engine.backends:
+    runs_in_ort = "onnxruntime" in recipe.engine.backends
+    if quantized is not None:
+        from dtcompile.quant import get_format
+        from dtcompile.quant.accuracy import component_parity
+
+        fmt = quantized.result.format
+        parity = component_parity(module, graph.export_module, art.path, quantized.inputs, graph.outputs, fmt,
+                                  field=quantized.field)  # fmt: skip
+        entry["quant"] = {**quantized.to_manifest(), "graph": qonnx.to_manifest(), "parity": parity.to_manifest()}
+        runs_in_ort = runs_in_ort and get_format(fmt).onnxruntime_runnable
+    elif runs_in_ort:
         entry["parity"] = check_parity(art.path, wrapper, ex, dtype)
+    if runs_in_ort:
         onnx_entry = entry["onnx"]
         entry["engines"].append(
             {"backend": "onnxruntime", "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}

@@ -150,6 +150,19 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+def aux_module(loaded: LoadedPipeline, recipe: Any, spec: Any) -> tuple[Any, Any, str]:
+    """(graph, module, dtype name) of the text encoder or VAE decoder ``spec`` (a ``ComponentSpec``) names: its
+    ``ModelAdapter.aux_graph`` and the pipeline's module cast to the component's dtype (``spec.dtype`` or the
+    recipe's), in place: the saved pipeline leaves an engine-backed module out, and a quantized one is
+    calibrated in the dtype it is exported in."""
+    dtype = spec.dtype or recipe.dtype
+    graph = loaded.adapter.aux_graph(spec.name, loaded.pipe_config)
+    module = graph.module(loaded.pipe).eval()
+    if module.dtype != torch_dtype(dtype):
+        module.to(torch_dtype(dtype))
+    return graph, module, dtype
+
+
 def pipeline_class_of(folder: Path, index: dict[str, Any] | None = None) -> str:
     """The ``_class_name`` recorded in a pipeline folder's model_index.json (``index``: that file, already read)."""
     index = model_index(folder) if index is None else index

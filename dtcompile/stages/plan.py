@@ -110,11 +110,13 @@ def make_plan(recipe: Recipe, recipe_path: str | Path | None = None) -> Plan:
         aux = aux_components(recipe, adapter)
         plan.notes.append(
             "components: "
-            + ", ".join([adapter.component, *(f"{c.name} ({c.dtype or recipe.dtype})" for c in aux)])
+            + ", ".join([adapter.component, *(f"{c.name} ({_precision(c, recipe)})" for c in aux)])
             + " as engines"
         )
     if recipe.quant is not None:
         _plan_quant(plan)
+    if recipe.quantized_components():
+        _plan_component_quant(plan)
     if recipe.cache is not None:
         plan.notes += _plan_cache(plan)
     if recipe.lora:  # local LoRA files must exist and be safetensors (hub ids are fetched at build)
@@ -191,9 +193,16 @@ def _plan_quant(plan: Plan) -> None:
         raise UnsupportedError(problem)
 
 
+def _precision(spec: ComponentSpec, recipe: Recipe) -> str:
+    dtype = spec.dtype or recipe.dtype
+    return dtype if spec.quant is None else f"{spec.quant}, {dtype} compute"
+
+
 def aux_components(recipe: Recipe, adapter: ModelAdapter) -> list[ComponentSpec]:
     """The recipe's ``components`` besides the denoiser, checked against the family (RecipeError naming the
-    item): each one the family has, and the denoiser listed (in the recipe's dtype) when the list is not empty."""
+    item): each one the family has, and the denoiser listed (in the recipe's dtype, quantized by ``quant``)
+    when the list is not empty; a component's ``quant`` must be a format its kind is built in
+    (UnsupportedError naming ``components[i].quant`` and the choices)."""
     specs = recipe.components
     if not specs:
         return []
@@ -209,11 +218,72 @@ def aux_components(recipe: Recipe, adapter: ModelAdapter) -> list[ComponentSpec]
                 f"components[{i}].dtype: the denoiser '{c.name}' is built in the recipe's dtype ({recipe.dtype}); "
                 "set dtype instead"
             )
+        if c.dtype == "bfloat16" and REFERENCE_BACKEND in recipe.engine.backends:
+            raise UnsupportedError(
+                f"components[{i}].dtype: onnxruntime has no CPU kernels for bfloat16 graphs; set dtype: float32 "
+                "or float16, or drop onnxruntime from engine.backends"
+            )
+        if c.quant is not None:
+            _check_component_quant(i, c, adapter)
     if adapter.component not in names:
         raise RecipeError(
             f"components: the list must include the denoiser '{adapter.component}' (it has {', '.join(names)})"
         )
     return [c for c in specs if c.name != adapter.component]
+
+
+def _check_component_quant(i: int, spec: ComponentSpec, adapter: ModelAdapter) -> None:
+    """One line naming ``components[i].quant``, the component and the formats it takes, for a pair not built."""
+    from dtcompile.models.components import COMPONENT_KINDS
+
+    field = f"components[{i}].quant"
+    if spec.name == adapter.component:
+        raise RecipeError(
+            f"{field}: the denoiser '{spec.name}' is quantized by the recipe's quant section; remove quant from "
+            f"components[{i}] and set quant.format: {spec.quant}"
+        )
+    kind = COMPONENT_KINDS[adapter.aux_components[spec.name]]
+    if spec.quant in kind.quant_formats:
+        return
+    if not kind.quant_formats:
+        takers = [
+            f"{n} takes {', '.join(COMPONENT_KINDS[k].quant_formats)}"
+            for n, k in adapter.aux_components.items()
+            if COMPONENT_KINDS[k].quant_formats
+        ]
+        raise UnsupportedError(
+            f"{field}: {spec.name} is {kind.description}, which takes no quant format ({kind.no_quant}); "
+            f"remove quant from components[{i}]" + (f" ({'; '.join(takers)})" if takers else "")
+        )
+    raise UnsupportedError(
+        f"{field}: {spec.name} is {kind.description}, which dtcompile does not build in {spec.quant}; "
+        f"choose one of: {', '.join(kind.quant_formats)}"
+    )
+
+
+def _plan_component_quant(plan: Plan) -> None:
+    """Dry-run rules of every ``components[i].quant``: format x backend x arch (one line naming the field)
+    and the calibration prompts (the ``quant:`` section's, else the schema's defaults) readable."""
+    from dtcompile.quant import check_targets
+    from dtcompile.quant.calibration import load_prompts
+
+    recipe = plan.recipe
+    for i, spec in enumerate(recipe.components):
+        if spec.quant is None:
+            continue
+        check_targets(
+            spec.quant,
+            [(t.backend, t.arch) for t in plan.targets if t.backend != REFERENCE_BACKEND],
+            field=f"components[{i}].quant",
+            fix=f"remove quant from components[{i}]",
+        )
+    calib, acc = recipe.calibration()
+    prompts = load_prompts(calib, plan.base_dir)
+    names = ", ".join(c.name for c in recipe.quantized_components())
+    plan.notes.append(
+        f"quantized components: {names}, calibrated on {len(prompts)} prompts "
+        f"({calib.prompts if isinstance(calib.prompts, str) else 'inline list'}), {acc.prompts} held out"
+    )
 
 
 def component_config(resolved: ResolvedSource, component: str) -> dict[str, Any] | None:

@@ -49,6 +49,8 @@ class BuildState:
     loaded: LoadedPipeline | None = None
     fused: Any = None  # stages.lora.FusedLoras
     quantized: dict[str, Any] = field(default_factory=dict)  # denoiser -> stages.quantize.QuantizedComponent
+    quantized_aux: dict[str, Any] = field(default_factory=dict)  # text encoder -> stages.quantize.QuantizedAux
+    aux_digests: dict[str, str] = field(default_factory=dict)  # further component -> sha256 of its source folder
     graphs: list[tuple[str, Any]] = field(default_factory=list)  # (component or part name, ExportedComponent)
     manifest: dict[str, Any] = field(default_factory=dict)
     stats: list[StageStats] = field(default_factory=list)
@@ -70,8 +72,9 @@ def _existing_key(out_dir: Path) -> str | None:
     return None if manifest.stopped_after else manifest.key
 
 
-def _artifact_key(plan: Plan, files: SourceFiles) -> tuple[str, str, dict[str, Any], list[Any]]:
-    """(artifact key, weights digest, tool versions, resolved LoRAs) from files on disk; loads no weights."""
+def _artifact_key(plan: Plan, files: SourceFiles) -> tuple[str, str, dict[str, Any], list[Any], dict[str, str]]:
+    """(artifact key, weights digest, tool versions, resolved LoRAs, each further component's folder digest)
+    from files on disk; loads no weights."""
     from dtcompile.core.versions import tool_versions
     from dtcompile.manifest import artifact_key
 
@@ -84,6 +87,7 @@ def _artifact_key(plan: Plan, files: SourceFiles) -> tuple[str, str, dict[str, A
 
     folders = {d: files.folder / d for d in files.extra_denoisers()}
     folders |= {c.name: files.folder / aux_attr(c.name) for c in aux_components(recipe, files.adapter)}
+    digests: dict[str, str] = {}
     if folders:
         from dtcompile.core.digests import sha256_json, sha256_tree
 
@@ -94,12 +98,13 @@ def _artifact_key(plan: Plan, files: SourceFiles) -> tuple[str, str, dict[str, A
 
         loras = resolve_loras(recipe.lora, base_dir=plan.base_dir)
         weights_digest = lora_key_digest(files.component_sha256, loras)
-    if recipe.quant is not None:  # the key covers the calibration prompts' content, not just their path
+    if recipe.quant is not None or recipe.quantized_components():  # the calibration prompts' content, not their path
         from dtcompile.quant.calibration import load_prompts, prompts_sha256
 
-        prompts_digest = prompts_sha256(load_prompts(recipe.quant.calib, plan.base_dir))
+        prompts_digest = prompts_sha256(load_prompts(recipe.calibration()[0], plan.base_dir))
         weights_digest = hashlib.sha256(f"{weights_digest}:{prompts_digest}".encode()).hexdigest()
-    return artifact_key(recipe.engine_fields(), weights_digest, versions), weights_digest, versions, loras
+    key = artifact_key(recipe.engine_fields(), weights_digest, versions)
+    return key, weights_digest, versions, loras, digests
 
 
 def _base_manifest(state: BuildState) -> dict[str, Any]:
@@ -146,14 +151,14 @@ def run_build(
     out_dir = plan.out_dir
     files = locate_source(plan.recipe.model)
     check_denoisers(plan.recipe, files.denoisers)
-    key, weights_digest, versions, loras = _artifact_key(plan, files)
+    key, weights_digest, versions, loras, digests = _artifact_key(plan, files)
     if not force and stop_after is None and _existing_key(out_dir) == key:
         log.info("artifact %s is up to date (key %s); use --force to rebuild", out_dir, key[:12])
         return BuildReport(out_dir, read_manifest(out_dir), up_to_date=True)
     for line in collect_stale(out_dir):
         log.warning("build: %s", line)
     tmp = make_temp_dir(out_dir, "tmp")
-    state = BuildState(plan, files, key, versions, weights_digest, tmp, loras=loras)
+    state = BuildState(plan, files, key, versions, weights_digest, tmp, loras=loras, aux_digests=digests)
     with discarded_on_failure(tmp, out_dir):
         state.manifest = _base_manifest(state)
         _run_stages(state, stop_after)
@@ -204,12 +209,18 @@ def lora_step(state: BuildState) -> list[str]:
 
 
 def quantize_step(state: BuildState) -> list[str]:
-    """quantize: ModelOpt PTQ on real denoising runs -> ``state.quantized`` (calibration and accuracy)."""
-    from dtcompile.stages.quantize import quantize_denoisers
+    """quantize: ModelOpt PTQ on real denoising runs -> ``state.quantized`` (calibration and accuracy); then each
+    text encoder with its own ``quant``, on its own -> ``state.quantized_aux``."""
+    from dtcompile.stages.quantize import quantize_aux, quantize_denoisers
 
     plan = state.plan
-    names = list(state.files.denoisers)
-    state.quantized = quantize_denoisers(state.loaded, plan.recipe, plan.base_dir, state.weights_digest, names)
+    recipe = plan.recipe
+    if recipe.quant is not None:
+        names = list(state.files.denoisers)
+        state.quantized = quantize_denoisers(state.loaded, recipe, plan.base_dir, state.weights_digest, names)
+    for spec in recipe.quantized_components():  # after the denoisers: their runs see the unquantized encoders
+        digest = state.aux_digests.get(spec.name, "")
+        state.quantized_aux[spec.name] = quantize_aux(state.loaded, recipe, plan.base_dir, spec, digest)
     return []
 
 
@@ -222,28 +233,31 @@ def export_step(state: BuildState) -> list[str]:
     attention = state.plan.attention
     extra = state.files.extra_denoisers()  # Wan2.2's second expert: a graph (or parts) of its own, same shapes
     graphs: list[tuple[str, Any]] = []
-    if recipe.cache is not None:  # each denoiser: one graph per part (prologue, block segments, epilogue)
-        from dtcompile.stages.cache_split import export_split
+    with _aux_unquantized(state):  # a denoiser's parity runs the pipeline: with the encoders it was traced with
+        if recipe.cache is not None:  # each denoiser: one graph per part (prologue, block segments, epilogue)
+            from dtcompile.stages.cache_split import export_split
 
-        for name in state.files.denoisers:
-            if name != comp:
-                log.info("[export] denoiser %s, split for caching ...", name)
-            manifest["components"][name], parts = export_split(
-                state.loaded, recipe, state.tmp, attention=attention, component=name
-            )
-            graphs += parts
-    else:
-        quantized = state.quantized.get(comp)
-        graphs.append((comp, export_component(state.loaded, recipe, state.tmp, quantized, attention=attention)))
-        for name in extra:
-            log.info("[export] denoiser %s ...", name)
-            graphs.append((name, export_component(state.loaded, recipe, state.tmp, state.quantized.get(name),
-                                                  attention=attention, component=name)))  # fmt: skip
+            for name in state.files.denoisers:
+                if name != comp:
+                    log.info("[export] denoiser %s, split for caching ...", name)
+                manifest["components"][name], parts = export_split(
+                    state.loaded, recipe, state.tmp, attention=attention, component=name
+                )
+                graphs += parts
+        else:
+            quantized = state.quantized.get(comp)
+            graphs.append((comp, export_component(state.loaded, recipe, state.tmp, quantized, attention=attention)))
+            for name in extra:
+                log.info("[export] denoiser %s ...", name)
+                graphs.append((name, export_component(state.loaded, recipe, state.tmp, state.quantized.get(name),
+                                                      attention=attention, component=name)))  # fmt: skip
     aux = aux_components(recipe, state.loaded.adapter)
     aux_graphs = []
     for i, spec in enumerate(aux, 1):  # text encoders and the VAE decoder, after the denoiser
         log.info("[export] component %d/%d %s ...", i, len(aux), spec.name)
-        aux_graphs.append((spec.name, export_aux(state.loaded, recipe, state.tmp, spec)))
+        aux_graphs.append(
+            (spec.name, export_aux(state.loaded, recipe, state.tmp, spec, state.quantized_aux.get(spec.name)))
+        )
     graphs += aux_graphs
     attrs = [*extra, *(g.manifest.get("attr", name) for name, g in aux_graphs)]
     manifest["pipeline"] = (
@@ -255,6 +269,18 @@ def export_step(state: BuildState) -> list[str]:
     state.graphs = graphs
     onnx_entries = [g.manifest["onnx"] for _, g in graphs]
     return [e["file"] for e in [*onnx_entries, *manifest["pipeline"].get("files", [])[:1]]]
+
+
+def _aux_unquantized(state: BuildState) -> Any:
+    """Every quantized text encoder computing unquantized (``quant.export.quantizers_off``), or nothing to do."""
+    import contextlib
+
+    if not state.quantized_aux:
+        return contextlib.nullcontext()
+    from dtcompile.models.components import aux_attr
+    from dtcompile.quant.export import quantizers_off
+
+    return quantizers_off(*(getattr(state.loaded.pipe, aux_attr(name)) for name in state.quantized_aux))
 
 
 def _lora_section(state: BuildState, main: str, components: dict[str, Any]) -> dict[str, Any]:
