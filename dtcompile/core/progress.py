@@ -78,6 +78,28 @@ def stage(name: str, detail: str = "") -> Iterator[StageStats]:
         log.info("[%s] wrote %s", name, path)
 
 
+@contextmanager
+def measured(what: str, logger: logging.Logger | None = None) -> Iterator[None]:
+    """Log ``what``'s wall time and peak RSS (sampled every 50 ms) when it ends, also when it raises:
+    ``export transformer: tracing took 12.3 s, peak RSS 2345 MiB (+1100 MiB over its start)``. For the phases
+    of one stage, whose own line gives only the stage's peak."""
+    sampler = _PeakSampler()
+    start = sampler.peak
+    sampler.start()
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        peak = sampler.stop()
+        (logger or log).info(
+            "%s took %.1f s, peak RSS %.0f MiB (%+.0f MiB over its start)",
+            what,
+            time.perf_counter() - t0,
+            peak / 2**20,
+            (peak - start) / 2**20,
+        )
+
+
 # --- progress of one long loop ---------------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from dtcompile.core.digests import sha256_file
 from dtcompile.core.dtypes import dtype_name, from_onnx_name
 from dtcompile.core.errors import BuildError
 from dtcompile.core.graph import ExportSpec, TensorSpec
+from dtcompile.core.progress import measured
 from dtcompile.export.patches import Patch, _gelu_symbolic, _rms_norm_symbolic, resolve_patches
 
 if TYPE_CHECKING:
@@ -157,7 +158,13 @@ def export_onnx(
     with tempfile.TemporaryDirectory(prefix=f".{name}-export-", dir=out_dir) as scratch:
         raw_path = Path(scratch) / f"{name}.onnx"
         _phase(progress, "tracing")
-        with _rms_norm_symbolic(spec.opset), _gelu_symbolic(spec.opset), _patched(patches), warnings.catch_warnings():
+        with (
+            measured(f"export {name}: tracing", logger),
+            _rms_norm_symbolic(spec.opset),
+            _gelu_symbolic(spec.opset),
+            _patched(patches),
+            warnings.catch_warnings(),
+        ):
             # The legacy exporter warns on every call that it is deprecated, and on every traced Python
             # condition; neither is actionable here.
             warnings.simplefilter("ignore", category=DeprecationWarning)
@@ -198,16 +205,19 @@ def export_onnx(
             logger.info("export %s: graph over 2 GiB, skipping the graph-surgeon cleanup", name)
         elif optimize:
             _phase(progress, "cleaning up the graph")
-            model = _optimize(model)
+            with measured(f"export {name}: graph cleanup", logger):
+                model = _optimize(model)
         for stale in (onnx_path, data_path):
             stale.unlink(missing_ok=True)
         _phase(progress, "writing")
-        _save(model, Path(scratch), onnx_path, data_path if use_external else None)
-        del model
+        with measured(f"export {name}: writing", logger):
+            _save(model, Path(scratch), onnx_path, data_path if use_external else None)
+            del model
 
     _phase(progress, "checking")
-    onnx.checker.check_model(str(onnx_path))  # by path: works past 2 GiB with external data
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    with measured(f"export {name}: checking", logger):
+        onnx.checker.check_model(str(onnx_path))  # by path: works past 2 GiB with external data
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
     inputs = tuple(_tensor_spec(v) for v in graph.input)
     outputs = tuple(_tensor_spec(v) for v in graph.output)
     _check_against_spec(spec, inputs, outputs, onnx_path)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import BuildError
 from dtcompile.core.numerics import FP8_E4M3_MAX, fp8_fake_quant
+from dtcompile.core.progress import measured
 from dtcompile.quant import get_format
 from dtcompile.quant.qdq import FP4_BLOCK_DQ_PLACEHOLDER, TRT_DOMAIN, QdqReport, standardize_file
 
@@ -377,7 +378,8 @@ def export_quantized(
         )
     if progress is not None:
         progress.phase("rewriting Q/DQ")
-    report = standardize_file(artifact.path, dtype)
+    with measured(f"export {name}: Q/DQ rewrite", log):
+        report = standardize_file(artifact.path, dtype)
     unexpected = sorted(set(report.custom_ops) - set(fmt.custom_ops))
     if unexpected:
         raise BuildError(
