@@ -109,13 +109,17 @@ class _ExternalData:
         return numpy_helper.to_array(loaded)
 
     def store(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
-        """Write a new initializer's ``raw_data`` (1 KiB or more) to the data file and point it there."""
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= self.min_bytes:
-            self._point(tensor, len(tensor.raw_data))
-            self._write(tensor.raw_data)
-            tensor.ClearField("raw_data")
-            self.written.add(tensor.name)
-        return tensor
+        """Write a new initializer's ``raw_data`` (1 KiB or more) to the data file; return a new tensor pointing
+        there. (A new one: a cleared field does not give its bytes back, they live as long as the message.)"""
+        import onnx
+
+        if not (tensor.HasField("raw_data") and len(tensor.raw_data) >= self.min_bytes):
+            return tensor
+        self._write_aligned(tensor.raw_data)
+        pointer = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        self._point(pointer, self.offset - len(tensor.raw_data), len(tensor.raw_data))
+        self.written.add(tensor.name)
+        return pointer
 
     def finish(self, graph: onnx.GraphProto, chunk: int = 1 << 26) -> None:
         """Copy every tensor of ``graph`` still in the original files into the data file."""
@@ -129,7 +133,8 @@ class _ExternalData:
             src = self.src_dir / info.location
             start = info.offset or 0
             length = info.length if info.length is not None else src.stat().st_size - start
-            self._point(tensor, length)
+            self._align()
+            self._point(tensor, self.offset, length)
             with open(src, "rb") as f:
                 f.seek(start)
                 left = length
@@ -143,15 +148,18 @@ class _ExternalData:
     def close(self) -> None:
         self._out.close()
 
-    def _point(self, tensor: onnx.TensorProto, length: int) -> None:
+    def _point(self, tensor: onnx.TensorProto, offset: int, length: int) -> None:
         import onnx
 
-        self._align()
         del tensor.external_data[:]
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(length))):
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         tensor.data_location = onnx.TensorProto.EXTERNAL
+
+    def _write_aligned(self, data: bytes) -> None:
+        self._align()
+        self._write(data)
 
     def _write(self, data: bytes) -> None:
         self._out.write(data)
