@@ -398,20 +398,40 @@ def _transpose_to_matmul(g: _Graph, dq: Any) -> Any | None:
     return t
 
 
+#: Weights are quantized this many elements at a time, so the float32 temporaries stay small whatever the
+#: weight's size (QuantizeLinear is elementwise: the result is the same).
+_CHUNK_ELEMENTS = 1 << 22
+
+
 def _quantize_fp8(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """float8e4m3fn bytes (as uint8) of ``weight / scale``, saturated at +-448 like QuantizeLinear."""
-    import torch
-
-    w, s = torch.from_numpy(_to_f32(weight)), torch.from_numpy(_to_f32(scale))
-    return quantize_with_scale(w, s, "float8_e4m3fn", None).view(torch.uint8).numpy()
+    return _quantize_in_chunks(weight, scale, "float8_e4m3fn", None)
 
 
 def _quantize_int8(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     """int8 of ``weight / scale`` (per-tensor or per-``axis``), rounded half to even like QuantizeLinear."""
+    return _quantize_in_chunks(weight, scale, "int8", axis if scale.ndim == 1 else None)
+
+
+def _quantize_in_chunks(weight: np.ndarray, scale: np.ndarray, qdtype: str, axis: int | None) -> np.ndarray:
+    """``quantize_with_scale`` over blocks of rows of ``weight`` (a per-channel scale along axis 0 is sliced
+    with them); fp8 results as uint8 bytes."""
+    import numpy as np
     import torch
 
-    w, s = torch.from_numpy(_to_f32(weight)), torch.from_numpy(_to_f32(scale))
-    return quantize_with_scale(w, s, "int8", axis if s.ndim == 1 else None).numpy()
+    s = torch.from_numpy(_to_f32(scale))
+    out = np.empty(weight.shape, np.uint8 if qdtype == "float8_e4m3fn" else np.int8)
+    if weight.ndim == 0 or weight.size == 0:
+        q = quantize_with_scale(torch.from_numpy(_to_f32(weight)), s, qdtype, axis)
+        return q.view(torch.uint8).numpy() if qdtype == "float8_e4m3fn" else q.numpy()
+    rows = weight.shape[0]
+    step = max(1, _CHUNK_ELEMENTS // max(1, weight.size // rows))
+    sliced = axis is not None and axis % weight.ndim == 0
+    for i in range(0, rows, step):
+        w = torch.from_numpy(_to_f32(weight[i : i + step]))
+        q = quantize_with_scale(w, s[i : i + step] if sliced else s, qdtype, axis)
+        out[i : i + step] = q.view(torch.uint8).numpy() if qdtype == "float8_e4m3fn" else q.numpy()
+    return out
 
 
 def _to_f32(a: np.ndarray) -> np.ndarray:

@@ -266,3 +266,17 @@ def test_external_data_graph_is_rewritten_like_the_in_memory_one(tmp_path: Any, 
     assert _values(got) == _values(expected)  # same quantized bytes
     if fmt != "nvfp4":
         np.testing.assert_array_equal(run(got), run(expected))
+
+
+@pytest.mark.parametrize(("qdtype", "axis"), [("float8_e4m3fn", None), ("int8", None), ("int8", 0), ("int8", 1)])
+def test_weights_quantized_in_chunks_are_quantized_as_a_whole(monkeypatch: Any, qdtype: str, axis: Any) -> None:
+    from dtcompile.core.numerics import quantize_with_scale
+    from dtcompile.quant import qdq
+
+    w = (RNG.standard_normal((37, 24)) * 3).astype(np.float32)
+    scale = (np.abs(w).max(axis=1 - axis) / 127).astype(np.float32) if axis is not None else np.float32(0.01)
+    whole = quantize_with_scale(torch.from_numpy(w), torch.from_numpy(np.asarray(scale)), qdtype, axis)
+    whole = whole.view(torch.uint8) if qdtype == "float8_e4m3fn" else whole
+    monkeypatch.setattr(qdq, "_CHUNK_ELEMENTS", 100)  # 4 rows at a time, the last block short
+    got = qdq._quantize_in_chunks(w, np.asarray(scale), qdtype, axis)
+    np.testing.assert_array_equal(got, whole.numpy())
