@@ -125,3 +125,20 @@ def _read(fd: int) -> bytes:
         return os.read(fd, 4096)
     except OSError:  # EIO once the child has closed its side
         return b""
+
+
+def test_measured_logs_wall_time_and_peak_rss_also_when_the_phase_raises(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dtcompile")
+    with pr.measured("export x: growing"):
+        block = bytearray(64 * 2**20)  # touched: resident
+        block[::4096] = b"\1" * len(block[::4096])
+        time.sleep(0.2)  # at least one sample while it is held
+        del block
+    with pytest.raises(RuntimeError), pr.measured("export x: failing"):
+        raise RuntimeError("boom")
+    got = lines(caplog)
+    grown = re.fullmatch(
+        r"export x: growing took [\d.]+ s, peak RSS (\d+) MiB \(\+(\d+) MiB over its start.*\)", got[0]
+    )
+    assert grown and int(grown.group(2)) >= 60
+    assert got[1].startswith("export x: failing took ")

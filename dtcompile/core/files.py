@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -138,3 +138,19 @@ def cache_root() -> Path:
     """dtcompile's cache folder: ``$DTC_CACHE_DIR`` or ``~/.cache/dtcompile``."""
     root = os.environ.get("DTC_CACHE_DIR")
     return Path(root).expanduser() if root else Path.home() / ".cache" / "dtcompile"
+
+
+def copy_byte_range(src: Path, start: int, length: int, write: Callable[[bytes], object], what: str) -> None:
+    """Pass ``length`` bytes of ``src`` from offset ``start`` to ``write`` in 64 MiB blocks (never the whole range
+    in memory); BuildError naming ``what`` when the file ends first."""
+    from dtcompile.core.errors import BuildError
+
+    with open(src, "rb") as f:
+        f.seek(start)
+        left = length
+        while left:
+            block = f.read(min(1 << 26, left))
+            if not block:
+                raise BuildError(f"{src} is shorter than the data of {what} it should hold")
+            write(block)
+            left -= len(block)

@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 from dtcompile.core.digests import sha256_file
 from dtcompile.core.dtypes import dtype_name, from_onnx_name
 from dtcompile.core.errors import BuildError
+from dtcompile.core.files import copy_byte_range
 from dtcompile.core.graph import ExportSpec, TensorSpec
+from dtcompile.core.progress import measured
 from dtcompile.export.patches import Patch, _gelu_symbolic, _rms_norm_symbolic, resolve_patches
 
 if TYPE_CHECKING:
@@ -107,6 +109,7 @@ def export_onnx(
     optimize: bool = True,
     patches: Sequence[str | Patch] | None = None,
     progress: Progress | None = None,
+    stream_weights: bool = False,
 ) -> OnnxArtifact:
     """Export ``module`` to ``<out_dir>/<name>.onnx`` with the dynamic axes and opset of ``spec``.
 
@@ -122,30 +125,36 @@ def export_onnx(
             factories or names in ``PATCHES``; ``None`` applies ``DEFAULT_PATCHES``, ``()`` none. The
             ``aten::rms_norm`` symbolic is always registered.
         progress: the caller's phase progress (``Progress.phase``): tracing, cleaning up, writing, checking.
+        stream_weights: keep the weights out of the exporter's in-memory graph (which, under 2 GiB, holds
+            and serializes every weight several times over): each one is written to the external data file
+            from the module's own tensor, and the graph-surgeon cleanup, which would load them all, is
+            skipped (as for graphs over 2 GiB). Needs external data (``external_data`` True or None).
 
     Raises:
         BuildError: the example inputs do not match the spec, the exporter fails, or the written graph's
             inputs/outputs differ from the spec.
     """
-    import torch
-
     out_dir = Path(out_dir)
     _check_example_inputs(spec)
     args = tuple(spec.example_inputs[n] for n in spec.input_names)
     weight_bytes = _module_bytes(module)
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    use_external = use_external or (stream_weights and external_data is None)
+    if stream_weights and not use_external:
+        raise BuildError("stream_weights writes the weights as external data; it needs external_data=True or None")
     if not use_external and weight_bytes >= 2**31:
         raise BuildError(
             f"{type(module).__name__} has {weight_bytes / 2**30:.1f} GiB of weights, over protobuf's 2 GiB limit "
             f"for a single .onnx file; use external_data=True (or None)"
         )
     logger.info(
-        "export %s: %d inputs, %.1f MiB of weights, opset %d, external data %s",
+        "export %s: %d inputs, %.1f MiB of weights, opset %d, external data %s%s",
         name,
         len(args),
         weight_bytes / 2**20,
         spec.opset,
         use_external,
+        ", weights streamed" if stream_weights else "",
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,38 +165,23 @@ def export_onnx(
     # scratch folder on the same filesystem, then write the final files from it.
     with tempfile.TemporaryDirectory(prefix=f".{name}-export-", dir=out_dir) as scratch:
         raw_path = Path(scratch) / f"{name}.onnx"
+        params: dict[str, torch.Tensor] = {}
         _phase(progress, "tracing")
-        with _rms_norm_symbolic(spec.opset), _gelu_symbolic(spec.opset), _patched(patches), warnings.catch_warnings():
-            # The legacy exporter warns on every call that it is deprecated, and on every traced Python
-            # condition; neither is actionable here.
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-            try:
-                with torch.no_grad():
-                    torch.onnx.export(
-                        module,
-                        args,
-                        str(raw_path),
-                        input_names=spec.input_names,
-                        output_names=spec.output_names,
-                        dynamic_axes=spec.dynamic_axes(),
-                        opset_version=spec.opset,
-                        do_constant_folding=True,
-                        dynamo=False,
-                    )
-            except OSError:  # the machine (full or read-only disk), not the model: the CLI's one-line OSError
-                raise
-            except Exception as e:  # the exporter raises many unrelated types; all mean "cannot export"
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:500]
-                raise BuildError(f"ONNX export of {type(module).__name__} failed: {first}") from e
+        with measured(f"export {name}: tracing", logger):
+            _trace(module, args, spec, raw_path, patches, params if stream_weights else None)
         trace_s = time.perf_counter() - t0
         logger.info("export %s: traced in %.1f s", name, trace_s)
 
         import onnx
 
-        # Past 2 GiB the exporter has written one file per tensor: keep the weights on disk (they are streamed
-        # into the single data file) and skip the graph cleanup, which would need them all in memory.
+        # Past 2 GiB the exporter has written one file per tensor, and with stream_weights the weights are
+        # written from the module here: keep them on disk (they are streamed into the single data file) and
+        # skip the graph cleanup, which would need them all in memory.
         model = onnx.load(str(raw_path), load_external_data=False)
+        if stream_weights:
+            with measured(f"export {name}: streaming the weights", logger):
+                _attach_weights(model, params, Path(scratch) / "weights.bin")
+            params.clear()
         exported_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
         if exported_external and not use_external:
             raise BuildError(
@@ -195,19 +189,27 @@ def export_onnx(
                 f"it needs external_data=True (or None)"
             )
         if optimize and exported_external:
-            logger.info("export %s: graph over 2 GiB, skipping the graph-surgeon cleanup", name)
+            why = "weights streamed" if stream_weights else "graph over 2 GiB"
+            logger.info("export %s: %s, skipping the graph-surgeon cleanup", name, why)
+        if optimize and stream_weights:
+            # what the cleanup changes in a graph the exporter already constant-folded (measured on tiny-flux
+            # fp8/int8/nvfp4): its Constant nodes become initializers, Q/DQ scales included
+            _constants_to_initializers(model)
         elif optimize:
             _phase(progress, "cleaning up the graph")
-            model = _optimize(model)
+            with measured(f"export {name}: graph cleanup", logger):
+                model = _optimize(model)
         for stale in (onnx_path, data_path):
             stale.unlink(missing_ok=True)
         _phase(progress, "writing")
-        _save(model, Path(scratch), onnx_path, data_path if use_external else None)
-        del model
+        with measured(f"export {name}: writing", logger):
+            _save(model, Path(scratch), onnx_path, data_path if use_external else None)
+            del model
 
     _phase(progress, "checking")
-    onnx.checker.check_model(str(onnx_path))  # by path: works past 2 GiB with external data
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    with measured(f"export {name}: checking", logger):
+        onnx.checker.check_model(str(onnx_path))  # by path: works past 2 GiB with external data
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
     inputs = tuple(_tensor_spec(v) for v in graph.input)
     outputs = tuple(_tensor_spec(v) for v in graph.output)
     _check_against_spec(spec, inputs, outputs, onnx_path)
@@ -238,6 +240,49 @@ def export_onnx(
         ", ".join(str(p) for p in artifact.files),
     )
     return artifact
+
+
+def _trace(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    spec: ExportSpec,
+    raw_path: Path,
+    patches: Sequence[str | Patch] | None,
+    params: dict[str, torch.Tensor] | None,
+) -> None:
+    """``torch.onnx.export`` (TorchScript) into ``raw_path`` with dtcompile's patches; with ``params``, the
+    weights are kept out of the graph and collected there (``_weights_kept_out``)."""
+    import torch
+
+    with (
+        _rms_norm_symbolic(spec.opset),
+        _gelu_symbolic(spec.opset),
+        _patched(patches),
+        _weights_kept_out(params),
+        warnings.catch_warnings(),
+    ):
+        # The legacy exporter warns on every call that it is deprecated, and on every traced Python
+        # condition; neither is actionable here.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        try:
+            with torch.no_grad():
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(raw_path),
+                    input_names=spec.input_names,
+                    output_names=spec.output_names,
+                    dynamic_axes=spec.dynamic_axes(),
+                    opset_version=spec.opset,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+        except OSError:  # the machine (full or read-only disk), not the model: the CLI's one-line OSError
+            raise
+        except Exception as e:  # the exporter raises many unrelated types; all mean "cannot export"
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:500]
+            raise BuildError(f"ONNX export of {type(module).__name__} failed: {first}") from e
 
 
 def _phase(progress: Progress | None, name: str) -> None:
@@ -300,6 +345,84 @@ def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(value.name, dtype, tuple(dims))
 
 
+# --- weights kept out of the exporter ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _weights_kept_out(params: dict[str, torch.Tensor] | None) -> Iterator[None]:
+    """While active, torch's ONNX encoder gets an empty weight table: the weights stay graph inputs (as with
+    ``export_params=False``) and ``params`` collects them, name -> tensor (the module's own tensors, or the
+    few the exporter's constant folding made). ``None``: nothing changes."""
+    if params is None:
+        yield
+        return
+    import torch
+
+    graph_type = torch._C.Graph
+    encode = graph_type._export_onnx
+
+    def encode_without_weights(self: Any, params_dict: dict[str, torch.Tensor], *args: Any) -> Any:
+        params.update(params_dict)
+        return encode(self, {}, *args)
+
+    graph_type._export_onnx = encode_without_weights
+    try:
+        yield
+    finally:
+        graph_type._export_onnx = encode
+
+
+def _attach_weights(model: onnx.ModelProto, params: dict[str, torch.Tensor], data_file: Path) -> None:
+    """Turn the graph inputs the exporter left for ``params`` into initializers, as torch would have written
+    them (same names, element types, dims and bytes), each written from its tensor to ``data_file`` (or inline
+    under 1 KiB) one at a time."""
+    import onnx
+    import torch
+
+    offset = 0
+    inputs = list(model.graph.input)
+    keep = [v for v in inputs if v.name not in params]
+    with open(data_file, "wb") as out:
+        for value in inputs:
+            if value.name not in params:
+                continue
+            t = params[value.name].detach()
+            tensor = onnx.TensorProto(name=value.name, data_type=value.type.tensor_type.elem_type, dims=t.shape)
+            data = t.contiguous().reshape(-1).view(torch.uint8).numpy()  # the tensor's own bytes, no copy
+            if data.nbytes < _EXTERNAL_MIN_BYTES:
+                tensor.raw_data = data.tobytes()
+            else:
+                for key, entry in (("location", data_file.name), ("offset", offset), ("length", data.nbytes)):
+                    ext = tensor.external_data.add()
+                    ext.key, ext.value = key, str(entry)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                out.write(memoryview(data))
+                offset += data.nbytes
+                pad = -offset % 64
+                out.write(b"\0" * pad)
+                offset += pad
+            model.graph.initializer.append(tensor)
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> None:
+    """Every top-level ``Constant`` node holding a tensor (``value``) becomes an initializer of its output's
+    name, as graph-surgeon's cleanup writes them; the weights are not touched."""
+    keep = []
+    for node in model.graph.node:
+        attrs = list(node.attribute)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and [a.name for a in attrs] == ["value"]:
+            tensor = model.graph.initializer.add()
+            tensor.CopyFrom(attrs[0].t)
+            tensor.name = node.output[0]
+        else:
+            keep.append(node)
+    if len(keep) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+
+
 # --- graph cleanup and saving -------------------------------------------------------------------------------
 
 
@@ -349,7 +472,7 @@ def _save(model: onnx.ModelProto, scratch: Path, onnx_path: Path, data_path: Pat
     os.replace(tmp_onnx, onnx_path)
 
 
-def _write_external_data(model: onnx.ModelProto, src_dir: Path, data_file: Path, chunk: int = 1 << 26) -> None:
+def _write_external_data(model: onnx.ModelProto, src_dir: Path, data_file: Path) -> None:
     """Move every initializer of at least 1 KiB into ``data_file`` (64-byte aligned) and point the graph at it.
 
     Inline initializers are written from memory; external ones (relative to ``src_dir``) are copied in
@@ -366,15 +489,7 @@ def _write_external_data(model: onnx.ModelProto, src_dir: Path, data_file: Path,
                 src = src_dir / info.location
                 start = info.offset or 0
                 length = info.length if info.length is not None else src.stat().st_size - start
-                with open(src, "rb") as f:
-                    f.seek(start)
-                    left = length
-                    while left:
-                        block = f.read(min(chunk, left))
-                        if not block:
-                            raise BuildError(f"exporter output {src} is shorter than its recorded length")
-                        out.write(block)
-                        left -= len(block)
+                copy_byte_range(src, start, length, out.write, f"exported tensor '{tensor.name}'")
             elif tensor.HasField("raw_data") and len(tensor.raw_data) >= _EXTERNAL_MIN_BYTES:
                 length = len(tensor.raw_data)
                 out.write(tensor.raw_data)

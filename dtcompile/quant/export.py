@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import BuildError
 from dtcompile.core.numerics import FP8_E4M3_MAX, fp8_fake_quant
+from dtcompile.core.progress import measured
 from dtcompile.quant import get_format
 from dtcompile.quant.qdq import FP4_BLOCK_DQ_PLACEHOLDER, TRT_DOMAIN, QdqReport, standardize_file
 
@@ -369,7 +370,9 @@ def export_quantized(
     Args:
         module: the export wrapper around the quantized component (``ModelAdapter.export_module``).
         spec: I/O specs, example inputs and opset, as for ``export_onnx``.
-        out_dir, name, external_data, patches, progress: as for ``export_onnx`` (plus a Q/DQ rewrite phase).
+        out_dir, name, patches, progress: as for ``export_onnx`` (plus a Q/DQ rewrite phase).
+        external_data: as for ``export_onnx``, except that the weights are always streamed to an external
+            data file (``stream_weights``): ``None`` or ``True``; ``False`` is refused.
         quant_format: the recipe's ``quant.format``.
         dtype: the component's dtype name (float32, float16, bfloat16).
 
@@ -389,12 +392,22 @@ def export_quantized(
         stack.enter_context(_fp4_block_dq_placeholder())
         # Block-quantized (NVFP4) weights export as static TRT_FP4QDQ, activations as dynamic quantize.
         stack.enter_context(configure_linear_module_onnx_quantizers(module))
+        # The weights never sit in the exporter's in-memory graph, nor in a graph-surgeon copy: each one goes
+        # from the module to the external data file, which the Q/DQ rewrite then streams too.
         artifact = export_onnx(
-            module, spec, out_dir, name, external_data=external_data, patches=patches, progress=progress
+            module,
+            spec,
+            out_dir,
+            name,
+            external_data=external_data,
+            patches=patches,
+            progress=progress,
+            stream_weights=True,
         )
     if progress is not None:
         progress.phase("rewriting Q/DQ")
-    report = standardize_file(artifact.path, dtype)
+    with measured(f"export {name}: Q/DQ rewrite", log):
+        report = standardize_file(artifact.path, dtype)
     unexpected = sorted(set(report.custom_ops) - set(fmt.custom_ops))
     if unexpected:
         raise BuildError(

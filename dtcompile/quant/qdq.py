@@ -21,11 +21,13 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import BuildError
+from dtcompile.core.files import copy_byte_range
 from dtcompile.core.numerics import E2M1_MAX, E2M1_VALUES, FP8_E4M3_MAX, quantize_with_scale
 
 if TYPE_CHECKING:
@@ -72,11 +74,118 @@ class QdqReport:
         }
 
 
-class _Graph:
-    """Name indexes over a GraphProto (rebuilt after structural edits)."""
+class _ExternalData:
+    """The external data of a graph being rewritten: tensors read one at a time from the original data file(s),
+    new weights written to the rewritten graph's data file as they are made, never all in memory.
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    ``data_file`` (in a scratch folder) becomes the graph's only data file: ``finish`` copies into it, in
+    chunks, every tensor still stored in the original files (``src_dir``), so the graph can be saved next to it.
+    """
+
+    #: Tensors smaller than this stay inside the .onnx file (as ``export_onnx`` and ``onnx.save_model`` do).
+    min_bytes = 1024
+
+    def __init__(self, src_dir: Path, data_file: Path) -> None:
+        self.src_dir = Path(src_dir)
+        self.path = Path(data_file)
+        self._out = open(self.path, "wb")  # noqa: SIM115 (closed by close)
+        self.offset = 0
+        self.written: set[str] = set()  # initializers already in the new file
+
+    def value(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """The values of one tensor stored externally (in the original files, or already in the new one)."""
+        import onnx
+        from onnx import numpy_helper
+        from onnx.external_data_helper import load_external_data_for_tensor
+
+        loaded = onnx.TensorProto()
+        loaded.CopyFrom(tensor)  # metadata only: the data is on disk
+        base = self.src_dir
+        if tensor.name in self.written:
+            self._out.flush()
+            base = self.path.parent
+        load_external_data_for_tensor(loaded, str(base))
+        del loaded.external_data[:]
+        loaded.data_location = onnx.TensorProto.DEFAULT
+        return numpy_helper.to_array(loaded)
+
+    def store(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """Write a new initializer's ``raw_data`` (1 KiB or more) to the data file; return a new tensor pointing
+        there. (A new one: a cleared field does not give its bytes back, they live as long as the message.)"""
+        import onnx
+
+        if not (tensor.HasField("raw_data") and len(tensor.raw_data) >= self.min_bytes):
+            return tensor
+        self._write_aligned(tensor.raw_data)
+        pointer = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        self._point(pointer, self.offset - len(tensor.raw_data), len(tensor.raw_data))
+        self.written.add(tensor.name)
+        return pointer
+
+    def finish(self, graph: onnx.GraphProto) -> None:
+        """Copy every tensor of ``graph`` still in the original files into the data file."""
+        import onnx
+        from onnx.external_data_helper import ExternalDataInfo
+
+        for tensor, is_init in _all_tensors(graph):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL or (is_init and tensor.name in self.written):
+                continue
+            info = ExternalDataInfo(tensor)
+            src = self.src_dir / info.location
+            start = info.offset or 0
+            length = info.length if info.length is not None else src.stat().st_size - start
+            self._align()
+            self._point(tensor, self.offset, length)
+            copy_byte_range(src, start, length, self._write, f"'{tensor.name}'")
+
+    def close(self) -> None:
+        self._out.close()
+
+    def _point(self, tensor: onnx.TensorProto, offset: int, length: int) -> None:
+        import onnx
+
+        del tensor.external_data[:]
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+
+    def _write_aligned(self, data: bytes) -> None:
+        self._align()
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        self._out.write(data)
+        self.offset += len(data)
+
+    def _align(self) -> None:
+        pad = -self.offset % 64  # aligned offsets let onnxruntime and TensorRT map tensors directly
+        self._write(b"\0" * pad)
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProto, bool]]:
+    """(tensor, is an initializer) for initializers and tensor attributes, subgraphs included."""
+    for t in graph.initializer:
+        yield t, True
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t, False
+            for t in attr.tensors:
+                yield t, False
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)
+
+
+class _Graph:
+    """Name indexes over a GraphProto (rebuilt after structural edits); with ``data``, the values of external
+    tensors are read one at a time and new initializers go straight to the rewritten data file."""
+
+    def __init__(self, graph: onnx.GraphProto, data: _ExternalData | None = None) -> None:
         self.g = graph
+        self.data = data
         self.reindex()
 
     def reindex(self) -> None:
@@ -91,27 +200,41 @@ class _Graph:
 
     def const(self, name: str) -> np.ndarray | None:
         """Value of an initializer or a Constant node output, else None."""
-        from onnx import numpy_helper
-
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
+            return self._value(self.inits[name])
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             for a in node.attribute:
                 if a.name == "value":
-                    return numpy_helper.to_array(a.t)
+                    return self._value(a.t)
         return None
+
+    def _value(self, tensor: onnx.TensorProto) -> np.ndarray:
+        import onnx
+        from onnx import numpy_helper
+
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if self.data is None:
+                raise BuildError(f"tensor '{tensor.name}' is stored externally but its data was not loaded")
+            return self.data.value(tensor)
+        return numpy_helper.to_array(tensor)
+
+    def new_initializer(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """``tensor``, its data moved to the rewritten data file when the graph streams its weights."""
+        return tensor if self.data is None else self.data.store(tensor)
 
     def only_consumer(self, name: str) -> Any | None:
         users = self.consumers.get(name, [])
         return users[0] if len(users) == 1 and name not in self.outputs else None
 
 
-def standardize_qdq(model: onnx.ModelProto, dtype: str) -> QdqReport:
+def standardize_qdq(model: onnx.ModelProto, dtype: str, *, data: _ExternalData | None = None) -> QdqReport:
     """Rewrite ``model`` in place (see the module docstring); ``dtype`` is the model's compute dtype name.
 
     Ops this code does not know stay as they are and are listed in ``QdqReport.custom_ops``; callers check
-    that list against what the format allows (``export_quantized`` does).
+    that list against what the format allows (``export_quantized`` does). ``model`` holds its weights, unless
+    ``data`` is given (``standardize_file`` on a graph with external data): then each weight is read from disk
+    when it is folded and the folded one written to ``data``'s file at once.
 
     Raises:
         BuildError: an FP4 weight quantizer on a non-constant input, or a graph left with a cycle.
@@ -119,7 +242,7 @@ def standardize_qdq(model: onnx.ModelProto, dtype: str) -> QdqReport:
     if dtype not in _DTYPE_TO_ONNX:
         raise BuildError(f"quantized graphs are float32, float16 or bfloat16; got {dtype}")
     report = QdqReport()
-    g = _Graph(model.graph)
+    g = _Graph(model.graph, data)
     _fold_weights(g, report)
     g.reindex()
     _fp8_to_standard(g, report)
@@ -151,32 +274,32 @@ def standardize_qdq(model: onnx.ModelProto, dtype: str) -> QdqReport:
 def standardize_file(path: Path, dtype: str) -> QdqReport:
     """``standardize_qdq`` on an ONNX file, written back in place (external data kept in one file).
 
-    The rewritten graph is written next to the original and renamed over it, so a failure leaves the
+    A graph with external data is rewritten without loading its weights: the graph is parsed without them,
+    each weight the rewrite folds is read from the data file when it is folded and its quantized form written
+    to the new data file at once, and the weights left as they were are copied over in chunks, so memory holds
+    one weight at a time whatever the model size. A graph without external data (small) is rewritten in
+    memory. The rewritten graph is written next to the original and renamed over it, so a failure leaves the
     original untouched. ``onnx.checker`` validates the result.
     """
     import onnx
 
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=True)
-    external = any(
-        t.data_location == onnx.TensorProto.EXTERNAL
-        for t in onnx.load(str(path), load_external_data=False).graph.initializer
-    )
-    report = standardize_qdq(model, dtype)
+    model = onnx.load(str(path), load_external_data=False)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t, _ in _all_tensors(model.graph))
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(prefix=".qdq-", dir=path.parent) as scratch:
         tmp = Path(scratch) / path.name
         if external:
-            onnx.save_model(
-                model,
-                str(tmp),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
-            )
+            data = _ExternalData(path.parent, Path(scratch) / data_name)
+            try:
+                report = standardize_qdq(model, dtype, data=data)
+                data.finish(model.graph)
+            finally:
+                data.close()
         else:
-            onnx.save_model(model, str(tmp))
+            report = standardize_qdq(model, dtype)
+        onnx.save_model(model, str(tmp))
+        del model
         onnx.checker.check_model(str(tmp))
         mode = path.stat().st_mode & 0o777
         if external:
@@ -230,7 +353,8 @@ def _fold_weights(g: _Graph, report: QdqReport) -> None:
             )
         else:
             tensor = numpy_helper.from_array(qvals, name)
-        new_inits.append(tensor)
+        new_inits.append(g.new_initializer(tensor))
+        del weight, qvals, tensor  # one weight at a time
         dq.input[0] = name
         if fp8:
             dq.domain, dq.op_type = "", "DequantizeLinear"
@@ -267,20 +391,40 @@ def _transpose_to_matmul(g: _Graph, dq: Any) -> Any | None:
     return t
 
 
+#: Weights are quantized this many elements at a time, so the float32 temporaries stay small whatever the
+#: weight's size (QuantizeLinear is elementwise: the result is the same).
+_CHUNK_ELEMENTS = 1 << 22
+
+
 def _quantize_fp8(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """float8e4m3fn bytes (as uint8) of ``weight / scale``, saturated at +-448 like QuantizeLinear."""
-    import torch
-
-    w, s = torch.from_numpy(_to_f32(weight)), torch.from_numpy(_to_f32(scale))
-    return quantize_with_scale(w, s, "float8_e4m3fn", None).view(torch.uint8).numpy()
+    return _quantize_in_chunks(weight, scale, "float8_e4m3fn", None)
 
 
 def _quantize_int8(weight: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
     """int8 of ``weight / scale`` (per-tensor or per-``axis``), rounded half to even like QuantizeLinear."""
+    return _quantize_in_chunks(weight, scale, "int8", axis if scale.ndim == 1 else None)
+
+
+def _quantize_in_chunks(weight: np.ndarray, scale: np.ndarray, qdtype: str, axis: int | None) -> np.ndarray:
+    """``quantize_with_scale`` over blocks of rows of ``weight`` (a per-channel scale along axis 0 is sliced
+    with them); fp8 results as uint8 bytes."""
+    import numpy as np
     import torch
 
-    w, s = torch.from_numpy(_to_f32(weight)), torch.from_numpy(_to_f32(scale))
-    return quantize_with_scale(w, s, "int8", axis if s.ndim == 1 else None).numpy()
+    s = torch.from_numpy(_to_f32(scale))
+    out = np.empty(weight.shape, np.uint8 if qdtype == "float8_e4m3fn" else np.int8)
+    if weight.ndim == 0 or weight.size == 0:
+        q = quantize_with_scale(torch.from_numpy(_to_f32(weight)), s, qdtype, axis)
+        return q.view(torch.uint8).numpy() if qdtype == "float8_e4m3fn" else q.numpy()
+    rows = weight.shape[0]
+    step = max(1, _CHUNK_ELEMENTS // max(1, weight.size // rows))
+    sliced = axis is not None and axis % weight.ndim == 0
+    for i in range(0, rows, step):
+        w = torch.from_numpy(_to_f32(weight[i : i + step]))
+        q = quantize_with_scale(w, s[i : i + step] if sliced else s, qdtype, axis)
+        out[i : i + step] = q.view(torch.uint8).numpy() if qdtype == "float8_e4m3fn" else q.numpy()
+    return out
 
 
 def _to_f32(a: np.ndarray) -> np.ndarray:
@@ -338,14 +482,21 @@ def _fp4_weights(g: _Graph, report: QdqReport, dtype: str) -> None:
         base = node.input[0]
         w_name, s_name, g_name = f"{base}_fp4", f"{base}_fp4_block_scale", f"{base}_fp4_global_scale"
         new_inits.append(
-            onnx.helper.make_tensor(w_name, onnx.TensorProto.FLOAT4E2M1, list(weight.shape), packed.tobytes(), raw=True)
+            g.new_initializer(
+                onnx.helper.make_tensor(
+                    w_name, onnx.TensorProto.FLOAT4E2M1, list(weight.shape), packed.tobytes(), raw=True
+                )
+            )
         )
         new_inits.append(
-            onnx.helper.make_tensor(
-                s_name, onnx.TensorProto.FLOAT8E4M3FN, list(block_scale.shape), block_scale.tobytes(), raw=True
+            g.new_initializer(
+                onnx.helper.make_tensor(
+                    s_name, onnx.TensorProto.FLOAT8E4M3FN, list(block_scale.shape), block_scale.tobytes(), raw=True
+                )
             )
         )
         new_inits.append(numpy_helper.from_array(global_scale, g_name))
+        del weight, packed, block_scale  # one weight at a time
         scale_out = f"{base}_fp4_scale"
         out = node.output[0]
         wide = f"{out}_f32" if dtype != "float32" else out

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from dtcompile.core.errors import VerificationError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes
 from dtcompile.core.metrics import rel_l2
-from dtcompile.core.progress import Progress, progress
+from dtcompile.core.progress import Progress, measured, progress
 from dtcompile.export.onnx import export_onnx
 
 if TYPE_CHECKING:
@@ -120,7 +120,8 @@ def export_component(
         from dtcompile.weights.weight_map import write_weight_map
 
         # torch parameter -> ONNX initializer (name, layout, dtype, Q/DQ scale), recorded once for `dtc refit`
-        weight_map = write_weight_map(module, art.path, artifact_dir, comp)
+        with measured(f"export {comp}: mapping weights", log):
+            weight_map = write_weight_map(module, art.path, artifact_dir, comp)
     profile = adapter.shape_profile(module, loaded.pipe_config, shapes)
     entry: dict[str, Any] = {
         "config": {k: v for k, v in dict(module.config).items() if not k.startswith("_")},
@@ -139,7 +140,9 @@ def export_component(
         entry["quant"] = {**quantized.to_manifest(), "graph": qonnx.to_manifest()}
         # parity (b): the graph in onnxruntime against the fake-quant torch model, step by step, both in float32
         # (a 16-bit model also end to end, information only: quant.parity.end_to_end)
-        entry["quant"]["parity"] = parity_report(loaded.pipe, adapter, quantized.trace, art.path, fmt).to_manifest()
+        with measured(f"export {comp}: parity (b)", log):
+            parity = parity_report(loaded.pipe, adapter, quantized.trace, art.path, fmt)
+        entry["quant"]["parity"] = parity.to_manifest()
         if "onnxruntime" in recipe.engine.backends and get_format(fmt).onnxruntime_runnable:
             entry["engines"].append(
                 {"backend": "onnxruntime", "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}

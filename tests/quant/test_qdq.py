@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -19,6 +21,7 @@ from dtcompile.quant.qdq import (  # noqa: E402
     decode_nvfp4,
     fp4_reference_graph,
     nvfp4_pack,
+    standardize_file,
     standardize_qdq,
 )
 
@@ -167,3 +170,113 @@ def test_nvfp4_graph_keeps_only_the_dynamic_quantize_custom_op() -> None:
     x_q = nvfp4_fake_quant(torch.from_numpy(X), 16, torch.tensor(amax))
     w_q = nvfp4_fake_quant(torch.from_numpy(W), 16, torch.tensor(np.abs(W).max()))
     np.testing.assert_allclose(got, (x_q @ w_q.T).numpy(), rtol=1e-5, atol=1e-6)
+
+
+# --- the same rewrite on a graph with external data, one weight at a time -----------------------------------------
+
+WIDE = (RNG.standard_normal((64, 32)) * 0.1).astype(np.float32)  # 8 KiB: external at any threshold
+
+
+def _graph_for(fmt: str) -> onnx.ModelProto:
+    """A graph of each weight kind with a bias from a Constant node (a tensor attribute), output Y [3, 64]."""
+    sx = np.float32(np.abs(X).max() / 448)
+    if fmt == "fp8":
+        sw = np.float32(np.abs(WIDE).max() / 448)
+        quant = [
+            h.make_node("TRT_FP8QuantizeLinear", ["X", "sx"], ["xq"], domain="trt"),
+            h.make_node("TRT_FP8DequantizeLinear", ["xq", "sx"], ["xd"], domain="trt"),
+            h.make_node("TRT_FP8QuantizeLinear", ["W", "sw"], ["wq"], domain="trt"),
+            h.make_node("TRT_FP8DequantizeLinear", ["wq", "sw"], ["wd"], domain="trt"),
+        ]
+        inits = [nh.from_array(sx, "sx"), nh.from_array(sw, "sw")]
+    elif fmt == "int8":
+        sw = (np.abs(WIDE).max(axis=1) / 127).astype(np.float32)
+        quant = [
+            h.make_node("QuantizeLinear", ["X", "sx", "zx"], ["xq"]),
+            h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+            h.make_node("QuantizeLinear", ["W", "sw", "zw"], ["wq"], axis=0),
+            h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+        ]
+        inits = [
+            nh.from_array(np.float32(np.abs(X).max() / 127), "sx"),
+            nh.from_array(np.int8(0), "zx"),
+            nh.from_array(sw, "sw"),
+            nh.from_array(np.zeros(64, np.int8), "zw"),
+        ]
+    else:
+        quant = [
+            h.make_node("Identity", ["X"], ["xd"]),
+            h.make_node("TRT_FP4QDQ", ["W"], ["wd"], domain="trt", block_size=16),
+        ]
+        inits = []
+    nodes = [
+        *quant,
+        h.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0]),
+        h.make_node("MatMul", ["xd", "wt"], ["mm"]),
+        h.make_node("Constant", [], ["bias"], value=nh.from_array(np.linspace(-1, 1, 64, dtype=np.float32))),
+        h.make_node("Add", ["mm", "bias"], ["Y"]),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("X", T.FLOAT, [3, 32])],
+        [h.make_tensor_value_info("Y", T.FLOAT, [3, 64])],
+        initializer=[nh.from_array(WIDE, "W"), *inits],
+    )
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 19), h.make_opsetid("trt", 1)])
+    m.ir_version = 9
+    return m
+
+
+def _values(m: onnx.ModelProto) -> dict[str, tuple[int, list[int], bytes]]:
+    """Every initializer and tensor attribute: (type, dims, value bytes), whatever its storage."""
+    out = {t.name: (t.data_type, list(t.dims), nh.to_array(t).tobytes()) for t in m.graph.initializer}
+    for n in m.graph.node:
+        for a in n.attribute:
+            if a.HasField("t"):
+                out[f"{n.output[0]}:{a.name}"] = (a.t.data_type, list(a.t.dims), nh.to_array(a.t).tobytes())
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "nvfp4"])
+def test_external_data_graph_is_rewritten_like_the_in_memory_one(tmp_path: Any, fmt: str) -> None:
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    expected = _graph_for(fmt)
+    expected_report = standardize_qdq(expected, "float32")
+
+    m = _graph_for(fmt)
+    # every tensor external, scales and the Constant's attribute included: each is read back from disk
+    convert_model_to_external_data(m, location="g.onnx.data", size_threshold=0, convert_attribute=True)
+    path = tmp_path / "g.onnx"
+    onnx.save_model(m, str(path))
+    report = standardize_file(path, "float32")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]  # no scratch left
+    header = onnx.load(str(path), load_external_data=False)
+    weight = next(
+        t for t in header.graph.initializer if t.name == {"fp8": "W_fp8", "int8": "W_int8", "nvfp4": "W_fp4"}[fmt]
+    )
+    assert weight.data_location == T.EXTERNAL  # the folded weight went to the data file
+    got = onnx.load(str(path))
+    assert report == expected_report
+    assert [(n.op_type, list(n.input), list(n.output)) for n in got.graph.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in expected.graph.node
+    ]
+    assert _values(got) == _values(expected)  # same quantized bytes
+    if fmt != "nvfp4":
+        np.testing.assert_array_equal(run(got), run(expected))
+
+
+@pytest.mark.parametrize(("qdtype", "axis"), [("float8_e4m3fn", None), ("int8", None), ("int8", 0), ("int8", 1)])
+def test_weights_quantized_in_chunks_are_quantized_as_a_whole(monkeypatch: Any, qdtype: str, axis: Any) -> None:
+    from dtcompile.core.numerics import quantize_with_scale
+    from dtcompile.quant import qdq
+
+    w = (RNG.standard_normal((37, 24)) * 3).astype(np.float32)
+    scale = (np.abs(w).max(axis=1 - axis) / 127).astype(np.float32) if axis is not None else np.float32(0.01)
+    whole = quantize_with_scale(torch.from_numpy(w), torch.from_numpy(np.asarray(scale)), qdtype, axis)
+    whole = whole.view(torch.uint8) if qdtype == "float8_e4m3fn" else whole
+    monkeypatch.setattr(qdq, "_CHUNK_ELEMENTS", 100)  # 4 rows at a time, the last block short
+    got = qdq._quantize_in_chunks(w, np.asarray(scale), qdtype, axis)
+    np.testing.assert_array_equal(got, whole.numpy())

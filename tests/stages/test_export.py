@@ -204,6 +204,34 @@ def test_external_data(tmp_path):
     assert ort_parity(art.path, module, flux_inputs(3, 36, 8))["rel_l2"] <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_weights_are_the_weights_torch_writes(tmp_path, dtype):
+    """stream_weights keeps the weights out of torch's graph and writes them itself: same initializers (names,
+    types, dims, bytes) as torch writes, all in the data file, and the same outputs."""
+    from onnx import numpy_helper
+
+    module = tiny_flux(dtype)
+    spec = flux_spec(dtype)
+    plain = export_onnx(module, spec, tmp_path / "plain", optimize=False, external_data=True)
+    art = export_onnx(module, spec, tmp_path / "streamed", optimize=False, stream_weights=True)
+    assert art.external_data == tmp_path / "streamed" / "transformer.onnx.data"
+
+    def values(path):
+        g = onnx.load(str(path)).graph
+        return {t.name: (t.data_type, list(t.dims), numpy_helper.to_array(t).tobytes()) for t in g.initializer}
+
+    assert values(art.path) == values(plain.path)
+    header = onnx.load(str(art.path), load_external_data=False).graph
+    assert [(n.op_type, list(n.input)) for n in header.node] == [
+        (n.op_type, list(n.input)) for n in onnx.load(str(plain.path), load_external_data=False).graph.node
+    ]
+    assert [i.name for i in header.input] == spec.input_names  # the weights are no graph inputs
+    big = [t for t in header.initializer if t.dims and np.prod(t.dims) * 2 >= 1024]
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
+    with pytest.raises(BuildError, match="needs external_data=True or None"):
+        export_onnx(module, spec, tmp_path / "inline", external_data=False, stream_weights=True)
+
+
 def test_manifest_entry(tmp_path):
     art = export_onnx(tiny_flux(), flux_spec(), tmp_path / "onnx", external_data=True)
     m = art.to_manifest(tmp_path)
