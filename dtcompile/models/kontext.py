@@ -13,7 +13,6 @@ VAE stays in torch (no ``vae_decoder`` component for this family).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.core.errors import UnsupportedError
@@ -123,10 +122,6 @@ class KontextAdapter(FluxAdapter):
         kwargs["max_area"] = request.height * request.width
         kwargs["_auto_resize"] = False
         return kwargs
-
-    @staticmethod
-    def check_image_size(height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:
-        FluxAdapter.check_image_size(height, width, config)
 
 
 __all__ = ["BUILTINS", "KontextAdapter", "build_tiny_kontext", "synthetic_reference"]
