@@ -18,7 +18,23 @@ Every (depth, phase) runs in its own subprocess so each peak RSS is that phase's
 The export traces one forward at batch 1, 256x256 px (256 image tokens) + 512 text tokens; a real FLUX.1-dev
 export traces at its opt shape (4096 + 512 tokens), which adds one forward (74.4 TFLOP) on top.
 
+With ``--quant fp8,int8,nvfp4`` the quantized path is measured instead, per format and depth, each phase in its
+own process as ``dtc build`` runs it (recipes/flux-realwidth.yaml in bfloat16: 256x256 px, 64 text tokens; the
+pipeline's tiny text encoders and VAE around the real-width transformer, all bf16):
+
+- ``calibrate``: ModelOpt PTQ on the pipeline's own denoising runs (``quant.calibration.calibrate``, a fresh
+  cache, so it calibrates);
+- ``accuracy``: the held-out report (a): the unquantized trace, the calibrated state restored, the fake-quant
+  trace and teacher-forced pass (``quant.accuracy``); the fake-quant trace is kept for ``parity``;
+- ``export``: ``quant.export.export_quantized`` (streamed weights, Q/DQ rewrite), the state restored first;
+- ``parity``: parity (b), the graph in onnxruntime against the fake-quant model, both in float32
+  (``quant.accuracy.parity_report``);
+- ``rtx``: the TensorRT-RTX engine (sm_89; nvfp4: sm_120, the FP4 arch) for the recipe's profile.
+
+Restoring the calibrated state is timed apart (``restore_s``) and not counted in a phase's wall time.
+
     python scripts/bench_scaling.py --depths 1,2,3,4 --out docs/bench/scaling.json
+    python scripts/bench_scaling.py --quant fp8,int8,nvfp4 --depths 1,2,3,4 --out docs/bench/scaling-quant.json
     python scripts/bench_scaling.py --reanalyse docs/bench/scaling.json    # refit and replot saved rows
 
 Results and their reading: docs/benchmarks.md.
@@ -27,6 +43,7 @@ Results and their reading: docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -52,6 +69,20 @@ REAL_WIDTH = FLUX_DEV_WIDTHS
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def reset_peak() -> None:
+    """Restart this process's RSS high-water mark (VmHWM; Linux), so ``phase_peak_mb`` covers one phase."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def phase_peak_mb() -> float:
+    """VmHWM in MiB: the peak RSS since ``reset_peak`` (the process's peak where it cannot be reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return peak_rss_mb()
 
 
 # --- FLOP count -----------------------------------------------------------------------------------------------
@@ -234,11 +265,199 @@ def work_ort(depth: int, work: Path) -> dict[str, Any]:
 WORKERS = {"export": work_export, "rtx": work_rtx, "retype": work_retype, "ort": work_ort}
 
 
-def worker_main(phase: str, depth: int, work: Path) -> None:
+# --- quantized path (--quant): one phase per process, as `dtc build` runs it ------------------------------------
+
+QUANT_PHASES = ("calibrate", "accuracy", "export", "parity", "rtx")
+QUANT_FORMATS = ("fp8", "int8", "nvfp4")
+QUANT_ARCH = {"fp8": "sm_89", "int8": "sm_89", "nvfp4": "sm_120"}  # TensorRT-RTX's FP4 arch is sm_120
+# Small on purpose: a calibration forward and an accuracy forward cost what they cost at any count; the
+# per-forward figures (``per_forward_s``) scale to a real recipe's prompts x steps.
+QUANT_CALIB = {"prompts": "builtin", "size": 1, "batch": 1, "steps": 2, "seed": 0}
+QUANT_ACCURACY = {"prompts": 1, "steps": 1}
+
+
+def _quant_recipe(fmt: str) -> Any:
+    from dtcompile.recipe import load_recipe
+
+    quant: dict[str, Any] = {"format": fmt, "calib": QUANT_CALIB, "accuracy": QUANT_ACCURACY}
+    if fmt == "fp8":
+        quant["quantize_mha"] = True
+    overrides = [
+        "dtype=bfloat16",
+        "engine.backends=[tensorrt-rtx]",
+        f"engine.targets=[{QUANT_ARCH[fmt]}]",
+        "quant=" + json.dumps(quant),
+    ]
+    return load_recipe(ROOT / "recipes" / "flux-realwidth.yaml", overrides)
+
+
+def _quant_pipeline(depth: int) -> tuple[Any, dict[str, Any]]:
+    """recipes/flux-realwidth.yaml's pipeline (tiny encoders and VAE) with a depth-d transformer, made in bf16
+    (no float32 copy at any time; the same seeds give the same weights in every process) and its sizes."""
+    import torch
+
+    from dtcompile.models.flux import REALWIDTH_FLUX_CONFIG, build_tiny_flux
+
+    blocks = {"num_layers": depth, "num_single_layers": depth}
+    config = {**REALWIDTH_FLUX_CONFIG, "transformer": {**REALWIDTH_FLUX_CONFIG["transformer"], **blocks}}
+    t0 = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        pipe = build_tiny_flux(0, config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    model = pipe.transformer
+    info = {
+        "init_s": time.perf_counter() - t0,
+        "params": sum(p.numel() for p in model.parameters()),
+        "params_double_block": sum(p.numel() for p in model.transformer_blocks[0].parameters()),
+        "params_single_block": sum(p.numel() for p in model.single_transformer_blocks[0].parameters()),
+        "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+    }
+    return pipe, info
+
+
+def _size(recipe: Any) -> dict[str, int]:
+    s = recipe.export.shapes
+    return {"height": s.height.opt, "width": s.width.opt, "max_sequence_length": s.text_len.opt}
+
+
+def _calibrated(recipe: Any, pipe: Any, depth: int, work: Path) -> Any:
+    """Calibrate ``pipe.transformer`` in place, or restore its state from ``work``'s calibration cache."""
+    import hashlib
+
+    from dtcompile.models.flux import FluxAdapter
+    from dtcompile.quant.calibration import calibrate
+
+    key = hashlib.sha256(f"bench_scaling flux depth {depth} seed 0".encode()).hexdigest()
+    return calibrate(pipe, FluxAdapter(), recipe.quant, work / "calib", component_sha256=key, **_size(recipe))
+
+
+def _restored(recipe: Any, pipe: Any, depth: int, work: Path) -> float:
+    t0 = time.perf_counter()
+    if not _calibrated(recipe, pipe, depth, work).cache_hit:
+        raise RuntimeError("no calibrated state to restore: run the calibrate phase first")
+    return time.perf_counter() - t0
+
+
+def qwork_calibrate(fmt: str, depth: int, work: Path) -> dict[str, Any]:
+    recipe = _quant_recipe(fmt)
+    pipe, info = _quant_pipeline(depth)
+    t0, c0 = time.perf_counter(), time.process_time()
+    reset_peak()
+    result = _calibrated(recipe, pipe, depth, work)
+    wall, cpu, peak = time.perf_counter() - t0, time.process_time() - c0, phase_peak_mb()
+    forwards = QUANT_CALIB["size"] * QUANT_CALIB["steps"]
+    return {**info, "wall_s": wall, "cpu_s": cpu, "phase_peak_mb": peak, "forwards": forwards, "per_forward_s": wall / forwards,
+            "cache_hit": result.cache_hit, "quantizers": result.enabled_quantizers}  # fmt: skip
+
+
+def qwork_accuracy(fmt: str, depth: int, work: Path) -> dict[str, Any]:
+    import torch
+
+    from dtcompile.models.flux import FluxAdapter
+    from dtcompile.quant.accuracy import HELDOUT_PROMPTS, accuracy_report, trace_pipeline
+
+    recipe = _quant_recipe(fmt)
+    pipe, info = _quant_pipeline(depth)
+    adapter, acc = FluxAdapter(), recipe.quant.accuracy
+    reset_peak()  # the phase's peak covers the restore between its two parts too
+    t0, c0 = time.perf_counter(), time.process_time()
+    reference = trace_pipeline(pipe, adapter, HELDOUT_PROMPTS[: acc.prompts], steps=acc.steps,
+                               seed=recipe.quant.calib.seed, label="accuracy unquantized", **_size(recipe))  # fmt: skip
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    restore_s = _restored(recipe, pipe, depth, work)
+    t0, c0 = time.perf_counter(), time.process_time()
+    report, trace = accuracy_report(pipe, adapter, reference, label="accuracy quantized")
+    wall, cpu, peak = wall + time.perf_counter() - t0, cpu + time.process_time() - c0, phase_peak_mb()
+    torch.save(trace, work / "trace.pt")
+    forwards = 3 * acc.prompts * acc.steps  # unquantized, fake-quant, teacher-forced
+    return {**info, "wall_s": wall, "cpu_s": cpu, "phase_peak_mb": peak, "restore_s": restore_s, "forwards": forwards,
+            "per_forward_s": wall / forwards, "min_cos": report.min_cos, "max_rel_err": report.max_rel_err}  # fmt: skip
+
+
+def qwork_export(fmt: str, depth: int, work: Path) -> dict[str, Any]:
+    import dataclasses
+
+    import torch
+
+    from dtcompile.attention import export_attention, resolve_attention
+    from dtcompile.core.progress import rss_bytes
+    from dtcompile.models.flux import FluxAdapter
+    from dtcompile.quant.export import export_quantized
+    from dtcompile.stages.export import adapter_patches, shapes_from_recipe
+
+    recipe = _quant_recipe(fmt)
+    pipe, info = _quant_pipeline(depth)
+    restore_s = _restored(recipe, pipe, depth, work)
+    adapter, module = FluxAdapter(), pipe.transformer
+    shapes = shapes_from_recipe(recipe.export.shapes)
+    spec = adapter.export_spec(module, adapter.pipe_config(pipe), shapes, torch.bfloat16)
+    spec = dataclasses.replace(spec, opset=recipe.export.opset)
+    attention = resolve_attention(recipe, [("tensorrt-rtx", QUANT_ARCH[fmt])])
+    start_mb = rss_bytes() / 2**20
+    reset_peak()
+    t0, c0 = time.perf_counter(), time.process_time()
+    with export_attention(attention.mode):
+        q = export_quantized(adapter.export_module(module), spec, work / "onnx", "transformer", quant_format=fmt,
+                             dtype="bfloat16", patches=adapter_patches(adapter))  # fmt: skip
+    wall, cpu, peak = time.perf_counter() - t0, time.process_time() - c0, phase_peak_mb()
+    return {**info, "wall_s": wall, "cpu_s": cpu, "phase_peak_mb": peak, "restore_s": restore_s, "start_rss_mb": start_mb,
+            "onnx_bytes": q.artifact.size, "n_nodes": q.artifact.n_nodes, "attention": attention.mode,
+            "qdq": q.to_manifest()}  # fmt: skip
+
+
+def qwork_parity(fmt: str, depth: int, work: Path) -> dict[str, Any]:
+    import torch
+
+    from dtcompile.core.progress import rss_bytes
+    from dtcompile.models.flux import FluxAdapter
+    from dtcompile.quant.accuracy import parity_report
+
+    recipe = _quant_recipe(fmt)
+    pipe, info = _quant_pipeline(depth)
+    restore_s = _restored(recipe, pipe, depth, work)
+    trace = torch.load(work / "trace.pt", weights_only=False)  # written by this script's accuracy phase
+    start_mb = rss_bytes() / 2**20
+    reset_peak()
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = parity_report(pipe, FluxAdapter(), trace, work / "onnx" / "transformer.onnx", fmt)
+    wall, cpu, peak = time.perf_counter() - t0, time.process_time() - c0, phase_peak_mb()
+    e2e = result.end_to_end
+    return {**info, "wall_s": wall, "cpu_s": cpu, "phase_peak_mb": peak, "restore_s": restore_s, "start_rss_mb": start_mb,
+            "max_rel_err": result.report.max_rel_err, "tolerance": result.tolerance,
+            "end_to_end_max_rel_err": e2e.max_rel_err if e2e is not None else None}  # fmt: skip
+
+
+def qwork_rtx(fmt: str, depth: int, work: Path) -> dict[str, Any]:
+    from dtcompile.backends.tensorrt import engine_from_onnx
+    from dtcompile.models.flux import FluxAdapter
+    from dtcompile.stages.export import shapes_from_recipe
+
+    recipe = _quant_recipe(fmt)
+    arch = QUANT_ARCH[fmt]
+    shapes = shapes_from_recipe(recipe.export.shapes)
+    profile = FluxAdapter().shape_profile(_ConfigOnly(depth), {"vae_scale_factor": 8}, shapes)
+    out = work / f"{arch}.engine"
+    reset_peak()
+    t0, c0 = time.perf_counter(), time.process_time()
+    info = engine_from_onnx(work / "onnx" / "transformer.onnx", profile, arch, "tensorrt-rtx", out,
+                            opt_level=recipe.engine.opt_level)  # fmt: skip
+    wall, cpu, peak = time.perf_counter() - t0, time.process_time() - c0, phase_peak_mb()
+    out.unlink()
+    return {"wall_s": wall, "cpu_s": cpu, "phase_peak_mb": peak, "arch": arch, "engine_bytes": info.size}
+
+
+QUANT_WORKERS = {"calibrate": qwork_calibrate, "accuracy": qwork_accuracy, "export": qwork_export,
+                 "parity": qwork_parity, "rtx": qwork_rtx}  # fmt: skip
+
+
+def worker_main(phase: str, depth: int, work: Path, fmt: str | None = None) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    result = WORKERS[phase](depth, work)
+    result = QUANT_WORKERS[phase](fmt, depth, work) if fmt else WORKERS[phase](depth, work)
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -246,8 +465,9 @@ def worker_main(phase: str, depth: int, work: Path) -> None:
 # --- driver -------------------------------------------------------------------------------------------------------
 
 
-def run_phase(phase: str, depth: int, work: Path, timeout: float) -> dict[str, Any]:
+def run_phase(phase: str, depth: int, work: Path, timeout: float, fmt: str | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", phase, "--depth", str(depth), "--work", str(work)]
+    cmd += ["--format", fmt] if fmt else []
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
@@ -286,6 +506,68 @@ def fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
     return a, my - a * mx
 
 
+def fit_phase(
+    rows: list[dict[str, Any]], phase: str, metric: str, units_per_depth: float, flux_units: float
+) -> dict[str, Any]:
+    """Least-squares line of ``metric`` against units (depth x ``units_per_depth``) over the rows that measured
+    it, its value at ``flux_units`` and the marginal cost per unit between consecutive depths ({} if none)."""
+    used = [r for r in rows if metric in r.get(phase, {})]
+    pts = [(r["depth"] * units_per_depth, float(r[phase][metric])) for r in used]
+    if not pts:
+        return {}
+    a, b = fit_line([p[0] for p in pts], [p[1] for p in pts])
+    return {
+        "slope_per_double_block": a,
+        "intercept": b,
+        "max_abs_residual": max(abs(y - (a * x + b)) for x, y in pts),
+        "flux_dev": a * flux_units + b,
+        "depths": [r["depth"] for r in used],
+        "marginal": [(y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False)],
+    }
+
+
+def analyse_quant(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per format, ``analyse``'s fits for every quantized phase (plus seconds per forward for calibration and
+    accuracy), and each depth's phase peak RSS (``phase_peak_mb``: the process's RSS, pipeline included, at
+    its highest during the phase) over the transformer's bf16 weights, measured and at FLUX.1-dev."""
+    out: dict[str, Any] = {}
+    for fmt in dict.fromkeys(r["format"] for r in rows):
+        ok = [r for r in rows if r["format"] == fmt and "params" in r.get("calibrate", {})]
+        if not ok:
+            continue
+        first = ok[0]["calibrate"]
+        ratio = first["params_single_block"] / first["params_double_block"]
+        flux_units = FLUX_DEV_BLOCKS[0] + FLUX_DEV_BLOCKS[1] * ratio
+        extra = (FLUX_DEV_BLOCKS[0] - ok[0]["depth"]) * first["params_double_block"]
+        extra += (FLUX_DEV_BLOCKS[1] - ok[0]["depth"]) * first["params_single_block"]
+        flux_weights_mb = (first["params"] + extra) * 2 / 2**20
+        fits: dict[str, Any] = {}
+        for phase in QUANT_PHASES:
+            for metric in ("wall_s", "cpu_s", "peak_rss_mb", "phase_peak_mb", "per_forward_s"):
+                fit = fit_phase(ok, phase, metric, 1 + ratio, flux_units)
+                if fit:
+                    fits[f"{phase}.{metric}"] = fit
+        over = {
+            phase: {str(r["depth"]): r[phase]["phase_peak_mb"] / r["calibrate"]["weights_mb"] for r in ok
+                    if "phase_peak_mb" in r.get(phase, {})}
+            for phase in QUANT_PHASES
+        }  # fmt: skip
+        at_flux = {
+            phase: fits[f"{phase}.phase_peak_mb"]["flux_dev"] / flux_weights_mb
+            for phase in QUANT_PHASES
+            if f"{phase}.phase_peak_mb" in fits
+        }
+        out[fmt] = {
+            "single_over_double": ratio,
+            "flux_dev_units": flux_units,
+            "flux_dev_weights_mb": flux_weights_mb,
+            "peak_over_bf16_weights": over,
+            "flux_dev_peak_over_bf16_weights": at_flux,
+            "fits": fits,
+        }
+    return out
+
+
 def export_regime(row: dict[str, Any]) -> str:
     """How torch's exporter handled the depth: graphs of 2 GiB or more stream each tensor to its own file
     ("streamed", FLUX.1-dev's path); smaller ones are serialized in memory first ("in-memory")."""
@@ -315,19 +597,9 @@ def analyse(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if phase == "export" and len(streamed) >= 2:
             used = streamed
         for metric in ("wall_s", "cpu_s", "peak_rss_mb"):
-            pts = [(r["depth"] * (1 + ratio), r[phase][metric]) for r in used if metric in r.get(phase, {})]
-            if not pts:
-                continue
-            a, b = fit_line([p[0] for p in pts], [p[1] for p in pts])
-            marginal = [(y1 - y0) / (x1 - x0) for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False)]
-            fits[f"{phase}.{metric}"] = {
-                "slope_per_double_block": a,
-                "intercept": b,
-                "max_abs_residual": max(abs(y - (a * x + b)) for x, y in pts),
-                "flux_dev": a * flux_units + b,
-                "depths": [r["depth"] for r in used if metric in r.get(phase, {})],
-                "marginal": marginal,
-            }
+            fit = fit_phase(used, phase, metric, 1 + ratio, flux_units)
+            if fit:
+                fits[f"{phase}.{metric}"] = fit
     params_flux = ok[0]["export"]["params"] + (FLUX_DEV_BLOCKS[0] - ok[0]["depth"]) * p_double
     params_flux += (FLUX_DEV_BLOCKS[1] - ok[0]["depth"]) * p_single
     return {
@@ -381,94 +653,153 @@ def plot(result: dict[str, Any], png: Path) -> str | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--depths", default="1,2,3,4", help="comma-separated depths d (d double + d single blocks)")
+    ap.add_argument(
+        "--quant", metavar="FORMATS", help=f"measure the quantized path for these formats ({','.join(QUANT_FORMATS)})"
+    )
     ap.add_argument("--max-rss-gib", type=float, default=20.0, help="skip a depth predicted to peak above this")
     ap.add_argument("--budget-min", type=float, default=25.0, help="skip a depth predicted to end past this")
-    ap.add_argument("--phases", default=",".join(PHASES))
-    ap.add_argument("--work", default=None, help="scratch folder (default: a temp folder, removed at the end)")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "scaling.json"))
+    ap.add_argument(
+        "--phases", default=None, help=f"default: {','.join(PHASES)}; with --quant {','.join(QUANT_PHASES)}"
+    )
+    ap.add_argument("--work", default=None, help="scratch folder, kept (default: a temp folder, removed at the end)")
+    ap.add_argument("--out", default=None, help="JSON (default docs/bench/scaling.json; --quant: scaling-quant.json)")
+    ap.add_argument("--update", action="store_true", help="merge this run's phases into --out's rows")
     ap.add_argument("--reanalyse", metavar="JSON", help="recompute the fits and the plot of an earlier run's JSON")
-    ap.add_argument("--worker", choices=PHASES, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=sorted({*PHASES, *QUANT_PHASES}), help=argparse.SUPPRESS)
     ap.add_argument("--depth", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--format", choices=QUANT_FORMATS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker_main(args.worker, args.depth, Path(args.work))
+        worker_main(args.worker, args.depth, Path(args.work), args.format)
         return
     if args.reanalyse:
         path = Path(args.reanalyse)
         result = json.loads(path.read_text())
-        result["analysis"] = analyse([r for r in result["rows"] if "skipped" not in r])
-        result["flops_1024px_step"] = flux_step_flops()
+        _analysed(result)
         path.write_text(json.dumps(result, indent=1) + "\n")
-        print(plot(result, path.with_suffix(".png")) or f"wrote {path} and {path.with_suffix('.png')}")
+        note = None if "quant" in result else plot(result, path.with_suffix(".png"))
+        print(note or f"wrote {path}")
         return
 
     import tempfile
 
-    phases = [p for p in PHASES if p in args.phases.split(",")]
+    formats = [f for f in args.quant.split(",") if f] if args.quant else []
+    bad = sorted(set(formats) - set(QUANT_FORMATS))
+    if bad:
+        ap.error(f"--quant: unknown format(s) {bad}; choose from {list(QUANT_FORMATS)}")
+    all_phases = QUANT_PHASES if formats else PHASES
+    phases = [p for p in all_phases if p in (args.phases or ",".join(all_phases)).split(",")]
+    default_out = "scaling-quant.json" if formats else "scaling.json"
+    out = Path(args.out or ROOT / "docs" / "bench" / default_out)
     base = Path(args.work or tempfile.mkdtemp(prefix="dtc-scaling-"))
-    rows: list[dict[str, Any]] = []
-    t_start = time.perf_counter()
-    for depth in [int(d) for d in args.depths.split(",")]:
-        done = [r for r in rows if "skipped" not in r]
-        if done:
-            peak, secs = predict(done, depth, phases)
-            elapsed = time.perf_counter() - t_start
-            if peak / 1024 > args.max_rss_gib or (elapsed + secs) / 60 > args.budget_min:
-                print(
-                    f"depth {depth}: skipped (predicted peak {peak / 1024:.1f} GiB, {secs / 60:.1f} min; "
-                    f"limits {args.max_rss_gib} GiB, {args.budget_min} min total)",
-                    flush=True,
-                )
-                rows.append({"depth": depth, "skipped": {"predicted_peak_gib": peak / 1024, "predicted_s": secs}})
-                break
-        work = base / f"d{depth}"
-        work.mkdir(parents=True, exist_ok=True)
-        row: dict[str, Any] = {"depth": depth}
-        for phase in phases:
-            res = run_phase(phase, depth, work, timeout=3600)
-            row[phase] = res
-            msg = res.get("error") or (
-                f"{res['wall_s']:.1f} s wall, {res.get('cpu_s', 0):.1f} s CPU, peak RSS {res['peak_rss_mb'] / 1024:.2f} GiB"
-            )
-            print(f"depth {depth} {phase:<7} {msg}", flush=True)
-            if "error" in res:
-                break
-        rows.append(row)
-        shutil.rmtree(work, ignore_errors=True)
-        if any("error" in row.get(p, {}) for p in phases):
-            break
+    rows = measure([int(d) for d in args.depths.split(",")], formats or [None], phases, base, args)
     if not args.work:
         shutil.rmtree(base, ignore_errors=True)
-
-    result: dict[str, Any] = {
-        "date": date.today().isoformat(),
-        "machine": {
-            "cpu": _cpu_name(),
-            "cores": os.cpu_count(),
-            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "python": platform.python_version(),
-            "shared": "other jobs ran on the same cores at the same time; wall times are upper bounds",
-        },
-        "command": "python "
-        + " ".join(
-            [
-                str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute() else sys.argv[0],
-                *sys.argv[1:],
-            ]
-        ),
-        "dtype": "bfloat16 (export, tensorrt-rtx); float16 retype for onnxruntime",
-        "config": {**REAL_WIDTH, "axes_dims_rope": list(REAL_WIDTH["axes_dims_rope"])},
-        "rows": rows,
-        "analysis": analyse([r for r in rows if "skipped" not in r]),
-        "flops_1024px_step": flux_step_flops(),
-        "versions": _versions(),
-    }
-    out = Path(args.out)
+    command = "python " + " ".join(
+        [str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]]
+    )
+    if args.update and out.is_file():
+        result = json.loads(out.read_text())
+        result["rows"] = merge_rows(result["rows"], rows)
+        result["command"] = [*([result["command"]] if isinstance(result["command"], str) else result["command"]),
+                             command]  # fmt: skip
+    else:
+        result = {
+            "date": date.today().isoformat(),
+            "machine": {
+                "cpu": _cpu_name(),
+                "cores": os.cpu_count(),
+                "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                "python": platform.python_version(),
+                "shared": "other jobs ran on the same cores at the same time; wall times are upper bounds",
+            },
+            "command": command,
+            "dtype": "bfloat16 (export, tensorrt-rtx); float16 retype for onnxruntime",
+            "config": {**REAL_WIDTH, "axes_dims_rope": list(REAL_WIDTH["axes_dims_rope"])},
+            "rows": rows,
+            "versions": _versions(),
+        }
+        if formats:
+            result["dtype"] = "bfloat16 (recipes/flux-realwidth.yaml with dtype=bfloat16)"
+            result["quant"] = {"calib": QUANT_CALIB, "accuracy": QUANT_ACCURACY, "arch": QUANT_ARCH}
+    _analysed(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
-    note = plot(result, out.with_suffix(".png"))
-    print(note or f"wrote {out.with_suffix('.png')}")
+    if not formats:
+        note = plot(result, out.with_suffix(".png"))
+        print(note or f"wrote {out.with_suffix('.png')}")
+
+
+def _analysed(result: dict[str, Any]) -> None:
+    rows = [r for r in result["rows"] if "skipped" not in r]
+    if "quant" in result:
+        result["analysis"] = analyse_quant(rows)
+    else:
+        result["analysis"] = analyse(rows)
+        result["flops_1024px_step"] = flux_step_flops()
+
+
+def measure(
+    depths: list[int], formats: list[str | None], phases: list[str], base: Path, args: Any
+) -> list[dict[str, Any]]:
+    """Run every phase of every (depth, format) in its own process, depth by depth; stop a series before a depth
+    predicted to exceed ``--max-rss-gib`` or end past ``--budget-min``, and after a failed phase."""
+    rows: list[dict[str, Any]] = []
+    stopped: set[str | None] = set()
+    t_start = time.perf_counter()
+    for depth in depths:
+        for fmt in formats:
+            if fmt in stopped:
+                continue
+            series = [r for r in rows if r.get("format") == fmt and "skipped" not in r]
+            if series:
+                peak, secs = predict(series, depth, phases)
+                elapsed = time.perf_counter() - t_start
+                if peak / 1024 > args.max_rss_gib or (elapsed + secs) / 60 > args.budget_min:
+                    print(
+                        f"{fmt or 'bf16'} depth {depth}: skipped (predicted peak {peak / 1024:.1f} GiB, "
+                        f"{secs / 60:.1f} min; limits {args.max_rss_gib} GiB, {args.budget_min} min total)",
+                        flush=True,
+                    )
+                    rows.append({**_label(fmt), "depth": depth, "skipped": {"predicted_peak_gib": peak / 1024,
+                                                                             "predicted_s": secs}})  # fmt: skip
+                    stopped.add(fmt)
+                    continue
+            work = base / f"d{depth}" / (fmt or "bf16")
+            work.mkdir(parents=True, exist_ok=True)
+            row: dict[str, Any] = {**_label(fmt), "depth": depth}
+            for phase in phases:
+                res = run_phase(phase, depth, work, timeout=3600, fmt=fmt)
+                row[phase] = res
+                msg = res.get("error") or (
+                    f"{res['wall_s']:.1f} s wall, {res.get('cpu_s', 0):.1f} s CPU, "
+                    f"peak RSS {res['peak_rss_mb'] / 1024:.2f} GiB"
+                )
+                print(f"{fmt or 'bf16'} depth {depth} {phase:<9} {msg}", flush=True)
+                if "error" in res:
+                    stopped.add(fmt)
+                    break
+            rows.append(row)
+            if not args.work:
+                shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def _label(fmt: str | None) -> dict[str, str]:
+    return {"format": fmt} if fmt else {}
+
+
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with each (format, depth) row's phases replaced or added from ``new``'s row of the same key."""
+    index = {(r.get("format"), r["depth"]): r for r in old}
+    for row in new:
+        key = (row.get("format"), row["depth"])
+        if key in index and "skipped" not in row:
+            index[key].update({k: v for k, v in row.items() if k not in ("format", "depth")})
+        elif key not in index:
+            old.append(row)
+    return old
 
 
 def _cpu_name() -> str:
