@@ -109,7 +109,7 @@ def export_onnx(
     optimize: bool = True,
     patches: Sequence[str | Patch] | None = None,
     progress: Progress | None = None,
-    stream_weights: bool = False,
+    stream_weights: bool | None = None,
 ) -> OnnxArtifact:
     """Export ``module`` to ``<out_dir>/<name>.onnx`` with the dynamic axes and opset of ``spec``.
 
@@ -129,6 +129,8 @@ def export_onnx(
             and serializes every weight several times over): each one is written to the external data file
             from the module's own tensor, and the graph-surgeon cleanup, which would load them all, is
             skipped (as for graphs over 2 GiB). Needs external data (``external_data`` True or None).
+            ``None``: stream exactly when the weights go to external data by size (``external_data`` None and
+            more than 1.5 GiB), so no graph between that and 2 GiB is serialized in memory.
 
     Raises:
         BuildError: the example inputs do not match the spec, the exporter fails, or the written graph's
@@ -139,6 +141,8 @@ def export_onnx(
     args = tuple(spec.example_inputs[n] for n in spec.input_names)
     weight_bytes = _module_bytes(module)
     use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    if stream_weights is None:
+        stream_weights = external_data is None and use_external
     use_external = use_external or (stream_weights and external_data is None)
     if stream_weights and not use_external:
         raise BuildError("stream_weights writes the weights as external data; it needs external_data=True or None")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +232,23 @@ def test_streamed_weights_are_the_weights_torch_writes(tmp_path, dtype):
     assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
     with pytest.raises(BuildError, match="needs external_data=True or None"):
         export_onnx(module, spec, tmp_path / "inline", external_data=False, stream_weights=True)
+
+
+def test_weights_stream_when_they_go_external_by_size(tmp_path, monkeypatch, caplog):
+    """With external_data and stream_weights left to the size rule, a model over the threshold streams its
+    weights (no graph between 1.5 and 2 GiB is serialized in memory); one under it keeps the in-memory path."""
+    import dtcompile.export.onnx as export_mod
+
+    module = tiny_flux()
+    spec = flux_spec()
+    small = export_onnx(module, spec, tmp_path / "small")
+    assert small.external_data is None
+    monkeypatch.setattr(export_mod, "EXTERNAL_DATA_THRESHOLD", 1024)  # the tiny model now counts as large
+    with caplog.at_level(logging.INFO, logger="dtcompile.export"):
+        art = export_onnx(module, spec, tmp_path / "large")
+    assert "weights streamed" in caplog.text
+    assert art.external_data == tmp_path / "large" / "transformer.onnx.data"
+    assert ort_parity(art.path, module, flux_inputs(3, 36, 8))["rel_l2"] <= 1e-5
 
 
 def test_manifest_entry(tmp_path):
