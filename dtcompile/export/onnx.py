@@ -99,6 +99,22 @@ class OnnxArtifact:
         }
 
 
+def _storage(kind: str, weight_bytes: int, external_data: bool | None, stream: bool | None) -> tuple[bool, bool]:
+    """(external data, stream the weights) for ``export_onnx``'s arguments and the weights' size."""
+    use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    if stream is None:
+        stream = external_data is None and use_external
+    use_external = use_external or (stream and external_data is None)
+    if stream and not use_external:
+        raise BuildError("stream_weights writes the weights as external data; it needs external_data=True or None")
+    if not use_external and weight_bytes >= 2**31:
+        raise BuildError(
+            f"{kind} has {weight_bytes / 2**30:.1f} GiB of weights, over protobuf's 2 GiB limit "
+            f"for a single .onnx file; use external_data=True (or None)"
+        )
+    return use_external, stream
+
+
 def export_onnx(
     module: torch.nn.Module,
     spec: ExportSpec,
@@ -140,17 +156,7 @@ def export_onnx(
     _check_example_inputs(spec)
     args = tuple(spec.example_inputs[n] for n in spec.input_names)
     weight_bytes = _module_bytes(module)
-    use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
-    if stream_weights is None:
-        stream_weights = external_data is None and use_external
-    use_external = use_external or (stream_weights and external_data is None)
-    if stream_weights and not use_external:
-        raise BuildError("stream_weights writes the weights as external data; it needs external_data=True or None")
-    if not use_external and weight_bytes >= 2**31:
-        raise BuildError(
-            f"{type(module).__name__} has {weight_bytes / 2**30:.1f} GiB of weights, over protobuf's 2 GiB limit "
-            f"for a single .onnx file; use external_data=True (or None)"
-        )
+    use_external, stream_weights = _storage(type(module).__name__, weight_bytes, external_data, stream_weights)
     logger.info(
         "export %s: %d inputs, %.1f MiB of weights, opset %d, external data %s%s",
         name,
