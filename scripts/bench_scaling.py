@@ -29,7 +29,7 @@ pipeline's tiny text encoders and VAE around the real-width transformer, all bf1
 - ``export``: ``quant.export.export_quantized`` (streamed weights, Q/DQ rewrite), the state restored first;
 - ``parity``: parity (b), the graph in onnxruntime against the fake-quant model, both in float32
   (``quant.accuracy.parity_report``);
-- ``rtx``: the TensorRT-RTX engine (sm_89; nvfp4: sm_120, the FP4 arch) for the recipe's profile.
+- ``rtx``: the TensorRT-RTX engine (sm_89; nvfp4, svdquant: sm_120, the FP4 arch) for the recipe's profile.
 
 Restoring the calibrated state is timed apart (``restore_s``) and not counted in a phase's wall time.
 
@@ -268,8 +268,8 @@ WORKERS = {"export": work_export, "rtx": work_rtx, "retype": work_retype, "ort":
 # --- quantized path (--quant): one phase per process, as `dtc build` runs it ------------------------------------
 
 QUANT_PHASES = ("calibrate", "accuracy", "export", "parity", "rtx")
-QUANT_FORMATS = ("fp8", "int8", "nvfp4")
-QUANT_ARCH = {"fp8": "sm_89", "int8": "sm_89", "nvfp4": "sm_120"}  # TensorRT-RTX's FP4 arch is sm_120
+QUANT_FORMATS = ("fp8", "int8", "nvfp4", "svdquant")
+QUANT_ARCH = {"fp8": "sm_89", "int8": "sm_89", "nvfp4": "sm_120", "svdquant": "sm_120"}  # RTX's FP4 arch: sm_120
 # Small on purpose: a calibration forward and an accuracy forward cost what they cost at any count; the
 # per-forward figures (``per_forward_s``) scale to a real recipe's prompts x steps.
 QUANT_CALIB = {"prompts": "builtin", "size": 1, "batch": 1, "steps": 2, "seed": 0}

@@ -46,13 +46,25 @@ class ComponentKind:
     """What an aux component is, and the quant formats dtcompile builds it in (``components[i].quant``).
 
     ``quant_exclude``: module-name patterns (fnmatch, as ``quant.exclude``) left in the component's dtype when
-    it is quantized; ``no_quant``: why a kind with no formats takes none (the refusal says it).
+    it is quantized; ``no_quant``: why a kind with no formats takes none (the refusal says it);
+    ``model_types``: the ``config.model_type`` values of the modules its quant formats are built for.
     """
 
     description: str
     quant_formats: tuple[str, ...] = ()
     quant_exclude: tuple[str, ...] = ()
     no_quant: str = ""
+    model_types: tuple[str, ...] = ()
+
+    def foreign(self, module: Any) -> str | None:
+        """Why ``module`` is not the kind of model this kind's quant formats are built for (None when it is)."""
+        model_type = getattr(getattr(module, "config", None), "model_type", None)
+        if model_type in self.model_types:
+            return None
+        return (
+            f"is a {type(module).__name__} (model_type {model_type!r}), not {self.description} "
+            f"(model_type {' or '.join(map(repr, self.model_types))})"
+        )
 
 
 #: The kinds ``ModelAdapter.aux_components`` maps each component name to.
@@ -60,7 +72,7 @@ COMPONENT_KINDS: dict[str, ComponentKind] = {
     "clip": ComponentKind(
         "a CLIP text encoder", no_quant="CLIP encoders stay unquantized; fp8 is built for T5 encoders"
     ),
-    "t5": ComponentKind("a T5 text encoder", ("fp8",), T5_QUANT_EXCLUDE),
+    "t5": ComponentKind("a T5 text encoder", ("fp8",), T5_QUANT_EXCLUDE, model_types=("t5", "umt5")),
     "vae": ComponentKind("the VAE decoder", no_quant="it stays float: dtcompile never quantizes convolutions"),
 }
 

@@ -151,12 +151,9 @@ def quantize_aux(loaded: Any, recipe: Any, base_dir: Path | None, spec: Any, wei
     field = component_field(recipe, spec.name, "quant")
     kind = COMPONENT_KINDS[loaded.adapter.aux_components[spec.name]]
     graph, module, _ = aux_module(loaded, recipe, spec)
-    model_type = getattr(module.config, "model_type", None)
-    if model_type not in ("t5", "umt5"):
-        raise UnsupportedError(
-            f"{field}: {spec.name} is a {type(module).__name__} (model_type {model_type!r}), not the T5 encoder "
-            f"{spec.quant} is built for; remove quant from it"
-        )
+    foreign = kind.foreign(module)
+    if foreign:
+        raise UnsupportedError(f"{field}: {spec.name} {foreign}, which {spec.quant} is built for; remove quant from it")
     calib, acc = recipe.calibration()
     shapes = shapes_from_recipe(recipe.export.shapes)
     prompts = load_prompts(calib, base_dir)

@@ -312,3 +312,18 @@ def test_a_quantized_denoiser_and_t5_share_the_calibration_prompts(tmp_path: Pat
     parity = denoiser["parity"]
     assert parity["free_running"]["rel_err_max"][0] == parity["teacher_forced"]["rel_err_max"][0]
     assert t5["parity"]["summary"]["max_rel_err"] < 1e-3 and t5["parity"]["gate"] == 1e-2
+
+
+def test_the_t5_kind_names_what_it_quantizes_and_refuses_another_encoder() -> None:
+    """The T5 kind's fp8 is built for T5 and UMT5 encoders; a CLIP module in its place is named in the refusal."""
+    from types import SimpleNamespace
+
+    from dtcompile.models.components import COMPONENT_KINDS
+
+    t5 = COMPONENT_KINDS["t5"]
+    assert t5.foreign(SimpleNamespace(config=SimpleNamespace(model_type="umt5"))) is None
+    clip = type("CLIPTextModel", (), {"config": SimpleNamespace(model_type="clip_text_model")})()
+    why = t5.foreign(clip)
+    assert why == (
+        "is a CLIPTextModel (model_type 'clip_text_model'), not a T5 text encoder (model_type 't5' or 'umt5')"
+    )
