@@ -478,7 +478,7 @@ def _fp4_weights(g: _Graph, report: QdqReport, dtype: str) -> None:
         if weight is None:
             raise BuildError(f"{node.name}: TRT_FP4QDQ on a non-constant input {node.input[0]!r} is not supported")
         block = _attr(node, "block_size", 16)
-        packed, block_scale, global_scale = nvfp4_pack(_to_f32(weight), block)
+        packed, block_scale, global_scale = nvfp4_pack(weight, block)
         base = node.input[0]
         w_name, s_name, g_name = f"{base}_fp4", f"{base}_fp4_block_scale", f"{base}_fp4_global_scale"
         new_inits.append(
@@ -544,26 +544,39 @@ def _fp4_activations(g: _Graph, report: QdqReport, dtype: str) -> None:
 
 
 def nvfp4_pack(weight: np.ndarray, block: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """NVFP4 encoding of a float32 ``weight`` [..., K] with blocks of ``block`` along K.
+    """NVFP4 encoding of a ``weight`` [..., K] (any float dtype) with blocks of ``block`` along K.
 
     Returns (packed E2M1 codes [..., K/2] as uint8, the first element in the low nibble as ONNX's FLOAT4E2M1
     expects; E4M3 block scales [..., K/block] as uint8 bytes; the float32 per-tensor scale amax / (6 * 448)),
-    the same numbers ``nvfp4_fake_quant`` computes in torch.
+    the same numbers ``nvfp4_fake_quant`` computes in torch. Rows are encoded a block of rows at a time
+    (blocks run along K), so the float32 temporaries stay small whatever the weight's size.
     """
     import numpy as np
     import torch
 
     from dtcompile.core.numerics import nvfp4_encode, nvfp4_global_scale
 
-    w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
-    if w.shape[-1] % block:
-        raise BuildError(f"an NVFP4 weight's last dim must divide by {block}, got shape {tuple(w.shape)}")
-    global_scale = nvfp4_global_scale(w)
+    shape = weight.shape
+    if not shape or shape[-1] % block:
+        raise BuildError(f"an NVFP4 weight's last dim must divide by {block}, got shape {tuple(shape)}")
+    rows = weight.reshape(-1, shape[-1])
+    step = max(1, _CHUNK_ELEMENTS // max(1, shape[-1]))
+    chunks = range(0, rows.shape[0], step)
+    amax = max((float(np.abs(_to_f32(rows[i : i + step])).max()) for i in chunks), default=0.0)
+    global_scale = nvfp4_global_scale(torch.tensor(amax, dtype=torch.float32))
     if float(global_scale) == 0.0:
         global_scale = torch.tensor(1.0)
-    codes, block_scale = nvfp4_encode(w, block, global_scale)
-    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).numpy().astype(np.uint8)
-    return packed, block_scale.view(torch.uint8).numpy(), global_scale.reshape(()).numpy().astype(np.float32)
+    packed = np.empty((rows.shape[0], shape[-1] // 2), np.uint8)
+    scales = np.empty((rows.shape[0], shape[-1] // block), np.uint8)
+    for i in chunks:
+        codes, block_scale = nvfp4_encode(torch.from_numpy(_to_f32(rows[i : i + step])), block, global_scale)
+        packed[i : i + step] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).numpy()
+        scales[i : i + step] = block_scale.view(torch.uint8).numpy()
+    return (
+        packed.reshape(*shape[:-1], -1),
+        scales.reshape(*shape[:-1], -1),
+        global_scale.reshape(()).numpy().astype(np.float32),
+    )
 
 
 # --- onnxruntime stand-in for the FP4 graph ---------------------------------------------------------------------

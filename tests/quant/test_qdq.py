@@ -120,6 +120,20 @@ def test_int8_weights_fold_and_keep_their_channel_axis() -> None:
     np.testing.assert_array_equal(run(m), before)  # folding changes storage, not numbers
 
 
+def test_nvfp4_weights_packed_in_chunks_are_packed_as_a_whole(monkeypatch: Any) -> None:
+    from dtcompile.quant import qdq
+
+    w = (RNG.standard_normal((37, 32)) * 3).astype(np.float32)
+    whole = nvfp4_pack(w, 16)
+    monkeypatch.setattr(qdq, "_CHUNK_ELEMENTS", 100)  # 3 rows at a time, the last block short
+    for got, expected in zip(nvfp4_pack(w, 16), whole, strict=True):
+        np.testing.assert_array_equal(got, expected)
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = nvfp4_pack(torch.from_numpy(w).bfloat16().float().numpy().astype(ml_dtypes.bfloat16), 16)
+    for got, expected in zip(bf16, nvfp4_pack(torch.from_numpy(w).bfloat16().float().numpy(), 16), strict=True):
+        np.testing.assert_array_equal(got, expected)  # a bf16 weight is widened chunk by chunk, exactly
+
+
 def test_nvfp4_weight_encoding_matches_the_fake_quant() -> None:
     packed, scales, global_scale = nvfp4_pack(W, 16)
     assert packed.shape == (16, 16) and scales.shape == (16, 2)
