@@ -300,7 +300,7 @@ def teacher_forced(
     module: Any, trace: PipelineTrace, dtype: torch.dtype | None = None, label: str = "teacher-forced"
 ) -> list[list[torch.Tensor]]:
     """``module``'s noise prediction (CPU float32) on every recorded step input of ``trace``, [prompt][step];
-    ``dtype``: floating-point inputs cast to it first (e.g. float32 for a float32 copy of a 16-bit model);
+    ``dtype``: floating-point inputs cast to it first (e.g. float32 for a 16-bit model computing in float32);
     ``label`` names the progress bar."""
     import torch
 
@@ -422,26 +422,22 @@ def runnable_graph(onnx_path: Path, dtype: str, scratch: Path) -> tuple[Path, li
 
 
 def float32_parity(module: torch.nn.Module, graph_path: Path, trace: PipelineTrace, dtype: str) -> AccuracyReport:
-    """Teacher-forced: the float32 graph ``graph_path`` (``runnable_graph``) in onnxruntime against the float32
-    copy of the 16-bit fake-quant ``module`` (``quant.export.float32_reference``: the graph's own scales), both
-    on ``trace``'s step inputs cast to float32. Nothing but the export can differ here, so the tolerance is
-    tight. The float32 copy is freed before onnxruntime loads the graph."""
-    import gc
-
+    """Teacher-forced: the float32 graph ``graph_path`` (``runnable_graph``) in onnxruntime against the 16-bit
+    fake-quant ``module`` computing in float32 (``quant.export.float32_compute``: the graph's own scales, no
+    copy of the model), both on ``trace``'s step inputs cast to float32. Nothing but the export can differ
+    here, so the tolerance is tight."""
     import torch
 
-    from dtcompile.quant.export import float32_reference
+    from dtcompile.quant.export import float32_compute
 
-    reference = float32_reference(module, getattr(torch, dtype))
-    expected = teacher_forced(reference, trace, torch.float32, label="parity fake-quant float32")
-    del reference
-    gc.collect()
+    with float32_compute(module, getattr(torch, dtype)) as reference:
+        expected = teacher_forced(reference, trace, torch.float32, label="parity fake-quant float32")
     component = onnxruntime_component(graph_path, module, dtype=torch.float32)
     got = teacher_forced(component, trace, torch.float32, label="parity onnxruntime float32")
     del component
     return AccuracyReport(
         candidate="onnxruntime (float32)",
-        reference="fake-quant torch (float32 copy)",
+        reference="fake-quant torch (float32)",
         prompts=len(trace.prompts),
         steps=trace.settings["steps"],
         teacher_forced=_per_step(got, expected),
@@ -462,8 +458,9 @@ def parity_report(
     ``quantized_trace`` is the fake-quant torch run (the second value ``accuracy_report`` returns). Both sides
     compute in float32, so the format's tight tolerance separates an export bug from rounding noise: a float32
     model is compared as it is (teacher-forced, free-running and PSNR); a 16-bit model by ``float32_parity``
-    (teacher-forced, both sides float32 copies), then end to end against the 16-bit torch model in the pipeline
-    (``ParityResult.end_to_end``, information only: 16-bit rounding alone costs up to ``DTYPE_PARITY_FLOOR``).
+    (teacher-forced, the graph's float32 copy against the model computing in float32), then end to end against
+    the 16-bit torch model in the pipeline (``ParityResult.end_to_end``, information only: 16-bit rounding alone
+    costs up to ``DTYPE_PARITY_FLOOR``).
     Graphs with TensorRT's FP4 custom ops are run on a copy where standard ops emulate them
     (``runnable_graph``); the shipped graph is unchanged.
 
@@ -672,9 +669,10 @@ def component_parity(
 ) -> ParityResult:
     """Parity (b) of a component called once per prompt (a text encoder): its exported graph in onnxruntime
     against the fake-quant ``module``, both in float32, on ``inputs`` (keyword feeds); ``wrap(module)`` is the
-    export wrapper (graph inputs in, graph outputs out). A 16-bit model is compared through float32 copies of
-    graph and model (``runnable_graph``, ``quant.export.float32_reference``: the graph's own rounded scales), as
-    ``parity_report`` does for a denoiser, so the format's tolerance separates an export bug from noise.
+    export wrapper (graph inputs in, graph outputs out). A 16-bit model is compared in float32 on both sides: the
+    graph's float32 copy (``runnable_graph``) against the model computing in float32
+    (``quant.export.float32_compute``: the graph's own rounded scales), as ``parity_report`` does for a
+    denoiser, so the format's tolerance separates an export bug from noise.
 
     The gate allows for the model's own rounding noise (``rounding_noise``, recorded as ``noise``): an fp8
     model wide and deep enough moves by more than the format's tolerance when its float32 arithmetic is
@@ -685,27 +683,26 @@ def component_parity(
     Raises:
         VerificationError: an output's worst relative error exceeds the gate (``check_parity``).
     """
-    import gc
-
     import torch
 
     from dtcompile.backends.onnxruntime import OrtRunner
-    from dtcompile.quant.export import float32_reference
+    from dtcompile.quant.export import float32_compute
 
     dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
     limit = parity_tolerance(quant_format, tolerance)
     label = f"parity {Path(onnx_path).stem}"
-    reference = module if dtype == "float32" else float32_reference(module, getattr(torch, dtype))
-    expected = module_outputs(wrap(reference), inputs, torch.float32, label=f"{label} fake-quant float32")
-    noise = rounding_noise(reference, wrap, inputs, expected, output_names)
-    del reference
-    gc.collect()
+    in_float32 = (
+        contextlib.nullcontext(module) if dtype == "float32" else float32_compute(module, getattr(torch, dtype))
+    )
+    with in_float32 as reference:
+        expected = module_outputs(wrap(reference), inputs, torch.float32, label=f"{label} fake-quant float32")
+        noise = rounding_noise(reference, wrap, inputs, expected, output_names)
     with tempfile.TemporaryDirectory(prefix=".dtc-parity-") as scratch:
         path, notes = runnable_graph(Path(onnx_path), dtype, Path(scratch))
         runner = OrtRunner(path, optimization="basic")
         got = [[runner(dict(feeds))[n].float().cpu() for n in output_names] for feeds in inputs]
         del runner
-    precision = "" if dtype == "float32" else " (float32 copy)"
+    precision = "" if dtype == "float32" else " (float32)"
     report = outputs_report(
         got, expected, output_names, names=(f"onnxruntime{precision}", f"fake-quant torch{precision}")
     )

@@ -689,7 +689,7 @@ def float32_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a bfloat16 or float16 graph computing in float32, for onnxruntime parity checks only (its CPU
     kernels have no bfloat16). Every 16-bit initializer, constant and Cast target becomes float32 with the
     same values (weights, Q/DQ scales and constants keep their 16-bit rounding); intermediate results are no
-    longer rounded to 16 bits. ``quant.export.float32_reference`` is the torch model it is compared with."""
+    longer rounded to 16 bits. ``quant.export.float32_compute`` makes the torch model it is compared with."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
