@@ -398,10 +398,11 @@ class ParityResult:
 def runnable_graph(onnx_path: Path, dtype: str, scratch: Path) -> tuple[Path, list[str]]:
     """The graph onnxruntime checks and what was changed for it: ``onnx_path`` itself, or a copy in
     ``scratch`` where TensorRT's FP4 custom ops are replaced by standard ops computing the same NVFP4
-    definition (``qdq.fp4_reference_graph``) and a 16-bit graph computes in float32 (``qdq.float32_copy``)."""
+    definition (``qdq.fp4_reference_graph``) and a 16-bit graph computes in float32 (``qdq.float32_copy``),
+    written one weight at a time (``qdq.onnxruntime_copy``)."""
     import onnx
 
-    from dtcompile.quant.qdq import float32_copy, fp4_reference_graph
+    from dtcompile.quant.qdq import onnxruntime_copy
 
     header = onnx.load(str(onnx_path), load_external_data=False)
     custom = sorted({f"{n.domain}::{n.op_type}" for n in header.graph.node if n.domain not in ("", "ai.onnx")})
@@ -409,15 +410,12 @@ def runnable_graph(onnx_path: Path, dtype: str, scratch: Path) -> tuple[Path, li
     if not custom and dtype == "float32":
         return Path(onnx_path), []
     notes = []
-    model = onnx.load(str(onnx_path))
     if custom:
-        model = fp4_reference_graph(model)
         notes.append(f"{', '.join(custom)} emulated by standard ops")
     if dtype != "float32":
-        model = float32_copy(model)
         notes.append(f"{dtype} computed in float32 (onnxruntime has no bfloat16 CPU kernels)")
     path = Path(scratch) / "reference.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, location="reference.onnx.data")
+    onnxruntime_copy(Path(onnx_path), path, emulate_fp4=bool(custom), widen=dtype != "float32")
     return path, notes
 
 
