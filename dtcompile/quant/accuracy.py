@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import VerificationError
 from dtcompile.core.metrics import PSNR_IDENTICAL, psnr
+from dtcompile.core.progress import measured
 from dtcompile.models.base import GenerationRequest
 from dtcompile.quant import get_format
 from dtcompile.quant.calibration import _no_progress_bar
@@ -428,11 +429,13 @@ def float32_parity(module: torch.nn.Module, graph_path: Path, trace: PipelineTra
 
     from dtcompile.quant.export import float32_compute
 
-    with float32_compute(module, getattr(torch, dtype)) as reference:
+    in_float32 = float32_compute(module, getattr(torch, dtype))
+    with measured("parity (b): fake-quant torch in float32", log), in_float32 as reference:
         expected = teacher_forced(reference, trace, torch.float32, label="parity fake-quant float32")
-    component = onnxruntime_component(graph_path, module, dtype=torch.float32)
-    got = teacher_forced(component, trace, torch.float32, label="parity onnxruntime float32")
-    del component
+    with measured("parity (b): onnxruntime in float32", log):
+        component = onnxruntime_component(graph_path, module, dtype=torch.float32)
+        got = teacher_forced(component, trace, torch.float32, label="parity onnxruntime float32")
+        del component
     return AccuracyReport(
         candidate="onnxruntime (float32)",
         reference="fake-quant torch (float32)",
@@ -470,7 +473,8 @@ def parity_report(
     dtype = dtype_name(next(module.parameters()).dtype)
     limit = parity_tolerance(quant_format, tolerance)
     with tempfile.TemporaryDirectory(prefix=".dtc-parity-") as scratch:
-        path, notes = runnable_graph(Path(onnx_path), dtype, Path(scratch))
+        with measured("parity (b): the graph onnxruntime runs", log):
+            path, notes = runnable_graph(Path(onnx_path), dtype, Path(scratch))
         graph = ", ".join(["exported", *notes])
         end_to_end = None
         if dtype == "float32":
@@ -479,7 +483,9 @@ def parity_report(
         else:
             report = float32_parity(module, path, quantized_trace, dtype)
             check_parity(report, quant_format, limit)  # before the slower end-to-end run
-            end_to_end = _pipeline_parity(pipe, adapter, quantized_trace, path, module, f"fake-quant torch ({dtype})")
+            with measured(f"parity (b): end to end against {dtype}", log):
+                reference = f"fake-quant torch ({dtype})"
+                end_to_end = _pipeline_parity(pipe, adapter, quantized_trace, path, module, reference)
             log.info(
                 "parity end to end (information only): onnxruntime vs %s torch max rel err %.3g (%s alone: up to %g)",
                 dtype,
