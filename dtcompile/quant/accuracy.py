@@ -344,11 +344,12 @@ def onnxruntime_component(
     onnx_path: Path, module: torch.nn.Module, output_name: str = "latent", dtype: torch.dtype | None = None
 ) -> Any:
     """A stand-in for ``module`` that runs ``onnx_path`` in onnxruntime (basic graph optimizations only:
-    the int8 fusions of higher levels change the numbers); outputs cast to ``dtype`` (default: the module's)."""
+    the int8 fusions of higher levels change the numbers; ``low_memory``, as it runs beside the torch model);
+    outputs cast to ``dtype`` (default: the module's)."""
     from dtcompile.backends.onnxruntime import OrtRunner
     from dtcompile.backends.standin import EngineModule
 
-    runner = OrtRunner(Path(onnx_path), optimization="basic")
+    runner = OrtRunner(Path(onnx_path), optimization="basic", low_memory=True)
     param = next(module.parameters())
     out_dtype = param.dtype if dtype is None else dtype
     return EngineModule(runner, dict(module.config), runner.input_names, output_name, out_dtype, str(param.device))
@@ -703,7 +704,7 @@ def component_parity(
         noise = rounding_noise(reference, wrap, inputs, expected, output_names)
     with tempfile.TemporaryDirectory(prefix=".dtc-parity-") as scratch:
         path, notes = runnable_graph(Path(onnx_path), dtype, Path(scratch))
-        runner = OrtRunner(path, optimization="basic")
+        runner = OrtRunner(path, optimization="basic", low_memory=True)
         got = [[runner(dict(feeds))[n].float().cpu() for n in output_names] for feeds in inputs]
         del runner
     precision = "" if dtype == "float32" else " (float32)"
