@@ -265,7 +265,8 @@ def float32_compute(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[tor
     own back, so at most one item is in float32 at once. Everything else (embedders, final layers) and every
     quantizer's state are widened for the whole duration. On exit, exceptions included, every tensor gets its
     own data back and the hooks and attributes set here are removed: the module is as it was, bit for bit.
-    Tensors of a block used outside that block's own call would be seen unwidened (no model here does that).
+    A block's tensors used outside its own call would be seen unwidened (FLUX, FLUX.2, SD3, Wan and T5 give
+    the outputs of a float32 copy, to the bit).
     """
     from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
 
