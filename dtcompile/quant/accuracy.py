@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import VerificationError
 from dtcompile.core.metrics import PSNR_IDENTICAL, psnr
+from dtcompile.core.progress import measured
 from dtcompile.models.base import GenerationRequest
 from dtcompile.quant import get_format
 from dtcompile.quant.calibration import _no_progress_bar
@@ -300,7 +301,7 @@ def teacher_forced(
     module: Any, trace: PipelineTrace, dtype: torch.dtype | None = None, label: str = "teacher-forced"
 ) -> list[list[torch.Tensor]]:
     """``module``'s noise prediction (CPU float32) on every recorded step input of ``trace``, [prompt][step];
-    ``dtype``: floating-point inputs cast to it first (e.g. float32 for a float32 copy of a 16-bit model);
+    ``dtype``: floating-point inputs cast to it first (e.g. float32 for a 16-bit model computing in float32);
     ``label`` names the progress bar."""
     import torch
 
@@ -343,11 +344,12 @@ def onnxruntime_component(
     onnx_path: Path, module: torch.nn.Module, output_name: str = "latent", dtype: torch.dtype | None = None
 ) -> Any:
     """A stand-in for ``module`` that runs ``onnx_path`` in onnxruntime (basic graph optimizations only:
-    the int8 fusions of higher levels change the numbers); outputs cast to ``dtype`` (default: the module's)."""
+    the int8 fusions of higher levels change the numbers; ``low_memory``, as it runs beside the torch model);
+    outputs cast to ``dtype`` (default: the module's)."""
     from dtcompile.backends.onnxruntime import OrtRunner
     from dtcompile.backends.standin import EngineModule
 
-    runner = OrtRunner(Path(onnx_path), optimization="basic")
+    runner = OrtRunner(Path(onnx_path), optimization="basic", low_memory=True)
     param = next(module.parameters())
     out_dtype = param.dtype if dtype is None else dtype
     return EngineModule(runner, dict(module.config), runner.input_names, output_name, out_dtype, str(param.device))
@@ -398,10 +400,11 @@ class ParityResult:
 def runnable_graph(onnx_path: Path, dtype: str, scratch: Path) -> tuple[Path, list[str]]:
     """The graph onnxruntime checks and what was changed for it: ``onnx_path`` itself, or a copy in
     ``scratch`` where TensorRT's FP4 custom ops are replaced by standard ops computing the same NVFP4
-    definition (``qdq.fp4_reference_graph``) and a 16-bit graph computes in float32 (``qdq.float32_copy``)."""
+    definition (``qdq.fp4_reference_graph``) and a 16-bit graph computes in float32 (``qdq.float32_copy``),
+    written one weight at a time (``qdq.onnxruntime_copy``)."""
     import onnx
 
-    from dtcompile.quant.qdq import float32_copy, fp4_reference_graph
+    from dtcompile.quant.qdq import onnxruntime_copy
 
     header = onnx.load(str(onnx_path), load_external_data=False)
     custom = sorted({f"{n.domain}::{n.op_type}" for n in header.graph.node if n.domain not in ("", "ai.onnx")})
@@ -409,39 +412,34 @@ def runnable_graph(onnx_path: Path, dtype: str, scratch: Path) -> tuple[Path, li
     if not custom and dtype == "float32":
         return Path(onnx_path), []
     notes = []
-    model = onnx.load(str(onnx_path))
     if custom:
-        model = fp4_reference_graph(model)
         notes.append(f"{', '.join(custom)} emulated by standard ops")
     if dtype != "float32":
-        model = float32_copy(model)
         notes.append(f"{dtype} computed in float32 (onnxruntime has no bfloat16 CPU kernels)")
     path = Path(scratch) / "reference.onnx"
-    onnx.save_model(model, str(path), save_as_external_data=True, location="reference.onnx.data")
+    onnxruntime_copy(Path(onnx_path), path, emulate_fp4=bool(custom), widen=dtype != "float32")
     return path, notes
 
 
 def float32_parity(module: torch.nn.Module, graph_path: Path, trace: PipelineTrace, dtype: str) -> AccuracyReport:
-    """Teacher-forced: the float32 graph ``graph_path`` (``runnable_graph``) in onnxruntime against the float32
-    copy of the 16-bit fake-quant ``module`` (``quant.export.float32_reference``: the graph's own scales), both
-    on ``trace``'s step inputs cast to float32. Nothing but the export can differ here, so the tolerance is
-    tight. The float32 copy is freed before onnxruntime loads the graph."""
-    import gc
-
+    """Teacher-forced: the float32 graph ``graph_path`` (``runnable_graph``) in onnxruntime against the 16-bit
+    fake-quant ``module`` computing in float32 (``quant.export.float32_compute``: the graph's own scales, no
+    copy of the model), both on ``trace``'s step inputs cast to float32. Nothing but the export can differ
+    here, so the tolerance is tight."""
     import torch
 
-    from dtcompile.quant.export import float32_reference
+    from dtcompile.quant.export import float32_compute
 
-    reference = float32_reference(module, getattr(torch, dtype))
-    expected = teacher_forced(reference, trace, torch.float32, label="parity fake-quant float32")
-    del reference
-    gc.collect()
-    component = onnxruntime_component(graph_path, module, dtype=torch.float32)
-    got = teacher_forced(component, trace, torch.float32, label="parity onnxruntime float32")
-    del component
+    in_float32 = float32_compute(module, getattr(torch, dtype))
+    with measured("parity (b): fake-quant torch in float32", log), in_float32 as reference:
+        expected = teacher_forced(reference, trace, torch.float32, label="parity fake-quant float32")
+    with measured("parity (b): onnxruntime in float32", log):
+        component = onnxruntime_component(graph_path, module, dtype=torch.float32)
+        got = teacher_forced(component, trace, torch.float32, label="parity onnxruntime float32")
+        del component
     return AccuracyReport(
         candidate="onnxruntime (float32)",
-        reference="fake-quant torch (float32 copy)",
+        reference="fake-quant torch (float32)",
         prompts=len(trace.prompts),
         steps=trace.settings["steps"],
         teacher_forced=_per_step(got, expected),
@@ -462,8 +460,9 @@ def parity_report(
     ``quantized_trace`` is the fake-quant torch run (the second value ``accuracy_report`` returns). Both sides
     compute in float32, so the format's tight tolerance separates an export bug from rounding noise: a float32
     model is compared as it is (teacher-forced, free-running and PSNR); a 16-bit model by ``float32_parity``
-    (teacher-forced, both sides float32 copies), then end to end against the 16-bit torch model in the pipeline
-    (``ParityResult.end_to_end``, information only: 16-bit rounding alone costs up to ``DTYPE_PARITY_FLOOR``).
+    (teacher-forced, the graph's float32 copy against the model computing in float32), then end to end against
+    the 16-bit torch model in the pipeline (``ParityResult.end_to_end``, information only: 16-bit rounding alone
+    costs up to ``DTYPE_PARITY_FLOOR``).
     Graphs with TensorRT's FP4 custom ops are run on a copy where standard ops emulate them
     (``runnable_graph``); the shipped graph is unchanged.
 
@@ -475,7 +474,8 @@ def parity_report(
     dtype = dtype_name(next(module.parameters()).dtype)
     limit = parity_tolerance(quant_format, tolerance)
     with tempfile.TemporaryDirectory(prefix=".dtc-parity-") as scratch:
-        path, notes = runnable_graph(Path(onnx_path), dtype, Path(scratch))
+        with measured("parity (b): the graph onnxruntime runs", log):
+            path, notes = runnable_graph(Path(onnx_path), dtype, Path(scratch))
         graph = ", ".join(["exported", *notes])
         end_to_end = None
         if dtype == "float32":
@@ -484,7 +484,9 @@ def parity_report(
         else:
             report = float32_parity(module, path, quantized_trace, dtype)
             check_parity(report, quant_format, limit)  # before the slower end-to-end run
-            end_to_end = _pipeline_parity(pipe, adapter, quantized_trace, path, module, f"fake-quant torch ({dtype})")
+            with measured(f"parity (b): end to end against {dtype}", log):
+                reference = f"fake-quant torch ({dtype})"
+                end_to_end = _pipeline_parity(pipe, adapter, quantized_trace, path, module, reference)
             log.info(
                 "parity end to end (information only): onnxruntime vs %s torch max rel err %.3g (%s alone: up to %g)",
                 dtype,
@@ -672,9 +674,10 @@ def component_parity(
 ) -> ParityResult:
     """Parity (b) of a component called once per prompt (a text encoder): its exported graph in onnxruntime
     against the fake-quant ``module``, both in float32, on ``inputs`` (keyword feeds); ``wrap(module)`` is the
-    export wrapper (graph inputs in, graph outputs out). A 16-bit model is compared through float32 copies of
-    graph and model (``runnable_graph``, ``quant.export.float32_reference``: the graph's own rounded scales), as
-    ``parity_report`` does for a denoiser, so the format's tolerance separates an export bug from noise.
+    export wrapper (graph inputs in, graph outputs out). A 16-bit model is compared in float32 on both sides: the
+    graph's float32 copy (``runnable_graph``) against the model computing in float32
+    (``quant.export.float32_compute``: the graph's own rounded scales), as ``parity_report`` does for a
+    denoiser, so the format's tolerance separates an export bug from noise.
 
     The gate allows for the model's own rounding noise (``rounding_noise``, recorded as ``noise``): an fp8
     model wide and deep enough moves by more than the format's tolerance when its float32 arithmetic is
@@ -685,27 +688,26 @@ def component_parity(
     Raises:
         VerificationError: an output's worst relative error exceeds the gate (``check_parity``).
     """
-    import gc
-
     import torch
 
     from dtcompile.backends.onnxruntime import OrtRunner
-    from dtcompile.quant.export import float32_reference
+    from dtcompile.quant.export import float32_compute
 
     dtype = str(next(module.parameters()).dtype).removeprefix("torch.")
     limit = parity_tolerance(quant_format, tolerance)
     label = f"parity {Path(onnx_path).stem}"
-    reference = module if dtype == "float32" else float32_reference(module, getattr(torch, dtype))
-    expected = module_outputs(wrap(reference), inputs, torch.float32, label=f"{label} fake-quant float32")
-    noise = rounding_noise(reference, wrap, inputs, expected, output_names)
-    del reference
-    gc.collect()
+    in_float32 = (
+        contextlib.nullcontext(module) if dtype == "float32" else float32_compute(module, getattr(torch, dtype))
+    )
+    with in_float32 as reference:
+        expected = module_outputs(wrap(reference), inputs, torch.float32, label=f"{label} fake-quant float32")
+        noise = rounding_noise(reference, wrap, inputs, expected, output_names)
     with tempfile.TemporaryDirectory(prefix=".dtc-parity-") as scratch:
         path, notes = runnable_graph(Path(onnx_path), dtype, Path(scratch))
-        runner = OrtRunner(path, optimization="basic")
+        runner = OrtRunner(path, optimization="basic", low_memory=True)
         got = [[runner(dict(feeds))[n].float().cpu() for n in output_names] for feeds in inputs]
         del runner
-    precision = "" if dtype == "float32" else " (float32 copy)"
+    precision = "" if dtype == "float32" else " (float32)"
     report = outputs_report(
         got, expected, output_names, names=(f"onnxruntime{precision}", f"fake-quant torch{precision}")
     )

@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +50,7 @@ log = logging.getLogger("dtcompile.quant")
 #: TensorRT fuses fp8 attention only for head sizes that are a multiple of 16 (ModelOpt's rule too).
 MHA_HEAD_MULTIPLE = 16
 _ATTN_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "v_bmm_quantizer")
-#: Set by ``float32_reference`` on a float32 copy's fp8 attentions: the dtype whose constants the graph holds.
+#: Set by ``float32_compute`` on fp8 attentions: the dtype whose constants the graph holds.
 _GRAPH_DTYPE_ATTR = "_dtc_graph_dtype"
 
 
@@ -145,7 +145,7 @@ def _fp8_sdpa(
         amax = [float(getattr(self, q).amax) for q in _ATTN_QUANTIZERS]
         return _fp8_attention_function().apply(query, key, value, attn_mask, root, *amax)
     softmax_amax = 1.0
-    graph_dtype = getattr(self, _GRAPH_DTYPE_ATTR, None)  # a float32 reference of a 16-bit model
+    graph_dtype = getattr(self, _GRAPH_DTYPE_ATTR, None)  # a 16-bit model computing in float32
     if graph_dtype is not None:
         # the constants the 16-bit graph holds: root and the softmax scale rounded to the model's type
         root = float(torch.tensor(root, dtype=graph_dtype))
@@ -249,36 +249,130 @@ def int8_graph_scale(amax: torch.Tensor, dtype: torch.dtype, maxbound: int = 127
     return scale.masked_fill(scale == 0, 1.0)
 
 
-def float32_reference(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """A float32 copy of the fake-quant ``module`` (a ``dtype`` model) computing what the float32 copy of its
-    exported graph computes (``qdq.float32_copy``), for a parity check at one precision.
+@contextlib.contextmanager
+def float32_compute(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+    """The fake-quant ``module`` (a ``dtype`` model) computes in float32 for the duration, as the float32 copy
+    of its exported graph does (``qdq.float32_copy``), for a parity check at one precision; yields ``module``.
 
-    The copy's weights are the ``dtype`` weights, exactly. Only the constants the export rounds to ``dtype``
-    differ from a plain ``.float()``: every fp8 and int8 quantizer's amax is set so that its fake quantization
-    uses the very scale the graph holds (``fp8_graph_scale``, ``int8_graph_scale``), and the fp8 attentions
-    use the graph's sqrt(softmax scale) and softmax scale. NVFP4 quantizers are left as they are: their
-    per-tensor scales are float32 in the graph and their block scales are computed at run time. ``module``
-    itself is unchanged; the copy costs float32 weights (twice a 16-bit model's): free it after use.
+    Its weights are the ``dtype`` weights, exactly. Only the constants the export rounds to ``dtype`` differ
+    from a plain ``.float()``: every fp8 and int8 quantizer's amax is set so that its fake quantization uses
+    the very scale the graph holds (``fp8_graph_scale``, ``int8_graph_scale``), and the fp8 attentions use the
+    graph's sqrt(softmax scale) and softmax scale. NVFP4 quantizers keep their amax: their per-tensor scales are
+    float32 in the graph and their block scales are computed at run time.
+
+    No float32 copy of the model is made. The items of the outermost ``ModuleList``s (the blocks) are widened
+    one at a time: a forward pre-hook swaps in float32 copies of an item's tensors and a forward hook swaps its
+    own back, so at most one item is in float32 at once. Everything else (embedders, final layers) and every
+    quantizer's state are widened for the whole duration. On exit, exceptions included, every tensor gets its
+    own data back and the hooks and attributes set here are removed: the module is as it was, bit for bit.
+    A block's tensors used outside its own call would be seen unwidened (FLUX, FLUX.2, SD3, Wan and T5 give
+    the outputs of a float32 copy, to the bit).
     """
-    import copy
-    import types
+    from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
 
-    from modelopt.torch.quantization.nn import TensorQuantizer
+    quantizers = [m for m in module.modules() if isinstance(m, TensorQuantizer)]
+    quantizer_tensors = {id(t) for q in quantizers for t in _own_tensors(q)}
+    blocks = _blocks(module, (TensorQuantizer, SequentialQuantizer))
+    in_blocks = {id(t) for b in blocks for t in _tensors(b)}
+    whole: list[tuple[torch.Tensor, torch.Tensor]] = []  # (tensor, its own data), swapped back on exit
+    per_block: dict[int, list[list[tuple[torch.Tensor, torch.Tensor]]]] = {id(b): [] for b in blocks}
+    handles: list[Any] = []
+    attributes: list[tuple[torch.nn.Module, Any]] = []
+    missing = object()
 
-    # fp8 attention routing holds torch.nn.functional, which deepcopy cannot copy: share it
-    memo: dict[int, Any] = {}
-    for sub in module.modules():
-        for entry in sub.__dict__.get("_functionals_to_replace", ()):
-            if isinstance(entry[0], types.ModuleType):
-                memo[id(entry[0])] = entry[0]
-    reference = copy.deepcopy(module, memo).float()
-    for sub in reference.modules():
-        if isinstance(sub, TensorQuantizer):
-            _round_amax_as_exported(sub, dtype)
-    for _, attention in attention_modules(reference):
-        if attention.__dict__.get("_functionals_to_replace"):
-            setattr(attention, _GRAPH_DTYPE_ATTR, dtype)
-    return reference
+    def pre_hook(block: torch.nn.Module, _args: Any) -> None:
+        per_block[id(block)].append([])
+        _widen(_tensors(block), per_block[id(block)][-1])
+
+    def hook(block: torch.nn.Module, _args: Any, _out: Any) -> None:
+        _narrow(per_block[id(block)].pop())
+
+    try:
+        # quantizer state: fresh float32 copies (also where already float32), which the amax setter writes into
+        _widen([t for q in quantizers for t in _own_tensors(q)], whole, always_copy=True)
+        for q in quantizers:
+            _round_amax_as_exported(q, dtype)
+        _widen(_tensors(module), whole, skip=quantizer_tensors | in_blocks)
+        for _, attention in attention_modules(module):
+            if attention.__dict__.get("_functionals_to_replace"):
+                attributes.append((attention, attention.__dict__.get(_GRAPH_DTYPE_ATTR, missing)))
+                setattr(attention, _GRAPH_DTYPE_ATTR, dtype)
+        for block in blocks:
+            handles.append(block.register_forward_pre_hook(pre_hook))
+            handles.append(block.register_forward_hook(hook))
+        yield module
+    finally:
+        for handle in handles:
+            handle.remove()
+        for stack in per_block.values():  # blocks whose forward raised
+            while stack:
+                _narrow(stack.pop())
+        _narrow(whole)
+        for attention, before in reversed(attributes):
+            if before is missing:
+                delattr(attention, _GRAPH_DTYPE_ATTR)
+            else:
+                setattr(attention, _GRAPH_DTYPE_ATTR, before)
+
+
+def _blocks(module: torch.nn.Module, skip: tuple[type, ...]) -> list[torch.nn.Module]:
+    """The items of ``module``'s outermost ``ModuleList``s (not looking inside an item, nor inside ``skip``)."""
+    import torch
+
+    found: list[torch.nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(m: torch.nn.Module) -> None:
+        if isinstance(m, skip):
+            return
+        if isinstance(m, torch.nn.ModuleList):
+            for item in m:
+                if id(item) not in seen:
+                    seen.add(id(item))
+                    found.append(item)
+            return
+        for child in m.children():
+            visit(child)
+
+    visit(module)
+    return found
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """``module``'s parameters and buffers, each once."""
+    return [*module.parameters(), *module.buffers()]
+
+
+def _own_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+
+
+def _widen(
+    tensors: Sequence[torch.Tensor],
+    into: list[tuple[torch.Tensor, torch.Tensor]],
+    skip: Iterable[int] = (),
+    always_copy: bool = False,
+) -> None:
+    """Swap float32 data into the floating-point ``tensors`` not in ``skip`` that are not float32 yet (with
+    ``always_copy``: a float32 copy into all of them), recording (tensor, its own data) in ``into`` as it goes
+    for ``_narrow``."""
+    import torch
+
+    seen = set(skip)
+    for t in tensors:
+        if id(t) in seen or not t.is_floating_point() or (t.dtype == torch.float32 and not always_copy):
+            continue
+        seen.add(id(t))
+        own = t.data
+        t.data = own.to(torch.float32, copy=True)
+        into.append((t, own))
+
+
+def _narrow(swapped: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Give each tensor ``_widen`` swapped its own data back (last swapped first)."""
+    while swapped:
+        t, own = swapped.pop()
+        t.data = own
 
 
 def _round_amax_as_exported(quantizer: Any, dtype: torch.dtype) -> None:
@@ -457,7 +551,7 @@ __all__ = [
     "attention_modules",
     "enable_fp8_attention",
     "export_quantized",
-    "float32_reference",
+    "float32_compute",
     "fp8_graph_scale",
     "int8_graph_scale",
     "quantized_forward",

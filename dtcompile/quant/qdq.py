@@ -90,27 +90,37 @@ class _ExternalData:
         self.path = Path(data_file)
         self._out = open(self.path, "wb")  # noqa: SIM115 (closed by close)
         self.offset = 0
-        self.written: set[str] = set()  # initializers already in the new file
+        # Until ``finish``, new tensors point at this location: an absolute path, which no graph's own external
+        # data names (the data file may have the same name as an original one).
+        self._new_location = str(self.path.resolve())
 
-    def value(self, tensor: onnx.TensorProto) -> np.ndarray:
-        """The values of one tensor stored externally (in the original files, or already in the new one)."""
+    def loaded(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """A copy of one tensor stored externally, its bytes read (from the original files or the new one)."""
         import onnx
-        from onnx import numpy_helper
-        from onnx.external_data_helper import load_external_data_for_tensor
+        from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_tensor
 
         loaded = onnx.TensorProto()
         loaded.CopyFrom(tensor)  # metadata only: the data is on disk
-        base = self.src_dir
-        if tensor.name in self.written:
+        info = ExternalDataInfo(tensor)
+        if info.location == self._new_location:
             self._out.flush()
-            base = self.path.parent
-        load_external_data_for_tensor(loaded, str(base))
-        del loaded.external_data[:]
-        loaded.data_location = onnx.TensorProto.DEFAULT
-        return numpy_helper.to_array(loaded)
+            with open(self.path, "rb") as f:
+                f.seek(info.offset)
+                loaded.raw_data = f.read(info.length)
+            del loaded.external_data[:]
+            loaded.data_location = onnx.TensorProto.DEFAULT
+        else:
+            load_external_data_for_tensor(loaded, str(self.src_dir))
+        return loaded
+
+    def value(self, tensor: onnx.TensorProto) -> np.ndarray:
+        """The values of one tensor stored externally (in the original files, or already in the new one)."""
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.loaded(tensor))
 
     def store(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
-        """Write a new initializer's ``raw_data`` (1 KiB or more) to the data file; return a new tensor pointing
+        """Write a new tensor's ``raw_data`` (1 KiB or more) to the data file; return a new tensor pointing
         there. (A new one: a cleared field does not give its bytes back, they live as long as the message.)"""
         import onnx
 
@@ -118,8 +128,7 @@ class _ExternalData:
             return tensor
         self._write_aligned(tensor.raw_data)
         pointer = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-        self._point(pointer, self.offset - len(tensor.raw_data), len(tensor.raw_data))
-        self.written.add(tensor.name)
+        self._point(pointer, self.offset - len(tensor.raw_data), len(tensor.raw_data), self._new_location)
         return pointer
 
     def finish(self, graph: onnx.GraphProto) -> None:
@@ -127,10 +136,13 @@ class _ExternalData:
         import onnx
         from onnx.external_data_helper import ExternalDataInfo
 
-        for tensor, is_init in _all_tensors(graph):
-            if tensor.data_location != onnx.TensorProto.EXTERNAL or (is_init and tensor.name in self.written):
+        for tensor, _ in _all_tensors(graph):
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             info = ExternalDataInfo(tensor)
+            if info.location == self._new_location:  # written by ``store``
+                self._point(tensor, info.offset, info.length)
+                continue
             src = self.src_dir / info.location
             start = info.offset or 0
             length = info.length if info.length is not None else src.stat().st_size - start
@@ -141,11 +153,12 @@ class _ExternalData:
     def close(self) -> None:
         self._out.close()
 
-    def _point(self, tensor: onnx.TensorProto, offset: int, length: int) -> None:
+    def _point(self, tensor: onnx.TensorProto, offset: int, length: int, location: str | None = None) -> None:
         import onnx
 
         del tensor.external_data[:]
-        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+        entries = (("location", location or self.path.name), ("offset", str(offset)), ("length", str(length)))
+        for key, value in entries:
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         tensor.data_location = onnx.TensorProto.EXTERNAL
@@ -161,6 +174,12 @@ class _ExternalData:
     def _align(self) -> None:
         pad = -self.offset % 64  # aligned offsets let onnxruntime and TensorRT map tensors directly
         self._write(b"\0" * pad)
+
+
+def _has_external_data(graph: onnx.GraphProto) -> bool:
+    import onnx
+
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t, _ in _all_tensors(graph))
 
 
 def _all_tensors(graph: onnx.GraphProto) -> Iterator[tuple[onnx.TensorProto, bool]]:
@@ -210,14 +229,19 @@ class _Graph:
         return None
 
     def _value(self, tensor: onnx.TensorProto) -> np.ndarray:
-        import onnx
         from onnx import numpy_helper
 
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            if self.data is None:
-                raise BuildError(f"tensor '{tensor.name}' is stored externally but its data was not loaded")
-            return self.data.value(tensor)
-        return numpy_helper.to_array(tensor)
+        return numpy_helper.to_array(self.loaded(tensor))
+
+    def loaded(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """``tensor`` with its bytes: itself, or a copy read from disk when it is stored externally."""
+        import onnx
+
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            return tensor
+        if self.data is None:
+            raise BuildError(f"tensor '{tensor.name}' is stored externally but its data was not loaded")
+        return self.data.loaded(tensor)
 
     def new_initializer(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
         """``tensor``, its data moved to the rewritten data file when the graph streams its weights."""
@@ -285,7 +309,7 @@ def standardize_file(path: Path, dtype: str) -> QdqReport:
 
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t, _ in _all_tensors(model.graph))
+    external = _has_external_data(model.graph)
     data_name = path.name + ".data"
     with tempfile.TemporaryDirectory(prefix=".qdq-", dir=path.parent) as scratch:
         tmp = Path(scratch) / path.name
@@ -582,7 +606,7 @@ def nvfp4_pack(weight: np.ndarray, block: int = 16) -> tuple[np.ndarray, np.ndar
 # --- onnxruntime stand-in for the FP4 graph ---------------------------------------------------------------------
 
 
-def fp4_reference_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+def fp4_reference_graph(model: onnx.ModelProto, data: _ExternalData | None = None) -> onnx.ModelProto:
     """A copy of an NVFP4 graph that onnxruntime can run, for parity checks only (never shipped).
 
     onnxruntime has no kernel for ``trt::TRT_FP4DynamicQuantize`` nor for FLOAT4E2M1 tensors. Here each FP4
@@ -590,13 +614,16 @@ def fp4_reference_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     activation quantize with its two DQs becomes standard ops computing ModelOpt's NVFP4 definition: block
     amax / (6 * per-tensor scale), clamped to [2^-9, 448] and cast to E4M3; values divided by the block scale
     and rounded half to even onto the E2M1 grid (saturating at 6). Only the TensorRT op itself is not tested.
+
+    With ``data`` (``onnxruntime_copy``), each FP4 weight is read from disk when it is decoded and the decoded
+    one written to ``data``'s file at once.
     """
     import numpy as np
     import onnx
     from onnx import helper, numpy_helper
 
     model = _copy(model)
-    g = _Graph(model.graph)
+    g = _Graph(model.graph, data)
     dead: set[int] = set()
     new_nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
@@ -612,8 +639,9 @@ def fp4_reference_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         if scale_dq is None or scale_dq.op_type != "DequantizeLinear":
             raise BuildError(f"unexpected FP4 weight pattern at {dq.name}")
         block = _attr(dq, "block_size", 16)
-        decoded = decode_nvfp4(w, g.inits[scale_dq.input[0]], g.const(scale_dq.input[1]), block)
-        new_inits.append(numpy_helper.from_array(decoded, dq.output[0]))
+        decoded = decode_nvfp4(g.loaded(w), g.loaded(g.inits[scale_dq.input[0]]), g.const(scale_dq.input[1]), block)
+        new_inits.append(g.new_initializer(numpy_helper.from_array(decoded, dq.output[0])))
+        del decoded  # one weight at a time
         dead.update({id(dq), id(scale_dq)})
         _drop_value_info(g.g, dq.output[0])
 
@@ -698,23 +726,27 @@ def fp4_reference_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def float32_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def float32_copy(model: onnx.ModelProto, data: _ExternalData | None = None) -> onnx.ModelProto:
     """A copy of a bfloat16 or float16 graph computing in float32, for onnxruntime parity checks only (its CPU
     kernels have no bfloat16). Every 16-bit initializer, constant and Cast target becomes float32 with the
     same values (weights, Q/DQ scales and constants keep their 16-bit rounding); intermediate results are no
-    longer rounded to 16 bits. ``quant.export.float32_reference`` is the torch model it is compared with."""
+    longer rounded to 16 bits. ``quant.export.float32_compute`` makes the torch model it is compared with.
+
+    With ``data`` (``onnxruntime_copy``), each 16-bit tensor is read from disk when it is widened and the
+    float32 one written to ``data``'s file at once."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
     narrow, f32 = (onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT16), onnx.TensorProto.FLOAT
     model = _copy(model)
+    g = _Graph(model.graph, data)
 
     def widen(t: onnx.TensorProto) -> None:
         if t.data_type not in narrow:
             return
-        values = numpy_helper.to_array(t).astype(np.float32)
-        t.CopyFrom(numpy_helper.from_array(values, t.name))
+        values = g._value(t).astype(np.float32)
+        t.CopyFrom(g.new_initializer(numpy_helper.from_array(values, t.name)))
 
     for t in model.graph.initializer:
         widen(t)
@@ -729,6 +761,37 @@ def float32_copy(model: onnx.ModelProto) -> onnx.ModelProto:
             vi.type.tensor_type.elem_type = f32
     _merge_duplicate_casts(model.graph)
     return model
+
+
+def onnxruntime_copy(path: Path, dest: Path, *, emulate_fp4: bool, widen: bool) -> None:
+    """Write the copy of graph ``path`` that onnxruntime can run to ``dest`` (its weights in one data file,
+    ``<dest name>.data``): TensorRT's FP4 ops emulated (``fp4_reference_graph``) with ``emulate_fp4``, a 16-bit
+    graph computing in float32 (``float32_copy``) with ``widen``.
+
+    Streamed like ``standardize_file``: the graph is parsed without its weights, each weight the copy changes
+    is read from disk, rewritten and written to the new data file at once, and the others are copied over in
+    chunks, so memory holds one weight at a time. A graph without external data is rewritten in memory.
+    """
+    import onnx
+
+    path, dest = Path(path), Path(dest)
+    model = onnx.load(str(path), load_external_data=False)
+    data_name = dest.name + ".data"
+    data = _ExternalData(path.parent, dest.parent / data_name) if _has_external_data(model.graph) else None
+    try:
+        if emulate_fp4:
+            model = fp4_reference_graph(model, data)
+        if widen:
+            model = float32_copy(model, data)
+        if data is not None:
+            data.finish(model.graph)
+    finally:
+        if data is not None:
+            data.close()
+    if data is not None:
+        onnx.save_model(model, str(dest))
+    else:
+        onnx.save_model(model, str(dest), save_as_external_data=True, location=data_name)
 
 
 def _merge_duplicate_casts(graph: onnx.GraphProto) -> None:

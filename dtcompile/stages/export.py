@@ -224,8 +224,9 @@ def export_aux(
         from dtcompile.quant.accuracy import component_parity
 
         fmt = quantized.result.format
-        parity = component_parity(module, graph.export_module, art.path, quantized.inputs, graph.outputs, fmt,
-                                  field=quantized.field)  # fmt: skip
+        with measured(f"export {spec.name}: parity (b)", log):
+            parity = component_parity(module, graph.export_module, art.path, quantized.inputs, graph.outputs, fmt,
+                                      field=quantized.field)  # fmt: skip
         entry["quant"] = {**quantized.to_manifest(), "graph": qonnx.to_manifest(), "parity": parity.to_manifest()}
         runs_in_ort = runs_in_ort and get_format(fmt).onnxruntime_runnable
     elif runs_in_ort:

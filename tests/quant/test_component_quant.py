@@ -155,9 +155,9 @@ def test_the_float32_parity_check_catches_a_broken_t5_graph(t5fp8: Path, tmp_pat
     assert "at output last_hidden_state, over the tolerance 0.01" in message and "\n" not in message
 
 
-def test_a_bfloat16_t5_is_checked_through_float32_copies(tmp_path: Path) -> None:
-    """A 16-bit encoder's parity runs the float32 copy of its graph against the float32 copy of the fake-quant
-    model with the graph's rounded scales: export-exact, far below the tolerance."""
+def test_a_bfloat16_t5_is_checked_in_float32(tmp_path: Path) -> None:
+    """A 16-bit encoder's parity runs the float32 copy of its graph against the fake-quant model computing in
+    float32 with the graph's rounded scales: export-exact, far below the tolerance."""
     import dataclasses
 
     import torch
@@ -166,8 +166,9 @@ def test_a_bfloat16_t5_is_checked_through_float32_copies(tmp_path: Path) -> None
     from dtcompile.models.components import T5_QUANT_EXCLUDE, TextEncoderGraph
     from dtcompile.quant.accuracy import component_parity
     from dtcompile.quant.calibration import calibrate_encoder
-    from dtcompile.quant.export import export_quantized
+    from dtcompile.quant.export import export_quantized, float32_compute
     from dtcompile.recipe.quant import parse_quant_spec
+    from tests.quant.test_export import assert_same_state, float32_copy_reference, module_state
 
     module = _t5(torch.bfloat16)
     graph = TextEncoderGraph(T5, ("last_hidden_state",))
@@ -182,11 +183,21 @@ def test_a_bfloat16_t5_is_checked_through_float32_copies(tmp_path: Path) -> None
         qonnx = export_quantized(graph.export_module(module), ex, tmp_path / "onnx", name=T5, quant_format="fp8",
                                  dtype="bfloat16", patches=())  # fmt: skip
     assert qonnx.qdq.fp8_qdq == T5_QDQ
+    # the model computing in float32 (T5's blocks one at a time, each holding a ModuleList of its own) is its
+    # float32 copy to the bit, and is left as it was
+    before = module_state(module)
+    with torch.no_grad():
+        expected = float32_copy_reference(module, torch.bfloat16)(ids).last_hidden_state
+        with float32_compute(module, torch.bfloat16):
+            got = module(ids).last_hidden_state
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert_same_state(module, before)
     inputs = [{"input_ids": ids[i : i + 1]} for i in range(len(ids))]
     parity = component_parity(module, graph.export_module, qonnx.artifact.path, inputs, graph.outputs, "fp8")
     record = parity.to_manifest()
-    assert "bfloat16 computed in float32" in record["graph"] and record["reference"].endswith("(float32 copy)")
+    assert "bfloat16 computed in float32" in record["graph"] and record["reference"].endswith("(float32)")
     assert record["summary"]["max_rel_err"] <= 1e-4
+    assert_same_state(module, before)
 
 
 def test_an_unchanged_recipe_is_up_to_date_and_the_key_covers_the_component_quant(

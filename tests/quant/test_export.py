@@ -195,3 +195,126 @@ def test_engine_matrix(built: Any, fmt: str, arch: str) -> None:
     rtx()
     assert get_format(fmt).supports("tensorrt-rtx", arch) is None
     assert built(fmt).engine(arch).size > 0
+
+
+# --- a 16-bit model computing in float32 for parity (b), without a float32 copy -----------------------------------
+
+
+def float32_copy_reference(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """What ``float32_compute`` replaced, kept as its reference: a float32 deep copy of the fake-quant model with
+    each fp8/int8 amax rounded as the graph holds it and the graph's dtype on the fp8 attentions."""
+    import copy
+    import types
+
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    from dtcompile.quant import export as qexport
+
+    memo: dict[int, Any] = {}  # fp8 attention routing holds torch.nn.functional, which deepcopy cannot copy
+    for sub in module.modules():
+        for entry in sub.__dict__.get("_functionals_to_replace", ()):
+            if isinstance(entry[0], types.ModuleType):
+                memo[id(entry[0])] = entry[0]
+    reference = copy.deepcopy(module, memo).float()
+    for sub in reference.modules():
+        if isinstance(sub, TensorQuantizer):
+            qexport._round_amax_as_exported(sub, dtype)
+    for _, attention in qexport.attention_modules(reference):
+        if attention.__dict__.get("_functionals_to_replace"):
+            setattr(attention, qexport._GRAPH_DTYPE_ATTR, dtype)
+    return reference
+
+
+def module_state(module: torch.nn.Module) -> dict[str, Any]:
+    """Everything ``float32_compute`` may touch: tensors (values, dtypes, storage), hooks, instance attributes."""
+    return {
+        "tensors": {k: (v.dtype, v.data_ptr(), v.clone()) for k, v in module.state_dict(keep_vars=True).items()},
+        "hooks": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in module.modules()),
+        "attributes": [sorted(m.__dict__) for m in module.modules()],
+    }
+
+
+def assert_same_state(module: torch.nn.Module, before: dict[str, Any]) -> None:
+    after = module_state(module)
+    assert after["hooks"] == before["hooks"] == 0 and after["attributes"] == before["attributes"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for name, (dtype, ptr, value) in before["tensors"].items():
+        got_dtype, got_ptr, got = after["tensors"][name]
+        assert (got_dtype, got_ptr) == (dtype, ptr) and torch.equal(got, value), name
+
+
+@pytest.fixture(scope="module")
+def bf16_quantized(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """(pipeline, two-step trace on one prompt) of a bfloat16 tiny-FLUX quantized in ``fmt`` (not exported)."""
+    cache: dict[str, Any] = {}
+
+    def get(fmt: str) -> Any:
+        if fmt not in cache:
+            pipe = build_tiny_flux(0, CONFIG).to(torch.bfloat16)
+            pipe.set_progress_bar_config(disable=True)
+            calib = {"prompts": ["a cat", "a dog on a beach"], "size": 2, "batch": 2, "steps": 2}  # as Built's
+            spec = parse_quant_spec({**SPECS[fmt], "calib": calib})
+            cal.calibrate(pipe, ADAPTER, spec, tmp_path_factory.mktemp(f"bf16-{fmt}"), **RUN)
+            cache[fmt] = pipe, acc.trace_pipeline(pipe, ADAPTER, acc.HELDOUT_PROMPTS[:1], steps=2, **RUN)
+        return cache[fmt]
+
+    return get
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "nvfp4"])
+def test_float32_compute_equals_a_float32_copy_one_block_at_a_time(bf16_quantized: Any, fmt: str) -> None:
+    from dtcompile.quant.export import _GRAPH_DTYPE_ATTR, attention_modules, float32_compute
+
+    pipe, trace = bf16_quantized(fmt)
+    module = pipe.transformer
+    fp8_attentions = [a for _, a in attention_modules(module) if a.__dict__.get("_functionals_to_replace")]
+    assert bool(fp8_attentions) == (fmt == "fp8")  # SPECS: fp8 with quantize_mha
+    before = module_state(module)
+    expected = acc.teacher_forced(float32_copy_reference(module, torch.bfloat16), trace, torch.float32)
+
+    blocks = [*module.transformer_blocks, *module.single_transformer_blocks]
+    widened: list[int] = []  # blocks in float32 at each block call
+
+    def count(_block: Any, _args: Any) -> None:
+        widened.append(sum(next(b.parameters()).dtype == torch.float32 for b in blocks))
+
+    with float32_compute(module, torch.bfloat16) as reference:
+        assert reference is module
+        amax = [b for n, b in module.named_buffers() if n.endswith("._amax")]
+        assert amax and all(a.dtype == torch.float32 for a in amax)  # bfloat16 outside the context
+        assert all(getattr(a, _GRAPH_DTYPE_ATTR) == torch.bfloat16 for a in fp8_attentions)
+        handles = [b.register_forward_pre_hook(count) for b in blocks]  # after the context's own hooks
+        got = acc.teacher_forced(module, trace, torch.float32)
+        for h in handles:
+            h.remove()
+    assert widened == [1] * len(blocks) * 2  # 2 steps: each block in float32 only during its own call
+    assert [len(g) for g in got] == [len(e) for e in expected] == [2]  # 1 prompt, 2 steps
+    assert all(torch.equal(g, e) for g, e in zip(got[0], expected[0], strict=True))
+    assert_same_state(module, before)
+    # the restored module computes as before
+    with torch.no_grad():
+        again = acc.teacher_forced(module, trace)
+    assert all(torch.equal(a, b) for a, b in zip(again[0], trace.noise[0], strict=True))
+
+
+def test_float32_compute_restores_the_module_when_a_block_raises(bf16_quantized: Any) -> None:
+    from dtcompile.quant.export import float32_compute
+
+    pipe, trace = bf16_quantized("fp8")
+    module = pipe.transformer
+    before = module_state(module)
+    block = module.transformer_blocks[0]
+    seen: list[torch.dtype] = []
+
+    def boom(_module: Any, _args: Any, _out: Any) -> None:
+        seen.append(next(block.parameters()).dtype)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"), float32_compute(module, torch.bfloat16):
+        handle = block.ff.register_forward_hook(boom)  # raises inside the block, while it is in float32
+        try:
+            acc.teacher_forced(module, trace, torch.float32)
+        finally:
+            handle.remove()
+    assert seen == [torch.float32]
+    assert_same_state(module, before)

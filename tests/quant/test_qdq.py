@@ -19,6 +19,7 @@ from dtcompile.quant.nvfp4 import nvfp4_fake_quant  # noqa: E402
 from dtcompile.quant.qdq import (  # noqa: E402
     FP4_BLOCK_DQ_PLACEHOLDER,
     decode_nvfp4,
+    float32_copy,
     fp4_reference_graph,
     nvfp4_pack,
     standardize_file,
@@ -294,3 +295,115 @@ def test_weights_quantized_in_chunks_are_quantized_as_a_whole(monkeypatch: Any, 
     monkeypatch.setattr(qdq, "_CHUNK_ELEMENTS", 100)  # 4 rows at a time, the last block short
     got = qdq._quantize_in_chunks(w, np.asarray(scale), qdtype, axis)
     np.testing.assert_array_equal(got, whole.numpy())
+
+
+# --- the float32 copy onnxruntime runs for a bfloat16 graph, streamed one weight at a time --------------------------
+
+
+UNQUANTIZED = (RNG.standard_normal((32, 64)) * 0.1).astype(np.float32)  # 4 KiB in bfloat16, 8 KiB widened
+
+
+def _bf16(a: np.ndarray, name: str) -> onnx.TensorProto:
+    raw = torch.from_numpy(np.array(a, np.float32)).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+    return h.make_tensor(name, T.BFLOAT16, list(np.shape(a)), raw, raw=True)
+
+
+def _bf16_graph_for(fmt: str) -> onnx.ModelProto:
+    """A bfloat16 graph of each weight kind as the exporter writes it (bfloat16 input, weight, fp8/int8 scales;
+    float32 NVFP4 per-tensor scale), then standardized, plus an unquantized bfloat16 MatMul whose weight is a
+    Constant node (a tensor attribute) and a Constant bias. Output Y [3, 64]."""
+    w = nh.from_array(WIDE, "W")
+    if fmt == "fp8":
+        quant = [
+            h.make_node("TRT_FP8QuantizeLinear", ["X", "sx"], ["xq"], domain="trt"),
+            h.make_node("TRT_FP8DequantizeLinear", ["xq", "sx"], ["xd"], domain="trt"),
+            h.make_node("TRT_FP8QuantizeLinear", ["W", "sw"], ["wq"], domain="trt"),
+            h.make_node("TRT_FP8DequantizeLinear", ["wq", "sw"], ["wd"], domain="trt"),
+        ]
+        inits = [_bf16(np.float32(np.abs(X).max() / 448), "sx"), _bf16(np.float32(np.abs(WIDE).max() / 448), "sw")]
+    elif fmt == "int8":
+        quant = [
+            h.make_node("QuantizeLinear", ["X", "sx", "zx"], ["xq"]),
+            h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+            h.make_node("QuantizeLinear", ["W", "sw", "zw"], ["wq"], axis=0),
+            h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+        ]
+        inits = [
+            _bf16(np.float32(np.abs(X).max() / 127), "sx"),
+            nh.from_array(np.int8(0), "zx"),
+            _bf16(np.abs(WIDE).max(axis=1) / 127, "sw"),
+            nh.from_array(np.zeros(64, np.int8), "zw"),
+        ]
+    else:
+        dynamic = {"axis": -1, "block_size": 16, "scale_type": T.FLOAT8E4M3FN}
+        quant = [
+            h.make_node("TRT_FP4DynamicQuantize", ["X", "sf2"], ["x4", "s8"], domain="trt", **dynamic),
+            h.make_node("DequantizeLinear", ["s8", "sf2"], ["sx"]),
+            h.make_node(FP4_BLOCK_DQ_PLACEHOLDER, ["x4", "sx"], ["xd"], domain="trt", axis=-1, block_size=16),
+            h.make_node("TRT_FP4QDQ", ["W"], ["wd"], domain="trt", block_size=16),
+        ]
+        inits = [nh.from_array(np.float32(np.abs(X).max() / 6.0 / 448.0), "sf2")]
+    nodes = [
+        *quant,
+        h.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0]),
+        h.make_node("MatMul", ["xd", "wt"], ["mm"]),
+        h.make_node("Constant", [], ["w2"], value=_bf16(UNQUANTIZED, "w2")),
+        h.make_node("MatMul", ["X", "w2"], ["mm2"]),
+        h.make_node("Add", ["mm", "mm2"], ["sum"]),
+        h.make_node("Constant", [], ["bias"], value=_bf16(np.linspace(-1, 1, 64, dtype=np.float32), "bias")),
+        h.make_node("Add", ["sum", "bias"], ["Y"]),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("X", T.BFLOAT16, [3, 32])],
+        [h.make_tensor_value_info("Y", T.BFLOAT16, [3, 64])],
+        initializer=[_bf16(nh.to_array(w), "W"), *inits],
+    )
+    m = h.make_model(graph, opset_imports=[h.make_opsetid("", 19), h.make_opsetid("trt", 1)])
+    m.ir_version = 9
+    standardize_qdq(m, "bfloat16")
+    return m
+
+
+def _nodes(m: onnx.ModelProto) -> list[tuple[Any, ...]]:
+    """Every node's op, I/O and non-tensor attributes (tensor attributes: ``_values``)."""
+    return [
+        (n.domain, n.op_type, list(n.input), list(n.output),
+         sorted((a.name, a.type, a.i, a.f, a.s, list(a.ints)) for a in n.attribute if not a.HasField("t")))
+        for n in m.graph.node
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "nvfp4"])
+def test_runnable_graph_of_a_bfloat16_graph_streams_like_the_in_memory_copy(tmp_path: Any, fmt: str) -> None:
+    from onnx.external_data_helper import ExternalDataInfo, convert_model_to_external_data
+
+    from dtcompile.quant import qdq
+    from dtcompile.quant.accuracy import runnable_graph
+
+    m = _bf16_graph_for(fmt)
+    expected = float32_copy(fp4_reference_graph(m) if fmt == "nvfp4" else m)  # in memory, as before
+    # every tensor external, scales and the Constant's attribute included: each is read back from disk
+    convert_model_to_external_data(m, location="g.onnx.data", size_threshold=0, convert_attribute=True)
+    (tmp_path / "src").mkdir()
+    onnx.save_model(m, str(tmp_path / "src" / "g.onnx"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    path, notes = runnable_graph(tmp_path / "src" / "g.onnx", "bfloat16", scratch)
+
+    assert path == scratch / "reference.onnx" and notes[-1].startswith("bfloat16 computed in float32")
+    assert sorted(p.name for p in scratch.iterdir()) == ["reference.onnx", "reference.onnx.data"]
+    header = onnx.load(str(path), load_external_data=False)
+    external = {t.name: ExternalDataInfo(t) for t, _ in qdq._all_tensors(header.graph) if t.data_location == T.EXTERNAL}
+    assert {e.location for e in external.values()} == {"reference.onnx.data"}  # one data file, relative
+    assert "w2" in external  # the widened Constant, written to the new file
+    assert {"fp8": "W_fp8", "int8": "W_int8", "nvfp4": "wd_f32"}[fmt] in external  # copied over, or decoded
+    got = onnx.load(str(path))
+    assert _nodes(got) == _nodes(expected)
+    assert _values(got) == _values(expected)
+    assert [(v.name, v.type) for v in [*got.graph.input, *got.graph.output, *got.graph.value_info]] == [
+        (v.name, v.type) for v in [*expected.graph.input, *expected.graph.output, *expected.graph.value_info]
+    ]
+    assert not any(t.data_type in (T.BFLOAT16, T.FLOAT4E2M1) for t in got.graph.initializer)
+    np.testing.assert_array_equal(run(got), run(expected))
