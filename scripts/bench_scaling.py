@@ -568,6 +568,62 @@ def analyse_quant(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def markdown_quant(result: dict[str, Any]) -> str:
+    """docs/benchmarks.md's tables of a ``--quant`` run: every row measured, then the fits at FLUX.1-dev."""
+    gib = 1024.0
+    lines = [
+        "| format | depth | ONNX GiB | calibrate s/fwd (CPU) | accuracy s/fwd (CPU) | export wall / CPU s | "
+        "phase peak GiB (x bf16 weights): calibrate, accuracy, export, parity, RTX | parity (b) max rel err | "
+        "RTX wall / CPU s |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in result["rows"]:
+        if "skipped" in r or "calibrate" not in r or "error" in r["calibrate"]:
+            continue
+        w = r["calibrate"]["weights_mb"]
+
+        def peak(phase: str, row: dict[str, Any] = r, weights: float = w) -> str:
+            m = row.get(phase, {})
+            if "phase_peak_mb" not in m:
+                return "-"
+            return f"{m['phase_peak_mb'] / gib:.2f} ({m['phase_peak_mb'] / weights:.2f}x)"
+
+        def get(phase: str, key: str, fmt: str, row: dict[str, Any] = r) -> str:
+            value = row.get(phase, {}).get(key)
+            return "-" if value is None else format(value, fmt)
+
+        cal, acc = r["calibrate"], r.get("accuracy", {})
+        per_cal = f"{cal['cpu_s'] / cal['forwards']:.1f}"
+        per_acc = f"{acc['cpu_s'] / acc['forwards']:.1f}" if "cpu_s" in acc else "-"
+        lines.append(
+            f"| {r['format']} | {r['depth']}+{r['depth']} | {r.get('export', {}).get('onnx_bytes', 0) / 2**30:.2f} | "
+            f"{per_cal} | {per_acc} | "
+            f"{get('export', 'wall_s', '.0f')} / {get('export', 'cpu_s', '.0f')} | "
+            + ", ".join(peak(p) for p in QUANT_PHASES)
+            + f" | {get('parity', 'max_rel_err', '.2e')} | {get('rtx', 'wall_s', '.0f')} / {get('rtx', 'cpu_s', '.0f')} |"
+        )
+    lines += [
+        "",
+        "| format | phase | per double block: CPU s / peak MiB | FLUX.1-dev CPU time | FLUX.1-dev peak GiB | "
+        "/ bf16 weights (22.2 GiB) | marginal peak MiB per unit, depth by depth |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for fmt, a in result.get("analysis", {}).items():
+        for phase in QUANT_PHASES:
+            cpu, pk = a["fits"].get(f"{phase}.cpu_s"), a["fits"].get(f"{phase}.phase_peak_mb")
+            if not cpu or not pk:
+                continue
+            per_fwd = a["fits"].get(f"{phase}.per_forward_s")
+            flux_cpu = f"{cpu['flux_dev'] / 60:.1f} min" + (" (all its forwards)" if per_fwd else "")
+            lines.append(
+                f"| {fmt} | {phase} | {cpu['slope_per_double_block']:.1f} s / {pk['slope_per_double_block']:.0f} | "
+                f"{flux_cpu} | {pk['flux_dev'] / gib:.1f} | {pk['flux_dev'] / a['flux_dev_weights_mb']:.2f}x | "
+                + ", ".join(f"{m:.0f}" for m in pk["marginal"])
+                + " |"
+            )
+    return "\n".join(lines)
+
+
 def export_regime(row: dict[str, Any]) -> str:
     """How torch's exporter handled the depth: graphs of 2 GiB or more stream each tensor to its own file
     ("streamed", FLUX.1-dev's path); smaller ones are serialized in memory first ("in-memory")."""
@@ -679,6 +735,8 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1) + "\n")
         note = None if "quant" in result else plot(result, path.with_suffix(".png"))
         print(note or f"wrote {path}")
+        if "quant" in result:
+            print(markdown_quant(result))
         return
 
     import tempfile
