@@ -28,7 +28,7 @@ pipeline's tiny text encoders and VAE around the real-width transformer, all bf1
   trace and teacher-forced pass (``quant.accuracy``); the fake-quant trace is kept for ``parity``;
 - ``export``: ``quant.export.export_quantized`` (streamed weights, Q/DQ rewrite), the state restored first;
 - ``parity``: parity (b), the graph in onnxruntime against the fake-quant model, both in float32
-  (``quant.accuracy.parity_report``);
+  (``quant.parity.parity_report``);
 - ``rtx``: the TensorRT-RTX engine (sm_89; nvfp4, svdquant: sm_120, the FP4 arch) for the recipe's profile.
 
 Restoring the calibrated state is timed apart (``restore_s``) and not counted in a phase's wall time.
@@ -413,7 +413,7 @@ def qwork_parity(fmt: str, depth: int, work: Path) -> dict[str, Any]:
 
     from dtcompile.core.progress import rss_bytes
     from dtcompile.models.flux import FluxAdapter
-    from dtcompile.quant.accuracy import parity_report
+    from dtcompile.quant.parity import parity_report
 
     recipe = _quant_recipe(fmt)
     pipe, info = _quant_pipeline(depth)

@@ -8,7 +8,7 @@ duration of one export only:
 - ``aten::gelu``'s own symbolic (opsets below 20) writes its constants in the input's type: in a bf16 graph
   the tanh form's sqrt(2/pi) becomes 0.796875 (-0.13%) and 0.044715 becomes 0.04468, while torch computes
   bf16 GELU in fp32 with exact constants. ``_gelu_symbolic`` computes fp16/bf16 GELU in fp32 and casts back,
-  as torch does (found by the float32 parity check, ``quant.accuracy.float32_parity``). Always applied.
+  as torch does (found by the float32 parity check, ``quant.parity.float32_parity``). Always applied.
 - diffusers' RoPE (``x.reshape(*x.shape[:-1], -1, 2)``) is traced with constant shapes, so the graph fails at
   any other batch or sequence size; ``_dynamic_rope`` swaps ``apply_rotary_emb`` for an ``unflatten`` version
   and restores it. Selectable: a model adapter names it in ``export_patches()`` (``FluxAdapter`` does).

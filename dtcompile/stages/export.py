@@ -134,7 +134,7 @@ def export_component(
     onnx_entry = entry["onnx"]
     if quantized is not None:
         from dtcompile.quant import get_format
-        from dtcompile.quant.accuracy import parity_report
+        from dtcompile.quant.parity import parity_report
 
         fmt = recipe.quant.format
         entry["quant"] = {**quantized.to_manifest(), "graph": qonnx.to_manifest()}
@@ -221,7 +221,7 @@ def export_aux(
     runs_in_ort = "onnxruntime" in recipe.engine.backends
     if quantized is not None:
         from dtcompile.quant import get_format
-        from dtcompile.quant.accuracy import component_parity
+        from dtcompile.quant.parity import component_parity
 
         fmt = quantized.result.format
         with measured(f"export {spec.name}: parity (b)", log):

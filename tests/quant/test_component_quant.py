@@ -130,7 +130,8 @@ def test_the_float32_parity_check_catches_a_broken_t5_graph(t5fp8: Path, tmp_pat
 
     from dtcompile.manifest import read_manifest
     from dtcompile.models.components import TextEncoderGraph
-    from dtcompile.quant.accuracy import HELDOUT_PROMPTS, component_parity
+    from dtcompile.quant.accuracy import HELDOUT_PROMPTS
+    from dtcompile.quant.parity import component_parity
 
     graph = onnx.load(str(t5fp8 / read_manifest(t5fp8).component(T5).onnx.file))
     inits = {t.name: t for t in graph.graph.initializer}
@@ -164,9 +165,9 @@ def test_a_bfloat16_t5_is_checked_in_float32(tmp_path: Path) -> None:
 
     from dtcompile.core.graph import Range, Shapes
     from dtcompile.models.components import T5_QUANT_EXCLUDE, TextEncoderGraph
-    from dtcompile.quant.accuracy import component_parity
     from dtcompile.quant.calibration import calibrate_encoder
     from dtcompile.quant.export import export_quantized, float32_compute
+    from dtcompile.quant.parity import component_parity
     from dtcompile.recipe.quant import parse_quant_spec
     from tests.quant.test_export import assert_same_state, float32_copy_reference, module_state
 

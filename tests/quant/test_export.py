@@ -20,6 +20,7 @@ from dtcompile.models.flux import TINY_FLUX_CONFIG, FluxAdapter, build_tiny_flux
 from dtcompile.quant import accuracy as acc  # noqa: E402
 from dtcompile.quant import calibration as cal  # noqa: E402
 from dtcompile.quant import get_format  # noqa: E402
+from dtcompile.quant import parity as par  # noqa: E402
 from dtcompile.quant.export import QuantizedOnnx, export_quantized  # noqa: E402
 from dtcompile.recipe.quant import parse_quant_spec  # noqa: E402
 
@@ -90,8 +91,8 @@ def rtx() -> None:
     pytest.importorskip("tensorrt_rtx")
 
 
-def assert_parity(b: Built, limit: float) -> acc.ParityResult:
-    result = acc.parity_report(b.pipe, ADAPTER, b.trace, b.path, b.fmt)
+def assert_parity(b: Built, limit: float) -> par.ParityResult:
+    result = par.parity_report(b.pipe, ADAPTER, b.trace, b.path, b.fmt)
     assert result.report is not None and result.skipped is None
     assert result.report.max_rel_err < limit, result.report.teacher_forced
     assert min(result.report.psnr_db) > 60
@@ -149,14 +150,14 @@ def test_svdquant_graph_adds_the_low_rank_branch(built: Any) -> None:
 
 def test_bfloat16_graph_is_checked_in_float32(built: Any) -> None:
     b = built("fp8", torch.bfloat16)
-    result = acc.parity_report(b.pipe, ADAPTER, b.trace, b.path, b.fmt)
+    result = par.parity_report(b.pipe, ADAPTER, b.trace, b.path, b.fmt)
     assert "bfloat16 computed in float32" in result.graph
     # gating: both sides in float32 (the fake-quant model's float32 copy with the graph's rounded scales)
     assert result.tolerance == get_format("fp8").parity_tolerance
     assert result.report.max_rel_err < 1e-5  # measured 1.5e-7: nothing but the export differs
     # information only: against the bfloat16 model, whose rounding alone costs about 3e-2 here
     assert result.end_to_end is not None
-    assert result.end_to_end.max_rel_err < acc.DTYPE_PARITY_FLOOR["bfloat16"]
+    assert result.end_to_end.max_rel_err < par.DTYPE_PARITY_FLOOR["bfloat16"]
     assert min(result.end_to_end.psnr_db) > 30
     entry = result.to_manifest()
     assert entry["precision"] == "float32" and entry["end_to_end"]["dtype"] == "bfloat16"

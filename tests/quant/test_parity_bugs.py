@@ -27,13 +27,14 @@ from onnx import numpy_helper  # noqa: E402
 from dtcompile.core.errors import VerificationError  # noqa: E402
 from dtcompile.quant import accuracy as acc  # noqa: E402
 from dtcompile.quant import get_format  # noqa: E402
+from dtcompile.quant import parity as par  # noqa: E402
 from tests.quant.test_export import ADAPTER, Built  # noqa: E402
 
 #: Node-name scopes of the layer the weight bugs hit (square 64 x 64 in tiny-flux, so a transposed weight or
 #: a per-channel scale on the other axis still has valid shapes) and of the layer whose input Q/DQ is dropped.
 LAYER = "/transformer/transformer_blocks.0/attn/to_v/"
 ACTIVATION = "/transformer/transformer_blocks.0/ff/net.2/"  # the MLP's down projection (input: the GELU output)
-OLD_TOLERANCE = acc.DTYPE_PARITY_FLOOR["bfloat16"]  # what parity (b) accepted for bfloat16 before
+OLD_TOLERANCE = par.DTYPE_PARITY_FLOOR["bfloat16"]  # what parity (b) accepted for bfloat16 before
 
 
 def _weight_dq(model: Any, layer: str) -> Any:
@@ -143,9 +144,9 @@ class Checked:
         b = self.built
         module = b.pipe.transformer
         with tempfile.TemporaryDirectory() as scratch:
-            graph, _ = acc.runnable_graph(path, "bfloat16", Path(scratch))
-            f32 = acc.float32_parity(module, graph, b.trace, "bfloat16").max_rel_err
-            component = acc.onnxruntime_component(graph, module)
+            graph, _ = par.runnable_graph(path, "bfloat16", Path(scratch))
+            f32 = par.float32_parity(module, graph, b.trace, "bfloat16").max_rel_err
+            component = par.onnxruntime_component(graph, module)
             e2e, _ = acc.accuracy_report(b.pipe, ADAPTER, b.trace, component=component)
         return f32, e2e.max_rel_err
 
@@ -169,7 +170,7 @@ def checked(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Checked
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 def test_clean_graph_passes_far_below_the_tolerance(checked: Callable[[str], Checked], fmt: str) -> None:
     c = checked(fmt)
-    result = acc.parity_report(c.built.pipe, ADAPTER, c.built.trace, c.built.path, fmt)
+    result = par.parity_report(c.built.pipe, ADAPTER, c.built.trace, c.built.path, fmt)
     tol = get_format(fmt).parity_tolerance
     assert result.tolerance == tol and result.dtype == "bfloat16"
     assert result.report.max_rel_err < tol / 10, result.report.teacher_forced
@@ -197,4 +198,4 @@ def test_injected_bug_fails_the_float32_check(
     assert clean < tol < err
     assert (e2e <= OLD_TOLERANCE) == old_missed
     with pytest.raises(VerificationError, match=f"quant.format {fmt}: the exported graph"):
-        acc.parity_report(c.built.pipe, ADAPTER, c.built.trace, path, fmt, tolerance=tolerance)
+        par.parity_report(c.built.pipe, ADAPTER, c.built.trace, path, fmt, tolerance=tolerance)

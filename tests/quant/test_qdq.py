@@ -380,7 +380,7 @@ def test_runnable_graph_of_a_bfloat16_graph_streams_like_the_in_memory_copy(tmp_
     from onnx.external_data_helper import ExternalDataInfo, convert_model_to_external_data
 
     from dtcompile.quant import qdq
-    from dtcompile.quant.accuracy import runnable_graph
+    from dtcompile.quant.parity import runnable_graph
 
     m = _bf16_graph_for(fmt)
     expected = float32_copy(fp4_reference_graph(m) if fmt == "nvfp4" else m)  # in memory, as before
