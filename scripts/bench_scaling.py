@@ -138,7 +138,7 @@ def _model(depth: int) -> Any:
         torch.set_default_dtype(torch.float32)
 
 
-def work_export(depth: int, work: Path) -> dict[str, Any]:
+def work_export(depth: int, work: Path, stream_weights: bool = False) -> dict[str, Any]:
     import torch
 
     from dtcompile.export.onnx import export_onnx
@@ -154,7 +154,9 @@ def work_export(depth: int, work: Path) -> dict[str, Any]:
     adapter = FluxAdapter()
     spec = adapter.export_spec(model, {"vae_scale_factor": 8}, _shapes(256), torch.bfloat16)
     t1, c1 = time.perf_counter(), time.process_time()
-    art = export_onnx(adapter.export_module(model), spec, work, external_data=True, optimize=False)
+    art = export_onnx(
+        adapter.export_module(model), spec, work, external_data=True, optimize=False, stream_weights=stream_weights
+    )
     return {
         "init_s": init_s,
         "wall_s": time.perf_counter() - t1,
@@ -453,11 +455,16 @@ QUANT_WORKERS = {"calibrate": qwork_calibrate, "accuracy": qwork_accuracy, "expo
                  "parity": qwork_parity, "rtx": qwork_rtx}  # fmt: skip
 
 
-def worker_main(phase: str, depth: int, work: Path, fmt: str | None = None) -> None:
+def worker_main(phase: str, depth: int, work: Path, fmt: str | None = None, stream: bool = False) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    result = QUANT_WORKERS[phase](fmt, depth, work) if fmt else WORKERS[phase](depth, work)
+    if fmt:
+        result = QUANT_WORKERS[phase](fmt, depth, work)
+    elif phase == "export":
+        result = work_export(depth, work, stream_weights=stream)
+    else:
+        result = WORKERS[phase](depth, work)
     result["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -465,9 +472,11 @@ def worker_main(phase: str, depth: int, work: Path, fmt: str | None = None) -> N
 # --- driver -------------------------------------------------------------------------------------------------------
 
 
-def run_phase(phase: str, depth: int, work: Path, timeout: float, fmt: str | None = None) -> dict[str, Any]:
+def run_phase(
+    phase: str, depth: int, work: Path, timeout: float, fmt: str | None = None, stream: bool = False
+) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", phase, "--depth", str(depth), "--work", str(work)]
-    cmd += ["--format", fmt] if fmt else []
+    cmd += (["--format", fmt] if fmt else []) + (["--stream-weights"] if stream else [])
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
@@ -720,13 +729,19 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="scratch folder, kept (default: a temp folder, removed at the end)")
     ap.add_argument("--out", default=None, help="JSON (default docs/bench/scaling.json; --quant: scaling-quant.json)")
     ap.add_argument("--update", action="store_true", help="merge this run's phases into --out's rows")
+    ap.add_argument(
+        "--stream-weights",
+        action="store_true",
+        help="bf16 export: keep the weights out of torch's exporter (export_onnx stream_weights, as dtc build "
+        "does past 1.5 GiB) instead of letting torch write them",
+    )
     ap.add_argument("--reanalyse", metavar="JSON", help="recompute the fits and the plot of an earlier run's JSON")
     ap.add_argument("--worker", choices=sorted({*PHASES, *QUANT_PHASES}), help=argparse.SUPPRESS)
     ap.add_argument("--depth", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--format", choices=QUANT_FORMATS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker_main(args.worker, args.depth, Path(args.work), args.format)
+        worker_main(args.worker, args.depth, Path(args.work), args.format, args.stream_weights)
         return
     if args.reanalyse:
         path = Path(args.reanalyse)
@@ -828,7 +843,7 @@ def measure(
             work.mkdir(parents=True, exist_ok=True)
             row: dict[str, Any] = {**_label(fmt), "depth": depth}
             for phase in phases:
-                res = run_phase(phase, depth, work, timeout=3600, fmt=fmt)
+                res = run_phase(phase, depth, work, timeout=3600, fmt=fmt, stream=args.stream_weights)
                 row[phase] = res
                 msg = res.get("error") or (
                     f"{res['wall_s']:.1f} s wall, {res.get('cpu_s', 0):.1f} s CPU, "
