@@ -192,26 +192,30 @@ def test_nvfp4_graph_keeps_only_the_dynamic_quantize_custom_op() -> None:
 WIDE = (RNG.standard_normal((64, 32)) * 0.1).astype(np.float32)  # 8 KiB: external at any threshold
 
 
+def _qdq_nodes(fmt: str) -> list[onnx.NodeProto]:
+    """Activation X and weight W through the exporter's fp8 (``trt::``) or int8 Q/DQ pairs, to xd and wd."""
+    if fmt == "fp8":
+        q, dq, zx, zw, axis, domain = "TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear", [], [], {}, "trt"
+    else:
+        q, dq, zx, zw, axis, domain = "QuantizeLinear", "DequantizeLinear", ["zx"], ["zw"], {"axis": 0}, ""
+    return [
+        h.make_node(q, ["X", "sx", *zx], ["xq"], domain=domain),
+        h.make_node(dq, ["xq", "sx", *zx], ["xd"], domain=domain),
+        h.make_node(q, ["W", "sw", *zw], ["wq"], domain=domain, **axis),
+        h.make_node(dq, ["wq", "sw", *zw], ["wd"], domain=domain, **axis),
+    ]
+
+
 def _graph_for(fmt: str) -> onnx.ModelProto:
     """A graph of each weight kind with a bias from a Constant node (a tensor attribute), output Y [3, 64]."""
     sx = np.float32(np.abs(X).max() / 448)
     if fmt == "fp8":
         sw = np.float32(np.abs(WIDE).max() / 448)
-        quant = [
-            h.make_node("TRT_FP8QuantizeLinear", ["X", "sx"], ["xq"], domain="trt"),
-            h.make_node("TRT_FP8DequantizeLinear", ["xq", "sx"], ["xd"], domain="trt"),
-            h.make_node("TRT_FP8QuantizeLinear", ["W", "sw"], ["wq"], domain="trt"),
-            h.make_node("TRT_FP8DequantizeLinear", ["wq", "sw"], ["wd"], domain="trt"),
-        ]
+        quant = _qdq_nodes("fp8")
         inits = [nh.from_array(sx, "sx"), nh.from_array(sw, "sw")]
     elif fmt == "int8":
         sw = (np.abs(WIDE).max(axis=1) / 127).astype(np.float32)
-        quant = [
-            h.make_node("QuantizeLinear", ["X", "sx", "zx"], ["xq"]),
-            h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
-            h.make_node("QuantizeLinear", ["W", "sw", "zw"], ["wq"], axis=0),
-            h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
-        ]
+        quant = _qdq_nodes("int8")
         inits = [
             nh.from_array(np.float32(np.abs(X).max() / 127), "sx"),
             nh.from_array(np.int8(0), "zx"),
@@ -314,20 +318,10 @@ def _bf16_graph_for(fmt: str) -> onnx.ModelProto:
     Constant node (a tensor attribute) and a Constant bias. Output Y [3, 64]."""
     w = nh.from_array(WIDE, "W")
     if fmt == "fp8":
-        quant = [
-            h.make_node("TRT_FP8QuantizeLinear", ["X", "sx"], ["xq"], domain="trt"),
-            h.make_node("TRT_FP8DequantizeLinear", ["xq", "sx"], ["xd"], domain="trt"),
-            h.make_node("TRT_FP8QuantizeLinear", ["W", "sw"], ["wq"], domain="trt"),
-            h.make_node("TRT_FP8DequantizeLinear", ["wq", "sw"], ["wd"], domain="trt"),
-        ]
+        quant = _qdq_nodes("fp8")
         inits = [_bf16(np.float32(np.abs(X).max() / 448), "sx"), _bf16(np.float32(np.abs(WIDE).max() / 448), "sw")]
     elif fmt == "int8":
-        quant = [
-            h.make_node("QuantizeLinear", ["X", "sx", "zx"], ["xq"]),
-            h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
-            h.make_node("QuantizeLinear", ["W", "sw", "zw"], ["wq"], axis=0),
-            h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
-        ]
+        quant = _qdq_nodes("int8")
         inits = [
             _bf16(np.float32(np.abs(X).max() / 127), "sx"),
             nh.from_array(np.int8(0), "zx"),
