@@ -2,7 +2,7 @@
 
 Input: a diffusers pipeline (its ``adapter.component``, e.g. the FLUX transformer), a ``QuantSpec`` and a cache
 folder. Output: ``QuantResult`` — the component is now a ModelOpt fake-quant module, its calibrated state is in
-``<cache_dir>/<key>/state.mto`` (``mto.save``) and reused when the key matches, so a build that changes only
+``<cache_dir>/<key>/state.mto`` (``_save_state``) and reused when the key matches, so a build that changes only
 later stages (export, engine) skips calibration.
 
 Calibration runs the pipeline's own denoising loop (diffusers' scheduler, unchanged) over the calibration
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dtcompile.quantize")
 
 #: Bump when the calibration procedure changes what it saves: part of the cache key.
-CALIB_VERSION = 2  # 2: always-off classes get a non-FP4 quantizer config
+CALIB_VERSION = 3  # 2: always-off classes get a non-FP4 quantizer config; 3: the state holds no unchanged weights
 #: The prompt file shipped with dtcompile (``calib.prompts: builtin``).
 BUILTIN_PROMPTS_FILE = Path(__file__).resolve().parents[2] / "recipes" / "calib" / "prompts.txt"
 
@@ -367,7 +367,7 @@ def quantize_module(
         log.info("quantize %s: restoring calibrated %s state %s", label, spec.format, state_path)
         try:
             with _modelopt_output():
-                restored = mto.restore(module, str(state_path))
+                restored = load_state(module, state_path)
         except Exception as exc:  # a truncated or foreign file: name it and the way out
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ArtifactError(
@@ -386,6 +386,7 @@ def quantize_module(
             attention.update(enable_fp8_attention(model) if spec.quantize_mha else {})
             forward_loop(model)
 
+        before = _tensor_digests(module)
         try:
             with quantized_forward(), _modelopt_output(), quiet or contextlib.nullcontext():
                 module = mtq.quantize(module, config, loop)
@@ -394,7 +395,7 @@ def quantize_module(
         except Exception as exc:  # ModelOpt raises many types; all mean "calibration failed"
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
             raise BuildError(f"calibration of {label} ({spec.format}) failed: {first}") from exc
-        _save_state(mto, module, state_path, key)
+        _save_state(mto, module, state_path, key, before)
     enabled = sum(1 for _, m in module.named_modules() if type(m).__name__.endswith("TensorQuantizer") and m.is_enabled)
     if enabled == 0:
         raise BuildError(
@@ -520,18 +521,63 @@ def _no_progress_bar(pipe: Any) -> Iterator[None]:
         pipe._progress_bar_config = saved
 
 
-def _save_state(mto: Any, module: torch.nn.Module, state_path: Path, key: str) -> None:
-    """``mto.save`` into a temporary file next to the target, then rename (a reader never sees half a file)."""
+def _tensor_digests(module: torch.nn.Module) -> dict[str, bytes]:
+    """Each state-dict tensor's digest (BLAKE2b of its bytes, read in place): what ``_save_state`` compares
+    against to keep only the tensors calibration added or changed (smoothing rescales weights through
+    ``.data``, which no version counter sees)."""
+    import hashlib
+
+    import torch
+
+    out = {}
+    for name, t in module.state_dict().items():
+        data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        out[name] = hashlib.blake2b(memoryview(data), digest_size=16).digest()
+    return out
+
+
+def _save_state(mto: Any, module: torch.nn.Module, state_path: Path, key: str, before: dict[str, bytes]) -> None:
+    """The calibrated state: ModelOpt's state (``mto.modelopt_state``) and the state-dict tensors calibration
+    added (quantizer ranges, low-rank branches) or changed (weights a smoothing rescaled), not the weights it
+    left alone, which the component's own files hold (its digest is in the key): a FLUX.1-dev state is
+    megabytes, not the 24 GB ``mto.save`` writes, and restoring it loads no second copy of the model. Written
+    to a temporary file next to the target, then renamed (a reader never sees half a file)."""
+    import torch
+
+    after = _tensor_digests(module)
+    tensors = {name: t for name, t in module.state_dict().items() if before.get(name) != after[name]}
+    state = {"modelopt_state": mto.modelopt_state(module), "model_state_dict": tensors}
     state_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".state-", suffix=".tmp", dir=state_path.parent)
     os.close(fd)
     try:
-        mto.save(module, tmp)
+        torch.save(state, tmp)
         os.replace(tmp, state_path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
     (state_path.parent / "key.txt").write_text(key + "\n")
+    log.info("calibrated state: %d tensors, %.1f MiB (%s)", len(tensors), state_path.stat().st_size / 2**20, state_path)
+
+
+def load_state(module: torch.nn.Module, state_path: Path) -> torch.nn.Module:
+    """``module`` (unquantized, with its own weights) quantized as ``_save_state`` recorded: ModelOpt's state
+    restored, then the saved tensors loaded over it; returns the module ModelOpt returns.
+
+    Raises:
+        ArtifactError: the file names tensors the quantized module does not have.
+    """
+    import modelopt.torch.opt as mto
+    import torch
+
+    state = torch.load(state_path, map_location="cpu", weights_only=False)  # ModelOpt's own format is a pickle too
+    module = mto.restore_from_modelopt_state(module, state["modelopt_state"])
+    result = module.load_state_dict(state["model_state_dict"], strict=False)
+    if result.unexpected_keys:
+        raise ArtifactError(
+            f"{state_path}: names tensors the quantized module lacks ({', '.join(result.unexpected_keys[:3])})"
+        )
+    return module
 
 
 def _forward_loop(

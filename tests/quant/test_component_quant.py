@@ -48,13 +48,11 @@ def _t5(dtype: Any = None) -> Any:
 
 def _fake_quant_t5(artifact: Path) -> Any:
     """The build's fake-quant T5: the unquantized one with the calibrated state the build saved restored."""
-    import modelopt.torch.opt as mto
-
     from dtcompile.manifest import read_manifest
-    from dtcompile.quant.calibration import quant_cache_dir
+    from dtcompile.quant.calibration import load_state, quant_cache_dir
 
     key = read_manifest(artifact).component(T5).quant["calib"]["key"]
-    return mto.restore(_t5(), str(quant_cache_dir() / key[:32] / "state.mto"))
+    return load_state(_t5(), quant_cache_dir() / key[:32] / "state.mto")
 
 
 def _ids(prompts: list[str]) -> Any:

@@ -98,6 +98,36 @@ def test_fp8_calibration_is_cached_and_restored(tmp_path: Path) -> None:
         assert torch.equal(again.transformer(**inputs, return_dict=False)[0], quantized)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "nvfp4", "svdquant"])
+def test_the_cached_state_holds_only_what_calibration_added_or_changed(tmp_path: Path, fmt: str) -> None:
+    """The state file keeps the quantizer ranges and the tensors calibration changed (SVDQuant's smoothed
+    weights and low-rank branch), not the unchanged weights; restored over a fresh pipeline it computes the
+    very same outputs."""
+    s = spec(fmt, rank=4) if fmt == "svdquant" else spec(fmt)
+    pipe = pipeline()
+    inputs = example(pipe)
+    weights = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    res = cal.calibrate(pipe, ADAPTER, s, tmp_path, **RUN)
+    saved = torch.load(res.state_path, weights_only=False)["model_state_dict"]
+    unchanged = [k for k, v in saved.items() if k in weights and torch.equal(v, weights[k])]
+    assert saved and not unchanged
+    changed = [k for k, v in pipe.transformer.state_dict().items() if k in weights and not torch.equal(v, weights[k])]
+    assert set(changed) <= set(saved)  # every weight calibration changed is in the file
+    with torch.no_grad(), acc.quantized_forward_ctx():
+        quantized = pipe.transformer(**inputs, return_dict=False)[0]
+    again = pipeline()
+    assert cal.calibrate(again, ADAPTER, s, tmp_path, **RUN).cache_hit
+    calibrated, restored = pipe.transformer.state_dict(), again.transformer.state_dict()
+    assert calibrated.keys() == restored.keys()
+    assert all(torch.equal(calibrated[k], restored[k]) for k in calibrated)
+    with torch.no_grad(), acc.quantized_forward_ctx():
+        got = again.transformer(**inputs, return_dict=False)[0]
+    if fmt == "svdquant":  # ModelOpt's own full mto.save/restore differs from the calibrated module as much
+        torch.testing.assert_close(got, quantized, rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(got, quantized)
+
+
 def test_calibration_key_covers_every_field() -> None:
     base = dict(
         spec=spec("int8"),
