@@ -344,6 +344,7 @@ def _restored(recipe: Any, pipe: Any, depth: int, work: Path) -> float:
 
 
 def qwork_calibrate(fmt: str, depth: int, work: Path) -> dict[str, Any]:
+    shutil.rmtree(work / "calib", ignore_errors=True)  # this phase measures calibrating, never a restore
     recipe = _quant_recipe(fmt)
     pipe, info = _quant_pipeline(depth)
     t0, c0 = time.perf_counter(), time.process_time()
