@@ -570,7 +570,9 @@ def load_state(module: torch.nn.Module, state_path: Path) -> torch.nn.Module:
     import modelopt.torch.opt as mto
     import torch
 
-    state = torch.load(state_path, map_location="cpu", weights_only=False)  # ModelOpt's own format is a pickle too
+    # ModelOpt's own format is a pickle too; mapped, so weights a smoothing changed (int8: most of them) are
+    # copied into the module one at a time instead of all read into memory first
+    state = torch.load(state_path, map_location="cpu", weights_only=False, mmap=True)
     module = mto.restore_from_modelopt_state(module, state["modelopt_state"])
     result = module.load_state_dict(state["model_state_dict"], strict=False)
     if result.unexpected_keys:
