@@ -430,6 +430,8 @@ def qwork_parity(fmt: str, depth: int, work: Path) -> dict[str, Any]:
     e2e = result.end_to_end
     return {**info, "wall_s": wall, "cpu_s": cpu, "phase_peak_mb": peak, "restore_s": restore_s, "start_rss_mb": start_mb,
             "max_rel_err": result.report.max_rel_err, "tolerance": result.tolerance,
+            "noise": result.noise.max_rel_err if result.noise is not None else None,
+            "gate": result.noise.gate(result.tolerance) if result.noise is not None else result.tolerance,
             "end_to_end_max_rel_err": e2e.max_rel_err if e2e is not None else None}  # fmt: skip
 
 
@@ -578,12 +580,20 @@ def analyse_quant(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _noise_gate(parity: dict[str, Any]) -> str:
+    """`` (noise N, gate G)`` where the parity phase measured the model's own rounding noise."""
+    if parity.get("noise") is None:
+        return ""
+    return f" (noise {parity['noise']:.2e}, gate {parity['gate']:.2e})"
+
+
 def markdown_quant(result: dict[str, Any]) -> str:
     """docs/benchmarks.md's tables of a ``--quant`` run: every row measured, then the fits at FLUX.1-dev."""
     gib = 1024.0
     lines = [
         "| format | depth | ONNX GiB | calibrate s/fwd (CPU) | accuracy s/fwd (CPU) | export wall / CPU s | "
-        "phase peak GiB (x bf16 weights): calibrate, accuracy, export, parity, RTX | parity (b) max rel err | "
+        "phase peak GiB (x bf16 weights): calibrate, accuracy, export, parity, RTX | parity (b) max rel err "
+        "(own noise, gate) | "
         "RTX wall / CPU s |",
         "|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
@@ -610,7 +620,8 @@ def markdown_quant(result: dict[str, Any]) -> str:
             f"{per_cal} | {per_acc} | "
             f"{get('export', 'wall_s', '.0f')} / {get('export', 'cpu_s', '.0f')} | "
             + ", ".join(peak(p) for p in QUANT_PHASES)
-            + f" | {get('parity', 'max_rel_err', '.2e')} | {get('rtx', 'wall_s', '.0f')} / {get('rtx', 'cpu_s', '.0f')} |"
+            + f" | {get('parity', 'max_rel_err', '.2e')}{_noise_gate(r.get('parity', {}))} | "
+            f"{get('rtx', 'wall_s', '.0f')} / {get('rtx', 'cpu_s', '.0f')} |"
         )
     lines += [
         "",

@@ -48,7 +48,8 @@ class QuantFormat:
         custom_ops: ops the exported graph keeps outside the standard ONNX domain (``domain::op``).
         parity_tolerance: the largest per-step relative error of onnxruntime against the fake-quant torch
             model that ``dtc build`` accepts (teacher-forced: both see the same step inputs; both in float32,
-            a 16-bit model through float32 copies of graph and model, so the dtype adds nothing).
+            a 16-bit model through float32 copies of graph and model, so the dtype adds nothing); the gate
+            is this or ``quant.parity.NOISE_MARGIN`` x the model's own rounding noise, the larger.
         fix_hint: what to do instead when an arch cannot run the format.
     """
 

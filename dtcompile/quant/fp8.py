@@ -26,10 +26,11 @@ class Fp8Format(QuantFormat):
         "tensorrt-rtx": ("sm_89", "sm_120", "sm_121"),
         "tensorrt": ("sm_89", "sm_90", "sm_100", "sm_120"),
     }
-    # Both sides in float32 (bf16 models too). Measured with fp8 attention: tiny-flux 1.5e-7 (bf16 and fp32);
-    # width 512: 1.6e-3 (2+2 blocks), 2.4e-3 (4+4); width 1024: 9.2e-4. A value on an fp8 rounding boundary
-    # rounds differently in onnxruntime and torch, and that noise grows with width and depth.
-    parity_tolerance: ClassVar[float] = 1e-2
+    # Both sides in float32 (bf16 models too). Measured with fp8 attention: tiny-flux 1.5e-7; FLUX.1-dev
+    # widths 1+1 blocks 3.5e-4, 2+2 8.2e-4. A value on an fp8 rounding boundary rounds differently in
+    # onnxruntime and torch, a noise that grows with width and depth: the gate is this or twice the model's
+    # own measured noise, the larger (quant.parity.trace_noise).
+    parity_tolerance: ClassVar[float] = 1e-3
     fix_hint: ClassVar[str] = "use quant.format int8 for Ampere and older"
 
     def quantizer_entries(self, spec: Fp8Spec) -> list[dict[str, Any]]:

@@ -26,7 +26,8 @@ class Int8Format(QuantFormat):
         "tensorrt-rtx": ("sm_80", "sm_86", "sm_89", "sm_120", "sm_121"),
         "tensorrt": ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"),
     }
-    parity_tolerance: ClassVar[float] = 5e-3  # measured (float32 check): tiny-flux 7.8e-5 (bf16), width 512 3.6e-4
+    # Measured (float32 check): tiny-flux 7.8e-5 (bf16), FLUX.1-dev widths 1+1 blocks 1.3e-4, 2+2 2.6e-4.
+    parity_tolerance: ClassVar[float] = 5e-4
     fix_hint: ClassVar[str] = "build int8 for sm_80 or newer"
 
     def quantizer_entries(self, spec: Int8Spec) -> list[dict[str, Any]]:

@@ -43,8 +43,9 @@ class Nvfp4Format(QuantFormat):
     }
     onnxruntime_runnable: ClassVar[bool] = False
     custom_ops: ClassVar[tuple[str, ...]] = ("trt::TRT_FP4DynamicQuantize",)
-    # Checked on a copy with the FP4 ops emulated by standard ops; measured: tiny-flux 1.6e-7, width 512 2.6e-3.
-    parity_tolerance: ClassVar[float] = 1e-2
+    # Checked on a copy with the FP4 ops emulated by standard ops; measured: tiny-flux 1.6e-7, FLUX.1-dev
+    # widths 2+2 blocks 2.1e-3 (own noise 3.3e-3, so the gate is 6.5e-3).
+    parity_tolerance: ClassVar[float] = 1e-3
     fix_hint: ClassVar[str] = "use quant.format fp8 (sm_89+) or int8"
 
     def quantizer_entries(self, spec: Nvfp4Spec) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import math
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,7 +73,7 @@ class ParityResult:
     skipped: str | None = None
     dtype: str = "float32"  # the model's
     end_to_end: AccuracyReport | None = None
-    noise: RoundingNoise | None = None  # a component's own rounding noise, where the gate allows for it
+    noise: RoundingNoise | None = None  # the model's own rounding noise, which the gate allows for
 
     def to_manifest(self) -> dict[str, Any]:
         """JSON for the manifest: the gating report at the top (as before), ``precision`` both sides ran in,
@@ -121,11 +121,14 @@ def runnable_graph(onnx_path: Path, dtype: str, scratch: Path) -> tuple[Path, li
     return path, notes
 
 
-def float32_parity(module: torch.nn.Module, graph_path: Path, trace: PipelineTrace, dtype: str) -> AccuracyReport:
+def float32_parity(
+    module: torch.nn.Module, graph_path: Path, trace: PipelineTrace, dtype: str, *, noise: bool = False
+) -> tuple[AccuracyReport, RoundingNoise | None]:
     """Teacher-forced: the float32 graph ``graph_path`` (``runnable_graph``) in onnxruntime against the 16-bit
     fake-quant ``module`` computing in float32 (``quant.export.float32_compute``: the graph's own scales, no
-    copy of the model), both on ``trace``'s step inputs cast to float32. Nothing but the export can differ
-    here, so the tolerance is tight."""
+    copy of the model), both on ``trace``'s step inputs cast to float32. Nothing but the export and float32
+    summation order can differ here, so the tolerance is tight. Returns the report and, with ``noise``, the
+    model's own rounding noise on the same inputs (``trace_noise``; else None)."""
     import torch
 
     from dtcompile.quant.export import float32_compute
@@ -133,17 +136,19 @@ def float32_parity(module: torch.nn.Module, graph_path: Path, trace: PipelineTra
     in_float32 = float32_compute(module, getattr(torch, dtype))
     with measured("parity (b): fake-quant torch in float32", log), in_float32 as reference:
         expected = teacher_forced(reference, trace, torch.float32, label="parity fake-quant float32")
+        own = trace_noise(reference, trace, expected) if noise else None
     with measured("parity (b): onnxruntime in float32", log):
         component = onnxruntime_component(graph_path, module, dtype=torch.float32)
         got = teacher_forced(component, trace, torch.float32, label="parity onnxruntime float32")
         del component
-    return AccuracyReport(
+    report = AccuracyReport(
         candidate="onnxruntime (float32)",
         reference="fake-quant torch (float32)",
         prompts=len(trace.prompts),
         steps=trace.settings["steps"],
         teacher_forced=per_step(got, expected),
     )
+    return report, own
 
 
 def parity_report(
@@ -158,7 +163,8 @@ def parity_report(
     """Run the exported graph in onnxruntime on the fake-quant model's trace and fail beyond the tolerance.
 
     ``quantized_trace`` is the fake-quant torch run (the second value ``accuracy_report`` returns). Both sides
-    compute in float32, so the format's tight tolerance separates an export bug from rounding noise: a float32
+    compute in float32, so a tight gate separates an export bug from rounding noise: the format's tolerance or
+    ``NOISE_MARGIN`` x the model's own rounding noise on the same steps (``trace_noise``), the larger. A float32
     model is compared as it is (teacher-forced, free-running and PSNR); a 16-bit model by ``float32_parity``
     (teacher-forced, the graph's float32 copy against the model computing in float32), then end to end against
     the 16-bit torch model in the pipeline (``ParityResult.end_to_end``, information only: 16-bit rounding alone
@@ -167,8 +173,8 @@ def parity_report(
     (``runnable_graph``); the shipped graph is unchanged.
 
     Raises:
-        VerificationError: the worst teacher-forced step error of the float32 comparison exceeds the format's
-            tolerance (raised by ``check_parity``, naming the step, the error and the tolerance).
+        VerificationError: the worst teacher-forced step error of the float32 comparison exceeds the gate
+            (raised by ``check_parity``, naming the step, the error and the gate).
     """
     module = getattr(pipe, adapter.component)
     dtype = dtype_name(next(module.parameters()).dtype)
@@ -179,11 +185,13 @@ def parity_report(
         graph = ", ".join(["exported", *notes])
         end_to_end = None
         if dtype == "float32":
+            with measured("parity (b): the model's own rounding noise", log):
+                noise = trace_noise(module, quantized_trace, quantized_trace.noise)
             report = _pipeline_parity(pipe, adapter, quantized_trace, path, module, "fake-quant torch")
-            check_parity(report, quant_format, limit)
+            check_parity(report, quant_format, limit, noise=noise)
         else:
-            report = float32_parity(module, path, quantized_trace, dtype)
-            check_parity(report, quant_format, limit)  # before the slower end-to-end run
+            report, noise = float32_parity(module, path, quantized_trace, dtype, noise=True)
+            check_parity(report, quant_format, limit, noise=noise)  # before the slower end-to-end run
             with measured(f"parity (b): end to end against {dtype}", log):
                 reference = f"fake-quant torch ({dtype})"
                 end_to_end = _pipeline_parity(pipe, adapter, quantized_trace, path, module, reference)
@@ -194,7 +202,7 @@ def parity_report(
                 dtype,
                 DTYPE_PARITY_FLOOR.get(dtype, 0.0),
             )
-    return ParityResult(report, limit, graph, dtype=dtype, end_to_end=end_to_end)
+    return ParityResult(report, limit, graph, dtype=dtype, end_to_end=end_to_end, noise=noise)
 
 
 def _pipeline_parity(
@@ -235,7 +243,7 @@ def check_parity(
     limit = f"the tolerance {tolerance:g}"
     if noise is not None and noise.gate(tolerance) > tolerance:
         limit = (
-            f"the gate {noise.gate(tolerance):.3g} ({NOISE_MARGIN:g} x the model's own fp8 rounding noise "
+            f"the gate {noise.gate(tolerance):.3g} ({NOISE_MARGIN:g} x the model's own rounding noise "
             f"{noise.max_rel_err:.3g}; the format's tolerance is {tolerance:g})"
         )
         tolerance = noise.gate(tolerance)
@@ -301,6 +309,38 @@ def rounding_noise(
     """``module`` (fake-quant, float32) run on ``inputs`` with every enabled activation quantizer's input
     multiplied by 1 + ``perturbation`` x N(0, 1) (seeded), against ``expected`` (its own unperturbed outputs)."""
     import torch
+
+    with perturbed_quantizers(module, perturbation):
+        got = module_outputs(wrap(module), inputs, torch.float32, label="parity rounding noise")
+    return RoundingNoise(perturbation, outputs_report(got, expected, output_names, names=_noise_names(perturbation)))
+
+
+def trace_noise(
+    module: Any, trace: PipelineTrace, expected: list[list[Any]], perturbation: float = NOISE_PERTURBATION
+) -> RoundingNoise:
+    """A denoiser's ``rounding_noise``: ``module`` (fake-quant, computing in float32) teacher-forced on
+    ``trace``'s step inputs with its activation quantizers' inputs perturbed, against ``expected`` (its own
+    unperturbed outputs on the same inputs), step by step."""
+    import torch
+
+    with perturbed_quantizers(module, perturbation):
+        got = teacher_forced(module, trace, torch.float32, label="parity rounding noise")
+    candidate, reference = _noise_names(perturbation)
+    report = AccuracyReport(candidate, reference, len(trace.prompts), trace.settings["steps"], per_step(got, expected))
+    noise = RoundingNoise(perturbation, report)
+    log.info("parity: the fake-quant model's own rounding noise %.3g", noise.max_rel_err)
+    return noise
+
+
+def _noise_names(perturbation: float) -> tuple[str, str]:
+    return f"fake-quant torch, quantizer inputs x (1 + {perturbation:g} N(0,1))", "fake-quant torch"
+
+
+@contextlib.contextmanager
+def perturbed_quantizers(module: Any, perturbation: float = NOISE_PERTURBATION) -> Iterator[None]:
+    """Inside: every enabled activation quantizer of ``module`` sees its input multiplied by
+    1 + ``perturbation`` x N(0, 1) (seeded, so two runs perturb alike)."""
+    import torch
     from modelopt.torch.quantization.nn import TensorQuantizer
 
     gen = torch.Generator().manual_seed(0)
@@ -317,12 +357,10 @@ def rounding_noise(
     ]
     handles = [q.register_forward_pre_hook(jitter) for q in quantizers]
     try:
-        got = module_outputs(wrap(module), inputs, torch.float32, label="parity rounding noise")
+        yield
     finally:
         for h in handles:
             h.remove()
-    names = (f"fake-quant torch, quantizer inputs x (1 + {perturbation:g} N(0,1))", "fake-quant torch")
-    return RoundingNoise(perturbation, outputs_report(got, expected, output_names, names=names))
 
 
 def component_parity(
@@ -393,6 +431,8 @@ __all__ = [
     "onnxruntime_component",
     "parity_report",
     "parity_tolerance",
+    "perturbed_quantizers",
     "rounding_noise",
     "runnable_graph",
+    "trace_noise",
 ]

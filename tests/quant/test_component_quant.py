@@ -87,10 +87,10 @@ def test_manifest_records_the_t5_quant_format_qdq_parity_and_effect(t5fp8: Path)
     # parity (b): the graph in onnxruntime against the fake-quant encoder, float32 on both sides, per output
     parity = q["parity"]
     assert parity["outputs"] == ["last_hidden_state"] and parity["precision"] == "float32"
-    assert parity["tolerance"] == 1e-2 and parity["summary"]["max_rel_err"] <= 1e-5
+    assert parity["tolerance"] == 1e-3 and parity["summary"]["max_rel_err"] <= 1e-5
     # the model's own rounding noise (quantizer inputs perturbed by 1e-6) is small here: the gate is the tolerance
-    assert parity["noise"]["perturbation"] == 1e-6 and parity["noise"]["max_rel_err"] < 1e-3
-    assert parity["gate"] == 1e-2
+    assert parity["noise"]["perturbation"] == 1e-6 and parity["noise"]["max_rel_err"] < 5e-4
+    assert parity["gate"] == 1e-3
     # the quantization effect: fake-quant against unquantized on the held-out prompts, recorded and sane
     effect = q["accuracy"]
     assert effect["prompts"] == 4 and effect["reference"] == "unquantized"
@@ -151,7 +151,7 @@ def test_the_float32_parity_check_catches_a_broken_t5_graph(t5fp8: Path, tmp_pat
                          field="components[1].quant")  # fmt: skip
     message = str(err.value)
     assert message.startswith("components[1].quant fp8: the exported graph in onnxruntime differs from the fake-quant")
-    assert "at output last_hidden_state, over the tolerance 0.01" in message and "\n" not in message
+    assert "at output last_hidden_state, over the tolerance 0.001" in message and "\n" not in message
 
 
 def test_a_bfloat16_t5_is_checked_in_float32(tmp_path: Path) -> None:
@@ -321,7 +321,7 @@ def test_a_quantized_denoiser_and_t5_share_the_calibration_prompts(tmp_path: Pat
     # embeddings: its first step is the teacher-forced one (with the fp8 T5 on, 1.6e-3 against 2.0e-4)
     parity = denoiser["parity"]
     assert parity["free_running"]["rel_err_max"][0] == parity["teacher_forced"]["rel_err_max"][0]
-    assert t5["parity"]["summary"]["max_rel_err"] < 1e-3 and t5["parity"]["gate"] == 1e-2
+    assert t5["parity"]["summary"]["max_rel_err"] < 1e-3 and t5["parity"]["gate"] == 1e-3
 
 
 def test_the_t5_kind_names_what_it_quantizes_and_refuses_another_encoder() -> None:

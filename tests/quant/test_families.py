@@ -42,7 +42,7 @@ def test_quantized_family_build(family: str, fmt: str, tmp_path: Path) -> None:
     q = comp.quant
     assert q["format"] == fmt
     assert 0.98 < q["accuracy"]["summary"]["min_cos"] <= 1.0  # quantized vs unquantized, teacher-forced
-    assert q["parity"]["summary"]["max_rel_err"] <= q["parity"]["tolerance"]  # graph vs fake-quant torch
+    assert q["parity"]["summary"]["max_rel_err"] <= q["parity"]["gate"]  # graph vs fake-quant torch
     graph = q["graph"]
     if fmt == "int8":
         assert graph["int8_qdq"] > 0 and graph["custom_ops"] == {}
