@@ -247,13 +247,8 @@ def check_parity(
             f"{noise.max_rel_err:.3g}; the format's tolerance is {tolerance:g})"
         )
         tolerance = noise.gate(tolerance)
-    log.info(
-        "parity %s vs %s: teacher-forced max rel err %.3g (tolerance %g)",
-        report.candidate,
-        report.reference,
-        err,
-        tolerance,
-    )
+    log.info("parity %s vs %s: teacher-forced max rel err %.3g, %s", report.candidate, report.reference, err,
+             limit.removeprefix("the "))  # fmt: skip
     if not err <= tolerance:  # also catches NaN
         raise VerificationError(
             f"{field} {quant_format}: the exported graph in {report.candidate} differs from the "
