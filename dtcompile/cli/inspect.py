@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -43,7 +44,30 @@ def inspect_cmd(artifact: str, as_json: bool, verify: bool) -> None:
         if entry.parity:
             p = entry.parity
             click.echo(f"  onnxruntime vs torch: rel L2 {p['rel_l2']:.2e}, max abs {p['max_abs']:.2e}")
+        for line in quant_lines(entry.quant or {}):
+            click.echo(f"  {line}")
         echo_engines(m, [comp])
     for s in m.stages:
         click.echo(f"stage      {s.name:<8} {s.wall_s:8.2f}s  peak RSS {s.peak_rss_mb:.0f} MB")
     echo_not_built(m)
+
+
+def quant_lines(q: dict[str, Any]) -> list[str]:
+    """A quantized component's two checks in a line each: (a) quantized vs unquantized and (b) the graph vs the
+    fake-quant model with the gate it passed (older manifests: whatever fields they have)."""
+    lines = []
+    effect = (q.get("accuracy") or {}).get("summary") or {}
+    if "max_rel_err" in effect:
+        psnr = f", min PSNR {effect['min_psnr_db']:.1f} dB" if "min_psnr_db" in effect else ""
+        lines.append(f"quant {q.get('format', '?')} (a) vs unquantized: max rel err {effect['max_rel_err']:.2e}{psnr}")
+    parity = q.get("parity") or {}
+    err = (parity.get("summary") or {}).get("max_rel_err")
+    if err is not None:
+        gate = parity.get("gate", parity.get("tolerance"))
+        noise = (parity.get("noise") or {}).get("max_rel_err")
+        own = f", own noise {noise:.2e}" if noise is not None else ""
+        lines.append(f"quant (b) graph vs fake-quant ({parity.get('precision', '?')}): max rel err {err:.2e}, "
+                     f"gate {gate:.2e} (tolerance {parity.get('tolerance', 0):.0e}{own})")  # fmt: skip
+    elif parity.get("skipped"):
+        lines.append(f"quant (b) skipped: {parity['skipped']}")
+    return lines

@@ -53,6 +53,14 @@ def test_quantized_build(fmt: str, tmp_path: Path) -> None:
     assert p["gate"] == pytest.approx(max(p["tolerance"], p["noise"]["margin"] * p["noise"]["max_rel_err"]), rel=1e-5)
     assert len(p["noise"]["rel_err_max"]) == len(p["teacher_forced"]["rel_err_max"])
     assert p["summary"]["max_rel_err"] <= p["gate"]
+    if fmt == "fp8":  # `dtc inspect` names both checks and the gate parity (b) passed
+        from click.testing import CliRunner
+
+        from dtcompile.cli.inspect import inspect_cmd
+
+        out = CliRunner().invoke(inspect_cmd, [str(tmp_path / recipe.name)]).output
+        assert "  quant fp8 (a) vs unquantized: max rel err " in out
+        assert f"gate {p['gate']:.2e} (tolerance 1e-03, own noise {p['noise']['max_rel_err']:.2e})" in out
     graph = q["graph"]
     if fmt == "fp8":
         assert graph["fp8_qdq"] > 0 and graph["custom_ops"] == {} and graph["fp8_attention"] == 4
