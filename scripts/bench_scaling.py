@@ -522,10 +522,11 @@ def fit_phase(
     rows: list[dict[str, Any]], phase: str, metric: str, units_per_depth: float, flux_units: float
 ) -> dict[str, Any]:
     """Least-squares line of ``metric`` against units (depth x ``units_per_depth``) over the rows that measured
-    it, its value at ``flux_units`` and the marginal cost per unit between consecutive depths ({} if none)."""
+    it, its value at ``flux_units`` and the marginal cost per unit between consecutive depths ({} with fewer
+    than two depths: no line to fit)."""
     used = [r for r in rows if metric in r.get(phase, {})]
     pts = [(r["depth"] * units_per_depth, float(r[phase][metric])) for r in used]
-    if not pts:
+    if len({x for x, _ in pts}) < 2:
         return {}
     a, b = fit_line([p[0] for p in pts], [p[1] for p in pts])
     return {
