@@ -51,12 +51,14 @@ def load_pipeline(
     """The artifact's diffusers pipeline with its engines standing in for their components.
 
     ``backend``: "auto" (TensorRT on a matching GPU, else onnxruntime), "onnxruntime", "tensorrt-rtx" or
-    "tensorrt". Use it as the pipeline ``from_pretrained`` would return (``pipe(prompt, ...)``).
+    "tensorrt". Use it as the pipeline ``from_pretrained`` would return (``pipe(prompt, ...)``): it is an
+    instance of the artifact's diffusers pipeline class, and every call is checked against the built profile
+    first (``dtcompile.runtime.session.Session.prepare_call``): defaults the artifact cannot take become the
+    built ones (said once in the log), values outside it raise UnsupportedError naming the argument.
     """
-    from dtcompile.runtime.run import load_engine_pipeline
+    from dtcompile.runtime.session import Session
 
-    pipe, _module, _manifest, _entry = load_engine_pipeline(Path(artifact), backend, verify=verify, cache=cache)
-    return pipe
+    return Session(artifact, backend, verify=verify, cache=cache).load()
 
 
 def refit(

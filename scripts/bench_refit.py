@@ -242,7 +242,7 @@ def calibrated_fp8(work: Path) -> dict[str, Any]:
     from dtcompile.core.metrics import rel_l2
     from dtcompile.models.builtin import builtin_model_path
     from dtcompile.recipe import load_recipe
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.stages.runner import run_build
     from dtcompile.tools.refit import refit_artifact
     from tests.fixtures.lora import make_peft_lora

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from dtcompile.models import adapter_for
 from dtcompile.models.base import GenerationRequest
-from dtcompile.runtime.run import load_engine_pipeline
+from dtcompile.runtime.session import load_engine_pipeline
 artifact, mode = Path(sys.argv[1]), sys.argv[2]
 pipe, module, manifest, entry = load_engine_pipeline(artifact, "onnxruntime", verify=mode)
 t_loaded = time.perf_counter()

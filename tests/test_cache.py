@@ -340,7 +340,7 @@ def test_cache_off_matches_the_monolithic_artifact_every_step(
     static_artifact: Path, tiny_artifact: Path, height: int, width: int
 ) -> None:
     from dtcompile.core.metrics import rel_l2
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
 
     kw = {"steps": 4, "seed": 3, "height": height, "width": width, "backend": "onnxruntime", "trace": True}
     mono = run_artifact(tiny_artifact, PROMPT, **kw)
@@ -374,7 +374,7 @@ def test_dtc_run_reports_the_skips(static_artifact: Path, tmp_path: Path) -> Non
 
 
 def test_first_block_artifact_reports_threshold_and_skips(first_block_artifact: Path) -> None:
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
 
     res = run_artifact(first_block_artifact, PROMPT, steps=8, backend="onnxruntime")
     stats = res.cache_stats
@@ -394,7 +394,7 @@ def test_first_block_artifact_reports_threshold_and_skips(first_block_artifact: 
 
 
 def test_publish_and_pull_carry_the_parts(static_artifact: Path, tmp_path: Path) -> None:
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.tools.publish import publish_artifact, pull_artifact
 
     publish_artifact(static_artifact, str(tmp_path / "pub"))
@@ -412,7 +412,7 @@ def test_publish_and_pull_carry_the_parts(static_artifact: Path, tmp_path: Path)
 
 
 def test_cache_on_for_a_monolithic_artifact_is_refused(tiny_artifact: Path) -> None:
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
 
     with pytest.raises(UnsupportedError) as err:
         run_artifact(tiny_artifact, PROMPT, cache=True, backend="onnxruntime")

@@ -80,7 +80,7 @@ def _reference_run(steps: int, seed: int, height: int, width: int, text_len: int
 @pytest.mark.parametrize("height,width", [(64, 64), (32, 96)])
 def test_run_matches_diffusers_every_step(tiny_artifact: Path, height: int, width: int) -> None:
     from dtcompile.core.metrics import rel_l2
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
 
     steps = 4
     ref_preds, ref_image = _reference_run(steps, 7, height, width, 32)

@@ -73,12 +73,13 @@ def run(
     cache: str | None,
 ) -> None:
     """Run the denoising loop with the artifact's engines and write an image or a video."""
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import Session
 
-    out, image_format = _output_file(out_path, _is_video(Path(artifact)), frames)  # checked before the run
+    session = Session(Path(artifact), backend, verify="size" if no_verify else verify,
+                      cache=None if cache is None else cache == "on")  # fmt: skip
+    out, image_format = _output_file(out_path, session.video, frames)  # checked before the run
     image = None if image_path is None else _reference_image(image_path)
-    result = run_artifact(
-        Path(artifact),
+    request = session.request(
         prompt,
         steps=steps,
         seed=seed,
@@ -88,10 +89,8 @@ def run(
         negative_prompt=negative_prompt,
         image=image,
         frames=frames,
-        backend=backend,
-        verify="size" if no_verify else verify,
-        cache=None if cache is None else cache == "on",
     )
+    result = session.generate(request)
     from dtcompile.runtime import media
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,18 +115,6 @@ def run(
         from dtcompile.recipe.cache import stats_line
 
         click.echo(stats_line(result.cache_stats))
-
-
-def _is_video(artifact: Path) -> bool:
-    """Whether the artifact's family makes videos (False when the manifest cannot be read: run says why)."""
-    from dtcompile.core.errors import DtcError
-    from dtcompile.manifest import read_manifest
-    from dtcompile.models import adapter_for
-
-    try:
-        return bool(adapter_for(read_manifest(artifact).source.pipeline_class).video)
-    except DtcError:
-        return False
 
 
 def _reference_image(value: str) -> Any:

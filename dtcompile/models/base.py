@@ -248,6 +248,10 @@ class ModelAdapter(Protocol):
     def output_media(self, output: Any) -> list[Any]:
         """The generated images (or videos) of a pipeline call's return value, one per output."""
 
+    def adapt_call(self, arguments: dict[str, Any], given: set[str]) -> None:
+        """Adapt a user's pipeline call (its bound ``arguments``, sizes already checked) to the engines, in
+        place, for what ``given`` (the arguments the user set) leaves to the pipeline's defaults."""
+
     def check_shapes(self, shapes: Any, config: Callable[[str], dict[str, Any] | None]) -> None:
         """Refuse recipe shapes (``Recipe.export.shapes``) the family cannot take, naming the field.
 
@@ -308,6 +312,7 @@ class AdapterBase:
     block_lists: ClassVar[tuple[tuple[str, str], ...]] = ()
     cache_layout_class: ClassVar[type | None] = None
     per_prompt_key: ClassVar[str] = "num_images_per_prompt"
+    prompt_embeds_extra_tokens: ClassVar[int] = 0  # text tokens of ``prompt_embeds`` beyond the T5 length (SD3)
     no_cache_reason: ClassVar[str] = ""  # " (why)" where cache_layout_class is None
 
     def denoisers(self, model_index: dict[str, Any]) -> tuple[str, ...]:
@@ -373,6 +378,9 @@ class AdapterBase:
     def output_media(self, output: Any) -> list[Any]:
         """The pipeline output's images, or videos (``frames``) for a video family."""
         return list(output.frames if self.video else output.images)
+
+    def adapt_call(self, arguments: dict[str, Any], given: set[str]) -> None:
+        """Nothing to adapt beyond what the runtime session does for every family."""
 
     def block_names(self, config: dict[str, Any]) -> list[str]:
         """``<list>.<i>`` for every block of ``block_lists``, in execution order."""

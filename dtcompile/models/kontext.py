@@ -123,5 +123,20 @@ class KontextAdapter(FluxAdapter):
         kwargs["_auto_resize"] = False
         return kwargs
 
+    def adapt_call(self, arguments: dict[str, Any], given: set[str]) -> None:
+        """A user's own call keeps the size it asks for (diffusers' default ``max_area`` and ``_auto_resize``
+        pick about 1024 px, outside a smaller profile), and a PIL reference is resized to it as ``call_kwargs``
+        does: the engine's image tokens are latents + a reference of the same size."""
+        from PIL import Image
+
+        height, width = arguments["height"], arguments["width"]
+        if "max_area" not in given:
+            arguments["max_area"] = height * width
+        if "_auto_resize" not in given:
+            arguments["_auto_resize"] = False
+            ref = arguments.get("image")
+            if isinstance(ref, Image.Image) and ref.size != (width, height):
+                arguments["image"] = ref.convert("RGB").resize((width, height), Image.LANCZOS)
+
 
 __all__ = ["BUILTINS", "KontextAdapter", "build_tiny_kontext", "synthetic_reference"]

@@ -1,7 +1,9 @@
-"""Run an artifact: pick the engine for this machine, stand it in for the component, call the pipeline.
+"""The pieces a runtime ``Session`` (``runtime/session.py``) is made of: engine selection for this machine, the
+checks of the pipeline files and of a call's settings against the built profile, and the stand-in modules
+that run a component's engine in its place.
 
 The denoising loop is diffusers' own (its scheduler and pipeline code unchanged); only the engine-backed
-component differs, so parity with the plain pipeline is a like-for-like comparison.
+components differ, so parity with the plain pipeline is a like-for-like comparison.
 """
 
 from __future__ import annotations
@@ -9,17 +11,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 from dtcompile.core.targets import BACKENDS, TRT_EXTRAS, TRT_MODULES, gpu_arch, installed_trt_major
-from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, artifact_path, read_manifest
+from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, artifact_path
 from dtcompile.models import adapter_for
-from dtcompile.models.base import GenerationRequest
 
 log = logging.getLogger("dtcompile.run")
 BACKEND_CHOICES = ("auto", *BACKENDS)
@@ -88,12 +87,13 @@ def verify_pipeline_files(artifact_dir: Path, manifest: Manifest, verifier: Veri
             )
 
 
-def check_finite_option(name: str, value: float) -> None:
-    """Refuse NaN and infinite values of option ``name`` (they run to a black image otherwise)."""
+def check_finite_option(name: str, value: float, *, flag: str = "--{}") -> None:
+    """Refuse NaN and infinite values of option ``name`` (they run to a black image otherwise); ``flag`` formats
+    the name as ``check_size``'s does."""
     import math
 
-    if not math.isfinite(value):
-        raise UnsupportedError(f"--{name} {value}: must be a finite number")
+    if not math.isfinite(float(value)):
+        raise UnsupportedError(f"{flag.format(name)} {value}: must be a finite number")
 
 
 def check_size(shapes: dict[str, ShapeRange], height: int, width: int, batch: int = 1, *, flag: str = "--{}") -> None:
@@ -165,83 +165,6 @@ def check_reference(adapter: Any, image: Any, pipeline_class: str, *, flag: str 
         raise UnsupportedError(f"{flag}: {pipeline_class} artifacts take no reference image")
 
 
-@dataclass
-class RunResult:
-    """What a run produced and how long it took."""
-
-    image: Any
-    backend: str
-    arch: str
-    seconds: float
-    steps: int
-    trace: list[Any] = field(default_factory=list)
-    engine_module: Any = None
-    cache_stats: dict[str, Any] | None = None  # split artifacts: block evaluations done/skipped (docs/cache.md)
-
-
-def load_engine_pipeline(
-    artifact_dir: Path, backend: str = "auto", *, verify: bool | str = True, cache: bool | None = None
-) -> tuple[Any, Any, Manifest, EngineEntry]:
-    """(pipeline, engine module, manifest, engine entry) for an artifact on this machine.
-
-    ``verify``: how the files it loads are checked (``dtcompile.manifest.VERIFY_MODES``; True: "recorded", a
-    hash only for files changed since their last check; False: "size").
-
-    ``cache``: for artifacts split into block engines, skip cached blocks (None: yes); elsewhere must not be True.
-    """
-    import diffusers
-
-    artifact_dir = Path(artifact_dir)
-    manifest = read_manifest(artifact_dir)
-    verifier = Verifier(artifact_dir, verify)
-    # cache-split artifacts also list their parts as components ("part_of" names the component they make up)
-    comp = manifest.main_component()
-    centry = manifest.component(comp)
-    if cache and not centry.is_split:
-        raise UnsupportedError(
-            f"--cache on: {artifact_dir} has no block engines (its recipe has no cache section); use --cache off"
-        )
-    pipeline_dir = artifact_dir / "pipeline"
-    run = None
-    if centry.is_split and not manifest.stopped_after:
-        from dtcompile.runtime.cache import CacheRun
-
-        run = CacheRun()  # shared by the experts (Wan2.2): one step count, a cache state per expert, one report
-
-    def denoiser(name: str) -> tuple[Any, EngineEntry]:
-        if run is None or not manifest.component(name).is_split:
-            return _denoiser_module(artifact_dir, manifest, name, backend, verifier)
-        from dtcompile.runtime.cache import load_cached_module
-
-        enabled = cache is not False
-        return load_cached_module(
-            artifact_dir, manifest, name, backend, gpu=gpu_arch(), verifier=verifier, enabled=enabled, run=run
-        )
-
-    module, entry = denoiser(comp)
-    dtype, device = module.dtype, module.device
-    standins = {
-        manifest.component(name).attr or name: _aux_module(artifact_dir, manifest, name, backend, verifier)
-        for name in manifest.aux_names()
-    }
-    for name in manifest.denoiser_names()[1:]:  # Wan2.2's second expert: the pipeline switches between them
-        standins[name] = denoiser(name)[0]
-    if not (pipeline_dir / "model_index.json").is_file():
-        raise ArtifactError(
-            f"{pipeline_dir}: artifact has no pipeline files (built with output.include_pipeline: false)"
-        )
-    verify_pipeline_files(artifact_dir, manifest, verifier)
-    verifier.save()
-    log.info("verified %d file(s) by sha256, %d by their record (verify=%s)", len(verifier.hashed),
-             len(verifier.trusted), verifier.mode)  # fmt: skip
-    pipe_cls = getattr(diffusers, manifest.source.pipeline_class)
-    diffusers.utils.logging.disable_progress_bar()
-    pipe = pipe_cls.from_pretrained(pipeline_dir, **{comp: module}, **standins, dtype=dtype, use_safetensors=True)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.to(device)
-    return pipe, module, manifest, entry
-
-
 def _open_engine(
     artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier
 ) -> tuple[Any, EngineEntry]:
@@ -256,7 +179,7 @@ def _open_engine(
     return get_backend(entry.backend).open_runner(path, entry.to_json()), entry
 
 
-def _denoiser_module(
+def denoiser_module(
     artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier
 ) -> tuple[Any, EngineEntry]:
     """The stand-in for a denoiser (one engine for the whole component) and its engine entry."""
@@ -273,7 +196,7 @@ def _denoiser_module(
     return module, entry
 
 
-def _aux_module(artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier) -> Any:
+def aux_module(artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier) -> Any:
     """The stand-in for an engine-backed text encoder or VAE decoder (``ComponentEntry.role``)."""
     import torch
 
@@ -288,72 +211,4 @@ def _aux_module(artifact_dir: Path, manifest: Manifest, name: str, backend: str,
         centry.output_names(),
         getattr(torch, centry.dtype or manifest.dtype),
         getattr(runner, "device", "cpu"),
-    )
-
-
-def run_artifact(
-    artifact_dir: Path,
-    prompt: str,
-    *,
-    steps: int = 4,
-    seed: int = 0,
-    height: int | None = None,
-    width: int | None = None,
-    guidance: float | None = None,
-    negative_prompt: str | None = None,
-    image: Any = None,
-    frames: int | None = None,
-    backend: str = "auto",
-    trace: bool = False,
-    verify: bool | str = True,
-    cache: bool | None = None,
-) -> RunResult:
-    """Generate one image (or, for video artifacts, one video of ``frames`` frames: default the built opt)
-    with the artifact's engines; ``trace`` keeps every step's noise prediction.
-
-    ``cache``: skip cached blocks of a cache-split artifact (None: when it has a cache section; False: run all).
-    """
-    import torch
-
-    if guidance is not None:
-        check_finite_option("guidance", guidance)
-    shapes = (before := read_manifest(artifact_dir)).shapes
-    height = height or shapes["height"].opt
-    width = width or shapes["width"].opt
-    config = pipeline_config(artifact_dir)
-    check_generation(before, height, width, config)
-    adapter = adapter_for(before.source.pipeline_class)
-    if adapter.video and frames is None:
-        frames = shapes["frames"].opt
-    check_frames(before, frames, config)
-    if negative_prompt is not None and not adapter.negative_prompt:
-        raise UnsupportedError(f"--negative-prompt: {before.source.pipeline_class} artifacts take no negative prompt")
-    check_reference(adapter, image, before.source.pipeline_class)
-    pipe, module, manifest, entry = load_engine_pipeline(artifact_dir, backend, verify=verify, cache=cache)
-    experts = [getattr(pipe, name) for name in manifest.denoiser_names()[1:]]
-    if trace:
-        module.trace = []
-        for expert in experts:  # Wan2.2's low-noise expert records into the same list, in call order
-            expert.trace = module.trace
-    if hasattr(module, "begin_run"):
-        module.begin_run(steps)
-    request = GenerationRequest(
-        prompt,
-        steps,
-        height,
-        width,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        guidance=guidance,
-        text_len=shapes["text_len"].opt,
-        negative_prompt=negative_prompt,
-        image=image,
-        frames=frames,
-    )
-    t0 = time.perf_counter()
-    out = pipe(**adapter.call_kwargs(request))
-    seconds = time.perf_counter() - t0
-    log.info("%d steps on %s %s in %.2fs", steps, entry.backend, entry.arch, seconds)
-    stats = module.cache_stats() if hasattr(module, "cache_stats") else None
-    return RunResult(
-        adapter.output_media(out)[0], entry.backend, entry.arch, seconds, steps, module.trace or [], module, stats
     )

@@ -8,12 +8,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import DtcError
-from dtcompile.manifest import Manifest, read_manifest
+from dtcompile.runtime.session import REQUEST_NAMES
 from dtcompile.serve.protocol import APIError, ImageGenerationRequest
 from dtcompile.serve.scheduler import Job
+
+if TYPE_CHECKING:
+    from dtcompile.runtime.session import Session
 
 log = logging.getLogger("dtcompile.serve")
 
@@ -37,44 +40,42 @@ class ServeOptions:
 
 
 class ServedModel:
-    """An artifact loaded for serving; ``name`` is the artifact's name (the request's ``model``)."""
+    """An artifact served under its name (the request's ``model``): a runtime ``Session`` and the request checks
+    in the API's terms."""
 
-    def __init__(self, artifact_dir: Path, manifest: Manifest) -> None:
-        from dtcompile.models import adapter_for
-        from dtcompile.runtime.run import pipeline_config
-
-        self.artifact_dir = artifact_dir
-        self.manifest = manifest
-        self.name = manifest.name
-        self.adapter = adapter_for(manifest.source.pipeline_class)
-        self.config = pipeline_config(artifact_dir)  # read once: requests are checked against it
-        self.pipe: Any = None
-        self.module: Any = None
-        self.entry: Any = None
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.artifact_dir = session.artifact_dir
+        self.manifest = session.manifest
+        self.name = session.name
+        self.adapter = session.adapter
 
     @classmethod
-    def open(cls, artifact_dir: str | Path) -> ServedModel:
-        """Read (not load) an artifact; ArtifactError when it is no servable artifact."""
-        from dtcompile.core.errors import ArtifactError
+    def open(cls, artifact_dir: str | Path, options: ServeOptions | None = None) -> ServedModel:
+        """Open (not load) an artifact; ArtifactError when it is no servable artifact."""
+        from dtcompile.runtime.session import Session
 
-        path = Path(artifact_dir)
-        manifest = read_manifest(path)
-        if manifest.stopped_after:
-            raise ArtifactError(f"{path}: the build stopped after '{manifest.stopped_after}'; it has no engines")
-        return cls(path, manifest)
+        options = options or ServeOptions()
+        return cls(Session(Path(artifact_dir), options.backend, verify=options.verify))
 
     @property
     def batch_max(self) -> int:
         return self.manifest.shapes["batch"].max
 
-    def load(self, options: ServeOptions) -> None:
-        from dtcompile.runtime.run import load_engine_pipeline
+    @property
+    def pipe(self) -> Any:
+        return self.session.pipe
 
+    @property
+    def entry(self) -> Any:
+        return self.session.entry
+
+    def load(self, options: ServeOptions) -> None:
         t0 = time.perf_counter()
-        self.pipe, self.module, _, self.entry = load_engine_pipeline(
-            self.artifact_dir, options.backend, verify=options.verify
-        )
-        log.info("loaded %s (%s %s) in %.1fs", self.name, self.entry.backend, self.entry.arch, time.perf_counter() - t0)
+        self.session.load()
+        entry = self.session.entry
+        assert entry is not None
+        log.info("loaded %s (%s %s) in %.1fs", self.name, entry.backend, entry.arch, time.perf_counter() - t0)
 
     def warm_up(self) -> float:
         """One 1-step generation at the opt size (first-call allocations, kernel selection); seconds taken."""
@@ -89,8 +90,6 @@ class ServedModel:
     def make_job(self, req: ImageGenerationRequest, options: ServeOptions, capacity: int, image: Any = None) -> Job:
         """The ``Job`` for a request (``image``: an edit's reference), or APIError 400 naming the parameter the
         model cannot take."""
-        from dtcompile.runtime.run import check_generation
-
         if len(req.prompt) > options.max_prompt_chars:
             raise APIError(
                 400, f"prompt: {len(req.prompt)} characters, at most {options.max_prompt_chars}", param="prompt"
@@ -126,26 +125,27 @@ class ServedModel:
         if req.n > capacity:
             raise APIError(400, f"n: {req.n} images, at most {capacity} per request for model {self.name}", param="n")
         shapes = self.manifest.shapes
-        size = req.pixel_size() or (shapes["width"].opt, shapes["height"].opt)
-        width, height = size
+        width, height = req.pixel_size() or (shapes["width"].opt, shapes["height"].opt)
         try:
-            check_generation(self.manifest, height, width, self.config, flag="{}")
+            self.session.request(req.prompt, steps=1, height=height, width=width, guidance=req.guidance_scale,
+                                 image=image, names=REQUEST_NAMES)  # fmt: skip
         except DtcError as exc:
-            raise APIError(400, f"size {width}x{height}: {str(exc).removeprefix('image ')}", param="size") from None
+            message = str(exc).removeprefix("image ")
+            if req.guidance_scale is not None and message.startswith(REQUEST_NAMES.guidance):
+                raise APIError(400, message, param="guidance_scale") from None
+            raise APIError(400, f"size {width}x{height}: {message}", param="size") from None
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
         steps = req.num_inference_steps or options.default_steps
         return Job(self.name, req.prompt, req.n, width, height, steps, req.guidance_scale, seed, req.negative_prompt,
                    image)  # fmt: skip
 
     def generate(self, jobs: list[Job], on_step: Callable[[float], None] | None = None) -> list[list[Any]]:
-        """Run one batch (same size, steps and guidance) and split the images back by job.
+        """Run one batch (same size, steps and guidance) through the session and split the images back by job.
 
         Image ``i`` of a job is seeded with ``seed + i``, each on its own CPU generator, so an image does not
         depend on what it was batched with, and ``n=1, seed=s`` equals ``dtc run --seed s``.
         """
         import torch
-
-        from dtcompile.models.base import GenerationRequest
 
         head = jobs[0]
         prompts, generators = [], []
@@ -162,24 +162,19 @@ class ServedModel:
             last[0] = now
             return kwargs
 
-        if hasattr(self.module, "begin_run"):
-            self.module.begin_run(head.steps)
-        request = GenerationRequest(
+        request = self.session.request(
             prompts,
-            head.steps,
-            head.height,
-            head.width,
+            steps=head.steps,
             generator=generators,
+            height=head.height,
+            width=head.width,
             guidance=head.guidance,
-            text_len=self.manifest.shapes["text_len"].opt,
-            callback=step_end,
-            negative_prompt=head.negative_prompt
-            if head.negative_prompt is None
-            else [head.negative_prompt] * len(prompts),
+            negative_prompt=None if head.negative_prompt is None else [head.negative_prompt] * len(prompts),
             image=head.image,
+            callback=step_end,
+            names=REQUEST_NAMES,
         )
-        with torch.inference_mode():
-            images = self.adapter.output_media(self.pipe(**self.adapter.call_kwargs(request)))
+        images = self.session.generate(request).media
         out, at = [], 0
         for job in jobs:
             out.append(images[at : at + job.n])

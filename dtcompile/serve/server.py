@@ -18,7 +18,7 @@ def open_state(artifacts: Sequence[str | Path], options: ServeOptions, api_key: 
     """The state for these artifacts, read but not loaded (ArtifactError for a bad or duplicate one)."""
     if not artifacts:
         raise ArtifactError("no artifact to serve: pass one or more artifact folders")
-    return ServerState([ServedModel.open(a) for a in artifacts], options, api_key)
+    return ServerState([ServedModel.open(a, options) for a in artifacts], options, api_key)
 
 
 def serve(state: ServerState, host: str, port: int) -> None:

@@ -7,7 +7,7 @@ the manifest; ``format_report`` renders it as a table and ``write_report`` write
 a PNG next to it.
 
 How it measures: the baseline is the artifact's source pipeline loaded with diffusers in the artifact's dtype
-on the engine's device (torch transformer); the engine pipeline is ``load_engine_pipeline``'s. Every
+on the engine's device (torch transformer); the engine pipeline is a runtime ``Session``'s. Every
 transformer call is timed by forward hooks (CUDA events on a GPU, ``time.perf_counter_ns`` on the CPU); a
 step is the calls of one denoising step. After warm-up, the contenders run repeat by repeat, alternating
 their order, on the same prompt, seed and size. Host memory is the RSS a contender added over its load and
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 from dtcompile.core.metrics import psnr
-from dtcompile.manifest import EngineEntry, Manifest, read_manifest
+from dtcompile.manifest import EngineEntry, Manifest
 from dtcompile.models import adapter_for
 from dtcompile.models.base import GenerationRequest
 
@@ -443,14 +443,10 @@ def _measure(
     """Load every backend's contender, then the PyTorch baseline, and time ``repeat`` alternating rounds."""
     import torch
 
-    from dtcompile.runtime.run import load_engine_pipeline
-
     try:
         with torch.inference_mode():
             for b in backends:
-                session.admit(
-                    b, b, "", lambda b=b: _engine_pipeline(load_engine_pipeline, artifact_dir, b, verify, threads)
-                )
+                session.admit(b, b, "", lambda b=b: _engine_pipeline(artifact_dir, b, verify, threads))
             devices = {str(c.device) for c in session.contenders}
             if len(devices) > 1:
                 raise UnsupportedError(
@@ -502,23 +498,15 @@ def bench_artifact(
     ``warmup`` 1-step runs per contender precede ``repeat`` timed runs of ``steps`` steps each. ``threads``
     sets torch's intra-op threads and onnxruntime's (None: each library's default).
     """
-    from dtcompile.runtime.run import check_finite_option, check_size
-
-    check_finite_option("guidance", guidance)
+    from dtcompile.runtime.session import Session
 
     artifact_dir = Path(artifact_dir)
     _check_options(backends, steps, batch, repeat, warmup, threads)
-    manifest = read_manifest(artifact_dir)
-    shapes = manifest.shapes
-    height = height or shapes["height"].opt
-    width = width or shapes["width"].opt
-    check_size(shapes, height, width, batch)
-    text_len = shapes["text_len"].opt
-    from dtcompile.runtime.run import check_frames, pipeline_config
-
-    if "frames" in shapes and frames is None:
-        frames = shapes["frames"].opt
-    check_frames(manifest, frames, pipeline_config(artifact_dir))
+    probe = Session(artifact_dir, verify=verify)  # the manifest, read once; engines load per contender
+    checked = probe.request(prompt, steps=steps, height=height, width=width, frames=frames, guidance=guidance,
+                            images_per_prompt=batch)  # fmt: skip
+    manifest = probe.manifest
+    height, width, frames, text_len = checked.height, checked.width, checked.frames, checked.text_len
 
     import diffusers  # noqa: F401  (imported before any load is measured)
     import torch
@@ -580,22 +568,23 @@ def _preimport(pipeline_dir: Path) -> None:
     try:
         index = json.loads((pipeline_dir / "model_index.json").read_text())
     except (OSError, ValueError):
-        return  # load_engine_pipeline reports the missing pipeline with its own message
+        return  # the Session reports the missing pipeline with its own message
     for value in index.values():
         if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
             with contextlib.suppress(ImportError, AttributeError):
                 getattr(importlib.import_module(value[0]), value[1])
 
 
-def _engine_pipeline(
-    load_engine_pipeline: Any, artifact_dir: Path, backend: str, verify: bool, threads: int | None
-) -> tuple[Any, ...]:
-    pipe, module, _, entry = load_engine_pipeline(artifact_dir, backend, verify=verify)
+def _engine_pipeline(artifact_dir: Path, backend: str, verify: bool, threads: int | None) -> tuple[Any, ...]:
+    from dtcompile.runtime.session import Session
+
+    session = Session(artifact_dir, backend, verify=verify)
+    pipe, module, entry = session.load(), session.module, session.entry
     runner = getattr(module, "runner", None)
     if threads is not None and entry.backend == "onnxruntime" and runner is not None:
         from dtcompile.backends.onnxruntime import OrtRunner
 
-        # load_engine_pipeline takes no thread count: replace the session by one with ``threads`` threads.
+        # a Session takes no thread count: replace the session by one with ``threads`` threads.
         module.runner = OrtRunner(artifact_dir / entry.file, threads=threads)
     return pipe, module, entry, module.device
 

@@ -72,7 +72,7 @@ def test_run_matches_diffusers_every_step(flux2_artifact: Path) -> None:
 
     from dtcompile.core.metrics import rel_l2
     from dtcompile.models.builtin import builtin_model_path
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
 
     pipe = Flux2Pipeline.from_pretrained(builtin_model_path("tiny-flux2"), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -137,7 +137,7 @@ def test_lora_fuse_and_refit_agree_and_the_base_comes_back(flux2_artifact: Path,
 
     from dtcompile.models.builtin import builtin_model_path
     from dtcompile.recipe import load_recipe
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.stages.runner import run_build
     from dtcompile.tools.refit import refit_artifact
     from tests.fixtures.lora import FLUX_TARGETS, make_peft_lora

@@ -59,7 +59,7 @@ def test_edit_matches_diffusers_every_step(kontext_artifact: Path, reference: Pa
 
     from dtcompile.core.metrics import rel_l2
     from dtcompile.models.builtin import builtin_model_path
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
 
     ref_image = Image.open(reference).convert("RGB")
     pipe = FluxKontextPipeline.from_pretrained(builtin_model_path("tiny-flux-kontext"), dtype=torch.float32)
@@ -112,7 +112,7 @@ def test_lora_refit_equals_a_fused_build(kontext_artifact: Path, reference: Path
     from PIL import Image
 
     from dtcompile.recipe import load_recipe
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.stages.runner import run_build
     from dtcompile.tools.refit import refit_artifact
 
@@ -180,7 +180,7 @@ def test_openai_client_edits_through_the_server_as_dtc_run_does(
     import openai
     from PIL import Image
 
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from tests.serve.test_server import serving
 
     want = run_artifact(kontext_artifact, PROMPT, steps=4, seed=3, height=48, width=64,

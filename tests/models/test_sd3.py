@@ -42,7 +42,7 @@ def test_run_matches_diffusers_every_step_with_cfg_and_a_negative_prompt(sd3_art
 
     from dtcompile.core.metrics import rel_l2
     from dtcompile.models.builtin import builtin_model_path
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
 
     pipe = StableDiffusion3Pipeline.from_pretrained(builtin_model_path("tiny-sd3"), dtype=torch.float32)
     preds: list[torch.Tensor] = []
@@ -61,7 +61,7 @@ def test_run_matches_diffusers_every_step_with_cfg_and_a_negative_prompt(sd3_art
 
 
 def test_the_server_path_takes_a_negative_prompt_and_matches_the_run(sd3_artifact: Path, tiny_artifact: Path) -> None:
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.serve.models import ServedModel, ServeOptions
     from dtcompile.serve.protocol import APIError, parse_request
 
@@ -91,7 +91,7 @@ def test_sd3_shape_rules_in_the_dry_run(tmp_path: Path) -> None:
 
 
 def test_run_refuses_a_size_other_than_the_built_one(sd3_artifact: Path) -> None:
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
 
     with pytest.raises(UnsupportedError, match="outside the artifact's range 64..64"):
         run_artifact(sd3_artifact, PROMPT, steps=1, height=128, width=64)
@@ -134,7 +134,7 @@ def test_lora_fuse_and_refit_agree_and_the_base_comes_back(sd3_artifact: Path, t
 
     from dtcompile.models.builtin import builtin_model_path
     from dtcompile.recipe import load_recipe
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.stages.runner import run_build
     from dtcompile.tools.refit import refit_artifact
     from tests.fixtures.lora import FLUX_TARGETS, make_peft_lora
@@ -166,7 +166,7 @@ def test_block_cache_off_matches_the_monolithic_artifact_and_counts_skips(sd3_ar
     from dtcompile.manifest import read_manifest
     from dtcompile.recipe import load_recipe
     from dtcompile.recipe.cache import stats_line
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.stages.runner import run_build
 
     cached = run_build(load_recipe(ROOT / "recipes" / "tiny-sd3-cache.yaml", [f"output.dir={tmp_path}"])).artifact_dir

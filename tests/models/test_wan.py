@@ -52,7 +52,7 @@ CACHE_RUN = {"steps": 6, "seed": 3, "frames": 9, "height": 48, "width": 64, "gui
 
 def _cache_runs(mono: Path, cached: Path) -> dict[str, Any]:
     """The monolithic artifact's run ("mono") and the split artifact's with the cache off and on, at ``CACHE_RUN``."""
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
 
     return {
         "mono": run_artifact(mono, PROMPT, **CACHE_RUN),
@@ -152,7 +152,7 @@ def test_run_matches_wanpipeline_every_call(
 ) -> None:
     from dtcompile.core.metrics import rel_l2
     from dtcompile.runtime.media import video_uint8
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
 
     artifact = request.getfixturevalue(fixture)
     builtin = {"wan21": "tiny-wan21", "wan22": "tiny-wan22"}[fixture]
@@ -391,7 +391,7 @@ def test_two_experts_refuse_a_foreign_lora_and_partial_calibration_before_loadin
 
 def test_fp8_quantizes_both_experts(tmp_path: Path) -> None:
     from dtcompile.recipe import load_recipe
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.stages.runner import run_build
 
     report = run_build(load_recipe(ROOT / "recipes" / "tiny-wan22-fp8.yaml", [f"output.dir={tmp_path}"]))
@@ -462,7 +462,7 @@ def test_wan21_lora_fuse_and_refit_agree(wan21: Path, tmp_path: Path) -> None:
     from dtcompile.models.builtin import builtin_model_path
     from dtcompile.recipe import load_recipe
     from dtcompile.runtime.media import video_uint8
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.stages.runner import run_build
     from dtcompile.tools.refit import refit_artifact
     from tests.fixtures.lora import make_peft_lora
@@ -498,7 +498,7 @@ def test_wan22_lora_pair_into_both_experts_fused_equals_refit(wan22: Path, tmp_p
     from dtcompile.models.builtin import builtin_model_path
     from dtcompile.recipe import load_recipe
     from dtcompile.runtime.media import video_uint8
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.stages.runner import run_build
     from dtcompile.tools.refit import refit_artifact
     from tests.fixtures.lora import make_peft_lora

@@ -85,7 +85,7 @@ def test_impossible_quant_recipe_fails_dry_run_in_one_line(tmp_path: Path) -> No
 
 def test_quantized_artifact_runs_in_onnxruntime(tmp_path: Path) -> None:
     from dtcompile.recipe import load_recipe
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.stages.runner import run_build
 
     recipe = load_recipe(

@@ -103,7 +103,7 @@ def test_run_makes_an_image_and_the_t5_engine_matches_the_fake_quant_encoder(t5f
 
     from dtcompile.core.metrics import rel_l2
     from dtcompile.manifest import read_manifest
-    from dtcompile.runtime.run import load_engine_pipeline, run_artifact
+    from dtcompile.runtime.session import load_engine_pipeline, run_artifact
 
     assert run_artifact(t5fp8, PROMPT, steps=2, backend="onnxruntime").image.size == (64, 64)
     pipe, *_ = load_engine_pipeline(t5fp8, "onnxruntime")

@@ -63,7 +63,7 @@ def _compare(artifact: Path, pipeline_class: str, builtin: str, kwargs: dict[str
 
     from dtcompile.core.metrics import rel_l2
     from dtcompile.models.builtin import builtin_model_path
-    from dtcompile.runtime.run import load_engine_pipeline
+    from dtcompile.runtime.session import load_engine_pipeline
 
     engine_pipe, module, manifest, _ = load_engine_pipeline(artifact, "onnxruntime")
     aux = manifest.aux_names()
@@ -132,7 +132,7 @@ def test_sd3_run_matches_diffusers_with_cfg_and_every_component_on_engines(sd3_c
 def test_batch_of_two_prompts_through_every_engine(flux_components: Path) -> None:
     import torch
 
-    from dtcompile.runtime.run import load_engine_pipeline
+    from dtcompile.runtime.session import load_engine_pipeline
 
     pipe, *_ = load_engine_pipeline(flux_components, "onnxruntime")
     out = pipe(["a cat", "a dog"], height=32, width=48, num_inference_steps=2, max_sequence_length=32,
@@ -160,7 +160,7 @@ def test_component_errors_are_one_line(tmp_path: Path) -> None:
 def test_engine_vae_refuses_encoding_and_clip_skip(flux_components: Path, sd3_components: Path) -> None:
     import torch
 
-    from dtcompile.runtime.run import load_engine_pipeline
+    from dtcompile.runtime.session import load_engine_pipeline
 
     pipe, *_ = load_engine_pipeline(flux_components, "onnxruntime")
     with pytest.raises(UnsupportedError, match="decoding only"):
@@ -176,7 +176,7 @@ def test_refit_updates_the_denoiser_and_carries_the_other_engines(flux_component
 
     from dtcompile.manifest import read_manifest
     from dtcompile.recipe import load_recipe
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.stages.runner import run_build
     from dtcompile.tools.refit import refit_artifact
 
@@ -226,7 +226,7 @@ def test_a_modified_component_engine_is_refused(flux_components: Path, tmp_path:
     import shutil
 
     from dtcompile.core.errors import ArtifactError, VerificationError
-    from dtcompile.runtime.run import load_engine_pipeline
+    from dtcompile.runtime.session import load_engine_pipeline
 
     copy = tmp_path / "copy"
     shutil.copytree(flux_components, copy)
@@ -240,7 +240,7 @@ def test_a_component_in_its_own_dtype_and_the_key_covers_the_components(tmp_path
     """vae_decoder in float16 next to a float32 transformer; the artifact key changes with the components
     list and an unchanged recipe is a no-op rebuild."""
     from dtcompile.recipe import load_recipe
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.stages.runner import run_build
 
     base = ROOT / "recipes" / "tiny-flux-components.yaml"

@@ -131,7 +131,7 @@ def decode(data: bytes) -> np.ndarray:
 @pytest.fixture(scope="module")
 def reference(tiny_artifact: Path) -> np.ndarray:
     """`dtc run`'s image for the prompt, seed and size the client asks for below."""
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
 
     r = run_artifact(tiny_artifact, "a red fox in the snow", steps=4, seed=7, height=64, width=96)
     buf = io.BytesIO()

@@ -545,7 +545,7 @@ def test_round_trip_real_build(tmp_path: Path) -> None:
     for module in ("torch", "diffusers", "onnx", "onnxruntime"):
         pytest.importorskip(module)
     from dtcompile.recipe import load_recipe
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from dtcompile.stages.runner import run_build
 
     recipe = load_recipe(REPO / "recipes/tiny-flux.yaml", [f"output.dir={tmp_path / 'engines'}"])

@@ -148,7 +148,7 @@ def test_weight_map_points_at_the_exported_values(base, transformer):
 
 
 def test_refit_matches_a_rebuild_with_the_lora_fused(base, built, loras, work):
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
 
     report = refit_artifact(base, [(str(loras["A"]), 0.7), (str(loras["K"]), 1.0)], out_dir=work / "ak")
     assert report.updated == report.touched == len(read_manifest(built).to_json()["lora"]["touched"]) > 0

@@ -1,0 +1,442 @@
+"""One runtime session per artifact: what ``load_pipeline``, ``dtc run``, ``dtc serve`` and ``dtc bench`` run.
+
+A ``Session`` reads and checks the manifest once, selects each component's engine for this machine, builds the
+diffusers pipeline with the engines standing in (``Session.pipe``) and checks every call against the profile
+the artifact was built for before any engine runs. Two ways in:
+
+- ``Session.request(...)`` -> ``GenerationRequest`` (defaults filled, every value checked, errors naming the
+  caller's own flag or field through ``ArgNames``) and ``Session.generate(request)`` -> ``Generation``: the CLI,
+  the server and the benchmark.
+- ``Session.pipe(...)``: the pipeline itself, taking a diffusers user's own call. Settings the user left at the
+  pipeline's default that the artifact cannot take (FluxPipeline's ``max_sequence_length=512`` on an artifact
+  built for 32 tokens; the default size) become the built opt, said once in the log; a value the user set
+  outside the built range raises ``UnsupportedError`` naming the argument, the value, the range and the fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dtcompile.core.errors import ArtifactError, UnsupportedError
+from dtcompile.core.targets import gpu_arch
+from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, read_manifest
+from dtcompile.models import adapter_for
+from dtcompile.models.base import GenerationRequest
+from dtcompile.runtime.run import (
+    aux_module,
+    check_finite_option,
+    check_frames,
+    check_generation,
+    check_reference,
+    denoiser_module,
+    pipeline_config,
+    verify_pipeline_files,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dtcompile.models.base import ModelAdapter
+
+log = logging.getLogger("dtcompile.run")
+
+
+@dataclass(frozen=True)
+class ArgNames:
+    """How a caller names each generation setting, so an error names what that caller typed."""
+
+    height: str
+    width: str
+    frames: str
+    batch: str
+    text_len: str
+    guidance: str
+    negative_prompt: str
+    image: str
+
+    @property
+    def size_flag(self) -> str:
+        """The ``flag`` format of ``runtime.run.check_size`` (``--{}`` or ``{}``)."""
+        return self.height.replace("height", "{}")
+
+
+CLI_NAMES = ArgNames("--height", "--width", "--frames", "--batch", "--text-len", "--guidance", "--negative-prompt",
+                     "--image")  # fmt: skip
+PIPELINE_NAMES = ArgNames("height", "width", "num_frames", "num_images_per_prompt", "max_sequence_length",
+                          "guidance_scale", "negative_prompt", "image")  # fmt: skip
+REQUEST_NAMES = ArgNames("height", "width", "num_frames", "n", "max_sequence_length", "guidance_scale",
+                         "negative_prompt", "image")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one generation produced: the images or videos (``media``), where and how long it ran, and, when
+    asked, every denoiser call's output (``trace``) and a split artifact's cache counts."""
+
+    media: list[Any]
+    backend: str
+    arch: str
+    seconds: float
+    steps: int
+    trace: list[Any] = field(default_factory=list)
+    engine_module: Any = None
+    cache_stats: dict[str, Any] | None = None
+
+    @property
+    def image(self) -> Any:
+        """The first image (or video)."""
+        return self.media[0]
+
+
+class Session:
+    """An artifact opened for generation on this machine (see the module docstring).
+
+    ``backend``: "auto" (TensorRT on a matching GPU, else onnxruntime) or a backend name; ``verify``: how the
+    files it loads are checked (``dtcompile.manifest.VERIFY_MODES``; True: "recorded"); ``cache``: for artifacts
+    split into block engines, skip cached blocks (None: yes); elsewhere it must not be True. Engines load on
+    first use of ``pipe`` (or ``load()``); the manifest is read here, once.
+    """
+
+    def __init__(
+        self, artifact_dir: str | Path, backend: str = "auto", *, verify: bool | str = True, cache: bool | None = None
+    ) -> None:
+        self.artifact_dir = Path(artifact_dir)
+        self.manifest: Manifest = read_manifest(self.artifact_dir)
+        if self.manifest.stopped_after:
+            raise ArtifactError(
+                f"artifact stopped after stage '{self.manifest.stopped_after}'; it has no engines to run"
+            )
+        self.adapter: ModelAdapter = adapter_for(self.manifest.source.pipeline_class)
+        self.config: Callable[[str], dict[str, Any] | None] = pipeline_config(self.artifact_dir)
+        self.backend, self.verify, self.cache = backend, verify, cache
+        if cache and not self.manifest.component(self.manifest.main_component()).is_split:
+            raise UnsupportedError(
+                f"--cache on: {self.artifact_dir} has no block engines (its recipe has no cache section); use "
+                "--cache off"
+            )
+        self.module: Any = None  # the main denoiser's stand-in, once loaded
+        self.entry: EngineEntry | None = None
+        self._pipe: Any = None
+        self._told: set[str] = set()  # defaults already reported in the log
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def shapes(self) -> dict[str, ShapeRange]:
+        return self.manifest.shapes
+
+    @property
+    def video(self) -> bool:
+        return bool(self.adapter.video)
+
+    @property
+    def pipeline_class(self) -> str:
+        return self.manifest.source.pipeline_class
+
+    @property
+    def pipe(self) -> Any:
+        """The diffusers pipeline with the engines standing in (loaded on first use)."""
+        return self.load()
+
+    # --- loading ---------------------------------------------------------------------------------------------
+
+    def load(self) -> Any:
+        """Select, verify and open every engine, and build the pipeline around them (once)."""
+        if self._pipe is not None:
+            return self._pipe
+        import diffusers
+
+        manifest, artifact_dir = self.manifest, self.artifact_dir
+        verifier = Verifier(artifact_dir, self.verify)
+        main = manifest.main_component()
+        run = None
+        if manifest.component(main).is_split:
+            from dtcompile.runtime.cache import CacheRun
+
+            run = CacheRun()  # shared by the experts (Wan2.2): one step count, a cache state per expert, one report
+
+        def denoiser(name: str) -> tuple[Any, EngineEntry]:
+            if run is None or not manifest.component(name).is_split:
+                return denoiser_module(artifact_dir, manifest, name, self.backend, verifier)
+            from dtcompile.runtime.cache import load_cached_module
+
+            return load_cached_module(artifact_dir, manifest, name, self.backend, gpu=gpu_arch(), verifier=verifier,
+                                      enabled=self.cache is not False, run=run)  # fmt: skip
+
+        module, entry = denoiser(main)
+        standins = {
+            manifest.component(name).attr or name: aux_module(artifact_dir, manifest, name, self.backend, verifier)
+            for name in manifest.aux_names()
+        }
+        for name in manifest.denoiser_names()[1:]:  # Wan2.2's second expert: the pipeline switches between them
+            standins[name] = denoiser(name)[0]
+        pipeline_dir = artifact_dir / "pipeline"
+        if not (pipeline_dir / "model_index.json").is_file():
+            raise ArtifactError(
+                f"{pipeline_dir}: artifact has no pipeline files (built with output.include_pipeline: false)"
+            )
+        verify_pipeline_files(artifact_dir, manifest, verifier)
+        verifier.save()
+        log.info("verified %d file(s) by sha256, %d by their record (verify=%s)", len(verifier.hashed),
+                 len(verifier.trusted), verifier.mode)  # fmt: skip
+        diffusers.utils.logging.disable_progress_bar()
+        cls = checked_pipeline_class(getattr(diffusers, self.pipeline_class))
+        standins[main] = module
+        with _quiet_type_warnings(standins):
+            pipe = cls.from_pretrained(pipeline_dir, **standins, dtype=module.dtype, use_safetensors=True)
+        pipe._dtc_session = self
+        pipe.set_progress_bar_config(disable=True)
+        pipe.to(module.device)
+        self.module, self.entry, self._pipe = module, entry, pipe
+        return pipe
+
+    # --- requests (CLI, server, bench) -------------------------------------------------------------------------
+
+    def request(
+        self,
+        prompt: str | list[str],
+        *,
+        steps: int,
+        seed: int | None = None,
+        generator: Any = None,
+        height: int | None = None,
+        width: int | None = None,
+        frames: int | None = None,
+        guidance: float | None = None,
+        negative_prompt: str | list[str] | None = None,
+        image: Any = None,
+        images_per_prompt: int = 1,
+        callback: Any = None,
+        names: ArgNames = CLI_NAMES,
+    ) -> GenerationRequest:
+        """A checked ``GenerationRequest``: sizes and frames default to the built opt, every value is checked
+        against the profile and the family's rules (UnsupportedError naming ``names``' flag), text length is the
+        built one. ``seed`` (when no ``generator`` is given) seeds a CPU generator, as ``dtc run --seed`` does."""
+        if generator is None and seed is not None:
+            import torch
+
+            generator = torch.Generator("cpu").manual_seed(seed)
+        shapes = self.shapes
+        height = height or shapes["height"].opt
+        width = width or shapes["width"].opt
+        if self.video and frames is None:
+            frames = shapes["frames"].opt
+        if guidance is not None:
+            check_finite_option(names.guidance, guidance, flag="{}")
+        check_generation(self.manifest, height, width, self.config, flag=names.size_flag)
+        check_frames(self.manifest, frames, self.config, flag=names.frames)
+        if negative_prompt is not None and not self.adapter.negative_prompt:
+            raise UnsupportedError(f"{names.negative_prompt}: {self.pipeline_class} artifacts take no negative prompt")
+        check_reference(self.adapter, image, self.pipeline_class, flag=names.image)
+        self.check_batch((len(prompt) if isinstance(prompt, list) else 1) * images_per_prompt, names.batch)
+        return GenerationRequest(
+            prompt,
+            steps,
+            height,
+            width,
+            generator=generator,
+            guidance=guidance,
+            text_len=shapes["text_len"].opt,
+            images_per_prompt=images_per_prompt,
+            callback=callback,
+            negative_prompt=negative_prompt,
+            image=image,
+            frames=frames,
+        )
+
+    def check_batch(self, batch: int, name: str) -> None:
+        """UnsupportedError naming ``name`` when ``batch`` outputs per call are outside the built batch range."""
+        r = self.shapes["batch"]
+        if not r.min <= batch <= r.max:
+            raise UnsupportedError(
+                f"{name} {batch} is outside the artifact's range {r.min}..{r.max}; rebuild with export.shapes.batch "
+                "covering it"
+            )
+
+    def generate(self, request: GenerationRequest, *, trace: bool = False) -> Generation:
+        """Run the pipeline on a request from ``request()``; ``trace`` keeps every denoiser call's output."""
+        import torch
+
+        pipe = self.load()
+        module = self.module
+        experts = [getattr(pipe, name) for name in self.manifest.denoiser_names()[1:]]
+        module.trace = [] if trace else None
+        for expert in experts:  # Wan2.2's low-noise expert records into the same list, in call order
+            expert.trace = module.trace
+        if hasattr(module, "begin_run"):
+            module.begin_run(request.steps)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = pipe(**self.adapter.call_kwargs(request))
+        seconds = time.perf_counter() - t0
+        assert self.entry is not None
+        log.info("%d steps on %s %s in %.2fs", request.steps, self.entry.backend, self.entry.arch, seconds)
+        stats = module.cache_stats() if hasattr(module, "cache_stats") else None
+        return Generation(self.adapter.output_media(out), self.entry.backend, self.entry.arch, seconds, request.steps,
+                          module.trace or [], module, stats)  # fmt: skip
+
+    # --- a diffusers user's own call -------------------------------------------------------------------------
+
+    def prepare_call(self, bound: inspect.BoundArguments) -> None:
+        """Check (and where the user left a default the artifact cannot take, adapt) the arguments of a call of
+        the pipeline, in place; UnsupportedError naming the argument otherwise."""
+        args, shapes, names = bound.arguments, self.shapes, PIPELINE_NAMES
+        given = {k for k, v in args.items() if v is not None}
+        params = bound.signature.parameters
+        if "max_sequence_length" in params:
+            self._text_length(args, params["max_sequence_length"].default)
+        for var in ("height", "width"):
+            if args.get(var) is None:
+                args[var] = shapes[var].opt
+                self._tell(var, f"{var} not given: using the artifact's built {var} {shapes[var].opt}")
+        check_generation(self.manifest, args["height"], args["width"], self.config, flag="{}")
+        if self.video and "num_frames" in params:
+            if args.get("num_frames") is None:
+                args["num_frames"] = shapes["frames"].opt
+                self._tell("num_frames", f"num_frames not given: using the artifact's built {shapes['frames'].opt}")
+            check_frames(self.manifest, args["num_frames"], self.config, flag="num_frames")
+        guidance = args.get("guidance_scale")
+        if guidance is not None:
+            check_finite_option(names.guidance, guidance, flag="{}")
+        if args.get("image") is not None and not self.adapter.reference_image:
+            raise UnsupportedError(
+                f"image: this {self.pipeline_class} artifact was built for generation without a reference image; "
+                "rebuild it for editing or leave image unset"
+            )
+        per_prompt = getattr(self.adapter, "per_prompt_key", "num_images_per_prompt")
+        self.check_batch(_prompt_count(args) * int(args.get(per_prompt) or 1), f"batch (prompts x {per_prompt})")
+        self.adapter.adapt_call(args, given)
+
+    def _text_length(self, args: dict[str, Any], default: Any) -> None:
+        r = self.shapes["text_len"]
+        embeds = args.get("prompt_embeds")
+        if embeds is not None and hasattr(embeds, "shape"):
+            tokens = int(embeds.shape[1]) - int(getattr(self.adapter, "prompt_embeds_extra_tokens", 0))
+            if not r.min <= tokens <= r.max:
+                raise UnsupportedError(
+                    f"prompt_embeds: {tokens} text tokens, outside the artifact's built text length {_span(r)} "
+                    "(export.shapes.text_len); encode with max_sequence_length in that range or rebuild"
+                )
+        value = args.get("max_sequence_length")
+        if value is None:
+            args["max_sequence_length"] = r.opt
+            if default != r.opt:
+                self._tell(
+                    "max_sequence_length",
+                    f"max_sequence_length not given: the pipeline's default {default} becomes the artifact's built "
+                    f"text length {r.opt}",
+                )
+        elif not r.min <= int(value) <= r.max:
+            raise UnsupportedError(
+                f"max_sequence_length={value} is outside the artifact's built text length {_span(r)}; pass "
+                f"max_sequence_length={r.opt} or rebuild with export.shapes.text_len covering it"
+            )
+
+    def _tell(self, key: str, message: str) -> None:
+        if key not in self._told:
+            self._told.add(key)
+            log.info("%s: %s", self.name, message)
+
+
+def _prompt_count(args: dict[str, Any]) -> int:
+    embeds = args.get("prompt_embeds")
+    if embeds is not None and hasattr(embeds, "shape"):
+        return int(embeds.shape[0])
+    prompt = args.get("prompt")
+    return len(prompt) if isinstance(prompt, list) else 1
+
+
+def _span(r: ShapeRange) -> str:
+    return str(r.min) if r.min == r.max else f"{r.min}..{r.max}"
+
+
+@functools.cache
+def checked_pipeline_class(cls: type) -> type:
+    """A subclass of diffusers pipeline class ``cls`` whose calls go through its ``Session.prepare_call`` first
+    (an instance is still a ``cls``; ``from_pretrained`` builds it as it builds ``cls``)."""
+    signature = inspect.signature(cls.__call__)
+
+    class Checked(cls):  # type: ignore[misc,valid-type]  # a class known only at run time
+        _dtc_session: Session
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(self, *args, **kwargs)
+            self._dtc_session.prepare_call(bound)
+            return super().__call__(*bound.args[1:], **bound.kwargs)
+
+    Checked.__name__ = Checked.__qualname__ = cls.__name__
+    Checked.__doc__ = cls.__doc__
+    return Checked
+
+
+class _quiet_type_warnings:
+    """Drop diffusers' "Expected types for <component>" warning for the components engines stand in for (they
+    are stand-ins by design) while a pipeline loads; any other warning passes."""
+
+    def __init__(self, standins: dict[str, Any]) -> None:
+        self.prefixes = tuple(f"Expected types for {name}:" for name in standins)
+        self.logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+    def __enter__(self) -> None:
+        self.logger.addFilter(self)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeFilter(self)
+
+
+def load_engine_pipeline(
+    artifact_dir: Path, backend: str = "auto", *, verify: bool | str = True, cache: bool | None = None
+) -> tuple[Any, Any, Manifest, EngineEntry]:
+    """(pipeline, engine module, manifest, engine entry) of an artifact's ``Session`` on this machine."""
+    session = Session(artifact_dir, backend, verify=verify, cache=cache)
+    pipe = session.load()
+    assert session.entry is not None
+    return pipe, session.module, session.manifest, session.entry
+
+
+def run_artifact(
+    artifact_dir: Path,
+    prompt: str,
+    *,
+    steps: int = 4,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    guidance: float | None = None,
+    negative_prompt: str | None = None,
+    image: Any = None,
+    frames: int | None = None,
+    backend: str = "auto",
+    trace: bool = False,
+    verify: bool | str = True,
+    cache: bool | None = None,
+) -> Generation:
+    """Generate one image (or, for video artifacts, one video of ``frames`` frames: default the built opt)
+    through a ``Session``; ``trace`` keeps every step's noise prediction.
+
+    ``cache``: skip cached blocks of a cache-split artifact (None: when it has a cache section; False: run all).
+    """
+    session = Session(artifact_dir, backend, verify=verify, cache=cache)
+    request = session.request(
+        prompt,
+        steps=steps,
+        seed=seed,
+        height=height,
+        width=width,
+        frames=frames,
+        guidance=guidance,
+        negative_prompt=negative_prompt,
+        image=image,
+    )
+    return session.generate(request, trace=trace)
