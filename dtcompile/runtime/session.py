@@ -306,6 +306,11 @@ class Session:
         guidance = args.get("guidance_scale")
         if guidance is not None:
             check_finite_option(names.guidance, guidance, flag="{}")
+        if isinstance(args.get("image"), str) and args.get("prompt") is None:
+            raise UnsupportedError(
+                f"image: got the text {args['image'][:40]!r}; {self.pipeline_class}'s first argument is the reference "
+                "image: pass the text as prompt=..."
+            )
         if args.get("image") is not None and not self.adapter.reference_image:
             raise UnsupportedError(
                 f"image: this {self.pipeline_class} artifact was built for generation without a reference image; "

@@ -194,3 +194,22 @@ def test_bench_times_the_engine_against_pytorch(flux2_artifact: Path) -> None:
     by = {r["name"]: r for r in report["results"]}
     assert set(by) == {"pytorch", "onnxruntime"}
     assert by["onnxruntime"]["psnr_db_vs_pytorch"] >= 40
+
+
+def test_load_pipeline_takes_the_diffusers_docs_call(flux2_artifact: Path) -> None:
+    """Flux2Pipeline's docs example on the pipeline ``load_pipeline`` returns. The example passes the prompt
+    first, where Flux2Pipeline takes ``image`` (diffusers 0.42 then fails in its own input check): one line naming
+    image says so; with ``prompt=`` it runs. A reference image (FLUX.2 edits with one) is refused in one line, since
+    the artifact's profile holds no reference tokens."""
+    from PIL import Image
+
+    import dtcompile
+
+    pipe = dtcompile.load_pipeline(flux2_artifact, backend="onnxruntime")
+    prompt = "A cat holding a sign that says hello world"
+    with pytest.raises(UnsupportedError, match=r"^image: got the text 'A cat holding.*pass the text as prompt=\.\.\.$"):
+        pipe(prompt, num_inference_steps=50, guidance_scale=2.5)
+    image = pipe(prompt=prompt, num_inference_steps=50, guidance_scale=2.5).images[0]
+    assert image.size == (64, 64)
+    with pytest.raises(UnsupportedError, match=r"^image: this Flux2Pipeline artifact was built for generation"):
+        pipe(image=Image.new("RGB", (64, 64)), prompt="a cat", num_inference_steps=1)

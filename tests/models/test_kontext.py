@@ -211,3 +211,21 @@ def test_an_edit_for_a_model_without_reference_images_is_a_400(tiny_artifact: Pa
             ImageGenerationRequest(prompt=PROMPT), ServeOptions(), capacity=2, image=Image.new("RGB", (64, 64))
         )
     assert err.value.status == 400 and err.value.param == "image" and "/v1/images/generations" in str(err.value)
+
+
+def test_load_pipeline_takes_the_diffusers_docs_call(kontext_artifact: Path, reference: Path) -> None:
+    """FluxKontextPipeline's docs example (image, prompt, guidance, generator) on the pipeline ``load_pipeline``
+    returns: it keeps the built size (diffusers' default ``max_area`` and ``_auto_resize`` would ask ~1024 px)
+    and equals ``dtc run`` with the same reference, seed and steps."""
+    import torch
+    from PIL import Image
+
+    import dtcompile
+    from dtcompile.runtime.session import run_artifact
+
+    ref = Image.open(reference).convert("RGB")
+    pipe = dtcompile.load_pipeline(kontext_artifact, backend="onnxruntime")
+    image = pipe(image=ref, prompt=PROMPT, guidance_scale=2.5, generator=torch.Generator().manual_seed(42)).images[0]
+    assert image.size == (64, 64)
+    ran = run_artifact(kontext_artifact, PROMPT, steps=28, seed=42, guidance=2.5, image=ref, backend="onnxruntime")
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(ran.image))

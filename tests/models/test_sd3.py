@@ -193,3 +193,15 @@ def test_block_cache_off_matches_the_monolithic_artifact_and_counts_skips(sd3_ar
     assert (on.cache_stats["blocks_skipped"], on.cache_stats["blocks_evaluated"]) == (2, 6)
     assert on.cache_stats["cached_calls"] == [1, 3]
     assert rel_l2(on.trace[0], off.trace[0]) == 0.0 and rel_l2(on.trace[1], off.trace[1]) > 1e-6
+
+
+def test_load_pipeline_takes_the_diffusers_docs_call(sd3_artifact: Path) -> None:
+    """StableDiffusion3Pipeline's docs example, ``pipe(prompt)``, on the pipeline ``load_pipeline`` returns: the
+    default size and text length become the built ones; a size it was not built for is one line naming it."""
+    import dtcompile
+
+    pipe = dtcompile.load_pipeline(sd3_artifact, backend="onnxruntime")
+    image = pipe("A cat holding a sign that says hello world").images[0]
+    assert image.size == (64, 64)
+    with pytest.raises(UnsupportedError, match=r"^height 1024 is outside the artifact's range 64..64"):
+        pipe("A cat holding a sign that says hello world", height=1024, width=1024)

@@ -560,3 +560,19 @@ def test_bench_times_both_experts_on_video_runs(wan22: Path) -> None:
     assert report["settings"]["frames"] == 5
     by = {r["name"]: r for r in report["results"]}
     assert by["onnxruntime"]["psnr_db_vs_pytorch"] >= 40  # the decoded frames match PyTorch's
+
+
+@pytest.mark.parametrize("artifact", ["wan21", "wan22"])
+def test_load_pipeline_takes_the_diffusers_docs_call(artifact: str, request: pytest.FixtureRequest) -> None:
+    """WanPipeline's docs example on the pipeline ``load_pipeline`` returns: its 720x1280 is one line naming
+    height; the same call without the size runs at the built size and frame count (both experts for Wan2.2)."""
+    import dtcompile
+
+    pipe = dtcompile.load_pipeline(request.getfixturevalue(artifact), backend="onnxruntime")
+    call = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "guidance_scale": 5.0, "num_inference_steps": 4}
+    with pytest.raises(UnsupportedError, match=r"^height 720 is outside the artifact's range 32..96"):
+        pipe(**call, height=720, width=1280, num_frames=81)
+    with pytest.raises(UnsupportedError, match=r"^num_frames 81 is outside the artifact's range 5..17"):
+        pipe(**call, num_frames=81)
+    video = pipe(**call).frames[0]
+    assert video.shape == (9, 64, 64, 3)
