@@ -30,6 +30,8 @@ _TABLE: tuple[tuple[str, int, str, str | None], ...] = (
 FROM_ONNX_NAME: dict[str, str] = {onnx: name for name, _, onnx, _ in _TABLE}
 #: TensorRT DataType member name -> dtype name.
 FROM_TRT: dict[str, str] = {trt: name for name, _, _, trt in _TABLE if trt}
+#: dtype name -> ONNX element type.
+TO_ONNX: dict[str, int] = {name: code for name, code, _, _ in _TABLE}
 #: The whole-byte types a weight or a Q/DQ scale can have in an ONNX graph: ONNX element type -> dtype name.
 ONNX_WEIGHT_TYPES: dict[int, str] = {
     code: name for name, code, _, _ in _TABLE if name not in ("bool", "int4", "float4_e2m1fn", "float8_e8m0fnu")
@@ -45,6 +47,16 @@ def from_ort(type_str: str) -> str:
     """The dtype name of an onnxruntime type string (``"tensor(float16)"`` -> ``"float16"``)."""
     inner = type_str.removeprefix("tensor(").removesuffix(")")
     return FROM_ONNX_NAME.get(inner, type_str)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named ``name`` (``"float16"`` -> ``torch.float16``)."""
+    import torch
+
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype name")
+    return dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:

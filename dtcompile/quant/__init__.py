@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.core.errors import UnsupportedError
+from dtcompile.core.numerics import NVFP4_BLOCK
 from dtcompile.core.registry import Registry
 from dtcompile.core.targets import sm_number
 
@@ -30,7 +31,7 @@ _ALWAYS_OFF_CLASSES = ("nn.LayerNorm", "nn.Conv1d", "nn.Conv2d", "nn.Conv3d")
 FP8 = {"num_bits": (4, 3), "axis": None}
 INT8_PER_TENSOR = {"num_bits": 8, "axis": None}
 INT8_PER_CHANNEL = {"num_bits": 8, "axis": 0}
-NVFP4 = {"num_bits": (2, 1), "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": (4, 3)}, "axis": None}
+NVFP4 = {"num_bits": (2, 1), "block_sizes": {-1: NVFP4_BLOCK, "type": "dynamic", "scale_bits": (4, 3)}, "axis": None}
 
 #: torch dtype name -> ModelOpt's ``trt_high_precision_dtype`` (the type the Q/DQ ops compute in).
 _TRT_DTYPE = {"float32": "Float", "float16": "Half", "bfloat16": "BFloat16"}

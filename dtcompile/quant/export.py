@@ -187,7 +187,11 @@ def _fp8_attention_function() -> type:
     from modelopt.torch.quantization.export_onnx import export_fp8
     from torch.onnx import symbolic_helper as sym
 
-    onnx_types = {"Float": 1, "Half": 10, "BFloat16": 16}
+    from dtcompile.core.dtypes import TO_ONNX
+
+    onnx_types = {
+        trt: TO_ONNX[name] for name, trt in (("float32", "Float"), ("float16", "Half"), ("bfloat16", "BFloat16"))
+    }
 
     class Fp8Attention(torch.autograd.Function):
         """Export-only: forward returns plain attention (traced values), symbolic writes the Q/DQ graph."""

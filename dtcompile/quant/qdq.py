@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtcompile.core.dtypes import TO_ONNX
 from dtcompile.core.errors import BuildError
 from dtcompile.core.files import copy_byte_range
-from dtcompile.core.numerics import E2M1_MAX, E2M1_VALUES, FP8_E4M3_MAX, quantize_with_scale
+from dtcompile.core.numerics import E2M1_MAX, E2M1_VALUES, FP8_E4M3_MAX, NVFP4_BLOCK, quantize_with_scale
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 #: real op needs opset 21+, which the TorchScript exporter cannot emit.
 FP4_BLOCK_DQ_PLACEHOLDER = "DTC_FP4BlockDequantizeLinear"
 TRT_DOMAIN = "trt"
-_DTYPE_TO_ONNX = {"float32": 1, "float16": 10, "bfloat16": 16}  # TensorProto FLOAT, FLOAT16, BFLOAT16
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # what a quantized graph computes in
 
 
 @dataclass
@@ -263,7 +264,7 @@ def standardize_qdq(model: onnx.ModelProto, dtype: str, *, data: _ExternalData |
     Raises:
         BuildError: an FP4 weight quantizer on a non-constant input, or a graph left with a cycle.
     """
-    if dtype not in _DTYPE_TO_ONNX:
+    if dtype not in COMPUTE_DTYPES:
         raise BuildError(f"quantized graphs are float32, float16 or bfloat16; got {dtype}")
     report = QdqReport()
     g = _Graph(model.graph, data)
@@ -501,7 +502,7 @@ def _fp4_weights(g: _Graph, report: QdqReport, dtype: str) -> None:
         weight = g.const(node.input[0])
         if weight is None:
             raise BuildError(f"{node.name}: TRT_FP4QDQ on a non-constant input {node.input[0]!r} is not supported")
-        block = _attr(node, "block_size", 16)
+        block = _attr(node, "block_size", NVFP4_BLOCK)
         packed, block_scale, global_scale = nvfp4_pack(weight, block)
         base = node.input[0]
         w_name, s_name, g_name = f"{base}_fp4", f"{base}_fp4_block_scale", f"{base}_fp4_global_scale"
@@ -533,9 +534,7 @@ def _fp4_weights(g: _Graph, report: QdqReport, dtype: str) -> None:
             )
         )
         if wide != out:
-            new_nodes.append(
-                onnx.helper.make_node("Cast", [wide], [out], name=f"{base}/Cast", to=_DTYPE_TO_ONNX[dtype])
-            )
+            new_nodes.append(onnx.helper.make_node("Cast", [wide], [out], name=f"{base}/Cast", to=TO_ONNX[dtype]))
         _drop_value_info(g.g, out)
         dead.add(id(node))
         report.fp4_weights += 1
@@ -561,13 +560,11 @@ def _fp4_activations(g: _Graph, report: QdqReport, dtype: str) -> None:
             out = node.output[0]
             wide = f"{out}_f32"
             node.output[0] = wide
-            new_nodes.append(
-                onnx.helper.make_node("Cast", [wide], [out], name=f"{node.name}/Cast", to=_DTYPE_TO_ONNX[dtype])
-            )
+            new_nodes.append(onnx.helper.make_node("Cast", [wide], [out], name=f"{node.name}/Cast", to=TO_ONNX[dtype]))
     g.g.node.extend(new_nodes)
 
 
-def nvfp4_pack(weight: np.ndarray, block: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def nvfp4_pack(weight: np.ndarray, block: int = NVFP4_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """NVFP4 encoding of a ``weight`` [..., K] (any float dtype) with blocks of ``block`` along K.
 
     Returns (packed E2M1 codes [..., K/2] as uint8, the first element in the low nibble as ONNX's FLOAT4E2M1
@@ -638,7 +635,7 @@ def fp4_reference_graph(model: onnx.ModelProto, data: _ExternalData | None = Non
         scale_dq = g.producer.get(dq.input[1])
         if scale_dq is None or scale_dq.op_type != "DequantizeLinear":
             raise BuildError(f"unexpected FP4 weight pattern at {dq.name}")
-        block = _attr(dq, "block_size", 16)
+        block = _attr(dq, "block_size", NVFP4_BLOCK)
         decoded = decode_nvfp4(g.loaded(w), g.loaded(g.inits[scale_dq.input[0]]), g.const(scale_dq.input[1]), block)
         new_inits.append(g.new_initializer(numpy_helper.from_array(decoded, dq.output[0])))
         del decoded  # one weight at a time
@@ -670,7 +667,7 @@ def fp4_reference_graph(model: onnx.ModelProto, data: _ExternalData | None = Non
         value_dq = g.only_consumer(x_f4)
         if scale_dq is None or value_dq is None or scale_dq.op_type != "DequantizeLinear":
             raise BuildError(f"unexpected FP4 activation pattern at {node.name}")
-        block = _attr(node, "block_size", 16)
+        block = _attr(node, "block_size", NVFP4_BLOCK)
         p = f"dtc_emu{k}"
         out = value_dq.output[0]
         sf2 = node.input[1]

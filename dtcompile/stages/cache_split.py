@@ -234,11 +234,11 @@ def export_parts(
 
     from dtcompile.attention import export_attention
     from dtcompile.backends.onnxruntime import OrtRunner
+    from dtcompile.core.dtypes import torch_dtype
     from dtcompile.core.metrics import rel_l2
     from dtcompile.core.progress import progress
     from dtcompile.export.onnx import export_onnx
     from dtcompile.stages.export import PARITY_TOL, ExportedComponent, adapter_patches
-    from dtcompile.stages.load import torch_dtype
 
     comp = adapter.component
     config = dict(module.config)

@@ -102,8 +102,8 @@ def export_component(
     instead.
     """
     from dtcompile.attention import export_attention
+    from dtcompile.core.dtypes import torch_dtype
     from dtcompile.models.base import component_view
-    from dtcompile.stages.load import torch_dtype
 
     adapter = component_view(loaded.adapter, component)  # another denoiser of the pipeline (Wan2.2's transformer_2)
     comp = adapter.component
@@ -191,7 +191,8 @@ def export_aux(
     written with standard Q/DQ and checked against the fake-quant encoder in float32 on the held-out prompts
     (``component_parity``; VerificationError beyond the format's tolerance) instead.
     """
-    from dtcompile.stages.load import aux_module, torch_dtype
+    from dtcompile.core.dtypes import torch_dtype
+    from dtcompile.stages.load import aux_module
 
     graph, module, dtype = aux_module(loaded, recipe, spec)
     shapes = shapes_from_recipe(recipe.export.shapes)

@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dtcompile.core.dtypes import torch_dtype
 from dtcompile.core.errors import DtcError, MissingDependencyError, RecipeError, UnsupportedError
 from dtcompile.recipe import ModelSpec
 
 if TYPE_CHECKING:
-    import torch
-
     from dtcompile.models.base import ModelAdapter
 
 log = logging.getLogger("dtcompile.load")
@@ -142,12 +141,6 @@ def source_dir(resolved: ResolvedSource) -> Path:
         return _hub_dir(resolved.spec)
     assert resolved.local_dir is not None
     return resolved.local_dir
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    import torch
-
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 def aux_module(loaded: LoadedPipeline, recipe: Any, spec: Any) -> tuple[Any, Any, str]:

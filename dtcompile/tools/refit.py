@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.digests import sha256_json
-from dtcompile.core.dtypes import dtype_name
+from dtcompile.core.dtypes import dtype_name, torch_dtype
 from dtcompile.core.errors import ArtifactError, BuildError, DtcError, UnsupportedError
 from dtcompile.core.numerics import dequantize, quantize_weight
-from dtcompile.weights.onnx_weights import OnnxWeights, tensor_bytes, torch_dtype
+from dtcompile.weights.onnx_weights import OnnxWeights, tensor_bytes
 from dtcompile.weights.weight_map import (
     base_store_file,
     load_base_store,

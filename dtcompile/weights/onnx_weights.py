@@ -11,19 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.core.dtypes import ONNX_WEIGHT_TYPES
+from dtcompile.core.dtypes import ONNX_WEIGHT_TYPES, torch_dtype
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 
 if TYPE_CHECKING:
     import onnx
     import torch
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype named ``name`` (``"float16"`` -> ``torch.float16``)."""
-    import torch
-
-    return getattr(torch, name)
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

@@ -23,10 +23,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.core.dtypes import ONNX_WEIGHT_TYPES, dtype_name
+from dtcompile.core.dtypes import ONNX_WEIGHT_TYPES, dtype_name, torch_dtype
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 from dtcompile.core.numerics import QMAX
-from dtcompile.weights.onnx_weights import OnnxWeights, tensor_bytes, torch_dtype
+from dtcompile.weights.onnx_weights import OnnxWeights, tensor_bytes
 
 if TYPE_CHECKING:
     import onnx
