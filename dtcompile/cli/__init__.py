@@ -16,6 +16,7 @@ from dtcompile.core.versions import DTC_VERSION as __version__
 
 # name -> ("module:function", one-line help); the module is imported only when the command runs.
 COMMANDS = {
+    "cache": ("dtcompile.cli.cache:cache", "Block-cache tools: fit TeaCache's polynomial for an artifact."),
     "build": ("dtcompile.cli.build:build", "Build an artifact (ONNX + engines + manifest) from a recipe."),
     "run": ("dtcompile.cli.run:run", "Generate an image with a built artifact."),
     "inspect": ("dtcompile.cli.inspect:inspect_cmd", "Print an artifact's manifest."),

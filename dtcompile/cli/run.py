@@ -54,6 +54,11 @@ from dtcompile.runtime.run import BACKEND_CHOICES
     type=click.Choice(("on", "off")),
     help="Skip cached blocks of a block-engine artifact (default: on when it has a cache section).",
 )
+@click.option(
+    "--cache-threshold",
+    type=float,
+    help="first_block and teacache artifacts: the skip threshold for this run (default: the recipe's).",
+)
 def run(
     artifact: str,
     prompt: str,
@@ -71,12 +76,13 @@ def run(
     verify: str,
     no_verify: bool,
     cache: str | None,
+    cache_threshold: float | None,
 ) -> None:
     """Run the denoising loop with the artifact's engines and write an image or a video."""
     from dtcompile.runtime.session import Session
 
     session = Session(Path(artifact), backend, verify="size" if no_verify else verify,
-                      cache=None if cache is None else cache == "on")  # fmt: skip
+                      cache=None if cache is None else cache == "on", cache_threshold=cache_threshold)  # fmt: skip
     out, image_format = _output_file(out_path, session.video, frames)  # checked before the run
     image = None if image_path is None else _reference_image(image_path)
     request = session.request(

@@ -59,6 +59,7 @@ class CacheLayout(Protocol):
     shared: tuple[str, ...]
     carried: tuple[str, ...]  # prologue outputs only the epilogue reads (SD3's latent grid size)
     epilogue_inputs: tuple[str, ...]
+    teacache_signal: str | None  # the prologue output TeaCache measures (None: no TeaCache for the family)
 
     def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
         """The forward up to the first block: graph inputs in, ``streams + shared + carried`` out (in that order)."""
@@ -109,10 +110,26 @@ class SplitLayout:
     intermediate tensors' specs and shapes both come from the family's ``tensor_dims``."""
 
     float32_tensors: tuple[str, ...] = ("rope_cos", "rope_sin")  # kept in float32 whatever the build dtype
+    carried: tuple[str, ...] = ()
+    #: The prologue output TeaCache measures (None: the family has no TeaCache signal yet).
+    teacache_signal: str | None = None
+    #: Prologue outputs made only for TeaCache (FLUX: the first block's modulated input; Wan's ``temb`` is
+    #: carried anyway).
+    signal_outputs: tuple[str, ...] = ()
+
+    def __init__(self, signal: bool = False) -> None:
+        """``signal``: the prologue also returns ``signal_outputs`` (a TeaCache split)."""
+        self.signal = signal
+        if signal:
+            self.carried = (*type(self).carried, *(s for s in self.signal_outputs if s not in type(self).carried))
 
     @staticmethod
     def part_classes() -> tuple[type, type, type]:
         raise NotImplementedError
+
+    def signal_prologue_class(self) -> type:
+        """The prologue class of a TeaCache split (the plain one where the signal is an output anyway)."""
+        return self.part_classes()[0]
 
     def tensor_dims(
         self, module: torch.nn.Module, dims: dict[str, tuple[int | str, ...]], symbolic: bool
@@ -131,7 +148,7 @@ class SplitLayout:
         return self.tensor_dims(module, dict(shapes), symbolic=False)
 
     def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
-        return self.part_classes()[0](module)
+        return (self.signal_prologue_class() if self.signal else self.part_classes()[0])(module)
 
     def blocks(self, blocks: list[torch.nn.Module]) -> torch.nn.Module:
         return self.part_classes()[1](blocks)
@@ -268,8 +285,11 @@ class ModelAdapter(Protocol):
     def block_names(self, config: dict[str, Any]) -> list[str]:
         """Block names of the component, in execution order (UnsupportedError when it cannot be split)."""
 
-    def cache_layout(self) -> CacheLayout:
-        """How the component splits into block engines (UnsupportedError when it cannot)."""
+    def cache_layout(self, mode: str | None = None) -> CacheLayout:
+        """How the component splits into block engines for cache ``mode`` (UnsupportedError when it cannot)."""
+
+    def teacache_coefficients(self, config: dict[str, Any]) -> tuple[list[float], str]:
+        """TeaCache's rescaling polynomial (numpy.poly1d order) for a transformer config, and its source."""
 
 
 @functools.cache
@@ -393,11 +413,22 @@ class AdapterBase:
             )
         return [f"{name}.{i}" for name, key in self.block_lists for i in range(int(config[key]))]
 
-    def cache_layout(self) -> CacheLayout:
-        """How the component splits into block engines (UnsupportedError for a family that is not split)."""
+    def cache_layout(self, mode: str | None = None) -> CacheLayout:
+        """How the component splits into block engines for cache ``mode`` (UnsupportedError for a family that is
+        not split, or that has no TeaCache signal for mode teacache)."""
         if self.cache_layout_class is None:
             raise UnsupportedError(
                 f"cache: {self.pipeline_class} artifacts are not split into block engines yet{self.no_cache_reason}; "
                 "remove the cache section"
             )
-        return self.cache_layout_class()
+        if mode == "teacache" and getattr(self.cache_layout_class, "teacache_signal", None) is None:
+            raise UnsupportedError(
+                f"cache.mode: teacache has no signal for {self.pipeline_class} yet (TeaCache measures FLUX's first "
+                "block's modulated input and Wan's timestep embedding); use mode first_block or static"
+            )
+        return self.cache_layout_class(signal=mode == "teacache")
+
+    def teacache_coefficients(self, config: dict[str, Any]) -> tuple[list[float], str]:
+        """TeaCache's rescaling polynomial for this transformer config and where it comes from; the identity
+        (the raw change, no rescaling) where none is published: ``dtc cache fit`` fits one."""
+        return [1.0, 0.0], "identity (none published for this family): fit them with dtc cache fit"

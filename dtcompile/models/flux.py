@@ -316,6 +316,31 @@ def _cache_part_classes() -> tuple[type, type, type]:
     return FluxPrologue, FluxBlocks, FluxEpilogue
 
 
+@functools.cache
+def _signal_prologue_class() -> type:
+    """The prologue of a TeaCache split: also returns ``modulated``, the first double-stream block's norm1 output
+    (TeaCache4FLUX's ``modulated_inp``), computed by that block's own AdaLayerNormZero."""
+
+    prologue = _cache_part_classes()[0]
+
+    class FluxSignalPrologue(prologue):  # type: ignore[misc,valid-type]
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            super().__init__(transformer)
+            self.first_norm = transformer.transformer_blocks[0].norm1
+
+        def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            hidden, context, temb, rope_cos, rope_sin = super().forward(*inputs)
+            modulated = self.first_norm(hidden, emb=temb)[0]
+            return hidden, context, temb, rope_cos, rope_sin, modulated
+
+    return FluxSignalPrologue
+
+
+#: TeaCache's published rescaling polynomial for FLUX.1-dev (ali-vilab/TeaCache, TeaCache4FLUX/teacache_flux.py;
+#: numpy.poly1d order, highest power first), fitted there on the first block's modulated input.
+TEACACHE_FLUX1 = [4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01]
+
+
 class FluxCacheLayout(SplitLayout):
     """The FLUX transformer split for block caching (``dtcompile.models.base.CacheLayout``).
 
@@ -328,8 +353,13 @@ class FluxCacheLayout(SplitLayout):
     shared = ("temb", "rope_cos", "rope_sin")
     carried: tuple[str, ...] = ()
     epilogue_inputs = ("hidden", "temb")
+    teacache_signal = "modulated"  # TeaCache4FLUX: the first block's norm1 output (its modulated image input)
+    signal_outputs = ("modulated",)
 
     part_classes = staticmethod(_cache_part_classes)
+
+    def signal_prologue_class(self) -> type:
+        return _signal_prologue_class()
 
     def tensor_dims(
         self, module: torch.nn.Module, dims: dict[str, tuple[int | str, ...]], symbolic: bool
@@ -342,6 +372,7 @@ class FluxCacheLayout(SplitLayout):
             "hidden": (batch, img, width),
             "context": (batch, text, width),
             "temb": (batch, width),
+            "modulated": (batch, img, width),
             "rope_cos": (rope, head),
             "rope_sin": (rope, head),
         }
@@ -362,6 +393,11 @@ class FluxAdapter(AdapterBase):
     graph_inputs = GRAPH_INPUTS
     block_lists = ((DOUBLE, "num_layers"), (SINGLE, "num_single_layers"))
     cache_layout_class = FluxCacheLayout
+
+    def teacache_coefficients(self, config: dict[str, Any]) -> tuple[list[float], str]:
+        """TeaCache's FLUX.1-dev polynomial (the only FLUX one published), for every FLUX.1 transformer."""
+        return list(TEACACHE_FLUX1), "published: TeaCache4FLUX (FLUX.1-dev)"
+
     guidance_example = GUIDANCE_SCALE_EXAMPLE
     id_layout: tuple[tuple[str, ...], int] = ((), 3)  # (leading dims, axes) of img_ids/txt_ids: (tokens, 3)
     # other components that can become engines (recipe ``components``), besides the transformer

@@ -271,6 +271,12 @@ def _cache_part_classes() -> tuple[type, type, type]:
     return WanPrologue, WanBlocks, WanEpilogue
 
 
+#: TeaCache's published polynomials for Wan2.1 text-to-video with the time-embedding signal (ali-vilab/TeaCache,
+#: TeaCache4Wan2.1/teacache_generate.py, use_ret_steps off; numpy.poly1d order).
+TEACACHE_WAN21_1_3B = [2.39676752e03, -1.31110545e03, 2.01331979e02, -8.29855975e00, 1.37887774e-01]
+TEACACHE_WAN21_14B = [-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404]
+
+
 class WanCacheLayout(SplitLayout):
     """The Wan transformer split for block caching (``dtcompile.models.base.CacheLayout``): every block updates
     ``hidden`` only; the text ``context``, the modulation ``tproj`` and the RoPE tables are computed once per
@@ -282,6 +288,7 @@ class WanCacheLayout(SplitLayout):
     shared = ("context", "tproj", "rope_cos", "rope_sin")
     carried = ("temb", "grid")
     epilogue_inputs = ("hidden", "temb", "grid")
+    teacache_signal = "temb"  # TeaCache4Wan2.1 (without ret steps): the time embedding ``e``
 
     part_classes = staticmethod(_cache_part_classes)
 
@@ -319,6 +326,14 @@ class WanAdapter(AdapterBase):
     graph_inputs = ("hidden_states", "timestep", "encoder_hidden_states")
     block_lists = (("blocks", "num_layers"),)
     cache_layout_class = WanCacheLayout
+
+    def teacache_coefficients(self, config: dict[str, Any]) -> tuple[list[float], str]:
+        """TeaCache4Wan2.1's polynomial for the time-embedding signal: the 14B one for 5120-wide transformers
+        (Wan2.1-T2V-14B; none is published for Wan2.2's experts), else the 1.3B one."""
+        if self.hidden_width(config) >= 5120:
+            return list(TEACACHE_WAN21_14B), "published: TeaCache4Wan2.1 (T2V-14B; none published for Wan2.2)"
+        return list(TEACACHE_WAN21_1_3B), "published: TeaCache4Wan2.1 (T2V-1.3B)"
+
     per_prompt_key = "num_videos_per_prompt"
     aux_components: ClassVar[dict[str, str]] = {}  # the causal VAE and the masked UMT5 call stay in torch
     # NVIDIA's Wan examples keep the embedders, the output head and the norms in high precision.

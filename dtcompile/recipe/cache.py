@@ -24,6 +24,14 @@ Two modes::
                                     # by less than this (relative L1) since the last full step
       max_consecutive_skips: 2
 
+    cache:                          # TeaCache: decided before any block runs
+      mode: teacache
+      threshold: 0.2                # skip all blocks while the accumulated, rescaled change of the model's
+                                    # signal (FLUX: the first block's modulated input; Wan: the timestep
+                                    # embedding) stays below this
+      retention: 1                  # optional: the first steps always computed (default 1)
+      coefficients: [498.65, ...]   # optional: the rescaling polynomial (default: the family's published one)
+
 A rule with only ``start``/``end`` caches every step of that range. Step 0 is always computed (nothing is cached
 yet). Blocks are ``transformer_blocks.<i>`` (double-stream) then ``single_transformer_blocks.<i>``; the export
 splits them into segments: maximal runs of consecutive blocks that belong to the same group (or to none).
@@ -33,6 +41,7 @@ This module imports no torch: the dry run uses it before any weights load.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Literal
@@ -43,7 +52,7 @@ from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.recipe.base import ItemError
 from dtcompile.recipe.base import Strict as _Strict
 
-MODES = ("static", "first_block")
+MODES = ("static", "first_block", "teacache")
 
 
 def _item_error(index: int, message: str, field: str) -> ValueError:
@@ -145,11 +154,21 @@ class CacheGroupSpec(_Strict):
         return rule
 
 
+#: The dynamic modes' keys and the modes each applies to.
+_DYNAMIC_KEYS: dict[str, tuple[str, ...]] = {
+    "threshold": ("first_block", "teacache"),
+    "max_consecutive_skips": ("first_block",),
+    "retention": ("teacache",),
+    "coefficients": ("teacache",),
+}
+
+
 class CacheSpec(_Strict):
     """The ``cache:`` section: static block groups with step rules, or dynamic first-block caching."""
 
-    mode: Literal["static", "first_block"]
-    """"static": rules per block group; "first_block": skip the other blocks while the first block barely changes."""
+    mode: Literal["static", "first_block", "teacache"]
+    """"static": rules per block group; "first_block": skip the other blocks while the first block barely changes;
+    "teacache": skip every block while the model's rescaled timestep-embedding signal barely changes."""
     # static
     steps: int | None = Field(default=None, ge=1)
     """static: the num_inference_steps the rules are written for (runs must use it)."""
@@ -160,6 +179,13 @@ class CacheSpec(_Strict):
     """first_block: relative L1 change of the first block's residual below which the rest is skipped."""
     max_consecutive_skips: int | None = Field(default=None, ge=1)  # first_block default: 2
     """first_block: at most this many skipped calls in a row (default 2)."""
+    # teacache (threshold too)
+    retention: int | None = Field(default=None, ge=0)
+    """teacache: the first steps of a run always computed (default 1), as TeaCache's ``ret_steps``."""
+    coefficients: list[float] | None = Field(default=None, min_length=1, max_length=16)
+    """teacache: the polynomial (highest power first, numpy.poly1d's order) that rescales the signal's relative
+    L1 change into an estimate of the output's (default: the family's published coefficients, or the ones
+    ``dtc cache fit`` stores in the artifact)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -171,35 +197,46 @@ class CacheSpec(_Strict):
     @model_validator(mode="after")
     def _fits_mode(self) -> CacheSpec:
         if self.mode == "static":
-            if self.groups is None:
-                raise ValueError("mode static needs groups: a list of {name, blocks, rule}")
-            if self.steps is None:
-                raise ValueError("mode static needs steps: the num_inference_steps the step rules are written for")
-            for key in ("threshold", "max_consecutive_skips"):
-                if getattr(self, key) is not None:
-                    raise ValueError(f"{key} applies to mode first_block only; remove it or set mode: first_block")
-            names = [g.name for g in self.groups]
-            if len(set(names)) != len(names):
-                raise ValueError(f"duplicate group name in {names}")
-            for i, g in enumerate(self.groups):
-                last = g.last_step_named()
-                if last is not None and last >= self.steps:
-                    raise _item_error(
-                        i,
-                        f"step {last} of group '{g.name}' ({g.describe()}) is outside the schedule of {self.steps} "
-                        f"steps (0..{self.steps - 1}); use steps below {self.steps} or raise cache.steps",
-                        "groups",
-                    )
+            self._check_static()
         else:
-            if self.threshold is None:
-                raise ValueError(
-                    "mode first_block needs threshold: the relative L1 change of the first block's output residual "
-                    "below which the other blocks are skipped (e.g. 0.1)"
-                )
-            for key in ("steps", "groups"):
-                if getattr(self, key) is not None:
-                    raise ValueError(f"{key} applies to mode static only; remove it or set mode: static")
+            self._check_dynamic()
         return self
+
+    def _check_static(self) -> None:
+        if self.groups is None:
+            raise ValueError("mode static needs groups: a list of {name, blocks, rule}")
+        if self.steps is None:
+            raise ValueError("mode static needs steps: the num_inference_steps the step rules are written for")
+        for key, modes in _DYNAMIC_KEYS.items():
+            if getattr(self, key) is not None:
+                raise ValueError(f"{key} applies to mode {' or '.join(modes)} only; remove it or set mode: {modes[0]}")
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate group name in {names}")
+        for i, g in enumerate(self.groups):
+            last = g.last_step_named()
+            if last is not None and last >= self.steps:
+                raise _item_error(
+                    i,
+                    f"step {last} of group '{g.name}' ({g.describe()}) is outside the schedule of {self.steps} "
+                    f"steps (0..{self.steps - 1}); use steps below {self.steps} or raise cache.steps",
+                    "groups",
+                )
+
+    def _check_dynamic(self) -> None:
+        if self.threshold is None:
+            raise ValueError(
+                f"mode {self.mode} needs threshold: the relative L1 change below which blocks are skipped "
+                f"(e.g. {0.1 if self.mode == 'first_block' else 0.2})"
+            )
+        for key in ("steps", "groups"):
+            if getattr(self, key) is not None:
+                raise ValueError(f"{key} applies to mode static only; remove it or set mode: static")
+        for key, modes in _DYNAMIC_KEYS.items():
+            if self.mode not in modes and getattr(self, key) is not None:
+                raise ValueError(f"{key} applies to mode {' or '.join(modes)} only; remove it or set mode: {modes[0]}")
+        if self.coefficients is not None and not all(math.isfinite(c) for c in self.coefficients):
+            raise ValueError(f"coefficients {self.coefficients}: every coefficient must be a finite number")
 
     def check_run_steps(self, num_steps: int) -> None:
         """Refuse a run whose schedule is shorter than a step the static rules name (UnsupportedError)."""
@@ -264,6 +301,8 @@ def plan_segments(spec: CacheSpec, names: list[str]) -> list[Segment]:
         raise RecipeError(f"cache: the transformer has {len(names)} block(s); caching needs at least 2")
     if spec.mode == "first_block":
         return [Segment(0, (names[0],)), Segment(1, tuple(names[1:]))]
+    if spec.mode == "teacache":  # every block is skipped together: one segment
+        return [Segment(0, tuple(names))]
     owner: dict[str, str] = {}
     for gi, group in enumerate(spec.groups or []):
         for pi, pattern in enumerate(group.blocks):
@@ -296,6 +335,12 @@ def plan_lines(spec: CacheSpec, segments: dict[str, list[Segment]]) -> list[str]
     groups = {g.name: g for g in spec.groups or []}
     if spec.mode == "first_block":
         head = f"cache first_block: threshold {spec.threshold}, at most {spec.max_consecutive_skips} consecutive skips"
+    elif spec.mode == "teacache":
+        head = (
+            f"cache teacache: threshold {spec.threshold}, the first {spec.retention or 1} step(s) and the last always "
+            "computed; coefficients "
+            + ("from the recipe" if spec.coefficients else "published for the family (or fitted: dtc cache fit)")
+        )
     else:
         head = f"cache static: rules written for {spec.steps} steps"
     several = len(segments) > 1
@@ -312,7 +357,9 @@ def plan_lines(spec: CacheSpec, segments: dict[str, list[Segment]]) -> list[str]
             out.append(f"  {name}:")
         out.append(f"{indent}graphs: prologue, {len(segs)} block segment(s), epilogue")
         for s in segs:
-            if spec.mode == "first_block":
+            if spec.mode == "teacache":
+                what = "skipped while the rescaled signal's accumulated change is below the threshold"
+            elif spec.mode == "first_block":
                 what = (
                     "first block (always computed)" if s.index == 0 else "skipped when the first block barely changes"
                 )
@@ -340,7 +387,9 @@ def stats_line(stats: dict[str, Any]) -> str:
     if stats["mode"] == "off":
         return line
     first_block = stats.get("threshold") is not None
-    if first_block:
+    if stats["mode"] == "teacache":
+        line += f"; threshold {stats['threshold']}, signal change per call {_changes(stats['rel_change'])}"
+    elif first_block:
         line += f"; threshold {stats['threshold']}, at most {stats['max_consecutive_skips']} consecutive skips"
         line += f"; first-block change per call {_changes(stats['rel_change'])}"
     line += f"; cached calls {stats['cached_calls']}"
@@ -356,5 +405,7 @@ def stats_line(stats: dict[str, Any]) -> str:
             f"{e['blocks_evaluated'] + e['blocks_skipped']} block evaluations skipped; cached calls {e['cached_calls']}"
         )
         if first_block:
-            line += f"; first-block change per call {_changes(e['rel_change'])}"
+            line += f"; {'signal' if stats['mode'] == 'teacache' else 'first-block'} change per call " + _changes(
+                e["rel_change"]
+            )
     return line

@@ -11,6 +11,12 @@ its output.
 - first_block mode: the first block always runs; the rest is skipped when the relative L1 change of the first
   block's first-stream residual since the last full step is below ``threshold`` (at most
   ``max_consecutive_skips`` steps in a row); its residual is the rest's output minus its input at that step.
+- teacache mode (TeaCache, ali-vilab/TeaCache): decided before any block runs, from the prologue's signal output
+  (the manifest's ``cache.teacache.signal``): its relative L1 change since the previous call, rescaled by the
+  polynomial ``cache.teacache.coefficients`` (clamped at 0: an estimated change is never negative), is
+  accumulated; while the sum stays below ``threshold`` every block is skipped (the cached residual of all
+  blocks added), else they run and the sum restarts. The first ``retention`` steps and the run's last step
+  always run. ``TeaCacheFit`` collects (signal change, output change) pairs for ``dtc cache fit``.
 
 The experts of one pipeline share a ``CacheRun``: steps are the pipeline's, counted per ``cache_context`` (e.g.
 "cond"/"uncond") over every expert's calls, so static rules name the same steps whichever expert runs them. Cache
@@ -50,6 +56,8 @@ class _Branch:
     residuals: dict[int, Streams] = field(default_factory=dict)
     first_residual: torch.Tensor | None = None
     consecutive: int = 0
+    signal: torch.Tensor | None = None  # teacache: the previous call's signal
+    accumulated: float = 0.0  # teacache: rescaled change since the last computed call
 
 
 @dataclass(frozen=True)
@@ -156,8 +164,13 @@ class CachedEngineModule(ComponentStandIn):
         enabled: bool = True,
         name: str = "transformer",
         run: CacheRun | None = None,
+        teacache: dict[str, Any] | None = None,
+        threshold: float | None = None,
     ) -> None:
         super().__init__(config, input_names, output_name, dtype, device)
+        self.teacache = teacache  # the manifest's cache.teacache: signal, coefficients, source
+        self.threshold = spec.threshold if threshold is None else threshold
+        self.fit: TeaCacheFit | None = None  # set by dtc cache fit: records every call's changes
         self.runners = runners
         self.streams, self.shared, self.epilogue_inputs = streams, shared, epilogue_inputs
         self.prologue = next(part for part, kind, _ in parts if kind == "prologue")
@@ -216,8 +229,13 @@ class CachedEngineModule(ComponentStandIn):
             "experts": {name: self.run.stats(name) for name in self.run.blocks_per_call},
         }
         if self.spec.mode == "first_block":
-            stats["threshold"] = self.spec.threshold
+            stats["threshold"] = self.threshold
             stats["max_consecutive_skips"] = self.spec.max_consecutive_skips
+            stats["rel_change"] = total["rel_change"]
+        elif self.spec.mode == "teacache":
+            stats["threshold"] = self.threshold
+            stats["retention"] = self.spec.retention or 1
+            stats["coefficients"] = (self.teacache or {}).get("coefficients")
             stats["rel_change"] = total["rel_change"]
         else:
             stats["groups"] = {g.name: g.describe() for g in self.groups.values()}
@@ -235,11 +253,15 @@ class CachedEngineModule(ComponentStandIn):
         change = None
         if self.enabled and self.spec.mode == "first_block":
             streams, skipped, change = self._first_block(branch, streams, shared)
+        elif self.enabled and self.spec.mode == "teacache":
+            streams, skipped, change = self._teacache(branch, step, streams, shared, pro[self._signal_name()])
         else:
             streams, skipped = self._static(branch, step, streams, shared)
         state = {**pro, **dict(zip(self.streams, streams, strict=True))}  # prologue outputs, updated streams
         out = self.runners[self.epilogue]({k: state[k] for k in self.epilogue_inputs})[self.output_name]
         out = self.check_finite(out.to(self._device, self._dtype), step)
+        if self.fit is not None:
+            self.fit.observe(self.name, context, step, pro[self._signal_name()], out)
         self.run.record(_Call(self.name, context, step, skipped, change))
         if self.trace is not None:
             self.trace.append(out.detach().clone())
@@ -294,6 +316,63 @@ class CachedEngineModule(ComponentStandIn):
         branch.consecutive = 0
         return streams, 0, change
 
+    def _signal_name(self) -> str:
+        if not self.teacache:
+            raise ArtifactError(f"{self.name}: the artifact records no TeaCache signal (built with another cache mode)")
+        return str(self.teacache["signal"])
+
+    def _teacache(
+        self, branch: _Branch, step: int, streams: Streams, shared: dict[str, torch.Tensor], signal: torch.Tensor
+    ) -> tuple[Streams, int, float | None]:
+        change = None
+        if branch.signal is not None and branch.signal.shape == signal.shape:
+            change = rel_l1(signal, branch.signal)
+        branch.signal = signal.detach()
+        cached = branch.residuals.get(0)
+        last = self.run.num_steps is not None and step >= self.run.num_steps - 1
+        retention = 1 if self.spec.retention is None else self.spec.retention
+        skip = False
+        if change is None or step < retention or last or not cached or cached[0].shape != streams[0].shape:
+            branch.accumulated = 0.0
+        else:
+            branch.accumulated += max(rescale(self.teacache["coefficients"], change), 0.0)  # type: ignore[index]
+            skip = branch.accumulated < (self.threshold or 0.0)
+            if not skip:
+                branch.accumulated = 0.0
+        if skip:
+            assert cached is not None
+            return _plus(streams, cached), self.blocks_per_call, change
+        start = streams
+        for name, _ in self.segments:
+            streams = self._run(name, streams, shared)
+        branch.residuals[0] = _minus(streams, start)
+        return streams, 0, change
+
+
+def rescale(coefficients: list[float], x: float) -> float:
+    """The polynomial ``coefficients`` (highest power first, as numpy.poly1d) at ``x`` (Horner)."""
+    value = 0.0
+    for c in coefficients:
+        value = value * x + c
+    return value
+
+
+class TeaCacheFit:
+    """(signal change, output change) per call, per expert, over full runs: what ``dtc cache fit`` fits
+    TeaCache's polynomial to, as TeaCache's authors fit theirs (relative L1 of the signal and of the model output
+    against the same branch's previous call)."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, list[tuple[float, float]]] = {}
+        self._previous: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def observe(self, expert: str, context: str, step: int, signal: torch.Tensor, out: torch.Tensor) -> None:
+        key = (expert, context)
+        previous = None if step == 0 else self._previous.get(key)
+        if previous is not None and previous[0].shape == signal.shape:
+            self.points.setdefault(expert, []).append((rel_l1(signal, previous[0]), rel_l1(out, previous[1])))
+        self._previous[key] = (signal.detach().clone(), out.detach().clone())
+
 
 def _plus(a: Streams, b: Streams) -> Streams:
     return tuple(x + y for x, y in zip(a, b, strict=True))
@@ -313,9 +392,11 @@ def load_cached_module(
     verifier: Verifier,
     enabled: bool = True,
     run: CacheRun | None = None,
+    threshold: float | None = None,
 ) -> tuple[CachedEngineModule, EngineEntry]:
     """The stitched module of split denoiser ``component`` and the prologue's engine entry (names the backend and
-    arch). ``run``: the ``CacheRun`` of the pipeline's other experts (Wan2.2), so they count the same steps.
+    arch). ``run``: the ``CacheRun`` of the pipeline's other experts (Wan2.2), so they count the same steps;
+    ``threshold``: replaces the recipe's (first_block, teacache: ``dtc run --cache-threshold``).
 
     Every part runs on the same backend: the one ``select_engine`` picks for the prologue.
     """
@@ -360,5 +441,7 @@ def load_cached_module(
         enabled=enabled,
         name=component,
         run=run,
+        teacache=centry.cache.get("teacache"),
+        threshold=threshold,
     )
     return module, first

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,13 @@ class Session:
     """
 
     def __init__(
-        self, artifact_dir: str | Path, backend: str = "auto", *, verify: bool | str = True, cache: bool | None = None
+        self,
+        artifact_dir: str | Path,
+        backend: str = "auto",
+        *,
+        verify: bool | str = True,
+        cache: bool | None = None,
+        cache_threshold: float | None = None,
     ) -> None:
         self.artifact_dir = Path(artifact_dir)
         self.manifest: Manifest = read_manifest(self.artifact_dir)
@@ -114,12 +121,22 @@ class Session:
             )
         self.adapter: ModelAdapter = adapter_for(self.manifest.source.pipeline_class)
         self.config: Callable[[str], dict[str, Any] | None] = pipeline_config(self.artifact_dir)
-        self.backend, self.verify, self.cache = backend, verify, cache
-        if cache and not self.manifest.component(self.manifest.main_component()).is_split:
+        self.backend, self.verify, self.cache, self.cache_threshold = backend, verify, cache, cache_threshold
+        main = self.manifest.component(self.manifest.main_component())
+        if cache and not main.is_split:
             raise UnsupportedError(
                 f"--cache on: {self.artifact_dir} has no block engines (its recipe has no cache section); use "
                 "--cache off"
             )
+        if cache_threshold is not None:
+            mode = (main.cache or {}).get("spec", {}).get("mode")
+            if mode not in ("first_block", "teacache"):
+                raise UnsupportedError(
+                    f"--cache-threshold: {self.artifact_dir} has no threshold to set (cache mode: {mode or 'none'}); "
+                    "it applies to first_block and teacache artifacts"
+                )
+            if not (math.isfinite(cache_threshold) and cache_threshold >= 0):
+                raise UnsupportedError(f"--cache-threshold {cache_threshold}: expected a finite number >= 0")
         self.module: Any = None  # the main denoiser's stand-in, once loaded
         self.entry: EngineEntry | None = None
         self._pipe: Any = None
@@ -169,7 +186,8 @@ class Session:
             from dtcompile.runtime.cache import load_cached_module
 
             return load_cached_module(artifact_dir, manifest, name, self.backend, gpu=gpu_arch(), verifier=verifier,
-                                      enabled=self.cache is not False, run=run)  # fmt: skip
+                                      enabled=self.cache is not False, run=run,
+                                      threshold=self.cache_threshold)  # fmt: skip
 
         module, entry = denoiser(main)
         standins = {
@@ -319,6 +337,10 @@ class Session:
         per_prompt = getattr(self.adapter, "per_prompt_key", "num_images_per_prompt")
         self.check_batch(_prompt_count(args) * int(args.get(per_prompt) or 1), f"batch (prompts x {per_prompt})")
         self.adapter.adapt_call(args, given)
+        if hasattr(self.module, "begin_run"):  # a block-cache run: rules and the last step need the run's length
+            steps = args.get("num_inference_steps") or params["num_inference_steps"].default
+            custom = args.get("sigmas") if args.get("sigmas") is not None else args.get("timesteps")
+            self.module.begin_run(len(custom) if custom is not None else int(steps))
 
     def _text_length(self, args: dict[str, Any], default: Any) -> None:
         r = self.shapes["text_len"]
@@ -426,13 +448,15 @@ def run_artifact(
     trace: bool = False,
     verify: bool | str = True,
     cache: bool | None = None,
+    cache_threshold: float | None = None,
 ) -> Generation:
     """Generate one image (or, for video artifacts, one video of ``frames`` frames: default the built opt)
     through a ``Session``; ``trace`` keeps every step's noise prediction.
 
-    ``cache``: skip cached blocks of a cache-split artifact (None: when it has a cache section; False: run all).
+    ``cache``: skip cached blocks of a cache-split artifact (None: when it has a cache section; False: run all);
+    ``cache_threshold``: a first_block or teacache artifact's threshold for this run.
     """
-    session = Session(artifact_dir, backend, verify=verify, cache=cache)
+    session = Session(artifact_dir, backend, verify=verify, cache=cache, cache_threshold=cache_threshold)
     request = session.request(
         prompt,
         steps=steps,

@@ -202,10 +202,23 @@ def export_split(
         artifact_dir,
         check_onnxruntime="onnxruntime" in recipe.engine.backends,
         attention=attention.mode,
+        cache_mode=recipe.cache.mode,
     )
     main["attention"] = attention.to_json()
     main["cache"] = {"spec": recipe.cache.model_dump(mode="json"), "segments": [s.to_json() for s in segments]}
+    if recipe.cache.mode == "teacache":
+        main["cache"]["teacache"] = teacache_entry(recipe.cache, adapter, dict(module.config))
     return main, exported
+
+
+def teacache_entry(spec: Any, adapter: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's TeaCache record of a denoiser: the prologue output measured and the rescaling polynomial
+    (the recipe's, else the family's published one, ``ModelAdapter.teacache_coefficients``) with its source."""
+    if spec.coefficients is not None:
+        coefficients, source = list(spec.coefficients), "recipe"
+    else:
+        coefficients, source = adapter.teacache_coefficients(config)
+    return {"signal": adapter.cache_layout("teacache").teacache_signal, "coefficients": coefficients, "source": source}
 
 
 def export_parts(
@@ -220,10 +233,12 @@ def export_parts(
     *,
     check_onnxruntime: bool = True,
     attention: str = "decomposed",
+    cache_mode: str | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, ExportedComponent]]]:
     """Split ``module`` at ``segments``, export each part into ``artifact_dir/onnx`` and check the chain.
 
-    ``attention`` is the export.attention mode each part is exported with (``dtcompile.attention``). Returns the
+    ``attention`` is the export.attention mode each part is exported with (``dtcompile.attention``);
+    ``cache_mode`` the recipe's (teacache: the prologue also returns the layout's TeaCache signal). Returns the
     main entry (config, overall I/O, profile, part names, chain parity) and the parts in order.
 
     Raises:
@@ -245,7 +260,7 @@ def export_parts(
     mono = adapter.export_spec(module, pipe_config, shapes, torch_dtype(dtype_name))
     mono = dataclasses.replace(mono, opset=opset)
     mono_profile = adapter.shape_profile(module, pipe_config, shapes)
-    layout = adapter.cache_layout()
+    layout = adapter.cache_layout(cache_mode)
     inter = layout.intermediate_specs(module, mono, dtype_name)
     parts = split_parts(module, layout, segments, comp)
     torch_run = _torch_runner(layout, mono.output_names[0])

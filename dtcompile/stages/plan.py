@@ -347,6 +347,7 @@ def _plan_cache(plan: Plan) -> list[str]:
     later = [f"cache {spec.mode}: block patterns are checked after the model downloads (not cached locally)"]
     if adapter is None or denoisers is None:
         return later
+    adapter.cache_layout(spec.mode)  # refuses a family the mode has no layout or signal for
     segments = {}
     for name in denoisers:  # each denoiser is split on its own (Wan2.2: both experts)
         config = component_config(plan.source, name)
