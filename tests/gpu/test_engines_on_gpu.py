@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.engine_parity import compare_engines, compare_runs, tolerance
+from tests.fixtures.engine_parity import compare_engines, compare_runs, lora_moved, tolerance
 from tests.fixtures.gpu import FLAVOUR, GPU_ARCH, RECIPES, build_for_gpu, requires_sm, requires_trt
 
 pytestmark = requires_trt
@@ -113,7 +113,7 @@ def test_refit_on_a_gpu_built_engine_equals_a_rebuild_with_the_lora_fused(built,
     cmp = compare_runs(refit_run, fused_run)
     assert cmp["max_step_rel_l2"] <= max_l2 and cmp["psnr_db"] >= min_psnr, cmp
     base_run = _run(base, FLAVOUR)
-    assert compare_runs(refit_run, base_run)["max_step_rel_l2"] > 10 * max_l2  # the LoRA really moved the engine
+    assert lora_moved(compare_runs(refit_run, base_run)["max_step_rel_l2"], cmp["max_step_rel_l2"])
 
     restored = dtcompile.refit(report.artifact_dir, [], out=tmp_path / "restored")
     again = compare_runs(_run(restored.artifact_dir, FLAVOUR), base_run)
