@@ -154,3 +154,17 @@ def test_the_shell_wrapper_and_make_target_call_the_script() -> None:
     sh = ROOT / "scripts" / "gpu_check.sh"
     assert sh.stat().st_mode & 0o111 and "gpu_check.py" in sh.read_text()
     assert "scripts/gpu_check.py" in (ROOT / "Makefile").read_text().split("\ngpu-check:")[1].split("\n\n")[0]
+
+
+def test_parity_phase_runs_with_onnxruntime_standing_in_for_the_engine(gc, tiny_artifact: Path) -> None:
+    """The parity phase's own code (per-engine feeds, traced runs, figure, tolerances) on the CPU: onnxruntime
+    against itself, so every error is zero; on a GPU the first backend is the TensorRT flavour."""
+    done = gc.parity_phase(tiny_artifact, "onnxruntime", "any", cached=False)
+    assert done.figure == "1 engine(s) rel L2 <= 0.0e+00, 1 run(s): step rel L2 <= 0.0e+00, PSNR >= 100.0 dB"
+    assert [(r["component"], r["output"], r["rel_l2"]) for r in done.details["engines"]] == [
+        ("transformer", "latent", 0.0)
+    ]
+    assert done.details["runs"]["run"]["steps"] == [0.0] * 4
+    assert done.details["tolerance"] == {"max_rel_l2": 1e-2, "min_psnr_db": 30.0}
+    with pytest.raises(gc.Fail, match="no tensorrt-rtx sm_86 engine to compare"):
+        gc.parity_phase(tiny_artifact, "tensorrt-rtx", "sm_86", cached=False)
