@@ -446,6 +446,7 @@ def tests_phase(work: Path, logs: Path) -> Done:
     if importlib.util.find_spec("pytest") is None:
         raise Skip("pytest is not installed (pip install 'dtcompile[dev]')")
     xml = work / "gpu-tests.xml"
+    env = {**_child_env(), "DTC_GPU_CHECK_ENGINES": str(work / "engines")}  # the builds above are no-ops there
     args = [
         sys.executable,
         "-m",
@@ -459,7 +460,7 @@ def tests_phase(work: Path, logs: Path) -> Done:
         f"--junitxml={xml}",
         "tests",
     ]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=_child_env())
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env)
     (logs / "gpu-tests.log").write_text(f"$ {' '.join(args)}\n{proc.stdout}\n{proc.stderr}")
     if not xml.is_file():
         raise Fail(f"pytest exited {proc.returncode} without a report (log: {logs / 'gpu-tests.log'})")

@@ -168,3 +168,18 @@ def test_parity_phase_runs_with_onnxruntime_standing_in_for_the_engine(gc, tiny_
     assert done.details["tolerance"] == {"max_rel_l2": 1e-2, "min_psnr_db": 30.0}
     with pytest.raises(gc.Fail, match="no tensorrt-rtx sm_86 engine to compare"):
         gc.parity_phase(tiny_artifact, "tensorrt-rtx", "sm_86", cached=False)
+
+
+def test_script_and_gpu_tests_build_with_the_same_overrides(gc, tmp_path: Path) -> None:
+    """So that the gpu tests' builds into the script's folder ($DTC_GPU_CHECK_ENGINES) are up-to-date no-ops."""
+    from tests.fixtures import gpu
+
+    assert (gc.LORA_FUSED, gc.REFITTABLE, gc.LORA, gc.LORA_SCALE) == (
+        gpu.LORA_FUSED,
+        gpu.REFITTABLE,
+        gpu.LORA,
+        gpu.LORA_SCALE,
+    )
+    for flavour, arch in (("tensorrt-rtx", "sm_89"), ("tensorrt", "sm_90")):
+        ours = gc.recipe_overrides(tmp_path / "tiny-flux", flavour, arch, gc.REFITTABLE)
+        assert ours == [*gpu.gpu_overrides(tmp_path / "tiny-flux", flavour=flavour, arch=arch), gpu.REFITTABLE]

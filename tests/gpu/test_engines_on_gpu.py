@@ -11,23 +11,36 @@ Not run on a GPU by this project yet: the tolerances (tests/fixtures/engine_pari
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.engine_parity import compare_engines, compare_runs, lora_moved, tolerance
-from tests.fixtures.gpu import FLAVOUR, GPU_ARCH, RECIPES, build_for_gpu, requires_sm, requires_trt
+from tests.fixtures.gpu import (
+    ENGINES_ENV,
+    FLAVOUR,
+    GPU_ARCH,
+    LORA,
+    LORA_FUSED,
+    LORA_SCALE,
+    REFITTABLE,
+    build_for_gpu,
+    requires_sm,
+    requires_trt,
+)
 
 pytestmark = requires_trt
 
 PROMPT = "a red fox in the snow"
-LORA = RECIPES / "lora" / "tiny-flux-style.safetensors"
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory):
-    """``built(recipe, *overrides, label=...)``: the artifact, built once per module and label."""
-    root = tmp_path_factory.mktemp("gpu-engines")
+    """``built(recipe, *overrides, label=...)``: the artifact, built once per module and label into
+    ``$DTC_GPU_CHECK_ENGINES/<label>/`` when set (scripts/gpu_check.py points it at its own builds, which the same
+    overrides make up-to-date no-ops here), else into a temp folder."""
+    root = Path(os.environ[ENGINES_ENV]) if os.environ.get(ENGINES_ENV) else tmp_path_factory.mktemp("gpu-engines")
     done: dict[str, Path] = {}
 
     def get(recipe: str, *overrides: str, label: str | None = None) -> Path:
@@ -103,9 +116,9 @@ def test_kontext_engine_edits_like_onnxruntime(built) -> None:
 def test_refit_on_a_gpu_built_engine_equals_a_rebuild_with_the_lora_fused(built, tmp_path: Path) -> None:
     import dtcompile
 
-    base = built("tiny-flux", "engine.refittable=true", label="refittable")
-    fused = built("tiny-flux", f"lora=[{{source: '{LORA}', scale: 0.8}}]", label="fused")
-    report = dtcompile.refit(base, [(str(LORA), 0.8)], out=tmp_path / "refit")
+    base = built("tiny-flux", REFITTABLE, label="refit-base")
+    fused = built("tiny-flux", LORA_FUSED, label="lora-fused")
+    report = dtcompile.refit(base, [(str(LORA), LORA_SCALE)], out=tmp_path / "refit")
     assert f"{FLAVOUR}:{GPU_ARCH}" in report.refit_engines and not report.dropped
     max_l2, min_psnr = tolerance(base)
 
