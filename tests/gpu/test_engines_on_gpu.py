@@ -137,7 +137,7 @@ def test_refit_on_a_gpu_built_engine_equals_a_rebuild_with_the_lora_fused(built,
 
     restored = dtcompile.refit(report.artifact_dir, [], out=tmp_path / "restored")
     again = compare_runs(_run(restored.artifact_dir, FLAVOUR), base_run)
-    assert again["max_step_rel_l2"] <= 1e-5, again  # --lora none puts the base weights back
+    assert again["max_step_rel_l2"] <= 1e-4, again  # --lora none puts the base weights back
 
 
 @pytest.mark.parametrize("recipe", ["tiny-flux-cache", "tiny-sd3-cache", "tiny-wan21-cache", "tiny-wan22-cache"])
