@@ -1,10 +1,11 @@
 # make demo: build the built-in tiny FLUX recipe and generate a PNG; make demo-video: the tiny Wan2.2 (two
-# experts) to an MP4; make test: the CPU test suite.
+# experts) to an MP4; make test: the CPU test suite; make gpu-check: the GPU acceptance check (docs/gpu-check.md,
+# on a machine with an NVIDIA GPU; GPU_CHECK_ARGS=--quick skips the real-width bench).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-video test lint clean
+.PHONY: demo demo-video test gpu-check lint clean
 
 $(BIN)/dtc: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ demo-video: $(BIN)/dtc
 
 test: $(BIN)/dtc
 	$(BIN)/python -m pytest -q
+
+gpu-check: $(BIN)/dtc
+	$(BIN)/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(BIN)/dtc
 	$(BIN)/ruff check dtcompile tests

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.versions import dist_version
@@ -64,6 +65,17 @@ def gpu_arch() -> str | None:
         return None
     major, minor = torch.cuda.get_device_capability()
     return f"sm_{major}{minor}"
+
+
+def trt_flavour_for(arch: str | None, installed: Iterable[str]) -> str | None:
+    """The TensorRT flavour, among the ``installed`` ones, that builds and runs engines for ``arch``: tensorrt-rtx
+    where it targets the arch (the flavour the recipes use), else datacenter tensorrt (sm_90, sm_100); None when
+    neither does or ``arch`` is None."""
+    have = set(installed)
+    for flavour in ("tensorrt-rtx", "tensorrt"):
+        if flavour in have and arch in TRT_ARCHS[flavour]:
+            return flavour
+    return None
 
 
 def installed_trt_major(flavour: str) -> int | None:

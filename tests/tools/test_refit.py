@@ -429,23 +429,25 @@ def test_trt_engines_refit_only_when_refittable_on_their_gpu():
 def test_trt_refit_matches_onnxruntime_on_gpu(base, loras, work):
     from dtcompile.backends.tensorrt import TrtRunner, engine_from_onnx
     from dtcompile.core.graph import ShapeProfile
-    from dtcompile.core.targets import gpu_arch
+    from tests.fixtures.gpu import FLAVOUR, GPU_ARCH
 
-    arch = gpu_arch()
+    arch, flavour = GPU_ARCH, FLAVOUR
     if arch is None:
         pytest.skip("needs a CUDA GPU: TensorRT builds REFIT engines and deserializes them for refit only on a GPU")
+    if flavour is None:
+        pytest.skip(f"no TensorRT flavour for {arch} is installed")
     m = read_manifest(base).to_json()
     c = m["components"]["transformer"]
     art = work / "trt"
     shutil.copytree(base, art)
     profile = ShapeProfile(**{k: {n: tuple(v[k]) for n, v in c["profile"].items()} for k in ("min", "opt", "max")})
-    info = engine_from_onnx(art / c["onnx"]["file"], profile, arch, "tensorrt-rtx", art / "e.engine", refittable=True)
+    info = engine_from_onnx(art / c["onnx"]["file"], profile, arch, flavour, art / "e.engine", refittable=True)
     m["components"]["transformer"]["engines"].append(info.to_manifest(art))
     from dtcompile.manifest import write_manifest
 
     write_manifest(art, m)
     r = refit_artifact(art, [(str(loras["A"]), 1.0)], out_dir=work / "trt-A")
-    assert r.refit_engines == [f"tensorrt-rtx:{arch}"]
-    got = TrtRunner(r.artifact_dir / "e.engine", "tensorrt-rtx")(graph_feeds())["latent"].cpu()
+    assert r.refit_engines == [f"{flavour}:{arch}"]
+    got = TrtRunner(r.artifact_dir / "e.engine", flavour)(graph_feeds())["latent"].cpu()
     assert rel_l2(got, graph_output(r.artifact_dir)) < 1e-2  # TF32 matmuls on the GPU
     assert rel_l2(got, graph_output(base)) > 1e-2
