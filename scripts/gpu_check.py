@@ -351,7 +351,7 @@ def build_phase(recipe: str, out_dir: Path, flavour: str, arch: str, logs: Path,
 
 def _runs(art: Path, backend: str, **kw: Any) -> Any:
     """One traced run of ``art`` on ``backend`` with the comparison settings (engine_parity.run_settings)."""
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
     from tests.fixtures.engine_parity import run_settings
 
     settings = run_settings(art)

@@ -59,7 +59,7 @@ def built(tmp_path_factory: pytest.TempPathFactory):
 
 def _run(artifact: Path, backend: str, **kw):
     """A traced run with the comparison settings (engine_parity.run_settings: prompt, steps, seed, ...)."""
-    from dtcompile.runtime.run import run_artifact
+    from dtcompile.runtime.session import run_artifact
 
     settings = run_settings(artifact)
     return run_artifact(artifact, settings.pop("prompt"), backend=backend, trace=True, **settings, **kw)
