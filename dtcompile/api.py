@@ -46,7 +46,12 @@ def build(
 
 
 def load_pipeline(
-    artifact: str | Path, backend: str = "auto", *, verify: bool | str = True, cache: bool | None = None
+    artifact: str | Path,
+    backend: str = "auto",
+    *,
+    verify: bool | str = True,
+    cache: bool | None = None,
+    parallel: str | None = None,
 ) -> Any:
     """The artifact's diffusers pipeline with its engines standing in for their components.
 
@@ -55,10 +60,17 @@ def load_pipeline(
     instance of the artifact's diffusers pipeline class, and every call is checked against the built profile
     first (``dtcompile.runtime.session.Session.prepare_call``): defaults the artifact cannot take become the
     built ones (said once in the log), values outside it raise UnsupportedError naming the argument.
+    ``parallel="cfg=2"``: this process is one of two ranks started by ``torchrun --nproc-per-node 2``, each
+    running the same script; each computes one guidance branch (docs/parallel.md).
     """
     from dtcompile.runtime.session import Session
 
-    return Session(artifact, backend, verify=verify, cache=cache).load()
+    spec = None
+    if parallel is not None:
+        from dtcompile.runtime.parallel import ParallelSpec
+
+        spec = ParallelSpec.parse(parallel, flag="parallel=")
+    return Session(artifact, backend, verify=verify, cache=cache, parallel=spec).load()
 
 
 def refit(

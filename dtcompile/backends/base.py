@@ -61,8 +61,11 @@ class Backend(Protocol):
     def build(self, job: EngineJob, target: Target, settings: BuildSettings) -> dict[str, Any]:
         """Build ``job``'s engine for ``target`` into ``job.artifact_dir``; its manifest engine entry."""
 
-    def open_runner(self, path: Path, entry: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
-        """A runner for the engine file ``path`` described by manifest ``entry``."""
+    def open_runner(
+        self, path: Path, entry: dict[str, Any], *, threads: int | None = None
+    ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """A runner for the engine file ``path`` described by manifest ``entry``; ``threads``: CPU threads of a
+        CPU backend (None: its default; GPU backends ignore it)."""
 
     def refit(
         self,

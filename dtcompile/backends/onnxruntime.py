@@ -100,9 +100,9 @@ class OnnxruntimeBackend:
             "size": path.stat().st_size,
         }
 
-    def open_runner(self, path: Path, entry: dict[str, Any]) -> OrtRunner:
-        """An ``OrtRunner`` over the graph."""
-        return OrtRunner(path)
+    def open_runner(self, path: Path, entry: dict[str, Any], *, threads: int | None = None) -> OrtRunner:
+        """An ``OrtRunner`` over the graph (``threads`` intra-op threads; None: onnxruntime's default)."""
+        return OrtRunner(path, threads=threads)
 
     def refit(
         self, engine_path: Path, updates: dict[str, Any], out_path: Path, missing: Callable[[str], Any]

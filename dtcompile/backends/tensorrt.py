@@ -438,8 +438,8 @@ class TensorRTBackend:
         )
         return {**info.to_manifest(job.artifact_dir), "build_s": round(info.build_s, 2)}
 
-    def open_runner(self, path: Path, entry: dict[str, Any]) -> TrtRunner:
-        """A ``TrtRunner`` (needs a CUDA GPU of the engine's arch)."""
+    def open_runner(self, path: Path, entry: dict[str, Any], *, threads: int | None = None) -> TrtRunner:
+        """A ``TrtRunner`` (needs a CUDA GPU of the engine's arch; ``threads`` does not apply)."""
         return TrtRunner(path, self.name)
 
     def refit(

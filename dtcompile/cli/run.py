@@ -55,6 +55,10 @@ from dtcompile.runtime.run import BACKEND_CHOICES
     help="Skip cached blocks of a block-engine artifact (default: on when it has a cache section).",
 )
 @click.option(
+    "--parallel",
+    help="Split one request over local ranks: cfg=2 runs the two guidance branches at once (docs/parallel.md).",
+)
+@click.option(
     "--cache-threshold",
     type=float,
     help="first_block and teacache artifacts: the skip threshold for this run (default: the recipe's).",
@@ -77,6 +81,7 @@ def run(
     no_verify: bool,
     cache: str | None,
     cache_threshold: float | None,
+    parallel: str | None,
 ) -> None:
     """Run the denoising loop with the artifact's engines and write an image or a video."""
     from dtcompile.runtime.session import Session
@@ -85,18 +90,18 @@ def run(
                       cache=None if cache is None else cache == "on", cache_threshold=cache_threshold)  # fmt: skip
     out, image_format = _output_file(out_path, session.video, frames)  # checked before the run
     image = None if image_path is None else _reference_image(image_path)
-    request = session.request(
-        prompt,
-        steps=steps,
-        seed=seed,
-        height=height,
-        width=width,
-        guidance=guidance,
-        negative_prompt=negative_prompt,
-        image=image,
-        frames=frames,
-    )
-    result = session.generate(request)
+    settings = {"steps": steps, "seed": seed, "height": height, "width": width, "guidance": guidance,
+                "negative_prompt": negative_prompt, "image": image, "frames": frames}  # fmt: skip
+    if parallel is not None:
+        from dtcompile.runtime.parallel import ParallelSpec
+        from dtcompile.runtime.session import run_artifact_parallel
+
+        if cache is not None or cache_threshold is not None:
+            raise click.UsageError("--parallel runs monolithic artifacts: drop --cache and --cache-threshold")
+        spec = ParallelSpec.parse(parallel)
+        result = run_artifact_parallel(Path(artifact), spec, prompt, backend=backend, verify=session.verify, **settings)
+    else:
+        result = session.generate(session.request(prompt, **settings))
     from dtcompile.runtime import media
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +122,10 @@ def run(
     click.echo(
         f"wrote {out} ({what}) with {result.backend} {result.arch}: {result.steps} steps in {result.seconds:.2f}s"
     )
+    if result.parallel is not None:
+        p = result.parallel
+        click.echo(f"parallel: {p['ranks']} ranks ({p['split']} guidance branches), {p['bytes_sent_per_step']:.0f} "
+                   "bytes sent per rank per step")  # fmt: skip
     if result.cache_stats is not None:
         from dtcompile.recipe.cache import stats_line
 

@@ -226,6 +226,7 @@ class ModelAdapter(Protocol):
     negative_prompt: bool  # whether the pipeline uses a negative prompt (classifier-free guidance)
     reference_image: bool  # whether a call edits a reference image (``GenerationRequest.image``)
     video: bool  # whether the pipeline makes videos (``export.shapes.frames``, ``GenerationRequest.frames``)
+    guidance_branches: str | None  # how the pipeline runs its guidance branches: "batched", "sequential" or None
     default_exclude: tuple[str, ...]  # module-name patterns never quantized
     # other components that can become engines (recipe ``components``) -> their kind (``clip``, ``t5``, ``vae``:
     # ``dtcompile.models.components.COMPONENT_KINDS``, which says what each can be quantized to)
@@ -333,6 +334,9 @@ class AdapterBase:
     cache_layout_class: ClassVar[type | None] = None
     per_prompt_key: ClassVar[str] = "num_images_per_prompt"
     prompt_embeds_extra_tokens: ClassVar[int] = 0  # text tokens of ``prompt_embeds`` beyond the T5 length (SD3)
+    #: How the pipeline runs classifier-free guidance: "batched" (one call on [uncond, cond]), "sequential" (a
+    #: "cond" then an "uncond" call) or None (guidance-distilled: no branches); ``runtime/parallel.py`` splits them.
+    guidance_branches: ClassVar[str | None] = None
     no_cache_reason: ClassVar[str] = ""  # " (why)" where cache_layout_class is None
 
     def denoisers(self, model_index: dict[str, Any]) -> tuple[str, ...]:

@@ -241,6 +241,7 @@ class SD3Adapter(AdapterBase):
     pipeline_class = "StableDiffusion3Pipeline"
     negative_prompt = True  # classifier-free guidance: a negative prompt is used
     prompt_embeds_extra_tokens = CLIP_TOKENS  # prompt_embeds are CLIP tokens + T5 tokens
+    guidance_branches = "batched"  # one transformer call on [uncond, cond]
     graph_inputs = GRAPH_INPUTS
     block_lists = (("transformer_blocks", "num_layers"),)  # SD3.5's dual-attention blocks are among them
     cache_layout_class = SD3CacheLayout

@@ -323,6 +323,7 @@ class WanAdapter(AdapterBase):
     pipeline_class = "WanPipeline"
     negative_prompt = True  # classifier-free guidance with a negative prompt
     video = True
+    guidance_branches = "sequential"  # a "cond" call, then an "uncond" call
     graph_inputs = ("hidden_states", "timestep", "encoder_hidden_states")
     block_lists = (("blocks", "num_layers"),)
     cache_layout_class = WanCacheLayout

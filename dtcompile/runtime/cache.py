@@ -393,6 +393,7 @@ def load_cached_module(
     enabled: bool = True,
     run: CacheRun | None = None,
     threshold: float | None = None,
+    threads: int | None = None,
 ) -> tuple[CachedEngineModule, EngineEntry]:
     """The stitched module of split denoiser ``component`` and the prologue's engine entry (names the backend and
     arch). ``run``: the ``CacheRun`` of the pipeline's other experts (Wan2.2), so they count the same steps;
@@ -418,7 +419,7 @@ def load_cached_module(
         path = verifier.check(entry)
         for extra in part.onnx.external_data if part.onnx and chosen == "onnxruntime" else []:
             verifier.check(extra)
-        runner = backend_impl.open_runner(path, entry.to_json())
+        runner = backend_impl.open_runner(path, entry.to_json(), threads=threads)
         runners[name] = runner
         device = getattr(runner, "device", "cpu")
     parts = [

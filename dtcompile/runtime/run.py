@@ -166,7 +166,7 @@ def check_reference(adapter: Any, image: Any, pipeline_class: str, *, flag: str 
 
 
 def _open_engine(
-    artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier
+    artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier, threads: int | None = None
 ) -> tuple[Any, EngineEntry]:
     """The runner of component ``name``'s engine for this machine (its files checked first) and its entry."""
     from dtcompile.backends import get_backend
@@ -176,11 +176,11 @@ def _open_engine(
     path = verifier.check(entry)
     for extra in centry.onnx.external_data if centry.onnx and entry.backend == "onnxruntime" else []:
         verifier.check(extra)
-    return get_backend(entry.backend).open_runner(path, entry.to_json()), entry
+    return get_backend(entry.backend).open_runner(path, entry.to_json(), threads=threads), entry
 
 
 def denoiser_module(
-    artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier
+    artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier, threads: int | None = None
 ) -> tuple[Any, EngineEntry]:
     """The stand-in for a denoiser (one engine for the whole component) and its engine entry."""
     import torch
@@ -188,7 +188,7 @@ def denoiser_module(
     from dtcompile.backends.standin import EngineModule
 
     centry = manifest.component(name)
-    runner, entry = _open_engine(artifact_dir, manifest, name, backend, verifier)
+    runner, entry = _open_engine(artifact_dir, manifest, name, backend, verifier, threads)
     dtype = getattr(torch, manifest.dtype)
     module = EngineModule(
         runner, centry.config or {}, centry.input_names(), centry.output_name(), dtype, getattr(runner, "device", "cpu")
@@ -196,14 +196,16 @@ def denoiser_module(
     return module, entry
 
 
-def aux_module(artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier) -> Any:
+def aux_module(
+    artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier, threads: int | None = None
+) -> Any:
     """The stand-in for an engine-backed text encoder or VAE decoder (``ComponentEntry.role``)."""
     import torch
 
     from dtcompile.backends.standin import STANDINS
 
     centry = manifest.component(name)
-    runner, _ = _open_engine(artifact_dir, manifest, name, backend, verifier)
+    runner, _ = _open_engine(artifact_dir, manifest, name, backend, verifier, threads)
     return STANDINS[centry.role](
         runner,
         centry.config or {},

@@ -15,6 +15,7 @@ the artifact was built for before any engine runs. Two ways in:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -29,6 +30,7 @@ from dtcompile.core.targets import gpu_arch
 from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, read_manifest
 from dtcompile.models import adapter_for
 from dtcompile.models.base import GenerationRequest
+from dtcompile.runtime.parallel import ParallelSpec, run_parallel, swap_prompts
 from dtcompile.runtime.run import (
     aux_module,
     check_finite_option,
@@ -88,6 +90,7 @@ class Generation:
     trace: list[Any] = field(default_factory=list)
     engine_module: Any = None
     cache_stats: dict[str, Any] | None = None
+    parallel: dict[str, Any] | None = None  # ranks, how the branches were split, bytes each rank sent per step
 
     @property
     def image(self) -> Any:
@@ -101,7 +104,9 @@ class Session:
     ``backend``: "auto" (TensorRT on a matching GPU, else onnxruntime) or a backend name; ``verify``: how the
     files it loads are checked (``dtcompile.manifest.VERIFY_MODES``; True: "recorded"); ``cache``: for artifacts
     split into block engines, skip cached blocks (None: yes); elsewhere it must not be True. Engines load on
-    first use of ``pipe`` (or ``load()``); the manifest is read here, once.
+    first use of ``pipe`` (or ``load()``); the manifest is read here, once. ``cache_threshold``: a first_block
+    or teacache artifact's threshold for this session; ``parallel``: this process is one rank of a CFG-parallel
+    run (``runtime/parallel.py``); ``threads``: onnxruntime's intra-op threads per engine.
     """
 
     def __init__(
@@ -112,8 +117,11 @@ class Session:
         verify: bool | str = True,
         cache: bool | None = None,
         cache_threshold: float | None = None,
+        parallel: ParallelSpec | None = None,
+        threads: int | None = None,
     ) -> None:
         self.artifact_dir = Path(artifact_dir)
+        self.threads = threads  # onnxruntime's intra-op threads per engine (None: its default)
         self.manifest: Manifest = read_manifest(self.artifact_dir)
         if self.manifest.stopped_after:
             raise ArtifactError(
@@ -137,10 +145,25 @@ class Session:
                 )
             if not (math.isfinite(cache_threshold) and cache_threshold >= 0):
                 raise UnsupportedError(f"--cache-threshold {cache_threshold}: expected a finite number >= 0")
+        self.parallel, self.rank = parallel, 0
+        if parallel is not None:
+            self._check_parallel(parallel)
         self.module: Any = None  # the main denoiser's stand-in, once loaded
         self.entry: EngineEntry | None = None
         self._pipe: Any = None
         self._told: set[str] = set()  # defaults already reported in the log
+
+    def _check_parallel(self, spec: ParallelSpec) -> None:
+        if self.adapter.guidance_branches is None:
+            raise UnsupportedError(
+                f"--parallel cfg={spec.cfg}: {self.pipeline_class} artifacts have no classifier-free guidance "
+                "branches to split (guidance is distilled into the model)"
+            )
+        if self.manifest.component(self.manifest.main_component()).is_split:
+            raise UnsupportedError(
+                f"--parallel cfg={spec.cfg}: {self.artifact_dir} is split into block engines for caching; CFG parallel "
+                "runs monolithic denoisers (build without the cache section)"
+            )
 
     @property
     def name(self) -> str:
@@ -182,16 +205,18 @@ class Session:
 
         def denoiser(name: str) -> tuple[Any, EngineEntry]:
             if run is None or not manifest.component(name).is_split:
-                return denoiser_module(artifact_dir, manifest, name, self.backend, verifier)
+                return denoiser_module(artifact_dir, manifest, name, self.backend, verifier, self.threads)
             from dtcompile.runtime.cache import load_cached_module
 
             return load_cached_module(artifact_dir, manifest, name, self.backend, gpu=gpu_arch(), verifier=verifier,
                                       enabled=self.cache is not False, run=run,
-                                      threshold=self.cache_threshold)  # fmt: skip
+                                      threshold=self.cache_threshold, threads=self.threads)  # fmt: skip
 
         module, entry = denoiser(main)
         standins = {
-            manifest.component(name).attr or name: aux_module(artifact_dir, manifest, name, self.backend, verifier)
+            manifest.component(name).attr or name: aux_module(
+                artifact_dir, manifest, name, self.backend, verifier, self.threads
+            )
             for name in manifest.aux_names()
         }
         for name in manifest.denoiser_names()[1:]:  # Wan2.2's second expert: the pipeline switches between them
@@ -213,6 +238,13 @@ class Session:
         pipe._dtc_session = self
         pipe.set_progress_bar_config(disable=True)
         pipe.to(module.device)
+        if self.parallel is not None:  # every denoiser answers for one guidance branch on this rank
+            from dtcompile.runtime.parallel import cfg_parallel_module, init_ranks
+
+            self.rank, _ = init_ranks()
+            for name in manifest.denoiser_names():
+                setattr(pipe, name, cfg_parallel_module(getattr(pipe, name), self.rank, self.adapter.guidance_branches))
+            module = getattr(pipe, main)
         self.module, self.entry, self._pipe = module, entry, pipe
         return pipe
 
@@ -298,8 +330,15 @@ class Session:
         assert self.entry is not None
         log.info("%d steps on %s %s in %.2fs", request.steps, self.entry.backend, self.entry.arch, seconds)
         stats = module.cache_stats() if hasattr(module, "cache_stats") else None
+        parallel = None
+        if self.parallel is not None:
+            sent = sum(getattr(pipe, n).bytes_sent for n in self.manifest.denoiser_names())
+            parallel = {"ranks": self.parallel.world, "split": self.adapter.guidance_branches,
+                        "bytes_sent_per_step": sent / request.steps, "rank": self.rank}  # fmt: skip
+            for name in self.manifest.denoiser_names():
+                getattr(pipe, name).bytes_sent = 0
         return Generation(self.adapter.output_media(out), self.entry.backend, self.entry.arch, seconds, request.steps,
-                          module.trace or [], module, stats)  # fmt: skip
+                          module.trace or [], module, stats, parallel)  # fmt: skip
 
     # --- a diffusers user's own call -------------------------------------------------------------------------
 
@@ -337,6 +376,9 @@ class Session:
         per_prompt = getattr(self.adapter, "per_prompt_key", "num_images_per_prompt")
         self.check_batch(_prompt_count(args) * int(args.get(per_prompt) or 1), f"batch (prompts x {per_prompt})")
         self.adapter.adapt_call(args, given)
+        if self.parallel is not None and self.rank == 1 and self.adapter.guidance_branches == "sequential":
+            # every call (Session.generate's too) comes through here: rank 1's first call takes the negative prompt
+            args["prompt"], args["negative_prompt"] = swap_prompts(args.get("prompt"), args.get("negative_prompt"))
         if hasattr(self.module, "begin_run"):  # a block-cache run: rules and the last step need the run's length
             steps = args.get("num_inference_steps") or params["num_inference_steps"].default
             custom = args.get("sigmas") if args.get("sigmas") is not None else args.get("timesteps")
@@ -449,6 +491,7 @@ def run_artifact(
     verify: bool | str = True,
     cache: bool | None = None,
     cache_threshold: float | None = None,
+    threads: int | None = None,
 ) -> Generation:
     """Generate one image (or, for video artifacts, one video of ``frames`` frames: default the built opt)
     through a ``Session``; ``trace`` keeps every step's noise prediction.
@@ -456,7 +499,8 @@ def run_artifact(
     ``cache``: skip cached blocks of a cache-split artifact (None: when it has a cache section; False: run all);
     ``cache_threshold``: a first_block or teacache artifact's threshold for this run.
     """
-    session = Session(artifact_dir, backend, verify=verify, cache=cache, cache_threshold=cache_threshold)
+    session = Session(artifact_dir, backend, verify=verify, cache=cache, cache_threshold=cache_threshold,
+                      threads=threads)  # fmt: skip
     request = session.request(
         prompt,
         steps=steps,
@@ -469,3 +513,30 @@ def run_artifact(
         image=image,
     )
     return session.generate(request, trace=trace)
+
+
+def run_artifact_parallel(
+    artifact_dir: Path, spec: ParallelSpec, prompt: str, *, backend: str = "auto", verify: bool | str = True,
+    timeout_s: float | None = None, threads: int | None = None, **request: Any,
+) -> Generation:  # fmt: skip
+    """``run_artifact`` on ``spec.world`` local ranks (``runtime/parallel.py``): the request is checked here
+    first, then every rank opens the artifact and rank 0's result comes back (its trace included when
+    ``request["trace"]``). ``threads``: torch's and onnxruntime's threads in each rank."""
+    from dtcompile.runtime.parallel import DEFAULT_TIMEOUT_S
+
+    trace = bool(request.pop("trace", False))
+    Session(artifact_dir, backend, verify=verify, parallel=spec).request(prompt, **request)  # errors before spawning
+    job = functools.partial(_rank_generate, Path(artifact_dir), spec, prompt, backend, verify, trace, threads, request)
+    result: Generation = run_parallel(spec, job, timeout_s=timeout_s or DEFAULT_TIMEOUT_S, threads=threads)
+    return result
+
+
+def _rank_generate(
+    artifact_dir: Path, spec: ParallelSpec, prompt: str, backend: str, verify: bool | str, trace: bool,
+    threads: int | None, request: dict[str, Any], rank: int,
+) -> Generation:  # fmt: skip
+    """One rank's generation (what ``run_artifact_parallel`` runs on every rank), without its modules."""
+    session = Session(artifact_dir, backend, verify=verify, parallel=spec, threads=threads)
+    session.load()
+    result = session.generate(session.request(prompt, **request), trace=trace)
+    return dataclasses.replace(result, engine_module=None)

@@ -578,14 +578,8 @@ def _preimport(pipeline_dir: Path) -> None:
 def _engine_pipeline(artifact_dir: Path, backend: str, verify: bool, threads: int | None) -> tuple[Any, ...]:
     from dtcompile.runtime.session import Session
 
-    session = Session(artifact_dir, backend, verify=verify)
+    session = Session(artifact_dir, backend, verify=verify, threads=threads)
     pipe, module, entry = session.load(), session.module, session.entry
-    runner = getattr(module, "runner", None)
-    if threads is not None and entry.backend == "onnxruntime" and runner is not None:
-        from dtcompile.backends.onnxruntime import OrtRunner
-
-        # a Session takes no thread count: replace the session by one with ``threads`` threads.
-        module.runner = OrtRunner(artifact_dir / entry.file, threads=threads)
     return pipe, module, entry, module.device
 
 

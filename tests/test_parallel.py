@@ -1,0 +1,101 @@
+"""CFG parallel on the CPU: two gloo ranks, each running one guidance branch of the same request, against one
+rank (tiny SD3: a batched CFG call; tiny Wan2.1: a "cond" and an "uncond" call), and the failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dtcompile.core.errors import DtcError, UnsupportedError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT, NEGATIVE = "a cat playing piano", "blurry"
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, recipe: str) -> Path:
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.runner import run_build
+
+    out = tmp_path_factory.mktemp("engines-parallel")
+    overrides = [f"output.dir={out}", "engine.backends=[onnxruntime]", "engine.targets=[]"]
+    return run_build(load_recipe(ROOT / "recipes" / recipe, overrides)).artifact_dir
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "tiny-sd3.yaml")
+
+
+@pytest.fixture(scope="module")
+def wan21(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "tiny-wan21.yaml")
+
+
+RUNS = {
+    "sd3": {"steps": 4, "seed": 1, "guidance": 5.0, "negative_prompt": NEGATIVE},
+    "wan21": {
+        "steps": 4,
+        "seed": 1,
+        "guidance": 5.0,
+        "negative_prompt": NEGATIVE,
+        "frames": 9,
+        "height": 48,
+        "width": 64,
+    },  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("family", ["sd3", "wan21"])
+def test_two_ranks_equal_one_rank_at_every_call(family: str, request: pytest.FixtureRequest) -> None:
+    import numpy as np
+
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.runtime.parallel import ParallelSpec
+    from dtcompile.runtime.session import run_artifact, run_artifact_parallel
+
+    artifact = request.getfixturevalue(family)
+    kw = {**RUNS[family], "backend": "onnxruntime", "threads": 1, "trace": True}
+    one = run_artifact(artifact, PROMPT, **kw)
+    two = run_artifact_parallel(artifact, ParallelSpec(cfg=2), PROMPT, **kw)
+    assert len(two.trace) == len(one.trace) == (4 if family == "sd3" else 8)
+    for call, (got, ref) in enumerate(zip(two.trace, one.trace, strict=True)):
+        assert rel_l2(got, ref) <= 1e-6, f"call {call}"
+    # SD3's halves run at batch 1 instead of 2: the same values to float rounding, a pixel may round the other way
+    got, ref = (np.asarray(x, dtype=np.int16) for x in (two.image, one.image))
+    assert np.abs(got - ref).max() <= 1
+    assert two.parallel is not None and two.parallel["ranks"] == 2
+    # each step every rank sends its branch once: the denoiser output of one branch (float32)
+    per_branch = one.trace[0].numel() * 4 // (2 if family == "sd3" else 1)
+    assert two.parallel["bytes_sent_per_step"] == per_branch
+    assert two.parallel["split"] == ("batched" if family == "sd3" else "sequential")
+
+
+def test_a_rank_that_dies_ends_the_run_in_one_line(wan21: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dtcompile.runtime.parallel import FAULT_ENV, ParallelSpec
+    from dtcompile.runtime.session import run_artifact_parallel
+
+    monkeypatch.setenv(FAULT_ENV, "1:2")  # rank 1 exits at its third denoiser call
+    with pytest.raises(DtcError) as info:
+        run_artifact_parallel(wan21, ParallelSpec(cfg=2), PROMPT, backend="onnxruntime", threads=1, timeout_s=60,
+                              **RUNS["wan21"])  # fmt: skip
+    assert str(info.value) == ("parallel 2 ranks: rank 1 exited with code 3 during the request; every rank was stopped")
+
+
+def test_refusals(tiny_artifact: Path, sd3: Path) -> None:
+    from dtcompile.runtime.parallel import ParallelSpec
+    from dtcompile.runtime.session import Session
+
+    with pytest.raises(UnsupportedError, match="FluxPipeline artifacts have no classifier-free guidance branches"):
+        Session(tiny_artifact, "onnxruntime", parallel=ParallelSpec(cfg=2))
+    for text, message in [
+        ("cfg=3", "cfg splits the two guidance branches"),
+        ("ulysses=2", "Ulysses sequence parallel needs each block's attention as an engine boundary"),
+        ("tp=2", "expected cfg=2"),
+        ("cfg=1", "nothing to split"),
+        ("cfg=2,cfg=2", "expected cfg=2"),
+    ]:
+        with pytest.raises(UnsupportedError, match=message):
+            ParallelSpec.parse(text)
+    with pytest.raises(UnsupportedError, match="was not started as one of several ranks"):
+        Session(sd3, "onnxruntime", parallel=ParallelSpec(cfg=2)).load()
