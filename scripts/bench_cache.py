@@ -12,6 +12,8 @@ Runs, from the same noise and embeddings:
 - ``off``: every block every step (``dtc run --cache off``);
 - ``static``: single-stream blocks cached every other step (``every: 2``);
 - ``first_block T``: dynamic first-block caching at each threshold T (at most 2 consecutive skips);
+- ``teacache T``: TeaCache at each threshold T with its published FLUX.1-dev polynomial (the prologue is exported
+  with the TeaCache signal output, which the other modes ignore);
 - ``fewer N``: no caching, N steps, where N is the step count with the same compute as a cached run (its part
   calls priced at the ``off`` run's mean time per part).
 
@@ -21,7 +23,7 @@ part times, block evaluations skipped, and the final latent's relative L2 distan
 here is a pass/fail test.
 
     python scripts/bench_cache.py [--double 2 --single 4 --size 256 --text-len 64 --steps 8]
-        [--thresholds 0.05,0.1,0.2] [--work DIR] [--json out.json]
+        [--thresholds 0.05,0.1,0.2] [--teacache 0.25,0.6] [--work DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def export(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
     key = {"config": {**config, "axes_dims_rope": list(config["axes_dims_rope"])}, "size": args.size}
     key["text_len"] = args.text_len
+    key["teacache_signal"] = True  # the prologue also returns the first block's modulated input
     marker = work / "parts.json"
     if marker.is_file() and json.loads(marker.read_text())["key"] == key:
         print(f"reusing the exported parts in {work}")
@@ -93,7 +96,7 @@ def export(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     main, parts = export_parts(
         module, FluxAdapter(), {"vae_scale_factor": VAE_SCALE_FACTOR}, shapes, "float32", 19,
-        segments_for(args.double, args.single), work,
+        segments_for(args.double, args.single), work, cache_mode="teacache",
     )  # fmt: skip
     export_s = time.perf_counter() - t0
     info = {
@@ -178,6 +181,7 @@ def main() -> None:
     ap.add_argument("--text-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--thresholds", default="0.05,0.1,0.2", help="first_block thresholds, comma-separated")
+    ap.add_argument("--teacache", default="", help="teacache thresholds, comma-separated (none by default)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per configuration; per step the fastest is kept")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dtc-bench-cache"), help="exported parts (reused)")
@@ -217,7 +221,7 @@ def main() -> None:
     }
     config, input_names = info["config"], [t["name"] for t in info["inputs"]]
 
-    def module(spec: CacheSpec, enabled: bool) -> CachedEngineModule:
+    def module(spec: CacheSpec, enabled: bool, teacache: dict[str, Any] | None = None) -> CachedEngineModule:
         # first_block mode ignores the segments' groups: the first part is the first block, the rest are skipped
         layout = FluxCacheLayout()
         return CachedEngineModule(
@@ -232,6 +236,7 @@ def main() -> None:
             shared=layout.shared,
             epilogue_inputs=layout.epilogue_inputs,
             enabled=enabled,
+            teacache=teacache,
         )
 
     static = CacheSpec.model_validate(
@@ -268,6 +273,12 @@ def main() -> None:
     for t in [float(x) for x in args.thresholds.split(",") if x]:
         spec = CacheSpec.model_validate({"mode": "first_block", "threshold": t, "max_consecutive_skips": 2})
         configs.append((f"first_block {t:g}", lambda spec=spec: module(spec, True), args.steps))
+    from dtcompile.models.flux import TEACACHE_FLUX1
+
+    signal = {"signal": "modulated", "coefficients": TEACACHE_FLUX1, "source": "published: TeaCache4FLUX"}
+    for t in [float(x) for x in args.teacache.split(",") if x]:
+        spec = CacheSpec.model_validate({"mode": "teacache", "threshold": t})
+        configs.append((f"teacache {t:g}", lambda spec=spec: module(spec, True, signal), args.steps))
     for _ in range(args.repeat):  # interleaved, so load changes hit every configuration alike
         for name, make, steps in configs:
             record(name, make, steps)

@@ -99,3 +99,22 @@ def test_refusals(tiny_artifact: Path, sd3: Path) -> None:
             ParallelSpec.parse(text)
     with pytest.raises(UnsupportedError, match="was not started as one of several ranks"):
         Session(sd3, "onnxruntime", parallel=ParallelSpec(cfg=2)).load()
+
+
+def test_dtc_bench_parallel_reports_both_latencies_and_bytes(wan21: Path, tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from dtcompile.cli import cli
+
+    out = tmp_path / "parallel.json"
+    r = CliRunner().invoke(cli, ["bench", str(wan21), "--parallel", "cfg=2", "--steps", "3", "--repeat", "1",
+                                 "--threads", "1", "--backend", "onnxruntime", "--frames", "9", "--height", "48",
+                                 "--width", "64", "--json", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert report["parallel"]["ranks"] == 2 and report["steps_timed"] == [2, 2]  # 3 steps: 2 gaps per run
+    assert report["bytes_sent_per_rank_per_step"] == 9216  # one branch output per step: 16 x 3 x 6 x 8 float32
+    assert report["ratio"] == report["ranks_step_ms_median"] / report["one_rank_step_ms_median"]
+    assert "bytes sent per rank per step" in r.output

@@ -28,6 +28,7 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for torch and onnxruntime (default: theirs).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here (+ a PNG beside).")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the engine and the source model.")
+@click.option("--parallel", help="cfg=2: step latency with the guidance branches on 2 ranks against 1 rank.")
 def bench(
     artifact: str,
     backends: tuple[str, ...],
@@ -43,11 +44,29 @@ def bench(
     threads: int | None,
     json_path: str | None,
     no_verify: bool,
+    parallel: str | None,
 ) -> None:
     """Run PyTorch and the artifact's engines interleaved on the same inputs; print latency, memory, ratios."""
     from pathlib import Path
 
     from dtcompile.tools.bench import DEFAULT_PROMPT, bench_artifact, format_report, write_report
+
+    if parallel is not None:
+        import json
+
+        from dtcompile.runtime.parallel import ParallelSpec
+        from dtcompile.tools.bench_parallel import bench_parallel, format_parallel_report
+
+        if len(backends) > 1:
+            raise click.UsageError("--parallel compares ranks on one backend: give one --backend")
+        settings = {"prompt": prompt or DEFAULT_PROMPT, "steps": steps, "seed": seed, "height": height, "width": width,
+                    "frames": frames, "images_per_prompt": batch, "backend": (backends or ("auto",))[0]}  # fmt: skip
+        result = bench_parallel(Path(artifact), ParallelSpec.parse(parallel), settings, repeat=repeat, threads=threads)
+        click.echo(format_parallel_report(result))
+        if json_path:
+            Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+            click.echo(f"wrote {json_path}")
+        return
 
     report = bench_artifact(
         Path(artifact),
