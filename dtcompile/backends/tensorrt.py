@@ -208,6 +208,41 @@ def _interruptible(trt: Any, config: Any, label: str = "build") -> Iterator[thre
         del monitor
 
 
+def _parse_network(
+    trt: Any, trt_logger: Any, flavour: str, onnx_path: Path, strongly_typed: bool
+) -> tuple[Any, Any, Any]:
+    """(builder, network, parser) with ``onnx_path`` parsed into the network; BuildError naming the first parser
+    error, or an empty graph."""
+    builder = trt.Builder(trt_logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        first = errors[0] if errors else (trt_logger.errors[0] if trt_logger.errors else "no error reported")
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise BuildError(f"cannot parse {onnx_path} with {flavour} {trt.__version__}: {first}{more}")
+    if network.num_outputs == 0:
+        # protobuf parses many non-ONNX byte strings as an empty model: the parser then "succeeds"
+        raise BuildError(
+            f"cannot parse {onnx_path} with {flavour} {trt.__version__}: the file holds no graph outputs "
+            f"(not an ONNX model, or an empty graph)"
+        )
+    return builder, network, parser
+
+
+def _builder_config(trt: Any, builder: Any, arch: str, flavour: str, refittable: bool, opt_level: int) -> Any:
+    """The builder config: optimization level, REFIT, and the one compute capability of a tensorrt-rtx build."""
+    config = builder.create_builder_config()
+    config.builder_optimization_level = opt_level
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    if flavour == "tensorrt-rtx":
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(getattr(trt.ComputeCapability, cc_name(arch)), 0)
+    return config
+
+
 def engine_from_onnx(
     onnx_path: Path,
     profile: ShapeProfile,
@@ -256,32 +291,13 @@ def engine_from_onnx(
 
     # dtc-domain nodes (export.attention: plugin) need their creator registered before parsing
     plugins = tuple(register_build_plugins(trt, flavour, onnx_path))
-    builder = trt.Builder(trt_logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, trt_logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
-        first = errors[0] if errors else (trt_logger.errors[0] if trt_logger.errors else "no error reported")
-        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise BuildError(f"cannot parse {onnx_path} with {flavour} {trt.__version__}: {first}{more}")
-    if network.num_outputs == 0:
-        # protobuf parses many non-ONNX byte strings as an empty model: the parser then "succeeds"
-        raise BuildError(
-            f"cannot parse {onnx_path} with {flavour} {trt.__version__}: the file holds no graph outputs "
-            f"(not an ONNX model, or an empty graph)"
-        )
+    # the parser holds the weights the network points at: it lives until the engine is serialized
+    builder, network, parser = _parse_network(trt, trt_logger, flavour, onnx_path, strongly_typed)
     inputs = tuple(_tensor_spec(network.get_input(i)) for i in range(network.num_inputs))
     outputs = tuple(_tensor_spec(network.get_output(i)) for i in range(network.num_outputs))
     log.info("build %s: parsed %d layers in %.1f s", out_path.name, network.num_layers, time.perf_counter() - t0)
 
-    config = builder.create_builder_config()
-    config.builder_optimization_level = opt_level
-    if refittable:
-        config.set_flag(trt.BuilderFlag.REFIT)
-    if is_rtx:
-        config.num_compute_capabilities = 1
-        config.set_compute_capability(getattr(trt.ComputeCapability, cc_name(arch)), 0)
+    config = _builder_config(trt, builder, arch, flavour, refittable, opt_level)
     config.add_optimization_profile(_optimization_profile(builder, inputs, profile, onnx_path))
     if timing_cache is not None:
         if is_rtx:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
-from dtcompile.models.base import ExampleSampler
+from dtcompile.models.examples import ExampleSampler
 
 if TYPE_CHECKING:
     import torch

@@ -18,7 +18,6 @@ from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, Shapes, TensorSpec
 from dtcompile.models.base import (
     AdapterBase,
-    ExampleSampler,
     SplitLayout,
     attention_dims,
     check_size_multiple,
@@ -26,6 +25,7 @@ from dtcompile.models.base import (
 )
 from dtcompile.models.builtin import BuiltinModel, by_name, seeded_components
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
+from dtcompile.models.examples import ExampleSampler
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers, text_config, tiny_t5
 
 if TYPE_CHECKING:

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, Shapes, TensorSpec
-from dtcompile.models.base import AdapterBase, ExampleSampler, SplitLayout, check_size_multiple, part_bases
+from dtcompile.models.base import AdapterBase, SplitLayout, check_size_multiple, part_bases
 from dtcompile.models.builtin import BuiltinModel, by_name, seeded_components
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
+from dtcompile.models.examples import ExampleSampler
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers, text_config, tiny_t5
 
 if TYPE_CHECKING:

@@ -26,7 +26,6 @@ from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, Shapes, TensorSpec
 from dtcompile.models.base import (
     AdapterBase,
-    ExampleSampler,
     GenerationRequest,
     SplitLayout,
     attention_dims,
@@ -34,6 +33,7 @@ from dtcompile.models.base import (
     part_bases,
 )
 from dtcompile.models.builtin import BuiltinModel, by_name, seeded_components
+from dtcompile.models.examples import ExampleSampler
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers, text_config, tiny_t5
 
 if TYPE_CHECKING:

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import VerificationError
-from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes
+from dtcompile.core.graph import ExportSpec, ShapeProfile
 from dtcompile.core.metrics import rel_l2
 from dtcompile.core.progress import Progress, measured, progress
 from dtcompile.export.onnx import export_onnx
+from dtcompile.stages.shapes import shapes_from_recipe
 
 if TYPE_CHECKING:
     from dtcompile.attention import AttentionChoice
@@ -42,11 +43,6 @@ class ExportedComponent:
     onnx_path: Path
     profile: ShapeProfile
     manifest: dict[str, Any]
-
-
-def shapes_from_recipe(shapes: Any) -> Shapes:
-    """Recipe ShapesSpec -> the adapters' Shapes."""
-    return Shapes(**{k: Range(v.min, v.opt, v.max) for k, v in shapes if v is not None})
 
 
 def check_parity(onnx_path: Path, wrapper: Any, spec: ExportSpec, dtype: str) -> dict[str, Any]:
