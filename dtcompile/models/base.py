@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
@@ -78,31 +78,6 @@ class CacheLayout(Protocol):
         """Concrete shapes of every stream and shared tensor for one set of monolithic input shapes."""
 
 
-@functools.cache
-def part_bases() -> tuple[type, type]:
-    """Base classes of the families' cache parts (built on first use: they need torch).
-
-    ``TransformerPart(transformer)`` keeps the submodules its class lists in ``uses`` (a prologue or epilogue);
-    ``BlockRun(blocks)`` holds a run of consecutive blocks as ``self.blocks``.
-    """
-    import torch
-
-    class TransformerPart(torch.nn.Module):
-        uses: tuple[str, ...] = ()
-
-        def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            for name in self.uses:
-                setattr(self, name, getattr(transformer, name))
-
-    class BlockRun(torch.nn.Module):
-        def __init__(self, blocks: list[torch.nn.Module]) -> None:
-            super().__init__()
-            self.blocks = torch.nn.ModuleList(blocks)
-
-    return TransformerPart, BlockRun
-
-
 class SplitLayout:
     """Base of the families' ``CacheLayout``s: ``prologue``, ``blocks`` and ``epilogue`` wrap modules in the
     family's three part classes, which ``part_classes()`` returns (built on first use: they need torch); the
@@ -128,7 +103,8 @@ class SplitLayout:
     def intermediate_shapes(
         self, module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
     ) -> dict[str, tuple[int, ...]]:
-        return self.tensor_dims(module, dict(shapes), symbolic=False)
+        # not symbolic: every dim is a size
+        return cast("dict[str, tuple[int, ...]]", self.tensor_dims(module, dict(shapes), symbolic=False))
 
     def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
         return self.part_classes()[0](module)

@@ -1,12 +1,19 @@
-"""Seeded example inputs for an export, shared by the family adapters (``models/<family>.py``) and the
-component graphs (``models/components.py``)."""
+"""What the export code reads from a torch model, shared by the family adapters (``models/<family>.py``) and the
+component graphs (``models/components.py``): its config and seeded example inputs."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+
+
+def model_config(module: torch.nn.Module) -> Any:
+    """``module.config``: a diffusers model's frozen dict, a transformers model's ``PretrainedConfig`` (torch types
+    every module attribute as ``Tensor | Module``, which neither is)."""
+    config: Any = module.config
+    return config
 
 
 class ExampleSampler:

@@ -118,7 +118,9 @@ class KontextAdapter(FluxAdapter):
         if not isinstance(ref, Image.Image):
             raise UnsupportedError(f"image: a PIL image is expected, got {type(ref).__name__}")
         size = (request.width, request.height)
-        kwargs["image"] = ref.convert("RGB").resize(size, Image.LANCZOS) if ref.size != size else ref.convert("RGB")
+        kwargs["image"] = (
+            ref.convert("RGB").resize(size, Image.Resampling.LANCZOS) if ref.size != size else ref.convert("RGB")
+        )
         kwargs["max_area"] = request.height * request.width
         kwargs["_auto_resize"] = False
         return kwargs
