@@ -33,6 +33,7 @@ from dtcompile.core.numerics import E2M1_MAX, E2M1_VALUES, FP8_E4M3_MAX, quantiz
 if TYPE_CHECKING:
     import numpy as np
     import onnx
+    from onnx.external_data_helper import ExternalDataInfo
 
 #: The placeholder op the exporter writes for a block-scaled FP4 DequantizeLinear (see quant/export.py): the
 #: real op needs opset 21+, which the TorchScript exporter cannot emit.
@@ -74,6 +75,15 @@ class QdqReport:
         }
 
 
+def _written_span(info: ExternalDataInfo) -> tuple[int, int]:
+    """(offset, length) of a tensor ``_ExternalData.store`` wrote (it records both; onnx types them as None)."""
+    offset: int | None = info.offset
+    length: int | None = info.length
+    if offset is None or length is None:
+        raise BuildError(f"{info.location}: an external data entry without offset or length")
+    return offset, length
+
+
 class _ExternalData:
     """The external data of a graph being rewritten: tensors read one at a time from the original data file(s),
     new weights written to the rewritten graph's data file as they are made, never all in memory.
@@ -104,9 +114,10 @@ class _ExternalData:
         info = ExternalDataInfo(tensor)
         if info.location == self._new_location:
             self._out.flush()
+            offset, length = _written_span(info)
             with open(self.path, "rb") as f:
-                f.seek(info.offset)
-                loaded.raw_data = f.read(info.length)
+                f.seek(offset)
+                loaded.raw_data = f.read(length)
             del loaded.external_data[:]
             loaded.data_location = onnx.TensorProto.DEFAULT
         else:
@@ -141,7 +152,7 @@ class _ExternalData:
                 continue
             info = ExternalDataInfo(tensor)
             if info.location == self._new_location:  # written by ``store``
-                self._point(tensor, info.offset, info.length)
+                self._point(tensor, *_written_span(info))
                 continue
             src = self.src_dir / info.location
             start = info.offset or 0

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import BuildError, VerificationError
 from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
+from dtcompile.models.examples import model_config
 from dtcompile.recipe.cache import Segment, plan_segments, summarize_blocks
 
 if TYPE_CHECKING:
@@ -302,7 +303,7 @@ def export_parts(
     from dtcompile.stages.load import torch_dtype
 
     comp = adapter.component
-    config = dict(module.config)
+    config = dict(model_config(module))
     mono = adapter.export_spec(module, pipe_config, shapes, torch_dtype(dtype_name))
     mono = dataclasses.replace(mono, opset=opset)
     mono_profile = adapter.shape_profile(module, pipe_config, shapes)
