@@ -192,7 +192,7 @@ def _interruptible(trt: Any, config: Any, label: str = "build") -> Iterator[thre
 
     monitor = _Monitor()
     config.progress_monitor = monitor
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(sig) is not signal.SIG_IGN:  # a process started with nohup keeps ignoring it
@@ -398,7 +398,6 @@ class TrtRunner:
         Inputs are moved to ``self.device`` and cast to the engine's input types (as the onnxruntime runner
         does: pipelines pass e.g. a float32 guidance to a bf16 graph).
         """
-        torch = self._torch
         missing = [n for n in self.input_names if n not in feed]
         if missing:
             raise ArtifactError(f"{self.path}: missing inputs {missing}; the engine takes {self.input_names}")
@@ -415,12 +414,12 @@ class TrtRunner:
         outputs: dict[str, torch.Tensor] = {}
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
-            out = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
+            out = self._torch.empty(shape, dtype=self._dtypes[name], device=self.device)
             self.context.set_tensor_address(name, out.data_ptr())
             outputs[name] = out
         # The caching allocator orders reuse of ``keep``'s memory after this stream's work, so the inputs may be
         # released once the engine is enqueued.
-        stream = torch.cuda.current_stream(self.device)
+        stream = self._torch.cuda.current_stream(self.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise ArtifactError(f"{self.path}: execute_async_v3 failed (see the dtcompile.tensorrt log)")
         return outputs
@@ -584,14 +583,15 @@ def _optimization_profile(builder: Any, inputs: tuple[TensorSpec, ...], profile:
     opt_profile = builder.create_optimization_profile()
     for t in inputs:
         if t.name not in profile.min:
-            if any(d < 0 for d in t.dims):
+            if any(isinstance(d, int) and d < 0 for d in t.dims):  # TensorRT's dims: -1 where dynamic
                 raise BuildError(
                     f"shape profile has no min/opt/max for dynamic input '{t.name}' {t.dims} of {onnx_path}"
                 )
             continue
         shapes = [tuple(getattr(profile, k)[t.name]) for k in ("min", "opt", "max")]
         for shape in shapes:
-            if len(shape) != len(t.dims) or any(d >= 0 and d != s for d, s in zip(t.dims, shape, strict=True)):
+            fixed = (isinstance(d, int) and d >= 0 and d != s for d, s in zip(t.dims, shape, strict=True))
+            if len(shape) != len(t.dims) or any(fixed):
                 raise BuildError(f"shape profile {shapes} for input '{t.name}' does not fit its dims {t.dims}")
         if not all(a <= b <= c for a, b, c in zip(*shapes, strict=True)):
             raise BuildError(f"shape profile for input '{t.name}' is not min <= opt <= max: {shapes}")

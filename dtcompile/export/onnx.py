@@ -387,7 +387,7 @@ def _weights_kept_out(params: dict[str, torch.Tensor] | None) -> Iterator[None]:
         return
     import torch
 
-    graph_type = torch._C.Graph
+    graph_type: Any = torch._C.Graph  # its private _export_onnx is not in torch's stubs
     encode = graph_type._export_onnx
 
     def encode_without_weights(self: Any, params_dict: dict[str, torch.Tensor], *args: Any) -> Any:
@@ -425,7 +425,7 @@ def _attach_weights(model: onnx.ModelProto, params: dict[str, torch.Tensor], dat
                     ext = tensor.external_data.add()
                     ext.key, ext.value = key, str(entry)
                 tensor.data_location = onnx.TensorProto.EXTERNAL
-                out.write(memoryview(data))
+                out.write(data.data)  # the array's buffer
                 offset += data.nbytes
                 pad = -offset % 64
                 out.write(b"\0" * pad)
