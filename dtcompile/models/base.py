@@ -215,6 +215,10 @@ class ModelAdapter(Protocol):
         ``config`` as for ``check_shapes``; the runtime and the server call this before the pipeline runs.
         """
 
+    def check_frames(self, frames: int, config: Callable[[str], dict[str, Any] | None]) -> None:
+        """Refuse a frame count a video family cannot make exactly (UnsupportedError); called for video
+        families only (``video``), after the artifact's frame range is checked."""
+
     def block_names(self, config: dict[str, Any]) -> list[str]:
         """Block names of the component, in execution order (UnsupportedError when it cannot be split)."""
 
@@ -302,6 +306,9 @@ class AdapterBase:
 
     def check_image_size(self, height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:
         raise NotImplementedError
+
+    def check_frames(self, frames: int, config: Callable[[str], dict[str, Any] | None]) -> None:
+        raise NotImplementedError  # video families only (``video``)
 
     def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         """The pipeline's keyword arguments; options left None keep the pipeline's defaults."""

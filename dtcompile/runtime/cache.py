@@ -143,7 +143,7 @@ class CachedEngineModule(ComponentStandIn):
     def __init__(
         self,
         runners: dict[str, Runner],
-        parts: list[tuple[str, str, Segment | None]],
+        parts: list[tuple[str, str | None, Segment | None]],
         spec: CacheSpec,
         config: dict[str, Any],
         input_names: list[str],

@@ -31,6 +31,8 @@ def verify_pipeline_files(artifact_dir: Path, manifest: Manifest, verifier: Veri
 
     Raises ArtifactError naming the file.
     """
+    if manifest.pipeline is None:
+        raise ArtifactError(f"{artifact_dir}: the manifest lists no pipeline files")
     listed = {e.file for e in manifest.pipeline.files}
     for e in manifest.pipeline.files:
         verifier.check(e)
@@ -238,6 +240,8 @@ def _aux_module(artifact_dir: Path, manifest: Manifest, name: str, backend: str,
     from dtcompile.backends.standin import STANDINS
 
     centry = manifest.component(name)
+    if centry.role is None:  # the caller passes manifest.aux_names(): components with a role
+        raise ArtifactError(f"{artifact_dir}: component {name!r} has no role; it is not a text encoder or VAE decoder")
     runner, _ = _open_engine(artifact_dir, manifest, name, backend, verifier)
     return STANDINS[centry.role](
         runner,

@@ -176,7 +176,7 @@ def rewrite_onnx(src: Path, dst: Path, updates: dict[str, Any]) -> dict[str, str
 
     graph = OnnxWeights(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    data: dict[str, bytes] = {}
+    data: dict[str, bytes | bytearray] = {}
     for name, value in updates.items():
         if name not in graph.inits:
             raise ArtifactError(f"{src}: no initializer '{name}' (the weight map does not match the graph)")
@@ -213,8 +213,8 @@ def rewrite_onnx(src: Path, dst: Path, updates: dict[str, Any]) -> dict[str, str
                 continue
             raw = data[t.name]
             out.write(raw)
-            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                t.ClearField(f)
+            for field_name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(field_name)
             del t.external_data[:]
             for key, value in (("location", overlay), ("offset", str(offset)), ("length", str(len(raw)))):
                 entry = t.external_data.add()
