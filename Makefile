@@ -1,5 +1,6 @@
 # make demo: build the built-in tiny FLUX recipe and generate a PNG; make demo-video: the tiny Wan2.2 (two
-# experts) to an MP4; make test: the CPU test suite.
+# experts) to an MP4; make test: the CPU test suite; make lint: ruff, the import contracts and mypy
+# (docs/architecture.md, "Checks").
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -28,6 +29,7 @@ lint: $(BIN)/dtc
 	$(BIN)/ruff check dtcompile tests
 	$(BIN)/ruff format --check dtcompile tests
 	$(BIN)/lint-imports
+	$(BIN)/mypy dtcompile
 
 clean:
 	rm -rf engines
