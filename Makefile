@@ -1,6 +1,7 @@
 # make demo: build the built-in tiny FLUX recipe and generate a PNG; make demo-video: the tiny Wan2.2 (two
-# experts) to an MP4; make test: the CPU test suite; make gpu-check: the GPU acceptance check (docs/gpu-check.md,
-# on a machine with an NVIDIA GPU; GPU_CHECK_ARGS=--quick skips the real-width bench).
+# experts) to an MP4; make test: the CPU test suite; make lint: ruff, the import contracts and mypy
+# (docs/architecture.md, "Checks"); make gpu-check: the GPU acceptance check (docs/gpu-check.md, on a machine
+# with an NVIDIA GPU; GPU_CHECK_ARGS=--quick skips the real-width bench).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -32,6 +33,7 @@ lint: $(BIN)/dtc
 	$(BIN)/ruff check dtcompile tests
 	$(BIN)/ruff format --check dtcompile tests
 	$(BIN)/lint-imports
+	$(BIN)/mypy dtcompile
 
 clean:
 	rm -rf engines

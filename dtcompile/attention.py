@@ -294,10 +294,11 @@ def export_attention(mode: str) -> Iterator[AttentionTrace]:
     trace = AttentionTrace(mode)
     try:
         from diffusers.models import attention_dispatch
+
+        original = getattr(attention_dispatch, "dispatch_attention_fn", None)
     except ImportError:  # not a diffusers model: nothing to route
-        attention_dispatch = None
-    original = getattr(attention_dispatch, "dispatch_attention_fn", None)
-    patched: list[ModuleType] = []
+        original = None
+    patched: list[Any] = []  # diffusers modules (their patched attribute is not in their type)
     if original is not None and tuple(inspect.signature(original).parameters) == _DISPATCH_PARAMS:
         replacement = _make_dispatch(original, mode, trace)
         patched = [

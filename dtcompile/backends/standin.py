@@ -32,7 +32,7 @@ class ComponentStandIn(torch.nn.Module):
         self.output_name = output_name
         self._dtype = dtype
         self._device = torch.device(device)
-        self.trace: list[torch.Tensor] | None = None
+        self.trace: list[torch.Tensor | dict[str, torch.Tensor]] | None = None  # a text encoder's: its outputs by name
 
     @property
     def dtype(self) -> torch.dtype:
@@ -159,7 +159,7 @@ class TextEncoderModule(_EngineCalls):
         hidden = got.get("penultimate_hidden_state")
         if output_hidden_states and hidden is None:
             raise UnsupportedError("output_hidden_states: the text encoder engine has no hidden-state outputs")
-        fields = {k: got[k] for k in ("text_embeds", "last_hidden_state", "pooler_output") if k in got}
+        fields: dict[str, Any] = {k: got[k] for k in ("text_embeds", "last_hidden_state", "pooler_output") if k in got}
         if hidden is not None:
             fields["hidden_states"] = PenultimateHiddenStates((hidden, got.get("last_hidden_state")))
         from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling

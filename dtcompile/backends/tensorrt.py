@@ -192,7 +192,7 @@ def _interruptible(trt: Any, config: Any, label: str = "build") -> Iterator[thre
 
     monitor = _Monitor()
     config.progress_monitor = monitor
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(sig) is not signal.SIG_IGN:  # a process started with nohup keeps ignoring it
@@ -206,6 +206,41 @@ def _interruptible(trt: Any, config: Any, label: str = "build") -> Iterator[thre
         if monitor.bar is not None:  # an abandoned build finishes no phase
             monitor.bar.close()
         del monitor
+
+
+def _parse_network(
+    trt: Any, trt_logger: Any, flavour: str, onnx_path: Path, strongly_typed: bool
+) -> tuple[Any, Any, Any]:
+    """(builder, network, parser) with ``onnx_path`` parsed into the network; BuildError naming the first parser
+    error, or an empty graph."""
+    builder = trt.Builder(trt_logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
+        first = errors[0] if errors else (trt_logger.errors[0] if trt_logger.errors else "no error reported")
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise BuildError(f"cannot parse {onnx_path} with {flavour} {trt.__version__}: {first}{more}")
+    if network.num_outputs == 0:
+        # protobuf parses many non-ONNX byte strings as an empty model: the parser then "succeeds"
+        raise BuildError(
+            f"cannot parse {onnx_path} with {flavour} {trt.__version__}: the file holds no graph outputs "
+            f"(not an ONNX model, or an empty graph)"
+        )
+    return builder, network, parser
+
+
+def _builder_config(trt: Any, builder: Any, arch: str, flavour: str, refittable: bool, opt_level: int) -> Any:
+    """The builder config: optimization level, REFIT, and the one compute capability of a tensorrt-rtx build."""
+    config = builder.create_builder_config()
+    config.builder_optimization_level = opt_level
+    if refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    if flavour == "tensorrt-rtx":
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(getattr(trt.ComputeCapability, cc_name(arch)), 0)
+    return config
 
 
 def engine_from_onnx(
@@ -256,32 +291,13 @@ def engine_from_onnx(
 
     # dtc-domain nodes (export.attention: plugin) need their creator registered before parsing
     plugins = tuple(register_build_plugins(trt, flavour, onnx_path))
-    builder = trt.Builder(trt_logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, trt_logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [_parser_error(parser.get_error(i)) for i in range(parser.num_errors)]
-        first = errors[0] if errors else (trt_logger.errors[0] if trt_logger.errors else "no error reported")
-        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise BuildError(f"cannot parse {onnx_path} with {flavour} {trt.__version__}: {first}{more}")
-    if network.num_outputs == 0:
-        # protobuf parses many non-ONNX byte strings as an empty model: the parser then "succeeds"
-        raise BuildError(
-            f"cannot parse {onnx_path} with {flavour} {trt.__version__}: the file holds no graph outputs "
-            f"(not an ONNX model, or an empty graph)"
-        )
+    # the parser holds the weights the network points at: it lives until the engine is serialized
+    builder, network, parser = _parse_network(trt, trt_logger, flavour, onnx_path, strongly_typed)
     inputs = tuple(_tensor_spec(network.get_input(i)) for i in range(network.num_inputs))
     outputs = tuple(_tensor_spec(network.get_output(i)) for i in range(network.num_outputs))
     log.info("build %s: parsed %d layers in %.1f s", out_path.name, network.num_layers, time.perf_counter() - t0)
 
-    config = builder.create_builder_config()
-    config.builder_optimization_level = opt_level
-    if refittable:
-        config.set_flag(trt.BuilderFlag.REFIT)
-    if is_rtx:
-        config.num_compute_capabilities = 1
-        config.set_compute_capability(getattr(trt.ComputeCapability, cc_name(arch)), 0)
+    config = _builder_config(trt, builder, arch, flavour, refittable, opt_level)
     config.add_optimization_profile(_optimization_profile(builder, inputs, profile, onnx_path))
     if timing_cache is not None:
         if is_rtx:
@@ -382,7 +398,6 @@ class TrtRunner:
         Inputs are moved to ``self.device`` and cast to the engine's input types (as the onnxruntime runner
         does: pipelines pass e.g. a float32 guidance to a bf16 graph).
         """
-        torch = self._torch
         missing = [n for n in self.input_names if n not in feed]
         if missing:
             raise ArtifactError(f"{self.path}: missing inputs {missing}; the engine takes {self.input_names}")
@@ -399,12 +414,12 @@ class TrtRunner:
         outputs: dict[str, torch.Tensor] = {}
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
-            out = torch.empty(shape, dtype=self._dtypes[name], device=self.device)
+            out = self._torch.empty(shape, dtype=self._dtypes[name], device=self.device)
             self.context.set_tensor_address(name, out.data_ptr())
             outputs[name] = out
         # The caching allocator orders reuse of ``keep``'s memory after this stream's work, so the inputs may be
         # released once the engine is enqueued.
-        stream = torch.cuda.current_stream(self.device)
+        stream = self._torch.cuda.current_stream(self.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise ArtifactError(f"{self.path}: execute_async_v3 failed (see the dtcompile.tensorrt log)")
         return outputs
@@ -568,14 +583,15 @@ def _optimization_profile(builder: Any, inputs: tuple[TensorSpec, ...], profile:
     opt_profile = builder.create_optimization_profile()
     for t in inputs:
         if t.name not in profile.min:
-            if any(d < 0 for d in t.dims):
+            if any(isinstance(d, int) and d < 0 for d in t.dims):  # TensorRT's dims: -1 where dynamic
                 raise BuildError(
                     f"shape profile has no min/opt/max for dynamic input '{t.name}' {t.dims} of {onnx_path}"
                 )
             continue
         shapes = [tuple(getattr(profile, k)[t.name]) for k in ("min", "opt", "max")]
         for shape in shapes:
-            if len(shape) != len(t.dims) or any(d >= 0 and d != s for d, s in zip(t.dims, shape, strict=True)):
+            fixed = (isinstance(d, int) and d >= 0 and d != s for d, s in zip(t.dims, shape, strict=True))
+            if len(shape) != len(t.dims) or any(fixed):
                 raise BuildError(f"shape profile {shapes} for input '{t.name}' does not fit its dims {t.dims}")
         if not all(a <= b <= c for a, b, c in zip(*shapes, strict=True)):
             raise BuildError(f"shape profile for input '{t.name}' is not min <= opt <= max: {shapes}")

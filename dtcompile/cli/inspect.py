@@ -23,8 +23,8 @@ def inspect_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     m = read_manifest(root)
     if verify:  # every file hashed; the records let later runs skip the hash of unchanged files
         verifier = Verifier(root, "full")
-        for entry in m.all_file_entries():
-            verifier.check(entry)
+        for file_entry in m.all_file_entries():
+            verifier.check(file_entry)
         verifier.save()
     if as_json:
         click.echo(json.dumps(m.to_json(), indent=2, sort_keys=True))

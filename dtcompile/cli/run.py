@@ -90,7 +90,7 @@ def run(
                       cache=None if cache is None else cache == "on", cache_threshold=cache_threshold)  # fmt: skip
     out, image_format = _output_file(out_path, session.video, frames)  # checked before the run
     image = None if image_path is None else _reference_image(image_path)
-    settings = {"steps": steps, "seed": seed, "height": height, "width": width, "guidance": guidance,
+    settings: dict[str, Any] = {"steps": steps, "seed": seed, "height": height, "width": width, "guidance": guidance,
                 "negative_prompt": negative_prompt, "image": image, "frames": frames}  # fmt: skip
     if parallel is not None:
         from dtcompile.runtime.parallel import ParallelSpec

@@ -233,8 +233,9 @@ class Progress:
         if self.total is not None and self.done >= self.total:
             return False  # close() says it
         since = now - self._last
-        tenth = self.total is not None and self.total > 0 and self.done * 10 >= self._next_tenth * self.total
-        if tenth:
+        tenth = False
+        if self.total is not None and self.total > 0 and self.done * 10 >= self._next_tenth * self.total:
+            tenth = True
             self._next_tenth = self.done * 10 // self.total + 1  # a big update may cross several tenths
         if (tenth and since >= self.min_gap_s) or since >= self.every_s:
             self._last = now

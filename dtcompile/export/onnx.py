@@ -184,31 +184,9 @@ def export_onnx(
 
         import onnx
 
-        # Past 2 GiB the exporter has written one file per tensor, and with stream_weights the weights are
-        # written from the module here: keep them on disk (they are streamed into the single data file) and
-        # skip the graph cleanup, which would need them all in memory.
-        model = onnx.load(str(raw_path), load_external_data=False)
-        if stream_weights:
-            with measured(f"export {name}: streaming the weights", logger):
-                _attach_weights(model, params, Path(scratch) / "weights.bin")
-            params.clear()
-        exported_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-        if exported_external and not use_external:
-            raise BuildError(
-                f"the exported graph of {type(module).__name__} exceeds protobuf's 2 GiB limit; "
-                f"it needs external_data=True (or None)"
-            )
-        if optimize and exported_external:
-            why = "weights streamed" if stream_weights else "graph over 2 GiB"
-            logger.info("export %s: %s, skipping the graph-surgeon cleanup", name, why)
-        if optimize and stream_weights:
-            # what the cleanup changes in a graph the exporter already constant-folded (measured on tiny-flux
-            # fp8/int8/nvfp4): its Constant nodes become initializers, Q/DQ scales included
-            _constants_to_initializers(model)
-        elif optimize:
-            _phase(progress, "cleaning up the graph")
-            with measured(f"export {name}: graph cleanup", logger):
-                model = _optimize(model)
+        model = _cleaned_up(
+            raw_path, params, name, type(module).__name__, use_external, stream_weights, optimize, progress
+        )
         for stale in (onnx_path, data_path):
             stale.unlink(missing_ok=True)
         _phase(progress, "writing")
@@ -250,6 +228,47 @@ def export_onnx(
         ", ".join(str(p) for p in artifact.files),
     )
     return artifact
+
+
+def _cleaned_up(
+    raw_path: Path,
+    params: dict[str, torch.Tensor],
+    name: str,
+    kind: str,
+    use_external: bool,
+    stream_weights: bool,
+    optimize: bool,
+    progress: Progress | None,
+) -> onnx.ModelProto:
+    """The traced graph at ``raw_path`` (in its scratch folder), its streamed weights attached (``params``, emptied)
+    and cleaned up (``optimize``); BuildError if it spilled to external data that ``use_external`` forbids."""
+    import onnx
+
+    # Past 2 GiB the exporter has written one file per tensor, and with stream_weights the weights are
+    # written from the module here: keep them on disk (they are streamed into the single data file) and
+    # skip the graph cleanup, which would need them all in memory.
+    model = onnx.load(str(raw_path), load_external_data=False)
+    if stream_weights:
+        with measured(f"export {name}: streaming the weights", logger):
+            _attach_weights(model, params, raw_path.parent / "weights.bin")
+        params.clear()
+    exported_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if exported_external and not use_external:
+        raise BuildError(
+            f"the exported graph of {kind} exceeds protobuf's 2 GiB limit; it needs external_data=True (or None)"
+        )
+    if optimize and exported_external:
+        why = "weights streamed" if stream_weights else "graph over 2 GiB"
+        logger.info("export %s: %s, skipping the graph-surgeon cleanup", name, why)
+    if optimize and stream_weights:
+        # what the cleanup changes in a graph the exporter already constant-folded (measured on tiny-flux
+        # fp8/int8/nvfp4): its Constant nodes become initializers, Q/DQ scales included
+        _constants_to_initializers(model)
+    elif optimize:
+        _phase(progress, "cleaning up the graph")
+        with measured(f"export {name}: graph cleanup", logger):
+            model = _optimize(model)
+    return model
 
 
 def _trace(
@@ -368,7 +387,7 @@ def _weights_kept_out(params: dict[str, torch.Tensor] | None) -> Iterator[None]:
         return
     import torch
 
-    graph_type = torch._C.Graph
+    graph_type: Any = torch._C.Graph  # its private _export_onnx is not in torch's stubs
     encode = graph_type._export_onnx
 
     def encode_without_weights(self: Any, params_dict: dict[str, torch.Tensor], *args: Any) -> Any:
@@ -406,7 +425,7 @@ def _attach_weights(model: onnx.ModelProto, params: dict[str, torch.Tensor], dat
                     ext = tensor.external_data.add()
                     ext.key, ext.value = key, str(entry)
                 tensor.data_location = onnx.TensorProto.EXTERNAL
-                out.write(memoryview(data))
+                out.write(data.data)  # the array's buffer
                 offset += data.nbytes
                 pad = -offset % 64
                 out.write(b"\0" * pad)

@@ -139,7 +139,7 @@ def _dynamic_rope() -> Iterator[None]:
         return
 
     replacement = _make_dynamic_rope(original)
-    patched = [
+    patched: list[Any] = [  # diffusers modules (their patched attribute is not in their type)
         m
         for name, m in list(sys.modules.items())
         if (name == "diffusers" or name.startswith("diffusers.")) and getattr(m, "apply_rotary_emb", None) is original
@@ -203,7 +203,7 @@ def _wan_rope() -> Iterator[None]:
         return
     cls = getattr(tw, "WanAttnProcessor", None)
     original = cls.__dict__.get("__call__") if cls is not None else None
-    if original is None or tuple(inspect.signature(original).parameters) != _WAN_PROCESSOR_PARAMS:
+    if cls is None or original is None or tuple(inspect.signature(original).parameters) != _WAN_PROCESSOR_PARAMS:
         logger.warning("diffusers' WanAttnProcessor has a new signature; not patching it (the graph may be static)")
         yield
         return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
@@ -79,31 +79,6 @@ class CacheLayout(Protocol):
         """Concrete shapes of every stream and shared tensor for one set of monolithic input shapes."""
 
 
-@functools.cache
-def part_bases() -> tuple[type, type]:
-    """Base classes of the families' cache parts (built on first use: they need torch).
-
-    ``TransformerPart(transformer)`` keeps the submodules its class lists in ``uses`` (a prologue or epilogue);
-    ``BlockRun(blocks)`` holds a run of consecutive blocks as ``self.blocks``.
-    """
-    import torch
-
-    class TransformerPart(torch.nn.Module):
-        uses: tuple[str, ...] = ()
-
-        def __init__(self, transformer: torch.nn.Module) -> None:
-            super().__init__()
-            for name in self.uses:
-                setattr(self, name, getattr(transformer, name))
-
-    class BlockRun(torch.nn.Module):
-        def __init__(self, blocks: list[torch.nn.Module]) -> None:
-            super().__init__()
-            self.blocks = torch.nn.ModuleList(blocks)
-
-    return TransformerPart, BlockRun
-
-
 class SplitLayout:
     """Base of the families' ``CacheLayout``s: ``prologue``, ``blocks`` and ``epilogue`` wrap modules in the
     family's three part classes, which ``part_classes()`` returns (built on first use: they need torch); the
@@ -145,7 +120,8 @@ class SplitLayout:
     def intermediate_shapes(
         self, module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]
     ) -> dict[str, tuple[int, ...]]:
-        return self.tensor_dims(module, dict(shapes), symbolic=False)
+        # not symbolic: every dim is a size
+        return cast("dict[str, tuple[int, ...]]", self.tensor_dims(module, dict(shapes), symbolic=False))
 
     def prologue(self, module: torch.nn.Module) -> torch.nn.Module:
         return (self.signal_prologue_class() if self.signal else self.part_classes()[0])(module)
@@ -174,28 +150,6 @@ def attention_dims(config: Any) -> tuple[int, int]:
     ``attention_head_dim``."""
     head = int(config["attention_head_dim"])
     return int(config["num_attention_heads"]) * head, head
-
-
-class ExampleSampler:
-    """Seeded example inputs for an export at the opt shapes ``opt`` (name -> shape): one CPU generator (seed 0)
-    drawn in call order, each tensor moved to ``module``'s device in ``dtype``."""
-
-    def __init__(self, opt: dict[str, tuple[int, ...]], module: torch.nn.Module, dtype: torch.dtype) -> None:
-        import torch
-
-        self._torch, self.opt, self.dtype = torch, opt, dtype
-        self.device = next(module.parameters()).device
-        self._gen = torch.Generator().manual_seed(0)
-
-    def randn(self, name: str) -> torch.Tensor:
-        """Standard normal values shaped like input ``name``."""
-        t = self._torch.randn(self.opt[name], generator=self._gen)
-        return t.to(device=self.device, dtype=self.dtype)
-
-    def rand(self, name: str, scale: float = 1.0) -> torch.Tensor:
-        """Uniform values in [0, ``scale``) shaped like input ``name`` (timesteps)."""
-        t = self._torch.rand(self.opt[name], generator=self._gen)
-        return (t if scale == 1.0 else t * scale).to(device=self.device, dtype=self.dtype)
 
 
 class _ComponentView:
@@ -282,6 +236,10 @@ class ModelAdapter(Protocol):
 
         ``config`` as for ``check_shapes``; the runtime and the server call this before the pipeline runs.
         """
+
+    def check_frames(self, frames: int, config: Callable[[str], dict[str, Any] | None]) -> None:
+        """Refuse a frame count a video family cannot make exactly (UnsupportedError); called for video
+        families only (``video``), after the artifact's frame range is checked."""
 
     def block_names(self, config: dict[str, Any]) -> list[str]:
         """Block names of the component, in execution order (UnsupportedError when it cannot be split)."""
@@ -377,6 +335,9 @@ class AdapterBase:
 
     def check_image_size(self, height: int, width: int, config: Callable[[str], dict[str, Any] | None]) -> None:
         raise NotImplementedError
+
+    def check_frames(self, frames: int, config: Callable[[str], dict[str, Any] | None]) -> None:
+        raise NotImplementedError  # video families only (``video``)
 
     def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         """The pipeline's keyword arguments; options left None keep the pipeline's defaults."""

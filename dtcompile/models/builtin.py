@@ -43,7 +43,7 @@ class BuiltinModel:
     def cache_key(self) -> str:
         """Short hash of everything that changes the generated files (config, generator, library versions)."""
         libs = {lib: dist_version(lib) for lib in ("torch", "diffusers", "transformers", "tokenizers")}
-        fns = (seeded_components, self.build, *self.code)
+        fns: tuple[Callable[..., Any], ...] = (seeded_components, self.build, *self.code)
         code = sha256_text("".join(inspect.getsource(fn) for fn in fns))
         key = {"name": self.name, "version": self.version, "config": self.config, "libs": libs, "code": code}
         return sha256_json(key)[:12]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
-from dtcompile.models.base import ExampleSampler
+from dtcompile.models.examples import ExampleSampler, model_config
 
 if TYPE_CHECKING:
     import torch
@@ -85,9 +85,18 @@ def aux_attr(name: str) -> str:
 class AuxGraph(Protocol):
     """One non-denoiser component as an engine graph."""
 
-    name: str  # component name in the recipe and manifest, e.g. "text_encoder_2", "vae_decoder"
-    attr: str  # the pipeline attribute the stand-in replaces, e.g. "text_encoder_2", "vae"
-    role: str  # the runtime stand-in: "text_encoder" | "vae_decoder"
+    # read-only: the graphs are frozen dataclasses
+    @property
+    def name(self) -> str:
+        """Component name in the recipe and manifest, e.g. "text_encoder_2", "vae_decoder"."""
+
+    @property
+    def attr(self) -> str:
+        """The pipeline attribute the stand-in replaces, e.g. "text_encoder_2", "vae"."""
+
+    @property
+    def role(self) -> str:
+        """The runtime stand-in: "text_encoder" | "vae_decoder"."""
 
     def module(self, pipe: Any) -> torch.nn.Module:
         """The torch module exported (``pipe.<attr>``)."""
@@ -150,7 +159,7 @@ class TextEncoderGraph:
 
     @staticmethod
     def _widths(module: torch.nn.Module) -> dict[str, int]:
-        cfg = module.config
+        cfg = model_config(module)
         hidden = int(getattr(cfg, "hidden_size", None) or cfg.d_model)
         return {
             "last_hidden_state": hidden,
@@ -171,7 +180,7 @@ class TextEncoderGraph:
             )
             for o in self.outputs
         ]
-        vocab = int(module.config.vocab_size)
+        vocab = int(model_config(module).vocab_size)
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, vocab, (shapes.batch.opt, r.opt), generator=gen, dtype=torch.int64)
         device = next(module.parameters()).device
@@ -199,10 +208,11 @@ class TextEncoderGraph:
           computes with them unrounded), while aten::gelu's export computes in fp32 (``export.patches``).
         """
         with contextlib.ExitStack() as stack:
-            before = getattr(module.config, "_attn_implementation", None)
-            if before not in (None, "eager") and hasattr(module, "set_attn_implementation"):
-                module.set_attn_implementation("eager")
-                stack.callback(module.set_attn_implementation, before)
+            before = getattr(model_config(module), "_attn_implementation", None)
+            set_attn = getattr(module, "set_attn_implementation", None)  # transformers' PreTrainedModel
+            if before not in (None, "eager") and set_attn is not None:
+                set_attn("eager")
+                stack.callback(set_attn, before)
             stack.enter_context(_tanh_gelu_as_aten())
             yield
 
@@ -215,14 +225,15 @@ def _tanh_gelu_as_aten() -> Iterator[None]:
     except ImportError:  # not a transformers encoder
         yield
         return
+    from unittest import mock
+
     import torch.nn.functional as F  # noqa: N812
 
-    original = NewGELUActivation.forward
-    NewGELUActivation.forward = lambda self, input: F.gelu(input, approximate="tanh")  # noqa: A002
-    try:
+    def tanh_gelu(self: Any, input: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        return F.gelu(input, approximate="tanh")
+
+    with mock.patch.object(NewGELUActivation, "forward", tanh_gelu):  # the original is restored on exit
         yield
-    finally:
-        NewGELUActivation.forward = original
 
 
 def _text_wrapper_class() -> type:
@@ -239,7 +250,7 @@ def _text_wrapper_class() -> type:
         def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
             hidden = "penultimate_hidden_state" in self.outputs
             out = self.encoder(input_ids, output_hidden_states=hidden, return_dict=True)
-            got = {
+            got: dict[str, Any] = {
                 "penultimate_hidden_state": out.hidden_states[-2] if hidden else None,
                 **{k: getattr(out, k, None) for k in ("last_hidden_state", "pooler_output", "text_embeds")},
             }
@@ -272,11 +283,16 @@ class VaeDecoderGraph:
         return pixels // self.scale_factor
 
     def _shape(self, module: torch.nn.Module, batch: int, height: int, width: int) -> tuple[int, ...]:
-        return (batch, int(module.config.latent_channels), self._latent(height, "height"), self._latent(width, "width"))
+        return (
+            batch,
+            int(model_config(module).latent_channels),
+            self._latent(height, "height"),
+            self._latent(width, "width"),
+        )
 
     def export_spec(self, module: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> ExportSpec:
         dt = dtype_name(dtype)
-        c, out_c = int(module.config.latent_channels), int(module.config.out_channels)
+        c, out_c = int(model_config(module).latent_channels), int(model_config(module).out_channels)
         opt = {"latent": self._shape(module, shapes.batch.opt, shapes.height.opt, shapes.width.opt)}
         return ExportSpec(
             inputs=[TensorSpec("latent", dt, ("batch", c, "latent_height", "latent_width"))],
@@ -304,7 +320,7 @@ def _vae_wrapper_class() -> type:
 
         def __init__(self, vae: torch.nn.Module) -> None:
             super().__init__()
-            self.vae = vae
+            self.vae: Any = vae  # a diffusers VAE: ``decode`` is its own, not torch.nn.Module's
 
         def forward(self, latent: torch.Tensor) -> torch.Tensor:
             return self.vae.decode(latent, return_dict=False)[0]

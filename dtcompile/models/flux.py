@@ -18,14 +18,13 @@ from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, Shapes, TensorSpec
 from dtcompile.models.base import (
     AdapterBase,
-    ExampleSampler,
     SplitLayout,
     attention_dims,
     check_size_multiple,
-    part_bases,
 )
 from dtcompile.models.builtin import BuiltinModel, by_name, seeded_components
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
+from dtcompile.models.examples import ExampleSampler, model_config
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers, text_config, tiny_t5
 
 if TYPE_CHECKING:
@@ -265,7 +264,7 @@ def _cache_part_classes() -> tuple[type, type, type]:
     """The nn.Module classes of the three cache part kinds (built on first use: needs torch)."""
     import torch
 
-    TransformerPart, BlockRun = part_bases()
+    from dtcompile.models.parts import BlockRun, TransformerPart
 
     class FluxPrologue(TransformerPart):
         """FluxTransformer2DModel.forward up to the first block: embedders and rotary embedding."""
@@ -326,7 +325,7 @@ def _signal_prologue_class() -> type:
     class FluxSignalPrologue(prologue):  # type: ignore[misc,valid-type]
         def __init__(self, transformer: torch.nn.Module) -> None:
             super().__init__(transformer)
-            self.first_norm = transformer.transformer_blocks[0].norm1
+            self.first_norm = getattr(transformer, "transformer_blocks")[0].norm1  # noqa: B009 (torch types it Tensor)
 
         def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
             hidden, context, temb, rope_cos, rope_sin = super().forward(*inputs)
@@ -364,7 +363,7 @@ class FluxCacheLayout(SplitLayout):
     def tensor_dims(
         self, module: torch.nn.Module, dims: dict[str, tuple[int | str, ...]], symbolic: bool
     ) -> dict[str, tuple[int | str, ...]]:
-        width, head = attention_dims(module.config)
+        width, head = attention_dims(model_config(module))
         batch, img, _ = dims["hidden_states"]
         text = dims["encoder_hidden_states"][1]
         rope = "rope_tokens" if symbolic else int(text) + int(img)  # text + image tokens
@@ -390,9 +389,9 @@ class FluxAdapter(AdapterBase):
     family = "flux"
     pipeline_class = "FluxPipeline"
     negative_prompt = False  # guidance-distilled: FluxPipeline's negative prompt needs true_cfg_scale, not used
-    graph_inputs = GRAPH_INPUTS
+    graph_inputs: ClassVar[tuple[str, ...]] = GRAPH_INPUTS
     block_lists = ((DOUBLE, "num_layers"), (SINGLE, "num_single_layers"))
-    cache_layout_class = FluxCacheLayout
+    cache_layout_class: ClassVar[type | None] = FluxCacheLayout
 
     def teacache_coefficients(self, config: dict[str, Any]) -> tuple[list[float], str]:
         """TeaCache's FLUX.1-dev polynomial (the only FLUX one published), for every FLUX.1 transformer."""
@@ -403,7 +402,13 @@ class FluxAdapter(AdapterBase):
     # other components that can become engines (recipe ``components``), besides the transformer
     aux_components: ClassVar[dict[str, str]] = {"text_encoder": "clip", "text_encoder_2": "t5", "vae_decoder": "vae"}
     # Modules ModelOpt's FLUX example keeps in high precision: embedders, the output norm and projection.
-    default_exclude = ("*x_embedder*", "*context_embedder*", "*time_text_embed*", "*norm_out*", "proj_out")
+    default_exclude: tuple[str, ...] = (
+        "*x_embedder*",
+        "*context_embedder*",
+        "*time_text_embed*",
+        "*norm_out*",
+        "proj_out",
+    )
 
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:
@@ -423,7 +428,7 @@ class FluxAdapter(AdapterBase):
 
     @staticmethod
     def _channels(module: torch.nn.Module) -> dict[str, Any]:
-        cfg = module.config
+        cfg = model_config(module)
         return {
             "in": int(cfg["in_channels"]),
             "out": int(cfg.get("out_channels") or cfg["in_channels"]) * int(cfg.get("patch_size", 1)) ** 2,

@@ -118,7 +118,9 @@ class KontextAdapter(FluxAdapter):
         if not isinstance(ref, Image.Image):
             raise UnsupportedError(f"image: a PIL image is expected, got {type(ref).__name__}")
         size = (request.width, request.height)
-        kwargs["image"] = ref.convert("RGB").resize(size, Image.LANCZOS) if ref.size != size else ref.convert("RGB")
+        kwargs["image"] = (
+            ref.convert("RGB").resize(size, Image.Resampling.LANCZOS) if ref.size != size else ref.convert("RGB")
+        )
         kwargs["max_area"] = request.height * request.width
         kwargs["_auto_resize"] = False
         return kwargs
@@ -136,7 +138,7 @@ class KontextAdapter(FluxAdapter):
             arguments["_auto_resize"] = False
             ref = arguments.get("image")
             if isinstance(ref, Image.Image) and ref.size != (width, height):
-                arguments["image"] = ref.convert("RGB").resize((width, height), Image.LANCZOS)
+                arguments["image"] = ref.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
 
 
 __all__ = ["BUILTINS", "KontextAdapter", "build_tiny_kontext", "synthetic_reference"]

@@ -20,13 +20,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, Shapes, TensorSpec
-from dtcompile.models.base import AdapterBase, ExampleSampler, SplitLayout, check_size_multiple, part_bases
+from dtcompile.models.base import AdapterBase, SplitLayout, check_size_multiple
 from dtcompile.models.builtin import BuiltinModel, by_name, seeded_components
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
+from dtcompile.models.examples import ExampleSampler, model_config
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers, text_config, tiny_t5
 
 if TYPE_CHECKING:
     import torch
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
 TINY_SD3_VERSION = 1
 CLIP_TOKENS = 77  # both CLIP tokenizers' model_max_length: SD3's prompt embeds start with 77 CLIP tokens
@@ -141,7 +143,7 @@ def _cache_part_classes() -> tuple[type, type, type]:
     """The nn.Module classes of SD3's three cache part kinds (built on first use: needs torch)."""
     import torch
 
-    TransformerPart, BlockRun = part_bases()
+    from dtcompile.models.parts import BlockRun, TransformerPart
 
     class SD3Prologue(TransformerPart):
         """SD3Transformer2DModel.forward up to the first block: patch + position embedding, time/text embedding,
@@ -151,7 +153,7 @@ def _cache_part_classes() -> tuple[type, type, type]:
 
         def __init__(self, transformer: torch.nn.Module) -> None:
             super().__init__(transformer)
-            self.patch = int(transformer.config["patch_size"])
+            self.patch = int(model_config(transformer)["patch_size"])
 
         def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
             x = dict(zip(GRAPH_INPUTS, inputs, strict=True))
@@ -177,9 +179,9 @@ def _cache_part_classes() -> tuple[type, type, type]:
 
         uses = ("norm_out", "proj_out")
 
-        def __init__(self, transformer: torch.nn.Module) -> None:
+        def __init__(self, transformer: SD3Transformer2DModel) -> None:
             super().__init__(transformer)
-            self.patch = int(transformer.config["patch_size"])
+            self.patch = int(model_config(transformer)["patch_size"])
             self.out_channels = int(transformer.out_channels)
 
         def forward(self, hidden: torch.Tensor, temb: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
@@ -206,7 +208,7 @@ class SD3CacheLayout(SplitLayout):
 
     @staticmethod
     def _widths(module: torch.nn.Module) -> tuple[int, int, int]:
-        cfg = module.config
+        cfg = model_config(module)
         inner = int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"])
         return inner, int(cfg.get("caption_projection_dim") or inner), int(cfg["patch_size"])
 
@@ -270,7 +272,7 @@ class SD3Adapter(AdapterBase):
 
     @staticmethod
     def _shapes_at(module: torch.nn.Module, vsf: int, batch: int, height: int, width: int, text_len: int) -> dict:
-        cfg = module.config
+        cfg = model_config(module)
         latent = (batch, int(cfg["in_channels"]), height // vsf, width // vsf)
         return {
             "hidden_states": latent,
@@ -286,7 +288,7 @@ class SD3Adapter(AdapterBase):
 
         dt = dtype_name(dtype)
         opt = self.shapes_at(module, pipe_config, shapes, lambda r: r.opt)
-        cfg = module.config
+        cfg = model_config(module)
         inputs = [
             TensorSpec("hidden_states", dt, ("batch", *opt["hidden_states"][1:])),
             TensorSpec("encoder_hidden_states", dt, ("batch", *opt["encoder_hidden_states"][1:])),

@@ -86,10 +86,12 @@ def build_tiny_tokenizers(config: dict[str, Any]) -> tuple[Any, Any]:
 
     ``config`` gives ``tokenizer_words`` and the two ``tokenizer*_max_length`` values.
     """
-    from transformers import CLIPTokenizer, T5TokenizerFast
+    # transformers 5 exports T5TokenizerFast lazily (an alias of T5Tokenizer) and leaves it out of its type hints
+    from transformers import CLIPTokenizer, T5TokenizerFast  # type: ignore[attr-defined]
 
     vocab, merges = _clip_vocab_and_merges(config["tokenizer_words"])
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=config["tokenizer_max_length"])
+    # merges as (a, b) pairs: what the tokenizers BPE model takes, whatever CLIPTokenizer's hint says (str | list[str])
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=config["tokenizer_max_length"])  # type: ignore[arg-type]
     tokenizer_2 = T5TokenizerFast(
         vocab=_t5_vocab(config["tokenizer_words"]),
         extra_ids=0,

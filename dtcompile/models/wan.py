@@ -26,14 +26,13 @@ from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, Shapes, TensorSpec
 from dtcompile.models.base import (
     AdapterBase,
-    ExampleSampler,
     GenerationRequest,
     SplitLayout,
     attention_dims,
     check_size_multiple,
-    part_bases,
 )
 from dtcompile.models.builtin import BuiltinModel, by_name, seeded_components
+from dtcompile.models.examples import ExampleSampler, model_config
 from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers, text_config, tiny_t5
 
 if TYPE_CHECKING:
@@ -210,7 +209,7 @@ def _factors(config: Callable[[str], dict[str, Any] | None]) -> tuple[int, int, 
 @functools.cache
 def _cache_part_classes() -> tuple[type, type, type]:
     """The nn.Module classes of Wan's three cache part kinds (built on first use: needs torch)."""
-    TransformerPart, BlockRun = part_bases()
+    from dtcompile.models.parts import BlockRun, TransformerPart
 
     class WanPrologue(TransformerPart):
         """WanTransformer3DModel.forward up to the first block: RoPE (float32), patch embedding, the condition
@@ -221,7 +220,7 @@ def _cache_part_classes() -> tuple[type, type, type]:
 
         def __init__(self, transformer: torch.nn.Module) -> None:
             super().__init__(transformer)
-            self.patch = tuple(int(p) for p in transformer.config["patch_size"])
+            self.patch = tuple(int(p) for p in model_config(transformer)["patch_size"])
 
         def forward(
             self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder: torch.Tensor
@@ -257,7 +256,7 @@ def _cache_part_classes() -> tuple[type, type, type]:
 
         def __init__(self, transformer: torch.nn.Module) -> None:
             super().__init__(transformer)
-            self.patch = tuple(int(p) for p in transformer.config["patch_size"])
+            self.patch = tuple(int(p) for p in model_config(transformer)["patch_size"])
 
         def forward(self, hidden: torch.Tensor, temb: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
             shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
@@ -295,14 +294,14 @@ class WanCacheLayout(SplitLayout):
     def tensor_dims(
         self, module: torch.nn.Module, dims: dict[str, tuple[int | str, ...]], symbolic: bool
     ) -> dict[str, tuple[int | str, ...]]:
-        inner, head = attention_dims(module.config)
+        inner, head = attention_dims(model_config(module))
         batch, _, f, h, w = dims["hidden_states"]
         if symbolic:
             # symbolic, so the epilogue's graph reads its size (static dims would be folded and the input dropped)
             grid: tuple[int | str, ...] = ("grid_frames", "grid_height", "grid_width")
             tokens: int | str = "tokens"
         else:
-            pt, ph, pw = (int(p) for p in module.config["patch_size"])
+            pt, ph, pw = (int(p) for p in model_config(module)["patch_size"])
             grid = (int(f) // pt, int(h) // ph, int(w) // pw)
             tokens = grid[0] * grid[1] * grid[2]
         return {
@@ -356,11 +355,13 @@ class WanAdapter(AdapterBase):
         raise UnsupportedError(f"components: WanPipeline has no engine component {name!r}")
 
     @staticmethod
-    def _latent(module: torch.nn.Module, pipe_config: dict[str, Any], batch: int, frames: int, h: int, w: int):
+    def _latent(
+        module: torch.nn.Module, pipe_config: dict[str, Any], batch: int, frames: int, h: int, w: int
+    ) -> tuple[int, ...]:
         s = pipe_config["spatial"]
         return (
             batch,
-            int(module.config["in_channels"]),
+            int(model_config(module)["in_channels"]),
             latent_frames(frames, pipe_config["temporal"]),
             h // s,
             w // s,
@@ -373,7 +374,7 @@ class WanAdapter(AdapterBase):
         return {
             "hidden_states": self._latent(module, pipe_config, batch, frames, h, w),
             "timestep": (batch,),
-            "encoder_hidden_states": (batch, pick(shapes.text_len), int(module.config["text_dim"])),
+            "encoder_hidden_states": (batch, pick(shapes.text_len), int(model_config(module)["text_dim"])),
         }
 
     @staticmethod
@@ -387,12 +388,15 @@ class WanAdapter(AdapterBase):
     ) -> ExportSpec:
 
         dt = dtype_name(dtype)
-        c, out = int(module.config["in_channels"]), int(module.config["out_channels"] or module.config["in_channels"])
+        c, out = (
+            int(model_config(module)["in_channels"]),
+            int(model_config(module)["out_channels"] or model_config(module)["in_channels"]),
+        )
         text: int | str = "text_len" if shapes.text_len.min != shapes.text_len.max else shapes.text_len.opt
         inputs = [
             TensorSpec("hidden_states", dt, ("batch", c, "latent_frames", "latent_height", "latent_width")),
             TensorSpec("timestep", dt, ("batch",)),
-            TensorSpec("encoder_hidden_states", dt, ("batch", text, int(module.config["text_dim"]))),
+            TensorSpec("encoder_hidden_states", dt, ("batch", text, int(model_config(module)["text_dim"]))),
         ]
         outputs = [TensorSpec("latent", dt, ("batch", out, "latent_frames", "latent_height", "latent_width"))]
         opt = self.shapes_at(module, pipe_config, shapes, lambda r: r.opt)

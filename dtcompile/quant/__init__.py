@@ -11,7 +11,7 @@ Importing this package loads no torch, ModelOpt or ONNX.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.numerics import NVFP4_BLOCK
@@ -23,21 +23,28 @@ if TYPE_CHECKING:
 
     AnyQuantSpec = Fp8Spec | Int8Spec | Nvfp4Spec | SvdquantSpec
 
+#: The recipe spec a format takes (``Fp8Spec`` for ``Fp8Format``, ...).
+SpecT = TypeVar("SpecT", bound="AnyQuantSpec")
+
 #: Module types whose quantizers stay off in every format: normalization and convolutions are not run in
 #: fp8/int8/fp4 by TensorRT, so Q/DQ there only adds error (and breaks strongly typed fp16 parsing).
 _ALWAYS_OFF_CLASSES = ("nn.LayerNorm", "nn.Conv1d", "nn.Conv2d", "nn.Conv3d")
 
 #: ModelOpt numerics, as in its diffusers presets (configs/numerics/*.yaml).
-FP8 = {"num_bits": (4, 3), "axis": None}
-INT8_PER_TENSOR = {"num_bits": 8, "axis": None}
-INT8_PER_CHANNEL = {"num_bits": 8, "axis": 0}
-NVFP4 = {"num_bits": (2, 1), "block_sizes": {-1: NVFP4_BLOCK, "type": "dynamic", "scale_bits": (4, 3)}, "axis": None}
+FP8: dict[str, Any] = {"num_bits": (4, 3), "axis": None}
+INT8_PER_TENSOR: dict[str, Any] = {"num_bits": 8, "axis": None}
+INT8_PER_CHANNEL: dict[str, Any] = {"num_bits": 8, "axis": 0}
+NVFP4: dict[str, Any] = {
+    "num_bits": (2, 1),
+    "block_sizes": {-1: NVFP4_BLOCK, "type": "dynamic", "scale_bits": (4, 3)},
+    "axis": None,
+}
 
 #: torch dtype name -> ModelOpt's ``trt_high_precision_dtype`` (the type the Q/DQ ops compute in).
 _TRT_DTYPE = {"float32": "Float", "float16": "Half", "bfloat16": "BFloat16"}
 
 
-class QuantFormat:
+class QuantFormat(Generic[SpecT]):
     """One quantization format: requirements as data, plus the ModelOpt config it maps to.
 
     Attributes:
@@ -99,7 +106,7 @@ class QuantFormat:
             )
         return None
 
-    def modelopt_config(self, spec: AnyQuantSpec, exclude: Iterable[str], dtype: str) -> dict[str, Any]:
+    def modelopt_config(self, spec: SpecT, exclude: Iterable[str], dtype: str) -> dict[str, Any]:
         """The ``mtq.quantize`` config for ``spec``: format entries, then attention, then exclusions."""
         entries = [{"quantizer_name": "*", "enable": False}, *self.quantizer_entries(spec)]
         if spec.quantize_mha:
@@ -123,22 +130,22 @@ class QuantFormat:
                 cfg["trt_high_precision_dtype"] = high
         return {"quant_cfg": entries, "algorithm": self.algorithm(spec)}
 
-    def quantizer_entries(self, spec: AnyQuantSpec) -> list[dict[str, Any]]:
+    def quantizer_entries(self, spec: SpecT) -> list[dict[str, Any]]:
         """ModelOpt ``quant_cfg`` entries enabling this format's weight and input quantizers."""
         raise NotImplementedError
 
-    def algorithm(self, spec: AnyQuantSpec) -> str | dict[str, Any]:
+    def algorithm(self, spec: SpecT) -> str | dict[str, Any]:
         """ModelOpt's calibration algorithm for ``spec`` ("max", SmoothQuant, SVDQuant)."""
         return "max"
 
-    def check_module(self, spec: AnyQuantSpec, module: Any, exclude: Iterable[str]) -> None:
+    def check_module(self, spec: SpecT, module: Any, exclude: Iterable[str]) -> None:
         """Raise UnsupportedError when ``spec`` cannot quantize ``module`` (checked before calibration)."""
 
-    def check_width(self, spec: AnyQuantSpec, width: int) -> str | None:
+    def check_width(self, spec: SpecT, width: int) -> str | None:
         """Dry-run check against the model's hidden width (from its config, no weights): a reason or None."""
         return None
 
-    def manifest(self, spec: AnyQuantSpec) -> dict[str, Any]:
+    def manifest(self, spec: SpecT) -> dict[str, Any]:
         """What the manifest records about the format (beyond the resolved spec)."""
         return {
             "format": self.name,

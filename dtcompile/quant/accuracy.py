@@ -264,6 +264,7 @@ def accuracy_report(
     )
     module = component if component is not None else getattr(pipe, adapter.component)
     forced = teacher_forced(module, reference, label=f"{label} teacher-forced")
+    psnr_db = [psnr(a, b, cap=PSNR_IDENTICAL) for a, b in zip(trace.images, reference.images, strict=True)]
     report = AccuracyReport(
         candidate=candidate,
         reference=reference_name,
@@ -271,21 +272,21 @@ def accuracy_report(
         steps=s["steps"],
         teacher_forced=per_step(forced, reference.noise),
         free_running=per_step(trace.noise, reference.noise),
-        psnr_db=[psnr(a, b, cap=PSNR_IDENTICAL) for a, b in zip(trace.images, reference.images, strict=True)],
+        psnr_db=psnr_db,
     )
     if trace.images and trace.images[0].dim() == 4:  # videos (frames x C x H x W): every frame, worst as psnr_db
         report.frame_psnr_db = [
             [psnr(fa, fb, cap=PSNR_IDENTICAL) for fa, fb in zip(a, b, strict=True)]
             for a, b in zip(trace.images, reference.images, strict=True)
         ]
-        report.psnr_db = [min(f) for f in report.frame_psnr_db]
+        psnr_db = report.psnr_db = [min(f) for f in report.frame_psnr_db]
     log.info(
         "accuracy %s vs %s: teacher-forced min cos %.6f, max rel err %.3g; PSNR min %.1f dB",
         candidate,
         reference_name,
         report.min_cos,
         report.max_rel_err,
-        min(report.psnr_db),
+        min(psnr_db),
     )
     return report, trace
 

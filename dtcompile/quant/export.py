@@ -78,8 +78,9 @@ def _head_dim(module: Any) -> int | None:
     return int(inner) // int(heads) if inner and heads else None
 
 
-def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """ModelOpt-converted attention modules of ``model`` (those carrying Q/K/V bmm quantizers)."""
+def attention_modules(model: torch.nn.Module) -> list[tuple[str, Any]]:
+    """ModelOpt-converted attention modules of ``model`` (those carrying Q/K/V bmm quantizers; ModelOpt is
+    untyped, and its modules take attributes of its own)."""
     return [(n, m) for n, m in model.named_modules() if all(hasattr(m, q) for q in _ATTN_QUANTIZERS)]
 
 
@@ -181,7 +182,7 @@ def _attention(
 
 
 @functools.cache
-def _fp8_attention_function() -> type:
+def _fp8_attention_function() -> type[torch.autograd.Function]:
     """The autograd Function whose ONNX symbolic writes fp8 attention (built on first use: needs torch)."""
     import torch
     from modelopt.torch.quantization.export_onnx import export_fp8
@@ -197,22 +198,42 @@ def _fp8_attention_function() -> type:
         """Export-only: forward returns plain attention (traced values), symbolic writes the Q/DQ graph."""
 
         @staticmethod
-        def forward(ctx: Any, query, key, value, attn_mask, root, amax_q, amax_k, amax_v):  # noqa: ANN001
+        def forward(
+            ctx: Any,
+            query: torch.Tensor,
+            key: torch.Tensor,
+            value: torch.Tensor,
+            attn_mask: torch.Tensor | None,
+            root: float,
+            amax_q: float,
+            amax_k: float,
+            amax_v: float,
+        ) -> torch.Tensor:
             return _attention(query * root, key * root, value, attn_mask, quantize_softmax=False)
 
         @staticmethod
         @sym.parse_args("v", "v", "v", "v", "f", "f", "f", "f")
-        def symbolic(g, query, key, value, attn_mask, root, amax_q, amax_k, amax_v):  # noqa: ANN001
+        def symbolic(
+            g: Any,
+            query: Any,
+            key: Any,
+            value: Any,
+            attn_mask: Any,
+            root: float,
+            amax_q: float,
+            amax_k: float,
+            amax_v: float,
+        ) -> Any:  # TorchScript graph values (torch._C.Value)
             dtype = query.type().scalarType()
             if dtype not in onnx_types:
                 raise BuildError(f"fp8 attention export supports float32/float16/bfloat16 inputs, got {dtype}")
             wide = dtype != "Float"
             torch_dtype = {"Float": torch.float32, "Half": torch.float16, "BFloat16": torch.bfloat16}[dtype]
 
-            def widen(x):  # noqa: ANN001, ANN202
+            def widen(x: Any) -> Any:
                 return g.op("Cast", x, to_i=onnx_types["Float"]) if wide else x
 
-            def narrow(x):  # noqa: ANN001, ANN202
+            def narrow(x: Any) -> Any:
                 return g.op("Cast", x, to_i=onnx_types[dtype]) if wide else x
 
             r = g.op("Constant", value_t=torch.tensor(root, dtype=torch_dtype))

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from dtcompile.recipe.quant import Fp8Spec
 
 
-class Fp8Format(QuantFormat):
+class Fp8Format(QuantFormat["Fp8Spec"]):
     """fp8: E4M3 per-tensor weights and inputs of every linear layer not excluded."""
 
     name: ClassVar[str] = "fp8"

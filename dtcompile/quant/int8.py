@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from dtcompile.recipe.quant import Int8Spec
 
 
-class Int8Format(QuantFormat):
+class Int8Format(QuantFormat["Int8Spec"]):
     """int8: SmoothQuant W8A8 of every linear layer not excluded."""
 
     name: ClassVar[str] = "int8"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from dtcompile.core.numerics import nvfp4_fake_quant
 from dtcompile.quant import NVFP4, QuantFormat
@@ -23,14 +23,18 @@ from dtcompile.quant import NVFP4, QuantFormat
 if TYPE_CHECKING:
     import torch
 
-    from dtcompile.recipe.quant import Nvfp4Spec
+    from dtcompile.recipe.quant import Nvfp4Spec, SvdquantSpec
 
 
 #: (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) of NVFP4 in ModelOpt's op signature.
 _NVFP4_BITS = (4, 2, 8, 4)
 
 
-class Nvfp4Format(QuantFormat):
+#: nvfp4's spec, or svdquant's (``SvdquantFormat`` is nvfp4 plus its low-rank branch).
+NvSpecT = TypeVar("NvSpecT", bound="Nvfp4Spec | SvdquantSpec")
+
+
+class Nvfp4Format(QuantFormat[NvSpecT]):
     """nvfp4: dynamic E2M1 block quantization (block 16, E4M3 scales) of linear weights and inputs."""
 
     name: ClassVar[str] = "nvfp4"
@@ -48,7 +52,7 @@ class Nvfp4Format(QuantFormat):
     parity_tolerance: ClassVar[float] = 1e-3
     fix_hint: ClassVar[str] = "use quant.format fp8 (sm_89+) or int8"
 
-    def quantizer_entries(self, spec: Nvfp4Spec) -> list[dict[str, Any]]:
+    def quantizer_entries(self, spec: NvSpecT) -> list[dict[str, Any]]:
         """Dynamic NVFP4 blocks on every weight and input quantizer."""
         return [
             {"quantizer_name": "*weight_quantizer", "cfg": _nvfp4()},

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import VerificationError
 from dtcompile.core.progress import measured
+from dtcompile.models.examples import model_config
 from dtcompile.quant import get_format
 from dtcompile.quant.accuracy import (
     AccuracyReport,
@@ -52,7 +53,9 @@ def onnxruntime_component(
     runner = OrtRunner(Path(onnx_path), optimization="basic", low_memory=True)
     param = next(module.parameters())
     out_dtype = param.dtype if dtype is None else dtype
-    return EngineModule(runner, dict(module.config), runner.input_names, output_name, out_dtype, str(param.device))
+    return EngineModule(
+        runner, dict(model_config(module)), runner.input_names, output_name, out_dtype, str(param.device)
+    )
 
 
 #: What a 16-bit dtype alone costs end to end: the graph (in float32) against the 16-bit fake-quant torch model
@@ -186,7 +189,7 @@ def parity_report(
         end_to_end = None
         if dtype == "float32":
             with measured("parity (b): the model's own rounding noise", log):
-                noise = trace_noise(module, quantized_trace, quantized_trace.noise)
+                noise: RoundingNoise | None = trace_noise(module, quantized_trace, quantized_trace.noise)
             report = _pipeline_parity(pipe, adapter, quantized_trace, path, module, "fake-quant torch")
             check_parity(report, quant_format, limit, noise=noise)
         else:

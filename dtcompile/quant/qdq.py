@@ -34,6 +34,7 @@ from dtcompile.core.numerics import E2M1_MAX, E2M1_VALUES, FP8_E4M3_MAX, NVFP4_B
 if TYPE_CHECKING:
     import numpy as np
     import onnx
+    from onnx.external_data_helper import ExternalDataInfo
 
 #: The placeholder op the exporter writes for a block-scaled FP4 DequantizeLinear (see quant/export.py): the
 #: real op needs opset 21+, which the TorchScript exporter cannot emit.
@@ -75,6 +76,15 @@ class QdqReport:
         }
 
 
+def _written_span(info: ExternalDataInfo) -> tuple[int, int]:
+    """(offset, length) of a tensor ``_ExternalData.store`` wrote (it records both; onnx types them as None)."""
+    offset: int | None = info.offset
+    length: int | None = info.length
+    if offset is None or length is None:
+        raise BuildError(f"{info.location}: an external data entry without offset or length")
+    return offset, length
+
+
 class _ExternalData:
     """The external data of a graph being rewritten: tensors read one at a time from the original data file(s),
     new weights written to the rewritten graph's data file as they are made, never all in memory.
@@ -105,9 +115,10 @@ class _ExternalData:
         info = ExternalDataInfo(tensor)
         if info.location == self._new_location:
             self._out.flush()
+            offset, length = _written_span(info)
             with open(self.path, "rb") as f:
-                f.seek(info.offset)
-                loaded.raw_data = f.read(info.length)
+                f.seek(offset)
+                loaded.raw_data = f.read(length)
             del loaded.external_data[:]
             loaded.data_location = onnx.TensorProto.DEFAULT
         else:
@@ -142,7 +153,7 @@ class _ExternalData:
                 continue
             info = ExternalDataInfo(tensor)
             if info.location == self._new_location:  # written by ``store``
-                self._point(tensor, info.offset, info.length)
+                self._point(tensor, *_written_span(info))
                 continue
             src = self.src_dir / info.location
             start = info.offset or 0
@@ -346,25 +357,13 @@ def _fold_weights(g: _Graph, report: QdqReport) -> None:
     new_inits: list[onnx.TensorProto] = []
     dead: set[int] = set()
     for q in list(g.g.node):
-        fp8 = q.domain == TRT_DOMAIN and q.op_type == "TRT_FP8QuantizeLinear"
-        int8 = q.domain in ("", "ai.onnx") and q.op_type == "QuantizeLinear" and len(q.input) > 2
-        if not (fp8 or int8) or q.input[0] not in g.inits:
+        match = _foldable_weight(g, q)
+        if match is None:
             continue
-        dq = g.only_consumer(q.output[0])
-        if dq is None or dq.op_type not in ("TRT_FP8DequantizeLinear", "DequantizeLinear"):
-            continue
-        weight = g.const(q.input[0])
-        scale = g.const(q.input[1])
-        if weight is None or scale is None:
-            continue
+        dq, weight, scale, fp8 = match
+        int8 = not fp8
         axis = _attr(q, "axis", 1)
-        if int8:
-            zp = g.const(q.input[2])
-            if zp is None or zp.dtype.name != "int8" or zp.any():
-                continue
-            qvals = _quantize_int8(weight, scale, axis)
-        else:
-            qvals = _quantize_fp8(weight, scale)
+        qvals = _quantize_int8(weight, scale, axis) if int8 else _quantize_fp8(weight, scale)
         transpose = _transpose_to_matmul(g, dq)
         if transpose is not None:
             perm = _attr(transpose, "perm", None) or list(reversed(range(qvals.ndim)))
@@ -379,7 +378,7 @@ def _fold_weights(g: _Graph, report: QdqReport) -> None:
         else:
             tensor = numpy_helper.from_array(qvals, name)
         new_inits.append(g.new_initializer(tensor))
-        del weight, qvals, tensor  # one weight at a time
+        del weight, qvals, tensor, match  # one weight at a time
         dq.input[0] = name
         if fp8:
             dq.domain, dq.op_type = "", "DequantizeLinear"
@@ -395,6 +394,27 @@ def _fold_weights(g: _Graph, report: QdqReport) -> None:
         report.folded_weights += 1
     _remove_nodes(g.g, dead)
     g.g.initializer.extend(new_inits)
+
+
+def _foldable_weight(g: _Graph, q: Any) -> tuple[Any, np.ndarray, np.ndarray, bool] | None:
+    """(DQ, weight, scale, fp8) when ``q`` quantizes a constant weight (fp8, or int8 with a zero int8 zero
+    point) into exactly one DQ; None for anything else."""
+    fp8 = q.domain == TRT_DOMAIN and q.op_type == "TRT_FP8QuantizeLinear"
+    int8 = q.domain in ("", "ai.onnx") and q.op_type == "QuantizeLinear" and len(q.input) > 2
+    if not (fp8 or int8) or q.input[0] not in g.inits:
+        return None
+    dq = g.only_consumer(q.output[0])
+    if dq is None or dq.op_type not in ("TRT_FP8DequantizeLinear", "DequantizeLinear"):
+        return None
+    weight = g.const(q.input[0])
+    scale = g.const(q.input[1])
+    if weight is None or scale is None:
+        return None
+    if int8:
+        zp = g.const(q.input[2])
+        if zp is None or zp.dtype.name != "int8" or zp.any():
+            return None
+    return dq, weight, scale, fp8
 
 
 def _reroute(g: _Graph, old: str, new: str) -> None:
@@ -603,6 +623,31 @@ def nvfp4_pack(weight: np.ndarray, block: int = NVFP4_BLOCK) -> tuple[np.ndarray
 # --- onnxruntime stand-in for the FP4 graph ---------------------------------------------------------------------
 
 
+def _decode_fp4_weights(g: _Graph, dead: set[int]) -> list[onnx.TensorProto]:
+    """Each FP4 weight (DQ(block scales) -> DQ(E2M1, block)) decoded to a float32 initializer, one at a time; the
+    two DQs are added to ``dead``."""
+    import onnx
+    from onnx import numpy_helper
+
+    new_inits: list[onnx.TensorProto] = []
+    for dq in g.g.node:
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in g.inits:
+            continue
+        w = g.inits[dq.input[0]]
+        if w.data_type != onnx.TensorProto.FLOAT4E2M1:
+            continue
+        scale_dq = g.producer.get(dq.input[1])
+        if scale_dq is None or scale_dq.op_type != "DequantizeLinear":
+            raise BuildError(f"unexpected FP4 weight pattern at {dq.name}")
+        block = _attr(dq, "block_size", NVFP4_BLOCK)
+        decoded = decode_nvfp4(g.loaded(w), g.loaded(g.inits[scale_dq.input[0]]), g.const(scale_dq.input[1]), block)
+        new_inits.append(g.new_initializer(numpy_helper.from_array(decoded, dq.output[0])))
+        del decoded  # one weight at a time
+        dead.update({id(dq), id(scale_dq)})
+        _drop_value_info(g.g, dq.output[0])
+    return new_inits
+
+
 def fp4_reference_graph(model: onnx.ModelProto, data: _ExternalData | None = None) -> onnx.ModelProto:
     """A copy of an NVFP4 graph that onnxruntime can run, for parity checks only (never shipped).
 
@@ -626,21 +671,7 @@ def fp4_reference_graph(model: onnx.ModelProto, data: _ExternalData | None = Non
     new_inits: list[onnx.TensorProto] = []
 
     # Weights: DQ(block scales) -> DQ(E2M1, block) becomes a float32 initializer.
-    for dq in g.g.node:
-        if dq.op_type != "DequantizeLinear" or dq.input[0] not in g.inits:
-            continue
-        w = g.inits[dq.input[0]]
-        if w.data_type != onnx.TensorProto.FLOAT4E2M1:
-            continue
-        scale_dq = g.producer.get(dq.input[1])
-        if scale_dq is None or scale_dq.op_type != "DequantizeLinear":
-            raise BuildError(f"unexpected FP4 weight pattern at {dq.name}")
-        block = _attr(dq, "block_size", NVFP4_BLOCK)
-        decoded = decode_nvfp4(g.loaded(w), g.loaded(g.inits[scale_dq.input[0]]), g.const(scale_dq.input[1]), block)
-        new_inits.append(g.new_initializer(numpy_helper.from_array(decoded, dq.output[0])))
-        del decoded  # one weight at a time
-        dead.update({id(dq), id(scale_dq)})
-        _drop_value_info(g.g, dq.output[0])
+    new_inits += _decode_fp4_weights(g, dead)
 
     # Activations: TRT_FP4DynamicQuantize -> DQ(scales) -> DQ(E2M1, block) becomes an emulation subgraph.
     consts: dict[str, np.ndarray] = {

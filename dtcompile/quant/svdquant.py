@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from dtcompile.recipe.quant import SvdquantSpec
 
 
-class SvdquantFormat(Nvfp4Format):
+class SvdquantFormat(Nvfp4Format["SvdquantSpec"]):
     """svdquant: NVFP4 residual + rank-``rank`` high-precision branch on every linear layer not excluded."""
 
     name: ClassVar[str] = "svdquant"

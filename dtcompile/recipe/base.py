@@ -12,9 +12,10 @@ class Strict(BaseModel):
 
 
 class ItemError(ValueError):
-    """A validator error pointing into a list item (the loader reports it as ``<field>[index]: message``)."""
+    """A validator error pointing into a list item (the loader reports it as ``<field>[index]: message``), or at
+    a key of the item (``index`` a str, e.g. a shape range's ``max``)."""
 
-    def __init__(self, index: int, message: str, field: str | None = None) -> None:
+    def __init__(self, index: int | str, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.index = index
         self.field = field

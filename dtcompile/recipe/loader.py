@@ -7,7 +7,7 @@ dotted field path (``recipes/x.yaml:7 engine.targets[1]: ...``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
@@ -16,6 +16,9 @@ from dtcompile.core.errors import RecipeError
 from dtcompile.recipe.base import ItemError
 from dtcompile.recipe.quant import FORMAT_NAMES
 from dtcompile.recipe.schema import Recipe
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 
 def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
@@ -53,7 +56,7 @@ def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def _message(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
+def _message(err: ErrorDetails) -> tuple[tuple[Any, ...], str]:
     loc = _clean_loc(tuple(err["loc"]))
     ctx = err.get("ctx") or {}
     exc = ctx.get("error")

@@ -109,12 +109,18 @@ class ExportSpecModel(_Strict):
         return self
 
 
+#: A backend's name in a recipe (``core.targets.BACKENDS``, in its order: a test checks it).
+BackendName = Literal["onnxruntime", "tensorrt-rtx", "tensorrt"]
+
+
+def _reference_backend_only() -> list[BackendName]:
+    return ["onnxruntime"]
+
+
 class EngineSpec(_Strict):
     """Which backends to build and, for TensorRT flavours, which GPU arches."""
 
-    backends: list[Literal["onnxruntime", "tensorrt-rtx", "tensorrt"]] = Field(
-        default_factory=lambda: ["onnxruntime"], min_length=1
-    )
+    backends: list[BackendName] = Field(default_factory=_reference_backend_only, min_length=1)
     """Backends to build: onnxruntime (the reference graph), tensorrt-rtx, tensorrt."""
     targets: list[str] = Field(default_factory=list)
     """GPU arches (sm_XY) to build TensorRT engines for."""

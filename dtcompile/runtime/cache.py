@@ -42,6 +42,7 @@ from dtcompile.core.errors import ArtifactError
 from dtcompile.core.metrics import rel_l1
 from dtcompile.manifest import EngineEntry, Manifest, Verifier
 from dtcompile.recipe.cache import CacheSpec, Segment
+from dtcompile.runtime.engines import select_engine
 
 log = logging.getLogger("dtcompile.cache")
 
@@ -150,7 +151,7 @@ class CachedEngineModule(ComponentStandIn):
     def __init__(
         self,
         runners: dict[str, Runner],
-        parts: list[tuple[str, str, Segment | None]],
+        parts: list[tuple[str, str | None, Segment | None]],
         spec: CacheSpec,
         config: dict[str, Any],
         input_names: list[str],
@@ -402,7 +403,6 @@ def load_cached_module(
     Every part runs on the same backend: the one ``select_engine`` picks for the prologue.
     """
     from dtcompile.backends import get_backend
-    from dtcompile.runtime.run import select_engine
 
     centry = manifest.component(component)
     if not centry.parts or centry.cache is None:

@@ -16,55 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from dtcompile.core.errors import ArtifactError, UnsupportedError
-from dtcompile.core.targets import BACKENDS, TRT_EXTRAS, TRT_MODULES, gpu_arch, installed_trt_major
+from dtcompile.core.targets import BACKENDS, gpu_arch
 from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, artifact_path
 from dtcompile.models import adapter_for
+from dtcompile.runtime.engines import select_engine
 
 log = logging.getLogger("dtcompile.run")
 BACKEND_CHOICES = ("auto", *BACKENDS)
-
-
-def select_engine(manifest: Manifest, component: str, backend: str, gpu: str | None) -> EngineEntry:
-    """The manifest entry to run for ``backend`` on a machine whose GPU arch is ``gpu`` (None: no GPU)."""
-    if manifest.stopped_after:
-        raise ArtifactError(f"artifact stopped after stage '{manifest.stopped_after}'; it has no engines to run")
-    engines = manifest.component(component).engines
-    if backend == "auto":
-        if gpu is not None:
-            for flavour in TRT_MODULES:  # datacenter TensorRT first
-                if installed_trt_major(flavour) and any(e.backend == flavour and e.arch == gpu for e in engines):
-                    return select_engine(manifest, component, flavour, gpu)
-        backend = "onnxruntime"
-    candidates = [e for e in engines if e.backend == backend]
-    built = ", ".join(sorted({e.target for e in engines})) or "none"
-    if not candidates:
-        raise ArtifactError(
-            f"artifact has no {backend} engine (it has: {built}); rebuild with {backend} in engine.backends"
-        )
-    if backend == "onnxruntime":
-        return candidates[0]
-    archs = ", ".join(e.arch for e in candidates)
-    if gpu is None:
-        raise ArtifactError(
-            f"{backend} engines ({archs}) need an NVIDIA GPU to run and this machine has none; "
-            "use --backend onnxruntime"
-        )
-    match = [e for e in candidates if e.arch == gpu]
-    if not match:
-        raise ArtifactError(
-            f"no {backend} engine for this GPU ({gpu}); the artifact has {archs}: add {gpu} to engine.targets and rebuild"
-        )
-    entry = match[0]
-    installed = installed_trt_major(backend)
-    built_major = int(str(entry.trt_version or "0").split(".")[0])
-    if installed is None:
-        raise ArtifactError(f"{backend} is not installed (pip install 'dtcompile[{TRT_EXTRAS[backend]}]')")
-    if installed != built_major:
-        raise ArtifactError(
-            f"{entry.file} was built with {backend} {entry.trt_version}, this machine has major "
-            f"version {installed}; engines only load in the major version that built them: rebuild"
-        )
-    return entry
 
 
 def verify_pipeline_files(artifact_dir: Path, manifest: Manifest, verifier: Verifier) -> None:
@@ -72,6 +30,8 @@ def verify_pipeline_files(artifact_dir: Path, manifest: Manifest, verifier: Veri
 
     Raises ArtifactError naming the file.
     """
+    if manifest.pipeline is None:
+        raise ArtifactError(f"{artifact_dir}: the manifest lists no pipeline files")
     listed = {e.file for e in manifest.pipeline.files}
     for e in manifest.pipeline.files:
         verifier.check(e)
@@ -205,6 +165,8 @@ def aux_module(
     from dtcompile.backends.standin import STANDINS
 
     centry = manifest.component(name)
+    if centry.role is None:  # the caller passes manifest.aux_names(): components with a role
+        raise ArtifactError(f"{artifact_dir}: component {name!r} has no role; it is not a text encoder or VAE decoder")
     runner, _ = _open_engine(artifact_dir, manifest, name, backend, verifier, threads)
     return STANDINS[centry.role](
         runner,

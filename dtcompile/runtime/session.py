@@ -242,8 +242,9 @@ class Session:
             from dtcompile.runtime.parallel import cfg_parallel_module, init_ranks
 
             self.rank, _ = init_ranks()
+            branches = str(self.adapter.guidance_branches)  # _check_parallel refused None
             for name in manifest.denoiser_names():
-                setattr(pipe, name, cfg_parallel_module(getattr(pipe, name), self.rank, self.adapter.guidance_branches))
+                setattr(pipe, name, cfg_parallel_module(getattr(pipe, name), self.rank, branches))
             module = getattr(pipe, main)
         self.module, self.entry, self._pipe = module, entry, pipe
         return pipe
@@ -428,12 +429,12 @@ def _span(r: ShapeRange) -> str:
 
 
 @functools.cache
-def checked_pipeline_class(cls: type) -> type:
+def checked_pipeline_class(cls: type) -> Any:
     """A subclass of diffusers pipeline class ``cls`` whose calls go through its ``Session.prepare_call`` first
     (an instance is still a ``cls``; ``from_pretrained`` builds it as it builds ``cls``)."""
     signature = inspect.signature(cls.__call__)
 
-    class Checked(cls):  # type: ignore[misc,valid-type]  # a class known only at run time
+    class Checked(cls):  # a subclass of a class known only at run time
         _dtc_session: Session
 
         def __call__(self, *args: Any, **kwargs: Any) -> Any:

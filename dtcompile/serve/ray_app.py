@@ -75,7 +75,8 @@ def deployment(
             if state is not None:
                 state.drain()
 
-    return DtcReplica.bind(list(artifacts), asdict(options), api_key)
+    # mypy keeps a decorated class's own type (python/mypy#3135); serve.deployment made it a Deployment
+    return DtcReplica.bind(list(artifacts), asdict(options), api_key)  # type: ignore[attr-defined]
 
 
 def app_builder(args: dict[str, Any]) -> Any:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import BuildError, VerificationError
 from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
+from dtcompile.models.examples import model_config
 from dtcompile.recipe.cache import Segment, plan_segments, summarize_blocks
 
 if TYPE_CHECKING:
@@ -184,7 +185,7 @@ def export_split(
     a cache pattern matches no block (checked again here for sources the dry run could not read).
     """
     from dtcompile.models.base import component_view
-    from dtcompile.stages.export import shapes_from_recipe
+    from dtcompile.stages.shapes import shapes_from_recipe
 
     if recipe.cache is None:
         raise BuildError("export_split needs a recipe with a cache section")
@@ -221,6 +222,69 @@ def teacache_entry(spec: Any, adapter: Any, config: dict[str, Any]) -> dict[str,
     return {"signal": adapter.cache_layout("teacache").teacache_signal, "coefficients": coefficients, "source": source}
 
 
+def _torch_chain(
+    module: torch.nn.Module, adapter: Any, mono: ExportSpec, parts: list[Part], layout: CacheLayout, torch_run: Any
+) -> tuple[Any, list[dict[str, Any]], float]:
+    """(reference output, each part's example feeds, rel L2 of the chain): the parts chained in torch on the
+    whole component's example inputs; BuildError unless they reproduce its forward."""
+    import torch
+
+    from dtcompile.core.metrics import rel_l2
+
+    with torch.no_grad():
+        reference = adapter.export_module(module)(*mono.example_inputs.values())
+    chained, part_feeds = run_parts(parts, layout, torch_run, dict(mono.example_inputs))
+    split_err = rel_l2(chained, reference)
+    if not split_err <= SPLIT_TOL:
+        raise BuildError(
+            f"the {len(parts)} cache parts chained in torch differ from {type(module).__name__}.forward by rel L2 "
+            f"{split_err:.2e} > {SPLIT_TOL:.0e}; this diffusers version's forward is not what dtcompile.stages.cache_split "
+            "reproduces: remove the cache section or pin diffusers"
+        )
+    return reference, part_feeds, split_err
+
+
+def _check_part_onnxruntime(
+    path: Path,
+    part: Part,
+    layout: CacheLayout,
+    example: dict[str, Any],
+    mono: ExportSpec,
+    torch_run: Any,
+    tol: float,
+    entry: dict[str, Any],
+    ort_state: dict[str, Any],
+) -> dict[str, Any]:
+    """Part ``path`` in onnxruntime against torch on its example (``entry``'s parity record; VerificationError
+    beyond ``tol``), listed as ``entry``'s onnxruntime engine; returns the onnxruntime chain's state advanced
+    through it."""
+    from dtcompile.backends.onnxruntime import OrtRunner
+
+    runner = OrtRunner(path, optimization="basic")
+    ref = torch_run(part, example)
+    got = runner(example)
+    err = _rel_l2_all(got, ref)
+    entry["parity"] = {
+        "rel_l2": err,
+        "max_abs": max(float((got[k].double() - ref[k].double()).abs().max()) for k in ref),
+        "tolerance": tol,
+    }
+    log.info("parity %s onnxruntime vs torch: rel L2 %.2e", part.name, err)
+    if not err <= tol:
+        raise VerificationError(
+            f"{path}: onnxruntime output differs from torch by rel L2 {err:.2e} > {tol:.0e}; "
+            "the export of this part is wrong (not a precision issue)"
+        )
+    feeds_ort = _feeds_of(part, layout, ort_state, dict(mono.example_inputs))
+    ort_state = _advance(part, layout, ort_state, runner(feeds_ort))
+    del runner
+    onnx_entry = entry["onnx"]
+    entry["engines"].append(
+        {"backend": "onnxruntime", "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}
+    )
+    return ort_state
+
+
 def export_parts(
     module: torch.nn.Module,
     adapter: Any,
@@ -245,10 +309,8 @@ def export_parts(
         BuildError: the chained torch parts do not reproduce the transformer's forward.
         VerificationError: onnxruntime differs from torch beyond the dtype's tolerance for a part or the chain.
     """
-    import torch
 
     from dtcompile.attention import export_attention
-    from dtcompile.backends.onnxruntime import OrtRunner
     from dtcompile.core.dtypes import torch_dtype
     from dtcompile.core.metrics import rel_l2
     from dtcompile.core.progress import progress
@@ -256,7 +318,7 @@ def export_parts(
     from dtcompile.stages.export import PARITY_TOL, ExportedComponent, adapter_patches
 
     comp = adapter.component
-    config = dict(module.config)
+    config = dict(model_config(module))
     mono = adapter.export_spec(module, pipe_config, shapes, torch_dtype(dtype_name))
     mono = dataclasses.replace(mono, opset=opset)
     mono_profile = adapter.shape_profile(module, pipe_config, shapes)
@@ -268,16 +330,7 @@ def export_parts(
     patches = adapter_patches(adapter)
 
     # The chain in torch gives every part its example inputs and must reproduce the whole forward.
-    with torch.no_grad():
-        reference = adapter.export_module(module)(*mono.example_inputs.values())
-    chained, part_feeds = run_parts(parts, layout, torch_run, dict(mono.example_inputs))
-    split_err = rel_l2(chained, reference)
-    if not split_err <= SPLIT_TOL:
-        raise BuildError(
-            f"the {len(parts)} cache parts chained in torch differ from {type(module).__name__}.forward by rel L2 "
-            f"{split_err:.2e} > {SPLIT_TOL:.0e}; this diffusers version's forward is not what dtcompile.stages.cache_split "
-            "reproduces: remove the cache section or pin diffusers"
-        )
+    reference, part_feeds, split_err = _torch_chain(module, adapter, mono, parts, layout, torch_run)
 
     exported: list[tuple[str, ExportedComponent]] = []
     ort_state: dict[str, Any] = {}  # the chain run with onnxruntime, one session alive at a time (memory)
@@ -304,28 +357,7 @@ def export_parts(
             "engines": [],
         }
         if check_onnxruntime:
-            runner = OrtRunner(art.path, optimization="basic")
-            ref = torch_run(part, example)
-            got = runner(example)
-            err = _rel_l2_all(got, ref)
-            entry["parity"] = {
-                "rel_l2": err,
-                "max_abs": max(float((got[k].double() - ref[k].double()).abs().max()) for k in ref),
-                "tolerance": tol,
-            }
-            log.info("parity %s onnxruntime vs torch: rel L2 %.2e", part.name, err)
-            if not err <= tol:
-                raise VerificationError(
-                    f"{art.path}: onnxruntime output differs from torch by rel L2 {err:.2e} > {tol:.0e}; "
-                    "the export of this part is wrong (not a precision issue)"
-                )
-            feeds_ort = _feeds_of(part, layout, ort_state, dict(mono.example_inputs))
-            ort_state = _advance(part, layout, ort_state, runner(feeds_ort))
-            del runner
-            onnx_entry = entry["onnx"]
-            entry["engines"].append(
-                {"backend": "onnxruntime", "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}
-            )
+            ort_state = _check_part_onnxruntime(art.path, part, layout, example, mono, torch_run, tol, entry, ort_state)
         exported.append((part.name, ExportedComponent(art.path, profile, entry)))
         log.info("cache part %s: %s", part.name, summarize_blocks(part.blocks) if part.blocks else part.kind)
 

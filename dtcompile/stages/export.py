@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import VerificationError
-from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes
+from dtcompile.core.graph import ExportSpec, ShapeProfile
 from dtcompile.core.metrics import rel_l2
 from dtcompile.core.progress import Progress, measured, progress
 from dtcompile.export.onnx import export_onnx
+from dtcompile.stages.shapes import shapes_from_recipe
 
 if TYPE_CHECKING:
     from dtcompile.attention import AttentionChoice
@@ -42,11 +43,6 @@ class ExportedComponent:
     onnx_path: Path
     profile: ShapeProfile
     manifest: dict[str, Any]
-
-
-def shapes_from_recipe(shapes: Any) -> Shapes:
-    """Recipe ShapesSpec -> the adapters' Shapes."""
-    return Shapes(**{k: Range(v.min, v.opt, v.max) for k, v in shapes if v is not None})
 
 
 def check_parity(onnx_path: Path, wrapper: Any, spec: ExportSpec, dtype: str) -> dict[str, Any]:
@@ -115,7 +111,8 @@ def export_component(
     patches = adapter_patches(adapter)
     with progress(f"export {comp}", None, "phase", heartbeat=True) as bar:
         with export_attention(attention.mode) as trace:
-            art, qonnx = _export_graph(wrapper, spec, artifact_dir, comp, recipe, patches, bar, quantized is not None)
+            quant_format = quantized.result.format if quantized is not None else None
+            art, qonnx = _export_graph(wrapper, spec, artifact_dir, comp, recipe, patches, bar, quant_format)
         bar.phase("mapping weights")
         from dtcompile.weights.weight_map import write_weight_map
 
@@ -136,7 +133,7 @@ def export_component(
         from dtcompile.quant import get_format
         from dtcompile.quant.parity import parity_report
 
-        fmt = recipe.quant.format
+        fmt = quantized.result.format  # the recipe's quant.format
         entry["quant"] = {**quantized.to_manifest(), "graph": qonnx.to_manifest()}
         # parity (b): the graph in onnxruntime against the fake-quant torch model, step by step, both in float32
         # (a 16-bit model also end to end, information only: quant.parity.end_to_end)
@@ -157,10 +154,11 @@ def export_component(
 
 def _export_graph(
     wrapper: Any, spec: ExportSpec, artifact_dir: Path, comp: str, recipe: Recipe, patches: Any, bar: Progress,
-    quantized: bool,
+    quant_format: str | None,
 ) -> tuple[Any, Any]:  # fmt: skip
-    """(OnnxArtifact, QuantizedOnnx or None): the plain graph, or the quantized one with standard Q/DQ."""
-    if not quantized:
+    """(OnnxArtifact, QuantizedOnnx or None): the plain graph, or the one quantized to ``quant_format`` with
+    standard Q/DQ."""
+    if quant_format is None:
         return export_onnx(wrapper, spec, artifact_dir / "onnx", name=comp, patches=patches, progress=bar), None
     from dtcompile.quant.export import export_quantized
 
@@ -169,7 +167,7 @@ def _export_graph(
         spec,
         artifact_dir / "onnx",
         name=comp,
-        quant_format=recipe.quant.format,
+        quant_format=quant_format,
         dtype=recipe.dtype,
         patches=patches,
         progress=bar,
@@ -225,6 +223,7 @@ def export_aux(
         from dtcompile.quant.parity import component_parity
 
         fmt = quantized.result.format
+        assert qonnx is not None  # exported quantized above
         with measured(f"export {spec.name}: parity (b)", log):
             parity = component_parity(module, graph.export_module, art.path, quantized.inputs, graph.outputs, fmt,
                                       field=quantized.field)  # fmt: skip

@@ -38,10 +38,10 @@ class ResolvedSource:
         """The family adapter, known without loading weights (None: a hub model not downloaded yet)."""
         from dtcompile.models import ADAPTERS, adapter_for_pipeline_class
 
-        if self.kind == "builtin":
+        if (name := self.builtin_name) is not None:  # a builtin source
             from dtcompile.models.builtin import builtin
 
-            return ADAPTERS.get(builtin(self.builtin_name).family)()
+            return ADAPTERS.get(builtin(name).family)()
         if self.local_dir is not None:
             return ADAPTERS.get(adapter_for_pipeline_class(pipeline_class_of(self.local_dir)))()
         index = cached_hub_file(self.spec, "model_index.json")  # a hub model already downloaded
@@ -56,10 +56,10 @@ class ResolvedSource:
         adapter = self.adapter
         if adapter is None:
             return None
-        if self.kind == "builtin":
+        if (name := self.builtin_name) is not None:  # a builtin source
             from dtcompile.models.builtin import builtin
 
-            return builtin(self.builtin_name).denoisers or (adapter.component,)
+            return builtin(name).denoisers or (adapter.component,)
         index = (
             self.local_dir / "model_index.json" if self.local_dir else cached_hub_file(self.spec, "model_index.json")
         )

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from dtcompile.attention import AttentionChoice
     from dtcompile.models.base import ModelAdapter
     from dtcompile.recipe import Recipe
+    from dtcompile.recipe.cache import CacheSpec
+    from dtcompile.recipe.quant import QuantSpec
     from dtcompile.recipe.schema import ComponentSpec
     from dtcompile.stages.load import ResolvedSource
 
@@ -114,11 +116,11 @@ def make_plan(recipe: Recipe, recipe_path: str | Path | None = None) -> Plan:
             + " as engines"
         )
     if recipe.quant is not None:
-        _plan_quant(plan)
+        _plan_quant(plan, recipe.quant)
     if recipe.quantized_components():
         _plan_component_quant(plan)
     if recipe.cache is not None:
-        plan.notes += _plan_cache(plan)
+        plan.notes += _plan_cache(plan, recipe.cache)
     if recipe.lora:  # local LoRA files must exist and be safetensors (hub ids are fetched at build)
         from dtcompile.stages.lora import resolve_loras
 
@@ -165,11 +167,12 @@ def _check_output_dir(out_dir: Path) -> None:
             return
 
 
-def _plan_quant(plan: Plan) -> None:
-    """Quant rules before any weights load: format x backend x arch, SVDQuant rank vs width, no cache mix."""
+def _plan_quant(plan: Plan, spec: QuantSpec) -> None:
+    """Quant rules before any weights load: format x backend x arch, SVDQuant rank vs width, no cache mix;
+    ``spec`` is the recipe's ``quant``."""
     from dtcompile.quant import check_targets, get_format
 
-    recipe, spec = plan.recipe, plan.recipe.quant
+    recipe = plan.recipe
     if recipe.cache is not None:
         raise UnsupportedError(
             "quant and cache: block-cache artifacts are exported unquantized; drop one of the two sections"
@@ -187,7 +190,7 @@ def _plan_quant(plan: Plan) -> None:
     load_prompts(spec.calib, plan.base_dir)  # a missing or empty prompts file fails here, not after loading
     adapter = plan.source.adapter
     config = component_config(plan.source, adapter.component) if adapter is not None else None
-    width = adapter.hidden_width(config) if config else 0
+    width = adapter.hidden_width(config) if adapter is not None and config else 0
     problem = fmt.check_width(spec, width) if width else None
     if problem:
         raise UnsupportedError(problem)
@@ -288,10 +291,10 @@ def _plan_component_quant(plan: Plan) -> None:
 
 def component_config(resolved: ResolvedSource, component: str) -> dict[str, Any] | None:
     """A component's config.json without loading weights (None: a hub model not downloaded yet)."""
-    if resolved.kind == "builtin":
+    if (name := resolved.builtin_name) is not None:  # a builtin source
         from dtcompile.models.builtin import builtin
 
-        config = builtin(resolved.builtin_name).config.get(component)
+        config = builtin(name).config.get(component)
         if isinstance(config, dict):
             return dict(config)
     from dtcompile.stages.load import cached_hub_file, source_dir
@@ -338,11 +341,11 @@ def _plan_lora_targets(plan: Plan, local: list[Any]) -> list[str]:
     return [f"lora: every module of {len(local)} adapter(s) matches a {adapter.component} weight"]
 
 
-def _plan_cache(plan: Plan) -> list[str]:
-    """Dry-run check of ``recipe.cache`` against the model's block names (no weights loaded); plan lines."""
+def _plan_cache(plan: Plan, spec: CacheSpec) -> list[str]:
+    """Dry-run check of ``spec`` (the recipe's ``cache``) against the model's block names (no weights loaded);
+    plan lines."""
     from dtcompile.recipe.cache import plan_lines, plan_segments
 
-    spec = plan.recipe.cache
     adapter, denoisers = plan.source.adapter, plan.source.denoisers
     later = [f"cache {spec.mode}: block patterns are checked after the model downloads (not cached locally)"]
     if adapter is None or denoisers is None:

@@ -145,8 +145,8 @@ def quantize_aux(loaded: Any, recipe: Any, base_dir: Path | None, spec: Any, wei
     from dtcompile.quant.accuracy import module_outputs, outputs_report
     from dtcompile.quant.calibration import calibrate_encoder, load_prompts
     from dtcompile.recipe.quant import parse_quant_spec
-    from dtcompile.stages.export import shapes_from_recipe
     from dtcompile.stages.load import aux_module
+    from dtcompile.stages.shapes import shapes_from_recipe
 
     field = component_field(recipe, spec.name, "quant")
     kind = COMPONENT_KINDS[loaded.adapter.aux_components[spec.name]]

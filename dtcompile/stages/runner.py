@@ -59,6 +59,13 @@ class BuildState:
     def component(self) -> str:
         return self.files.adapter.component
 
+    @property
+    def pipeline(self) -> LoadedPipeline:
+        """``loaded``, for the stages after load (which runs first: a RuntimeError here is a bug in the order)."""
+        if self.loaded is None:
+            raise RuntimeError("the load stage has not run")
+        return self.loaded
+
 
 def _existing_key(out_dir: Path) -> str | None:
     from dtcompile.manifest import read_manifest, verify_file
@@ -203,7 +210,7 @@ def lora_step(state: BuildState) -> list[str]:
     """lora: fuse the recipe's adapters into the engine component -> ``state.fused``."""
     from dtcompile.stages.lora import fuse_lora
 
-    state.fused = fuse_lora(state.loaded, state.loras, state.plan.recipe.dtype)
+    state.fused = fuse_lora(state.pipeline, state.loras, state.plan.recipe.dtype)
     state.manifest["lora"] = {"adapters": state.fused.adapters}
     return []
 
@@ -231,6 +238,8 @@ def export_step(state: BuildState) -> list[str]:
 
     recipe, comp, manifest = state.plan.recipe, state.component, state.manifest
     attention = state.plan.attention
+    if attention is None:  # make_plan resolves it for every plan it returns
+        raise RuntimeError("the plan has no attention mode (not made by make_plan)")
     extra = state.files.extra_denoisers()  # Wan2.2's second expert: a graph (or parts) of its own, same shapes
     graphs: list[tuple[str, Any]] = []
     with _aux_unquantized(state):  # a denoiser's parity runs the pipeline: with the encoders it was traced with
@@ -241,27 +250,27 @@ def export_step(state: BuildState) -> list[str]:
                 if name != comp:
                     log.info("[export] denoiser %s, split for caching ...", name)
                 manifest["components"][name], parts = export_split(
-                    state.loaded, recipe, state.tmp, attention=attention, component=name
+                    state.pipeline, recipe, state.tmp, attention=attention, component=name
                 )
                 graphs += parts
         else:
             quantized = state.quantized.get(comp)
-            graphs.append((comp, export_component(state.loaded, recipe, state.tmp, quantized, attention=attention)))
+            graphs.append((comp, export_component(state.pipeline, recipe, state.tmp, quantized, attention=attention)))
             for name in extra:
                 log.info("[export] denoiser %s ...", name)
-                graphs.append((name, export_component(state.loaded, recipe, state.tmp, state.quantized.get(name),
+                graphs.append((name, export_component(state.pipeline, recipe, state.tmp, state.quantized.get(name),
                                                       attention=attention, component=name)))  # fmt: skip
-    aux = aux_components(recipe, state.loaded.adapter)
+    aux = aux_components(recipe, state.pipeline.adapter)
     aux_graphs = []
     for i, spec in enumerate(aux, 1):  # text encoders and the VAE decoder, after the denoiser
         log.info("[export] component %d/%d %s ...", i, len(aux), spec.name)
         aux_graphs.append(
-            (spec.name, export_aux(state.loaded, recipe, state.tmp, spec, state.quantized_aux.get(spec.name)))
+            (spec.name, export_aux(state.pipeline, recipe, state.tmp, spec, state.quantized_aux.get(spec.name)))
         )
     graphs += aux_graphs
     attrs = [*extra, *(g.manifest.get("attr", name) for name, g in aux_graphs)]
     manifest["pipeline"] = (
-        export_pipeline_files(state.loaded, state.tmp, attrs) if recipe.output.include_pipeline else {}
+        export_pipeline_files(state.pipeline, state.tmp, attrs) if recipe.output.include_pipeline else {}
     )
     manifest["components"].update((name, g.manifest) for name, g in graphs)
     if state.fused is not None:  # base weights of the LoRA-touched tensors, for a later `dtc refit`
@@ -280,7 +289,7 @@ def _aux_unquantized(state: BuildState) -> Any:
     from dtcompile.models.components import aux_attr
     from dtcompile.quant.export import quantizers_off
 
-    return quantizers_off(*(getattr(state.loaded.pipe, aux_attr(name)) for name in state.quantized_aux))
+    return quantizers_off(*(getattr(state.pipeline.pipe, aux_attr(name)) for name in state.quantized_aux))
 
 
 def _lora_section(state: BuildState, main: str, components: dict[str, Any]) -> dict[str, Any]:

@@ -317,7 +317,9 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
 
 def build_profile(manifest: Manifest) -> dict[str, Any]:
     """Build cost recorded in the manifest: wall time and peak RSS per stage, per engine build time and size."""
-    stages = [{"name": s.name, "wall_s": s.wall_s, "peak_rss_mb": s.peak_rss_mb} for s in manifest.stages]
+    stages: list[dict[str, Any]] = [
+        {"name": s.name, "wall_s": s.wall_s, "peak_rss_mb": s.peak_rss_mb} for s in manifest.stages
+    ]
     engines = [
         {"component": name, "backend": e.backend, "arch": e.arch, "size_mb": e.size / 2**20, "build_s": e.build_s}
         for name, comp in manifest.components.items()
@@ -506,7 +508,8 @@ def bench_artifact(
     checked = probe.request(prompt, steps=steps, height=height, width=width, frames=frames, guidance=guidance,
                             images_per_prompt=batch)  # fmt: skip
     manifest = probe.manifest
-    height, width, frames, text_len = checked.height, checked.width, checked.frames, checked.text_len
+    height, width, frames = checked.height, checked.width, checked.frames
+    text_len = manifest.shapes["text_len"].opt
 
     import diffusers  # noqa: F401  (imported before any load is measured)
     import torch

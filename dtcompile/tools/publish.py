@@ -136,6 +136,7 @@ def plan_archives(manifest: Manifest) -> list[Archive]:
         for what, value in (("backend", backend), ("arch", arch)):
             if not isinstance(value, str) or not _COMPONENT.match(value):
                 raise ArtifactError(f"manifest: engine {engine.get('file')!r} has an invalid {what} {value!r}")
+        assert isinstance(backend, str) and isinstance(arch, str)  # checked above
         add(groups.setdefault((backend, arch), {}), engine)
     archives = [Archive(COMMON, "any", "any", tuple(common[k] for k in sorted(common)))]
     for (backend, arch), files in sorted(groups.items(), key=lambda kv: (kv[0][0], arch_order(kv[0][1]))):

@@ -176,7 +176,7 @@ def rewrite_onnx(src: Path, dst: Path, updates: dict[str, Any]) -> dict[str, str
 
     graph = OnnxWeights(src)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    data: dict[str, bytes] = {}
+    data: dict[str, bytes | bytearray] = {}
     for name, value in updates.items():
         if name not in graph.inits:
             raise ArtifactError(f"{src}: no initializer '{name}' (the weight map does not match the graph)")
@@ -213,8 +213,8 @@ def rewrite_onnx(src: Path, dst: Path, updates: dict[str, Any]) -> dict[str, str
                 continue
             raw = data[t.name]
             out.write(raw)
-            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                t.ClearField(f)
+            for field_name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                t.ClearField(field_name)
             del t.external_data[:]
             for key, value in (("location", overlay), ("offset", str(offset)), ("length", str(len(raw)))):
                 entry = t.external_data.add()
@@ -560,6 +560,41 @@ def _assemble(
     return new_manifest, _engine_names(jobs, written, with_graphs=False)
 
 
+def _read_loras(
+    artifact_dir: Path,
+    manifest: dict[str, Any],
+    comps: list[str],
+    specs: list[tuple[str, float, str | None]],
+    drop_unrefittable: bool,
+) -> tuple[dict[int, ResolvedLora], dict[int, LoraWeights], list[tuple[Any, ...]]]:
+    """(resolved, parsed, work): each spec's resolved file and parsed adapter (by index into ``specs``), and per
+    denoiser to refit (comp, entry, weight map, LoRA state, blocked engines, its spec indices); a denoiser no
+    adapter ever touched is left out (carried over as built)."""
+    from dtcompile.stages.lora import resolve_lora
+
+    main = comps[0]
+    old_lora = manifest.get("lora") or {}
+    pipeline_class = manifest["source"]["pipeline_class"]
+    resolved: dict[int, ResolvedLora] = {}
+    parsed: dict[int, LoraWeights] = {}
+    work = []
+    for comp in comps:
+        mine = [i for i, (_, _, c) in enumerate(specs) if (c or main) == comp]
+        state = _lora_state(old_lora, comp, main)
+        if comp != main and not mine and not state.get("touched"):
+            continue  # never touched by an adapter: carried over as built
+        centry = manifest["components"][comp]
+        wmap = load_weight_map(artifact_dir, centry, comp)
+        blocked = _blocked_engines(centry, drop_unrefittable)  # before any adapter file is read
+        for i in mine:
+            src, scale, c = specs[i]
+            resolved[i] = resolve_lora(src, None, scale, "--lora", component=c)
+        got = _read_adapters([resolved[i] for i in mine], wmap, pipeline_class, comp, main)
+        parsed.update(zip(mine, got, strict=True))
+        work.append((comp, centry, wmap, state, blocked, mine))
+    return resolved, parsed, work
+
+
 def refit_artifact(
     artifact_dir: Path,
     loras: Sequence[tuple[str, float] | tuple[str, float, str | None]],
@@ -582,7 +617,6 @@ def refit_artifact(
 
     from dtcompile.core.files import collect_stale, discarded_on_failure, make_temp_dir, replace_dir
     from dtcompile.manifest import Verifier, read_manifest, verify_file
-    from dtcompile.stages.lora import resolve_lora
 
     specs = [(str(x[0]), float(x[1]), x[2] if len(x) > 2 else None) for x in loras]
     for path, scale, _ in specs:
@@ -603,27 +637,9 @@ def refit_artifact(
     for path, _, comp in specs:
         if comp is not None and comp not in comps:
             raise DtcError(f"--lora {path}@{comp}: the artifact's denoisers are {', '.join(comps)}")
-    old_lora = manifest.get("lora") or {}
-    pipeline_class = manifest["source"]["pipeline_class"]
 
     t0 = time.perf_counter()
-    resolved: dict[int, ResolvedLora] = {}
-    parsed: dict[int, LoraWeights] = {}
-    work = []
-    for comp in comps:
-        mine = [i for i, (_, _, c) in enumerate(specs) if (c or main) == comp]
-        state = _lora_state(old_lora, comp, main)
-        if comp != main and not mine and not state.get("touched"):
-            continue  # never touched by an adapter: carried over as built
-        centry = manifest["components"][comp]
-        wmap = load_weight_map(artifact_dir, centry, comp)
-        blocked = _blocked_engines(centry, drop_unrefittable)  # before any adapter file is read
-        for i in mine:
-            src, scale, c = specs[i]
-            resolved[i] = resolve_lora(src, None, scale, "--lora", component=c)
-        got = _read_adapters([resolved[i] for i in mine], wmap, pipeline_class, comp, main)
-        parsed.update(zip(mine, got, strict=True))
-        work.append((comp, centry, wmap, state, blocked, mine))
+    resolved, parsed, work = _read_loras(artifact_dir, manifest, comps, specs, drop_unrefittable)
     timings["read_loras_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -161,8 +161,10 @@ def _content_matches(graph: OnnxWeights, params: dict[str, torch.Tensor]) -> Mat
             wanted[(dtype, tuple(p.shape[::-1]))].append((pname, "transposed"))
     matches: Matches = defaultdict(list)
     for name in graph.inits:
-        dtype = graph.dtype(name)
-        cands = wanted.get((dtype, graph.dims(name)), []) if dtype is not None and dtype not in QMAX else []
+        init_dtype = graph.dtype(name)
+        cands = (
+            wanted.get((init_dtype, graph.dims(name)), []) if init_dtype is not None and init_dtype not in QMAX else []
+        )
         if not cands:
             continue
         value = graph.tensor(name)

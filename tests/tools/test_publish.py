@@ -26,7 +26,7 @@ from dtcompile.manifest import (
     verify_file,
     write_manifest,
 )
-from dtcompile.runtime.run import select_engine
+from dtcompile.runtime.engines import select_engine
 from dtcompile.tools import publish as pub
 from dtcompile.tools.publish import (
     COMMON,
