@@ -8,28 +8,20 @@ from pathlib import Path
 import pytest
 
 from dtcompile.core.errors import DtcError, UnsupportedError
+from tests.fixtures.builds import ORT_ONLY, build_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, NEGATIVE = "a cat playing piano", "blurry"
 
 
-def _build(tmp_path_factory: pytest.TempPathFactory, recipe: str) -> Path:
-    from dtcompile.recipe import load_recipe
-    from dtcompile.stages.runner import run_build
-
-    out = tmp_path_factory.mktemp("engines-parallel")
-    overrides = [f"output.dir={out}", "engine.backends=[onnxruntime]", "engine.targets=[]"]
-    return run_build(load_recipe(ROOT / "recipes" / recipe, overrides)).artifact_dir
-
-
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build(tmp_path_factory, "tiny-sd3.yaml")
+    return build_recipe(tmp_path_factory, "tiny-sd3.yaml", *ORT_ONLY)
 
 
 @pytest.fixture(scope="module")
 def wan21(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build(tmp_path_factory, "tiny-wan21.yaml")
+    return build_recipe(tmp_path_factory, "tiny-wan21.yaml", *ORT_ONLY)
 
 
 RUNS = {

@@ -10,36 +10,28 @@ from typing import Any
 import pytest
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
+from tests.fixtures.builds import ORT_ONLY, build_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red fox in the snow"
 
 
-def _build(tmp_path_factory: pytest.TempPathFactory, recipe: str | Path, *overrides: str) -> Path:
-    from dtcompile.recipe import load_recipe
-    from dtcompile.stages.runner import run_build
-
-    out = tmp_path_factory.mktemp("engines-teacache")
-    return run_build(load_recipe(ROOT / "recipes" / recipe, [f"output.dir={out}", *overrides])).artifact_dir
-
-
 @pytest.fixture(scope="module")
 def flux_tea(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build(tmp_path_factory, "tiny-flux-teacache.yaml", "engine.backends=[onnxruntime]", "engine.targets=[]")
+    return build_recipe(tmp_path_factory, "tiny-flux-teacache.yaml", *ORT_ONLY)
 
 
 @pytest.fixture(scope="module")
 def wan21_tea(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build(tmp_path_factory, "tiny-wan21-teacache.yaml", "engine.backends=[onnxruntime]", "engine.targets=[]")
+    return build_recipe(tmp_path_factory, "tiny-wan21-teacache.yaml", *ORT_ONLY)
 
 
 @pytest.fixture(scope="module")
 def wan22_tea(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _build(
+    return build_recipe(
         tmp_path_factory,
         "tiny-wan22.yaml",
-        "engine.backends=[onnxruntime]",
-        "engine.targets=[]",
+        *ORT_ONLY,
         "name=tiny-wan22-teacache",
         "cache={mode: teacache, threshold: 0.2}",
     )

@@ -27,6 +27,17 @@ def _pixels(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+def _dtc_run(artifact: Path, out: Path, steps: int, seed: int = 0):
+    """``dtc run`` in this process (CliRunner): its result."""
+    from click.testing import CliRunner
+
+    from dtcompile.cli import cli
+
+    args = ["run", str(artifact), "--prompt", PROMPT, "--steps", str(steps), "--seed", str(seed), "--backend",
+            "onnxruntime", "--out", str(out)]  # fmt: skip
+    return CliRunner().invoke(cli, args)
+
+
 def test_the_issue_snippet_runs_and_says_once_what_it_adapted(tiny_artifact: Path, caplog) -> None:
     import diffusers
 
@@ -118,31 +129,13 @@ def test_a_diffusers_users_own_call_features(pipe) -> None:
 
 def test_run_serve_and_load_pipeline_give_the_same_pixels(tiny_artifact: Path, pipe, tmp_path: Path) -> None:
     import torch
-    from click.testing import CliRunner
     from PIL import Image
 
-    from dtcompile.cli import cli
     from dtcompile.serve.models import ServedModel, ServeOptions
     from dtcompile.serve.scheduler import Job
 
     out = tmp_path / "run.png"
-    r = CliRunner().invoke(
-        cli,
-        [
-            "run",
-            str(tiny_artifact),
-            "--prompt",
-            PROMPT,
-            "--steps",
-            "4",
-            "--seed",
-            "5",
-            "--backend",
-            "onnxruntime",
-            "--out",
-            str(out),
-        ],
-    )
+    r = _dtc_run(tiny_artifact, out, steps=4, seed=5)
     assert r.exit_code == 0, r.output
     with Image.open(out) as img:
         ran = _pixels(img)
@@ -155,10 +148,8 @@ def test_run_serve_and_load_pipeline_give_the_same_pixels(tiny_artifact: Path, p
 
 
 def test_dtc_run_reads_the_manifest_once(tiny_artifact: Path, tmp_path: Path, monkeypatch) -> None:
-    from click.testing import CliRunner
 
     import dtcompile.manifest
-    from dtcompile.cli import cli
 
     original = dtcompile.manifest.read_manifest
     calls: list[Path] = []
@@ -175,20 +166,6 @@ def test_dtc_run_reads_the_manifest_once(tiny_artifact: Path, tmp_path: Path, mo
     for module in [m for name, m in sys.modules.items() if name.startswith("dtcompile")]:
         if getattr(module, "read_manifest", None) is original:
             monkeypatch.setattr(module, "read_manifest", counted)
-    r = CliRunner().invoke(
-        cli,
-        [
-            "run",
-            str(tiny_artifact),
-            "--prompt",
-            PROMPT,
-            "--steps",
-            "1",
-            "--backend",
-            "onnxruntime",
-            "--out",
-            str(tmp_path / "x.png"),
-        ],
-    )
+    r = _dtc_run(tiny_artifact, tmp_path / "x.png", steps=1)
     assert r.exit_code == 0, r.output
     assert calls == [tiny_artifact]
