@@ -110,3 +110,26 @@ def test_dtc_bench_parallel_reports_both_latencies_and_bytes(wan21: Path, tmp_pa
     assert report["bytes_sent_per_rank_per_step"] == 9216  # one branch output per step: 16 x 3 x 6 x 8 float32
     assert report["ratio"] == report["ranks_step_ms_median"] / report["one_rank_step_ms_median"]
     assert "bytes sent per rank per step" in r.output
+
+
+def test_dtc_serve_parallel_answers_what_dtc_run_makes(sd3: Path, tmp_path: Path) -> None:
+    """``dtc serve --parallel cfg=2``: the server process is rank 0 and spawns rank 1, which runs every request's
+    other guidance branch; the image equals ``dtc run``'s (to SD3's batch-split rounding) and SIGTERM ends both."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dtcompile.runtime.session import run_artifact
+    from tests.serve.test_server import client, serving
+
+    ref = np.asarray(run_artifact(sd3, PROMPT, steps=4, seed=3, backend="onnxruntime").image, dtype=np.int16)
+    with serving(sd3, tmp_path, "--parallel", "cfg=2", "--backend", "onnxruntime", "--default-steps", "4",
+                 env={"DTC_TEST_KEY": "k"}) as server:  # fmt: skip
+        got = client(server, "k").images.generate(model="tiny-sd3", prompt=PROMPT, size="64x64",
+                                                  response_format="b64_json", extra_body={"seed": 3})  # fmt: skip
+        image = Image.open(io.BytesIO(base64.b64decode(got.data[0].b64_json or ""))).convert("RGB")
+        assert np.abs(np.asarray(image, dtype=np.int16) - ref).max() <= 1
+        proc = server.proc
+    assert proc.returncode == 0  # stopped by SIGTERM within the fixture's limit, followers included

@@ -28,6 +28,9 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option("--no-warmup", is_flag=True, help="Skip the 1-step warm-up generation per model.")
 @click.option("--ray", "ray_replicas", type=click.IntRange(1), metavar="N",
               help="Run as a Ray Serve deployment with N replicas (one per GPU where there are GPUs).")  # fmt: skip
+@click.option(
+    "--parallel", help="cfg=2: each request's guidance branches on two ranks (one artifact; docs/parallel.md)."
+)
 def serve(
     artifacts: tuple[str, ...],
     host: str,
@@ -43,10 +46,19 @@ def serve(
     verify: str,
     no_warmup: bool,
     ray_replicas: int | None,
+    parallel: str | None,
 ) -> None:
     """Serve artifacts at /v1/images/generations, /v1/models, /health, /ready and /metrics."""
     from dtcompile.serve.models import ServeOptions
     from dtcompile.serve.server import open_state, read_api_key, serve
+
+    spec = None
+    if parallel is not None:
+        from dtcompile.runtime.parallel import ParallelSpec
+
+        spec = ParallelSpec.parse(parallel)
+        if len(artifacts) != 1 or ray_replicas is not None:
+            raise click.UsageError("--parallel serves one artifact in one process group: one ARTIFACT, no --ray")
 
     options = ServeOptions(
         backend=backend,
@@ -58,6 +70,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         default_steps=default_steps,
         warmup=not no_warmup,
+        parallel=spec,
     )
     api_key = read_api_key(api_key_env)
     if ray_replicas is not None:

@@ -25,6 +25,7 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -209,12 +210,61 @@ def _rank_main(
         result = job(rank)
     except DtcError as exc:
         result = exc
-    if rank == 0:
+        if rank:
+            print(f"error: rank {rank}: {exc}", file=sys.stderr, flush=True)
+    if rank == 0 and out_dir:
         with open(Path(out_dir) / "result.pkl", "wb") as f:  # our own file, read back by run_parallel
             pickle.dump(result, f)
     import torch.distributed as dist
 
     dist.destroy_process_group()
+
+
+def _follower_main(index: int, world: int, port: int, job: Callable[[int], Any], timeout_s: float,
+                   threads: int | None) -> None:  # fmt: skip
+    """Rank ``index + 1`` of a group whose rank 0 is the process that started it (``start_followers``)."""
+    _rank_main(index + 1, world, port, job, "", timeout_s, threads)
+
+
+@dataclass
+class Followers:
+    """Ranks 1.. of a group whose rank 0 is this process (``start_followers``): ``stop()`` ends them."""
+
+    context: Any
+    world: int
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.context.processes)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Tell the followers there is nothing more (a None request), then wait for them (terminate past it)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.broadcast_object_list([None], src=0)
+        for p in self.context.processes:
+            p.join(timeout_s)
+            if p.is_alive():
+                p.terminate()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start_followers(
+    spec: ParallelSpec, job: Callable[[int], Any], *, timeout_s: float = DEFAULT_TIMEOUT_S, threads: int | None = None
+) -> Followers:
+    """Make this process rank 0 of ``spec.world`` local ranks and spawn ranks 1.. running ``job(rank)`` (e.g. a
+    loop answering the requests rank 0 broadcasts: ``dtcompile.runtime.session.follow_requests``)."""
+    import torch.multiprocessing as mp
+
+    port = _free_port()
+    ctx = mp.start_processes(_follower_main, args=(spec.world, port, job, timeout_s, threads), nprocs=spec.world - 1,
+                             join=False, start_method="spawn")  # fmt: skip
+    os.environ.update({"RANK": "0", "WORLD_SIZE": str(spec.world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "LOCAL_RANK": "0"})  # fmt: skip
+    init_ranks(timeout_s)
+    return Followers(ctx, spec.world)
 
 
 def run_parallel(

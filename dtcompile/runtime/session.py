@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.core.errors import ArtifactError, UnsupportedError
+from dtcompile.core.errors import ArtifactError, DtcError, UnsupportedError
 from dtcompile.core.targets import gpu_arch
 from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, read_manifest
 from dtcompile.models import adapter_for
@@ -541,3 +541,42 @@ def _rank_generate(
     session.load()
     result = session.generate(session.request(prompt, **request), trace=trace)
     return dataclasses.replace(result, engine_module=None)
+
+
+def follow_requests(
+    artifact_dir: Path, spec: ParallelSpec, backend: str, verify: bool | str, threads: int | None, rank: int
+) -> None:
+    """A follower rank of a served CFG-parallel model: open the artifact, then run every request rank 0
+    broadcasts (``broadcast_request``) until it broadcasts None."""
+    import torch.distributed as dist
+
+    session = Session(artifact_dir, backend, verify=verify, parallel=spec, threads=threads)
+    session.load()
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return
+        try:
+            session.generate(session.request(**seeded(box[0])))
+        except DtcError as exc:  # rank 0 met the same check on the same request: both go on to the next one
+            log.warning("rank %d: %s", rank, exc)
+
+
+def broadcast_request(settings: dict[str, Any]) -> None:
+    """Rank 0 of a served CFG-parallel model: hand ``settings`` (``Session.request`` keywords, generators given
+    as ``seeds``) to the follower ranks before running them itself."""
+    import torch.distributed as dist
+
+    dist.broadcast_object_list([settings], src=0)
+
+
+def seeded(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with ``seeds`` (a list, one per output) turned into CPU generators."""
+    import torch
+
+    out = dict(settings)
+    seeds = out.pop("seeds", None)
+    if seeds is not None:
+        out["generator"] = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return out

@@ -37,6 +37,7 @@ class ServeOptions:
     url_ttl: float = 3600.0
     url_max_items: int = 256
     url_max_bytes: int = 256 << 20
+    parallel: Any = None  # runtime.parallel.ParallelSpec: each request's guidance branches on ranks of their own
 
 
 class ServedModel:
@@ -45,6 +46,7 @@ class ServedModel:
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self.followers: Any = None  # runtime.parallel.Followers of a CFG-parallel model, once loaded
         self.artifact_dir = session.artifact_dir
         self.manifest = session.manifest
         self.name = session.name
@@ -56,7 +58,7 @@ class ServedModel:
         from dtcompile.runtime.session import Session
 
         options = options or ServeOptions()
-        return cls(Session(Path(artifact_dir), options.backend, verify=options.verify))
+        return cls(Session(Path(artifact_dir), options.backend, verify=options.verify, parallel=options.parallel))
 
     @property
     def batch_max(self) -> int:
@@ -70,8 +72,23 @@ class ServedModel:
     def entry(self) -> Any:
         return self.session.entry
 
+    def start_ranks(self, options: ServeOptions) -> None:
+        """A CFG-parallel model: make this process rank 0 and spawn the follower ranks. Call it from the main
+        thread: a rank spawned from a thread that then finishes exits with it (seen with the server's loading
+        thread: the follower left with code 0 once loading was done)."""
+        spec = self.session.parallel
+        if spec is not None and self.followers is None:
+            import functools
+
+            from dtcompile.runtime.parallel import start_followers
+            from dtcompile.runtime.session import follow_requests
+
+            job = functools.partial(follow_requests, self.artifact_dir, spec, options.backend, options.verify, None)
+            self.followers = start_followers(spec, job)
+
     def load(self, options: ServeOptions) -> None:
         t0 = time.perf_counter()
+        self.start_ranks(options)
         self.session.load()
         entry = self.session.entry
         assert entry is not None
@@ -81,7 +98,13 @@ class ServedModel:
         """One 1-step generation at the opt size (first-call allocations, kernel selection); seconds taken."""
         t0 = time.perf_counter()
         shapes = self.manifest.shapes
-        job = Job(self.name, "warm-up", 1, shapes["width"].opt, shapes["height"].opt, 1, None, 0)
+        width, height = shapes["width"].opt, shapes["height"].opt
+        image = None
+        if self.adapter.reference_image:  # an editing model warms up on a plain grey reference
+            from PIL import Image
+
+            image = Image.new("RGB", (width, height), (128, 128, 128))
+        job = Job(self.name, "warm-up", 1, width, height, 1, None, 0, None, image)
         self.generate([job])
         seconds = time.perf_counter() - t0
         log.info("warmed up %s in %.2fs", self.name, seconds)
@@ -145,14 +168,14 @@ class ServedModel:
         Image ``i`` of a job is seeded with ``seed + i``, each on its own CPU generator, so an image does not
         depend on what it was batched with, and ``n=1, seed=s`` equals ``dtc run --seed s``.
         """
-        import torch
+        from dtcompile.runtime.session import broadcast_request, seeded
 
         head = jobs[0]
-        prompts, generators = [], []
+        prompts, seeds = [], []
         for job in jobs:
             for i in range(job.n):
                 prompts.append(job.prompt)
-                generators.append(torch.Generator("cpu").manual_seed((job.seed + i) % 2**64))
+                seeds.append((job.seed + i) % 2**64)
         last = [time.perf_counter()]
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -162,19 +185,22 @@ class ServedModel:
             last[0] = now
             return kwargs
 
-        request = self.session.request(
-            prompts,
-            steps=head.steps,
-            generator=generators,
-            height=head.height,
-            width=head.width,
-            guidance=head.guidance,
-            negative_prompt=None if head.negative_prompt is None else [head.negative_prompt] * len(prompts),
-            image=head.image,
-            callback=step_end,
-            names=REQUEST_NAMES,
-        )
-        images = self.session.generate(request).media
+        settings: dict[str, Any] = {
+            "prompt": prompts,
+            "steps": head.steps,
+            "seeds": seeds,
+            "height": head.height,
+            "width": head.width,
+            "guidance": head.guidance,
+            "negative_prompt": None if head.negative_prompt is None else [head.negative_prompt] * len(prompts),
+            "image": head.image,
+            "names": REQUEST_NAMES,
+        }
+        if self.followers is not None:  # CFG parallel: the follower ranks run the same request beside this one
+            if not self.followers.alive():
+                raise APIError(503, f"model {self.name}: a parallel rank has exited; restart the server")
+            broadcast_request(settings)
+        images = self.session.generate(self.session.request(callback=step_end, **seeded(settings))).media
         out, at = [], 0
         for job in jobs:
             out.append(images[at : at + job.n])

@@ -18,7 +18,10 @@ def open_state(artifacts: Sequence[str | Path], options: ServeOptions, api_key: 
     """The state for these artifacts, read but not loaded (ArtifactError for a bad or duplicate one)."""
     if not artifacts:
         raise ArtifactError("no artifact to serve: pass one or more artifact folders")
-    return ServerState([ServedModel.open(a, options) for a in artifacts], options, api_key)
+    models = [ServedModel.open(a, options) for a in artifacts]
+    for model in models:  # CFG-parallel ranks are started from the main thread (ServedModel.start_ranks)
+        model.start_ranks(options)
+    return ServerState(models, options, api_key)
 
 
 def serve(state: ServerState, host: str, port: int) -> None:
@@ -52,7 +55,12 @@ def serve(state: ServerState, host: str, port: int) -> None:
         server.should_exit = True
 
     state.on_fatal = fatal
-    server.run()
+    try:
+        server.run()
+    finally:
+        for model in state.models.values():  # CFG-parallel follower ranks end with the server
+            if model.followers is not None:
+                model.followers.stop()
     if state.load_error is not None:
         raise ArtifactError(f"serving stopped: {state.load_error}")
 
