@@ -133,3 +133,39 @@ def test_dtc_serve_parallel_answers_what_dtc_run_makes(sd3: Path, tmp_path: Path
         assert np.abs(np.asarray(image, dtype=np.int16) - ref).max() <= 1
         proc = server.proc
     assert proc.returncode == 0  # stopped by SIGTERM within the fixture's limit, followers included
+
+
+TORCHRUN_SCRIPT = """
+import sys
+import numpy as np
+import torch
+import dtcompile
+
+pipe = dtcompile.load_pipeline(sys.argv[1], backend="onnxruntime", parallel="cfg=2")
+image = pipe("a cat playing piano", negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0,
+             generator=torch.Generator("cpu").manual_seed(2)).images[0]
+if torch.distributed.get_rank() == 0:
+    np.save(sys.argv[2], np.asarray(image))
+"""
+
+
+def test_load_pipeline_parallel_under_torchrun(sd3: Path, tmp_path: Path) -> None:
+    """A diffusers user's own script under ``torchrun --nproc-per-node 2``: ``load_pipeline(parallel="cfg=2")``
+    on each rank, the same call on both; rank 0's image equals the one-rank pipeline's."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+
+    import dtcompile
+
+    script, out = tmp_path / "user.py", tmp_path / "image.npy"
+    script.write_text(TORCHRUN_SCRIPT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    r = subprocess.run([*torchrun, str(script), str(sd3), str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pipe = dtcompile.load_pipeline(sd3, backend="onnxruntime")
+    ref = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=3, guidance_scale=5.0,
+               generator=torch.Generator("cpu").manual_seed(2)).images[0]  # fmt: skip
+    assert np.abs(np.load(out).astype(np.int16) - np.asarray(ref, dtype=np.int16)).max() <= 1
