@@ -25,7 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from dtcompile.core.digests import sha256_file, sha256_json, sha256_text
 from dtcompile.core.errors import ArtifactError
-from dtcompile.core.files import PICKLE_SUFFIXES, cache_root, write_text_atomic
+from dtcompile.core.files import PICKLE_SUFFIXES, cache_root, recover_swap, write_text_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -396,6 +396,12 @@ def read_manifest(artifact_dir: Path) -> Manifest:
     """Load and validate an artifact's manifest; ArtifactError says what is wrong."""
     artifact_dir = Path(artifact_dir)
     path = artifact_dir / MANIFEST
+    if not artifact_dir.is_dir() and not artifact_dir.is_symlink():
+        restored = recover_swap(artifact_dir)  # a swap killed between its two renames left only `.<name>.old-<pid>`
+        if restored:
+            import logging
+
+            logging.getLogger("dtcompile.manifest").warning("%s", restored)
     if not artifact_dir.is_dir():
         raise ArtifactError(f"{artifact_dir}: artifact folder not found (build one with: dtc build --recipe ...)")
     if not path.is_file():

@@ -47,7 +47,7 @@ from typing import Any
 
 from dtcompile.core.digests import sha256_file
 from dtcompile.core.errors import ArtifactError, DtcError, MissingDependencyError, UnsupportedError, VerificationError
-from dtcompile.core.files import collect_stale, make_temp_dir, replace_dir
+from dtcompile.core.files import check_replaceable, collect_stale, make_temp_dir, replace_dir
 from dtcompile.core.targets import TRT_ARCHS, TRT_EXTRAS, arch_order, gpu_arch, installed_trt_major, is_arch
 from dtcompile.manifest import (
     MANIFEST,
@@ -698,10 +698,7 @@ def pull_artifact(
     exists = out_dir.exists() or out_dir.is_symlink()
     if exists and not force and (out_dir.is_symlink() or not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ArtifactError(f"--out {out_dir}: already exists; choose a new folder or pass --force to replace it")
-    if exists and (out_dir.is_symlink() or not out_dir.is_dir()):  # --force replaces artifacts, not other files
-        raise ArtifactError(
-            f"--out {out_dir}: is a file or a link, not an artifact folder; --force will not replace it"
-        )
+    check_replaceable(out_dir, "--out")  # --force replaces an artifact folder, never a user's other files
     store = open_store(url)
     if arch == "auto":
         arch = _detect_gpu_arch() or "auto"  # still "auto" without a GPU: the error lists what was published
