@@ -156,3 +156,56 @@ def test_build_force_killed_between_the_renames_is_recovered_by_inspect(ort_arti
     r = dtc(*build)
     assert r.returncode == 0, r.stderr[-2000:]
     assert hidden(out) == []
+
+
+# --- 4. refit refuses adapters whose fused weights cannot be finite, and non-float factors ------------------------
+
+
+def _hostile_lora(path: Path, how: str) -> Path:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(LORA), "pt") as f:
+        meta = dict(f.metadata())
+        sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    first_b = next(k for k in sd if "lora_B" in k)
+    if how == "x1e30":
+        sd = {k: v * 1e30 for k, v in sd.items()}
+    elif how == "int64":
+        sd[first_b] = (sd[first_b] * 100).to(torch.int64)
+    elif how == "bool":
+        sd[first_b] = sd[first_b] > 0
+    elif how == "nan-alpha":
+        meta["lora_adapter_metadata"] = meta["lora_adapter_metadata"].replace(
+            '"transformer.lora_alpha": 4.0', '"transformer.lora_alpha": NaN'
+        )
+        assert "NaN" in meta["lora_adapter_metadata"]
+    save_file(sd, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("how", "scale", "message"),
+    [
+        ("plain", "1e39", "scale 1e+39: fusing gives"),
+        ("plain", "-1e308", "scale -1e+308: fusing gives"),
+        ("x1e30", "1", "scale 1: fusing gives"),
+        ("int64", "1", "has int64 lora_B weights in 'hostile.safetensors'; LoRA factors must be floating point"),
+        ("bool", "1", "has bool lora_B weights in 'hostile.safetensors'; LoRA factors must be floating point"),
+        ("nan-alpha", "1", "has LoRA alpha nan in 'hostile.safetensors'; alpha must be a finite number"),
+    ],
+)
+def test_refit_refuses_adapters_that_can_only_fail(
+    art: Path, tmp_path: Path, how: str, scale: str, message: str
+) -> None:
+    lora = LORA if how == "plain" else _hostile_lora(tmp_path / "hostile.safetensors", how)
+    before = snapshot(art)
+    r = dtc("refit", str(art), "--lora", f"{lora}:{scale}", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = one_error_line(r)
+    assert message in line, line
+    if "fusing gives" in line:
+        assert "overflows); the scale or the adapter's factors are too large" in line
+    assert not (tmp_path / "o").exists() and hidden(tmp_path) == [] and hidden(art.parent) == []
+    assert snapshot(art) == before

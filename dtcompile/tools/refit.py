@@ -90,7 +90,7 @@ def plan_refit(
     torch layout) plus the updates in adapter order, then back to the engine's layout, dtype and quantization.
     Every other parameter in ``ever_touched`` gets its stored base bytes back unchanged.
     """
-    from dtcompile.stages.lora import apply_deltas
+    from dtcompile.stages.lora import apply_deltas, check_fused_finite
 
     active = [(w, s) for w, s in loras if s != 0.0]
     now = sorted({p for w, _ in active for p in w.params()})
@@ -131,6 +131,10 @@ def plan_refit(
             w = stored.float() if q else stored
         torch_base[p] = w.t() if layout == "transposed" else w
     new = apply_deltas(torch_base, active)
+    # before anything is written: an overflow (scale 1e39, factors x1e30) in the engine's dtype is refused
+    check_fused_finite(
+        new, active, {p: torch_dtype(entries[p]["onnx_dtype"]) for p in new if not entries[p].get("quant")}
+    )
     for p, w in new.items():
         e = entries[p]
         w = w.t().contiguous() if e["layout"] == "transposed" else w.contiguous()
