@@ -73,8 +73,10 @@ def run(
     cache: str | None,
 ) -> None:
     """Run the denoising loop with the artifact's engines and write an image or a video."""
+    from dtcompile.runtime.limits import check_run_options
     from dtcompile.runtime.run import run_artifact
 
+    check_run_options(guidance=guidance, fps=fps)  # documented ranges, before any engine loads
     out, image_format = _output_file(out_path, _is_video(Path(artifact)), frames)  # checked before the run
     image = None if image_path is None else _reference_image(image_path)
     result = run_artifact(
@@ -131,16 +133,10 @@ def _is_video(artifact: Path) -> bool:
 
 
 def _reference_image(value: str) -> Any:
-    """``--image``: a readable image file, as an RGB PIL image; UsageError naming the file otherwise."""
-    from PIL import Image, UnidentifiedImageError
+    """``--image``: a regular image file within the documented size, as an RGB PIL image (runtime.inputs)."""
+    from dtcompile.runtime.inputs import read_reference_image
 
-    try:
-        with Image.open(value) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise click.UsageError(f"--image {value}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise click.UsageError(f"--image {value}: not a readable image ({type(exc).__name__})") from None
+    return read_reference_image(value, flag="--image")
 
 
 def _output_file(value: str, video: bool = False, frames: int | None = None) -> tuple[Path, str]:

@@ -70,7 +70,8 @@ def _message(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
         msg = msg[len("Value error, ") :]
     inp = err.get("input")
     if kind not in ("missing",) and not isinstance(inp, (dict, list)):
-        msg = f"{inp!r}: {msg}"
+        shown = repr(inp)
+        msg = f"{shown if len(shown) <= 80 else shown[:60] + f'... ({len(shown)} characters)'}: {msg}"
     return loc, msg
 
 
@@ -129,6 +130,8 @@ def _safe_load(text: str) -> Any:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise yaml.YAMLError(f"a number too long to read ({_one_line(str(exc)).split(';')[0]})") from None
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
