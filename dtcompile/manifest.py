@@ -30,6 +30,8 @@ from dtcompile.core.files import PICKLE_SUFFIXES, cache_root, recover_swap, writ
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
+#: A model's precision, as recipes name it (``recipe.schema``): anything else (``complex128``) is refused on read.
+ModelDtype = Literal["float32", "float16", "bfloat16"]
 Num = int | float  # kept as written (a float field would turn 5 into 5.0 and change the bytes)
 
 
@@ -153,7 +155,7 @@ class ComponentEntry(_Strict):
     cache: dict[str, Any] | None = None
     role: Literal["text_encoder", "vae_decoder"] | None = None  # None: the denoiser
     attr: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")] | None = None  # pipeline attribute
-    dtype: str | None = None  # the graph's precision where it differs from the manifest's
+    dtype: ModelDtype | None = None  # the graph's precision where it differs from the manifest's
 
     @property
     def is_part(self) -> bool:
@@ -254,7 +256,7 @@ class Manifest(_Strict):
     recipe_file: str | None = None
     versions: dict[str, str | None] = Field(default_factory=dict)
     source: SourceEntry
-    dtype: str
+    dtype: ModelDtype
     precision: str | None = None
     shapes: dict[str, ShapeRange] = Field(default_factory=dict)
     components: dict[str, ComponentEntry] = Field(default_factory=dict)

@@ -209,3 +209,237 @@ def test_refit_refuses_adapters_that_can_only_fail(
         assert "overflows); the scale or the adapter's factors are too large" in line
     assert not (tmp_path / "o").exists() and hidden(tmp_path) == [] and hidden(art.parent) == []
     assert snapshot(art) == before
+
+
+# --- 5. internal errors that are now one line -------------------------------------------------------------------
+
+
+def dtc_here(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in this process (no interpreter start-up): exit code and stderr, as ``dtc`` would give them."""
+    from dtcompile.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
+def png_header(width: int, height: int, bit_depth: int = 8, color: int = 2) -> bytes:
+    """A PNG whose IHDR claims ``width`` x ``height`` (CRCs right), with a few bytes of image data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A real 8x8 JPEG (Pillow) whose SOF0 header is patched to claim ``width`` x ``height``."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "message"),
+    [
+        ("big.png", lambda: png_header(20000, 20000), "20000x20000 pixels is too large for a reference image"),
+        ("bomb.jpg", lambda: jpeg_claiming(65000, 65000), "65000x65000 pixels is too large for a reference image"),
+        ("wide.png", lambda: png_header(30000, 2), "30000x2 pixels is too large for a reference image"),
+        ("junk.png", lambda: b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "not a readable image"),
+    ],
+)
+def test_hostile_reference_images_are_refused_from_the_header(
+    capsys: pytest.CaptureFixture[str], tiny_artifact: Path, tmp_path: Path, name: str, make, message: str
+) -> None:
+    ref = tmp_path / name
+    ref.write_bytes(make())
+    out = tmp_path / "out" / "o.png"
+    r = dtc_here(capsys, "run", str(tiny_artifact), "--prompt", PROMPT, "--image", str(ref), "--out", str(out))
+    assert r.returncode == 2
+    line = one_error_line(r)
+    assert line.startswith(f"error: --image {ref}: ") and message in line, line
+    if "too large" in line:
+        assert "the limit is 8192x8192 = 67108864 pixels" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing written
+
+
+def test_a_fifo_reference_image_is_refused_without_hanging(tiny_artifact: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "ref.png"
+    os.mkfifo(fifo)  # no writer: an open() for reading would block forever
+    r = dtc("run", str(tiny_artifact), "--prompt", PROMPT, "--image", str(fifo), "--out", str(tmp_path / "o.png"),
+            timeout=120)  # fmt: skip
+    assert r.returncode == 2
+    assert f"--image {fifo}: is a FIFO, not an image file" in one_error_line(r)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.png"]
+
+
+def test_a_16_bit_png_reads_as_its_8_bit_twin(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from dtcompile.runtime.inputs import read_reference_image
+
+    v8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(v8.astype(np.uint16) * 257).save(tmp_path / "g16.png")  # mode I;16
+    Image.fromarray(v8).save(tmp_path / "g8.png")
+    got16 = np.asarray(read_reference_image(tmp_path / "g16.png"))
+    got8 = np.asarray(read_reference_image(tmp_path / "g8.png"))
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    assert got16.shape == (16, 16, 3) and np.array_equal(got16, got8)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("export.opset=" + "9" * 5000, "the value is not valid YAML (a number too long to read"),
+        ("export.opset=" + "9" * 4000, "characters): Input should be less than or equal to 23"),
+        (
+            "quant={format: fp8, calib: {steps: 1000000000000000000000000000000}}",
+            "Input should be less than or equal to 1000",
+        ),
+        ("output.dir=/proc/dtc", "output.dir: /proc/dtc/tiny-flux is under /proc, a kernel pseudo-filesystem"),
+        ("output.dir=/sys/dtc", "output.dir: /sys/dtc/tiny-flux is under /sys, a kernel pseudo-filesystem"),
+    ],
+)
+def test_recipe_values_out_of_range_fail_the_dry_run_in_one_line(
+    capsys: pytest.CaptureFixture[str], override: str, message: str
+) -> None:
+    r = dtc_here(capsys, "build", "--recipe", str(RECIPE), "--set", override, "--dry-run")
+    assert r.returncode == 2
+    line = one_error_line(r)
+    assert message in line and len(line) < 400, line[:500]
+    assert not Path("/proc/dtc").exists() and not Path("/sys/dtc").exists()
+
+
+def test_an_index_with_no_usable_version_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    store = tmp_path / "store" / "tiny-flux"
+    store.mkdir(parents=True)
+    for versions in ([], [{"key": "not-a-key"}], [17, None]):
+        (store / "index.json").write_text(json.dumps({"name": "tiny-flux", "versions": versions}))
+        r = dtc_here(capsys, "pull", str(store), "--arch", "any", "--out", str(tmp_path / "o"))
+        assert r.returncode == 2
+        assert f"{store / 'index.json'}: lists no usable version" in one_error_line(r)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+@pytest.mark.parametrize("lie", ["offsets", "dtype", "shape"])
+def test_a_lora_whose_safetensors_header_lies_is_one_line(
+    capsys: pytest.CaptureFixture[str], art: Path, tmp_path: Path, lie: str
+) -> None:
+    import struct
+
+    raw = LORA.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    if lie == "offsets":
+        header[key]["data_offsets"][1] += 10**6
+    elif lie == "dtype":
+        header[key]["dtype"] = "F64"
+    else:
+        header[key]["shape"] = [header[key]["shape"][0] * 2, header[key]["shape"][1]]
+    text = json.dumps(header).encode()
+    bad = tmp_path / "lie.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    r = dtc_here(capsys, "refit", str(art), "--lora", f"{bad}:1", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert f"'{bad}': the safetensors header does not match the file" in one_error_line(r)
+    assert not (tmp_path / "o").exists() and hidden(tmp_path) == [] and hidden(art.parent) == []
+
+
+def _rehash(art: Path, rel: str) -> None:
+    """Update the manifest's sha256 and size of ``rel`` (a consistent tamper: the hashes alone cannot tell)."""
+    from dtcompile.core.digests import sha256_file
+
+    def edit(m):
+        for entry in _entries(m):
+            if entry.get("file") == rel:
+                entry["sha256"], entry["size"] = sha256_file(art / rel), (art / rel).stat().st_size
+
+    edit_manifest(art, edit)
+
+
+def _entries(node):
+    if isinstance(node, dict):
+        if "file" in node and "sha256" in node:
+            yield node
+        for v in node.values():
+            yield from _entries(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _entries(v)
+
+
+@pytest.mark.parametrize("tamper", ["params-list", "initializer-missing", "not-json"])
+def test_a_tampered_weight_map_is_one_line(
+    capsys: pytest.CaptureFixture[str], art: Path, tmp_path: Path, tamper: str
+) -> None:
+    m = json.loads((art / MANIFEST).read_text())
+    rel = m["components"]["transformer"]["weight_map"]["file"]
+    wmap = json.loads((art / rel).read_text())
+    if tamper == "params-list":
+        wmap["params"] = list(wmap["params"])
+    elif tamper == "initializer-missing":
+        for e in wmap["params"].values():
+            e.pop("layout", None)
+    (art / rel).write_text("{not json" if tamper == "not-json" else json.dumps(wmap))
+    _rehash(art, rel)
+    r = dtc_here(capsys, "refit", str(art), "--lora", f"{LORA}:0.5", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    line = one_error_line(r)
+    assert f"{rel} (transformer's weight map or LoRA base store): malformed" in line, line
+    assert not (tmp_path / "o").exists() and hidden(tmp_path) == [] and hidden(art.parent) == []
+
+
+def test_a_tampered_lora_base_store_is_one_line(capsys: pytest.CaptureFixture[str], art: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    r = dtc_here(capsys, "refit", str(art), "--lora", f"{LORA}:0.5", "--out", str(first))
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((first / MANIFEST).read_text())
+    rel = m["lora"]["base_store"]["file"]
+    (first / rel).write_bytes(b'\x08\0\0\0\0\0\0\0{"a":1}')  # a safetensors header that is not one
+    _rehash(first, rel)
+    r = dtc_here(capsys, "refit", str(first), "--lora", f"{LORA}:0.7", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    assert "(transformer's weight map or LoRA base store): malformed" in one_error_line(r)
+    assert not (tmp_path / "o").exists() and hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda m: m.update(dtype="complex128"),
+            "dtype: expected 'float32', 'float16' or 'bfloat16', got 'complex128'",
+        ),
+        (
+            lambda m: m["components"]["transformer"]["config"].update(in_channels=64),
+            "refused its inputs (hidden_states [1, 256, 64], encoder_hidden_states [1, 32, 32]",
+        ),
+    ],
+)
+def test_an_edited_model_config_in_a_manifest_is_one_line(
+    capsys: pytest.CaptureFixture[str], art: Path, tmp_path: Path, edit, message: str
+) -> None:
+    edit_manifest(art, edit)
+    out = tmp_path / "o.png"
+    r = dtc_here(capsys, "run", str(art), "--prompt", PROMPT, "--steps", "1", "--out", str(out))
+    assert r.returncode == 2
+    assert message in one_error_line(r)
+    assert not out.exists() and hidden(art.parent) == []

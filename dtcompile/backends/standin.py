@@ -65,6 +65,23 @@ class ComponentStandIn(torch.nn.Module):
             raise ValueError(f"the pipeline did not pass graph inputs {missing}")
         return feeds
 
+    def call_engine(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``self.runner(feeds)``; an engine that refuses its inputs (a shape or channel count outside what it was
+        built for, because the manifest's shape ranges or component config were edited) is one ArtifactError."""
+        from dtcompile.core.errors import ArtifactError, DtcError
+
+        try:
+            return self.runner(feeds)
+        except DtcError:
+            raise
+        except Exception as exc:  # onnxruntime's InvalidArgument/Fail, TensorRT's errors: all "refused this input"
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items() if hasattr(v, "shape"))
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ArtifactError(
+                f"the engine standing in for the component refused its inputs ({shapes}): {first}; the artifact's "
+                "manifest (shape ranges, component config) does not match its engine: rebuild it or pull it again"
+            ) from None
+
     def check_finite(self, out: torch.Tensor, call: int) -> torch.Tensor:
         """``out``, or VerificationError when it holds NaN or Inf (a black image otherwise)."""
         if not bool(torch.isfinite(out).all()):
@@ -94,7 +111,7 @@ class EngineModule(ComponentStandIn):
 
     def forward(self, return_dict: bool = True, joint_attention_kwargs: Any = None, **kwargs: Any) -> Any:
         feeds = self.graph_feeds(kwargs, joint_attention_kwargs)
-        out = self.check_finite(self.runner(feeds)[self.output_name].to(self._device, self._dtype), self.calls)
+        out = self.check_finite(self.call_engine(feeds)[self.output_name].to(self._device, self._dtype), self.calls)
         self.calls += 1
         if self.trace is not None:
             self.trace.append(out.detach().clone())
@@ -119,7 +136,7 @@ class _EngineCalls(ComponentStandIn):
         self.calls = 0
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outs = self.runner(feeds)
+        outs = self.call_engine(feeds)
         got = {n: self.check_finite(outs[n].to(self._device, self._dtype), self.calls) for n in self.output_names}
         self.calls += 1
         return got

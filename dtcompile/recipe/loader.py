@@ -117,6 +117,12 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _shown(item: str, limit: int = 100) -> str:
+    """A ``--set`` item as a message shows it: one line, a long one cut (``...`` and its length)."""
+    text = _one_line(item)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
 def _yaml_error(exc: yaml.YAMLError) -> tuple[str, str]:
     """(``:line`` or "", the problem in one line) of a YAML error."""
     mark = getattr(exc, "problem_mark", None)
@@ -131,7 +137,7 @@ def _safe_load(text: str) -> Any:
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
     except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-        raise yaml.YAMLError(f"a number too long to read ({_one_line(str(exc)).split(';')[0]})") from None
+        raise yaml.YAMLError(f"a number too long to read ({_one_line(str(exc)).split(';')[0].split(': ')[-1]})") from None
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
@@ -141,14 +147,14 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise RecipeError(f"--set '{_one_line(item)}': expected KEY=VALUE, e.g. export.opset=19")
+            raise RecipeError(f"--set '{_shown(item)}': expected KEY=VALUE, e.g. export.opset=19")
         if any(not part.strip() for part in key.split(".")):
-            raise RecipeError(f"--set '{_one_line(item)}': '{key}' is not a dotted field path, e.g. export.opset")
+            raise RecipeError(f"--set '{_shown(item)}': '{key}' is not a dotted field path, e.g. export.opset")
         try:
             value = _safe_load(raw)
         except yaml.YAMLError as exc:
             raise RecipeError(
-                f"--set '{_one_line(item)}': the value is not valid YAML ({_yaml_error(exc)[1]})"
+                f"--set '{_shown(item)}': the value is not valid YAML ({_yaml_error(exc)[1]})"
             ) from None
         out.append((key, value))
     return out

@@ -82,6 +82,23 @@ def _to_rgb(img: Any) -> Any:
     return img.convert("RGB")
 
 
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header by the format's own Pillow plugin, without ``Image.open``'s bomb check
+    (which refuses to say the size); None when no plugin reads it."""
+    from PIL import Image
+
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            if accept is not None and not accept(data[:16]):
+                continue
+            return tuple(factory(io.BytesIO(data), "").size)  # type: ignore[return-value]
+        except Exception:  # noqa: BLE001, S112 - a plugin that cannot read it: try the next one
+            continue
+    return None
+
+
 def read_reference_image(source: str | Path | bytes, *, flag: str = "--image", name: str | None = None) -> Any:
     """A reference image as RGB PIL, from a path or the uploaded bytes; InputError naming ``flag`` and the file
     (``name`` for an upload) when it is not a regular file, not an image, or larger than the documented limit."""
@@ -108,7 +125,8 @@ def read_reference_image(source: str | Path | bytes, *, flag: str = "--image", n
             return _to_rgb(img)
     except Image.DecompressionBombError as exc:  # Pillow's own check at open, past 2x its limit
         m = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{m.group(1)} pixels" if m else "its size"
+        dims = _header_size(data)
+        size = f"{dims[0]}x{dims[1]} pixels" if dims else f"{m.group(1)} pixels" if m else "its size"
         raise InputError(
             f"{flag} {where}: {size} is too large for a reference image ({_limit_text()}); pass a smaller image"
         ) from None

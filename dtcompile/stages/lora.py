@@ -163,7 +163,24 @@ def check_safetensors(path: Path, label: str) -> dict[str, Any]:
         raise RecipeError(f"{label}: '{path}' is not a safetensors file ({kind}); {hint}") from None
     if not isinstance(header, dict):
         raise RecipeError(f"{label}: '{path}' is not a safetensors file (header is not a mapping); {hint}")
+    check_safetensors_layout(path, f"{label}: '{path}'")
     return header
+
+
+def check_safetensors_layout(path: Path, what: str) -> None:
+    """RecipeError unless safetensors itself accepts ``path``'s header (every tensor's dtype, shape and offsets
+    consistent with the file; nothing is read but the header): a header that lies fails here in one line, not
+    as a SafetensorError deep inside a loader."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.metadata()
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(" at line ")[0][:200]
+        raise RecipeError(
+            f"{what}: the safetensors header does not match the file ({first}); use another file"
+        ) from None
 
 
 def resolve_lora(

@@ -648,6 +648,11 @@ def _resolve_version(store: _Store, key: str | None, arch: str, backend: str) ->
     except (ValueError, KeyError, TypeError):
         raise ArtifactError(f"{store.url_of(INDEX)}: not a valid dtc index; re-run dtc publish to rewrite it") from None
     newest_first = list(reversed(versions))
+    if not newest_first:
+        raise ArtifactError(
+            f"{store.url_of(INDEX)}: lists no usable version (none with a valid key); re-run dtc publish to rewrite "
+            "it, or pull a version URL <URL>/<name>/<key>"
+        )
     if key:
         newest_first = [v for v in newest_first if v["key"].startswith(key)]
         if not newest_first:
@@ -658,7 +663,8 @@ def _resolve_version(store: _Store, key: str | None, arch: str, backend: str) ->
     if arch in ("any", "auto"):
         return newest_first[0]["key"], "newest version"
     for v in newest_first:
-        pairs = _archive_pairs(a.get("file", "") for a in v.get("archives", []))
+        archives = v.get("archives") if isinstance(v.get("archives"), list) else []
+        pairs = _archive_pairs(str(a.get("file", "")) for a in archives if isinstance(a, dict))
         if any(_wants(p, arch, backend) for p in pairs):
             return v["key"], f"newest version with {arch}"
     # None has it: the chosen version's manifest produces the precise error (what was built instead).

@@ -22,12 +22,13 @@ amax/448, int8: amax/127 per tensor or per channel) while activation scales stay
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -345,6 +346,33 @@ def _blocked_engines(centry: dict[str, Any], drop_unrefittable: bool) -> list[tu
     return found
 
 
+@contextlib.contextmanager
+def _artifact_data(centry: dict[str, Any], comp: str) -> Iterator[None]:
+    """Inside: reading ``comp``'s weight map and LoRA base store (whose hashes matched a manifest that may have
+    been edited with them); a malformed one is one ArtifactError naming the file, never an internal error."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except DtcError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, SafetensorError) as exc:
+        wmap = (centry.get("weight_map") or {}).get("file", "weight map") if isinstance(centry, dict) else "weight map"
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ArtifactError(
+            f"{wmap} ({comp}'s weight map or LoRA base store): malformed, {type(exc).__name__} {first}; the artifact "
+            "was changed after it was built: rebuild it with dtc build or pull it again"
+        ) from None
+
+
+def _load_weight_map(artifact_dir: Path, centry: dict[str, Any], comp: str) -> dict[str, Any]:
+    with _artifact_data(centry, comp):
+        wmap = load_weight_map(artifact_dir, centry, comp)
+        if not isinstance(wmap.get("params"), dict):
+            raise TypeError("its 'params' is not a mapping")
+        return wmap
+
+
 def _read_adapters(
     resolved: list[ResolvedLora], wmap: dict[str, Any], pipeline_class: str, comp: str, main: str
 ) -> list[LoraWeights]:
@@ -620,12 +648,13 @@ def refit_artifact(
         if comp != main and not mine and not state.get("touched"):
             continue  # never touched by an adapter: carried over as built
         centry = manifest["components"][comp]
-        wmap = load_weight_map(artifact_dir, centry, comp)
+        wmap = _load_weight_map(artifact_dir, centry, comp)
         blocked = _blocked_engines(centry, drop_unrefittable)  # before any adapter file is read
         for i in mine:
             src, scale, c = specs[i]
             resolved[i] = resolve_lora(src, None, scale, "--lora", component=c)
-        got = _read_adapters([resolved[i] for i in mine], wmap, pipeline_class, comp, main)
+        with _artifact_data(centry, comp):
+            got = _read_adapters([resolved[i] for i in mine], wmap, pipeline_class, comp, main)
         parsed.update(zip(mine, got, strict=True))
         work.append((comp, centry, wmap, state, blocked, mine))
     timings["read_loras_s"] = time.perf_counter() - t0
@@ -634,9 +663,10 @@ def refit_artifact(
     tmp_jobs = []
     for comp, centry, wmap, state, blocked, mine in work:
         graph = OnnxWeights(artifact_dir / centry["onnx"]["file"])
-        base_store = load_base_store(artifact_dir, state)
         weights = [(parsed[i], resolved[i].scale) for i in mine]
-        plan = plan_refit(wmap, graph, base_store, list(state.get("touched", [])), weights)
+        with _artifact_data(centry, comp):
+            base_store = load_base_store(artifact_dir, state)
+            plan = plan_refit(wmap, graph, base_store, list(state.get("touched", [])), weights)
         tmp_jobs.append((comp, plan, graph, blocked, base_store))
     timings["compute_s"] = time.perf_counter() - t0
 
