@@ -137,7 +137,9 @@ def _safe_load(text: str) -> Any:
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
     except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-        raise yaml.YAMLError(f"a number too long to read ({_one_line(str(exc)).split(';')[0].split(': ')[-1]})") from None
+        raise yaml.YAMLError(
+            f"a number too long to read ({_one_line(str(exc)).split(';')[0].split(': ')[-1]})"
+        ) from None
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
@@ -153,9 +155,7 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]
         try:
             value = _safe_load(raw)
         except yaml.YAMLError as exc:
-            raise RecipeError(
-                f"--set '{_shown(item)}': the value is not valid YAML ({_yaml_error(exc)[1]})"
-            ) from None
+            raise RecipeError(f"--set '{_shown(item)}': the value is not valid YAML ({_yaml_error(exc)[1]})") from None
         out.append((key, value))
     return out
 
