@@ -443,3 +443,60 @@ def test_an_edited_model_config_in_a_manifest_is_one_line(
     assert r.returncode == 2
     assert message in one_error_line(r)
     assert not out.exists() and hidden(art.parent) == []
+
+
+# --- 6. silent acceptances that are now refused ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--guidance", "1e308", "--guidance 1e+308: must be from 0 to 100"),
+        ("--guidance", "-1e308", "--guidance -1e+308: must be from 0 to 100"),
+        ("--guidance", "-inf", "--guidance -inf: must be a finite number, from 0 to 100"),
+        ("--fps", "1e-9", "--fps 1e-09: must be from 0.1 to 240 frames per second"),
+        ("--fps", "nan", "--fps nan: must be a finite number, from 0.1 to 240"),
+    ],
+)
+def test_run_options_outside_their_documented_range_are_refused_before_the_run(
+    capsys: pytest.CaptureFixture[str], tiny_artifact: Path, tmp_path: Path, flag: str, value: str, message: str
+) -> None:
+    out = tmp_path / "o.png"
+    r = dtc_here(capsys, "run", str(tiny_artifact), "--prompt", PROMPT, flag, value, "--out", str(out))
+    assert r.returncode == 2
+    assert one_error_line(r) == f"error: {message}" or message in one_error_line(r)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("edit", ["swap-arch", "no-components", "empty-components", "height-max"])
+def test_inspect_verify_refuses_an_edited_manifest(
+    capsys: pytest.CaptureFixture[str], tiny_artifact: Path, tmp_path: Path, edit: str
+) -> None:
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+
+    def change(m):
+        if edit == "swap-arch":
+            trt = [e for e in m["components"]["transformer"]["engines"] if e["backend"] == "tensorrt-rtx"]
+            trt[0]["arch"], trt[1]["arch"] = trt[1]["arch"], trt[0]["arch"]
+        elif edit == "no-components":
+            del m["components"]
+        elif edit == "empty-components":
+            m["components"] = {}
+        else:
+            m["shapes"]["height"]["max"] = 1024
+
+    edit_manifest(art, change)
+    message = {
+        "swap-arch": "engine must be a file under tensorrt-rtx/sm_",
+        "no-components": "components: none listed; a finished build lists its engine components",
+        "empty-components": "components: none listed; a finished build lists its engine components",
+        "height-max": "shapes.height: 32/64/1024 (min/opt/max) differs from the range the engines were built for",
+    }[edit]
+    before = snapshot(art)
+    for args in (["inspect", str(art), "--verify"], ["run", str(art), "--prompt", PROMPT, "--height", "1024",
+                                                      "--out", str(tmp_path / "o.png")]):  # fmt: skip
+        r = dtc_here(capsys, *args)
+        assert r.returncode == 2
+        assert message in one_error_line(r)
+    assert snapshot(art) == before and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
