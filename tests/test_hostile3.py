@@ -500,3 +500,40 @@ def test_inspect_verify_refuses_an_edited_manifest(
         assert r.returncode == 2
         assert message in one_error_line(r)
     assert snapshot(art) == before and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+# --- 8. keys that lie -------------------------------------------------------------------------------------------
+
+
+def _recipe_key(out_dir: Path) -> str:
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.load import locate_source
+    from dtcompile.stages.plan import make_plan
+    from dtcompile.stages.runner import _artifact_key
+
+    plan = make_plan(load_recipe(RECIPE, [f"output.dir={out_dir}"]))
+    return _artifact_key(plan, locate_source(plan.recipe.model))[0]
+
+
+def test_a_refit_that_drops_an_engine_gets_a_key_of_its_own(
+    capsys: pytest.CaptureFixture[str], tiny_artifact: Path, tmp_path: Path
+) -> None:
+    from dtcompile.manifest import read_manifest
+    from dtcompile.stages.runner import _existing_key
+
+    base = read_manifest(tiny_artifact)
+    assert base.key == _recipe_key(tiny_artifact.parent)  # the recipe's build: "up to date" is right there
+    out = tmp_path / "engines" / "tiny-flux"
+    r = dtc_here(capsys, "refit", str(tiny_artifact), "--lora", "none", "--drop-unrefittable", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = read_manifest(out)
+    dropped = {(d.backend, d.arch) for d in m.skipped}
+    assert {("tensorrt-rtx", "sm_89"), ("tensorrt-rtx", "sm_120")} <= dropped
+    assert m.key != base.key and m.lora.base_key == base.key
+    assert _existing_key(out) != _recipe_key(out.parent)  # so `dtc build` rebuilds the dropped engines
+    # a second refit of the refit keeps the drop in its key; none drops nothing more
+    again = tmp_path / "again"
+    r = dtc_here(capsys, "refit", str(out), "--lora", "none", "--out", str(again))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_manifest(again).key == m.key != base.key
+    assert hidden(tmp_path) == [] and hidden(tmp_path / "engines") == []

@@ -284,11 +284,21 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _new_key(base_key: str, built_with: list[dict[str, Any]], adapters: list[dict[str, Any]]) -> str:
-    if not adapters and not built_with:
+def _new_key(
+    base_key: str,
+    built_with: list[dict[str, Any]],
+    adapters: list[dict[str, Any]],
+    dropped: list[dict[str, str]] | None = None,
+) -> str:
+    """The refit artifact's key: the base key when its weights are the base bytes again and every engine the
+    build made is still there; else a hash of the base key, the adapters and the engines dropped so far (so a
+    rebuild of the recipe into the folder is never "up to date" over a missing engine)."""
+    if not adapters and not built_with and not dropped:
         return base_key  # all weights are the base bytes again: the artifact is the one that was built
     lora = [[a["sha256"], a["scale"], *([a["component"]] if a.get("component") else [])] for a in adapters]
-    payload = {"refit_of": base_key, "lora": lora}
+    payload: dict[str, Any] = {"refit_of": base_key, "lora": lora}
+    if dropped:
+        payload["dropped"] = sorted([d.get("component", ""), d["backend"], d["arch"]] for d in dropped)
     return sha256_json(payload)
 
 
@@ -544,11 +554,15 @@ def _new_manifest(
     new_manifest["skipped"] = [*manifest.get("skipped", []), *dropped]
     built_with = old_lora.get("built_with", [])
     base_key = old_lora.get("base_key", manifest["key"])
-    new_manifest["key"] = _new_key(base_key, built_with, adapters)
+    # every engine a refit of this build has dropped (this one and earlier ones): the key covers which exist
+    gone = [*old_lora.get("dropped_engines", []), *({"component": job.comp, "backend": e["backend"],
+            "arch": e["arch"]} for job in jobs for e, _ in job.blocked)]  # fmt: skip
+    new_manifest["key"] = _new_key(base_key, built_with, adapters, gone)
     new_manifest["lora"] = {
         "adapters": adapters,
         "built_with": built_with,
         "base_key": base_key,
+        **({"dropped_engines": gone} if gone else {}),
         **lora,
         "refit": {
             "updated_initializers": sum(len(j.plan.updates) for j in jobs),
