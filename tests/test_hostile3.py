@@ -537,3 +537,82 @@ def test_a_refit_that_drops_an_engine_gets_a_key_of_its_own(
     assert r.returncode == 0, r.stderr[-2000:]
     assert read_manifest(again).key == m.key != base.key
     assert hidden(tmp_path) == [] and hidden(tmp_path / "engines") == []
+
+
+# --- 7. leftovers and interrupts: a killed publish or writer leaves nothing the next command trips on ------------
+
+
+def _publish_points(art: Path) -> list[str]:
+    from dtcompile.manifest import read_manifest
+    from dtcompile.tools.publish import plan_archives
+
+    archives = [a.file for a in plan_archives(read_manifest(art))]
+    return [*(f"publish:archive:{a}" for a in archives), "publish:staged", "publish:renamed"]
+
+
+def test_publish_killed_at_each_step_then_published_whole(tiny_artifact: Path, tmp_path: Path) -> None:
+    points = _publish_points(tiny_artifact)
+    assert len(points) >= 4  # common + two RTX arches, then the rename
+    store = tmp_path / "store"
+    for point in points:
+        shutil.rmtree(store, ignore_errors=True)
+        r = dtc("publish", str(tiny_artifact), "--to", str(store), env={"DTC_FAULT_AT": point})
+        assert r.returncode == -9, (point, r.stderr[-1500:])
+        r = dtc("publish", str(tiny_artifact), "--to", str(store))
+        assert r.returncode == 0, (point, r.stderr[-1500:])
+        name_dir = store / "tiny-flux"
+        assert hidden(name_dir) == [], point  # no partial archive, no temp index left behind
+        (key_dir,) = [p for p in name_dir.iterdir() if p.is_dir()]
+        assert hidden(key_dir) == [] and (key_dir / "SHA256SUMS").is_file()
+        assert json.loads((name_dir / "index.json").read_text())["versions"], point
+    r = dtc("pull", str(store / "tiny-flux"), "--arch", "sm_89", "--out", str(tmp_path / "pulled"))
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
+@pytest.mark.parametrize("point", ["first-archive", "publish:staged"])
+def test_ctrl_c_during_publish_exits_130_and_publishes_nothing(tiny_artifact: Path, tmp_path: Path, point: str) -> None:
+    if point == "first-archive":
+        point = _publish_points(tiny_artifact)[0]
+    store = tmp_path / "store"
+    r = dtc("publish", str(tiny_artifact), "--to", str(store), env={"DTC_FAULT_AT": f"SIGINT@{point}"})
+    assert r.returncode == 130, r.stderr[-1500:]
+    assert "interrupted" in r.stderr and "Traceback" not in r.stderr
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert not [p for p in left if "SHA256SUMS" in p or "/." in p], left  # nothing published, no temp folder
+
+
+def test_a_killed_writers_temp_file_is_collected_by_the_next_write(tmp_path: Path) -> None:
+    """SIGKILL while an MP4, PNG frames or an image was written: the next write of that output removes it."""
+    import numpy as np
+    from PIL import Image
+
+    from dtcompile.runtime import media
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    video = np.zeros((3, 16, 16, 3), dtype=np.uint8)
+    for out, write in (
+        (tmp_path / "v.mp4", lambda o: media.write_mp4(video, o, 8.0)),
+        (tmp_path / "frames", lambda o: media.write_frames(video, o)),
+        (tmp_path / "x.png", lambda o: media.write_image(Image.new("RGB", (8, 8)), o, "PNG")),
+    ):
+        stale = tmp_path / f".{out.name}.tmp-{pid}-partial{'.mp4' if out.suffix == '.mp4' else ''}"
+        stale.write_bytes(b"half an mp4")
+        write(out)
+        assert out.exists() and not stale.exists(), out
+    assert hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("point", ["swap:start", "swap:exchanged"])
+def test_ctrl_c_during_refit_in_place_exits_130_with_a_whole_artifact(art: Path, point: str) -> None:
+    """The swap holds Ctrl-C until its renames are done: exit 130, the refit artifact whole, nothing left over."""
+    from dtcompile.manifest import read_manifest, verify_file
+
+    r = dtc("refit", str(art), "--lora", f"{LORA}:0.5", "--in-place", env={"DTC_FAULT_AT": f"SIGINT@{point}"})
+    assert r.returncode == 130, r.stderr[-1500:]
+    assert "interrupted" in r.stderr and "Traceback" not in r.stderr
+    m = read_manifest(art)
+    for entry in m.all_file_entries():
+        verify_file(art, entry)
+    assert m.lora.adapters[0]["scale"] == 0.5  # the signal came once the swap had begun: the new one is in
+    assert hidden(art.parent) == []

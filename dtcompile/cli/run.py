@@ -36,7 +36,7 @@ from dtcompile.runtime.run import BACKEND_CHOICES
     "out_path",
     default="out.png",
     show_default=True,
-    type=click.Path(dir_okay=False),
+    type=click.Path(),  # a folder is allowed: PNG frames of a video (checked by _output_file)
     help=".png, .jpg or .webp; video artifacts: .mp4 (H.264), a folder (PNG frames) or an image with --frames 1",
 )
 @click.option(

@@ -40,12 +40,14 @@ FAULT_ENV = "DTC_FAULT_AT"
 
 
 def fault_point(name: str) -> None:
-    """Die here (SIGKILL, as a power loss would) when ``$DTC_FAULT_AT`` names this point; used only by tests, so
-    a crash can be placed at every step of a swap or a publish. A no-op otherwise."""
-    if os.environ.get(FAULT_ENV) == name:
+    """Die here (SIGKILL, as a power loss would) when ``$DTC_FAULT_AT`` names this point, or get a Ctrl-C here when
+    it is ``SIGINT@<point>``; used only by tests, so a crash or an interrupt can be placed at every step of a swap
+    or a publish. A no-op otherwise."""
+    want = os.environ.get(FAULT_ENV)
+    if want in (name, f"SIGINT@{name}"):
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGINT if want.startswith("SIGINT@") else signal.SIGKILL)
 
 
 def _exchange(src: Path, dest: Path) -> bool:
@@ -72,20 +74,32 @@ def _exchange(src: Path, dest: Path) -> bool:
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done (a swap is never left half-way by a signal Python could
-    have deferred); they are delivered right after it."""
+    """Ctrl-C and SIGTERM wait until the block is done (a swap is never left half-way by an interrupt), then reach
+    their handlers. Python runs handlers in the main thread only, so the handlers are swapped for a recorder here
+    (blocking the signal with a mask would not do: another thread would take it)."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in held}
+    for sig in held:
+        if before[sig] not in (signal.SIG_IGN, None):
+            signal.signal(sig, lambda signum, _frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        for signum in caught[:1]:  # delivered now, to the handler that was there (KeyboardInterrupt by default)
+            handler = before[signum]
+            if callable(handler):
+                handler(signum, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def replace_dir(src: Path, dest: Path) -> None:
@@ -99,24 +113,28 @@ def replace_dir(src: Path, dest: Path) -> None:
     ``collect_stale`` and by ``manifest.read_manifest``). Ctrl-C and SIGTERM wait until the renames are done.
     """
     src, dest = Path(src), Path(dest)
-    with _signals_held():
-        fault_point("swap:start")
-        if dest.is_dir() and not dest.is_symlink() and _exchange(src, dest):
-            fault_point("swap:exchanged")
-            old: Path | None = src
-        else:
-            old = None
-            if dest.exists() or dest.is_symlink():
-                old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-                os.replace(dest, old)
-                fault_point("swap:rename-aside")
-            os.replace(src, dest)
-            fault_point("swap:rename-in")
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+    old: Path | None = None
+    done = False
+    try:
+        with _signals_held():
+            fault_point("swap:start")
+            if dest.is_dir() and not dest.is_symlink() and _exchange(src, dest):
+                old = src
+                fault_point("swap:exchanged")
+            else:
+                if dest.exists() or dest.is_symlink():
+                    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+                    os.replace(dest, old)
+                    fault_point("swap:rename-aside")
+                os.replace(src, dest)
+                fault_point("swap:rename-in")
+            done = True
+    finally:  # also when a held Ctrl-C is delivered as the block ends: the new artifact is in, the old one goes
+        if done and old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
 
 
 def check_replaceable(dest: Path, option: str) -> None:
@@ -248,10 +266,9 @@ def collect_stale(dest: Path) -> list[str]:
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
-            done.append(f"removed {path.name}, left by process {m.group(2)} which no longer runs")
-        elif m.group(1) == "old":  # a file or a link an interrupted swap moved aside
+        else:  # a temp file (an index being written) or a file/link an interrupted swap moved aside
             path.unlink(missing_ok=True)
-            done.append(f"removed {path.name}, left by process {m.group(2)} which no longer runs")
+        done.append(f"removed {path.name}, left by process {m.group(2)} which no longer runs")
     return done
 
 

@@ -47,7 +47,7 @@ from typing import Any
 
 from dtcompile.core.digests import sha256_file
 from dtcompile.core.errors import ArtifactError, DtcError, MissingDependencyError, UnsupportedError, VerificationError
-from dtcompile.core.files import check_replaceable, collect_stale, make_temp_dir, replace_dir
+from dtcompile.core.files import check_replaceable, collect_stale, fault_point, make_temp_dir, replace_dir
 from dtcompile.core.targets import TRT_ARCHS, TRT_EXTRAS, arch_order, gpu_arch, installed_trt_major, is_arch
 from dtcompile.manifest import (
     MANIFEST,
@@ -324,6 +324,9 @@ class _Store:
     def list_dirs(self, rel: str) -> list[str]:
         raise NotImplementedError
 
+    def collect(self, rel: str) -> None:
+        """Remove what killed publishes of version ``rel`` left (partial archives, temp index files)."""
+
     @contextmanager
     def stage(self, rel: str) -> Iterator[Path]:
         """A local folder to fill; on success its files become ``rel`` (``SHA256SUMS`` last)."""
@@ -353,7 +356,7 @@ class LocalStore(_Store):
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self._path(rel)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)  # collect_stale
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -369,13 +372,21 @@ class LocalStore(_Store):
             return []
         return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+    def collect(self, rel: str) -> None:
+        final = self._path(rel)
+        for path in (final, final.parent / INDEX):
+            for line in collect_stale(path):
+                log.warning("publish: %s", line)
+
     @contextmanager
     def stage(self, rel: str) -> Iterator[Path]:
         final = self._path(rel)
         created = _missing_parents(final)  # removed again (when still empty) if the publish fails
         final.parent.mkdir(parents=True, exist_ok=True)
+        for line in collect_stale(final):  # partial archives a killed publish left (its pid no longer runs)
+            log.warning("publish: %s", line)
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+            tmp = make_temp_dir(final, "tmp")  # `.<key>.tmp-<pid>-XXXX`: collect_stale can tell a dead writer's
         except BaseException:
             _cleanup(None, created)
             raise
@@ -387,7 +398,9 @@ class LocalStore(_Store):
                 shutil.rmtree(final)
             for p in [tmp, *tmp.iterdir()]:
                 os.chmod(p, 0o755 if p.is_dir() else 0o644)
+            fault_point("publish:staged")
             os.replace(tmp, final)
+            fault_point("publish:renamed")
         except BaseException:
             _cleanup(tmp, created)
             raise
@@ -522,6 +535,7 @@ def publish_artifact(artifact_dir: Path, url: str) -> PublishReport:
     manifest_sha = sha256_file(artifact_dir / MANIFEST)
     store = open_store(url)
     vrel = f"{name}/{key}"
+    store.collect(vrel)
     if store.exists(f"{vrel}/{SUMS}"):
         published = parse_sums(_read(store, f"{vrel}/{SUMS}", SUMS).decode("utf-8", "replace"), store.url_of(vrel))
         _write_index(store, name)
@@ -536,6 +550,7 @@ def publish_artifact(artifact_dir: Path, url: str) -> PublishReport:
         for archive in archives:
             out = stage / archive.file
             pack_tar(artifact_dir, archive.entries, out)
+            fault_point(f"publish:archive:{archive.file}")
             sums[archive.file] = sha256_file(out)
             report.archives.append(
                 {
