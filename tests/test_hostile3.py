@@ -188,8 +188,8 @@ def _hostile_lora(path: Path, how: str) -> Path:
 @pytest.mark.parametrize(
     ("how", "scale", "message"),
     [
-        ("plain", "1e39", "scale 1e+39: fusing gives"),
-        ("plain", "-1e308", "scale -1e+308: fusing gives"),
+        ("plain", "1e39", "the scale 1e+39 is outside -100..100 (typical: 0.5 to 1.5); pass a smaller scale"),
+        ("plain", "-1e308", "the scale -1e+308 is outside -100..100"),
         ("x1e30", "1", "scale 1: fusing gives"),
         ("int64", "1", "has int64 lora_B weights in 'hostile.safetensors'; LoRA factors must be floating point"),
         ("bool", "1", "has bool lora_B weights in 'hostile.safetensors'; LoRA factors must be floating point"),
@@ -616,3 +616,49 @@ def test_ctrl_c_during_refit_in_place_exits_130_with_a_whole_artifact(art: Path,
         verify_file(art, entry)
     assert m.lora.adapters[0]["scale"] == 0.5  # the signal came once the swap had begun: the new one is in
     assert hidden(art.parent) == []
+
+
+# --- 9. messages ----------------------------------------------------------------------------------------------------
+
+
+def test_a_nan_is_reported_at_its_denoising_step_not_its_call_number() -> None:
+    """Two calls per step (true classifier-free guidance): the NaN of call 3 is in denoising step 2; a text encoder
+    (called once per prompt) reports no step at all."""
+    import torch
+
+    from dtcompile.backends.standin import EngineModule, TextEncoderModule
+    from dtcompile.core.errors import VerificationError
+
+    calls = []
+
+    def runner(feeds):
+        calls.append(1)
+        out = feeds["x"].clone()
+        if len(calls) == 3:
+            out[0] = float("nan")
+        return {"y": out}
+
+    module = EngineModule(runner, {}, ["x", "timestep"], "y", torch.float32)
+    for t in (1000.0, 1000.0):  # step 1: the conditional and the unconditional call
+        module(x=torch.ones(2), timestep=torch.tensor([t]))
+    with pytest.raises(VerificationError, match=r"at call 3 \(denoising step 2 of this run\)"):
+        module(x=torch.ones(2), timestep=torch.tensor([500.0]))
+    module(x=torch.ones(2), timestep=torch.tensor([1000.0]))  # a new run starts at step 1 again
+    assert module._run_step == 1
+    encoder = TextEncoderModule(lambda feeds: {"h": feeds["ids"] * float("nan")}, {}, ["ids"], ["h"], torch.float32)
+    with pytest.raises(VerificationError) as info:
+        encoder.run({"ids": torch.ones(2)})
+    assert "denoising step" not in str(info.value) and "at call 1;" in str(info.value)
+
+
+def test_errors_name_the_destination_not_a_temp_folder(tmp_path: Path) -> None:
+    """A failure inside a build's or pull's temp folder is reported under the path the user asked for."""
+    from dtcompile.core.errors import VerificationError
+    from dtcompile.core.files import discarded_on_failure, make_temp_dir
+
+    dest = tmp_path / "engines" / "tiny-flux"
+    tmp = make_temp_dir(dest, "tmp")
+    with pytest.raises(VerificationError) as info, discarded_on_failure(tmp, dest):
+        raise VerificationError(f"{tmp / 'onnx' / 'text_encoder.onnx'}: onnxruntime output differs from torch")
+    assert str(info.value) == f"{dest / 'onnx' / 'text_encoder.onnx'}: onnxruntime output differs from torch"
+    assert hidden(dest.parent) == []

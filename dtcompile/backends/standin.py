@@ -82,13 +82,34 @@ class ComponentStandIn(torch.nn.Module):
                 "manifest (shape ranges, component config) does not match its engine: rebuild it or pull it again"
             ) from None
 
-    def check_finite(self, out: torch.Tensor, call: int) -> torch.Tensor:
-        """``out``, or VerificationError when it holds NaN or Inf (a black image otherwise)."""
+    def denoising_step(self, feeds: dict[str, Any], call: int) -> int:
+        """The denoising step of this run a call belongs to, counted from the ``timestep`` input: calls with the
+        same timestep (classifier-free guidance run as two calls) are one step, and a higher timestep than the last
+        starts a new run (timesteps fall during a run). Without a timestep input: the call number."""
+        t = feeds.get("timestep")
+        try:
+            value = float(t.reshape(-1)[0]) if t is not None else None
+        except (AttributeError, IndexError, RuntimeError, TypeError, ValueError):
+            value = None
+        if value is None:
+            return call + 1
+        last = getattr(self, "_last_timestep", None)
+        if last is None or value > last:
+            self._run_step = 1
+        elif value != last:
+            self._run_step += 1
+        self._last_timestep = value
+        return self._run_step
+
+    def check_finite(self, out: torch.Tensor, call: int, step: int | None = None) -> torch.Tensor:
+        """``out``, or VerificationError when it holds NaN or Inf (a black image otherwise); ``step``: the
+        denoising step of the call (``denoising_step``; None for a component called once per prompt)."""
         if not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).sum())
+            where = f" (denoising step {step} of this run)" if step is not None else ""
             raise VerificationError(
-                f"the engine standing in for the component returned {bad} NaN/Inf value(s) at call {call + 1} "
-                f"(denoising step {call + 1} of this run); check the inputs (guidance, LoRA scale) or rebuild"
+                f"the engine standing in for the component returned {bad} NaN/Inf value(s) at call {call + 1}"
+                f"{where}; check the inputs (guidance, LoRA scale) or rebuild"
             )
         return out
 
@@ -111,7 +132,10 @@ class EngineModule(ComponentStandIn):
 
     def forward(self, return_dict: bool = True, joint_attention_kwargs: Any = None, **kwargs: Any) -> Any:
         feeds = self.graph_feeds(kwargs, joint_attention_kwargs)
-        out = self.check_finite(self.call_engine(feeds)[self.output_name].to(self._device, self._dtype), self.calls)
+        step = self.denoising_step(feeds, self.calls)
+        out = self.check_finite(
+            self.call_engine(feeds)[self.output_name].to(self._device, self._dtype), self.calls, step
+        )
         self.calls += 1
         if self.trace is not None:
             self.trace.append(out.detach().clone())

@@ -205,9 +205,24 @@ def discarded_on_failure(tmp: Path, dest: Path) -> Iterator[None]:
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise as_written_to(exc, tmp, dest) from None
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        public_message(exc, {tmp: dest})
         raise
+
+
+def public_message(exc: BaseException, names: dict[Path, object]) -> BaseException:
+    """``exc`` with every temp path of ``names`` in its message replaced by what the user knows it as (the
+    destination folder, a URL): a message never names a temp folder that is gone by the time it prints. A
+    DtcError's message only; returns ``exc`` (changed in place)."""
+    from dtcompile.core.errors import DtcError
+
+    if isinstance(exc, DtcError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        text = exc.args[0]
+        for tmp, public in sorted(names.items(), key=lambda kv: -len(str(kv[0]))):  # the longest path first
+            text = text.replace(str(tmp), str(public))
+        exc.args = (text,)
+    return exc
 
 
 def _alive(pid: int) -> bool:

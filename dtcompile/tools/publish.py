@@ -47,7 +47,15 @@ from typing import Any
 
 from dtcompile.core.digests import sha256_file
 from dtcompile.core.errors import ArtifactError, DtcError, MissingDependencyError, UnsupportedError, VerificationError
-from dtcompile.core.files import check_replaceable, collect_stale, fault_point, make_temp_dir, replace_dir
+from dtcompile.core.files import (
+    as_written_to,
+    check_replaceable,
+    collect_stale,
+    fault_point,
+    make_temp_dir,
+    public_message,
+    replace_dir,
+)
 from dtcompile.core.targets import TRT_ARCHS, TRT_EXTRAS, arch_order, gpu_arch, installed_trt_major, is_arch
 from dtcompile.manifest import (
     MANIFEST,
@@ -401,6 +409,9 @@ class LocalStore(_Store):
             fault_point("publish:staged")
             os.replace(tmp, final)
             fault_point("publish:renamed")
+        except OSError as exc:  # a full disk: name the version folder written to, not the temp folder
+            _cleanup(tmp, created)
+            raise as_written_to(exc, tmp, final) from None
         except BaseException:
             _cleanup(tmp, created)
             raise
@@ -738,6 +749,8 @@ def pull_artifact(
         Verifier(out_dir).record_written(read_manifest(out_dir).all_file_entries())  # each member was hashed
     except DtcError as exc:
         _cleanup(tmp, created)
+        # a message names the published file or --out, never the temp folder (gone by the time it prints)
+        public_message(exc, {tmp / "download": vurl, tmp / "artifact": out_dir, tmp: out_dir})
         if type(exc) in (ArtifactError, VerificationError):
             raise type(exc)(f"{exc}; nothing was extracted to {out_dir}") from None
         raise

@@ -302,6 +302,21 @@ def _new_key(
     return sha256_json(payload)
 
 
+def check_lora_scale(path: str, scale: float) -> None:
+    """DtcError unless ``scale`` is a finite number within ``recipe.schema.LORA_SCALE_MAX`` (the recipe's range)."""
+    import math
+
+    from dtcompile.recipe.schema import LORA_SCALE_MAX
+
+    if not math.isfinite(scale):
+        raise DtcError(f"LoRA {path}: the scale must be a finite number, got {scale}")
+    if abs(scale) > LORA_SCALE_MAX:
+        raise DtcError(
+            f"LoRA {path}: the scale {scale:g} is outside -{LORA_SCALE_MAX:g}..{LORA_SCALE_MAX:g} (typical: 0.5 to "
+            "1.5); pass a smaller scale"
+        )
+
+
 def _destination(artifact_dir: Path, out_dir: Path | None, in_place: bool) -> Path:
     """Where the refit artifact goes (``artifact_dir`` itself when in place); DtcError for a bad choice."""
     if in_place and out_dir is not None and Path(out_dir).resolve() != artifact_dir.resolve():
@@ -624,7 +639,6 @@ def refit_artifact(
     Raises:
         ArtifactError, UnsupportedError, RecipeError: one line naming what is wrong and the fix.
     """
-    import math
 
     from dtcompile.core.files import collect_stale, discarded_on_failure, make_temp_dir, replace_dir
     from dtcompile.manifest import Verifier, read_manifest, verify_file
@@ -632,8 +646,7 @@ def refit_artifact(
 
     specs = [(str(x[0]), float(x[1]), x[2] if len(x) > 2 else None) for x in loras]
     for path, scale, _ in specs:
-        if not math.isfinite(scale):
-            raise DtcError(f"LoRA {path}: the scale must be a finite number, got {scale}")
+        check_lora_scale(path, scale)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     artifact_dir = Path(artifact_dir)
