@@ -662,3 +662,43 @@ def test_errors_name_the_destination_not_a_temp_folder(tmp_path: Path) -> None:
         raise VerificationError(f"{tmp / 'onnx' / 'text_encoder.onnx'}: onnxruntime output differs from torch")
     assert str(info.value) == f"{dest / 'onnx' / 'text_encoder.onnx'}: onnxruntime output differs from torch"
     assert hidden(dest.parent) == []
+
+
+def test_flux2_with_a_text_encoder_too_shallow_for_its_out_layers_is_refused_in_the_dry_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Flux2Pipeline stacks hidden states 10, 20 and 30 by default: a 12-layer encoder was an IndexError at
+    calibration and run; it is refused naming text_encoder_out_layers before anything loads."""
+    from dtcompile.models.builtin import builtin_model_path
+
+    src = tmp_path / "flux2"
+    shutil.copytree(builtin_model_path("tiny-flux2"), src)
+    cfg_path = src / "text_encoder" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["text_config"]["num_hidden_layers"] = 12
+    cfg_path.write_text(json.dumps(cfg))
+    before = snapshot(tmp_path)
+    r = dtc_here(capsys, "build", "--recipe", str(ROOT / "recipes" / "tiny-flux2.yaml"), "--set",
+                 f"model.source={src}", "--set", f"output.dir={tmp_path / 'out'}", "--dry-run")  # fmt: skip
+    assert r.returncode == 2
+    line = one_error_line(r)
+    assert "model.source: the text encoder has 12 layers, but Flux2Pipeline stacks the hidden states of layers " in line
+    assert "(text_encoder_out_layers)" in line
+    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_out_may_name_an_existing_empty_folder_for_png_frames(
+    capsys: pytest.CaptureFixture[str], tiny_artifact: Path, tmp_path: Path
+) -> None:
+    """click no longer refuses an existing folder as "is a directory" before dtc's own rule (docs/video.md): a
+    video artifact writes PNG frames into an empty folder; an image artifact names the suffixes it takes."""
+    from dtcompile.cli.run import _output_file
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    assert _output_file(f"{frames}/", video=True) == (Path(f"{frames}/"), "FRAMES")
+    r = dtc_here(capsys, "run", str(tiny_artifact), "--prompt", PROMPT, "--out", f"{frames}/")
+    assert r.returncode == 2
+    line = one_error_line(r)
+    assert "is a directory" not in line and "expected a .png, .jpg, .jpeg, .webp file name" in line
+    assert list(frames.iterdir()) == []
