@@ -40,6 +40,20 @@ def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+def dtc_here(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in this process (no interpreter start-up): exit code and stderr, as ``dtc`` would give them."""
+    from dtcompile.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out, err)
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -197,11 +211,11 @@ def _hostile_lora(path: Path, how: str) -> Path:
     ],
 )
 def test_refit_refuses_adapters_that_can_only_fail(
-    art: Path, tmp_path: Path, how: str, scale: str, message: str
+    capsys: pytest.CaptureFixture[str], art: Path, tmp_path: Path, how: str, scale: str, message: str
 ) -> None:
     lora = LORA if how == "plain" else _hostile_lora(tmp_path / "hostile.safetensors", how)
     before = snapshot(art)
-    r = dtc("refit", str(art), "--lora", f"{lora}:{scale}", "--out", str(tmp_path / "o"))
+    r = dtc_here(capsys, "refit", str(art), "--lora", f"{lora}:{scale}", "--out", str(tmp_path / "o"))
     assert r.returncode == 2, r.stderr[-2000:]
     line = one_error_line(r)
     assert message in line, line
@@ -212,20 +226,6 @@ def test_refit_refuses_adapters_that_can_only_fail(
 
 
 # --- 5. internal errors that are now one line -------------------------------------------------------------------
-
-
-def dtc_here(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI in this process (no interpreter start-up): exit code and stderr, as ``dtc`` would give them."""
-    from dtcompile.cli import main
-
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out, err)
 
 
 def png_header(width: int, height: int, bit_depth: int = 8, color: int = 2) -> bytes:
@@ -705,7 +705,7 @@ def test_out_may_name_an_existing_empty_folder_for_png_frames(
 
 
 def test_ctrl_c_at_any_time_during_refit_in_place_is_honoured(art: Path) -> None:
-    """Ctrl-C at five moments spread over a refit --in-place (start-up imports, reading, writing, the swap):
+    """Ctrl-C at three moments spread over a refit --in-place (start-up imports, reading, writing, the swap):
     each run that is still running when the signal comes stops as interrupted, without a traceback or an internal
     error, the artifact verifies
     whole, and nothing hidden is left (the issue saw exit 0 and an internal error in 2 of 14 tries)."""
@@ -719,7 +719,7 @@ def test_ctrl_c_at_any_time_during_refit_in_place_is_honoured(art: Path) -> None
     assert subprocess.run(cmd, capture_output=True, text=True).returncode == 0
     took = time.time() - t0
     honoured = 0
-    for frac in (0.15, 0.35, 0.55, 0.75, 0.9):
+    for frac in (0.2, 0.5, 0.85):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
         time.sleep(took * frac)
@@ -737,4 +737,4 @@ def test_ctrl_c_at_any_time_during_refit_in_place_is_honoured(art: Path) -> None
         for entry in m.all_file_entries():
             verify_file(art, entry)
         assert hidden(art.parent) == []
-    assert honoured >= 3
+    assert honoured >= 2
