@@ -4,6 +4,7 @@ leaves nothing half-written."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -41,6 +42,13 @@ def _temp_name(out: Path, suffix: str = "") -> Path:
     return out.with_name(f".{out.name}.tmp-{os.getpid()}-partial{suffix}")
 
 
+def _discard(tmp: Path) -> None:
+    """Remove a half-written temp file; on a read-only disk even a missing one cannot be unlinked (EROFS), and
+    that must not replace the error the caller reports (which names the output, not the temp file)."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
 def write_image(image: Any, out: Path, image_format: str) -> None:
     """``image`` (PIL) to ``out`` in ``image_format``, atomically."""
     tmp = _temp_name(out)
@@ -48,7 +56,7 @@ def write_image(image: Any, out: Path, image_format: str) -> None:
         image.save(tmp, format=image_format)
         tmp.replace(out)
     except OSError as exc:  # a full or read-only disk: nothing half-written, the error names the file
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from None
 
 
@@ -73,10 +81,10 @@ def write_mp4(video: Any, out: Path, fps: float) -> int:
             container.mux(stream.encode())
         tmp.replace(out)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
     return n
 
