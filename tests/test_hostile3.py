@@ -738,3 +738,30 @@ def test_ctrl_c_at_any_time_during_refit_in_place_is_honoured(art: Path) -> None
             verify_file(art, entry)
         assert hidden(art.parent) == []
     assert honoured >= 2
+
+
+def test_a_bad_published_manifest_is_named_by_its_url_not_the_download_folder(
+    capsys: pytest.CaptureFixture[str], art: Path, tmp_path: Path
+) -> None:
+    import hashlib
+
+    store = tmp_path / "store"
+    assert dtc_here(capsys, "publish", str(art), "--to", str(store)).returncode == 0
+    (key_dir,) = [p for p in (store / "tiny-flux").iterdir() if p.is_dir()]
+    manifest = key_dir / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["dtype"] = "complex128"
+    manifest.write_text(json.dumps(data))
+    sums = key_dir / "SHA256SUMS"
+    new_sha = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    sums.write_text("".join(
+        f"{new_sha}  manifest.json\n" if line.endswith("  manifest.json") else line + "\n"
+        for line in sums.read_text().splitlines()
+    ))  # fmt: skip
+    out = tmp_path / "pulled"
+    r = dtc_here(capsys, "pull", str(store / "tiny-flux"), "--arch", "any", "--out", str(out))
+    assert r.returncode == 2
+    line = one_error_line(r)
+    assert f"{key_dir}/manifest.json: dtype: expected 'float32', 'float16' or 'bfloat16'" in line, line
+    assert ".pull-" not in line and "/download/" not in line and f"nothing was extracted to {out}" in line
+    assert not out.exists() and hidden(tmp_path) == []
