@@ -1,5 +1,11 @@
 """`python -m dtcompile` runs the dtc command line."""
 
-from dtcompile.cli import main
+import sys
+
+try:
+    from dtcompile.cli import main
+except KeyboardInterrupt:  # Ctrl-C while the command line itself loads: no traceback either
+    sys.stderr.write("interrupted\n")
+    sys.exit(130)
 
 main()

@@ -21,15 +21,25 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from dtcompile.core.digests import sha256_file, sha256_json, sha256_text
 from dtcompile.core.errors import ArtifactError
-from dtcompile.core.files import PICKLE_SUFFIXES, cache_root, write_text_atomic
+from dtcompile.core.files import PICKLE_SUFFIXES, cache_root, recover_swap, write_text_atomic
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
+#: A model's precision, as recipes name it (``recipe.schema``): anything else (``complex128``) is refused on read.
+ModelDtype = Literal["float32", "float16", "bfloat16"]
 Num = int | float  # kept as written (a float field would turn 5 into 5.0 and change the bytes)
 
 
@@ -120,6 +130,20 @@ class EngineEntry(_Strict):
     plugins: list[dict[str, Any]] | None = None
     build_s: Num | None = None
 
+    @model_validator(mode="after")
+    def _file_matches_target(self) -> EngineEntry:
+        # builds write `<backend>/<arch>/<component>.engine` (and onnxruntime runs the graph on any arch): an entry
+        # whose labels disagree with its file had them edited (arch labels swapped between engines)
+        if self.backend == "onnxruntime":
+            if self.arch != "any":
+                raise ValueError(f"an onnxruntime engine runs on arch 'any', not {self.arch!r}")
+        elif not self.file.startswith(f"{self.backend}/{self.arch}/"):
+            raise ValueError(
+                f"the {self.backend} {self.arch} engine must be a file under {self.backend}/{self.arch}/, not "
+                f"{self.file!r} (its backend or arch label was edited)"
+            )
+        return self
+
     @property
     def target(self) -> str:
         """``backend:arch``."""
@@ -153,7 +177,7 @@ class ComponentEntry(_Strict):
     cache: dict[str, Any] | None = None
     role: Literal["text_encoder", "vae_decoder"] | None = None  # None: the denoiser
     attr: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")] | None = None  # pipeline attribute
-    dtype: str | None = None  # the graph's precision where it differs from the manifest's
+    dtype: ModelDtype | None = None  # the graph's precision where it differs from the manifest's
 
     @property
     def is_part(self) -> bool:
@@ -254,7 +278,7 @@ class Manifest(_Strict):
     recipe_file: str | None = None
     versions: dict[str, str | None] = Field(default_factory=dict)
     source: SourceEntry
-    dtype: str
+    dtype: ModelDtype
     precision: str | None = None
     shapes: dict[str, ShapeRange] = Field(default_factory=dict)
     components: dict[str, ComponentEntry] = Field(default_factory=dict)
@@ -264,6 +288,30 @@ class Manifest(_Strict):
     lora: LoraSection | None = None
     stopped_after: str | None = None
     pulled: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _has_components(self) -> Manifest:
+        if not self.components and self.stopped_after is None:
+            raise ValueError("components: none listed; a finished build lists its engine components")
+        return self
+
+    @model_validator(mode="after")
+    def _shapes_match_the_recipe(self) -> Manifest:
+        # the engines were built for the recipe's shape ranges: a `shapes` edited on its own (height.max raised)
+        # would let a run through to an engine that cannot take it
+        built = ((self.recipe or {}).get("export") or {}).get("shapes") if isinstance(self.recipe, dict) else None
+        if not isinstance(built, dict):
+            return self
+        for name, r in self.shapes.items():
+            want = built.get(name)
+            if isinstance(want, int) and not isinstance(want, bool):
+                want = {"min": want, "opt": want, "max": want}
+            if isinstance(want, dict) and [want.get(k) for k in ("min", "opt", "max")] != [r.min, r.opt, r.max]:
+                raise ValueError(
+                    f"shapes.{name}: {r.min}/{r.opt}/{r.max} (min/opt/max) differs from the range the engines were "
+                    f"built for, recipe.export.shapes.{name} {want.get('min')}/{want.get('opt')}/{want.get('max')}"
+                )
+        return self
 
     def component_names(self) -> list[str]:
         """Components that run on their own (not ``part_of`` another), in manifest order."""
@@ -356,10 +404,11 @@ def _one_line(exc: ValidationError, data: Any, where: str) -> str:
     msg = err["msg"].replace("Input should be", "expected").removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
-    elif err["type"] != "missing":
+    elif err["type"] not in ("missing", "value_error"):  # a validator's own message names the value
         msg += f", got {err['input']!r:.60}"
     more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
-    return f"{where}: {_dotted(tuple(err['loc']), data)}: {msg}{more}; fix the file or rebuild the artifact"
+    loc = f"{_dotted(tuple(err['loc']), data)}: " if err["loc"] else ""
+    return f"{where}: {loc}{msg}{more}; fix the file or rebuild the artifact"
 
 
 def validate_manifest(data: Manifest | dict[str, Any], where: str = MANIFEST) -> Manifest:
@@ -396,6 +445,12 @@ def read_manifest(artifact_dir: Path) -> Manifest:
     """Load and validate an artifact's manifest; ArtifactError says what is wrong."""
     artifact_dir = Path(artifact_dir)
     path = artifact_dir / MANIFEST
+    if not artifact_dir.is_dir() and not artifact_dir.is_symlink():
+        restored = recover_swap(artifact_dir)  # a swap killed between its two renames left only `.<name>.old-<pid>`
+        if restored:
+            import logging
+
+            logging.getLogger("dtcompile.manifest").warning("%s", restored)
     if not artifact_dir.is_dir():
         raise ArtifactError(f"{artifact_dir}: artifact folder not found (build one with: dtc build --recipe ...)")
     if not path.is_file():

@@ -16,6 +16,8 @@ class ComponentStandIn(torch.nn.Module):
     component's, e.g. ``in_channels``), ``dtype``, ``device`` and ``cache_context``; ``trace``, when a list,
     receives every output (per-step noise predictions for parity checks)."""
 
+    runner: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # set by the stand-ins that run an engine
+
     def __init__(
         self,
         config: dict[str, Any],
@@ -65,13 +67,51 @@ class ComponentStandIn(torch.nn.Module):
             raise ValueError(f"the pipeline did not pass graph inputs {missing}")
         return feeds
 
-    def check_finite(self, out: torch.Tensor, call: int) -> torch.Tensor:
-        """``out``, or VerificationError when it holds NaN or Inf (a black image otherwise)."""
+    def call_engine(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``self.runner(feeds)``; an engine that refuses its inputs (a shape or channel count outside what it was
+        built for, because the manifest's shape ranges or component config were edited) is one ArtifactError."""
+        from dtcompile.core.errors import ArtifactError, DtcError
+
+        try:
+            return self.runner(feeds)
+        except DtcError:
+            raise
+        except Exception as exc:  # onnxruntime's InvalidArgument/Fail, TensorRT's errors: all "refused this input"
+            shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items() if hasattr(v, "shape"))
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise ArtifactError(
+                f"the engine standing in for the component refused its inputs ({shapes}): {first}; the artifact's "
+                "manifest (shape ranges, component config) does not match its engine: rebuild it or pull it again"
+            ) from None
+
+    def denoising_step(self, feeds: dict[str, Any], call: int) -> int:
+        """The denoising step of this run a call belongs to, counted from the ``timestep`` input: calls with the
+        same timestep (classifier-free guidance run as two calls) are one step, and a higher timestep than the last
+        starts a new run (timesteps fall during a run). Without a timestep input: the call number."""
+        t = feeds.get("timestep")
+        try:
+            value = float(t.reshape(-1)[0]) if t is not None else None
+        except (AttributeError, IndexError, RuntimeError, TypeError, ValueError):
+            value = None
+        if value is None:
+            return call + 1
+        last = getattr(self, "_last_timestep", None)
+        if last is None or value > last:
+            self._run_step = 1
+        elif value != last:
+            self._run_step += 1
+        self._last_timestep = value
+        return self._run_step
+
+    def check_finite(self, out: torch.Tensor, call: int, step: int | None = None) -> torch.Tensor:
+        """``out``, or VerificationError when it holds NaN or Inf (a black image otherwise); ``step``: the
+        denoising step of the call (``denoising_step``; None for a component called once per prompt)."""
         if not bool(torch.isfinite(out).all()):
             bad = int((~torch.isfinite(out)).sum())
+            where = f" (denoising step {step} of this run)" if step is not None else ""
             raise VerificationError(
-                f"the engine standing in for the component returned {bad} NaN/Inf value(s) at call {call + 1} "
-                f"(denoising step {call + 1} of this run); check the inputs (guidance, LoRA scale) or rebuild"
+                f"the engine standing in for the component returned {bad} NaN/Inf value(s) at call {call + 1}"
+                f"{where}; check the inputs (guidance, LoRA scale) or rebuild"
             )
         return out
 
@@ -94,7 +134,10 @@ class EngineModule(ComponentStandIn):
 
     def forward(self, return_dict: bool = True, joint_attention_kwargs: Any = None, **kwargs: Any) -> Any:
         feeds = self.graph_feeds(kwargs, joint_attention_kwargs)
-        out = self.check_finite(self.runner(feeds)[self.output_name].to(self._device, self._dtype), self.calls)
+        step = self.denoising_step(feeds, self.calls)
+        out = self.check_finite(
+            self.call_engine(feeds)[self.output_name].to(self._device, self._dtype), self.calls, step
+        )
         self.calls += 1
         if self.trace is not None:
             self.trace.append(out.detach().clone())
@@ -119,7 +162,7 @@ class _EngineCalls(ComponentStandIn):
         self.calls = 0
 
     def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outs = self.runner(feeds)
+        outs = self.call_engine(feeds)
         got = {n: self.check_finite(outs[n].to(self._device, self._dtype), self.calls) for n in self.output_names}
         self.calls += 1
         return got

@@ -71,8 +71,27 @@ def set_quiet() -> None:
     logging.getLogger().setLevel(logging.WARNING)
 
 
+#: Set by the first Ctrl-C or SIGTERM: a command a library let finish (it swallowed the KeyboardInterrupt, or it
+#: arrived while a swap held it back) still exits 130, never 0.
+_INTERRUPTED: list[int] = []
+
+
 def _terminate(signum: int, frame: Any) -> None:
+    _INTERRUPTED.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _from_interrupt(exc: BaseException) -> bool:
+    """True when ``exc`` was raised because of a Ctrl-C or SIGTERM (a library wrapped the KeyboardInterrupt into
+    its own error type, e.g. a lazy import's "failed to import"), or after one."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return bool(_INTERRUPTED)
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -86,40 +105,48 @@ def main(argv: list[str] | None = None) -> Any:
         os.environ.setdefault(var, "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds like Ctrl-C: temp folders are removed
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
+        signal.signal(signal.SIGINT, _terminate)
     try:
-        return cli.main(args=args, prog_name="dtc", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.UsageError as exc:  # one line, like every other error, with where to look
-        where = exc.ctx.command_path if exc.ctx is not None else "dtc"
-        click.echo(f"error: {exc.format_message()} (see: {where} --help)", err=True)
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except DtcError as exc:
-        if "--debug" in args:
-            raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        result = cli.main(args=args, prog_name="dtc", standalone_mode=False)
+    except Exception as exc:  # KeyboardInterrupt and SystemExit are not Exceptions: handled below or passed on
+        _exit_for(exc, args)
+        raise
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except OSError as exc:  # the machine, not the input: full or read-only disk, a path that is a file, ...
-        if "--debug" in args:
-            raise
+    if _INTERRUPTED:  # the command finished although a signal came (a library swallowed the KeyboardInterrupt)
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    return result
+
+
+def _exit_for(exc: Exception, args: list[str]) -> None:
+    """Print ``exc`` as one ``error:`` line and exit with its code; returns (to re-raise) only with --debug."""
+    if isinstance(exc, click.exceptions.Exit):
+        sys.exit(130 if _INTERRUPTED and exc.exit_code == 0 else exc.exit_code)
+    if isinstance(exc, click.UsageError):  # one line, like every other error, with where to look
+        where = exc.ctx.command_path if exc.ctx is not None else "dtc"
+        click.echo(f"error: {exc.format_message()} (see: {where} --help)", err=True)
+        sys.exit(exc.exit_code)
+    if isinstance(exc, click.ClickException):
+        exc.show()
+        sys.exit(exc.exit_code)
+    if isinstance(exc, click.exceptions.Abort) or _from_interrupt(exc):
+        # a library may wrap the Ctrl-C into its own error (a lazy import's "failed to import"): still an interrupt
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    if "--debug" in args:
+        return
+    if isinstance(exc, DtcError):
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    if isinstance(exc, OSError):  # the machine, not the input: full or read-only disk, a path that is a file, ...
         # a copy names its source first: "src -> dst" says which side failed to write
         where = f"{exc.filename} -> {exc.filename2}: " if exc.filename2 else f"{exc.filename}: " if exc.filename else ""
         click.echo(f"error: {where}{exc.strerror or exc}", err=True)
         sys.exit(1)
-    except Exception as exc:  # a bug: still one line, the traceback with --debug
-        if "--debug" in args:
-            raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        click.echo(
-            f"error: internal error {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True
-        )
-        sys.exit(70)
+    # a bug: still one line, the traceback with --debug
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    click.echo(f"error: internal error {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+    sys.exit(70)

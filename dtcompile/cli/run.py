@@ -36,7 +36,7 @@ from dtcompile.runtime.run import BACKEND_CHOICES
     "out_path",
     default="out.png",
     show_default=True,
-    type=click.Path(dir_okay=False),
+    type=click.Path(),  # a folder is allowed: PNG frames of a video (checked by _output_file)
     help=".png, .jpg or .webp; video artifacts: .mp4 (H.264), a folder (PNG frames) or an image with --frames 1",
 )
 @click.option(
@@ -84,8 +84,10 @@ def run(
     parallel: str | None,
 ) -> None:
     """Run the denoising loop with the artifact's engines and write an image or a video."""
+    from dtcompile.runtime.limits import check_run_options
     from dtcompile.runtime.session import Session
 
+    check_run_options(guidance=guidance, fps=fps)  # documented ranges, before any engine loads
     session = Session(Path(artifact), backend, verify="size" if no_verify else verify,
                       cache=None if cache is None else cache == "on", cache_threshold=cache_threshold)  # fmt: skip
     out, image_format = _output_file(out_path, session.video, frames)  # checked before the run
@@ -133,16 +135,10 @@ def run(
 
 
 def _reference_image(value: str) -> Any:
-    """``--image``: a readable image file, as an RGB PIL image; UsageError naming the file otherwise."""
-    from PIL import Image, UnidentifiedImageError
+    """``--image``: a regular image file within the documented size, as an RGB PIL image (runtime.inputs)."""
+    from dtcompile.runtime.inputs import read_reference_image
 
-    try:
-        with Image.open(value) as img:
-            return img.convert("RGB")
-    except FileNotFoundError:
-        raise click.UsageError(f"--image {value}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise click.UsageError(f"--image {value}: not a readable image ({type(exc).__name__})") from None
+    return read_reference_image(value, flag="--image")
 
 
 def _output_file(value: str, video: bool = False, frames: int | None = None) -> tuple[Path, str]:

@@ -37,3 +37,8 @@ class VerificationError(DtcError):
 
 class ArtifactError(DtcError):
     """An artifact or engine file is missing, corrupt, or built for another target."""
+
+
+class InputError(DtcError):
+    """A run's input is out of range or unreadable: an option value (``--guidance``, ``--fps``) or an input file
+    (a reference image); the message names the option or file, the value, the valid range and the fix."""

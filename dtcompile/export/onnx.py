@@ -294,6 +294,10 @@ def _trace(
         # condition; neither is actionable here.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        # torch.onnx.export traces in eval mode and afterwards restores the *wrapper's* mode recursively: a
+        # fresh wrapper is in training mode, so without this every module inside it (T5's dropout 0.1, CLIP's
+        # attention dropout) would come out in training mode and each parity reference after it be noise.
+        module.eval()
         try:
             with torch.no_grad():
                 torch.onnx.export(

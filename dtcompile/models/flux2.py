@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from dtcompile.core.errors import UnsupportedError
+from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.models.builtin import BuiltinModel, by_name, seeded_components
 from dtcompile.models.components import AuxGraph
 from dtcompile.models.examples import ExampleSampler
@@ -24,6 +24,8 @@ from dtcompile.models.flux import _TINY_WORDS, FLUX_DEV_SCHEDULER, FluxAdapter
 from dtcompile.models.tiny_text import MISTRAL_TOKENIZER_CODE, build_tiny_mistral_tokenizer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 # Bump when build_tiny_flux2 changes what it writes: it is part of the built-in cache key.
@@ -159,6 +161,26 @@ def text_ids(text_len: int, batch: int, device: Any = None) -> torch.Tensor:
     return ids.unsqueeze(0).expand(batch, -1, -1).contiguous().to(device)
 
 
+#: The hidden-state layers Flux2Pipeline stacks by default (its ``text_encoder_out_layers``), which dtc runs with.
+TEXT_ENCODER_OUT_LAYERS = (10, 20, 30)
+
+
+def check_out_layers(encoder_config: dict[str, Any] | None) -> None:
+    """RecipeError when the text encoder has fewer layers than ``TEXT_ENCODER_OUT_LAYERS`` reads (its config
+    unknown: nothing to check)."""
+    if not isinstance(encoder_config, dict):
+        return
+    nested = encoder_config.get("text_config")
+    text = nested if isinstance(nested, dict) else encoder_config
+    layers = text.get("num_hidden_layers")
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers < max(TEXT_ENCODER_OUT_LAYERS):
+        raise RecipeError(
+            f"model.source: the text encoder has {layers} layers, but Flux2Pipeline stacks the hidden states of "
+            f"layers {', '.join(map(str, TEXT_ENCODER_OUT_LAYERS))} (text_encoder_out_layers) and dtc runs it with "
+            "that default; a model that needs another text_encoder_out_layers is not supported yet"
+        )
+
+
 class Flux2Adapter(FluxAdapter):
     """FLUX.2: FLUX.1's image-token layout and size rules; its own graph I/O (one text embedding, 4-axis batched
     ids, no pooled projection) and exclusions. Text-to-image: reference images (FLUX.2's multi-reference
@@ -190,6 +212,13 @@ class Flux2Adapter(FluxAdapter):
         raise UnsupportedError(
             f"components: {name} of a Flux2Pipeline cannot become an engine yet (the transformer only)"
         )
+
+    def check_shapes(self, shapes: Any, config: Callable[[str], dict[str, Any] | None]) -> None:
+        """FLUX.1's rules, and a text encoder deep enough for the hidden states Flux2Pipeline stacks: dtc runs the
+        pipeline with its default ``text_encoder_out_layers`` (10, 20, 30), so an encoder of fewer layers (a config
+        that needs another setting) is refused here, naming it, instead of an IndexError at calibration or run."""
+        super().check_shapes(shapes, config)
+        check_out_layers(config("text_encoder"))
 
     def _examples(self, sample: ExampleSampler, vae_scale_factor: int, height: int, width: int) -> dict[str, Any]:
         batch, text_len = sample.opt["txt_ids"][:2]

@@ -103,6 +103,8 @@ def trace_pipeline(
             bar.update()
             return kwargs
 
+        for part in getattr(pipe, "components", {}).values():  # every module of the run, the stand-in included
+            eval_mode(part)
         module = getattr(pipe, name)
         for i, prompt in enumerate(prompts):
             recorder = _StepRecorder()
@@ -291,6 +293,16 @@ def accuracy_report(
     return report, trace
 
 
+def eval_mode(module: Any) -> Any:
+    """``module`` (and everything inside it) in eval mode, when it is a torch module: every reference a parity or
+    accuracy check compares against runs without dropout (real T5-XXL configs have ``dropout_rate`` 0.1)."""
+    import torch
+
+    if isinstance(module, torch.nn.Module):
+        module.eval()
+    return module
+
+
 def teacher_forced(
     module: Any, trace: PipelineTrace, dtype: torch.dtype | None = None, label: str = "teacher-forced"
 ) -> list[list[torch.Tensor]]:
@@ -306,6 +318,7 @@ def teacher_forced(
 
     forced: list[list[torch.Tensor]] = []
     calls = sum(len(per_prompt) for per_prompt in trace.inputs)
+    eval_mode(module)
     with torch.no_grad(), quantized_forward_ctx(), progress(label, calls) as bar:
         for per_prompt in trace.inputs:
             outs = []
@@ -347,6 +360,7 @@ def module_outputs(
         return v.to(dtype) if dtype is not None and isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
     out: list[list[torch.Tensor]] = []
+    eval_mode(module)
     with torch.no_grad(), quantized_forward_ctx(), progress(label, len(inputs)) as bar:
         for feeds in inputs:
             got = module(**{k: cast(v) for k, v in feeds.items()})
@@ -376,6 +390,7 @@ __all__ = [
     "AccuracyReport",
     "PipelineTrace",
     "accuracy_report",
+    "eval_mode",
     "module_outputs",
     "outputs_report",
     "per_step",

@@ -73,7 +73,8 @@ def _message(err: ErrorDetails) -> tuple[tuple[Any, ...], str]:
         msg = msg[len("Value error, ") :]
     inp = err.get("input")
     if kind not in ("missing",) and not isinstance(inp, (dict, list)):
-        msg = f"{inp!r}: {msg}"
+        shown = repr(inp)
+        msg = f"{shown if len(shown) <= 80 else shown[:60] + f'... ({len(shown)} characters)'}: {msg}"
     return loc, msg
 
 
@@ -119,6 +120,12 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _shown(item: str, limit: int = 100) -> str:
+    """A ``--set`` item as a message shows it: one line, a long one cut (``...`` and its length)."""
+    text = _one_line(item)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
 def _yaml_error(exc: yaml.YAMLError) -> tuple[str, str]:
     """(``:line`` or "", the problem in one line) of a YAML error."""
     mark = getattr(exc, "problem_mark", None)
@@ -132,6 +139,10 @@ def _safe_load(text: str) -> Any:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise yaml.YAMLError(
+            f"a number too long to read ({_one_line(str(exc)).split(';')[0].split(': ')[-1]})"
+        ) from None
 
 
 def parse_overrides(items: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]:
@@ -141,15 +152,13 @@ def parse_overrides(items: list[str] | tuple[str, ...]) -> list[tuple[str, Any]]
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise RecipeError(f"--set '{_one_line(item)}': expected KEY=VALUE, e.g. export.opset=19")
+            raise RecipeError(f"--set '{_shown(item)}': expected KEY=VALUE, e.g. export.opset=19")
         if any(not part.strip() for part in key.split(".")):
-            raise RecipeError(f"--set '{_one_line(item)}': '{key}' is not a dotted field path, e.g. export.opset")
+            raise RecipeError(f"--set '{_shown(item)}': '{key}' is not a dotted field path, e.g. export.opset")
         try:
             value = _safe_load(raw)
         except yaml.YAMLError as exc:
-            raise RecipeError(
-                f"--set '{_one_line(item)}': the value is not valid YAML ({_yaml_error(exc)[1]})"
-            ) from None
+            raise RecipeError(f"--set '{_shown(item)}': the value is not valid YAML ({_yaml_error(exc)[1]})") from None
         out.append((key, value))
     return out
 

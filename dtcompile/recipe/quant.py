@@ -44,13 +44,13 @@ class CalibSpec(_Strict):
 
     prompts: str | list[str] = BUILTIN_PROMPTS
     """"builtin" (the shipped prompt file), a path to a UTF-8 file (one prompt per line; relative to the recipe's folder) or an inline list; a components[i].quant text encoder is calibrated on the same prompts."""
-    size: int = Field(default=128, ge=1)
+    size: int = Field(default=128, ge=1, le=100_000)
     """How many prompts calibrate (the first ``size``)."""
-    batch: int = Field(default=2, ge=1)
+    batch: int = Field(default=2, ge=1, le=64)
     """Prompts per pipeline call."""
-    steps: int = Field(default=30, ge=1)
+    steps: int = Field(default=30, ge=1, le=1000)
     """Denoising steps per calibration call."""
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
     """Generator seed of the first call (call i uses seed + i)."""
     percentile: float = Field(default=1.0, gt=0.0, le=1.0)
     """Fraction of the steps, from the first (noisiest), whose activation ranges are collected."""

@@ -169,6 +169,10 @@ class OutputSpec(_Strict):
 #: File suffixes of pickled checkpoints: dtc never unpickles (loading one can run arbitrary code).
 
 
+#: The largest LoRA scale magnitude a recipe, ``dtc refit --lora FILE:SCALE`` and ``dtc build`` take (docs/lora.md).
+LORA_SCALE_MAX = 100.0
+
+
 class LoraSpec(_Strict):
     """One LoRA adapter fused into the engine component before export (``dtc refit`` swaps them later).
 
@@ -178,8 +182,8 @@ class LoraSpec(_Strict):
 
     source: str = Field(min_length=1)
     """A .safetensors file, a local folder (with weight_name) or a hub id owner/name."""
-    scale: float = Field(default=1.0, allow_inf_nan=False)
-    """The adapter's strength."""
+    scale: float = Field(default=1.0, allow_inf_nan=False, ge=-LORA_SCALE_MAX, le=LORA_SCALE_MAX)
+    """The adapter's strength, from -100 to 100 (typical: 0.5 to 1.5; negative subtracts the adapter)."""
     weight_name: str | None = None
     """File inside a folder or hub repo (default pytorch_lora_weights.safetensors)."""
     component: str | None = Field(default=None, min_length=1)

@@ -260,7 +260,7 @@ class CachedEngineModule(ComponentStandIn):
             streams, skipped = self._static(branch, step, streams, shared)
         state = {**pro, **dict(zip(self.streams, streams, strict=True))}  # prologue outputs, updated streams
         out = self.runners[self.epilogue]({k: state[k] for k in self.epilogue_inputs})[self.output_name]
-        out = self.check_finite(out.to(self._device, self._dtype), step)
+        out = self.check_finite(out.to(self._device, self._dtype), step, step + 1)
         if self.fit is not None:
             self.fit.observe(self.name, context, step, pro[self._signal_name()], out)
         self.run.record(_Call(self.name, context, step, skipped, change))

@@ -4,6 +4,8 @@ leaves nothing half-written."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 from fractions import Fraction
@@ -31,14 +33,30 @@ def video_uint8(video: Any) -> Any:
     return arr
 
 
+def _temp_name(out: Path, suffix: str = "") -> Path:
+    """A temp name next to ``out`` that ``core.files.collect_stale`` removes once this process is dead (a SIGKILL
+    while writing); what dead writers left there before is collected now."""
+    from dtcompile.core.files import collect_stale
+
+    collect_stale(out)
+    return out.with_name(f".{out.name}.tmp-{os.getpid()}-partial{suffix}")
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a half-written temp file; on a read-only disk even a missing one cannot be unlinked (EROFS), and
+    that must not replace the error the caller reports (which names the output, not the temp file)."""
+    with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
 def write_image(image: Any, out: Path, image_format: str) -> None:
     """``image`` (PIL) to ``out`` in ``image_format``, atomically."""
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = _temp_name(out)
     try:
         image.save(tmp, format=image_format)
         tmp.replace(out)
     except OSError as exc:  # a full or read-only disk: nothing half-written, the error names the file
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from None
 
 
@@ -52,7 +70,7 @@ def write_mp4(video: Any, out: Path, fps: float) -> int:
     n, height, width, _ = frames.shape
     if height % 2 or width % 2:
         raise UnsupportedError(f"H.264 needs even sizes; the video is {width}x{height}: write PNG frames instead")
-    tmp = out.with_name(f".{out.name}.tmp.mp4")
+    tmp = _temp_name(out, ".mp4")
     try:
         with av.open(str(tmp), "w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
@@ -63,10 +81,10 @@ def write_mp4(video: Any, out: Path, fps: float) -> int:
             container.mux(stream.encode())
         tmp.replace(out)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise OSError(exc.errno, exc.strerror or str(exc), str(out)) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
     return n
 
@@ -77,7 +95,8 @@ def write_frames(video: Any, folder: Path) -> int:
 
     frames = video_uint8(video)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    _temp_name(folder)  # collects what a killed writer left
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
     try:
         for i, frame in enumerate(frames):
             Image.fromarray(frame).save(tmp / f"frame_{i:04d}.png")

@@ -47,15 +47,6 @@ def verify_pipeline_files(artifact_dir: Path, manifest: Manifest, verifier: Veri
             )
 
 
-def check_finite_option(name: str, value: float, *, flag: str = "--{}") -> None:
-    """Refuse NaN and infinite values of option ``name`` (they run to a black image otherwise); ``flag`` formats
-    the name as ``check_size``'s does."""
-    import math
-
-    if not math.isfinite(float(value)):
-        raise UnsupportedError(f"{flag.format(name)} {value}: must be a finite number")
-
-
 def check_size(shapes: dict[str, ShapeRange], height: int, width: int, batch: int = 1, *, flag: str = "--{}") -> None:
     """Refuse sizes outside the shape ranges (``Manifest.shapes``) the artifact was built for; ``flag`` formats
     the variable's name in the message (the CLI's ``--height``; the server's plain ``height``)."""

@@ -30,10 +30,10 @@ from dtcompile.core.targets import gpu_arch
 from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, read_manifest
 from dtcompile.models import adapter_for
 from dtcompile.models.base import GenerationRequest
+from dtcompile.runtime.limits import check_guidance
 from dtcompile.runtime.parallel import ParallelSpec, run_parallel, swap_prompts
 from dtcompile.runtime.run import (
     aux_module,
-    check_finite_option,
     check_frames,
     check_generation,
     check_reference,
@@ -281,7 +281,7 @@ class Session:
         if self.video and frames is None:
             frames = shapes["frames"].opt
         if guidance is not None:
-            check_finite_option(names.guidance, guidance, flag="{}")
+            check_guidance(guidance, names.guidance)
         check_generation(self.manifest, height, width, self.config, flag=names.size_flag)
         check_frames(self.manifest, frames, self.config, flag=names.frames)
         if negative_prompt is not None and not self.adapter.negative_prompt:
@@ -363,7 +363,7 @@ class Session:
             check_frames(self.manifest, args["num_frames"], self.config, flag="num_frames")
         guidance = args.get("guidance_scale")
         if guidance is not None:
-            check_finite_option(names.guidance, guidance, flag="{}")
+            check_guidance(guidance, names.guidance)
         if isinstance(args.get("image"), str) and args.get("prompt") is None:
             raise UnsupportedError(
                 f"image: got the text {args['image'][:40]!r}; {self.pipeline_class}'s first argument is the reference "

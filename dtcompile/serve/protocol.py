@@ -106,20 +106,17 @@ def parse_edit_form(fields: dict[str, str]) -> ImageGenerationRequest:
 
 
 def read_reference(data: bytes, filename: str | None) -> Any:
-    """The uploaded reference image as RGB PIL, or APIError 400 naming ``image``."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
+    """The uploaded reference image as RGB PIL, or APIError 400 naming ``image`` (``runtime.inputs``' checks: the
+    size from the header before decoding, 16-bit PNGs scaled)."""
+    from dtcompile.core.errors import InputError
+    from dtcompile.runtime.inputs import read_reference_image
 
     if not data:
         raise APIError(400, "image: the uploaded file is empty", param="image")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise APIError(400, f"image: {filename or 'the upload'} is not a readable image (png, jpeg, webp)",
-                       param="image") from None  # fmt: skip
+        return read_reference_image(data, flag="image", name=filename or "the upload")
+    except InputError as exc:
+        raise APIError(400, str(exc), param="image") from None
 
 
 def accepted_fields() -> list[str]:

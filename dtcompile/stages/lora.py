@@ -163,7 +163,24 @@ def check_safetensors(path: Path, label: str) -> dict[str, Any]:
         raise RecipeError(f"{label}: '{path}' is not a safetensors file ({kind}); {hint}") from None
     if not isinstance(header, dict):
         raise RecipeError(f"{label}: '{path}' is not a safetensors file (header is not a mapping); {hint}")
+    check_safetensors_layout(path, f"{label}: '{path}'")
     return header
+
+
+def check_safetensors_layout(path: Path, what: str) -> None:
+    """RecipeError unless safetensors itself accepts ``path``'s header (every tensor's dtype, shape and offsets
+    consistent with the file; nothing is read but the header): a header that lies fails here in one line, not
+    as a SafetensorError deep inside a loader."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.metadata()
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(" at line ")[0][:200]
+        raise RecipeError(
+            f"{what}: the safetensors header does not match the file ({first}); use another file"
+        ) from None
 
 
 def resolve_lora(
@@ -323,6 +340,11 @@ def read_lora(resolved: ResolvedLora, pipeline_class: str, component: str = "tra
         a, b = _factor_pair(resolved, module, parts)
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+        if not math.isfinite(float(alpha)):
+            raise RecipeError(
+                f"{label}: module '{module}' has LoRA alpha {alpha} in '{resolved.path.name}'; alpha must be a "
+                "finite number (a corrupt adapter); use another file"
+            )
         if int(r) != a.shape[0]:
             raise RecipeError(
                 f"{label}: rank mismatch in '{module}': the adapter metadata says r={r} but its tensors have "
@@ -410,6 +432,12 @@ def _factor_pair(
             f"is {list(b.shape)} (rank {b.shape[1]})"
         )
     for name, t in (("lora_A", a), ("lora_B", b), ("lora_B bias", parts.get("B.bias"))):
+        if t is not None and not t.is_floating_point():  # int/bool factors: PEFT would cast them to garbage
+            dt = str(t.dtype).removeprefix("torch.")
+            raise RecipeError(
+                f"{label}: module '{module}' has {dt} {name} weights in '{resolved.path.name}'; LoRA factors "
+                "must be floating point (float32, float16 or bfloat16); use another file"
+            )
         if t is not None and not bool(t.isfinite().all()):
             raise RecipeError(
                 f"{label}: module '{module}' has NaN or Inf values in its {name} weights in "
@@ -499,6 +527,9 @@ def _fuse_into(
         raise VerificationError(f"LoRA layers remain after fusing ({leftover[0]}); diffusers did not unload them")
 
     expected = apply_deltas(base, [(w, r.scale) for w, r in zip(parsed, loras, strict=True)])
+    check_fused_finite(
+        {n: module.get_parameter(n).detach() for n in touched}, list(zip(parsed, [r.scale for r in loras], strict=True))
+    )
     worst = 0.0
     for n in touched:
         got = module.get_parameter(n).detach()
@@ -513,6 +544,25 @@ def _fuse_into(
         )
     log.info("fused %d LoRA(s) into %d %s weights (fused vs refit math: %.1e)", len(loras), len(touched), target, worst)
     return base
+
+
+def check_fused_finite(
+    fused: dict[str, torch.Tensor], loras: list[tuple[LoraWeights, float]], dtypes: dict[str, torch.dtype] | None = None
+) -> None:
+    """RecipeError unless every fused weight (cast to its engine dtype, ``dtypes``, when given) is finite: a scale
+    such as 1e39 or factors x1e30 overflow float32 (or float16) into Inf, which only fails at run time (a black
+    image), so the adapter is refused before anything is written."""
+    for name, w in fused.items():
+        t = w if dtypes is None or name not in dtypes else w.to(dtypes[name])
+        bad = int((~t.isfinite()).sum())
+        if bad:
+            dtype = str(t.dtype).removeprefix("torch.")
+            module = name.rsplit(".", 1)[0]
+            which = [f"{lw.label} '{lw.file}' scale {scale:g}" for lw, scale in loras if module in lw.modules]
+            raise RecipeError(
+                f"{', '.join(which) or 'LoRA'}: fusing gives {bad} Inf/NaN value(s) in '{name}' ({dtype} overflows); "
+                "the scale or the adapter's factors are too large: use a smaller scale or another file"
+            )
 
 
 def apply_deltas(base: dict[str, torch.Tensor], loras: list[tuple[LoraWeights, float]]) -> dict[str, torch.Tensor]:

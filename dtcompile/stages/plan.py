@@ -158,8 +158,23 @@ def _plan_targets(recipe: Recipe, settings: BuildSettings) -> list[PlannedTarget
     return out
 
 
+#: Kernel pseudo-filesystems: an artifact written there is lost or, worse, written into kernel settings.
+PSEUDO_FILESYSTEMS = ("/proc", "/sys")
+
+
 def _check_output_dir(out_dir: Path) -> None:
-    """``output.dir/name`` must be a folder that can be created: no file on the way."""
+    """``output.dir/name`` must be a folder that can be created: no file on the way, not under a kernel
+    pseudo-filesystem (``/proc``, ``/sys``), and, if it exists, an artifact folder or empty."""
+    from dtcompile.core.files import check_replaceable
+
+    resolved = out_dir.resolve()
+    for root in PSEUDO_FILESYSTEMS:
+        if resolved == Path(root) or Path(root) in resolved.parents:
+            raise RecipeError(
+                f"output.dir: {out_dir} is under {root}, a kernel pseudo-filesystem, not a disk; choose a folder "
+                "on a disk (e.g. output.dir: engines)"
+            )
+    check_replaceable(out_dir, "output.dir")
     for path in (out_dir, *out_dir.parents):
         if path.exists() or path.is_symlink():
             if not path.is_dir():

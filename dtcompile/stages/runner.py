@@ -148,7 +148,13 @@ def run_build(
     recipe_path: str | None = None,
 ) -> BuildReport:
     """Run the stages for ``recipe`` (or an already computed ``Plan``) and move the artifact to ``output.dir/name``."""
-    from dtcompile.core.files import collect_stale, discarded_on_failure, make_temp_dir, replace_dir
+    from dtcompile.core.files import (
+        check_replaceable,
+        collect_stale,
+        discarded_on_failure,
+        make_temp_dir,
+        replace_dir,
+    )
     from dtcompile.manifest import Verifier, read_manifest, write_manifest
     from dtcompile.stages.load import check_denoisers, locate_source
 
@@ -159,6 +165,7 @@ def run_build(
     files = locate_source(plan.recipe.model)
     check_denoisers(plan.recipe, files.denoisers)
     key, weights_digest, versions, loras, digests = _artifact_key(plan, files)
+    check_replaceable(out_dir, "output.dir")  # a rebuild replaces an artifact, nothing else
     if not force and stop_after is None and _existing_key(out_dir) == key:
         log.info("artifact %s is up to date (key %s); use --force to rebuild", out_dir, key[:12])
         return BuildReport(out_dir, read_manifest(out_dir), up_to_date=True)

@@ -47,7 +47,15 @@ from typing import Any
 
 from dtcompile.core.digests import sha256_file
 from dtcompile.core.errors import ArtifactError, DtcError, MissingDependencyError, UnsupportedError, VerificationError
-from dtcompile.core.files import collect_stale, make_temp_dir, replace_dir
+from dtcompile.core.files import (
+    as_written_to,
+    check_replaceable,
+    collect_stale,
+    fault_point,
+    make_temp_dir,
+    public_message,
+    replace_dir,
+)
 from dtcompile.core.targets import TRT_ARCHS, TRT_EXTRAS, arch_order, gpu_arch, installed_trt_major, is_arch
 from dtcompile.manifest import (
     MANIFEST,
@@ -325,6 +333,9 @@ class _Store:
     def list_dirs(self, rel: str) -> list[str]:
         raise NotImplementedError
 
+    def collect(self, rel: str) -> None:
+        """Remove what killed publishes of version ``rel`` left (partial archives, temp index files)."""
+
     @contextmanager
     def stage(self, rel: str) -> Iterator[Path]:
         """A local folder to fill; on success its files become ``rel`` (``SHA256SUMS`` last)."""
@@ -354,7 +365,7 @@ class LocalStore(_Store):
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self._path(rel)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)  # collect_stale
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -370,13 +381,21 @@ class LocalStore(_Store):
             return []
         return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+    def collect(self, rel: str) -> None:
+        final = self._path(rel)
+        for path in (final, final.parent / INDEX):
+            for line in collect_stale(path):
+                log.warning("publish: %s", line)
+
     @contextmanager
     def stage(self, rel: str) -> Iterator[Path]:
         final = self._path(rel)
         created = _missing_parents(final)  # removed again (when still empty) if the publish fails
         final.parent.mkdir(parents=True, exist_ok=True)
+        for line in collect_stale(final):  # partial archives a killed publish left (its pid no longer runs)
+            log.warning("publish: %s", line)
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+            tmp = make_temp_dir(final, "tmp")  # `.<key>.tmp-<pid>-XXXX`: collect_stale can tell a dead writer's
         except BaseException:
             _cleanup(None, created)
             raise
@@ -388,7 +407,12 @@ class LocalStore(_Store):
                 shutil.rmtree(final)
             for p in [tmp, *tmp.iterdir()]:
                 os.chmod(p, 0o755 if p.is_dir() else 0o644)
+            fault_point("publish:staged")
             os.replace(tmp, final)
+            fault_point("publish:renamed")
+        except OSError as exc:  # a full disk: name the version folder written to, not the temp folder
+            _cleanup(tmp, created)
+            raise as_written_to(exc, tmp, final) from None
         except BaseException:
             _cleanup(tmp, created)
             raise
@@ -523,6 +547,7 @@ def publish_artifact(artifact_dir: Path, url: str) -> PublishReport:
     manifest_sha = sha256_file(artifact_dir / MANIFEST)
     store = open_store(url)
     vrel = f"{name}/{key}"
+    store.collect(vrel)
     if store.exists(f"{vrel}/{SUMS}"):
         published = parse_sums(_read(store, f"{vrel}/{SUMS}", SUMS).decode("utf-8", "replace"), store.url_of(vrel))
         _write_index(store, name)
@@ -537,6 +562,7 @@ def publish_artifact(artifact_dir: Path, url: str) -> PublishReport:
         for archive in archives:
             out = stage / archive.file
             pack_tar(artifact_dir, archive.entries, out)
+            fault_point(f"publish:archive:{archive.file}")
             sums[archive.file] = sha256_file(out)
             report.archives.append(
                 {
@@ -649,6 +675,11 @@ def _resolve_version(store: _Store, key: str | None, arch: str, backend: str) ->
     except (ValueError, KeyError, TypeError):
         raise ArtifactError(f"{store.url_of(INDEX)}: not a valid dtc index; re-run dtc publish to rewrite it") from None
     newest_first = list(reversed(versions))
+    if not newest_first:
+        raise ArtifactError(
+            f"{store.url_of(INDEX)}: lists no usable version (none with a valid key); re-run dtc publish to rewrite "
+            "it, or pull a version URL <URL>/<name>/<key>"
+        )
     if key:
         newest_first = [v for v in newest_first if v["key"].startswith(key)]
         if not newest_first:
@@ -659,7 +690,9 @@ def _resolve_version(store: _Store, key: str | None, arch: str, backend: str) ->
     if arch in ("any", "auto"):
         return newest_first[0]["key"], "newest version"
     for v in newest_first:
-        pairs = _archive_pairs(a.get("file", "") for a in v.get("archives", []))
+        listed = v.get("archives")
+        archives = listed if isinstance(listed, list) else []
+        pairs = _archive_pairs(str(a.get("file", "")) for a in archives if isinstance(a, dict))
         if any(_wants(p, arch, backend) for p in pairs):
             return v["key"], f"newest version with {arch}"
     # None has it: the chosen version's manifest produces the precise error (what was built instead).
@@ -699,10 +732,7 @@ def pull_artifact(
     exists = out_dir.exists() or out_dir.is_symlink()
     if exists and not force and (out_dir.is_symlink() or not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ArtifactError(f"--out {out_dir}: already exists; choose a new folder or pass --force to replace it")
-    if exists and (out_dir.is_symlink() or not out_dir.is_dir()):  # --force replaces artifacts, not other files
-        raise ArtifactError(
-            f"--out {out_dir}: is a file or a link, not an artifact folder; --force will not replace it"
-        )
+    check_replaceable(out_dir, "--out")  # --force replaces an artifact folder, never a user's other files
     store = open_store(url)
     if arch == "auto":
         arch = _detect_gpu_arch() or "auto"  # still "auto" without a GPU: the error lists what was published
@@ -721,6 +751,8 @@ def pull_artifact(
         Verifier(out_dir).record_written(read_manifest(out_dir).all_file_entries())  # each member was hashed
     except DtcError as exc:
         _cleanup(tmp, created)
+        # a message names the published file or --out, never the temp folder (gone by the time it prints)
+        public_message(exc, {tmp / "download": vurl, tmp / "artifact": out_dir, tmp: out_dir})
         if type(exc) in (ArtifactError, VerificationError):
             raise type(exc)(f"{exc}; nothing was extracted to {out_dir}") from None
         raise

@@ -22,12 +22,13 @@ amax/448, int8: amax/127 per tensor or per channel) while activation scales stay
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,7 +91,7 @@ def plan_refit(
     torch layout) plus the updates in adapter order, then back to the engine's layout, dtype and quantization.
     Every other parameter in ``ever_touched`` gets its stored base bytes back unchanged.
     """
-    from dtcompile.stages.lora import apply_deltas
+    from dtcompile.stages.lora import apply_deltas, check_fused_finite
 
     active = [(w, s) for w, s in loras if s != 0.0]
     now = sorted({p for w, _ in active for p in w.params()})
@@ -131,6 +132,10 @@ def plan_refit(
             w = stored.float() if q else stored
         torch_base[p] = w.t() if layout == "transposed" else w
     new = apply_deltas(torch_base, active)
+    # before anything is written: an overflow (scale 1e39, factors x1e30) in the engine's dtype is refused
+    check_fused_finite(
+        new, active, {p: torch_dtype(entries[p]["onnx_dtype"]) for p in new if not entries[p].get("quant")}
+    )
     for p, w in new.items():
         e = entries[p]
         w = w.t().contiguous() if e["layout"] == "transposed" else w.contiguous()
@@ -279,12 +284,37 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _new_key(base_key: str, built_with: list[dict[str, Any]], adapters: list[dict[str, Any]]) -> str:
-    if not adapters and not built_with:
+def _new_key(
+    base_key: str,
+    built_with: list[dict[str, Any]],
+    adapters: list[dict[str, Any]],
+    dropped: list[dict[str, str]] | None = None,
+) -> str:
+    """The refit artifact's key: the base key when its weights are the base bytes again and every engine the
+    build made is still there; else a hash of the base key, the adapters and the engines dropped so far (so a
+    rebuild of the recipe into the folder is never "up to date" over a missing engine)."""
+    if not adapters and not built_with and not dropped:
         return base_key  # all weights are the base bytes again: the artifact is the one that was built
     lora = [[a["sha256"], a["scale"], *([a["component"]] if a.get("component") else [])] for a in adapters]
-    payload = {"refit_of": base_key, "lora": lora}
+    payload: dict[str, Any] = {"refit_of": base_key, "lora": lora}
+    if dropped:
+        payload["dropped"] = sorted([d.get("component", ""), d["backend"], d["arch"]] for d in dropped)
     return sha256_json(payload)
+
+
+def check_lora_scale(path: str, scale: float) -> None:
+    """DtcError unless ``scale`` is a finite number within ``recipe.schema.LORA_SCALE_MAX`` (the recipe's range)."""
+    import math
+
+    from dtcompile.recipe.schema import LORA_SCALE_MAX
+
+    if not math.isfinite(scale):
+        raise DtcError(f"LoRA {path}: the scale must be a finite number, got {scale}")
+    if abs(scale) > LORA_SCALE_MAX:
+        raise DtcError(
+            f"LoRA {path}: the scale {scale:g} is outside -{LORA_SCALE_MAX:g}..{LORA_SCALE_MAX:g} (typical: 0.5 to "
+            "1.5); pass a smaller scale"
+        )
 
 
 def _destination(artifact_dir: Path, out_dir: Path | None, in_place: bool) -> Path:
@@ -339,6 +369,33 @@ def _blocked_engines(centry: dict[str, Any], drop_unrefittable: bool) -> list[tu
         more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
         raise UnsupportedError(f"{reason}{more}; or pass --drop-unrefittable to leave such engines out")
     return found
+
+
+@contextlib.contextmanager
+def _artifact_data(centry: dict[str, Any], comp: str) -> Iterator[None]:
+    """Inside: reading ``comp``'s weight map and LoRA base store (whose hashes matched a manifest that may have
+    been edited with them); a malformed one is one ArtifactError naming the file, never an internal error."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except DtcError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, SafetensorError) as exc:
+        wmap = (centry.get("weight_map") or {}).get("file", "weight map") if isinstance(centry, dict) else "weight map"
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ArtifactError(
+            f"{wmap} ({comp}'s weight map or LoRA base store): malformed, {type(exc).__name__} {first}; the artifact "
+            "was changed after it was built: rebuild it with dtc build or pull it again"
+        ) from None
+
+
+def _load_weight_map(artifact_dir: Path, centry: dict[str, Any], comp: str) -> dict[str, Any]:
+    with _artifact_data(centry, comp):
+        wmap = load_weight_map(artifact_dir, centry, comp)
+        if not isinstance(wmap.get("params"), dict):
+            raise TypeError("its 'params' is not a mapping")
+        return wmap
 
 
 def _read_adapters(
@@ -512,11 +569,15 @@ def _new_manifest(
     new_manifest["skipped"] = [*manifest.get("skipped", []), *dropped]
     built_with = old_lora.get("built_with", [])
     base_key = old_lora.get("base_key", manifest["key"])
-    new_manifest["key"] = _new_key(base_key, built_with, adapters)
+    # every engine a refit of this build has dropped (this one and earlier ones): the key covers which exist
+    gone = [*old_lora.get("dropped_engines", []), *({"component": job.comp, "backend": e["backend"],
+            "arch": e["arch"]} for job in jobs for e, _ in job.blocked)]  # fmt: skip
+    new_manifest["key"] = _new_key(base_key, built_with, adapters, gone)
     new_manifest["lora"] = {
         "adapters": adapters,
         "built_with": built_with,
         "base_key": base_key,
+        **({"dropped_engines": gone} if gone else {}),
         **lora,
         "refit": {
             "updated_initializers": sum(len(j.plan.updates) for j in jobs),
@@ -584,12 +645,13 @@ def _read_loras(
         if comp != main and not mine and not state.get("touched"):
             continue  # never touched by an adapter: carried over as built
         centry = manifest["components"][comp]
-        wmap = load_weight_map(artifact_dir, centry, comp)
+        wmap = _load_weight_map(artifact_dir, centry, comp)
         blocked = _blocked_engines(centry, drop_unrefittable)  # before any adapter file is read
         for i in mine:
             src, scale, c = specs[i]
             resolved[i] = resolve_lora(src, None, scale, "--lora", component=c)
-        got = _read_adapters([resolved[i] for i in mine], wmap, pipeline_class, comp, main)
+        with _artifact_data(centry, comp):
+            got = _read_adapters([resolved[i] for i in mine], wmap, pipeline_class, comp, main)
         parsed.update(zip(mine, got, strict=True))
         work.append((comp, centry, wmap, state, blocked, mine))
     return resolved, parsed, work
@@ -613,15 +675,13 @@ def refit_artifact(
     Raises:
         ArtifactError, UnsupportedError, RecipeError: one line naming what is wrong and the fix.
     """
-    import math
 
     from dtcompile.core.files import collect_stale, discarded_on_failure, make_temp_dir, replace_dir
     from dtcompile.manifest import Verifier, read_manifest, verify_file
 
     specs = [(str(x[0]), float(x[1]), x[2] if len(x) > 2 else None) for x in loras]
     for path, scale, _ in specs:
-        if not math.isfinite(scale):
-            raise DtcError(f"LoRA {path}: the scale must be a finite number, got {scale}")
+        check_lora_scale(path, scale)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     artifact_dir = Path(artifact_dir)
@@ -646,9 +706,10 @@ def refit_artifact(
     tmp_jobs = []
     for comp, centry, wmap, state, blocked, mine in work:
         graph = OnnxWeights(artifact_dir / centry["onnx"]["file"])
-        base_store = load_base_store(artifact_dir, state)
         weights = [(parsed[i], resolved[i].scale) for i in mine]
-        plan = plan_refit(wmap, graph, base_store, list(state.get("touched", [])), weights)
+        with _artifact_data(centry, comp):
+            base_store = load_base_store(artifact_dir, state)
+            plan = plan_refit(wmap, graph, base_store, list(state.get("touched", [])), weights)
         tmp_jobs.append((comp, plan, graph, blocked, base_store))
     timings["compute_s"] = time.perf_counter() - t0
 

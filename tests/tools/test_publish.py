@@ -328,8 +328,16 @@ def test_pull_refuses_an_existing_out(published: Path, tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="already exists; choose a new folder or pass --force"):
         pull_artifact(str(published), out, arch="sm_89")
     assert (out / "keep").read_text() == "mine"
-    pull_artifact(str(published), out, arch="sm_89", force=True)
-    assert not (out / "keep").exists() and (out / "manifest.json").is_file()
+    # issue 32: --force replaces only a folder that holds an artifact, never a user's files
+    with pytest.raises(ArtifactError, match="folder holds files but no dtcompile artifact"):
+        pull_artifact(str(published), out, arch="sm_89", force=True)
+    assert (out / "keep").read_text() == "mine"
+    art = tmp_path / "a"
+    pull_artifact(str(published), art, arch="sm_89")
+    (art / "keep").write_text("inside the artifact")
+    pull_artifact(str(published), art, arch="sm_89", force=True)
+    assert not (art / "keep").exists() and (art / "manifest.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_pull_force_never_replaces_a_regular_file(published: Path, tmp_path: Path) -> None:
