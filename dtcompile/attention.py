@@ -10,7 +10,7 @@ Modes (all take (B, heads, S, head_dim) q/k/v, as torch SDPA does):
 
 - ``native``: one opset-23 ``Attention`` node per attention call (4-D inputs, heads read from the shape, no
   ``softmax_precision``: TensorRT refuses it). TensorRT maps it to its fused attention layer; onnxruntime runs it.
-- ``plugin``: one ``dtc::FusedAttention`` node (plugins/fused_attention), which TensorRT's ONNX parser resolves
+- ``plugin``: one ``dtc::FusedAttention`` node (``dtcompile.plugins.fused_attention``), which TensorRT's ONNX parser resolves
   to the plugin registered with the build; on the torch side it is the custom op ``dtc::fused_attention``.
 - ``decomposed``: ``torch.nn.functional.scaled_dot_product_attention``, whose legacy ONNX symbolic is
   MatMul-Softmax-MatMul (scale split as sqrt(scale) on q and on k).
@@ -56,10 +56,6 @@ MODES = ("native", "plugin", "decomposed")
 NATIVE_MIN_OPSET = 23
 #: TensorRT versions whose ONNX parser maps ``Attention`` to the attention layer (datacenter flavour).
 TRT_NATIVE_MIN_VERSION = (10, 14)
-#: Where the plugin's sources live (not part of the installed package: a source checkout has them).
-PLUGIN_DIR = Path(__file__).resolve().parents[1] / "plugins" / "fused_attention"
-#: Name under which the plugin folder is imported (one copy per process: the torch op registers once).
-PLUGIN_MODULE = "dtc_fused_attention"
 #: What TensorRT-RTX lacks for the plugin, as checked on tensorrt_rtx 1.7.1.116 (see docs/attention.md).
 RTX_PLUGIN_REASON = (
     "tensorrt-rtx cannot run a Python-defined plugin: its INetworkDefinition has no add_plugin_v3/add_plugin_v2, "
@@ -147,8 +143,6 @@ def _plugin_blocker(backend: str, dtype: str, quantize_mha: bool) -> str | None:
         return RTX_PLUGIN_REASON
     if dtype == "float32":
         return "the fused-attention plugin takes float16/bfloat16; set dtype: float16 or bfloat16"
-    if not PLUGIN_DIR.is_dir():
-        return f"the plugin sources are not at {PLUGIN_DIR} (install dtcompile from a source checkout)"
     if importlib.util.find_spec("triton") is None:
         return "the fused-attention plugin needs triton (pip install 'dtcompile[plugin]')"
     return None
@@ -428,28 +422,14 @@ def _plugin_symbolic() -> Iterator[None]:
 
 
 def load_plugin() -> ModuleType:
-    """Import plugins/fused_attention (once per process) with its ``kernel``, ``reference``, ``torch_op``,
-    ``trt_plugin`` and ``build`` submodules; UnsupportedError when the folder is absent."""
-    if PLUGIN_MODULE in sys.modules:
-        return sys.modules[PLUGIN_MODULE]
-    init = PLUGIN_DIR / "__init__.py"
-    if not init.is_file():
-        raise UnsupportedError(
-            f"the fused-attention plugin sources are not at {PLUGIN_DIR}; install dtcompile from a source checkout "
-            f"(pip install -e '.[plugin]')"
-        )
-    spec = importlib.util.spec_from_file_location(PLUGIN_MODULE, init, submodule_search_locations=[str(PLUGIN_DIR)])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PLUGIN_MODULE] = module
-    try:
-        spec.loader.exec_module(module)
-        for sub in ("reference", "kernel", "torch_op", "trt_plugin", "build"):
-            setattr(module, sub, importlib.import_module(f"{PLUGIN_MODULE}.{sub}"))
-    except BaseException:
-        sys.modules.pop(PLUGIN_MODULE, None)
-        raise
-    return module
+    """The fused-attention plugin package (``dtcompile.plugins.fused_attention``) with its ``kernel``,
+    ``reference``, ``torch_op``, ``trt_plugin`` and ``build`` submodules imported (none imports triton, torch or
+    TensorRT before it is called; imported here, not at module level, so that importing this module stays light).
+    """
+    import dtcompile.plugins.fused_attention as plugin
+    from dtcompile.plugins.fused_attention import build, kernel, reference, torch_op, trt_plugin  # noqa: F401
+
+    return plugin
 
 
 def graph_plugin_ops(onnx_path: Path) -> list[str]:

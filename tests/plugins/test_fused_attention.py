@@ -1,4 +1,4 @@
-"""plugins/fused_attention: the Triton kernel (under Triton's CPU interpreter) against PyTorch SDPA, the reference,
+"""dtcompile/plugins/fused_attention: the Triton kernel (under Triton's CPU interpreter) against PyTorch SDPA, the reference,
 the torch custom op and its ONNX node, the AOT build, and the TensorRT plugin classes."""
 
 from __future__ import annotations
