@@ -385,7 +385,8 @@ def qwork_export(fmt: str, depth: int, work: Path) -> dict[str, Any]:
 
     import torch
 
-    from dtcompile.attention import export_attention, resolve_attention
+    from dtcompile.attention.modes import resolve_attention
+    from dtcompile.attention.router import export_attention
     from dtcompile.core.progress import rss_bytes
     from dtcompile.models.flux import FluxAdapter
     from dtcompile.quant.export import export_quantized

@@ -11,7 +11,7 @@ Layout of this folder (each file states its own input and output):
 - ``trt_plugin.py``: the TensorRT IPluginV3 (Python) that serves ``dtc::FusedAttention`` nodes in datacenter
   TensorRT builds.
 
-``dtcompile.attention.load_plugin()`` imports this subpackage with its submodules, shipped in the wheel;
+``dtcompile.attention.plugin.load_plugin()`` imports this subpackage with its submodules, shipped in the wheel;
 importing it loads neither torch nor triton nor TensorRT.
 """
 

@@ -9,7 +9,7 @@ TensorRT's device buffers as torch tensors (``__cuda_array_interface__``) and la
 stream. Building needs no GPU work from the plugin (it reports shapes and formats only); running needs CUDA
 torch and triton in the process.
 
-TensorRT-RTX cannot use this plugin: see ``dtcompile.attention.RTX_PLUGIN_REASON``.
+TensorRT-RTX cannot use this plugin: see ``dtcompile.attention.modes.RTX_PLUGIN_REASON``.
 """
 
 from __future__ import annotations
