@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dtcompile.models.flux import FLUX_DEV_WIDTHS
+from dtcompile.models.builtins.flux import FLUX_DEV_WIDTHS
 
 REAL_WIDTH = {**FLUX_DEV_WIDTHS, "num_layers": 1, "num_single_layers": 1}  # FLUX.1-dev widths (dtcompile.models.flux)
 
@@ -38,7 +38,7 @@ def build_model(name: str, dtype: Any) -> tuple[Any, int]:
     import torch
 
     if name == "tiny":
-        from dtcompile.models.flux import build_tiny_flux
+        from dtcompile.models.builtins.flux import build_tiny_flux
 
         pipe = build_tiny_flux()
         return pipe.transformer.to(dtype).eval(), int(pipe.vae_scale_factor)

@@ -103,7 +103,8 @@ def tiny16():
     import torch
 
     from dtcompile.core.graph import Range, Shapes
-    from dtcompile.models.flux import FluxAdapter, build_tiny_flux
+    from dtcompile.models.builtins.flux import build_tiny_flux
+    from dtcompile.models.flux import FluxAdapter
 
     pipe = build_tiny_flux()
     module = pipe.transformer.to(torch.float16).eval()
