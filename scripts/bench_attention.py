@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dtcompile.models.flux import FLUX_DEV_WIDTHS
+from dtcompile.models.builtins.flux import FLUX_DEV_WIDTHS
 
 REAL_WIDTH = {**FLUX_DEV_WIDTHS, "num_layers": 1, "num_single_layers": 1}  # FLUX.1-dev widths (dtcompile.models.flux)
 
@@ -38,7 +38,7 @@ def build_model(name: str, dtype: Any) -> tuple[Any, int]:
     import torch
 
     if name == "tiny":
-        from dtcompile.models.flux import build_tiny_flux
+        from dtcompile.models.builtins.flux import build_tiny_flux
 
         pipe = build_tiny_flux()
         return pipe.transformer.to(dtype).eval(), int(pipe.vae_scale_factor)
@@ -52,7 +52,7 @@ def build_model(name: str, dtype: Any) -> tuple[Any, int]:
 
 def export_and_check(model: Any, vsf: int, mode: str, dtype: Any, tokens: int, text_len: int, out: Path) -> dict:
     """Export with ``mode``; returns the graph facts and the ExportSpec/wrapper for running it."""
-    from dtcompile.attention import export_attention
+    from dtcompile.attention.router import export_attention
     from dtcompile.core.graph import Range, Shapes
     from dtcompile.export.onnx import export_onnx
     from dtcompile.models.flux import FluxAdapter
@@ -110,7 +110,7 @@ def rtx_build(path: Path, profile: Any, arch: str, out: Path) -> dict:
 def run(models: list[str], dtypes: list[str], archs: list[str], repeat: int, text_len: int, tokens: int) -> dict:
     import torch
 
-    from dtcompile.attention import RTX_PLUGIN_REASON
+    from dtcompile.attention.modes import RTX_PLUGIN_REASON
     from dtcompile.core.metrics import rel_l2
 
     results: dict[str, Any] = {
@@ -165,7 +165,7 @@ def attention_only(dtypes: list[str], seq: int, repeat: int) -> list[dict]:
     """onnxruntime latency of one attention at FLUX.1's shape (24 heads x 128, ``seq`` tokens) per mode."""
     import torch
 
-    from dtcompile.attention import attention, export_attention
+    from dtcompile.attention.router import attention, export_attention
     from dtcompile.core.metrics import rel_l2
 
     class One(torch.nn.Module):

@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dtcompile.models.flux import FLUX_DEV_WIDTHS, FluxCacheLayout
+from dtcompile.models.builtins.flux import FLUX_DEV_WIDTHS
+from dtcompile.models.flux import FluxCacheLayout
 
 REAL_WIDTH = FLUX_DEV_WIDTHS  # FLUX.1-dev widths (dtcompile.models.flux)
 VAE_SCALE_FACTOR = 8  # FLUX.1's VAE: 16 px per packed token
@@ -142,7 +143,7 @@ def denoise(module: Any, inputs: dict[str, Any], steps: int, size: int) -> tuple
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    from dtcompile.models.flux import TINY_FLUX_CONFIG
+    from dtcompile.models.builtins.flux import TINY_FLUX_CONFIG
 
     scheduler = FlowMatchEulerDiscreteScheduler(**TINY_FLUX_CONFIG["scheduler"])  # FLUX.1-dev's scheduler config
     seq_len = inputs["latents"].shape[1]

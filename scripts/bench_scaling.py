@@ -56,7 +56,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from dtcompile.models.flux import FLUX_DEV_WIDTHS
+from dtcompile.models.builtins.flux import FLUX_DEV_WIDTHS
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("export", "rtx", "retype", "ort")
@@ -298,7 +298,7 @@ def _quant_pipeline(depth: int) -> tuple[Any, dict[str, Any]]:
     (no float32 copy at any time; the same seeds give the same weights in every process) and its sizes."""
     import torch
 
-    from dtcompile.models.flux import REALWIDTH_FLUX_CONFIG, build_tiny_flux
+    from dtcompile.models.builtins.flux import REALWIDTH_FLUX_CONFIG, build_tiny_flux
 
     blocks = {"num_layers": depth, "num_single_layers": depth}
     config = {**REALWIDTH_FLUX_CONFIG, "transformer": {**REALWIDTH_FLUX_CONFIG["transformer"], **blocks}}
@@ -385,7 +385,8 @@ def qwork_export(fmt: str, depth: int, work: Path) -> dict[str, Any]:
 
     import torch
 
-    from dtcompile.attention import export_attention, resolve_attention
+    from dtcompile.attention.modes import resolve_attention
+    from dtcompile.attention.router import export_attention
     from dtcompile.core.progress import rss_bytes
     from dtcompile.models.flux import FluxAdapter
     from dtcompile.quant.export import export_quantized

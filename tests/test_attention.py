@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dtcompile.attention import RTX_PLUGIN_REASON, AttentionChoice, mode_blocker, resolve_attention
+from dtcompile.attention.modes import RTX_PLUGIN_REASON, AttentionChoice, mode_blocker, resolve_attention
 from dtcompile.core.errors import BuildError, RecipeError, UnsupportedError
 from dtcompile.recipe import load_recipe
 
@@ -103,7 +103,8 @@ def tiny16():
     import torch
 
     from dtcompile.core.graph import Range, Shapes
-    from dtcompile.models.flux import FluxAdapter, build_tiny_flux
+    from dtcompile.models.builtins.flux import build_tiny_flux
+    from dtcompile.models.flux import FluxAdapter
 
     pipe = build_tiny_flux()
     module = pipe.transformer.to(torch.float16).eval()
@@ -117,7 +118,7 @@ def tiny16():
 @pytest.fixture(scope="module")
 def exported(tiny16, tmp_path_factory):
     """mode -> (OnnxArtifact, manifest attention entry) for the three modes."""
-    from dtcompile.attention import export_attention
+    from dtcompile.attention.router import export_attention
     from dtcompile.export.onnx import export_onnx
 
     wrapper, spec, _ = tiny16
@@ -190,7 +191,7 @@ def test_native_builds_with_tensorrt_rtx(exported, tiny16, tmp_path, arch) -> No
 def test_plugin_graph_refused_by_rtx_before_parsing(exported, tiny16, tmp_path) -> None:
     """RTX's parser would abort the process on a Python plugin: the build refuses first, naming what is lacking."""
     pytest.importorskip("tensorrt_rtx")
-    from dtcompile.attention import graph_plugin_ops
+    from dtcompile.attention.plugin import graph_plugin_ops
     from dtcompile.backends.tensorrt import engine_from_onnx
 
     path = exported["plugin"][0].path
@@ -209,7 +210,7 @@ def test_attention_defers_to_quantized_sdpa() -> None:
     import torch
     import torch.nn.functional as F
 
-    from dtcompile import attention as attn
+    from dtcompile.attention import router as attn
 
     q = torch.randn(1, 2, 5, 16)
     seen = []
@@ -231,12 +232,12 @@ def test_attention_defers_to_quantized_sdpa() -> None:
 
 
 def test_patch_point_is_wrappable_and_restored(monkeypatch) -> None:
-    """Another stage can wrap dtcompile.attention.attention; diffusers' dispatcher is restored on exit."""
+    """Another stage can wrap dtcompile.attention.router.attention; diffusers' dispatcher is restored on exit."""
     import torch
     from diffusers.models import attention_dispatch
     from diffusers.models.transformers import transformer_flux
 
-    from dtcompile import attention as attn
+    from dtcompile.attention import router as attn
 
     original = transformer_flux.dispatch_attention_fn
     calls = []
@@ -262,7 +263,7 @@ def test_patch_point_is_wrappable_and_restored(monkeypatch) -> None:
 
 @pytest.mark.parametrize("mode", ["native", "plugin"])
 def test_zero_routed_calls_is_an_error_naming_the_model(mode) -> None:
-    from dtcompile.attention import AttentionTrace
+    from dtcompile.attention.router import AttentionTrace
 
     trace = AttentionTrace(mode)
     with pytest.raises(BuildError, match=rf"export.attention '{mode}': MyTransformer routed no attention call"):
@@ -288,7 +289,7 @@ def test_export_of_a_model_with_hand_written_attention_fails_native(tmp_path) ->
     """A model whose attention bypasses SDPA/dispatch_attention_fn routes zero calls: native export refuses it."""
     import torch
 
-    from dtcompile.attention import export_attention
+    from dtcompile.attention.router import export_attention
     from dtcompile.core.graph import ExportSpec, TensorSpec
     from dtcompile.export.onnx import export_onnx
 

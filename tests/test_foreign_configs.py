@@ -22,7 +22,7 @@ SHAPES = ["export.shapes.height={min: 32, opt: 32, max: 64}", "export.shapes.wid
 
 
 def foreign_flux_config() -> dict:
-    from dtcompile.models.flux import TINY_FLUX_CONFIG
+    from dtcompile.models.builtins.flux import TINY_FLUX_CONFIG
 
     cfg = copy.deepcopy(TINY_FLUX_CONFIG)
     cfg["text_encoder_2"].update(dropout_rate=0.1, d_kv=12, num_layers=1)  # T5-XXL's dropout, head size 12
@@ -36,7 +36,7 @@ def foreign_flux_config() -> dict:
 
 @pytest.fixture(scope="module")
 def foreign_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dtcompile.models.flux import build_tiny_flux
+    from dtcompile.models.builtins.flux import build_tiny_flux
 
     out = tmp_path_factory.mktemp("foreign") / "ckpt"
     build_tiny_flux(0, foreign_flux_config()).save_pretrained(out, safe_serialization=True)

@@ -64,7 +64,7 @@ class EngineInfo:
     refittable: bool
     strongly_typed: bool
     opt_level: int
-    plugins: tuple[dict[str, str], ...] = ()  # plugin records (dtcompile.attention.register_build_plugins)
+    plugins: tuple[dict[str, str], ...] = ()  # plugin records (dtcompile.attention.plugin.register_build_plugins)
 
     def to_manifest(self, artifact_dir: Path) -> dict[str, Any]:
         """The manifest entry: file relative to ``artifact_dir`` and every field that describes the engine.
@@ -287,7 +287,7 @@ def engine_from_onnx(
     log.info("build %s: %s for %s with %s %s", out_path.name, onnx_path, arch, flavour, trt.__version__)
     t0 = time.perf_counter()
 
-    from dtcompile.attention import register_build_plugins
+    from dtcompile.attention.plugin import register_build_plugins
 
     # dtc-domain nodes (export.attention: plugin) need their creator registered before parsing
     plugins = tuple(register_build_plugins(trt, flavour, onnx_path))

@@ -1,7 +1,8 @@
 """Built-in models: pipelines dtcompile generates offline (seeded, no hub), cached under ``$DTC_CACHE_DIR``.
 
-Each family module lists its own in a ``BUILTINS`` dict of ``BuiltinModel``; ``builtins()`` collects them
-across the registered families (``dtcompile.models.ADAPTERS``). Importing this module loads no torch.
+Each family lists its own in a ``BUILTINS`` dict of ``BuiltinModel`` in ``dtcompile/models/builtins/<family
+module>.py`` (beside the adapter, not inside it); ``builtins()`` collects them across the registered families
+(``dtcompile.models.ADAPTERS``). Importing this module loads no torch.
 """
 
 from __future__ import annotations
@@ -71,13 +72,16 @@ def seeded_components(seed: int, **makers: Callable[[], Any] | None) -> dict[str
 def builtins() -> dict[str, BuiltinModel]:
     """Every built-in model of every registered family, by name."""
     import importlib
+    import importlib.util
 
     from dtcompile.models import ADAPTERS
 
     out: dict[str, BuiltinModel] = {}
     for family in ADAPTERS.names():
-        module = importlib.import_module(ADAPTERS.path(family).partition(":")[0])
-        out.update(getattr(module, "BUILTINS", {}))
+        # dtcompile.models.flux:FluxAdapter -> dtcompile.models.builtins.flux (a family may have no built-ins)
+        name = "dtcompile.models.builtins." + ADAPTERS.path(family).partition(":")[0].rpartition(".")[2]
+        if importlib.util.find_spec(name) is not None:
+            out.update(getattr(importlib.import_module(name), "BUILTINS", {}))
     return out
 
 

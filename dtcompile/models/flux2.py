@@ -6,7 +6,7 @@ feature axis (``joint_attention_dim`` = 3 x the encoder width), with no pooled p
 four axes (time, row, column, layer) and the pipeline passes them batched, ``(batch, tokens, 4)``; the
 transformer reads the first row. Guidance is distilled into the model (``guidance_embeds``): no negative prompt.
 
-The tiny built-in's tokenizer is a Mistral-style chat tokenizer built in code (``tiny_text``); FLUX.2-dev's
+The tiny built-in (``dtcompile.models.builtins.flux2``)'s tokenizer is a Mistral-style chat tokenizer built in code (``tiny_text``); FLUX.2-dev's
 own is a ``PixtralProcessor``, which transformers loads only with torchvision installed.
 
 Importing this module loads no torch, diffusers or transformers.
@@ -17,121 +17,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from dtcompile.core.errors import RecipeError, UnsupportedError
-from dtcompile.models.builtin import BuiltinModel, by_name, seeded_components
 from dtcompile.models.components import AuxGraph
 from dtcompile.models.examples import ExampleSampler
-from dtcompile.models.flux import _TINY_WORDS, FLUX_DEV_SCHEDULER, FluxAdapter
-from dtcompile.models.tiny_text import MISTRAL_TOKENIZER_CODE, build_tiny_mistral_tokenizer
+from dtcompile.models.flux import FluxAdapter
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import torch
-
-# Bump when build_tiny_flux2 changes what it writes: it is part of the built-in cache key.
-TINY_FLUX2_VERSION = 1
-
-# FLUX.2-dev's layout scaled down: head_dim 16 and widths multiples of 16 (fp8/int8/nvfp4 alignment). The text
-# encoder has 30 layers because Flux2Pipeline stacks hidden states 10, 20 and 30 (``text_encoder_out_layers``).
-TINY_FLUX2_CONFIG: dict[str, Any] = {
-    "transformer": {
-        "patch_size": 1,
-        "in_channels": 16,  # 4 VAE latent channels x 2x2 patch
-        "out_channels": None,
-        "num_layers": 2,
-        "num_single_layers": 2,
-        "attention_head_dim": 16,
-        "num_attention_heads": 4,
-        "joint_attention_dim": 96,  # 3 stacked layers x the text encoder's hidden_size
-        "timestep_guidance_channels": 32,
-        "mlp_ratio": 3.0,
-        "axes_dims_rope": [4, 4, 4, 4],  # sums to attention_head_dim
-        "rope_theta": 2000,
-        "guidance_embeds": True,
-    },
-    "vae": {  # AutoencoderKLFlux2: latents are 2x2-patchified and batch-normalised by the pipeline
-        "block_out_channels": [16, 32],  # vae_scale_factor 2: sizes must divide by 4
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        "layers_per_block": 1,
-        "latent_channels": 4,
-        "norm_num_groups": 8,
-        "sample_size": 32,
-    },
-    "text_encoder": {  # Mistral3Config: text_config (MistralConfig) and a tiny Pixtral vision tower
-        "text_config": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 30,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 8,
-            "max_position_embeddings": 1024,
-        },
-        "vision_config": {
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "head_dim": 8,
-            "patch_size": 4,
-            "image_size": 32,
-        },
-        "spatial_merge_size": 1,
-        "vision_feature_layer": -1,
-    },
-    "scheduler": {**FLUX_DEV_SCHEDULER, "time_shift_type": "exponential"},  # FLUX.2-dev's
-    "tokenizer_words": list(_TINY_WORDS),
-    "tokenizer_max_length": 512,
-}
-
-
-def build_tiny_flux2(seed: int = 0, config: dict[str, Any] = TINY_FLUX2_CONFIG) -> Any:
-    """A randomly initialised ``Flux2Pipeline`` from ``config``; the same seed gives the same weights (each
-    component from its own seed inside a forked RNG, as ``flux.build_tiny_flux``)."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
-
-    tokenizer = build_tiny_mistral_tokenizer(config["tokenizer_words"], config["tokenizer_max_length"])
-    te = config["text_encoder"]
-    text_config = MistralConfig(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **te["text_config"],
-    )
-    mistral_config = Mistral3Config(
-        text_config=text_config,
-        vision_config=PixtralVisionConfig(**te["vision_config"]),
-        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
-        spatial_merge_size=te["spatial_merge_size"],
-        vision_feature_layer=te["vision_feature_layer"],
-    )
-    transformer_config = dict(config["transformer"], axes_dims_rope=tuple(config["transformer"]["axes_dims_rope"]))
-    vae_config = {k: tuple(v) if isinstance(v, list) else v for k, v in config["vae"].items()}
-
-    modules = seeded_components(
-        seed,
-        transformer=lambda: Flux2Transformer2DModel(**transformer_config),
-        vae=lambda: AutoencoderKLFlux2(**vae_config),
-        text_encoder=lambda: Mistral3ForConditionalGeneration(mistral_config),
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
-    return Flux2Pipeline(scheduler=scheduler, tokenizer=tokenizer, **modules)
-
-
-BUILTINS = by_name(
-    BuiltinModel(
-        "tiny-flux2",
-        "flux2",
-        "random-weight FLUX.2-dev lookalike (2+2 blocks, width 64, 30-layer tiny Mistral-3, ~4 MB) for offline tests",
-        build_tiny_flux2,
-        TINY_FLUX2_CONFIG,
-        TINY_FLUX2_VERSION,
-        MISTRAL_TOKENIZER_CODE,
-    )
-)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,4 +125,4 @@ class Flux2Adapter(FluxAdapter):
         }
 
 
-__all__ = ["BUILTINS", "GRAPH_INPUTS", "Flux2Adapter", "build_tiny_flux2"]
+__all__ = ["GRAPH_INPUTS", "Flux2Adapter"]

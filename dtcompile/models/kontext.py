@@ -18,40 +18,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes
 from dtcompile.models.base import GenerationRequest
-from dtcompile.models.builtin import BuiltinModel, by_name
 from dtcompile.models.flux import (
-    TINY_FLUX_CONFIG,
     FluxAdapter,
-    build_tiny_flux,
     img_tokens,
     latent_image_ids,
 )
-from dtcompile.models.tiny_text import TOKENIZER_CODE
 
 if TYPE_CHECKING:
     import torch
-
-TINY_KONTEXT_VERSION = 1
-
-
-def build_tiny_kontext(seed: int = 0, config: dict[str, Any] = TINY_FLUX_CONFIG) -> Any:
-    """tiny-flux's components as a ``FluxKontextPipeline`` (same seeds, same weights)."""
-    from diffusers import FluxKontextPipeline
-
-    return FluxKontextPipeline(**build_tiny_flux(seed, config).components)
-
-
-BUILTINS = by_name(
-    BuiltinModel(
-        "tiny-flux-kontext",
-        "flux-kontext",
-        "tiny-flux's weights as a FluxKontextPipeline (reference-image editing) for offline tests",
-        build_tiny_kontext,
-        TINY_FLUX_CONFIG,
-        TINY_KONTEXT_VERSION,
-        (*TOKENIZER_CODE, build_tiny_flux),
-    )
-)
 
 
 def reference_ids(height: int, width: int, vae_scale_factor: int, device: Any = None) -> torch.Tensor:
@@ -141,4 +115,4 @@ class KontextAdapter(FluxAdapter):
                 arguments["image"] = ref.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
 
 
-__all__ = ["BUILTINS", "KontextAdapter", "build_tiny_kontext", "synthetic_reference"]
+__all__ = ["KontextAdapter", "synthetic_reference"]

@@ -31,144 +31,14 @@ from dtcompile.models.base import (
     attention_dims,
     check_size_multiple,
 )
-from dtcompile.models.builtin import BuiltinModel, by_name, seeded_components
 from dtcompile.models.examples import ExampleSampler, model_config
-from dtcompile.models.tiny_text import TOKENIZER_CODE, build_tiny_tokenizers, text_config, tiny_t5
 
 if TYPE_CHECKING:
     import torch
 
     from dtcompile.models.components import AuxGraph
 
-TINY_WAN_VERSION = 1
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline's default T5 length is 512 (its helper's 226 is not used by __call__)
-
-_TINY_WORDS: tuple[str, ...] = (
-    "a", "the", "of", "in", "on", "with", "and", "cat", "dog", "playing", "piano", "running", "beach", "city",
-    "night", "snow", "rain", "red", "blue", "slow", "motion", "video", "blurry", "static", "ugly", "camera",
-)  # fmt: skip
-
-# Wan2.1-T2V-1.3B's layout scaled down: patch (1, 2, 2), head_dim 16, UMT5 width 32, a 4x temporal / 8x spatial
-# causal VAE with 16 latent channels.
-TINY_WAN_CONFIG: dict[str, Any] = {
-    "transformer": {
-        "patch_size": [1, 2, 2],
-        "num_attention_heads": 2,
-        "attention_head_dim": 16,
-        "in_channels": 16,
-        "out_channels": 16,
-        "text_dim": 32,
-        "freq_dim": 32,
-        "ffn_dim": 64,
-        "num_layers": 2,
-        "cross_attn_norm": True,
-        "qk_norm": "rms_norm_across_heads",
-        "eps": 1e-6,
-        "rope_max_seq_len": 64,
-    },
-    "vae": {
-        "base_dim": 8,
-        "z_dim": 16,
-        "dim_mult": [1, 1, 1, 1],
-        "num_res_blocks": 1,
-        "temperal_downsample": [False, True, True],
-    },
-    "text_encoder": tiny_t5(32, relative_attention_max_distance=16),  # UMT5EncoderModel
-    "scheduler": {"shift": 3.0},
-    "tokenizer_words": list(_TINY_WORDS),
-    "tokenizer_max_length": 77,
-    "tokenizer_2_max_length": MAX_SEQUENCE_LENGTH,
-}
-#: Wan2.2 A14B's layout: the same expert twice (separately seeded), switched at ``boundary_ratio``.
-TINY_WAN22_CONFIG: dict[str, Any] = {
-    **TINY_WAN_CONFIG,
-    "transformer_2": TINY_WAN_CONFIG["transformer"],
-    "boundary_ratio": 0.875,
-}
-
-
-#: Wan2.1-T2V-1.3B's transformer widths (Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json) minus the depth.
-WAN21_1_3B_WIDTHS: dict[str, Any] = {
-    "patch_size": [1, 2, 2],
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
-
-
-def realwidth_wan_config(blocks: int) -> dict[str, Any]:
-    """Wan2.1-1.3B's transformer at its real widths with ``blocks`` of its 30 blocks, around a tiny UMT5 whose
-    output width is the real 4096 and the tiny 4x/8x VAE (real token counts, little else)."""
-    return {
-        **TINY_WAN_CONFIG,
-        "transformer": {**WAN21_1_3B_WIDTHS, "num_layers": blocks},
-        "text_encoder": {
-            **TINY_WAN_CONFIG["text_encoder"],
-            "d_model": 4096,
-            "d_kv": 64,
-            "d_ff": 512,
-            "num_heads": 8,
-            "num_layers": 1,
-        },  # fmt: skip
-    }
-
-
-def build_tiny_wan(seed: int = 0, config: dict[str, Any] = TINY_WAN_CONFIG) -> Any:
-    """A randomly initialised ``WanPipeline`` from ``config`` (two experts when it has ``boundary_ratio``)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    _, tokenizer = build_tiny_tokenizers(config)  # a T5-style Unigram tokenizer (UMT5's kind)
-    umt5_config = text_config(UMT5Config, tokenizer, **config["text_encoder"])
-
-    def expert(name: str) -> Callable[[], Any]:
-        cfg = config[name]
-        return lambda: WanTransformer3DModel(**dict(cfg, patch_size=tuple(cfg["patch_size"])))
-
-    modules = seeded_components(
-        seed,
-        transformer=expert("transformer"),
-        vae=lambda: AutoencoderKLWan(**config["vae"]),
-        text_encoder=lambda: UMT5EncoderModel(umt5_config),
-        transformer_2=expert("transformer_2") if config.get("boundary_ratio") is not None else None,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
-    return WanPipeline(tokenizer=tokenizer, scheduler=scheduler, boundary_ratio=config.get("boundary_ratio"), **modules)
-
-
-def _builtin(name: str, description: str, config: dict[str, Any]) -> BuiltinModel:
-    experts = ("transformer", "transformer_2") if config.get("boundary_ratio") is not None else ()
-    return BuiltinModel(name, "wan", description, build_tiny_wan, config, TINY_WAN_VERSION, TOKENIZER_CODE, experts)
-
-
-BUILTINS = by_name(
-    _builtin(
-        "tiny-wan21",
-        "random-weight Wan2.1 T2V lookalike (2 blocks, width 32) for offline tests",
-        TINY_WAN_CONFIG,
-    ),
-    _builtin(
-        "tiny-wan22",
-        "random-weight Wan2.2 T2V A14B lookalike: two experts switched at boundary 0.875",
-        TINY_WAN22_CONFIG,
-    ),
-    *(
-        _builtin(
-            f"wan21-realwidth-{n}",
-            f"random-weight Wan2.1-1.3B transformer at real widths, {n} of its 30 blocks, tiny encoders",
-            realwidth_wan_config(n),
-        )
-        for n in (1, 2)
-    ),
-)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,7 +35,10 @@ from dtcompile.core.errors import BuildError
 from dtcompile.core.numerics import FP8_E4M3_MAX, fp8_fake_quant
 from dtcompile.core.progress import measured
 from dtcompile.quant import get_format
-from dtcompile.quant.qdq import FP4_BLOCK_DQ_PLACEHOLDER, TRT_DOMAIN, QdqReport, standardize_file
+from dtcompile.quant.qdq.fp4 import FP4_BLOCK_DQ_PLACEHOLDER
+from dtcompile.quant.qdq.graph import TRT_DOMAIN
+from dtcompile.quant.qdq.report import QdqReport
+from dtcompile.quant.qdq.standardize import standardize_file
 
 if TYPE_CHECKING:
     import torch
@@ -277,7 +280,7 @@ def int8_graph_scale(amax: torch.Tensor, dtype: torch.dtype, maxbound: int = 127
 @contextlib.contextmanager
 def float32_compute(module: torch.nn.Module, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
     """The fake-quant ``module`` (a ``dtype`` model) computes in float32 for the duration, as the float32 copy
-    of its exported graph does (``qdq.float32_copy``), for a parity check at one precision; yields ``module``.
+    of its exported graph does (``qdq.reference.float32_copy``), for a parity check at one precision; yields ``module``.
 
     Its weights are the ``dtype`` weights, exactly. Only the constants the export rounds to ``dtype`` differ
     from a plain ``.float()``: every fp8 and int8 quantizer's amax is set so that its fake quantization uses
@@ -454,7 +457,7 @@ def _fp4_block_dq_placeholder() -> Iterator[None]:
     """Make ModelOpt's NVFP4 symbolic write a placeholder for its block-scaled DequantizeLinear.
 
     The real op needs opset 21+ (``block_size``), which neither the TorchScript exporter nor the ONNX checker
-    at the export's opset accepts; ``qdq.standardize_qdq`` turns the placeholder into it.
+    at the export's opset accepts; ``qdq.standardize.standardize_qdq`` turns the placeholder into it.
     """
     from modelopt.torch.quantization import export_onnx as mo_export
 
@@ -503,7 +506,7 @@ def export_quantized(
 
     from dtcompile.export.onnx import export_onnx
     from dtcompile.quant.nvfp4 import cpu_fake_quant
-    from dtcompile.quant.qdq import count_fp8_attention
+    from dtcompile.quant.qdq.report import count_fp8_attention
 
     fmt = get_format(quant_format)  # unknown names fail before the slow export
     with contextlib.ExitStack() as stack:

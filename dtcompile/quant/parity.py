@@ -103,11 +103,11 @@ class ParityResult:
 def runnable_graph(onnx_path: Path, dtype: str, scratch: Path) -> tuple[Path, list[str]]:
     """The graph onnxruntime checks and what was changed for it: ``onnx_path`` itself, or a copy in
     ``scratch`` where TensorRT's FP4 custom ops are replaced by standard ops computing the same NVFP4
-    definition (``qdq.fp4_reference_graph``) and a 16-bit graph computes in float32 (``qdq.float32_copy``),
-    written one weight at a time (``qdq.onnxruntime_copy``)."""
+    definition (``qdq.reference.fp4_reference_graph``) and a 16-bit graph computes in float32 (``qdq.reference.float32_copy``),
+    written one weight at a time (``qdq.reference.onnxruntime_copy``)."""
     import onnx
 
-    from dtcompile.quant.qdq import onnxruntime_copy
+    from dtcompile.quant.qdq.reference import onnxruntime_copy
 
     header = onnx.load(str(onnx_path), load_external_data=False)
     custom = sorted({f"{n.domain}::{n.op_type}" for n in header.graph.node if n.domain not in ("", "ai.onnx")})

@@ -87,8 +87,8 @@ class ExportSpecModel(_Strict):
 
     ``attention``: how attention reaches the graph. ``native``: the ONNX ``Attention`` op (needs opset 23),
     which TensorRT maps to its fused attention layer; ``plugin``: a ``dtc::FusedAttention`` node served by the
-    plugin in plugins/fused_attention; ``decomposed``: MatMul-Softmax-MatMul; ``auto``: native where every
-    backend, arch and dtype of the recipe supports it, else decomposed (the choice is logged and recorded).
+    plugin in dtcompile/plugins/fused_attention; ``decomposed``: MatMul-Softmax-MatMul; ``auto``: native where
+    every backend, arch and dtype of the recipe supports it, else decomposed (the choice is logged and recorded).
     """
 
     opset: int = Field(default=19, ge=17, le=23)

@@ -31,7 +31,7 @@ from dtcompile.recipe.cache import Segment, plan_segments, summarize_blocks
 if TYPE_CHECKING:
     import torch
 
-    from dtcompile.attention import AttentionChoice
+    from dtcompile.attention.modes import AttentionChoice
     from dtcompile.models.base import CacheLayout
     from dtcompile.recipe import Recipe
     from dtcompile.stages.export import ExportedComponent
@@ -310,7 +310,7 @@ def export_parts(
         VerificationError: onnxruntime differs from torch beyond the dtype's tolerance for a part or the chain.
     """
 
-    from dtcompile.attention import export_attention
+    from dtcompile.attention.router import export_attention
     from dtcompile.core.dtypes import torch_dtype
     from dtcompile.core.metrics import rel_l2
     from dtcompile.core.progress import progress

@@ -1,7 +1,7 @@
 """Export stage: a loaded pipeline's component in, its ONNX graph, parity record and pipeline files out.
 
 Input: a ``LoadedPipeline``, the recipe, the artifact folder, the attention mode the caller resolved
-(``dtcompile.attention.resolve_attention``) and, for quantized builds, the quantize stage's output. Output: an
+(``dtcompile.attention.modes.resolve_attention``) and, for quantized builds, the quantize stage's output. Output: an
 ``ExportedComponent`` (graph path, TensorRT shape profile, manifest entry). The graph itself is written by the
 library exporter ``dtcompile.export.onnx.export_onnx`` with the upstream patches the model adapter selects
 (``export_patches()``).
@@ -24,7 +24,7 @@ from dtcompile.export.onnx import export_onnx
 from dtcompile.stages.shapes import shapes_from_recipe
 
 if TYPE_CHECKING:
-    from dtcompile.attention import AttentionChoice
+    from dtcompile.attention.modes import AttentionChoice
     from dtcompile.recipe import Recipe
     from dtcompile.recipe.schema import ComponentSpec
     from dtcompile.stages.load import LoadedPipeline
@@ -98,7 +98,7 @@ def export_component(
     standard Q/DQ and checked against the fake-quant torch model over its held-out trace (``parity_report``)
     instead.
     """
-    from dtcompile.attention import export_attention
+    from dtcompile.attention.router import export_attention
     from dtcompile.core.dtypes import torch_dtype
     from dtcompile.models.base import component_view
 

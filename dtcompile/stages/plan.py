@@ -18,7 +18,7 @@ from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.targets import REFERENCE_BACKEND, TRT_ARCHS
 
 if TYPE_CHECKING:
-    from dtcompile.attention import AttentionChoice
+    from dtcompile.attention.modes import AttentionChoice
     from dtcompile.models.base import ModelAdapter
     from dtcompile.recipe import Recipe
     from dtcompile.recipe.cache import CacheSpec
@@ -85,7 +85,7 @@ class Plan:
 
 def make_plan(recipe: Recipe, recipe_path: str | Path | None = None) -> Plan:
     """Dry run: validate source, backends, dtype, arches, quant, cache, LoRA files and attention; load nothing."""
-    from dtcompile.attention import resolve_attention
+    from dtcompile.attention.modes import resolve_attention
     from dtcompile.stages.load import resolve_source
 
     base_dir = Path(recipe_path).resolve().parent if recipe_path else None

@@ -16,7 +16,8 @@ from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import Range, Shapes
 from dtcompile.models import ADAPTERS, adapter_for_pipeline_class
 from dtcompile.models.builtin import builtin_model_path
-from dtcompile.models.flux import BUILTINS, FluxAdapter, img_tokens, validate_image_size
+from dtcompile.models.builtins.flux import BUILTINS
+from dtcompile.models.flux import FluxAdapter, img_tokens, validate_image_size
 
 PROMPTS = ["a photo of a cat", "a painting of a dog", "A red car at night, cinematic lighting!", "zebra 42"]
 
@@ -190,7 +191,7 @@ def test_round_trip_loads_real_classes_and_runs(pipe: Any, tiny_dir: Path) -> No
 
 
 def test_tokenizers_round_trip(pipe: Any) -> None:
-    from dtcompile.models.flux import TINY_FLUX_CONFIG
+    from dtcompile.models.builtins.flux import TINY_FLUX_CONFIG
     from dtcompile.models.tiny_text import build_tiny_tokenizers
 
     built = build_tiny_tokenizers(TINY_FLUX_CONFIG)

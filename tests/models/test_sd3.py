@@ -122,7 +122,7 @@ def test_skip_layer_guidance_is_refused_not_ignored(sd3_artifact: Path) -> None:
 
 
 def test_tiny_sd3_has_sd35_medium_dual_attention_and_qk_norm() -> None:
-    from dtcompile.models.sd3 import TINY_SD3_CONFIG
+    from dtcompile.models.builtins.sd3 import TINY_SD3_CONFIG
 
     assert TINY_SD3_CONFIG["transformer"]["dual_attention_layers"] and TINY_SD3_CONFIG["transformer"]["qk_norm"]
 

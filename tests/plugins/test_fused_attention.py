@@ -1,4 +1,4 @@
-"""plugins/fused_attention: the Triton kernel (under Triton's CPU interpreter) against PyTorch SDPA, the reference,
+"""dtcompile/plugins/fused_attention: the Triton kernel (under Triton's CPU interpreter) against PyTorch SDPA, the reference,
 the torch custom op and its ONNX node, the AOT build, and the TensorRT plugin classes."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 if importlib.util.find_spec("triton") is None:  # not imported here: see _RUNNER
     pytest.skip("the kernel tests need triton (pip install 'dtcompile[plugin]')", allow_module_level=True)
 
-from dtcompile.attention import load_plugin  # noqa: E402
+from dtcompile.attention.plugin import load_plugin  # noqa: E402
 from dtcompile.core.metrics import rel_l2  # noqa: E402
 
 
@@ -55,7 +55,7 @@ CASES = [
 # (imported by other tests) imports it.
 _RUNNER = """
 import json, sys, torch
-from dtcompile.attention import load_plugin
+from dtcompile.attention.plugin import load_plugin
 from dtcompile.core.metrics import rel_l2
 plugin = load_plugin()
 out = {}
@@ -154,7 +154,7 @@ def test_torch_op_cpu_reference_and_fake(plugin, monkeypatch) -> None:
 def test_torch_op_exports_one_plugin_node(plugin, tmp_path) -> None:
     import onnx
 
-    from dtcompile.attention import _plugin_symbolic
+    from dtcompile.attention.router import _plugin_symbolic
 
     class M(torch.nn.Module):
         def forward(self, q, k, v):

@@ -16,7 +16,8 @@ pytest.importorskip("onnxruntime")
 
 from dtcompile.core.errors import BuildError  # noqa: E402
 from dtcompile.core.graph import Range, Shapes  # noqa: E402
-from dtcompile.models.flux import TINY_FLUX_CONFIG, FluxAdapter, build_tiny_flux  # noqa: E402
+from dtcompile.models.builtins.flux import TINY_FLUX_CONFIG, build_tiny_flux  # noqa: E402
+from dtcompile.models.flux import FluxAdapter  # noqa: E402
 from dtcompile.quant import accuracy as acc  # noqa: E402
 from dtcompile.quant import calibration as cal  # noqa: E402
 from dtcompile.quant import get_format  # noqa: E402

@@ -16,15 +16,9 @@ from onnx import helper as h  # noqa: E402
 from onnx import numpy_helper as nh  # noqa: E402
 
 from dtcompile.quant.nvfp4 import nvfp4_fake_quant  # noqa: E402
-from dtcompile.quant.qdq import (  # noqa: E402
-    FP4_BLOCK_DQ_PLACEHOLDER,
-    decode_nvfp4,
-    float32_copy,
-    fp4_reference_graph,
-    nvfp4_pack,
-    standardize_file,
-    standardize_qdq,
-)
+from dtcompile.quant.qdq.fp4 import FP4_BLOCK_DQ_PLACEHOLDER, decode_nvfp4, nvfp4_pack  # noqa: E402
+from dtcompile.quant.qdq.reference import float32_copy, fp4_reference_graph  # noqa: E402
+from dtcompile.quant.qdq.standardize import standardize_file, standardize_qdq  # noqa: E402
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((3, 32)).astype(np.float32)
@@ -122,11 +116,11 @@ def test_int8_weights_fold_and_keep_their_channel_axis() -> None:
 
 
 def test_nvfp4_weights_packed_in_chunks_are_packed_as_a_whole(monkeypatch: Any) -> None:
-    from dtcompile.quant import qdq
+    from dtcompile.quant.qdq import graph
 
     w = (RNG.standard_normal((37, 32)) * 3).astype(np.float32)
     whole = nvfp4_pack(w, 16)
-    monkeypatch.setattr(qdq, "_CHUNK_ELEMENTS", 100)  # 3 rows at a time, the last block short
+    monkeypatch.setattr(graph, "CHUNK_ELEMENTS", 100)  # 3 rows at a time, the last block short
     for got, expected in zip(nvfp4_pack(w, 16), whole, strict=True):
         np.testing.assert_array_equal(got, expected)
     ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -290,14 +284,14 @@ def test_external_data_graph_is_rewritten_like_the_in_memory_one(tmp_path: Any, 
 @pytest.mark.parametrize(("qdtype", "axis"), [("float8_e4m3fn", None), ("int8", None), ("int8", 0), ("int8", 1)])
 def test_weights_quantized_in_chunks_are_quantized_as_a_whole(monkeypatch: Any, qdtype: str, axis: Any) -> None:
     from dtcompile.core.numerics import quantize_with_scale
-    from dtcompile.quant import qdq
+    from dtcompile.quant.qdq import graph, weights
 
     w = (RNG.standard_normal((37, 24)) * 3).astype(np.float32)
     scale = (np.abs(w).max(axis=1 - axis) / 127).astype(np.float32) if axis is not None else np.float32(0.01)
     whole = quantize_with_scale(torch.from_numpy(w), torch.from_numpy(np.asarray(scale)), qdtype, axis)
     whole = whole.view(torch.uint8) if qdtype == "float8_e4m3fn" else whole
-    monkeypatch.setattr(qdq, "_CHUNK_ELEMENTS", 100)  # 4 rows at a time, the last block short
-    got = qdq._quantize_in_chunks(w, np.asarray(scale), qdtype, axis)
+    monkeypatch.setattr(graph, "CHUNK_ELEMENTS", 100)  # 4 rows at a time, the last block short
+    got = weights._quantize_in_chunks(w, np.asarray(scale), qdtype, axis)
     np.testing.assert_array_equal(got, whole.numpy())
 
 
@@ -373,8 +367,8 @@ def _nodes(m: onnx.ModelProto) -> list[tuple[Any, ...]]:
 def test_runnable_graph_of_a_bfloat16_graph_streams_like_the_in_memory_copy(tmp_path: Any, fmt: str) -> None:
     from onnx.external_data_helper import ExternalDataInfo, convert_model_to_external_data
 
-    from dtcompile.quant import qdq
     from dtcompile.quant.parity import runnable_graph
+    from dtcompile.quant.qdq.external import all_tensors
 
     m = _bf16_graph_for(fmt)
     expected = float32_copy(fp4_reference_graph(m) if fmt == "nvfp4" else m)  # in memory, as before
@@ -389,7 +383,7 @@ def test_runnable_graph_of_a_bfloat16_graph_streams_like_the_in_memory_copy(tmp_
     assert path == scratch / "reference.onnx" and notes[-1].startswith("bfloat16 computed in float32")
     assert sorted(p.name for p in scratch.iterdir()) == ["reference.onnx", "reference.onnx.data"]
     header = onnx.load(str(path), load_external_data=False)
-    external = {t.name: ExternalDataInfo(t) for t, _ in qdq._all_tensors(header.graph) if t.data_location == T.EXTERNAL}
+    external = {t.name: ExternalDataInfo(t) for t, _ in all_tensors(header.graph) if t.data_location == T.EXTERNAL}
     assert {e.location for e in external.values()} == {"reference.onnx.data"}  # one data file, relative
     assert "w2" in external  # the widened Constant, written to the new file
     assert {"fp8": "W_fp8", "int8": "W_int8", "nvfp4": "wd_f32"}[fmt] in external  # copied over, or decoded

@@ -17,7 +17,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("modelopt")
 
 from dtcompile.core.errors import RecipeError, UnsupportedError  # noqa: E402
-from dtcompile.models.flux import FluxAdapter, build_tiny_flux  # noqa: E402
+from dtcompile.models.builtins.flux import build_tiny_flux  # noqa: E402
+from dtcompile.models.flux import FluxAdapter  # noqa: E402
 from dtcompile.quant import accuracy as acc  # noqa: E402
 from dtcompile.quant import calibration as cal  # noqa: E402
 from dtcompile.recipe.quant import parse_quant_spec  # noqa: E402

@@ -92,7 +92,7 @@ def test_realwidth_builtin_has_flux_dev_widths() -> None:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from dtcompile.models.flux import BUILTINS, REALWIDTH_FLUX_CONFIG
+    from dtcompile.models.builtins.flux import BUILTINS, REALWIDTH_FLUX_CONFIG
 
     cfg = REALWIDTH_FLUX_CONFIG
     t = cfg["transformer"]

@@ -9,7 +9,7 @@ TensorRT's device buffers as torch tensors (``__cuda_array_interface__``) and la
 stream. Building needs no GPU work from the plugin (it reports shapes and formats only); running needs CUDA
 torch and triton in the process.
 
-TensorRT-RTX cannot use this plugin: see ``dtcompile.attention.RTX_PLUGIN_REASON``.
+TensorRT-RTX cannot use this plugin: see ``dtcompile.attention.modes.RTX_PLUGIN_REASON``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ def _as_tensor(ptr: int, dims: Any, dtype: str) -> Any:
 @functools.cache
 def plugin_classes(trt: Any) -> tuple[type, type]:
     """(plugin class, creator class) bound to the TensorRT module ``trt``."""
+    plugin_cls = _plugin_class(trt)
+    return plugin_cls, _creator_class(trt, plugin_cls)
+
+
+def _plugin_class(trt: Any) -> type:
+    """The IPluginV3 class bound to ``trt`` (one function per class keeps each under the complexity bound)."""
     import numpy as np
 
     type_names = {trt.DataType.HALF: "float16", trt.DataType.BF16: "bfloat16"}
@@ -118,6 +124,13 @@ def plugin_classes(trt: Any) -> tuple[type, type]:
             twin.__dict__.update(self.__dict__)
             return twin
 
+    return FusedAttentionPlugin
+
+
+def _creator_class(trt: Any, plugin_cls: type) -> type:
+    """The IPluginCreatorV3One class bound to ``trt``, creating ``plugin_cls`` instances."""
+    import numpy as np
+
     class FusedAttentionCreator(trt.IPluginCreatorV3One):
         def __init__(self) -> None:
             trt.IPluginCreatorV3One.__init__(self)
@@ -133,9 +146,9 @@ def plugin_classes(trt: Any) -> tuple[type, type]:
             for field in fc:
                 if field.name == "scale":
                     scale = float(np.asarray(field.data).ravel()[0])
-            return FusedAttentionPlugin(scale, phase)
+            return plugin_cls(scale, phase)
 
-    return FusedAttentionPlugin, FusedAttentionCreator
+    return FusedAttentionCreator
 
 
 _CREATORS: dict[int, Any] = {}  # id(trt module) -> creator (kept alive: the registry holds a borrowed pointer)

@@ -11,8 +11,8 @@ Layout of this folder (each file states its own input and output):
 - ``trt_plugin.py``: the TensorRT IPluginV3 (Python) that serves ``dtc::FusedAttention`` nodes in datacenter
   TensorRT builds.
 
-dtcompile loads this folder with ``dtcompile.attention.load_plugin()`` (it is not part of the installed
-package); importing it loads neither torch nor triton nor TensorRT.
+``dtcompile.attention.plugin.load_plugin()`` imports this subpackage with its submodules, shipped in the wheel;
+importing it loads neither torch nor triton nor TensorRT.
 """
 
 from __future__ import annotations
@@ -52,6 +52,6 @@ def plugin_record() -> dict[str, str]:
         "version": VERSION,
         "onnx_op": f"{ONNX_DOMAIN}::{NAME}",
         "kind": "python IPluginV3 + Triton kernel",
-        "source": "plugins/fused_attention",
+        "source": "dtcompile/plugins/fused_attention",
         "sha256": source_sha256(),
     }

@@ -4,7 +4,7 @@ Input: GPU arches (``sm_89``), dtypes and head dims. Output: ``<out>/<arch>/fuse
 plus ``<out>/kernels.json`` listing each file with its sha256, entry name, shared memory and warp count.
 Triton compiles for a target it is told about (``GPUTarget``), so this runs on a machine without a GPU.
 
-    python plugins/fused_attention/build.py --arch sm_89 sm_120 --out build/fused_attention
+    python -m dtcompile.plugins.fused_attention.build --arch sm_89 sm_120 --out build/fused_attention
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the package importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from fused_attention import kernel  # type: ignore[no-redef]
-else:
-    from . import kernel
+if __package__ in (None, ""):  # run as a script (python dtcompile/plugins/fused_attention/build.py): find dtcompile
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from dtcompile.plugins.fused_attention import kernel  # noqa: E402 - after the script-mode path fix
 
 _TRITON_TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 
