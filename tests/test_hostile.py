@@ -5,7 +5,6 @@ Every test makes its hostile input itself from a copy of the session's tiny arti
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import pytest
 
 from dtcompile.core.digests import sha256_file
 from dtcompile.core.errors import ArtifactError, RecipeError
-from dtcompile.manifest import MANIFEST, read_manifest
+from dtcompile.manifest import read_manifest
+from tests.fixtures.artifacts import edit_manifest
 
 PROMPT = "a red fox in the snow"
 
@@ -42,13 +42,6 @@ def art(tiny_artifact: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "box" / "art"
     shutil.copytree(tiny_artifact, dst)
     return dst
-
-
-def edit_manifest(art: Path, edit) -> None:
-    path = art / MANIFEST
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
 
 
 # --- 1. paths from a manifest stay inside the artifact ------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 
 from dtcompile.core.digests import sha256_file
 from dtcompile.manifest import MANIFEST
+from tests.fixtures.artifacts import edit_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny-flux.yaml"
@@ -77,13 +78,6 @@ def art(ort_artifact: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "box" / "tiny-flux"
     shutil.copytree(ort_artifact, dst)
     return dst
-
-
-def edit_manifest(art: Path, edit) -> None:
-    path = art / MANIFEST
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
 
 
 # --- 2. --force replaces only an artifact folder -------------------------------------------------------------------
