@@ -322,8 +322,6 @@ class Session:
         module.trace = [] if trace else None
         for expert in experts:  # Wan2.2's low-noise expert records into the same list, in call order
             expert.trace = module.trace
-        if hasattr(module, "begin_run"):
-            module.begin_run(request.steps)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = pipe(**self.adapter.call_kwargs(request))

@@ -219,9 +219,7 @@ def _resident(out: dict[str, float | None]) -> Iterator[None]:
 def _run_once(c: Contender, adapter: ModelAdapter, request: GenerationRequest, record: bool) -> None:
     import torch
 
-    steps = request.steps
-    if hasattr(c.module, "begin_run"):  # block-cache modules count steps per run
-        c.module.begin_run(steps)
+    steps = request.steps  # a block-cache run begins in the pipeline's call (Session.prepare_call)
     cuda = _cuda(c.device)
     c.timer.reset()
     if cuda:

@@ -29,6 +29,7 @@ def timed_runs(
 
     if threads is not None:
         torch.set_num_threads(threads)
+    settings = dict(settings)
     session = Session(artifact, settings.pop("backend", "auto"), parallel=spec, threads=threads)
     session.load()
     steps: list[float] = []
