@@ -34,6 +34,7 @@ from pydantic import (
 from dtcompile.core.digests import sha256_file, sha256_json, sha256_text
 from dtcompile.core.errors import ArtifactError
 from dtcompile.core.files import PICKLE_SUFFIXES, cache_root, recover_swap, write_text_atomic
+from dtcompile.core.targets import REFERENCE_BACKEND
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -134,7 +135,7 @@ class EngineEntry(_Strict):
     def _file_matches_target(self) -> EngineEntry:
         # builds write `<backend>/<arch>/<component>.engine` (and onnxruntime runs the graph on any arch): an entry
         # whose labels disagree with its file had them edited (arch labels swapped between engines)
-        if self.backend == "onnxruntime":
+        if self.backend == REFERENCE_BACKEND:
             if self.arch != "any":
                 raise ValueError(f"an onnxruntime engine runs on arch 'any', not {self.arch!r}")
         elif not self.file.startswith(f"{self.backend}/{self.arch}/"):

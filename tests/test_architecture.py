@@ -87,3 +87,59 @@ def test_the_recipe_names_the_backends_of_the_targets_table() -> None:
 
     (item,) = typing.get_args(EngineSpec.model_fields["backends"].annotation)
     assert typing.get_args(item) == BACKENDS
+
+
+def _recipe_field(dotted: str) -> bool:
+    """``dotted`` is a field path of the recipe (``export.shapes.frames``)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from dtcompile.recipe import Recipe
+
+    model: object = Recipe
+    for name in dotted.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or name not in model.model_fields:
+            return False
+        hint = model.model_fields[name].annotation
+        models = [a for a in (hint, *typing.get_args(hint)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = models[0] if models else None
+    return True
+
+
+def _doc_name_exists(token: str, source: str) -> bool:
+    """A backticked name in docs/architecture.md: a file, a dotted module or attribute, or a class/constant."""
+    import importlib
+    import re
+
+    if re.fullmatch(r"[\w./-]+\.py|[\w.-]+/[\w./-]+", token):
+        return any((ROOT / base / token).exists() for base in ("", "dtcompile"))
+    packages = {p.stem for p in (ROOT / "dtcompile").iterdir()} | {"dtcompile"}
+    if re.fullmatch(r"[a-z_][\w]*(\.[\w]+)+", token) and token.split(".")[0] in packages:
+        parts = token.removeprefix("dtcompile.").split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj: object = importlib.import_module("dtcompile." + ".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for attr in parts[cut:]:
+                if not hasattr(obj, attr):
+                    return _recipe_field(token)
+                obj = getattr(obj, attr)
+            return True
+        return _recipe_field(token)
+    if re.fullmatch(r"[A-Z][A-Za-z0-9_]+", token):  # a class or constant, an environment variable, a lint rule
+        return re.search(rf"\b{token}\b", source) is not None
+    return True  # a value, a recipe field, an option or a command: checked by the tests of what it names
+
+
+def test_every_name_in_the_architecture_doc_exists() -> None:
+    """docs/architecture.md names files, modules, attributes and classes: each must exist in the code."""
+    import re
+
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    files = [*(ROOT / "dtcompile").rglob("*.py"), ROOT / "pyproject.toml"]
+    source = "\n".join(p.read_text() for p in files)
+    tokens = {t for t in re.findall(r"`([^`\s<>*]+)`", doc) if not t.startswith(("-", "$", "dtc"))}
+    missing = sorted(t for t in tokens if not _doc_name_exists(t.rstrip("()"), source))
+    assert not missing, f"docs/architecture.md names what the code does not have: {missing}"

@@ -501,12 +501,12 @@ def test_inspect_verify_refuses_an_edited_manifest(
 
 def _recipe_key(out_dir: Path) -> str:
     from dtcompile.recipe import load_recipe
-    from dtcompile.stages.load import locate_source
+    from dtcompile.stages.load import locate_files
     from dtcompile.stages.plan import make_plan
     from dtcompile.stages.runner import _artifact_key
 
     plan = make_plan(load_recipe(RECIPE, [f"output.dir={out_dir}"]))
-    return _artifact_key(plan, locate_source(plan.recipe.model))[0]
+    return _artifact_key(plan, locate_files(plan.recipe, plan.source))[0]
 
 
 def test_a_refit_that_drops_an_engine_gets_a_key_of_its_own(

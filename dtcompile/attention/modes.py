@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import UnsupportedError
+from dtcompile.core.targets import REFERENCE_BACKEND, RTX_BACKEND, TRT_BACKEND
 from dtcompile.core.versions import dist_version, version_tuple
 
 if TYPE_CHECKING:
@@ -77,13 +78,13 @@ def _native_blocker(backend: str, arch: str, dtype: str, opset: int) -> str | No
     """``mode_blocker`` for ``native`` (the ONNX ``Attention`` op)."""
     if opset < NATIVE_MIN_OPSET:
         return f"the ONNX Attention op needs opset >= {NATIVE_MIN_OPSET}, export.opset is {opset}"
-    if backend == "onnxruntime":
+    if backend == REFERENCE_BACKEND:
         return None
     if dtype == "float32":
         return TRT_FP32_REASON.format(backend=backend)
     if dtype == "bfloat16" and arch == "sm_75":
         return "Turing (sm_75) has no bfloat16 attention kernels; use dtype: float16"
-    if backend == "tensorrt":
+    if backend == TRT_BACKEND:
         version = dist_version("tensorrt")
         if version is not None and version_tuple(version) < TRT_NATIVE_MIN_VERSION:
             need = ".".join(map(str, TRT_NATIVE_MIN_VERSION))
@@ -98,12 +99,12 @@ def _plugin_blocker(backend: str, dtype: str, quantize_mha: bool) -> str | None:
             "the fused-attention plugin runs float16/bfloat16 only, and quant.quantize_mha asks for fp8 "
             "attention; use export.attention: native or decomposed, or set quant.quantize_mha: false"
         )
-    if backend == "onnxruntime":
+    if backend == REFERENCE_BACKEND:
         return (
             "onnxruntime has no kernel for the dtc::FusedAttention plugin node; drop onnxruntime from "
             "engine.backends or use export.attention: native or decomposed"
         )
-    if backend == "tensorrt-rtx":
+    if backend == RTX_BACKEND:
         return RTX_PLUGIN_REASON
     if dtype == "float32":
         return "the fused-attention plugin takes float16/bfloat16; set dtype: float16 or bfloat16"

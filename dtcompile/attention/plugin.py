@@ -14,6 +14,7 @@ from typing import Any
 
 from dtcompile.attention.modes import RTX_PLUGIN_REASON
 from dtcompile.core.errors import BuildError, UnsupportedError
+from dtcompile.core.targets import RTX_BACKEND
 
 
 def load_plugin() -> ModuleType:
@@ -54,7 +55,7 @@ def register_build_plugins(trt: Any, flavour: str, onnx_path: Path) -> list[dict
     unknown = [op for op in ops if op != known]
     if unknown:
         raise UnsupportedError(f"{onnx_path} has nodes {unknown} that no dtcompile plugin serves (known: {known})")
-    if flavour == "tensorrt-rtx":
+    if flavour == RTX_BACKEND:
         raise UnsupportedError(f"{onnx_path} needs the {known} plugin: {RTX_PLUGIN_REASON}")
     if not plugin.trt_plugin.register(trt):
         raise BuildError(f"{flavour} {trt.__version__} refused to register the {known} plugin creator")

@@ -33,7 +33,7 @@ from dtcompile.core.dtypes import FROM_TRT
 from dtcompile.core.errors import ArtifactError, BuildError, MissingDependencyError, UnsupportedError
 from dtcompile.core.files import write_atomic
 from dtcompile.core.graph import ShapeProfile, TensorSpec
-from dtcompile.core.targets import TRT_ARCHS, TRT_EXTRAS, TRT_MODULES, cc_name, gpu_arch
+from dtcompile.core.targets import RTX_BACKEND, TRT_ARCHS, TRT_BACKEND, TRT_EXTRAS, TRT_MODULES, cc_name, gpu_arch
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -122,7 +122,7 @@ def check_build_target(flavour: str, arch: str, *, refittable: bool = False, str
     archs = TRT_ARCHS[flavour]
     if arch not in archs:
         raise UnsupportedError(f"unknown arch '{arch}' for {flavour}; choose one of: {', '.join(archs)}")
-    if flavour == "tensorrt":
+    if flavour == TRT_BACKEND:
         device = gpu_arch()
         if device is None:
             raise UnsupportedError(
@@ -237,7 +237,7 @@ def _builder_config(trt: Any, builder: Any, arch: str, flavour: str, refittable:
     config.builder_optimization_level = opt_level
     if refittable:
         config.set_flag(trt.BuilderFlag.REFIT)
-    if flavour == "tensorrt-rtx":
+    if flavour == RTX_BACKEND:
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(trt.ComputeCapability, cc_name(arch)), 0)
     return config
@@ -283,7 +283,7 @@ def engine_from_onnx(
     trt = import_trt(flavour)
     trt_logger = _logger(flavour, trt)
     trt_logger.errors.clear()
-    is_rtx = flavour == "tensorrt-rtx"
+    is_rtx = flavour == RTX_BACKEND
     log.info("build %s: %s for %s with %s %s", out_path.name, onnx_path, arch, flavour, trt.__version__)
     t0 = time.perf_counter()
 

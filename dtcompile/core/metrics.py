@@ -7,9 +7,10 @@ from typing import Any
 
 
 def rel_l2(a: Any, b: Any) -> float:
-    """||a - b|| / ||b|| of two torch tensors, in float64."""
+    """||a - b|| / ||b|| of two torch tensors, in float64 (||a - b|| itself where b is all zeros)."""
     a, b = a.double().flatten(), b.double().flatten()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+    diff, ref = float((a - b).norm()), float(b.norm())
+    return diff / ref if ref > 0 else diff
 
 
 def rel_l1(a: Any, b: Any) -> float:
@@ -19,11 +20,13 @@ def rel_l1(a: Any, b: Any) -> float:
 
 
 def cosine(a: Any, b: Any) -> float:
-    """Cosine similarity of two torch tensors, flattened, in float64."""
-    import torch
-
+    """Cosine similarity of two torch tensors, flattened, in float64; where either is all zeros: 1.0 if both
+    are, else 0.0."""
     a, b = a.double().flatten(), b.double().flatten()
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    denom = float(a.norm() * b.norm())
+    if denom == 0:
+        return 1.0 if float((a - b).norm()) == 0 else 0.0
+    return float(a @ b) / denom
 
 
 #: The PSNR reports that go into JSON use for identical images (JSON has no infinity).

@@ -11,8 +11,10 @@ from dtcompile.core.versions import dist_version
 #: Every arch a recipe may name, oldest first.
 KNOWN_ARCHS: tuple[str, ...] = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120", "sm_121")
 #: Every backend a recipe may name; onnxruntime is the reference (any machine, arch "any").
-BACKENDS: tuple[str, ...] = ("onnxruntime", "tensorrt-rtx", "tensorrt")
 REFERENCE_BACKEND = "onnxruntime"
+RTX_BACKEND = "tensorrt-rtx"
+TRT_BACKEND = "tensorrt"
+BACKENDS: tuple[str, ...] = (REFERENCE_BACKEND, RTX_BACKEND, TRT_BACKEND)
 #: Arches each TensorRT flavour can target. TensorRT-RTX 1.7's ComputeCapability enum has SM75, SM80, SM86,
 #: SM89, SM120 and SM121; Turing (sm_75) has no fp32 GEMM, so graphs with fp32 matmuls (FLUX's RoPE) fail there.
 TRT_ARCHS: dict[str, tuple[str, ...]] = {
@@ -20,9 +22,9 @@ TRT_ARCHS: dict[str, tuple[str, ...]] = {
     "tensorrt": ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120"),
 }
 #: TensorRT flavour -> Python module, distribution name, and the dtcompile extra that installs it.
-TRT_MODULES: dict[str, str] = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
-TRT_DISTS: dict[str, str] = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt-rtx-cu13"}
-TRT_EXTRAS: dict[str, str] = {"tensorrt": "trt", "tensorrt-rtx": "rtx"}
+TRT_MODULES: dict[str, str] = {TRT_BACKEND: "tensorrt", RTX_BACKEND: "tensorrt_rtx"}
+TRT_DISTS: dict[str, str] = {TRT_BACKEND: "tensorrt", RTX_BACKEND: "tensorrt-rtx-cu13"}
+TRT_EXTRAS: dict[str, str] = {TRT_BACKEND: "trt", RTX_BACKEND: "rtx"}
 
 _ARCH_RE = re.compile(r"sm_(\d+)(\d)")
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.numerics import NVFP4_BLOCK
 from dtcompile.core.registry import Registry
-from dtcompile.core.targets import sm_number
+from dtcompile.core.targets import REFERENCE_BACKEND, sm_number
 
 if TYPE_CHECKING:
     from dtcompile.recipe.quant import Fp8Spec, Int8Spec, Nvfp4Spec, SvdquantSpec
@@ -80,7 +80,7 @@ class QuantFormat(Generic[SpecT]):
         (default the format's ``fix_hint``).
         """
         fix = fix or self.fix_hint
-        if backend == "onnxruntime":
+        if backend == REFERENCE_BACKEND:
             if self.onnxruntime_runnable:
                 return None
             ops = ", ".join(self.custom_ops)

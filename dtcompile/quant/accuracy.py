@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dtcompile.core.metrics import PSNR_IDENTICAL, psnr
+from dtcompile.core.metrics import PSNR_IDENTICAL, cosine, psnr, rel_l2
 from dtcompile.models.base import GenerationRequest
 from dtcompile.quant.calibration import _no_progress_bar
 
@@ -336,11 +336,8 @@ def per_step(candidate: list[list[Any]], reference: list[list[Any]]) -> dict[str
     for step in range(steps):
         cs, rs = [], []
         for cand, ref in zip(candidate, reference, strict=True):
-            c, r = cand[step].reshape(-1).double(), ref[step].reshape(-1).double()
-            denom = float(c.norm() * r.norm())
-            cs.append(float(c @ r) / denom if denom else (1.0 if float((c - r).norm()) == 0 else 0.0))
-            rn = float(r.norm())
-            rs.append(float((c - r).norm()) / rn if rn else float((c - r).norm()))
+            cs.append(cosine(cand[step], ref[step]))
+            rs.append(rel_l2(cand[step], ref[step]))
         cos_min.append(min(cs))
         rel_max.append(max(rs))
         rel_mean.append(sum(rs) / len(rs))

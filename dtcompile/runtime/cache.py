@@ -40,6 +40,7 @@ import torch
 from dtcompile.backends.standin import ComponentStandIn
 from dtcompile.core.errors import ArtifactError
 from dtcompile.core.metrics import rel_l1
+from dtcompile.core.targets import REFERENCE_BACKEND
 from dtcompile.manifest import EngineEntry, Manifest, Verifier
 from dtcompile.recipe.cache import CacheSpec, Segment
 from dtcompile.runtime.engines import select_engine
@@ -417,7 +418,7 @@ def load_cached_module(
     for name, part in entries.items():
         entry = select_engine(manifest, name, chosen, gpu)
         path = verifier.check(entry)
-        for extra in part.onnx.external_data if part.onnx and chosen == "onnxruntime" else []:
+        for extra in part.onnx.external_data if part.onnx and chosen == REFERENCE_BACKEND else []:
             verifier.check(extra)
         runner = backend_impl.open_runner(path, entry.to_json(), threads=threads)
         runners[name] = runner

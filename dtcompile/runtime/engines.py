@@ -7,7 +7,7 @@ which opens every part of a split denoiser on the backend chosen here for its pr
 from __future__ import annotations
 
 from dtcompile.core.errors import ArtifactError
-from dtcompile.core.targets import TRT_EXTRAS, TRT_MODULES, installed_trt_major
+from dtcompile.core.targets import REFERENCE_BACKEND, TRT_EXTRAS, TRT_MODULES, installed_trt_major
 from dtcompile.manifest import EngineEntry, Manifest
 
 
@@ -28,7 +28,7 @@ def select_engine(manifest: Manifest, component: str, backend: str, gpu: str | N
         raise ArtifactError(
             f"artifact has no {backend} engine (it has: {built}); rebuild with {backend} in engine.backends"
         )
-    if backend == "onnxruntime":
+    if backend == REFERENCE_BACKEND:
         return candidates[0]
     archs = ", ".join(e.arch for e in candidates)
     if gpu is None:

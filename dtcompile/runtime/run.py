@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dtcompile.core.errors import ArtifactError, UnsupportedError
-from dtcompile.core.targets import BACKENDS, gpu_arch
+from dtcompile.core.targets import BACKENDS, REFERENCE_BACKEND, gpu_arch
 from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, artifact_path
 from dtcompile.models import adapter_for
 from dtcompile.runtime.engines import select_engine
@@ -125,7 +125,7 @@ def _open_engine(
     centry = manifest.component(name)
     entry = select_engine(manifest, name, backend, gpu_arch())
     path = verifier.check(entry)
-    for extra in centry.onnx.external_data if centry.onnx and entry.backend == "onnxruntime" else []:
+    for extra in centry.onnx.external_data if centry.onnx and entry.backend == REFERENCE_BACKEND else []:
         verifier.check(extra)
     return get_backend(entry.backend).open_runner(path, entry.to_json(), threads=threads), entry
 

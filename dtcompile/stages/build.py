@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from dtcompile.backends import get_backend
 from dtcompile.backends.base import EngineJob
 from dtcompile.core.errors import MissingDependencyError, UnsupportedError
+from dtcompile.core.targets import REFERENCE_BACKEND
 
 if TYPE_CHECKING:
     from dtcompile.core.graph import ShapeProfile
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dtcompile.build")
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildOutcome:
     """Engines written and targets not built (with the reason), for the manifest."""
 
@@ -38,7 +39,7 @@ def engines_from_onnx(
     """Build every planned engine target from ``onnx_path`` into ``out_dir/<backend>/<arch>/<component>.engine``."""
     outcome = BuildOutcome()
     job = EngineJob(onnx_path, profile, out_dir, component)
-    targets = [t for t in plan.targets if t.backend != "onnxruntime"]
+    targets = [t for t in plan.targets if t.backend != REFERENCE_BACKEND]
     for i, planned in enumerate(targets, 1):
         reason = planned.reason
         if reason is None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import BuildError, VerificationError
 from dtcompile.core.graph import ExportSpec, ShapeProfile, Shapes, TensorSpec
+from dtcompile.core.targets import REFERENCE_BACKEND
 from dtcompile.models.examples import model_config
 from dtcompile.recipe.cache import Segment, plan_segments, summarize_blocks
 
@@ -280,7 +281,7 @@ def _check_part_onnxruntime(
     del runner
     onnx_entry = entry["onnx"]
     entry["engines"].append(
-        {"backend": "onnxruntime", "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}
+        {"backend": REFERENCE_BACKEND, "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}
     )
     return ort_state
 

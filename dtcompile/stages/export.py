@@ -20,6 +20,7 @@ from dtcompile.core.errors import VerificationError
 from dtcompile.core.graph import ExportSpec, ShapeProfile
 from dtcompile.core.metrics import rel_l2
 from dtcompile.core.progress import Progress, measured, progress
+from dtcompile.core.targets import REFERENCE_BACKEND
 from dtcompile.export.onnx import export_onnx
 from dtcompile.stages.shapes import shapes_from_recipe
 
@@ -143,12 +144,12 @@ def export_component(
         entry["quant"]["parity"] = parity.to_manifest()
         if "onnxruntime" in recipe.engine.backends and get_format(fmt).onnxruntime_runnable:
             entry["engines"].append(
-                {"backend": "onnxruntime", "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}
+                {"backend": REFERENCE_BACKEND, "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}
             )
     elif "onnxruntime" in recipe.engine.backends:
         entry["parity"] = check_parity(art.path, wrapper, spec, recipe.dtype)
         entry["engines"].append(
-            {"backend": "onnxruntime", "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}
+            {"backend": REFERENCE_BACKEND, "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}
         )
     return ExportedComponent(art.path, profile, entry)
 
@@ -235,7 +236,7 @@ def export_aux(
     if runs_in_ort:
         onnx_entry = entry["onnx"]
         entry["engines"].append(
-            {"backend": "onnxruntime", "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}
+            {"backend": REFERENCE_BACKEND, "arch": "any", **{k: onnx_entry[k] for k in ("file", "sha256", "size")}}
         )
     return ExportedComponent(art.path, profile, entry)
 

@@ -76,7 +76,7 @@ def cached_hub_file(spec: ModelSpec, filename: str) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadedPipeline:
     """A loaded diffusers pipeline and what the later stages need to know about it."""
 
@@ -209,22 +209,24 @@ def check_denoisers(recipe: Any, denoisers: tuple[str, ...]) -> None:
         )
 
 
-def locate_source(spec: ModelSpec) -> SourceFiles:
-    """Find (generate, download) the pipeline's files and hash the engine component's folder; loads no weights.
+def locate_files(recipe: Any, resolved: ResolvedSource) -> SourceFiles:
+    """Find (generate, download) the files of the plan's resolved source, hash the engine component's folder and
+    check the recipe's per-denoiser fields against the denoisers found; loads no weights.
 
     The artifact key is computed from this, so an up-to-date artifact is recognised without loading the model.
     """
     from dtcompile.core.digests import sha256_tree
     from dtcompile.models import ADAPTERS, adapter_for_pipeline_class
 
-    resolved = resolve_source(spec)
     folder = source_dir(resolved)
     index = model_index(folder)
     class_name = pipeline_class_of(folder, index)
     adapter = ADAPTERS.get(adapter_for_pipeline_class(class_name))()
     component_dir = folder / adapter.component
     digest = sha256_tree(component_dir) if component_dir.is_dir() else "unknown"
-    return SourceFiles(resolved, folder, class_name, adapter, digest, tuple(adapter.denoisers(index)))
+    denoisers = tuple(adapter.denoisers(index))
+    check_denoisers(recipe, denoisers)
+    return SourceFiles(resolved, folder, class_name, adapter, digest, denoisers)
 
 
 def load_pipeline(files: SourceFiles, dtype: str) -> LoadedPipeline:

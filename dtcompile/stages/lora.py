@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,7 +114,7 @@ class LoraWeights:
         return {"format": self.format, "modules": len(self.modules), "ranks": ranks}
 
 
-@dataclass
+@dataclass(frozen=True)
 class FusedLoras:
     """What the `lora` stage did: manifest records and, per denoiser, the base (pre-fuse) value of every
     touched parameter."""
@@ -265,7 +266,15 @@ def resolve_loras(specs: list[LoraSpec], *, download: bool = True, base_dir: Pat
     ]  # fmt: skip
 
 
-def lora_key_digest(component_sha256: str, loras: list[ResolvedLora]) -> str:
+def fetch_loras(loras: Sequence[ResolvedLora]) -> tuple[ResolvedLora, ...]:
+    """The plan's adapters (``resolve_loras(..., download=False)``) with each hub id fetched and hashed; local
+    files were hashed by the plan and are kept as they are."""
+    return tuple(
+        r if r.sha256 else resolve_lora(r.source, r.weight_name, r.scale, r.label, component=r.component) for r in loras
+    )
+
+
+def lora_key_digest(component_sha256: str, loras: Sequence[ResolvedLora]) -> str:
     """The weights digest that goes into the artifact key: the component's files plus each adapter's sha256
     and scale (in order: fusing is a sum, but the manifest lists them as given)."""
     lora = [[r.sha256, r.scale, *([r.component] if r.component is not None else [])] for r in loras]

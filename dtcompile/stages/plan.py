@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from dtcompile.recipe.quant import QuantSpec
     from dtcompile.recipe.schema import ComponentSpec
     from dtcompile.stages.load import ResolvedSource
+    from dtcompile.stages.lora import ResolvedLora
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Plan:
     recipe_path: str | None
     targets: list[PlannedTarget] = field(default_factory=list)
     attention: AttentionChoice | None = None
+    loras: tuple[ResolvedLora, ...] = ()  # the recipe's adapters: local files hashed, hub ids not yet fetched
     notes: list[str] = field(default_factory=list)  # extra dry-run lines (cache segments, LoRA files)
 
     @property
@@ -124,7 +126,7 @@ def make_plan(recipe: Recipe, recipe_path: str | Path | None = None) -> Plan:
     if recipe.lora:  # local LoRA files must exist and be safetensors (hub ids are fetched at build)
         from dtcompile.stages.lora import resolve_loras
 
-        loras = resolve_loras(recipe.lora, download=False, base_dir=plan.base_dir)
+        plan.loras = loras = tuple(resolve_loras(recipe.lora, download=False, base_dir=plan.base_dir))
         for r in loras:
             plan.notes.append(f"lora: {r.path if r.sha256 else r.source} (scale {r.scale:g})")
         plan.notes += _plan_lora_targets(plan, [r for r in loras if r.sha256])

@@ -25,7 +25,7 @@ from dtcompile.quant.calibration import QuantResult, calibrate, quant_cache_dir
 log = logging.getLogger("dtcompile.quantize")
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantizedComponent:
     """The quantize stage's output: calibration record, held-out accuracy (a) and the fake-quant trace."""
 
@@ -52,7 +52,7 @@ def _cost(result: QuantResult, accuracy_s: float) -> dict[str, Any]:
     return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantizedAux:
     """A text encoder quantized on its own (``components[i].quant``): its calibration record, the quantization
     effect (``accuracy``: fake-quant against unquantized outputs on held-out prompts) and those prompts' graph

@@ -37,6 +37,7 @@ from dtcompile.core.digests import sha256_json
 from dtcompile.core.dtypes import dtype_name, torch_dtype
 from dtcompile.core.errors import ArtifactError, BuildError, DtcError, UnsupportedError
 from dtcompile.core.numerics import dequantize, quantize_weight
+from dtcompile.core.targets import REFERENCE_BACKEND
 from dtcompile.weights.onnx_weights import OnnxWeights, tensor_bytes
 from dtcompile.weights.weight_map import (
     base_store_file,
@@ -244,7 +245,7 @@ def rewrite_onnx(src: Path, dst: Path, updates: dict[str, Any]) -> dict[str, str
 def engine_blocker(entry: dict[str, Any], gpu: str | None) -> str | None:
     """Why a manifest engine entry cannot be refit on this machine (None: it can)."""
     backend, arch = entry["backend"], entry["arch"]
-    if backend == "onnxruntime":
+    if backend == REFERENCE_BACKEND:
         return None
     if not entry.get("refittable"):
         return (
@@ -442,7 +443,9 @@ class _Job:
     def trt_entries(self) -> list[dict[str, Any]]:
         """The engines a backend refits (every kept engine but onnxruntime's, which is the ONNX graph)."""
         return [
-            e for e in self.centry["engines"] if e["backend"] != "onnxruntime" and e["file"] not in self.dropped_files
+            e
+            for e in self.centry["engines"]
+            if e["backend"] != REFERENCE_BACKEND and e["file"] not in self.dropped_files
         ]
 
 
@@ -487,7 +490,7 @@ def _refit_engines(job: _Job, new_onnx_entry: dict[str, Any]) -> tuple[list[dict
     for e in job.centry["engines"]:
         if e["file"] in job.dropped_files:
             continue
-        if e["backend"] == "onnxruntime":
+        if e["backend"] == REFERENCE_BACKEND:
             new_engines.append({**e, **{k: v for k, v in new_onnx_entry.items() if k != "file"}})
             continue
         backend = get_backend(e["backend"])

@@ -204,7 +204,7 @@ def test_an_unchanged_recipe_is_up_to_date_and_the_key_covers_the_component_quan
 ) -> None:
     from dtcompile.quant import calibration
     from dtcompile.recipe import load_recipe
-    from dtcompile.stages.load import locate_source
+    from dtcompile.stages.load import locate_files
     from dtcompile.stages.plan import make_plan
     from dtcompile.stages.runner import _artifact_key, run_build
 
@@ -213,7 +213,8 @@ def test_an_unchanged_recipe_is_up_to_date_and_the_key_covers_the_component_quan
 
     def key(*overrides: str) -> str:
         recipe = load_recipe(RECIPE, [f"output.dir={t5fp8.parent}", *overrides])
-        return _artifact_key(make_plan(recipe), locate_source(recipe.model))[0]
+        plan = make_plan(recipe)
+        return _artifact_key(plan, locate_files(recipe, plan.source))[0]
 
     fp8 = key()
     assert fp8 == read_key(t5fp8) and fp8 != key(f"components=[transformer, {T5}]")  # quant off: another key
