@@ -19,14 +19,16 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
     ValidationError,
     model_validator,
 )
@@ -156,7 +158,8 @@ class EngineEntry(_Strict):
 
 
 class ComponentEntry(_Strict):
-    """An exported component (or, in a cache-split build, one of its parts: ``part_of`` names the whole)."""
+    """What every exported component has; a manifest holds one of its three kinds per name: ``DenoiserEntry``,
+    ``PartEntry`` (one part of a cache-split denoiser) or ``AuxEntry`` (a text encoder or VAE decoder)."""
 
     onnx: OnnxEntry | None = None
     engines: list[EngineEntry] = Field(default_factory=list)
@@ -170,30 +173,22 @@ class ComponentEntry(_Strict):
     weight_map: WeightMapEntry | None = None
     opset: int | None = None
     n_nodes: int | None = None
-    part_of: str | None = None
-    parts: list[str] | None = None
-    kind: str | None = None
-    blocks: list[Any] | None = None
-    segment: dict[str, Any] | None = None
-    cache: dict[str, Any] | None = None
-    role: Literal["text_encoder", "vae_decoder"] | None = None  # None: the denoiser
-    attr: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")] | None = None  # pipeline attribute
     dtype: ModelDtype | None = None  # the graph's precision where it differs from the manifest's
 
     @property
     def is_part(self) -> bool:
         """A part of a split component (not run on its own)."""
-        return self.part_of is not None
+        return isinstance(self, PartEntry)
 
     @property
     def is_aux(self) -> bool:
-        """A text encoder or VAE decoder standing in next to the denoiser (``role`` set)."""
-        return self.role is not None
+        """A text encoder or VAE decoder standing in next to the denoiser."""
+        return isinstance(self, AuxEntry)
 
     @property
     def is_split(self) -> bool:
-        """Split into block parts (runs through the block-cache runtime)."""
-        return self.parts is not None
+        """A denoiser split into block parts (runs through the block-cache runtime)."""
+        return isinstance(self, DenoiserEntry) and self.parts is not None
 
     def input_names(self) -> list[str]:
         """Graph input names, in order."""
@@ -208,6 +203,46 @@ class ComponentEntry(_Strict):
         if not self.outputs:
             raise ArtifactError("component lists no outputs; rebuild the artifact")
         return self.outputs[0].name
+
+
+class DenoiserEntry(ComponentEntry):
+    """A denoiser (the main one, or a further expert such as Wan2.2's ``transformer_2``); in a block-cache build
+    it has no graph of its own: ``parts`` lists its parts in execution order and ``cache`` the cache layout."""
+
+    parts: list[str] | None = None
+    cache: dict[str, Any] | None = None
+
+
+class PartEntry(ComponentEntry):
+    """One part of a cache-split denoiser: ``part_of`` names it; ``kind`` is prologue, blocks or epilogue."""
+
+    part_of: str
+    kind: str
+    blocks: list[Any] | None = None
+    segment: dict[str, Any] | None = None
+
+
+class AuxEntry(ComponentEntry):
+    """An engine-backed text encoder or VAE decoder: ``role`` picks its stand-in, ``attr`` the pipeline attribute
+    it replaces."""
+
+    role: Literal["text_encoder", "vae_decoder"]
+    attr: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")] | None = None
+
+
+def _component_kind(value: Any) -> str:
+    """The kind of a component entry: ``part_of`` makes a part, ``role`` an aux, anything else a denoiser."""
+    if isinstance(value, ComponentEntry):
+        return "part" if isinstance(value, PartEntry) else "aux" if isinstance(value, AuxEntry) else "denoiser"
+    if isinstance(value, dict):
+        return "part" if "part_of" in value else "aux" if "role" in value else "denoiser"
+    return "denoiser"  # not an object: the denoiser model reports it
+
+
+AnyComponent = Annotated[
+    Annotated[DenoiserEntry, Tag("denoiser")] | Annotated[PartEntry, Tag("part")] | Annotated[AuxEntry, Tag("aux")],
+    Discriminator(_component_kind),
+]
 
 
 class SourceEntry(_Strict):
@@ -282,7 +317,7 @@ class Manifest(_Strict):
     dtype: ModelDtype
     precision: str | None = None
     shapes: dict[str, ShapeRange] = Field(default_factory=dict)
-    components: dict[str, ComponentEntry] = Field(default_factory=dict)
+    components: dict[str, AnyComponent] = Field(default_factory=dict)
     pipeline: PipelineEntry | None = None
     skipped: list[SkippedTarget] = Field(default_factory=list)
     stages: list[StageRecord] = Field(default_factory=list)
@@ -333,13 +368,25 @@ class Manifest(_Strict):
             raise ArtifactError(f"artifact {self.name} lists no components (stopped after {self.stopped_after!r})")
         return names[0]
 
-    def component(self, name: str) -> ComponentEntry:
+    def component(self, name: str) -> DenoiserEntry | PartEntry | AuxEntry:
         """A component (or part) entry by name; ArtifactError names the ones there are."""
         try:
             return self.components[name]
         except KeyError:
             have = ", ".join(self.components) or "none"
             raise ArtifactError(f"artifact {self.name} has no component {name!r} (it has: {have})") from None
+
+    def denoiser(self, name: str) -> DenoiserEntry:
+        """A denoiser's entry by name; ArtifactError when ``name`` is another kind."""
+        return _of_kind(self, name, DenoiserEntry)
+
+    def part(self, name: str) -> PartEntry:
+        """A cache part's entry by name; ArtifactError when ``name`` is another kind."""
+        return _of_kind(self, name, PartEntry)
+
+    def aux(self, name: str) -> AuxEntry:
+        """A text encoder's or VAE decoder's entry by name; ArtifactError when ``name`` is another kind."""
+        return _of_kind(self, name, AuxEntry)
 
     def engine_entries(self) -> list[EngineEntry]:
         """Every engine entry (onnxruntime's points at the ONNX graph, arch "any")."""
@@ -366,6 +413,19 @@ class Manifest(_Strict):
     def to_text(self) -> str:
         """The manifest.json text: sorted keys, indent 2, only the fields that were set."""
         return json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n"
+
+
+_Kind = TypeVar("_Kind", DenoiserEntry, PartEntry, AuxEntry)
+
+
+def _of_kind(manifest: Manifest, name: str, kind: type[_Kind]) -> _Kind:
+    entry = manifest.component(name)
+    if not isinstance(entry, kind):
+        raise ArtifactError(
+            f"{MANIFEST}: components.{name} is a {_component_kind(entry)} entry, not a {_component_kind(kind)} "
+            "one; fix the file or rebuild the artifact"
+        )
+    return entry
 
 
 def artifact_key(engine_fields: dict[str, Any], source_sha256: str, versions: dict[str, Any]) -> str:

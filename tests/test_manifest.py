@@ -141,3 +141,28 @@ def test_read_manifest_errors(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(ArtifactError, match="schema_version None, this dtc reads 1; rebuild"):
         read_manifest(tmp_path)
+
+
+def test_component_entries_are_read_as_their_kind(tmp_path: Path) -> None:
+    """A denoiser, a cache part and an aux entry each read as their own model; a field of another kind is one
+    line naming it, and asking for the wrong kind is an ArtifactError."""
+    from dtcompile.manifest import AuxEntry, DenoiserEntry, PartEntry, validate_manifest
+
+    te = {"role": "text_encoder", "attr": "text_encoder_2", "engines": []}
+    m = validate_manifest(_manifest(components={**_manifest()["components"], "text_encoder_2": te}))
+    kinds = {name: type(entry) for name, entry in m.components.items()}
+    assert kinds == {"transformer": DenoiserEntry, "p0": PartEntry, "text_encoder_2": AuxEntry}
+    assert m.denoiser("transformer").parts == ["p0"] and m.part("p0").part_of == "transformer"
+    assert m.aux_names() == ["text_encoder_2"] and m.denoiser_names() == ["transformer"]
+    with pytest.raises(ArtifactError, match=r"components\.p0 is a part entry, not a denoiser one"):
+        m.denoiser("p0")
+    bad = _manifest()
+    bad["components"]["p0"]["role"] = "vae_decoder"  # a part carrying an aux field
+    (tmp_path / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ArtifactError, match=r"components\.p0\.role: unknown field") as exc:
+        read_manifest(tmp_path)
+    assert "\n" not in str(exc.value)
+    bad = _manifest()
+    del bad["components"]["p0"]["kind"]
+    with pytest.raises(ArtifactError, match=r"components\.p0\.kind: Field required"):
+        validate_manifest(bad)

@@ -244,5 +244,5 @@ class VaeDecoderModule(_EngineCalls):
         )
 
 
-#: ``ComponentEntry.role`` -> the stand-in the runtime puts on the pipeline attribute.
+#: ``AuxEntry.role`` -> the stand-in the runtime puts on the pipeline attribute.
 STANDINS: dict[str, type[_EngineCalls]] = {"text_encoder": TextEncoderModule, "vae_decoder": VaeDecoderModule}

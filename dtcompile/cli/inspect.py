@@ -17,7 +17,7 @@ def inspect_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     from pathlib import Path
 
     from dtcompile.cli.summary import echo_engines, echo_not_built
-    from dtcompile.manifest import Verifier, read_manifest
+    from dtcompile.manifest import AuxEntry, Verifier, read_manifest
 
     root = Path(artifact)
     m = read_manifest(root)
@@ -39,7 +39,7 @@ def inspect_cmd(artifact: str, as_json: bool, verify: bool) -> None:
     click.echo(f"versions   {versions}")
     for comp, entry in m.components.items():
         io = ", ".join(f"{t.name}:{t.dtype}{list(t.dims)}" for t in entry.inputs or [])
-        stands_in = f" (stands in for pipe.{entry.attr}, {entry.role})" if entry.is_aux else ""
+        stands_in = f" (stands in for pipe.{entry.attr}, {entry.role})" if isinstance(entry, AuxEntry) else ""
         click.echo(f"{comp}{stands_in}: {entry.dtype or m.dtype}, inputs {io}")
         if entry.parity:
             p = entry.parity

@@ -152,7 +152,7 @@ class CachedEngineModule(ComponentStandIn):
     def __init__(
         self,
         runners: dict[str, Runner],
-        parts: list[tuple[str, str | None, Segment | None]],
+        parts: list[tuple[str, str, Segment | None]],
         spec: CacheSpec,
         config: dict[str, Any],
         input_names: list[str],
@@ -405,11 +405,11 @@ def load_cached_module(
     """
     from dtcompile.backends import get_backend
 
-    centry = manifest.component(component)
+    centry = manifest.denoiser(component)
     if not centry.parts or centry.cache is None:
         raise ArtifactError(f"component {component!r} is not split into cache parts; rebuild the artifact")
     spec = CacheSpec.model_validate(centry.cache["spec"])
-    entries = {name: manifest.component(name) for name in centry.parts}
+    entries = {name: manifest.part(name) for name in centry.parts}
     first = select_engine(manifest, centry.parts[0], backend, gpu)
     chosen = first.backend
     backend_impl = get_backend(chosen)

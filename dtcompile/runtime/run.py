@@ -150,14 +150,12 @@ def denoiser_module(
 def aux_module(
     artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier, threads: int | None = None
 ) -> Any:
-    """The stand-in for an engine-backed text encoder or VAE decoder (``ComponentEntry.role``)."""
+    """The stand-in for an engine-backed text encoder or VAE decoder (``AuxEntry.role``)."""
     import torch
 
     from dtcompile.backends.standin import STANDINS
 
-    centry = manifest.component(name)
-    if centry.role is None:  # the caller passes manifest.aux_names(): components with a role
-        raise ArtifactError(f"{artifact_dir}: component {name!r} has no role; it is not a text encoder or VAE decoder")
+    centry = manifest.aux(name)  # the caller passes manifest.aux_names()
     runner, _ = _open_engine(artifact_dir, manifest, name, backend, verifier, threads)
     return STANDINS[centry.role](
         runner,

@@ -130,7 +130,7 @@ class Session:
         self.adapter: ModelAdapter = adapter_for(self.manifest.source.pipeline_class)
         self.config: Callable[[str], dict[str, Any] | None] = pipeline_config(self.artifact_dir)
         self.backend, self.verify, self.cache, self.cache_threshold = backend, verify, cache, cache_threshold
-        main = self.manifest.component(self.manifest.main_component())
+        main = self.manifest.denoiser(self.manifest.main_component())
         if cache and not main.is_split:
             raise UnsupportedError(
                 f"--cache on: {self.artifact_dir} has no block engines (its recipe has no cache section); use "
@@ -214,7 +214,7 @@ class Session:
 
         module, entry = denoiser(main)
         standins = {
-            manifest.component(name).attr or name: aux_module(
+            manifest.aux(name).attr or name: aux_module(
                 artifact_dir, manifest, name, self.backend, verifier, self.threads
             )
             for name in manifest.aux_names()

@@ -85,7 +85,7 @@ def fit_artifact(
     session = Session(artifact_dir, backend, cache=False)
     names = session.manifest.denoiser_names()
     for name in names:
-        entry = session.manifest.component(name)
+        entry = session.manifest.denoiser(name)
         if not (entry.cache or {}).get("teacache"):
             mode = (entry.cache or {}).get("spec", {}).get("mode", "none")
             raise UnsupportedError(
@@ -108,7 +108,7 @@ def fit_artifact(
     if write:
         manifest = read_manifest(artifact_dir)
         for r in results:
-            record: dict[str, Any] = manifest.component(r.component).cache["teacache"]  # type: ignore[index]
+            record: dict[str, Any] = (manifest.denoiser(r.component).cache or {})["teacache"]
             record["coefficients"] = list(r.coefficients)
             record["source"] = (
                 f"fitted: dtc cache fit, {len(prompts)} prompt(s) x {steps} steps, {r.points} calls, rms {r.rms:.3g}"
