@@ -256,12 +256,7 @@ def make_video_job(s: ServerState, model: ServedModel, req: VideoRequest, image:
     if len(req.prompt) > options.max_prompt_chars:
         raise APIError(400, f"prompt: {len(req.prompt)} characters, at most {options.max_prompt_chars}", param="prompt")
     if image is not None and not model.adapter.reference_image:
-        raise APIError(
-            400,
-            f"input_reference: model {name} ({pipeline}) makes video from text only and takes no reference image "
-            "(serve an image-to-video artifact for that)",
-            param="input_reference",
-        )
+        raise _no_reference(model)
     if model.adapter.reference_image and image is None:
         raise APIError(
             400, f"input_reference: model {name} ({pipeline}) needs a reference image", param="input_reference"
@@ -305,6 +300,15 @@ def make_video_job(s: ServerState, model: ServedModel, req: VideoRequest, image:
     return job, fps
 
 
+def _no_reference(model: ServedModel) -> APIError:
+    return APIError(
+        400,
+        f"input_reference: model {model.name} ({model.manifest.source.pipeline_class}) makes video from text only "
+        "and takes no reference image (serve an image-to-video artifact for that)",
+        param="input_reference",
+    )
+
+
 def _decode_reference(data: bytes | None) -> Any:
     if data is None:
         return None
@@ -326,6 +330,8 @@ async def _submit(request: Request, s: ServerState) -> tuple[VideoRecord, concur
     if store is None or not model.adapter.video:
         raise APIError(400, f"model {model.name} ({model.manifest.source.pipeline_class}) makes images: use "
                        "/v1/images/generations", param="model")  # fmt: skip
+    if reference is not None and not model.adapter.reference_image:  # refused before any decoding
+        raise _no_reference(model)
     image = await asyncio.to_thread(_decode_reference, reference) if reference is not None else None
     job, fps = make_video_job(s, model, req, image)
     record = VideoRecord(store.new_id(), model.name, req.prompt, job.width, job.height, job.frames or 0, fps,
