@@ -145,12 +145,23 @@ def test_evicted_videos_answer_410_with_the_reason(server: Server) -> None:
     assert server.request("GET", "/v1/videos/video_" + "0" * 32, headers=AUTH)[0] == 404
 
 
-def test_content_before_it_is_ready_is_409_and_auth_covers_the_routes(server: Server) -> None:
-    status, _, data = post(server, "/v1/videos", {"prompt": PROMPT, "num_frames": 5, "size": "64x64"})
+def test_unfinished_videos_409_queued_ones_can_be_deleted_and_auth_covers_the_routes(server: Server) -> None:
+    status, _, data = post(server, "/v1/videos", {"prompt": PROMPT, "num_frames": 5, "size": "64x64",
+                                                  "num_inference_steps": 40})  # fmt: skip
     assert status == 200
     video_id = json.loads(data)["id"]
+    queued = json.loads(post(server, "/v1/videos", {"prompt": PROMPT, "num_frames": 9, "size": "64x64"})[2])["id"]
     status, _, data = server.request("GET", f"/v1/videos/{video_id}/content", headers=AUTH)
     assert status == 409 and json.loads(data)["error"]["code"] == "video_not_ready"
+    deadline = time.monotonic() + 60
+    while json.loads(server.request("GET", f"/v1/videos/{video_id}", headers=AUTH)[2])["status"] != "in_progress":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    status, _, data = server.request("DELETE", f"/v1/videos/{video_id}", headers=AUTH)
+    assert status == 409 and json.loads(data)["error"]["code"] == "video_in_progress"
+    status, _, data = server.request("DELETE", f"/v1/videos/{queued}", headers=AUTH)  # still behind the first
+    assert status == 200 and json.loads(data) == {"id": queued, "object": "video.deleted", "deleted": True}
+    assert server.request("GET", f"/v1/videos/{queued}", headers=AUTH)[0] == 404
     for method, path in (("GET", "/v1/videos"), ("GET", f"/v1/videos/{video_id}"), ("DELETE", f"/v1/videos/{video_id}"),
                          ("GET", f"/v1/videos/{video_id}/content")):  # fmt: skip
         assert server.request(method, path)[0] == 401
