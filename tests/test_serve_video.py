@@ -145,6 +145,31 @@ def test_evicted_videos_answer_410_with_the_reason(server: Server) -> None:
     assert server.request("GET", "/v1/videos/video_" + "0" * 32, headers=AUTH)[0] == 404
 
 
+def test_a_synchronous_video_survives_its_client_going_away(server: Server) -> None:
+    import socket
+
+    body = json.dumps({"prompt": "left behind", "num_frames": 5, "size": "64x64"}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/videos/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not [v for v in json.loads(server.request("GET", "/v1/videos", headers=AUTH)[2])["data"]
+                   if v["prompt"] == "left behind"]:  # fmt: skip
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    deadline = time.monotonic() + 60
+    while True:  # the client is gone; the video is made and stored anyway
+        (video,) = [v for v in json.loads(server.request("GET", "/v1/videos", headers=AUTH)[2])["data"]
+                    if v["prompt"] == "left behind"]  # fmt: skip
+        if video["status"] == "completed":
+            break
+        assert video["status"] in ("queued", "in_progress") and time.monotonic() < deadline, video
+        time.sleep(0.1)
+    status, _, mp4 = server.request("GET", f"/v1/videos/{video['id']}/content", headers=AUTH)
+    assert status == 200 and frames_of(mp4).shape == (5, 64, 64, 3)
+
+
 def test_unfinished_videos_409_queued_ones_can_be_deleted_and_auth_covers_the_routes(server: Server) -> None:
     status, _, data = post(server, "/v1/videos", {"prompt": PROMPT, "num_frames": 5, "size": "64x64",
                                                   "num_inference_steps": 40})  # fmt: skip
@@ -187,6 +212,14 @@ BAD = [
     ({"prompt": "x" * 201}, "prompt"),
     ({"model": "tiny-flux"}, "model"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("query", "param"), [("limit=abc", "limit"), ("limit=0", "limit"), ("order=up", "order"), ("page=2", "page")]
+)
+def test_bad_list_queries_are_openai_400s(server: Server, query: str, param: str) -> None:
+    status, _, data = server.request("GET", f"/v1/videos?{query}", headers=AUTH)
+    assert status == 400 and json.loads(data)["error"]["param"] == param
 
 
 @pytest.mark.parametrize(("fields", "param"), BAD)

@@ -23,7 +23,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -117,8 +117,9 @@ async def read_video_request(request: Request, limit: int) -> tuple[VideoRequest
             raise APIError(400, "the request body is not valid JSON") from None
         if not isinstance(fields, dict):
             raise APIError(400, "the request body must be a JSON object")
-        if "input_reference" in fields:
-            reference = _reference_from_json(fields.pop("input_reference"))
+        value = fields.pop("input_reference", None)
+        if value is not None:
+            reference = _reference_from_json(value)
     else:
         raise APIError(400, f"Content-Type {kind!r}: send application/json or multipart/form-data")
     return parse_video_fields(fields), reference
@@ -435,12 +436,21 @@ def _read_all(store: VideoStore | None, video_id: str) -> bytes:
 
 
 @router.get("/videos")
-async def list_videos(request: Request, after: str | None = None, limit: int = 20,
-                      order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:  # fmt: skip
-    """OpenAI's cursor page of Video objects (newest first unless ``order=asc``)."""
+async def list_videos(request: Request) -> dict[str, Any]:
+    """OpenAI's cursor page of Video objects (newest first unless ``order=asc``); ``limit`` 1..100, ``after``
+    an id. Query values are read here, so a bad one is OpenAI's 400, not FastAPI's 422."""
+    query = request.query_params
+    unknown = sorted(set(query) - {"after", "limit", "order"})
+    if unknown:
+        raise APIError(400, f"{unknown[0]}: unknown query parameter (after, limit, order)", param=unknown[0])
+    raw = query.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise APIError(400, f"limit {raw!r}: expected a whole number from 1 to 100", param="limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise APIError(400, f"order {order!r}: expected 'asc' or 'desc'", param="order")
+    limit, after = int(raw), query.get("after")
     store = _store(_state(request))
-    if not 1 <= limit <= 100:
-        raise APIError(400, f"limit: {limit}, expected 1..100", param="limit")
     records, more = store.list(after=after, limit=limit, order=order) if store is not None else ([], False)
     data = [r.body() for r in records]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
@@ -524,8 +534,9 @@ def _range_error(message: str, size: int) -> APIError:
 
 
 @router.get("/videos/{video_id}/content")
-async def video_content(request: Request, video_id: str, variant: str = "video") -> Response:
+async def video_content(request: Request, video_id: str) -> Response:
     """The MP4 (``variant=video``, the only one made here); ``Range: bytes=...`` gets 206 with Content-Range."""
+    variant = request.query_params.get("variant", "video")
     if variant != "video":
         raise APIError(400, f"variant {variant!r}: only 'video' is made here (no thumbnail or spritesheet)",
                        param="variant")  # fmt: skip
