@@ -318,6 +318,25 @@ def test_store_bounds_bytes_count_and_age_and_cleans_dead_servers(tmp_path: Path
     assert not store.folder.exists()
 
 
+def test_a_failure_counts_from_when_it_happened_not_from_when_the_store_saw_it(tmp_path: Path) -> None:
+    from dtcompile.serve.protocol import APIError
+    from dtcompile.serve.scheduler import Job
+    from dtcompile.serve.video_store import VideoGone, VideoRecord, VideoStore
+
+    store = VideoStore(tmp_path, ttl=3600, max_items=1, max_bytes=1 << 20)
+    job = Job("m", "p", 1, 64, 64, 2, None, 0, frames=5)
+    failed = VideoRecord(store.new_id(), "m", "p", 64, 64, 5, 16.0, 2, 0, job=job)
+    store.add(failed)
+    job.future.set_exception(APIError(503, "the server is shutting down; the request was not started"))
+    failed.ended = time.time()  # what the job's done callback records (it may run in a signal handler: no lock)
+    time.sleep(0.01)
+    later = _finished(store)  # the store first sees the failure here, after the later video completed
+    with pytest.raises(VideoGone, match="at most 1 finished"):
+        store.get(failed.id)
+    assert store.get(later.id) is later and later.body()["status"] == "completed"
+    store.close()
+
+
 def test_byte_range() -> None:
     from dtcompile.serve.protocol import APIError
     from dtcompile.serve.videos import byte_range

@@ -55,14 +55,15 @@ class VideoRecord:
     error: dict[str, Any] | None = None
     path: Path | None = None
     nbytes: int = 0
+    ended: float | None = None  # when the job's future ended with an error (set without the lock; see settle)
 
     def settle(self, ttl: float) -> None:
         """Record a failure the job's future holds (set by the worker, or by the drain from a signal handler,
         which must not take the store's lock: the store reads it here, under its lock)."""
         exc = self.failure() if not self.finished else None
         if exc is not None:
-            now = time.time()
-            self.status, self.completed_at, self.expires_at = "failed", now, now + ttl
+            when = self.ended or time.time()
+            self.status, self.completed_at, self.expires_at = "failed", when, when + ttl
             message = getattr(exc, "message", None) or "generation failed (see the server log)"
             self.error = {"code": getattr(exc, "code", None) or "generation_failed", "message": message}
 

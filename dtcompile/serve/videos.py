@@ -358,14 +358,16 @@ def _finish(store: VideoStore, record: VideoRecord, fps: float, fut: concurrent.
         if fut.cancelled():  # deleted while queued
             store.delete(record.id)
         elif (exc := fut.exception()) is not None:  # the store reads it from the future (VideoRecord.settle)
+            record.ended = time.time()
             log.info("video %s failed: %s", record.id, getattr(exc, "message", None) or type(exc).__name__)
         else:
             from dtcompile.runtime.media import write_mp4
 
             path = store.path_for(record.id)
             write_mp4(fut.result()[0], path, fps)
+            nbytes = path.stat().st_size
             store.complete(record.id, path)
-            log.info("video %s completed (%d bytes)", record.id, path.stat().st_size if path.exists() else 0)
+            log.info("video %s completed (%d bytes)", record.id, nbytes)
     except Exception:
         log.exception("video %s: storing the result failed", record.id)
         store.fail(record.id, "internal_error", "encoding or storing the video failed (see the server log)")
