@@ -337,6 +337,18 @@ def test_a_failure_counts_from_when_it_happened_not_from_when_the_store_saw_it(t
     store.close()
 
 
+def test_an_unusable_video_dir_is_one_line_naming_the_option(tmp_path: Path) -> None:
+    from dtcompile.core.errors import InputError
+    from dtcompile.serve.models import ServeOptions
+    from dtcompile.serve.video_store import open_video_store
+
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(InputError, match="^--video-dir .*file: cannot keep videos there") as caught:
+        open_video_store(ServeOptions(video_dir=str(tmp_path / "file")), [True])
+    assert "\n" not in str(caught.value)
+    assert open_video_store(ServeOptions(video_dir=str(tmp_path / "file")), [False]) is None  # no video model
+
+
 def test_byte_range() -> None:
     from dtcompile.serve.protocol import APIError
     from dtcompile.serve.videos import byte_range

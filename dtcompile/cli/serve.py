@@ -29,7 +29,8 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option("--ray", "ray_replicas", type=click.IntRange(1), metavar="N",
               help="Run as a Ray Serve deployment with N replicas (one per GPU where there are GPUs).")  # fmt: skip
 @click.option("--video-dir", type=click.Path(file_okay=False),
-              help="Where finished videos are kept (default: $DTC_CACHE_DIR/serve-videos; emptied at start and exit).")  # fmt: skip
+              help="Finished videos go in DIR/serve-<pid>/ (removed at exit; dead servers' at start). Default: "
+                   "$DTC_CACHE_DIR/serve-videos.")  # fmt: skip
 @click.option("--video-ttl", default=3600.0, show_default=True, type=click.FloatRange(1, 30 * 86400),
               help="Seconds a finished video is kept; later its id answers 410.")  # fmt: skip
 @click.option("--video-store-items", default=64, show_default=True, type=click.IntRange(1, 1_000_000),

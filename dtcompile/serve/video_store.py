@@ -284,4 +284,10 @@ def open_video_store(options: Any, video_models: Iterable[bool]) -> VideoStore |
     from dtcompile.core.files import cache_root
 
     root = Path(options.video_dir) if options.video_dir else cache_root() / "serve-videos"
-    return VideoStore(root, options.video_ttl, options.video_store_items, options.video_store_bytes)
+    try:
+        return VideoStore(root, options.video_ttl, options.video_store_items, options.video_store_bytes)
+    except OSError as exc:
+        from dtcompile.core.errors import InputError
+
+        raise InputError(f"--video-dir {root}: cannot keep videos there ({exc.strerror or exc}); name a writable "
+                         "folder") from None  # fmt: skip
