@@ -131,9 +131,10 @@ class ServedModel:
             )
         if self.adapter.video:
             raise APIError(
-                400, f"model {self.name} ({self.manifest.source.pipeline_class}) makes videos: use /v1/videos",
+                400,
+                f"model {self.name} ({self.manifest.source.pipeline_class}) makes videos: use /v1/videos",
                 param="model",
-            )  # fmt: skip
+            )
         if self.adapter.reference_image and image is None:
             raise APIError(
                 400,
