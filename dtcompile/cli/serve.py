@@ -28,6 +28,17 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option("--no-warmup", is_flag=True, help="Skip the 1-step warm-up generation per model.")
 @click.option("--ray", "ray_replicas", type=click.IntRange(1), metavar="N",
               help="Run as a Ray Serve deployment with N replicas (one per GPU where there are GPUs).")  # fmt: skip
+@click.option("--video-dir", type=click.Path(file_okay=False),
+              help="Finished videos go in DIR/serve-<pid>/ (removed at exit; dead servers' at start). Default: "
+                   "$DTC_CACHE_DIR/serve-videos.")  # fmt: skip
+@click.option("--video-ttl", default=3600.0, show_default=True, type=click.FloatRange(1, 30 * 86400),
+              help="Seconds a finished video is kept; later its id answers 410.")  # fmt: skip
+@click.option("--video-store-items", default=64, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Finished videos kept; beyond it the oldest are evicted (410).")  # fmt: skip
+@click.option("--video-store-bytes", default=4 << 30, show_default=True, type=click.IntRange(1),
+              help="Bytes of MP4 kept; beyond it the oldest are evicted (410).")  # fmt: skip
+@click.option("--max-video-work", default=4_000_000_000, show_default=True, type=click.IntRange(1),
+              help="Most frames x width x height x steps one video may take; more is a 400.")  # fmt: skip
 @click.option(
     "--parallel", help="cfg=2: each request's guidance branches on two ranks (one artifact; docs/parallel.md)."
 )
@@ -46,9 +57,15 @@ def serve(
     verify: str,
     no_warmup: bool,
     ray_replicas: int | None,
+    video_dir: str | None,
+    video_ttl: float,
+    video_store_items: int,
+    video_store_bytes: int,
+    max_video_work: int,
     parallel: str | None,
 ) -> None:
-    """Serve artifacts at /v1/images/generations, /v1/models, /health, /ready and /metrics."""
+    """Serve artifacts at /v1/images/generations, /v1/videos (video artifacts), /v1/models, /health, /ready and
+    /metrics."""
     from dtcompile.serve.models import ServeOptions
     from dtcompile.serve.server import open_state, read_api_key, serve
 
@@ -70,6 +87,11 @@ def serve(
         max_body_bytes=max_body_bytes,
         default_steps=default_steps,
         warmup=not no_warmup,
+        video_dir=video_dir,
+        video_ttl=video_ttl,
+        video_store_items=video_store_items,
+        video_store_bytes=video_store_bytes,
+        max_video_work=max_video_work,
         parallel=spec,
     )
     api_key = read_api_key(api_key_env)

@@ -29,6 +29,8 @@ from dtcompile.serve.models import ServedModel, ServeOptions
 from dtcompile.serve.protocol import OUTPUT_FORMATS, APIError, parse_request
 from dtcompile.serve.scheduler import Job, Scheduler
 from dtcompile.serve.store import ImageStore
+from dtcompile.serve.video_store import open_video_store
+from dtcompile.serve.videos import router as video_router
 
 log = logging.getLogger("dtcompile.serve")
 IMAGE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{20,64}$")
@@ -53,6 +55,7 @@ class ServerState:
         self.started = time.time()
         self.metrics = ServerMetrics(lambda: len(self.scheduler), lambda: self.ready)
         self.store = ImageStore(options.url_ttl, options.url_max_items, options.url_max_bytes)
+        self.videos = open_video_store(options, (m.adapter.video for m in models))  # None without video models
         self.scheduler = Scheduler(
             self._run_batch, self.capacity, options.max_queue, on_batch=self._on_batch, on_drop=self._on_drop
         )
@@ -134,7 +137,7 @@ def create_app(provider: Callable[[], ServerState], *, autoload: bool = True) ->
         yield
         state = provider()
         state.drain()
-        await asyncio.to_thread(state.scheduler.join, 30)
+        await asyncio.to_thread(state.scheduler.join, max(30.0, state.options.request_timeout))  # a running video too
 
     app = FastAPI(title="dtcompile", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.dtc_provider = provider
@@ -305,6 +308,7 @@ async def _read_edit(request: Request, limit: int) -> tuple[Any, Any]:
     return parse_edit_form(fields), image
 
 
+v1.include_router(video_router)  # /v1/videos...: serve/videos.py
 router.include_router(v1)
 
 

@@ -37,6 +37,11 @@ class ServeOptions:
     url_ttl: float = 3600.0
     url_max_items: int = 256
     url_max_bytes: int = 256 << 20
+    video_dir: str | None = None  # finished videos (None: $DTC_CACHE_DIR/serve-videos); serve-<pid>/ per process
+    video_ttl: float = 3600.0
+    video_store_items: int = 64
+    video_store_bytes: int = 4 << 30
+    max_video_work: int = 4_000_000_000  # frames x width x height x steps of one video (81 x 1280x720 x 50 fits)
     parallel: Any = None  # runtime.parallel.ParallelSpec: each request's guidance branches on ranks of their own
 
 
@@ -124,11 +129,10 @@ class ServedModel:
                 "and takes no negative prompt",
                 param="negative_prompt",
             )
-        if self.adapter.video:  # a video endpoint is not served yet
+        if self.adapter.video:
             raise APIError(
                 400,
-                f"model {self.name} ({self.manifest.source.pipeline_class}) makes videos; video generation is not "
-                "served yet, use dtc run --out video.mp4",
+                f"model {self.name} ({self.manifest.source.pipeline_class}) makes videos: use /v1/videos",
                 param="model",
             )
         if self.adapter.reference_image and image is None:
@@ -183,6 +187,8 @@ class ServedModel:
             if on_step is not None:
                 on_step(now - last[0])
             last[0] = now
+            for job in jobs:  # a video's progress (GET /v1/videos/{id})
+                job.steps_done = step + 1
             return kwargs
 
         settings: dict[str, Any] = {
@@ -194,6 +200,7 @@ class ServedModel:
             "guidance": head.guidance,
             "negative_prompt": None if head.negative_prompt is None else [head.negative_prompt] * len(prompts),
             "image": head.image,
+            "frames": head.frames,
             "names": REQUEST_NAMES,
         }
         if self.followers is not None:  # CFG parallel: the follower ranks run the same request beside this one

@@ -24,7 +24,8 @@ log = logging.getLogger("dtcompile.serve")
 
 @dataclass(eq=False)
 class Job:
-    """One request's work: ``n`` images of one prompt; ``future`` gets the images (or the error)."""
+    """One request's work: ``n`` images (or, with ``frames``, videos) of one prompt; ``future`` gets them (or the
+    error); ``steps_done`` counts the denoising steps of the batch running it."""
 
     model: str
     prompt: str
@@ -38,11 +39,13 @@ class Job:
     image: Any = None  # the reference image of an edit (never batched with another job's)
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = field(default_factory=time.monotonic)
+    frames: int | None = None  # a video job's frame count (None: images)
+    steps_done: int = 0
 
     @property
     def key(self) -> Hashable:
         ref = None if self.image is None else id(self)  # each edit has its own reference: batched alone
-        return (self.model, self.width, self.height, self.steps, self.guidance, self.negative_prompt, ref)
+        return (self.model, self.width, self.height, self.frames, self.steps, self.guidance, self.negative_prompt, ref)
 
 
 class Scheduler:

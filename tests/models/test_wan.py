@@ -429,11 +429,11 @@ def test_a_wan_lora_on_a_flux_artifact_is_one_line(tiny_artifact: Path, tmp_path
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
 
 
-def test_the_server_refuses_video_models(wan21: Path) -> None:
+def test_the_image_routes_send_video_models_to_the_video_routes(wan21: Path) -> None:
     from dtcompile.serve.models import ServedModel, ServeOptions
     from dtcompile.serve.protocol import APIError, ImageGenerationRequest
 
-    with pytest.raises(APIError, match="makes videos"):
+    with pytest.raises(APIError, match="makes videos: use /v1/videos"):
         ServedModel.open(wan21).make_job(ImageGenerationRequest(prompt=PROMPT), ServeOptions(), capacity=2)
 
 
