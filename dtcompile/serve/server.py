@@ -32,9 +32,12 @@ def serve(state: ServerState, host: str, port: int) -> None:
         """On the first signal: stop taking requests and answer the queue 503, then uvicorn's own shutdown
         waits for the running requests. A second SIGINT quits at once."""
 
+        forced_by = 0
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if self.should_exit:
                 self.force_exit = True
+                self.forced_by = sig
                 return
             log.info("signal %d: draining", sig)
             state.drain()
@@ -61,8 +64,24 @@ def serve(state: ServerState, host: str, port: int) -> None:
         for model in state.models.values():  # CFG-parallel follower ranks end with the server
             if model.followers is not None:
                 model.followers.stop()
+    if server.forced_by:
+        _exit_now(server.forced_by, state)
     if state.load_error is not None:
         raise ArtifactError(f"serving stopped: {state.load_error}")
+
+
+def _exit_now(sig: int, state: ServerState) -> None:
+    """A second signal: exit at once with 128 + the signal. The worker thread may be inside an engine call;
+    leaving through the interpreter's shutdown would run the engine library's C++ destructors under it (an
+    abort, SIGABRT and a core file), so the process ends with ``os._exit`` after the logs are flushed."""
+    import os
+    import sys
+
+    log.warning("second signal %d: exiting now (%d image(s) running were abandoned)", sig, state.scheduler.running)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + sig)
 
 
 def read_api_key(env: str | None) -> str | None:
