@@ -77,7 +77,7 @@ class ImageGenerationRequest(BaseModel):
     output_compression: int | None = Field(default=None, ge=0, le=100)
     user: str | None = Field(default=None, max_length=256)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=100_000)  # the server bounds it (--max-steps)
     guidance_scale: float | None = Field(default=None, allow_inf_nan=False, ge=0, le=100)
     negative_prompt: str | None = None
     safety_identifier: str | None = Field(default=None, max_length=256)
