@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.fixtures.builds import ORT_ONLY, build_recipe
 from tests.serve.test_server import KEY, Server, serving
@@ -91,6 +92,12 @@ def health_latency(server: Server, until: threading.Event) -> float:
         worst = max(worst, time.monotonic() - t0)
         time.sleep(0.02)
     return worst
+
+
+def _scrape(server: Server) -> dict[str, float]:
+    from serve_load import scrape  # scripts/ (tests.serve.test_server puts it on sys.path)
+
+    return scrape(server.url)
 
 
 def rss_mb(server: Server) -> float:
@@ -416,3 +423,34 @@ def test_a_second_ctrl_c_exits_at_once_without_sigabrt(slow_server: Server) -> N
     log = s.log.read_text()
     assert code == 128 + signal.SIGINT, (code, log[-2000:])
     assert "second signal" in log and "terminate called" not in log and "Traceback" not in log
+
+
+# --- schemathesis over the served /openapi.json -------------------------------------------------------------------
+
+
+def test_served_openapi_holds_under_schemathesis(server: Server) -> None:
+    """Every operation of the served /openapi.json under schemathesis: seeded, bounded examples (hypothesis
+    settings below); no 5xx, and every status, content type, header and body as the schema documents them."""
+    schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (pip install "
+                                       "'dtcompile[dev]')")  # fmt: skip
+    from hypothesis import given
+
+    positive = schemathesis.checks.positive_data_acceptance
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 10
+    answered = sum(v for k, v in _scrape(server).items() if k.startswith("dtc_requests_total"))
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=12, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck),
+                  database=None)  # fmt: skip
+        def check(case: object) -> None:
+            # positive_data_acceptance is left out: what a model takes (its size range and multiple, n up to its
+            # batch, steps x size x n, the field rule's refusals) is no JSON Schema; those are documented 400s
+            case.call_and_validate(headers=AUTH, excluded_checks=[positive])  # type: ignore[attr-defined]
+
+        check()
+    images = sum(v for k, v in _scrape(server).items() if k.startswith("dtc_requests_total") and "status=200" in k)
+    assert sum(v for k, v in _scrape(server).items() if k.startswith("dtc_requests_total")) - answered >= 12
+    assert images >= 1  # some generated bodies were valid all the way to an image

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dtcompile.serve.protocol import ImageGenerationRequest
+from dtcompile.serve.protocol import SIZE_RE, ImageGenerationRequest
 
 ERROR = {
     "type": "object",
@@ -84,6 +84,9 @@ def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 def _request_schema() -> dict[str, Any]:
     schema = ImageGenerationRequest.model_json_schema()
     schema.pop("title", None)
+    schema["properties"]["size"] = {"anyOf": [{"type": "string", "pattern": SIZE_RE.pattern}, {"const": "auto"},
+                                              {"type": "null"}], "default": None,
+                                    "description": "WIDTHxHEIGHT inside the model's built range (GET /v1/models)"}  # fmt: skip
     return schema
 
 
