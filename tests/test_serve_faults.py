@@ -162,6 +162,21 @@ def test_edit_reference_is_queued_at_the_generation_size_and_edits_as_dtc_run(ko
     assert np.array_equal(got, np.asarray(want))
 
 
+def test_an_edit_streams_image_edit_events_with_a_preview(kontext: Server) -> None:
+    import openai
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buf, format="PNG")
+    c = openai.OpenAI(base_url=f"{kontext.url}/v1", api_key="none", max_retries=0)
+    events = list(c.images.edit(model="tiny-flux-kontext", image=("ref.png", buf.getvalue(), "image/png"),
+                                prompt="snow", size="64x48", stream=True, partial_images=1,
+                                extra_body={"seed": 2, "num_inference_steps": 4}))  # fmt: skip
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    for e in events:
+        assert Image.open(io.BytesIO(base64.b64decode(e.b64_json))).size == (64, 48)
+
+
 @pytest.mark.parametrize("fmt", ["TIFF", "BMP", "GIF", "ICO", "PPM", "TGA", "CMYK"])
 def test_edit_images_are_png_jpeg_or_webp_only(kontext: Server, fmt: str) -> None:
     from PIL import Image
