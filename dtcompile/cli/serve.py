@@ -42,6 +42,22 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option(
     "--parallel", help="cfg=2: each request's guidance branches on two ranks (one artifact; docs/parallel.md)."
 )
+@click.option("--max-steps", default=100, show_default=True, type=click.IntRange(1, 100_000),
+              help="Largest num_inference_steps a request may ask for.")  # fmt: skip
+@click.option("--max-work", "max_work", multiple=True, metavar="[MODEL=]MPIX_STEPS",
+              help="Largest steps x width x height x n / 1e6 per request, for every model or one (repeatable); "
+                   "default: --max-steps x the model's opt size x its batch capacity.")  # fmt: skip
+@click.option("--max-image-pixels", default=4096 * 4096, show_default=True, type=click.IntRange(1, 8192 * 8192),
+              help="Largest edit image (read from its header before decoding).")  # fmt: skip
+@click.option("--body-timeout", default=60.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds a request body may take to arrive; a stalled upload gets 408.")  # fmt: skip
+@click.option("--public-url", metavar="URL",
+              help="Base of url answers (https://images.example.com); default http://HOST:PORT, or relative paths "
+                   "when bound to every interface. Never taken from the request's Host header.")  # fmt: skip
+@click.option("--url-ttl", default=3600.0, show_default=True, type=click.FloatRange(1, 7 * 86400),
+              help="Seconds a url image is kept (unless the store is full).")  # fmt: skip
+@click.option("--url-store-mb", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Memory for url images; when full the oldest are evicted (their urls answer 410).")  # fmt: skip
 def serve(
     artifacts: tuple[str, ...],
     host: str,
@@ -63,6 +79,13 @@ def serve(
     video_store_bytes: int,
     max_video_work: int,
     parallel: str | None,
+    max_steps: int,
+    max_work: tuple[str, ...],
+    max_image_pixels: int,
+    body_timeout: float,
+    public_url: str | None,
+    url_ttl: float,
+    url_store_mb: int,
 ) -> None:
     """Serve artifacts at /v1/images/generations, /v1/videos (video artifacts), /v1/models, /health, /ready and
     /metrics."""
@@ -77,6 +100,8 @@ def serve(
         if len(artifacts) != 1 or ray_replicas is not None:
             raise click.UsageError("--parallel serves one artifact in one process group: one ARTIFACT, no --ray")
 
+    if default_steps > max_steps:
+        raise click.BadParameter(f"{default_steps} is above --max-steps {max_steps}", param_hint="--default-steps")
     options = ServeOptions(
         backend=backend,
         verify=verify,
@@ -93,6 +118,13 @@ def serve(
         video_store_bytes=video_store_bytes,
         max_video_work=max_video_work,
         parallel=spec,
+        max_steps=max_steps,
+        max_work=_work_limits(max_work),
+        max_image_pixels=max_image_pixels,
+        body_timeout=body_timeout,
+        public_url=_public_url(public_url, host, port),
+        url_ttl=url_ttl,
+        url_max_bytes=url_store_mb << 20,
     )
     api_key = read_api_key(api_key_env)
     if ray_replicas is not None:
@@ -104,3 +136,41 @@ def serve(
     click.echo(f"serving {', '.join(state.models)} on http://{host}:{port}/v1 (ready once /ready answers 200)")
     serve(state, host, port)
     click.echo("stopped")
+
+
+def _work_limits(values: tuple[str, ...]) -> dict[str, float] | float | None:
+    """``--max-work`` values: one number for every model, or MODEL=NUMBER entries (the others get the default)."""
+    if not values:
+        return None
+    limits: dict[str, float] = {}
+    for value in values:
+        name, _, number = value.rpartition("=")
+        try:
+            limit = float(number)
+        except ValueError:
+            limit = -1.0
+        if not limit > 0 or limit == float("inf"):
+            raise click.BadParameter(
+                f"{value!r}: expected [MODEL=]MPIX_STEPS, a positive number", param_hint="--max-work"
+            )
+        if not name:
+            if len(values) > 1:
+                raise click.BadParameter("one value for every model, or MODEL=VALUE entries", param_hint="--max-work")
+            return limit
+        limits[name] = limit
+    return limits
+
+
+def _public_url(value: str | None, host: str, port: int) -> str | None:
+    """The base of url answers: ``--public-url`` (checked), else this server's own address, or None (relative
+    urls) when it listens on every interface (no one address to give)."""
+    from urllib.parse import urlsplit
+
+    if value is None:
+        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - comparing, not binding
+            return None
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise click.BadParameter(f"{value!r}: expected http(s)://HOST[:PORT][/PREFIX]", param_hint="--public-url")
+    return value.rstrip("/")

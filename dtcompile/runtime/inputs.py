@@ -58,13 +58,13 @@ def _read_file(path: Path, flag: str) -> bytes:
             os.close(fd)
 
 
-def _too_large(width: int, height: int) -> bool:
-    return width * height > MAX_REFERENCE_PIXELS or max(width, height) > MAX_REFERENCE_SIDE
+def _too_large(width: int, height: int, max_pixels: int = MAX_REFERENCE_PIXELS) -> bool:
+    return width * height > max_pixels or max(width, height) > MAX_REFERENCE_SIDE
 
 
-def _limit_text() -> str:
-    side = int(MAX_REFERENCE_PIXELS**0.5)
-    return f"the limit is {side}x{side} = {MAX_REFERENCE_PIXELS} pixels"
+def _limit_text(max_pixels: int = MAX_REFERENCE_PIXELS) -> str:
+    side = int(max_pixels**0.5)
+    return f"the limit is {side}x{side} = {max_pixels} pixels"
 
 
 def _to_rgb(img: Any) -> Any:
@@ -99,9 +99,26 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def read_reference_image(source: str | Path | bytes, *, flag: str = "--image", name: str | None = None) -> Any:
+#: Pillow formats the server takes for an edit (``formats=WEB_FORMATS``; MPO: a camera JPEG with a second picture).
+WEB_FORMATS = frozenset({"PNG", "JPEG", "MPO", "WEBP"})
+
+
+def read_reference_image(
+    source: str | Path | bytes,
+    *,
+    flag: str = "--image",
+    name: str | None = None,
+    max_pixels: int = MAX_REFERENCE_PIXELS,
+    formats: frozenset[str] | None = None,
+    fit: tuple[int, int] | None = None,
+) -> Any:
     """A reference image as RGB PIL, from a path or the uploaded bytes; InputError naming ``flag`` and the file
-    (``name`` for an upload) when it is not a regular file, not an image, or larger than the documented limit."""
+    (``name`` for an upload) when it is not a regular file, not an image, or larger than the documented limit.
+
+    ``max_pixels``: a lower pixel limit than ``MAX_REFERENCE_PIXELS`` (the server's). ``formats``: the Pillow
+    formats taken (``WEB_FORMATS``: PNG, JPEG, WebP), checked from the header, and CMYK refused, before anything
+    is decoded. ``fit``: (width, height) the image is resized to (Lanczos, as the editing pipeline does) right
+    after decoding, so only that copy is kept."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -116,19 +133,30 @@ def read_reference_image(source: str | Path | bytes, *, flag: str = "--image", n
         with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as img:  # reads the header only
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is lower
             width, height = img.size
-            if _too_large(width, height):
+            if _too_large(width, height, max_pixels):
                 raise InputError(
-                    f"{flag} {where}: {width}x{height} pixels is too large for a reference image ({_limit_text()}); "
-                    "pass a smaller image"
+                    f"{flag} {where}: {width}x{height} pixels is too large for a reference image "
+                    f"({_limit_text(max_pixels)}); pass a smaller image"
                 )
+            if formats is not None:
+                if img.format not in formats:
+                    raise InputError(
+                        f"{flag} {where}: a {img.format or 'unknown'} image; pass a PNG, JPEG or WebP file"
+                    )
+                if img.mode == "CMYK":
+                    raise InputError(f"{flag} {where}: a CMYK image; pass an RGB (or grayscale) PNG, JPEG or WebP")
             img.load()
-            return _to_rgb(img)
+            rgb = _to_rgb(img)
+            if fit is not None and rgb.size != fit:
+                rgb = rgb.resize(fit, Image.Resampling.LANCZOS)
+            return rgb
     except Image.DecompressionBombError as exc:  # Pillow's own check at open, past 2x its limit
         m = re.search(r"\((\d+) pixels\)", str(exc))
         dims = _header_size(data)
         size = f"{dims[0]}x{dims[1]} pixels" if dims else f"{m.group(1)} pixels" if m else "its size"
         raise InputError(
-            f"{flag} {where}: {size} is too large for a reference image ({_limit_text()}); pass a smaller image"
+            f"{flag} {where}: {size} is too large for a reference image ({_limit_text(max_pixels)}); pass a smaller "
+            "image"
         ) from None
     except InputError:
         raise
@@ -137,4 +165,4 @@ def read_reference_image(source: str | Path | bytes, *, flag: str = "--image", n
         raise InputError(f"{flag} {where}: not a readable image ({why}); pass a .png, .jpg or .webp file") from None
 
 
-__all__ = ["MAX_REFERENCE_BYTES", "MAX_REFERENCE_PIXELS", "MAX_REFERENCE_SIDE", "read_reference_image"]
+__all__ = ["MAX_REFERENCE_BYTES", "MAX_REFERENCE_PIXELS", "MAX_REFERENCE_SIDE", "WEB_FORMATS", "read_reference_image"]

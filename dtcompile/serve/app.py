@@ -18,17 +18,19 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from dtcompile.serve.metrics import ServerMetrics
 from dtcompile.serve.models import ServedModel, ServeOptions
 from dtcompile.serve.protocol import OUTPUT_FORMATS, APIError, parse_request
 from dtcompile.serve.scheduler import Job, Scheduler
-from dtcompile.serve.store import ImageStore
+from dtcompile.serve.store import Gone, ImageStore
 from dtcompile.serve.video_store import open_video_store
 from dtcompile.serve.videos import router as video_router
 
@@ -54,8 +56,9 @@ class ServerState:
         self.on_fatal: Callable[[str], None] = lambda message: None
         self.started = time.time()
         self.metrics = ServerMetrics(lambda: len(self.scheduler), lambda: self.ready)
-        self.store = ImageStore(options.url_ttl, options.url_max_items, options.url_max_bytes)
+        self.store = ImageStore(options.url_ttl, options.url_max_bytes)
         self.videos = open_video_store(options, (m.adapter.video for m in models))  # None without video models
+        self.decoding = threading.BoundedSemaphore(1)  # one edit image decoded at a time (its peak memory bounded)
         self.scheduler = Scheduler(
             self._run_batch, self.capacity, options.max_queue, on_batch=self._on_batch, on_drop=self._on_drop
         )
@@ -139,8 +142,19 @@ def create_app(provider: Callable[[], ServerState], *, autoload: bool = True) ->
         state.drain()
         await asyncio.to_thread(state.scheduler.join, max(30.0, state.options.request_timeout))  # a running video too
 
-    app = FastAPI(title="dtcompile", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    from dtcompile.core.versions import DTC_VERSION
+
+    app = FastAPI(title="dtcompile", version=DTC_VERSION, docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)  # fmt: skip
     app.state.dtc_provider = provider
+
+    @app.api_route("/openapi.json", methods=["GET", "HEAD"], include_in_schema=False)
+    async def openapi_json() -> JSONResponse:
+        from dtcompile.serve.openapi import openapi_schema
+
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_schema(app)
+        return JSONResponse(app.openapi_schema)
 
     @app.middleware("http")
     async def name_the_server(request: Request, call_next: Callable[[Request], Any]) -> Response:
@@ -151,6 +165,7 @@ def create_app(provider: Callable[[], ServerState], *, autoload: bool = True) ->
 
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal_error)
     app.include_router(router)
     return app
@@ -182,7 +197,18 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     message = "no such route" if exc.status_code == 404 else str(exc.detail)
-    return await _api_error(request, APIError(exc.status_code, f"{request.method} {request.url.path}: {message}"))
+    headers = dict(exc.headers or {})  # a 405 carries Allow
+    if "Allow" in headers and "HEAD" not in headers["Allow"] and "GET" in headers["Allow"]:
+        headers["Allow"] += ", HEAD"
+    path = request.url.path if len(request.url.path) <= 200 else request.url.path[:200] + "..."
+    return await _api_error(request, APIError(exc.status_code, f"{request.method} {path}: {message}",
+                                              headers=headers))  # fmt: skip
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    """A client that hung up while sending its body: one log line, no traceback (nobody reads the answer)."""
+    log.info("client gone during %s %s (request body not complete)", request.method, request.url.path)
+    return Response(status_code=CLIENT_GONE)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -190,12 +216,12 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     return await _api_error(request, APIError(500, "internal server error (see the server log)"))
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.api_route("/ready", methods=["GET", "HEAD"])
 async def ready(s: State) -> dict[str, Any]:
     if not s.ready:
         raise APIError(503, s.not_ready())
@@ -209,13 +235,17 @@ async def metrics(s: State) -> Response:
     return Response(s.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/images/files/{image_id}")
+@router.api_route("/v1/images/files/{image_id}", methods=["GET", "HEAD"])
 async def image_file(image_id: str, s: State) -> Response:
     # a capability url (unguessable, expiring): no bearer token, so a browser or <img> can fetch it
-    item = s.store.get(image_id) if IMAGE_ID_RE.match(image_id) else None
+    try:
+        item = s.store.get(image_id) if IMAGE_ID_RE.match(image_id) else None
+    except Gone as exc:
+        raise APIError(410, f"image {image_id}: {exc}", code="gone") from None
     if item is None:
         raise APIError(404, "no such image (image urls expire)", code="not_found")
-    return Response(item[0], media_type=item[1], headers={"Cache-Control": "private, max-age=3600"})
+    age = max(0, int(s.options.url_ttl))
+    return Response(item[0], media_type=item[1], headers={"Cache-Control": f"private, max-age={age}"})
 
 
 @v1.get("/models")
@@ -232,31 +262,37 @@ async def get_model(name: str, s: State) -> dict[str, Any]:
 async def generations(request: Request, s: State) -> Response:
 
     async def read() -> tuple[Any, Any]:
-        return parse_request(await _read_json(request, s.options.max_body_bytes)), None
+        return parse_request(await _read_json(request, s.options.max_body_bytes, s.options.body_timeout)), None
 
-    return await _serve_images(request, s, read)
+    return await _serve_images(request, s, read, "image_generation")
 
 
-async def _serve_images(request: Request, s: ServerState, read: Callable[[], Any]) -> Response:
-    """One images request end to end: ``read()`` -> (request model, reference image or None), then the job,
-    the wait and the body, with the status of every outcome counted."""
+async def _serve_images(request: Request, s: ServerState, read: Callable[[], Any], events: str) -> Response:
+    """One images request end to end: ``read()`` -> (request model, ``_Upload`` of the reference or None), then
+    the job, the wait and the body (or the event stream, ``events`` naming its event types), with the status of
+    every outcome counted."""
     t0 = time.monotonic()
     name = "-"
     try:
         if not s.ready:
             raise APIError(503, s.not_ready())
-        req, image = await read()
+        req, upload = await read()
         model = s.model(req.model)
         name = model.name
-        job = model.make_job(req, s.options, s.capacity(model.name), image=image)
+        job = model.make_job(req, s.options, s.capacity(model.name), image=upload)
+        if upload is not None:  # decoded after the size is known, off the event loop, one at a time
+            job.image = await asyncio.to_thread(_decode, s, upload, (job.width, job.height))
+        if req.stream:
+            return _stream(request, s, name, job, req, t0, events)
         s.scheduler.submit(job)
         images = await _wait(request, job, s.options.request_timeout, t0)
         encoded = await asyncio.to_thread(_encode, images, req.output_format, req.output_compression)
     except APIError as exc:
         s.metrics.requests.labels(name, str(exc.status)).inc()
         raise
-    except _ClientGone:
+    except (_ClientGone, ClientDisconnect):
         s.metrics.requests.labels(name, str(CLIENT_GONE)).inc()
+        log.info("client gone: %s %s for %s", request.method, request.url.path, name)
         return Response(status_code=CLIENT_GONE)
     except Exception:
         s.metrics.requests.labels(name, "500").inc()
@@ -264,18 +300,101 @@ async def _serve_images(request: Request, s: ServerState, read: Callable[[], Any
     return _images_response(request, s, name, job, req, encoded, t0)
 
 
+def _raise_failure(exc: BaseException | None, name: str) -> None:
+    """A job's error as the APIError its client gets (None: no error)."""
+    if isinstance(exc, APIError):
+        raise exc
+    if exc is not None:
+        log.error("generation failed for %s: %s", name, exc)
+        raise APIError(500, "generation failed (see the server log)")
+
+
+def _count_ok(s: ServerState, name: str, images: int, t0: float) -> None:
+    s.metrics.requests.labels(name, "200").inc()
+    s.metrics.images.labels(name).inc(images)
+    s.metrics.request_seconds.labels(name).observe(time.monotonic() - t0)
+
+
+def _decode(s: ServerState, upload: _Upload, fit: tuple[int, int]) -> Any:
+    from dtcompile.serve.protocol import read_reference
+
+    with s.decoding:
+        return read_reference(upload.data, upload.filename, s.options.max_image_pixels, fit)
+
+
+def _sse(event: str, body: dict[str, Any]) -> bytes:
+    import json
+
+    return f"event: {event}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
+
+
+def _stream(request: Request, s: ServerState, name: str, job: Job, req: Any, t0: float, events: str) -> Response:
+    """OpenAI's image streaming: server-sent events ``<events>.partial_image`` (a preview decoded from the latents
+    every ``preview_every`` steps, ``partial_images`` of them) then ``<events>.completed``; an error after the
+    stream began is an ``error`` event with OpenAI's error body."""
+    loop = asyncio.get_running_loop()
+    previews: asyncio.Queue[tuple[int, list[Any]]] = asyncio.Queue()
+
+    def on_preview(index: int, images: list[Any]) -> None:  # on the worker thread
+        loop.call_soon_threadsafe(previews.put_nowait, (index, images))
+
+    job.on_preview = on_preview
+    s.scheduler.submit(job)  # 429/503 before the stream begins: an ordinary error answer
+    common = {"background": req.background or "auto", "output_format": req.output_format,
+              "quality": req.quality or "auto", "size": f"{job.width}x{job.height}"}  # fmt: skip
+
+    async def event(kind: str, index: int | None, images: list[Any]) -> bytes:
+        data = await asyncio.to_thread(_encode, images[:1], req.output_format, req.output_compression)
+        body = {"type": f"{events}.{kind}", "b64_json": base64.b64encode(data[0]).decode("ascii"),
+                "created_at": int(time.time()), **common}  # fmt: skip
+        if index is not None:
+            body["partial_image_index"] = index
+        return _sse(body["type"], body)
+
+    async def body() -> Any:
+        result = asyncio.wrap_future(job.future)
+        finished = False
+        try:
+            while not result.done():
+                left = s.options.request_timeout - (time.monotonic() - t0)
+                if left <= 0:
+                    raise APIError(504, f"the request did not finish within the server's request timeout "
+                                   f"({s.options.request_timeout:g} s)", code="timeout")  # fmt: skip
+                getter = asyncio.ensure_future(previews.get())
+                done, _ = await asyncio.wait({result, getter}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield await event("partial_image", *getter.result())
+                else:
+                    getter.cancel()
+            while not previews.empty():  # previews sent before the result came back
+                yield await event("partial_image", *previews.get_nowait())
+            _raise_failure(result.exception(), name)
+            finished = True
+            yield await event("completed", None, result.result())
+            _count_ok(s, name, 1, t0)
+        except APIError as exc:
+            s.metrics.requests.labels(name, str(exc.status)).inc()
+            yield _sse("error", exc.body())
+        finally:
+            if not finished:  # timed out, failed, or the client left mid-stream: stop the work between steps
+                job.cancel()
+                asyncio.wrap_future(job.future).add_done_callback(_discard)
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def _images_response(request: Request, s: ServerState, name: str, job: Job, req: Any, encoded: list[bytes],
                      t0: float) -> JSONResponse:  # fmt: skip
     """OpenAI's images body (b64_json or url data) for a finished job, with its metrics."""
     mime = OUTPUT_FORMATS[req.output_format][1]
     if req.response_format == "url":
-        base = str(request.base_url).rstrip("/")
+        # never the request's Host header (a client could make the url point anywhere): --public-url, else a
+        # path relative to this server
+        base = (s.options.public_url or "").rstrip("/")
         data = [{"url": f"{base}/v1/images/files/{s.store.put(b, mime)}"} for b in encoded]
     else:
         data = [{"b64_json": base64.b64encode(b).decode("ascii")} for b in encoded]
-    s.metrics.requests.labels(name, "200").inc()
-    s.metrics.images.labels(name).inc(len(data))
-    s.metrics.request_seconds.labels(name).observe(time.monotonic() - t0)
+    _count_ok(s, name, len(data), t0)
     body = {"created": int(time.time()), "data": data, "output_format": req.output_format,
             "size": f"{job.width}x{job.height}"}  # fmt: skip
     return JSONResponse(body)
@@ -284,19 +403,27 @@ def _images_response(request: Request, s: ServerState, name: str, job: Job, req:
 @v1.post("/images/edits")
 async def edits(request: Request, s: State) -> Response:
     """OpenAI's image edit: a multipart form with ``image`` (the reference) and the generation parameters."""
-    return await _serve_images(request, s, lambda: _read_edit(request, s.options.max_body_bytes))
+    return await _serve_images(request, s, lambda: _read_edit(request, s.options), "image_edit")
 
 
-async def _read_edit(request: Request, limit: int) -> tuple[Any, Any]:
-    """(request model, reference image) of a multipart edit; 413 beyond ``limit`` bytes, 400 naming the field."""
-    from dtcompile.serve.protocol import parse_edit_form, read_reference
+@dataclass(frozen=True)
+class _Upload:
+    """An edit's image file as uploaded (decoded once the generation size is known)."""
 
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
+    data: bytes
+    filename: str | None
+
+
+async def _read_edit(request: Request, options: ServeOptions) -> tuple[Any, _Upload]:
+    """(request model, the uploaded image) of a multipart edit; 413 beyond ``max_body_bytes`` (counted while
+    reading, with or without Content-Length), 408 past ``body_timeout``, 400 naming the field."""
+    from dtcompile.serve.protocol import parse_edit_form
+
+    limit = options.max_body_bytes
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "the request body must be multipart/form-data with an image file and a prompt")
-    async with request.form(max_files=1, max_fields=32) as form:
+    bounded = _bounded(request, limit, options.body_timeout)
+    async with bounded.form(max_files=1, max_fields=32, max_part_size=min(limit, 1 << 20)) as form:
         uploads = [(k, v) for k, v in form.multi_items() if not isinstance(v, str)]
         fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
         if not uploads or uploads[0][0] not in ("image", "image[]"):
@@ -304,8 +431,34 @@ async def _read_edit(request: Request, limit: int) -> tuple[Any, Any]:
         data = await uploads[0][1].read(limit + 1)
         if len(data) > limit:
             raise APIError(413, f"image: over the limit of {limit} bytes", param="image")
-        image = read_reference(data, uploads[0][1].filename)
-    return parse_edit_form(fields), image
+        upload = _Upload(data, uploads[0][1].filename)
+    return parse_edit_form(fields), upload
+
+
+def _bounded(request: Request, limit: int, timeout: float) -> Request:
+    """``request`` whose body reads stop with 413 past ``limit`` bytes (the declared Content-Length first, then
+    the bytes received: a chunked upload declares none) and with 408 when the whole body has not arrived within
+    ``timeout`` seconds (a stalled or trickling upload)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
+    deadline = time.monotonic() + timeout
+    seen = 0
+
+    async def receive() -> Any:
+        nonlocal seen
+        try:
+            message = await asyncio.wait_for(request.receive(), max(deadline - time.monotonic(), 0.001))
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s (dtc serve --body-timeout)",
+                           code="request_timeout") from None  # fmt: skip
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise APIError(413, f"request body is over the limit of {limit} bytes")
+        return message
+
+    return Request(request.scope, receive)
 
 
 v1.include_router(video_router)  # /v1/videos...: serve/videos.py
@@ -329,22 +482,20 @@ class _ClientGone(Exception):
     pass
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    """The decoded JSON body; APIError 413 beyond ``limit`` bytes (checked while reading), 400 if not JSON."""
+async def _read_json(request: Request, limit: int, timeout: float) -> Any:
+    """The decoded JSON body; APIError 413 beyond ``limit`` bytes (checked while reading), 408 past ``timeout``
+    seconds, 400 if not JSON or nested too deep to decode."""
     import json
 
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
+    async for chunk in _bounded(request, limit, timeout).stream():
         body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"request body is over the limit of {limit} bytes")
     try:
         return json.loads(body)
     except ValueError:
         raise APIError(400, "the request body is not valid JSON") from None
+    except RecursionError:  # 50k nested brackets: a client's error, not the server's
+        raise APIError(400, "the request body is nested too deeply to be a request") from None
 
 
 async def _wait(request: Request, job: Job, timeout: float, since: float) -> list[Any]:
@@ -366,7 +517,7 @@ async def _wait(request: Request, job: Job, timeout: float, since: float) -> lis
             raise APIError(500, "generation failed (see the server log)") from exc
         return result.result()
     result.add_done_callback(_discard)
-    job.future.cancel()  # takes effect only while still queued; a running batch finishes and is discarded
+    job.cancel()  # dropped while still queued; a running batch stops between steps once nobody waits for it
     if gone in done:
         raise _ClientGone
     raise APIError(

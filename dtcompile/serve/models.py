@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from dtcompile.core.errors import DtcError
 from dtcompile.runtime.session import REQUEST_NAMES
 from dtcompile.serve.protocol import APIError, ImageGenerationRequest
-from dtcompile.serve.scheduler import Job
+from dtcompile.serve.scheduler import Job, JobCancelled
 
 if TYPE_CHECKING:
     from dtcompile.runtime.session import Session
@@ -35,14 +35,35 @@ class ServeOptions:
     default_steps: int = 28
     warmup: bool = True
     url_ttl: float = 3600.0
-    url_max_items: int = 256
-    url_max_bytes: int = 256 << 20
     video_dir: str | None = None  # finished videos (None: $DTC_CACHE_DIR/serve-videos); serve-<pid>/ per process
     video_ttl: float = 3600.0
     video_store_items: int = 64
     video_store_bytes: int = 4 << 30
     max_video_work: int = 4_000_000_000  # frames x width x height x steps of one video (81 x 1280x720 x 50 fits)
+    url_max_bytes: int = 1 << 30
     parallel: Any = None  # runtime.parallel.ParallelSpec: each request's guidance branches on ranks of their own
+    max_steps: int = 100
+    #: a request's work bound in megapixel-steps (steps x width x height x n / 1e6): one value for every model,
+    #: or per model name; a model not named gets ``max_steps`` x its opt size x its batch capacity
+    max_work: dict[str, float] | float | None = None
+    #: the largest edit image taken, in pixels (read from its header before decoding)
+    max_image_pixels: int = 4096 * 4096
+    #: seconds a request body may take to arrive in full (a stalled upload gets 408)
+    body_timeout: float = 60.0
+    #: the base of ``url`` answers (``https://images.example.com``); None: relative urls (``/v1/images/files/..``)
+    public_url: str | None = None
+
+    def work_limit(self, model: str, opt_pixels: int, capacity: int) -> float:
+        """The megapixel-steps one request to ``model`` may ask for."""
+        if isinstance(self.max_work, dict) and model in self.max_work:
+            return self.max_work[model]
+        if isinstance(self.max_work, (int, float)):
+            return float(self.max_work)
+        return self.max_steps * opt_pixels * capacity / 1e6
+
+
+#: Pipelines whose latents decode to a preview the way their own last step does (unpack, unscale, VAE decode).
+PREVIEW_PIPELINES = frozenset({"FluxPipeline", "FluxKontextPipeline", "StableDiffusion3Pipeline"})
 
 
 class ServedModel:
@@ -151,8 +172,15 @@ class ServedModel:
             )
         if req.n > capacity:
             raise APIError(400, f"n: {req.n} images, at most {capacity} per request for model {self.name}", param="n")
+        if req.stream and req.partial_images and self.pipeline_class not in PREVIEW_PIPELINES:
+            raise APIError(
+                400, f"partial_images: model {self.name} ({self.pipeline_class}) has no latent preview; use "
+                "partial_images: 0", param="partial_images",
+            )  # fmt: skip
         shapes = self.manifest.shapes
         width, height = req.pixel_size() or (shapes["width"].opt, shapes["height"].opt)
+        steps = req.num_inference_steps or options.default_steps
+        self.check_work(req, options, capacity, steps, width, height)
         try:
             self.session.request(req.prompt, steps=1, height=height, width=width, guidance=req.guidance_scale,
                                  image=image, names=REQUEST_NAMES)  # fmt: skip
@@ -162,9 +190,38 @@ class ServedModel:
                 raise APIError(400, message, param="guidance_scale") from None
             raise APIError(400, f"size {width}x{height}: {message}", param="size") from None
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
-        steps = req.num_inference_steps or options.default_steps
-        return Job(self.name, req.prompt, req.n, width, height, steps, req.guidance_scale, seed, req.negative_prompt,
-                   image)  # fmt: skip
+        job = Job(self.name, req.prompt, req.n, width, height, steps, req.guidance_scale, seed, req.negative_prompt,
+                  image)  # fmt: skip
+        if req.stream and req.partial_images:
+            job.partial_images = req.partial_images
+            job.preview_every = max(1, steps // (req.partial_images + 1))
+        return job
+
+    @property
+    def pipeline_class(self) -> str:
+        return self.manifest.source.pipeline_class
+
+    def check_work(self, req: ImageGenerationRequest, options: ServeOptions, capacity: int, steps: int, width: int,
+                   height: int) -> None:  # fmt: skip
+        """APIError 400 when a request asks for more steps than ``--max-steps`` or more megapixel-steps (steps x
+        width x height x n) than the model's ``--max-work``; the message names the parameter to lower."""
+        if steps > options.max_steps:
+            raise APIError(400, f"num_inference_steps: {steps}, at most {options.max_steps} on this server "
+                           "(dtc serve --max-steps)", param="num_inference_steps")  # fmt: skip
+        shapes = self.manifest.shapes
+        limit = options.work_limit(self.name, shapes["width"].opt * shapes["height"].opt, capacity)
+        work = steps * width * height * req.n / 1e6
+        if work > limit:
+            # name the field the request chose that weighs most: steps, then n, then size
+            param = ("num_inference_steps" if req.num_inference_steps is not None else
+                     "n" if req.n > 1 else "size")  # fmt: skip
+            raise APIError(
+                400,
+                f"{param}: {steps} steps x {width}x{height} x n={req.n} is {work:.3g} megapixel-steps, over this "
+                f"server's limit of {limit:.3g} for model {self.name} (dtc serve --max-work); lower "
+                "num_inference_steps, size or n",
+                param=param,
+            )
 
     def generate(self, jobs: list[Job], on_step: Callable[[float], None] | None = None) -> list[list[Any]]:
         """Run one batch (same size, steps and guidance) through the session and split the images back by job.
@@ -181,6 +238,9 @@ class ServedModel:
                 prompts.append(job.prompt)
                 seeds.append((job.seed + i) % 2**64)
         last = [time.perf_counter()]
+        previews = [0] * len(jobs)
+        # CFG-parallel follower ranks run the same steps in lockstep: stopping rank 0 alone would strand them
+        stoppable = self.followers is None
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             now = time.perf_counter()
@@ -189,6 +249,17 @@ class ServedModel:
             last[0] = now
             for job in jobs:  # a video's progress (GET /v1/videos/{id})
                 job.steps_done = step + 1
+            if stoppable and all(job.cancelled.is_set() for job in jobs):
+                raise JobCancelled(f"nobody waits for it any more (timed out or gone), after {step + 1} of "
+                                   f"{head.steps} steps")  # fmt: skip
+            at = 0
+            for i, job in enumerate(jobs):
+                due = (step + 1) % max(job.preview_every, 1) == 0 and step + 1 < head.steps
+                if job.on_preview is not None and previews[i] < job.partial_images and due:
+                    latents = kwargs["latents"][at : at + job.n]
+                    job.on_preview(previews[i], self.preview(pipe, latents, job.height, job.width))
+                    previews[i] += 1
+                at += job.n
             return kwargs
 
         settings: dict[str, Any] = {
@@ -213,3 +284,15 @@ class ServedModel:
             out.append(images[at : at + job.n])
             at += job.n
         return out
+
+    @staticmethod
+    def preview(pipe: Any, latents: Any, height: int, width: int) -> list[Any]:
+        """PIL previews of a step's latents, decoded as the pipeline's own last step does (``PREVIEW_PIPELINES``:
+        unpack FLUX's 2x2 tokens, undo the VAE's scale and shift, decode, post-process)."""
+        vae = pipe.vae
+        if latents.ndim == 3:  # FLUX packs 2x2 latent patches into tokens
+            latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = latents / vae.config.scaling_factor + shift
+        image = vae.decode(latents.to(getattr(vae, "dtype", latents.dtype)), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="pil")

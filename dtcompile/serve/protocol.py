@@ -1,8 +1,14 @@
 """OpenAI's image-generation wire format: the request model, the response body and the error shape.
 
 Request fields are OpenAI's (``model``, ``prompt``, ``n``, ``size``, ``response_format``, ``output_format``,
-``output_compression``, ``user``) plus the diffusion fields peers accept (``seed``, ``num_inference_steps``,
+``output_compression``, ``user``, ``safety_identifier``, ``quality``, ``style``, ``background``, ``moderation``,
+``stream``, ``partial_images``) plus the diffusion fields peers accept (``seed``, ``num_inference_steps``,
 ``guidance_scale``, ``negative_prompt``). Any other field is refused with 400 naming it.
+
+The field rule (docs/serving.md): a value is *accepted* where it means something here, *accepted and ignored*
+where it asks for nothing this server would do differently (``quality: "auto"``, ``moderation``: no moderation
+runs here, ``user``), and *refused* with 400 naming the field where it asks for something the server cannot do
+(``quality: "hd"``, ``style``, ``background: "transparent"``): never a silent substitute.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ ERROR_KINDS = {
     401: ("invalid_request_error", "invalid_api_key"),
     404: ("invalid_request_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
+    410: ("invalid_request_error", "gone"),
     413: ("invalid_request_error", "request_too_large"),
     429: ("requests", "rate_limit_exceeded"),
     500: ("server_error", "internal_error"),
@@ -69,9 +77,44 @@ class ImageGenerationRequest(BaseModel):
     output_compression: int | None = Field(default=None, ge=0, le=100)
     user: str | None = Field(default=None, max_length=256)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
+    num_inference_steps: int | None = Field(default=None, ge=1, le=100_000)  # the server bounds it (--max-steps)
     guidance_scale: float | None = Field(default=None, allow_inf_nan=False, ge=0, le=100)
     negative_prompt: str | None = None
+    safety_identifier: str | None = Field(default=None, max_length=256)
+    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    moderation: Literal["auto", "low"] | None = None
+    stream: bool | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=3)
+
+    def check_openai_fields(self) -> None:
+        """APIError 400 naming the field whose value asks for what this server cannot do (the field rule)."""
+        if self.quality not in (None, "auto"):
+            raise APIError(
+                400,
+                f"quality {self.quality!r}: this server does not map quality to steps or size; leave it 'auto' (or "
+                "unset) and set num_inference_steps and size",
+                param="quality",
+            )
+        if self.style is not None:
+            raise APIError(
+                400, f"style {self.style!r}: not supported by diffusion models here; describe the style in the prompt",
+                param="style",
+            )  # fmt: skip
+        if self.background == "transparent":
+            raise APIError(
+                400, "background 'transparent': these models make opaque images; use 'opaque' or 'auto'",
+                param="background",
+            )  # fmt: skip
+        if self.partial_images and not self.stream:
+            raise APIError(400, "partial_images: previews are sent only when streaming; set stream: true",
+                           param="partial_images")  # fmt: skip
+        if self.stream and self.n != 1:
+            raise APIError(400, f"n: a streamed request makes one image (got n={self.n}); set n: 1", param="n")
+        if self.stream and self.response_format == "url":
+            raise APIError(400, "response_format 'url': a stream sends b64_json images; drop response_format",
+                           param="response_format")  # fmt: skip
 
     def pixel_size(self) -> tuple[int, int] | None:
         """(width, height) from ``size``; None for the model's default. APIError 400 when malformed."""
@@ -88,7 +131,7 @@ def parse_request(payload: Any) -> ImageGenerationRequest:
     if not isinstance(payload, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        return ImageGenerationRequest.model_validate(payload)
+        req = ImageGenerationRequest.model_validate(payload)
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
@@ -97,6 +140,8 @@ def parse_request(payload: Any) -> ImageGenerationRequest:
         else:
             message = f"{param}: {err['msg']}"
         raise APIError(400, message, param=param) from None
+    req.check_openai_fields()
+    return req
 
 
 def parse_edit_form(fields: dict[str, str]) -> ImageGenerationRequest:
@@ -105,16 +150,18 @@ def parse_edit_form(fields: dict[str, str]) -> ImageGenerationRequest:
     return parse_request(dict(fields))
 
 
-def read_reference(data: bytes, filename: str | None) -> Any:
-    """The uploaded reference image as RGB PIL, or APIError 400 naming ``image`` (``runtime.inputs``' checks: the
-    size from the header before decoding, 16-bit PNGs scaled)."""
+def read_reference(data: bytes, filename: str | None, max_pixels: int, fit: tuple[int, int] | None = None) -> Any:
+    """The uploaded reference image as RGB PIL, or APIError 400 naming ``image`` (``runtime.inputs``' checks, made
+    from the header before decoding: PNG, JPEG or WebP only, not CMYK, at most ``max_pixels``; 16-bit PNGs
+    scaled). ``fit``: the generation size it is resized to at once, so a queued edit holds only that copy."""
     from dtcompile.core.errors import InputError
-    from dtcompile.runtime.inputs import read_reference_image
+    from dtcompile.runtime.inputs import WEB_FORMATS, read_reference_image
 
     if not data:
         raise APIError(400, "image: the uploaded file is empty", param="image")
     try:
-        return read_reference_image(data, flag="image", name=filename or "the upload")
+        return read_reference_image(data, flag="image", name=filename or "the upload", max_pixels=max_pixels,
+                                    formats=WEB_FORMATS, fit=fit)  # fmt: skip
     except InputError as exc:
         raise APIError(400, str(exc), param="image") from None
 

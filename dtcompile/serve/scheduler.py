@@ -41,11 +41,38 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     frames: int | None = None  # a video job's frame count (None: images)
     steps_done: int = 0
+    #: set when nobody waits for the answer any more (504, client gone): a running batch stops between steps
+    #: once every job in it is cancelled
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    #: a streamed request's previews: ``partial_images`` previews, one every ``preview_every`` steps, each passed
+    #: to ``on_preview(index, images)`` from the worker thread
+    partial_images: int = 0
+    preview_every: int = 0
+    on_preview: Callable[[int, list[Any]], None] | None = None
 
     @property
     def key(self) -> Hashable:
-        ref = None if self.image is None else id(self)  # each edit has its own reference: batched alone
-        return (self.model, self.width, self.height, self.frames, self.steps, self.guidance, self.negative_prompt, ref)
+        # each edit has its own reference, each previewed stream its own latents to decode: batched alone
+        alone = id(self) if self.image is not None or self.partial_images else None
+        return (
+            self.model,
+            self.width,
+            self.height,
+            self.frames,
+            self.steps,
+            self.guidance,
+            self.negative_prompt,
+            alone,
+        )
+
+    def cancel(self) -> None:
+        """Nobody waits for this job any more: dropped if still queued, stopped between steps if running."""
+        self.cancelled.set()
+        self.future.cancel()
+
+
+class JobCancelled(Exception):
+    """Raised between denoising steps when every job of the running batch was cancelled (timed out, client gone)."""
 
 
 class Scheduler:
@@ -160,6 +187,10 @@ class Scheduler:
             t0 = time.perf_counter()
             try:
                 results = self._run_batch(batch)
+            except JobCancelled as exc:  # nobody is waiting: one line, no traceback
+                log.info("batch of %d job(s) for %s stopped: %s", len(batch), batch[0].model, exc)
+                for job in batch:
+                    job.future.set_exception(exc)
             except Exception as exc:  # every job of the batch gets the error; the worker goes on
                 log.exception("batch of %d job(s) for %s failed", len(batch), batch[0].model)
                 for job in batch:

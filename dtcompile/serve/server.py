@@ -30,12 +30,11 @@ def serve(state: ServerState, host: str, port: int) -> None:
 
     class DrainingServer(uvicorn.Server):
         """On the first signal: stop taking requests and answer the queue 503, then uvicorn's own shutdown
-        waits for the running requests. A second SIGINT quits at once."""
+        waits for the running requests. A second signal quits at once (``_exit_now``)."""
 
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             if self.should_exit:
-                self.force_exit = True
-                return
+                _exit_now(sig, state)
             log.info("signal %d: draining", sig)
             state.drain()
             self.should_exit = True  # not re-raised after shutdown: a drained server exits 0
@@ -63,6 +62,21 @@ def serve(state: ServerState, host: str, port: int) -> None:
                 model.followers.stop()
     if state.load_error is not None:
         raise ArtifactError(f"serving stopped: {state.load_error}")
+
+
+def _exit_now(sig: int, state: ServerState) -> None:
+    """A second signal: exit at once with 128 + the signal. The worker thread may be inside an engine call;
+    leaving through uvicorn's forced shutdown and the interpreter's exit cancels the lifespan task mid-await (a
+    traceback) and runs the engine library's C++ destructors under the running call (an abort: SIGABRT and a
+    core file), so the process ends here with ``os._exit`` once the log is flushed."""
+    import os
+    import sys
+
+    log.warning("second signal %d: exiting now (%d image(s) running were abandoned)", sig, state.scheduler.running)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + sig)
 
 
 def read_api_key(env: str | None) -> str | None:

@@ -310,13 +310,13 @@ def _no_reference(model: ServedModel) -> APIError:
     )
 
 
-def _decode_reference(data: bytes | None) -> Any:
+def _decode_reference(data: bytes | None, max_pixels: int) -> Any:
     if data is None:
         return None
     from dtcompile.serve.protocol import read_reference
 
     try:
-        return read_reference(data, "input_reference")
+        return read_reference(data, "input_reference", max_pixels)
     except APIError as exc:  # worded for /v1/images/edits' "image"
         raise APIError(400, f"input_reference{exc.message.removeprefix('image')}", param="input_reference") from None
 
@@ -333,7 +333,11 @@ async def _submit(request: Request, s: ServerState) -> tuple[VideoRecord, concur
                        "/v1/images/generations", param="model")  # fmt: skip
     if reference is not None and not model.adapter.reference_image:  # refused before any decoding
         raise _no_reference(model)
-    image = await asyncio.to_thread(_decode_reference, reference) if reference is not None else None
+    image = (
+        await asyncio.to_thread(_decode_reference, reference, s.options.max_image_pixels)
+        if reference is not None
+        else None
+    )
     job, fps = make_video_job(s, model, req, image)
     record = VideoRecord(store.new_id(), model.name, req.prompt, job.width, job.height, job.frames or 0, fps,
                          job.steps, job.seed, job=job)  # fmt: skip

@@ -118,15 +118,24 @@ def test_a_failing_batch_fails_its_jobs_and_the_worker_goes_on() -> None:
 
 
 def test_store_expires_and_bounds_items_and_bytes() -> None:
-    store = ImageStore(ttl=0.2, max_items=2, max_bytes=10)
+    from dtcompile.serve.store import Gone
+
+    store = ImageStore(ttl=0.2, max_bytes=10, max_items=2)
     a = store.put(b"aaaa", "image/png")
     assert len(a) == 32 and store.get(a) == (b"aaaa", "image/png")
     b, c = store.put(b"bbbb", "image/png"), store.put(b"cccc", "image/png")
-    assert store.get(a) is None and store.get(b) and store.get(c)  # max_items 2: the oldest went
+    with pytest.raises(Gone, match="evicted"):  # max_items 2: the oldest went, and the store says so
+        store.get(a)
+    assert store.get(b) and store.get(c)
     d = store.put(b"dddddddd", "image/png")  # 12 bytes > 10: oldest go until it fits
-    assert store.get(b) is None and store.get(c) is None and store.get(d)
+    for gone in (b, c):
+        with pytest.raises(Gone, match="store is full"):
+            store.get(gone)
+    assert store.get(d) and store.get("x" * 32) is None  # never given out: None (404), not Gone (410)
     time.sleep(0.3)
-    assert store.get(d) is None and len(store) == 0
+    with pytest.raises(Gone, match="expired"):
+        store.get(d)
+    assert len(store) == 0 and store.evicted == 3
 
 
 @pytest.mark.parametrize(

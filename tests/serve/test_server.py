@@ -111,7 +111,7 @@ def server(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     """Auth on, a short queue (so load gets 429s), batches of 2, prompts of at most 200 characters."""
     tmp = tmp_path_factory.mktemp("serve")
     args = ("--api-key-env", "DTC_TEST_KEY", "--max-queue", "4", "--max-batch", "2", "--max-prompt-chars", "200",
-            "--max-body-bytes", "65536", "--default-steps", "4")  # fmt: skip
+            "--max-body-bytes", "65536", "--default-steps", "4", "--max-steps", "1000", "--max-work", "100")  # fmt: skip
     with serving(tiny_artifact, tmp, *args, env={"DTC_TEST_KEY": KEY}) as s:
         yield s
 
@@ -294,7 +294,8 @@ def test_health_before_ready_then_503_until_loaded(tiny_artifact: Path, tmp_path
 
 
 def test_request_timeout_is_504(tiny_artifact: Path, tmp_path: Path) -> None:
-    with serving(tiny_artifact, tmp_path, "--request-timeout", "1", "--no-warmup") as s:
+    with serving(tiny_artifact, tmp_path, "--request-timeout", "1", "--no-warmup", "--max-steps", "1000",
+                 "--max-work", "100") as s:  # fmt: skip
         t0 = time.monotonic()
         status, _, body = s.generate({"prompt": "x", "size": "128x128", "num_inference_steps": 400}, key=None)
         assert status == 504 and body["error"]["code"] == "timeout"
@@ -302,7 +303,7 @@ def test_request_timeout_is_504(tiny_artifact: Path, tmp_path: Path) -> None:
 
 
 def test_sigterm_finishes_running_answers_queued_503_and_exits(tiny_artifact: Path, tmp_path: Path) -> None:
-    with serving(tiny_artifact, tmp_path, "--max-batch", "1") as s:
+    with serving(tiny_artifact, tmp_path, "--max-batch", "1", "--max-steps", "1000", "--max-work", "100") as s:
         answers: list[tuple[int, dict]] = []
         lock = threading.Lock()
 
