@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from dtcompile.serve.protocol import SIZE_RE, ImageGenerationRequest
+from dtcompile.serve.videos import VideoRequest
 
 ERROR = {
     "type": "object",
@@ -59,13 +60,33 @@ MODEL = {
         "max_images_per_batch": {"type": "integer"},
     },
 }
+VIDEO = {
+    "type": "object",
+    "required": ["id", "object", "model", "status", "progress", "created_at"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "video"},
+        "model": {"type": "string"},
+        "status": {"type": "string", "enum": ["queued", "in_progress", "completed", "failed"]},
+        "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+        "created_at": {"type": "integer"},
+        "completed_at": {"type": ["integer", "null"]},
+        "expires_at": {"type": ["integer", "null"]},
+        "prompt": {"type": "string"},
+        "seconds": {"type": "string"},
+        "size": {"type": "string"},
+        "error": {"type": ["object", "null"]},
+    },
+}
 WHY = {
     400: "a field is malformed, unknown, refused, or outside what the model takes (param names it)",
     401: "missing or wrong bearer token (only with --api-key-env)",
     404: "unknown model or image",
     408: "the request body did not arrive within --body-timeout",
-    410: "the image's url expired or was evicted from the url store",
+    409: "the video is not completed (or failed), or is running and cannot be deleted",
+    410: "the image's url or the video expired or was evicted from its store",
     413: "the body is over --max-body-bytes",
+    416: "the Range is outside the video or malformed",
     429: "the queue is full (Retry-After says when to retry)",
     500: "a failed generation (see the server log)",
     503: "not ready yet, or shutting down",
@@ -96,6 +117,40 @@ def _edit_form() -> dict[str, Any]:
     for name, prop in fields["properties"].items():
         props[name] = prop
     return {"type": "object", "required": ["image", "prompt"], "properties": props}
+
+
+def _video_schema(multipart: bool) -> dict[str, Any]:
+    schema = VideoRequest.model_json_schema()
+    schema.pop("title", None)
+    if multipart:  # the openai client's form: input_reference as a file
+        schema["properties"]["input_reference"] = {"type": "string", "format": "binary"}
+    return schema
+
+
+def _video_answers() -> dict[tuple[str, str], dict[str, Any]]:
+    mp4 = {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}}
+    page = {
+        "type": "object",
+        "required": ["object", "data", "has_more"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": VIDEO},
+                       "first_id": {"type": ["string", "null"]}, "last_id": {"type": ["string", "null"]},
+                       "has_more": {"type": "boolean"}},
+    }  # fmt: skip
+    return {
+        ("/v1/videos", "post"): {**_ok(VIDEO, "the queued video"), **_errors(400, 401, 404, 408, 413, 429, 503)},
+        ("/v1/videos/generations", "post"): {
+            "200": {"description": "the MP4", **mp4},
+            **_errors(400, 401, 404, 408, 413, 429, 500, 503, 504),
+        },
+        ("/v1/videos", "get"): {**_ok(page), **_errors(400, 401)},
+        ("/v1/videos/{video_id}", "get"): {**_ok(VIDEO), **_errors(401, 404, 410)},
+        ("/v1/videos/{video_id}", "delete"): {**_ok({"type": "object"}), **_errors(401, 404, 409, 410)},
+        ("/v1/videos/{video_id}/content", "get"): {
+            "200": {"description": "the MP4", **mp4},
+            "206": {"description": "the requested byte range of the MP4", **mp4},
+            **_errors(400, 401, 404, 409, 410, 416),
+        },
+    }
 
 
 def openapi_schema(app: Any) -> dict[str, Any]:
@@ -149,10 +204,18 @@ def openapi_schema(app: Any) -> dict[str, Any]:
         ("/v1/models/{name}", "get"): {**_ok(MODEL), **_errors(401, 404)},
         ("/v1/images/generations", "post"): images,
         ("/v1/images/edits", "post"): images,
+        **_video_answers(),
     }
     bodies = {
         ("/v1/images/generations", "post"): {"application/json": {"schema": _request_schema()}},
         ("/v1/images/edits", "post"): {"multipart/form-data": {"schema": _edit_form()}},
+        **{
+            (route, "post"): {
+                "application/json": {"schema": _video_schema(False)},
+                "multipart/form-data": {"schema": _video_schema(True)},
+            }
+            for route in ("/v1/videos", "/v1/videos/generations")
+        },
     }
     for path, item in doc.get("paths", {}).items():
         for method, op in item.items():

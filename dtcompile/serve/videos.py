@@ -280,6 +280,9 @@ def make_video_job(s: ServerState, model: ServedModel, req: VideoRequest, image:
     else:
         frames = shapes["frames"].opt
     steps = req.num_inference_steps or options.default_steps
+    if steps > options.max_steps:
+        raise APIError(400, f"num_inference_steps: {steps} is over this server's limit of {options.max_steps} "
+                       "(dtc serve --max-steps)", param="num_inference_steps")  # fmt: skip
     check_work(req, frames, width, height, steps, options.max_video_work)
     try:
         model.session.request(req.prompt, steps=1, height=height, width=width, frames=frames,
