@@ -447,7 +447,7 @@ def _read_all(store: VideoStore | None, video_id: str) -> bytes:
 @router.get("/videos")
 async def list_videos(request: Request) -> dict[str, Any]:
     """OpenAI's cursor page of Video objects (newest first unless ``order=asc``); ``limit`` 1..100, ``after``
-    an id. Query values are read here, so a bad one is OpenAI's 400, not FastAPI's 422."""
+    an id. Query values are read here, so a bad one is OpenAI's 400, not FastAPI's validation error."""
     query = request.query_params
     unknown = sorted(set(query) - {"after", "limit", "order"})
     if unknown:
