@@ -31,6 +31,11 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option(
     "--parallel", help="cfg=2: each request's guidance branches on two ranks (one artifact; docs/parallel.md)."
 )
+@click.option("--residency", type=click.Choice(("all", "sequential")),
+              help="sequential: only the running component's engine is loaded (docs/memory.md); "
+              "default: from --device-memory, else all.")  # fmt: skip
+@click.option("--device-memory", metavar="SIZE",
+              help="Device-memory budget, e.g. 16GiB: picks the residency and streamable engines' budgets.")  # fmt: skip
 def serve(
     artifacts: tuple[str, ...],
     host: str,
@@ -47,6 +52,8 @@ def serve(
     no_warmup: bool,
     ray_replicas: int | None,
     parallel: str | None,
+    residency: str | None,
+    device_memory: str | None,
 ) -> None:
     """Serve artifacts at /v1/images/generations, /v1/models, /health, /ready and /metrics."""
     from dtcompile.serve.models import ServeOptions
@@ -71,6 +78,8 @@ def serve(
         default_steps=default_steps,
         warmup=not no_warmup,
         parallel=spec,
+        residency=residency,
+        device_memory=device_memory,
     )
     api_key = read_api_key(api_key_env)
     if ray_replicas is not None:

@@ -20,6 +20,7 @@ from dtcompile.core.targets import BACKENDS, gpu_arch
 from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, artifact_path
 from dtcompile.models import adapter_for
 from dtcompile.runtime.engines import select_engine
+from dtcompile.runtime.residency import Residency, backend_device
 
 log = logging.getLogger("dtcompile.run")
 BACKEND_CHOICES = ("auto", *BACKENDS)
@@ -117,9 +118,17 @@ def check_reference(adapter: Any, image: Any, pipeline_class: str, *, flag: str 
 
 
 def _open_engine(
-    artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier, threads: int | None = None
+    artifact_dir: Path,
+    manifest: Manifest,
+    name: str,
+    backend: str,
+    verifier: Verifier,
+    threads: int | None = None,
+    residency: Residency | None = None,
 ) -> tuple[Any, EngineEntry]:
-    """The runner of component ``name``'s engine for this machine (its files checked first) and its entry."""
+    """The runner of component ``name``'s engine for this machine (its files checked first) and its entry;
+    with a ``residency``, the runner it hands out (opened on first call under ``sequential``, with the
+    component's weight-streaming budget where it has one)."""
     from dtcompile.backends import get_backend
 
     centry = manifest.component(name)
@@ -127,11 +136,24 @@ def _open_engine(
     path = verifier.check(entry)
     for extra in centry.onnx.external_data if centry.onnx and entry.backend == "onnxruntime" else []:
         verifier.check(extra)
-    return get_backend(entry.backend).open_runner(path, entry.to_json(), threads=threads), entry
+    if residency is None:
+        return get_backend(entry.backend).open_runner(path, entry.to_json(), threads=threads), entry
+    record = residency.engine_record(name, entry.to_json())
+    return residency.runner(
+        name,
+        functools.partial(get_backend(entry.backend).open_runner, path, record, threads=threads),
+        backend_device(entry.backend),
+    ), entry
 
 
 def denoiser_module(
-    artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier, threads: int | None = None
+    artifact_dir: Path,
+    manifest: Manifest,
+    name: str,
+    backend: str,
+    verifier: Verifier,
+    threads: int | None = None,
+    residency: Residency | None = None,
 ) -> tuple[Any, EngineEntry]:
     """The stand-in for a denoiser (one engine for the whole component) and its engine entry."""
     import torch
@@ -139,7 +161,7 @@ def denoiser_module(
     from dtcompile.backends.standin import EngineModule
 
     centry = manifest.component(name)
-    runner, entry = _open_engine(artifact_dir, manifest, name, backend, verifier, threads)
+    runner, entry = _open_engine(artifact_dir, manifest, name, backend, verifier, threads, residency)
     dtype = getattr(torch, manifest.dtype)
     module = EngineModule(
         runner, centry.config or {}, centry.input_names(), centry.output_name(), dtype, getattr(runner, "device", "cpu")
@@ -148,7 +170,13 @@ def denoiser_module(
 
 
 def aux_module(
-    artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier, threads: int | None = None
+    artifact_dir: Path,
+    manifest: Manifest,
+    name: str,
+    backend: str,
+    verifier: Verifier,
+    threads: int | None = None,
+    residency: Residency | None = None,
 ) -> Any:
     """The stand-in for an engine-backed text encoder or VAE decoder (``ComponentEntry.role``)."""
     import torch
@@ -158,7 +186,7 @@ def aux_module(
     centry = manifest.component(name)
     if centry.role is None:  # the caller passes manifest.aux_names(): components with a role
         raise ArtifactError(f"{artifact_dir}: component {name!r} has no role; it is not a text encoder or VAE decoder")
-    runner, _ = _open_engine(artifact_dir, manifest, name, backend, verifier, threads)
+    runner, _ = _open_engine(artifact_dir, manifest, name, backend, verifier, threads, residency)
     return STANDINS[centry.role](
         runner,
         centry.config or {},

@@ -38,6 +38,8 @@ class ServeOptions:
     url_max_items: int = 256
     url_max_bytes: int = 256 << 20
     parallel: Any = None  # runtime.parallel.ParallelSpec: each request's guidance branches on ranks of their own
+    residency: str | None = None  # all | sequential (runtime/residency.py); None: from device_memory
+    device_memory: str | None = None  # a device-memory budget such as "16GiB" (runtime/memory.py)
 
 
 class ServedModel:
@@ -58,7 +60,8 @@ class ServedModel:
         from dtcompile.runtime.session import Session
 
         options = options or ServeOptions()
-        return cls(Session(Path(artifact_dir), options.backend, verify=options.verify, parallel=options.parallel))
+        return cls(Session(Path(artifact_dir), options.backend, verify=options.verify, parallel=options.parallel,
+                           residency=options.residency, device_memory=options.device_memory))  # fmt: skip
 
     @property
     def batch_max(self) -> int:
