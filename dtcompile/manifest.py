@@ -181,6 +181,7 @@ class ComponentEntry(_Strict):
     role: Literal["text_encoder", "vae_decoder"] | None = None  # None: the denoiser
     attr: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")] | None = None  # pipeline attribute
     dtype: ModelDtype | None = None  # the graph's precision where it differs from the manifest's
+    tile: dict[str, Any] | None = None  # a tiled VAE decoder: runtime.tiling.TileSpec.to_json()
 
     @property
     def is_part(self) -> bool:

@@ -120,3 +120,110 @@ def test_parse_size() -> None:
     for bad in ("0", "-1GiB", "GiB", "12 parsecs"):
         with pytest.raises(DtcError):
             parse_size(bad)
+
+
+# --- tiled VAE decode -------------------------------------------------------------------------------------------
+
+TILE = 32  # pixels: the tiny FLUX VAE has factor 2, so 16 latents a tile, stride 12, 8 pixels blended
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    comps = f"components=[transformer, {{name: vae_decoder, tile: {TILE}}}]"
+    return build_recipe(tmp_path_factory, "tiny-flux-components.yaml", *ORT_ONLY, comps)
+
+
+def _diffusers_vae() -> Any:
+    import torch
+    from diffusers import AutoencoderKL
+
+    from dtcompile.models.builtin import builtin_model_path
+
+    vae = AutoencoderKL.from_pretrained(builtin_model_path("tiny-flux") / "vae", dtype=torch.float32).eval()
+    vae.enable_tiling()
+    vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = TILE, TILE // 2, 0.25
+    return vae
+
+
+@pytest.mark.parametrize("times", [2, 3])
+def test_tiled_decode_through_the_engine_matches_diffusers_tiling(tiled: Path, times: int) -> None:
+    import torch
+
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.runtime.session import Session
+
+    session = Session(tiled, "onnxruntime")
+    entry = session.manifest.component("vae_decoder")
+    assert entry.tile == {"layout": "kl", "tile": 16, "stride": 12, "blend": 8, "keep": 24, "factor": 2,
+                          "clamp": False}  # fmt: skip
+    assert entry.profile is not None and entry.profile["latent"]["max"] == [2, 4, 16, 16]  # built for one tile
+    vae = session.load().vae
+    latent = torch.randn(1, 4, 16 * times, 16 * times, generator=torch.Generator().manual_seed(times))
+    calls = vae.calls
+    with torch.inference_mode():
+        got = vae.decode(latent).sample
+        want = _diffusers_vae().decode(latent).sample
+    tiles = len(range(0, 16 * times, 12)) ** 2
+    assert vae.calls - calls == tiles  # one engine call per tile: the engine never saw the whole latent
+    assert got.shape == want.shape == (1, 3, 32 * times, 32 * times)
+    assert rel_l2(got, want) < 1e-3
+
+
+def test_tiled_artifact_generates_above_its_vae_tile(tiled: Path) -> None:
+    from dtcompile.runtime.session import Session
+
+    session = Session(tiled, "onnxruntime")
+    result = session.generate(session.request(PROMPT, steps=1, seed=0, height=96, width=128))
+    assert result.image.size == (128, 96)
+
+
+def test_tile_errors(tmp_path: Path) -> None:
+    from dtcompile.core.errors import RecipeError
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.runner import run_build
+    from tests.fixtures.builds import ROOT
+
+    recipe = ROOT / "recipes" / "tiny-flux-components.yaml"
+    with pytest.raises(RecipeError, match=r"components\[0\]\.tile: only vae_decoder decodes in tiles, not transformer"):
+        load_recipe(recipe, ["components=[{name: transformer, tile: 32}]"])
+    bad = load_recipe(
+        recipe, [f"output.dir={tmp_path}", *ORT_ONLY, "components=[transformer, {name: vae_decoder, tile: 36}]"]
+    )
+    with pytest.raises(UnsupportedError) as e:
+        run_build(bad)
+    assert str(e.value) == (
+        "components: vae_decoder tile 36: tiled decode cannot make tiles of that size; with the VAE's factor 2 a tile "
+        "is a multiple of 8 pixels (its 25% overlap whole latents): use 32 or 40"
+    )
+    assert not any((tmp_path).iterdir())  # nothing half-written
+
+
+def test_wan_video_vae_tiling_matches_diffusers() -> None:
+    """Our loop on AutoencoderKLWan's layout (5-D latents, every frame per tile, crop and clamp) against
+    diffusers' own tiled decode; the tile decoder here is the torch VAE's untiled decode (Wan's VAE is not an
+    engine component yet)."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.core.tiles import TileSpec
+    from dtcompile.models.builtins.wan import TINY_WAN_CONFIG
+    from dtcompile.runtime.tiling import tiled_decode
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**TINY_WAN_CONFIG["vae"]).eval()
+    factor = vae.spatial_compression_ratio
+    tile_px, stride_px = 8 * factor, 6 * factor
+    latent = torch.randn(1, 16, 2, 14, 16, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch's OpenMP stalls on a contended machine (docs/benchmarks.md)
+    with torch.inference_mode():
+        vae.enable_tiling(tile_px, tile_px, stride_px, stride_px)
+        want = vae.decode(latent).sample
+        vae.disable_tiling()
+        got = tiled_decode(latent, TileSpec.wan(tile_px, stride_px, factor), lambda t: vae.decode(t).sample)
+        whole = vae.decode(latent).sample
+    torch.set_num_threads(threads)
+    assert got.shape == want.shape
+    assert rel_l2(got, want) < 1e-3
+    assert rel_l2(whole, want) > 1e-3  # tiling changes the result: the check above is not vacuous

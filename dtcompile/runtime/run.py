@@ -181,13 +181,13 @@ def aux_module(
     """The stand-in for an engine-backed text encoder or VAE decoder (``ComponentEntry.role``)."""
     import torch
 
-    from dtcompile.backends.standin import STANDINS
+    from dtcompile.backends.standin import STANDINS, VaeDecoderModule
 
     centry = manifest.component(name)
     if centry.role is None:  # the caller passes manifest.aux_names(): components with a role
         raise ArtifactError(f"{artifact_dir}: component {name!r} has no role; it is not a text encoder or VAE decoder")
     runner, _ = _open_engine(artifact_dir, manifest, name, backend, verifier, threads, residency)
-    return STANDINS[centry.role](
+    module = STANDINS[centry.role](
         runner,
         centry.config or {},
         centry.input_names(),
@@ -195,3 +195,9 @@ def aux_module(
         getattr(torch, centry.dtype or manifest.dtype),
         getattr(runner, "device", "cpu"),
     )
+    if centry.tile is not None and isinstance(module, VaeDecoderModule):  # built for tiles: larger latents tile
+        from dtcompile.core.tiles import TileSpec
+        from dtcompile.runtime.tiling import tiler
+
+        module.tiler = tiler(TileSpec.from_json(centry.tile))
+    return module
