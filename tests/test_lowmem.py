@@ -15,6 +15,7 @@ import pytest
 
 from dtcompile.core.errors import DtcError, UnsupportedError
 from tests.fixtures.builds import ORT_ONLY, build_recipe
+from tests.fixtures.gpu import requires_trt
 
 PROMPT = "a red fox in the snow"
 
@@ -227,3 +228,137 @@ def test_wan_video_vae_tiling_matches_diffusers() -> None:
     assert got.shape == want.shape
     assert rel_l2(got, want) < 1e-3
     assert rel_l2(whole, want) > 1e-3  # tiling changes the result: the check above is not vacuous
+
+
+# --- weight streaming and the memory plan --------------------------------------------------------------------------
+
+
+def test_streamable_rtx_engines_build_here(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """engine.weight_streaming builds streamable TensorRT-RTX engines for sm_89 and sm_120 without a GPU; a
+    component's own ``weight_streaming: false`` wins; the manifest records the flag and the weight bytes."""
+    pytest.importorskip("tensorrt_rtx")
+    art = build_recipe(tmp_path_factory, "tiny-flux.yaml", "engine.backends=[tensorrt-rtx]",
+                       "engine.targets=[sm_89, sm_120]", "engine.weight_streaming=true",
+                       "components=[transformer, {name: vae_decoder, weight_streaming: false}]")  # fmt: skip
+    from dtcompile.manifest import read_manifest
+
+    m = read_manifest(art)
+    streamed = m.component("transformer").engines
+    assert sorted(e.arch for e in streamed) == ["sm_120", "sm_89"]
+    for e in streamed:
+        assert e.weight_streaming is True
+        assert e.weights_size is not None and 0 < e.weights_size < e.size
+    for e in m.component("vae_decoder").engines:
+        assert e.weight_streaming is None and e.weights_size is None
+
+
+def _entry(name: str, streams: bool) -> Any:
+    from dtcompile.manifest import EngineEntry
+
+    return EngineEntry(backend="tensorrt-rtx", arch="sm_89", file=f"tensorrt-rtx/sm_89/{name}.engine",
+                       sha256="0" * 64, size=1, weights_size={"transformer": 800, "text_encoder_2": 300,
+                       "vae_decoder": 100}[name] * 2**20, device_memory_size=50 * 2**20,
+                       weight_streaming=streams or None)  # fmt: skip
+
+
+def _plan(components: Path, budget: str | None, residency: str | None = None, streams: tuple[str, ...] = ()) -> Any:
+    from dtcompile.manifest import read_manifest
+    from dtcompile.runtime.memory import parse_size, plan_memory
+
+    m = read_manifest(components)
+    entries = {n: _entry(n, n in streams) for n in ("text_encoder_2", "transformer", "vae_decoder")}
+    return plan_memory(
+        components, m, entries, residency=residency, budget=None if budget is None else parse_size(budget)
+    )
+
+
+def test_memory_plan_budgets(components: Path) -> None:
+    mib = 2**20
+    plan = _plan(components, None)
+    assert (plan.residency, plan.peak) == ("all", (850 + 350 + 150) * mib)  # weights + recorded workspace
+    assert _plan(components, "2GiB").residency == "all"  # everything fits
+    seq = _plan(components, "1GiB")
+    assert (seq.residency, seq.peak, seq.budgets) == ("sequential", 850 * mib, {})  # one at a time fits
+    streamed = _plan(components, "600MiB", streams=("transformer",))
+    assert streamed.residency == "sequential"
+    assert streamed.budgets == {"transformer": 550 * mib}  # the budget less its workspace
+    shared = _plan(components, "1GiB", "all", streams=("transformer",))
+    # resident beside it: text_encoder_2 350 MiB and vae_decoder 150 MiB, and its own 50 MiB workspace
+    assert shared.budgets == {"transformer": (1024 - 350 - 150 - 50) * mib}
+    with pytest.raises(UnsupportedError) as e:
+        _plan(components, "600MiB")
+    assert str(e.value) == (
+        "--device-memory 600.0 MiB: component transformer needs 850.0 MiB resident (weights 800.0 MiB + workspace "
+        "50.0 MiB) and its engine cannot stream weights; give a larger budget or rebuild it with "
+        "engine.weight_streaming: true"
+    )
+    with pytest.raises(UnsupportedError, match=r"^--device-memory 400\.0 MiB: with --residency all, 550\.0 MiB cannot "
+                       r"stream .* the largest: component text_encoder_2, 350\.0 MiB\)"):  # fmt: skip
+        _plan(components, "400MiB", "all", streams=("transformer",))
+
+
+def test_inspect_memory(components: Path) -> None:
+    from click.testing import CliRunner
+
+    from dtcompile.cli import cli
+
+    res = CliRunner().invoke(cli, ["inspect", "--memory", str(components)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].split()[:3] == ["component", "backend", "weights"]
+    assert {ln.split()[0] for ln in lines[1:-1]} == {"text_encoder", "text_encoder_2", "transformer", "vae_decoder"}
+    assert all("estimate" in ln for ln in lines[1:-1])  # onnxruntime records no workspace: estimated
+    assert lines[-1].startswith("residency all (every component at once): peak ")
+    res = CliRunner().invoke(cli, ["inspect", "--memory", str(components), "--device-memory", "8GiB"])
+    assert res.exit_code != 0 and "onnxruntime runs" in str(res.exception)
+    res = CliRunner().invoke(cli, ["inspect", str(components), "--device-memory", "8GiB"])
+    assert res.exit_code == 2 and "go with --memory" in res.output
+
+
+# --- on a GPU: a streamed engine at 25%, 50% and 100% of its streamable weights --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def streamed_gpu(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fixtures.gpu import build_for_gpu
+
+    return build_for_gpu("tiny-flux", tmp_path_factory.mktemp("ws-gpu"), "engine.weight_streaming=true")
+
+
+def _on_gpu(fn: Any) -> Any:
+    for mark in requires_trt:  # gpu, and skips naming the reason where CUDA or a TensorRT flavour is absent
+        fn = mark(fn)
+    return fn
+
+
+@pytest.mark.parametrize("percent", [25, 50, 100])
+@_on_gpu
+def test_weight_streaming_budget_on_gpu(streamed_gpu: Path, percent: int, request: pytest.FixtureRequest) -> None:
+    """The transformer engine under a budget of ``percent`` of its streamable weights: the same noise predictions
+    as at 100% (TensorRT streams, it does not approximate) and the step time, recorded in the test report."""
+    import time
+
+    import torch
+
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.runtime.session import Session
+    from tests.fixtures.gpu import FLAVOUR
+
+    full = Session(streamed_gpu, FLAVOUR)
+    full.load()
+    streamable = full.module.runner.engine.streamable_weights_size
+    assert streamable > 0
+    budget = max(1, streamable * percent // 100)
+    session = Session(streamed_gpu, FLAVOUR)
+    session.residency.budgets["transformer"] = budget
+    session.load()
+    assert session.module.runner.engine.weight_streaming_budget_v2 == budget
+    req = dict(steps=4, seed=0)
+    ref = full.generate(full.request(PROMPT, **req), trace=True)
+    t0 = time.perf_counter()
+    got = session.generate(session.request(PROMPT, **req), trace=True)
+    torch.cuda.synchronize()
+    per_step = (time.perf_counter() - t0) / 4
+    for a, b in zip(got.trace, ref.trace, strict=True):
+        assert rel_l2(a.float(), b.float()) < 1e-3
+    request.node.user_properties.append(("step_s", per_step))

@@ -8,8 +8,9 @@ or one ``UnsupportedError`` line naming the component the budget cannot hold.
 
 Where the figures come from:
 
-- weights: the engine entry's ``weights_size`` (the graph's initializer bytes, recorded at build), else the engine
-  file's size (an onnxruntime engine: the graph plus its external data).
+- weights: the engine entry's ``weights_size`` (the graph's initializer bytes, recorded for streamable builds),
+  else the size of the component's ONNX graph and its external data (initializers dominate it), else the engine
+  file's (a TensorRT-RTX engine file also holds kernels, so it overstates the weights).
 - workspace: the engine entry's ``device_memory_size`` where a build on a GPU recorded it, else an estimate from
   the profile: ONNX shape inference of the component's graph at the profile's max shapes, then 3 x the largest
   intermediate tensor (an operator's input, its output and one temporary alive at once). Labelled ``estimate``.
@@ -138,14 +139,14 @@ def component_memory(artifact_dir: Path, manifest: Manifest, name: str, entry: E
     """``name``'s weights and workspace as ``entry`` (the engine the run selects) records or estimates them."""
     centry = manifest.component(name)
     weights = entry.weights_size
-    if weights is None:
-        weights = entry.size
-        if entry.backend == "onnxruntime" and centry.onnx is not None:
-            weights += sum(x.size for x in centry.onnx.external_data)
+    if weights is None:  # the graph's files (initializers dominate them), else the engine file
+        onnx_entry = centry.onnx
+        weights = entry.size if onnx_entry is None else onnx_entry.size + sum(x.size for x in onnx_entry.external_data)
     if entry.device_memory_size is not None:
         workspace, source = entry.device_memory_size, "engine"
     else:
-        profile = (centry.profile or {}).get("max") or (entry.profile or {}).get("max") or {}
+        ranges = centry.profile or entry.profile or {}
+        profile = {k: v["max"] for k, v in ranges.items() if isinstance(v, dict) and "max" in v}
         onnx = centry.onnx.file if centry.onnx is not None else None
         workspace = activation_estimate(str(artifact_path(artifact_dir, onnx)), _key(profile)) if onnx else 0
         source = "estimate"
@@ -252,11 +253,12 @@ def _fit_all(comps: tuple[ComponentMemory, ...], budget: int, flag: str) -> Memo
     streaming = [c for c in comps if c.streamable]
     room = budget - fixed
     if not streaming or room <= 0:
-        largest = max((c for c in comps if not c.streamable), key=lambda c: c.need, default=comps[0])
+        held = {c.name: c.workspace if c.streamable else c.need for c in comps}
+        largest = max(held, key=lambda n: held[n])
         raise UnsupportedError(
-            f"{flag} {format_size(budget)}: with --residency all, {format_size(fixed)} cannot stream (the largest: "
-            f"component {largest.name}, {format_size(largest.need)}); give a larger budget, use --residency "
-            "sequential or rebuild with engine.weight_streaming: true"
+            f"{flag} {format_size(budget)}: with --residency all, {format_size(fixed)} cannot stream (workspaces and "
+            f"non-streamable weights; the largest: component {largest}, {format_size(held[largest])}); give a larger "
+            "budget, use --residency sequential or rebuild with engine.weight_streaming: true"
         )
     total = sum(c.weights for c in streaming)
     share = {c.name: room * c.weights // total for c in streaming}
@@ -294,3 +296,26 @@ def session_residency(
     plan = plan_memory(artifact_dir, manifest, entries, residency=residency, budget=budget, flag=flag)
     log.info("memory plan: %s", "; ".join(plan.lines()[1:]))
     return Residency(plan.residency, plan.budgets), plan
+
+
+def planned_entries(manifest: Manifest, backend: str = "auto", arch: str | None = None) -> dict[str, EngineEntry]:
+    """Component -> the engine a plan is for: the one a run on this machine selects (``runtime.engines``), or, with
+    ``arch``, the ``backend`` engine built for that arch (auto: the first TensorRT flavour built for it), so that a
+    plan for another machine's GPU can be made here. ArtifactError naming what the artifact has otherwise."""
+    from dtcompile.core.errors import ArtifactError
+    from dtcompile.core.targets import gpu_arch
+    from dtcompile.runtime.engines import select_engine
+
+    names = manifest.component_names()
+    if arch is None:
+        gpu = gpu_arch()
+        return {n: select_engine(manifest, n, backend, gpu) for n in names}
+    out = {}
+    for n in names:
+        engines = manifest.component(n).engines
+        match = [e for e in engines if e.arch == arch and (backend == "auto" or e.backend == backend)]
+        if not match:
+            have = ", ".join(sorted({e.target for e in engines})) or "none"
+            raise ArtifactError(f"--arch {arch}: {manifest.name}'s {n} has no engine for it (it has: {have})")
+        out[n] = match[0]
+    return out

@@ -7,6 +7,7 @@ cannot be built here, the attention mode the export emits, and the quant, cache 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,13 @@ class Plan:
     @property
     def settings(self) -> BuildSettings:
         return BuildSettings(refittable=self.recipe.engine.refittable, opt_level=self.recipe.engine.opt_level)
+
+    def settings_for(self, component: str) -> BuildSettings:
+        """``settings`` with the component's own ``weight_streaming`` (``components[i]``, else ``engine``'s)."""
+        spec = next((c for c in self.recipe.components if c.name == component), None)
+        own = spec.weight_streaming if spec is not None else None
+        streaming = self.recipe.engine.weight_streaming if own is None else own
+        return dataclasses.replace(self.settings, weight_streaming=streaming)
 
     def buildable(self, *, engines_only: bool = False) -> list[PlannedTarget]:
         """Targets that will be built (``engines_only``: without the onnxruntime reference)."""
