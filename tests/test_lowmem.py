@@ -94,6 +94,18 @@ def test_cli_run_sequential_reports_swaps(components: Path, tmp_path: Path) -> N
     assert "transformer load" in res.output
 
 
+def test_bench_reports_swap_times(components: Path) -> None:
+    from dtcompile.tools.bench import bench_artifact, format_report
+
+    report = bench_artifact(components, ("onnxruntime",), steps=1, repeat=1, warmup=0, threads=1,
+                            residency="sequential")  # fmt: skip
+    assert report["settings"]["residency"] == "sequential"
+    engine = next(r for r in report["results"] if r["name"] == "onnxruntime")
+    assert set(engine["swaps"]) == {"text_encoder", "text_encoder_2", "transformer", "vae_decoder"}
+    assert engine["swaps"]["transformer"]["loads"] == 1 and engine["swap_median_s"] > 0
+    assert "onnxruntime swaps (residency sequential" in format_report(report)
+
+
 def test_residency_and_budget_errors(components: Path) -> None:
     from dtcompile.runtime.session import Session
 
@@ -234,22 +246,36 @@ def test_wan_video_vae_tiling_matches_diffusers() -> None:
 
 
 def test_streamable_rtx_engines_build_here(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """engine.weight_streaming builds streamable TensorRT-RTX engines for sm_89 and sm_120 without a GPU; a
-    component's own ``weight_streaming: false`` wins; the manifest records the flag and the weight bytes."""
+    """engine.weight_streaming builds streamable TensorRT-RTX engines for sm_89 and sm_120 without a GPU; the
+    manifest records the flag and the weight bytes."""
     pytest.importorskip("tensorrt_rtx")
     art = build_recipe(tmp_path_factory, "tiny-flux.yaml", "engine.backends=[tensorrt-rtx]",
-                       "engine.targets=[sm_89, sm_120]", "engine.weight_streaming=true",
-                       "components=[transformer, {name: vae_decoder, weight_streaming: false}]")  # fmt: skip
+                       "engine.targets=[sm_89, sm_120]", "engine.weight_streaming=true")  # fmt: skip
     from dtcompile.manifest import read_manifest
 
-    m = read_manifest(art)
-    streamed = m.component("transformer").engines
+    streamed = read_manifest(art).component("transformer").engines
     assert sorted(e.arch for e in streamed) == ["sm_120", "sm_89"]
     for e in streamed:
         assert e.weight_streaming is True
         assert e.weights_size is not None and 0 < e.weights_size < e.size
-    for e in m.component("vae_decoder").engines:
-        assert e.weight_streaming is None and e.weights_size is None
+
+
+def test_weight_streaming_per_component() -> None:
+    """A component's own ``weight_streaming`` wins over ``engine.weight_streaming``; the artifact key changes only
+    where streaming is asked for."""
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.plan import Plan
+    from tests.fixtures.builds import ROOT
+
+    path = ROOT / "recipes" / "tiny-flux-components.yaml"
+    recipe = load_recipe(path, ["engine.weight_streaming=true",
+                                "components=[transformer, {name: vae_decoder, weight_streaming: false}]"])  # fmt: skip
+    plan = Plan(recipe=recipe, source=None, out_dir=Path("x"), base_dir=None, recipe_path=None)  # type: ignore[arg-type]
+    assert plan.settings_for("transformer").weight_streaming is True
+    assert plan.settings_for("vae_decoder").weight_streaming is False
+    plain = load_recipe(path)
+    assert "weight_streaming" not in plain.engine_fields()["engine"]  # earlier artifacts keep their keys
+    assert all("tile" not in c and "weight_streaming" not in c for c in plain.engine_fields()["components"])
 
 
 def _entry(name: str, streams: bool) -> Any:

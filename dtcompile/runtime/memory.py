@@ -169,6 +169,12 @@ def activation_estimate(onnx_path: str, max_shapes: tuple[tuple[str, tuple[int, 
         model = onnx.load(onnx_path, load_external_data=False)
     except Exception:  # an unreadable graph: the run's own checks report it
         return 0
+    for init in model.graph.initializer:  # weights carry no shapes inference needs: keep its copy of the graph small
+        if len(init.raw_data) > 4096:
+            init.ClearField("raw_data")
+            init.data_location = onnx.TensorProto.EXTERNAL
+            entry = init.external_data.add()
+            entry.key, entry.value = "location", "stripped"
     shapes = dict(max_shapes)
     for inp in model.graph.input:
         if inp.name in shapes:

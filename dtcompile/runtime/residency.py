@@ -30,6 +30,8 @@ log = logging.getLogger("dtcompile.run")
 
 #: The ``--residency`` choices.
 RESIDENCIES = ("all", "sequential")
+#: Swaps kept until ``take_swaps`` (a generation's are a handful).
+MAX_KEPT = 1024
 
 
 def check_residency(value: str, flag: str = "--residency") -> str:
@@ -132,6 +134,8 @@ class Residency:
 
     def record(self, name: str, action: Literal["load", "release"], seconds: float) -> None:
         self.swaps.append(Swap(name, action, seconds))
+        if len(self.swaps) > MAX_KEPT:  # a server calling the pipeline itself never takes them: keep the latest
+            del self.swaps[: len(self.swaps) - MAX_KEPT]
         log.info("residency: %s %s in %.3fs", action, name, seconds)
 
     def take_swaps(self) -> list[Swap]:

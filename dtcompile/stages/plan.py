@@ -118,6 +118,7 @@ def make_plan(recipe: Recipe, recipe_path: str | Path | None = None) -> Plan:
     plan.targets = _plan_targets(recipe, plan.settings)
     if recipe.components and adapter is not None:
         aux = aux_components(recipe, adapter)
+        _check_tiles(plan, aux)
         plan.notes.append(
             "components: "
             + ", ".join([adapter.component, *(f"{c.name} ({_precision(c, recipe)})" for c in aux)])
@@ -222,6 +223,20 @@ def _plan_quant(plan: Plan, spec: QuantSpec) -> None:
 def _precision(spec: ComponentSpec, recipe: Recipe) -> str:
     dtype = spec.dtype or recipe.dtype
     return dtype if spec.quant is None else f"{spec.quant}, {dtype} compute"
+
+
+def _check_tiles(plan: Plan, aux: list[ComponentSpec]) -> None:
+    """A tiled VAE decoder's tile, from the VAE's config before any weights load: a size diffusers' tiled decode
+    can make (``core.tiles.check_tile``; the export checks it again with the pipeline's own scale factor)."""
+    from dtcompile.core.tiles import check_tile
+
+    for spec in aux:
+        if spec.tile is None:
+            continue
+        blocks = (component_config(plan.source, "vae") or {}).get("block_out_channels")
+        if isinstance(blocks, list) and blocks:
+            check_tile(spec.tile, 2 ** (len(blocks) - 1), "components: vae_decoder tile")
+        plan.notes.append(f"vae_decoder: built for {spec.tile} px tiles, larger images decode tile by tile")
 
 
 def aux_components(recipe: Recipe, adapter: ModelAdapter) -> list[ComponentSpec]:
