@@ -388,3 +388,38 @@ def test_weight_streaming_budget_on_gpu(streamed_gpu: Path, percent: int, reques
     for a, b in zip(got.trace, ref.trace, strict=True):
         assert rel_l2(a.float(), b.float()) < 1e-3
     request.node.user_properties.append(("step_s", per_step))
+
+
+@_on_gpu
+def test_device_memory_sets_the_streaming_budget_on_gpu(streamed_gpu: Path) -> None:
+    """``device_memory`` below what the transformer needs: sequential residency, and the transformer's engine gets
+    the plan's budget (its need less half its weights, less its workspace), and still generates."""
+    from dtcompile.runtime.memory import plan_memory, planned_entries
+    from dtcompile.runtime.session import Session
+    from tests.fixtures.gpu import FLAVOUR
+
+    probe = Session(streamed_gpu, FLAVOUR)
+    full = plan_memory(streamed_gpu, probe.manifest, planned_entries(probe.manifest, FLAVOUR))
+    t = next(c for c in full.components if c.name == "transformer")
+    others = max(c.need for c in full.components if c.name != "transformer")
+    budget = max(t.need - t.weights // 2, others)
+    session = Session(streamed_gpu, FLAVOUR, device_memory=budget)
+    assert session.residency.policy == "sequential"
+    assert session.residency.budgets == {"transformer": budget - t.workspace}
+    seen: list[int] = []
+    resident = session.residency.runners["transformer"]
+    session.load().transformer.register_forward_hook(
+        lambda *_: seen.append(resident.runner.engine.weight_streaming_budget_v2)
+    )
+    result = session.generate(session.request(PROMPT, steps=2, seed=0))
+    assert result.image.size[0] > 0
+    assert seen == [budget - t.workspace] * 2  # while the transformer ran, under the plan's budget
+
+
+def test_serve_options_carry_residency(components: Path) -> None:
+    from dtcompile.serve.models import ServedModel, ServeOptions
+
+    model = ServedModel.open(components, ServeOptions(backend="onnxruntime", residency="sequential"))
+    assert model.session.residency.policy == "sequential"
+    with pytest.raises(UnsupportedError, match="^--device-memory: onnxruntime runs"):
+        ServedModel.open(components, ServeOptions(backend="onnxruntime", device_memory="8GiB"))
