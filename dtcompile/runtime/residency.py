@@ -79,6 +79,10 @@ class ResidentRunner:
             return
         t0 = time.perf_counter()
         self.runner = None  # the only reference: the session (or TensorRT context and engine) is freed now
+        if str(self.device) != "cpu":  # hand torch's cached blocks (its outputs) back for the next engine's own
+            import torch
+
+            torch.cuda.empty_cache()
         self.owner.record(self.name, "release", time.perf_counter() - t0)
 
     def prepare(self) -> Any:
