@@ -12,7 +12,8 @@ Where the figures come from:
   else the size of the component's ONNX graph and its external data (initializers dominate it), else the engine
   file's (a TensorRT-RTX engine file also holds kernels, so it overstates the weights).
 - workspace: the engine entry's ``device_memory_size`` where a build on a GPU recorded it, else an estimate from
-  the profile: ONNX shape inference of the component's graph at the profile's max shapes, then 3 x the largest
+  the profile: shape inference of the component's graph at the profile's max shapes (onnxruntime's symbolic
+  inference, else ONNX's), then 3 x the largest
   intermediate tensor (an operator's input, its output and one temporary alive at once). Labelled ``estimate``.
 - streamable: built with ``engine.weight_streaming`` (TensorRT only). How much of an engine can stream
   (``ICudaEngine.streamable_weights_size``) is known only once it is deserialised, on a GPU: the plan treats
@@ -157,10 +158,27 @@ def _key(profile: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return tuple(sorted((k, tuple(int(d) for d in v)) for k, v in profile.items()))
 
 
+def _infer_shapes(model: Any) -> Any:
+    """onnxruntime's symbolic shape inference (it resolves the Reshape targets a transformer computes), else
+    ONNX's own; None when neither runs on the graph."""
+    import onnx
+
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # not installed, or an op it does not know: ONNX's inference
+        pass
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # shape inference gives up on some custom ops: no estimate rather than a wrong one
+        return None
+
+
 @functools.lru_cache(maxsize=64)
 def activation_estimate(onnx_path: str, max_shapes: tuple[tuple[str, tuple[int, ...]], ...]) -> int:
-    """3 x the largest intermediate tensor of the graph at ``max_shapes`` (ONNX shape inference; the weights
-    are not read). 0 when onnx is missing or inference resolves no shape."""
+    """3 x the largest intermediate tensor of the graph at ``max_shapes`` (shape inference, ``_infer_shapes``; the
+    weights are not read). 0 when onnx is missing or inference resolves no shape."""
     try:
         import onnx
     except ImportError:
@@ -169,12 +187,16 @@ def activation_estimate(onnx_path: str, max_shapes: tuple[tuple[str, tuple[int, 
         model = onnx.load(onnx_path, load_external_data=False)
     except Exception:  # an unreadable graph: the run's own checks report it
         return 0
-    for init in model.graph.initializer:  # weights carry no shapes inference needs: keep its copy of the graph small
-        if len(init.raw_data) > 4096:
-            init.ClearField("raw_data")
-            init.data_location = onnx.TensorProto.EXTERNAL
-            entry = init.external_data.add()
-            entry.key, entry.value = "location", "stripped"
+    # weights carry no shapes inference needs: as typed graph inputs, their data is never read (small ones, which
+    # may be Reshape targets, stay)
+    kept = []
+    for init in model.graph.initializer:
+        if len(init.raw_data) > 4096 or init.data_location == onnx.TensorProto.EXTERNAL:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            kept.append(init)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
     shapes = dict(max_shapes)
     for inp in model.graph.input:
         if inp.name in shapes:
@@ -182,9 +204,8 @@ def activation_estimate(onnx_path: str, max_shapes: tuple[tuple[str, tuple[int, 
             for d, v in zip(dims, shapes[inp.name], strict=False):
                 d.ClearField("dim_param")
                 d.dim_value = v
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # shape inference gives up on some custom ops: no estimate rather than a wrong one
+    inferred = _infer_shapes(model)
+    if inferred is None:
         return 0
     itemsize = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
                 onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4}  # fmt: skip
