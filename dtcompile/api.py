@@ -52,6 +52,8 @@ def load_pipeline(
     verify: bool | str = True,
     cache: bool | None = None,
     parallel: str | None = None,
+    residency: str | None = None,
+    device_memory: str | int | None = None,
 ) -> Any:
     """The artifact's diffusers pipeline with its engines standing in for their components.
 
@@ -62,6 +64,8 @@ def load_pipeline(
     built ones (said once in the log), values outside it raise UnsupportedError naming the argument.
     ``parallel="cfg=2"``: this process is one of two ranks started by ``torchrun --nproc-per-node 2``, each
     running the same script; each computes one guidance branch (docs/parallel.md).
+    ``residency="sequential"``: only the component that runs has its engine loaded; ``device_memory="16GiB"``:
+    a device budget that picks the residency and streamable engines' budgets (docs/memory.md).
     """
     from dtcompile.runtime.session import Session
 
@@ -70,7 +74,9 @@ def load_pipeline(
         from dtcompile.runtime.parallel import ParallelSpec
 
         spec = ParallelSpec.parse(parallel, flag="parallel=")
-    return Session(artifact, backend, verify=verify, cache=cache, parallel=spec).load()
+    session = Session(artifact, backend, verify=verify, cache=cache, parallel=spec, residency=residency,
+                      device_memory=device_memory)  # fmt: skip
+    return session.load()
 
 
 def refit(

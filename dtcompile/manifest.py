@@ -132,6 +132,9 @@ class EngineEntry(_Strict):
     outputs: list[TensorSpec] | None = None
     plugins: list[dict[str, Any]] | None = None
     build_s: Num | None = None
+    weight_streaming: bool | None = None  # built streamable (BuilderFlag.WEIGHT_STREAMING); docs/memory.md
+    weights_size: int | None = Field(default=None, ge=0)  # bytes of the graph's weights (initializers)
+    device_memory_size: int | None = Field(default=None, ge=0)  # activation workspace, where a GPU build recorded it
 
     @model_validator(mode="after")
     def _file_matches_target(self) -> EngineEntry:
@@ -228,6 +231,7 @@ class AuxEntry(ComponentEntry):
 
     role: Literal["text_encoder", "vae_decoder"]
     attr: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")] | None = None
+    tile: dict[str, Any] | None = None  # a tiled VAE decoder: core.tiles.TileSpec.to_json()
 
 
 def _component_kind(value: Any) -> str:

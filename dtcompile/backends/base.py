@@ -26,6 +26,7 @@ class BuildSettings:
 
     refittable: bool = False
     opt_level: int = 3
+    weight_streaming: bool = False  # TensorRT: BuilderFlag.WEIGHT_STREAMING (docs/memory.md)
 
 
 @dataclass(frozen=True)

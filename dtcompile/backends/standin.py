@@ -226,9 +226,16 @@ class VaeDecoderModule(_EngineCalls):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise UnsupportedError("the VAE engine only decodes (vae.decode); vae(...) needs the torch VAE")
 
+    #: set by the runtime for a VAE engine built for tiles (``runtime.tiling.tiler``): (latent, engine call) -> sample
+    tiler: Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor] | None = None
+
     def decode(self, z: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
         kwargs.pop("generator", None)  # diffusers passes one for sampling; decoding is deterministic
-        sample = self.run(self.graph_feeds({"latent": z, **kwargs}))["sample"]
+
+        def engine(latent: torch.Tensor) -> torch.Tensor:
+            return self.run(self.graph_feeds({"latent": latent, **kwargs}))["sample"]
+
+        sample = engine(z) if self.tiler is None else self.tiler(z, engine)
         if self.trace is not None:
             self.trace.append(sample.detach().clone())
         if not return_dict:

@@ -65,6 +65,8 @@ class EngineInfo:
     strongly_typed: bool
     opt_level: int
     plugins: tuple[dict[str, str], ...] = ()  # plugin records (dtcompile.attention.plugin.register_build_plugins)
+    weight_streaming: bool = False
+    weights_size: int | None = None  # bytes of the network's weights (recorded for streamable engines)
 
     def to_manifest(self, artifact_dir: Path) -> dict[str, Any]:
         """The manifest entry: file relative to ``artifact_dir`` and every field that describes the engine.
@@ -89,6 +91,8 @@ class EngineInfo:
             "inputs": [_io_json(t) for t in self.inputs],
             "outputs": [_io_json(t) for t in self.outputs],
             "plugins": [dict(p) for p in self.plugins],
+            # streamable engines only, so that other engines' entries stay as they were
+            **({"weight_streaming": True, "weights_size": self.weights_size} if self.weight_streaming else {}),
         }
 
 
@@ -231,12 +235,18 @@ def _parse_network(
     return builder, network, parser
 
 
-def _builder_config(trt: Any, builder: Any, arch: str, flavour: str, refittable: bool, opt_level: int) -> Any:
-    """The builder config: optimization level, REFIT, and the one compute capability of a tensorrt-rtx build."""
+def _builder_config(
+    trt: Any, builder: Any, arch: str, flavour: str, refittable: bool, opt_level: int, weight_streaming: bool = False
+) -> Any:
+    """The builder config: optimization level, REFIT, WEIGHT_STREAMING and the one compute capability of a
+    tensorrt-rtx build."""
     config = builder.create_builder_config()
     config.builder_optimization_level = opt_level
     if refittable:
         config.set_flag(trt.BuilderFlag.REFIT)
+    if weight_streaming:
+        # weights may then stay in host memory and stream in under ICudaEngine.weight_streaming_budget_v2
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     if flavour == RTX_BACKEND:
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(trt.ComputeCapability, cc_name(arch)), 0)
@@ -254,6 +264,7 @@ def engine_from_onnx(
     refittable: bool = False,
     opt_level: int = 3,
     timing_cache: Path | None = None,
+    weight_streaming: bool = False,
 ) -> EngineInfo:
     """Build a serialized engine for ``arch`` from an ONNX file and write it atomically to ``out_path``.
 
@@ -268,6 +279,9 @@ def engine_from_onnx(
         opt_level: builder optimization level, 0-5.
         timing_cache: datacenter tensorrt only: loaded if it exists and written back after the build;
             TensorRT-RTX has no timing cache (its timing-cache calls are no-ops), so it is ignored there.
+        weight_streaming: build with BuilderFlag.WEIGHT_STREAMING (the runtime may then give the engine a
+            device budget smaller than its weights); the entry records ``weights_size``, the network's weight
+            bytes. How many of them can stream (``streamable_weights_size``) needs the deserialised engine (a GPU).
 
     Raises:
         UnsupportedError, MissingDependencyError: see ``check_build_target``.
@@ -297,7 +311,7 @@ def engine_from_onnx(
     outputs = tuple(_tensor_spec(network.get_output(i)) for i in range(network.num_outputs))
     log.info("build %s: parsed %d layers in %.1f s", out_path.name, network.num_layers, time.perf_counter() - t0)
 
-    config = _builder_config(trt, builder, arch, flavour, refittable, opt_level)
+    config = _builder_config(trt, builder, arch, flavour, refittable, opt_level, weight_streaming)
     config.add_optimization_profile(_optimization_profile(builder, inputs, profile, onnx_path))
     if timing_cache is not None:
         if is_rtx:
@@ -335,6 +349,8 @@ def engine_from_onnx(
         strongly_typed=strongly_typed,
         opt_level=opt_level,
         plugins=plugins,
+        weight_streaming=weight_streaming,
+        weights_size=_weights_size(onnx_path) if weight_streaming else None,
     )
     log.info(
         "build %s: %.1f MiB for %s in %.1f s, peak RSS %.0f MiB; wrote %s",
@@ -357,7 +373,7 @@ class TrtRunner:
     Attributes: ``input_names``, ``output_names``, ``device`` (the current CUDA device), ``engine``, ``context``.
     """
 
-    def __init__(self, engine_path: Path, flavour: str) -> None:
+    def __init__(self, engine_path: Path, flavour: str, *, weight_streaming_budget: int | None = None) -> None:
         engine_path = Path(engine_path)
         if not engine_path.is_file():
             raise ArtifactError(f"engine file not found: {engine_path}")
@@ -383,6 +399,10 @@ class TrtRunner:
                 f"cannot deserialize {engine_path} with {flavour} {trt.__version__} on this {device} GPU "
                 f"(built for another arch or TensorRT version?): {first}"
             )
+        if weight_streaming_budget is not None:  # a streamable engine under a device budget (runtime.memory's plan)
+            self.engine.weight_streaming_budget_v2 = int(weight_streaming_budget)
+            log.info("%s: weight streaming budget %.0f MiB of %.0f MiB streamable", engine_path.name,
+                     weight_streaming_budget / 2**20, self.engine.streamable_weights_size / 2**20)  # fmt: skip
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise ArtifactError(f"cannot create an execution context for {engine_path} (out of GPU memory?)")
@@ -450,12 +470,14 @@ class TensorRTBackend:
             path,
             refittable=settings.refittable,
             opt_level=settings.opt_level,
+            weight_streaming=settings.weight_streaming,
         )
         return {**info.to_manifest(job.artifact_dir), "build_s": round(info.build_s, 2)}
 
     def open_runner(self, path: Path, entry: dict[str, Any], *, threads: int | None = None) -> TrtRunner:
-        """A ``TrtRunner`` (needs a CUDA GPU of the engine's arch; ``threads`` does not apply)."""
-        return TrtRunner(path, self.name)
+        """A ``TrtRunner`` (needs a CUDA GPU of the engine's arch; ``threads`` does not apply); the entry's
+        ``weight_streaming_budget`` (bytes, from ``runtime.residency``) is set before its context is created."""
+        return TrtRunner(path, self.name, weight_streaming_budget=entry.get("weight_streaming_budget"))
 
     def refit(
         self, engine_path: Path, updates: dict[str, Any], out_path: Path, missing: Callable[[str], Any]
@@ -614,6 +636,20 @@ def _torch_dtype(torch: Any, trt_dtype: Any) -> Any:
     if dtype is None:
         raise ArtifactError(f"engine tensor type {trt_dtype.name} has no torch equivalent")
     return dtype
+
+
+def _weights_size(onnx_path: Path) -> int:
+    """Bytes of the graph's initializers (their shapes and types; the data is not read)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        n = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 1
+        for d in t.dims:
+            n *= d
+        total += n
+    return total
 
 
 __all__ = [

@@ -29,6 +29,8 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here (+ a PNG beside).")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the engine and the source model.")
 @click.option("--parallel", help="cfg=2: step latency with the guidance branches on 2 ranks against 1 rank.")
+@click.option("--residency", type=click.Choice(("all", "sequential")), default="all", show_default=True,
+              help="sequential: engines load when their component runs and release after (swap times reported).")  # fmt: skip
 def bench(
     artifact: str,
     backends: tuple[str, ...],
@@ -45,6 +47,7 @@ def bench(
     json_path: str | None,
     no_verify: bool,
     parallel: str | None,
+    residency: str,
 ) -> None:
     """Run PyTorch and the artifact's engines interleaved on the same inputs; print latency, memory, ratios."""
     from pathlib import Path
@@ -82,6 +85,7 @@ def bench(
         seed=seed,
         verify=not no_verify,
         threads=threads,
+        residency=residency,
     )
     click.echo(format_report(report))
     if json_path:

@@ -12,15 +12,41 @@ import click
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest JSON.")
 @click.option("--verify", is_flag=True, help="Also check every file's sha256 against the manifest.")
-def inspect_cmd(artifact: str, as_json: bool, verify: bool) -> None:
+@click.option("--memory", is_flag=True, help="Print the memory plan: per component weights, workspace, residency.")
+@click.option("--device-memory", metavar="SIZE", help="--memory: plan for this device budget (e.g. 16GiB).")
+@click.option("--residency", type=click.Choice(("all", "sequential")), help="--memory: plan for this residency.")
+@click.option("--backend", default="auto", show_default=True, help="--memory: the engines' backend.")
+@click.option("--arch", help="--memory: plan for this GPU arch's engines (sm_XY), e.g. on a machine without it.")
+def inspect_cmd(
+    artifact: str,
+    as_json: bool,
+    verify: bool,
+    memory: bool,
+    device_memory: str | None,
+    residency: str | None,
+    backend: str,
+    arch: str | None,
+) -> None:
     """Show what an artifact holds: source, versions, engines per arch, shapes, stage costs."""
     from pathlib import Path
 
     from dtcompile.cli.summary import echo_engines, echo_not_built
     from dtcompile.manifest import AuxEntry, Verifier, read_manifest
 
+    if not memory and (device_memory or residency or arch or backend != "auto"):
+        raise click.UsageError("--device-memory, --residency, --backend and --arch go with --memory")
     root = Path(artifact)
     m = read_manifest(root)
+    if memory:
+        from dtcompile.runtime.memory import parse_size, plan_memory, planned_entries
+
+        budget = None if device_memory is None else parse_size(device_memory)
+        plan = plan_memory(root, m, planned_entries(m, backend, arch), residency=residency, budget=budget)
+        if as_json:
+            click.echo(json.dumps(plan.to_json(), indent=2))
+        else:
+            click.echo("\n".join(plan.lines()))
+        return
     if verify:  # every file hashed; the records let later runs skip the hash of unchanged files
         verifier = Verifier(root, "full")
         for file_entry in m.all_file_entries():

@@ -63,6 +63,11 @@ from dtcompile.runtime.run import BACKEND_CHOICES
     type=float,
     help="first_block and teacache artifacts: the skip threshold for this run (default: the recipe's).",
 )
+@click.option("--residency", type=click.Choice(("all", "sequential")),
+              help="sequential: only the running component's engine is loaded (docs/memory.md); "
+              "default: from --device-memory, else all.")  # fmt: skip
+@click.option("--device-memory", metavar="SIZE",
+              help="Device-memory budget, e.g. 16GiB: picks the residency and streamable engines' budgets.")  # fmt: skip
 def run(
     artifact: str,
     prompt: str,
@@ -82,6 +87,8 @@ def run(
     cache: str | None,
     cache_threshold: float | None,
     parallel: str | None,
+    residency: str | None,
+    device_memory: str | None,
 ) -> None:
     """Run the denoising loop with the artifact's engines and write an image or a video."""
     from dtcompile.runtime.limits import check_run_options
@@ -89,7 +96,8 @@ def run(
 
     check_run_options(guidance=guidance, fps=fps)  # documented ranges, before any engine loads
     session = Session(Path(artifact), backend, verify="size" if no_verify else verify,
-                      cache=None if cache is None else cache == "on", cache_threshold=cache_threshold)  # fmt: skip
+                      cache=None if cache is None else cache == "on", cache_threshold=cache_threshold,
+                      residency=residency, device_memory=device_memory)  # fmt: skip
     out, image_format = _output_file(out_path, session.video, frames)  # checked before the run
     image = None if image_path is None else _reference_image(image_path)
     settings: dict[str, Any] = {"steps": steps, "seed": seed, "height": height, "width": width, "guidance": guidance,
@@ -132,6 +140,10 @@ def run(
         from dtcompile.recipe.cache import stats_line
 
         click.echo(stats_line(result.cache_stats))
+    if result.swaps:
+        from dtcompile.runtime.residency import swap_line
+
+        click.echo(swap_line(session.residency.policy, result.swaps))
 
 
 def _reference_image(value: str) -> Any:

@@ -58,6 +58,11 @@ from dtcompile.runtime.run import BACKEND_CHOICES
               help="Seconds a url image is kept (unless the store is full).")  # fmt: skip
 @click.option("--url-store-mb", default=1024, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Memory for url images; when full the oldest are evicted (their urls answer 410).")  # fmt: skip
+@click.option("--residency", type=click.Choice(("all", "sequential")),
+              help="sequential: only the running component's engine is loaded (docs/memory.md); "
+              "default: from --device-memory, else all.")  # fmt: skip
+@click.option("--device-memory", metavar="SIZE",
+              help="Device-memory budget, e.g. 16GiB: picks the residency and streamable engines' budgets.")  # fmt: skip
 def serve(
     artifacts: tuple[str, ...],
     host: str,
@@ -86,6 +91,8 @@ def serve(
     public_url: str | None,
     url_ttl: float,
     url_store_mb: int,
+    residency: str | None,
+    device_memory: str | None,
 ) -> None:
     """Serve artifacts at /v1/images/generations, /v1/videos (video artifacts), /v1/models, /health, /ready and
     /metrics."""
@@ -125,6 +132,8 @@ def serve(
         public_url=_public_url(public_url, host, port),
         url_ttl=url_ttl,
         url_max_bytes=url_store_mb << 20,
+        residency=residency,
+        device_memory=device_memory,
     )
     api_key = read_api_key(api_key_env)
     if ray_replicas is not None:

@@ -15,6 +15,7 @@ h/f x w/f) in, ``sample`` (batch x 3 x h x w) out, as ``vae.decode(latent)`` com
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, ShapeProfile, Shapes, TensorSpec
+from dtcompile.core.tiles import TileSpec
 from dtcompile.models.examples import ExampleSampler, model_config
 
 if TYPE_CHECKING:
@@ -264,13 +266,16 @@ class VaeDecoderGraph:
     """``vae.decode``: latents (batch x C x height/f x width/f) in, the image (batch x 3 x height x width) out.
 
     ``scale_factor`` is the pipeline's ``vae_scale_factor`` (pixels per latent); the batch is the recipe's
-    images per call (``shapes.batch``).
+    images per call (``shapes.batch``). ``tile`` (pixels, ``components[i].tile``): the graph is built for tiles
+    of at most that size (down to one latent, for the edge tiles) and the runtime decodes larger latents tile by
+    tile (``dtcompile.runtime.tiling``).
     """
 
     scale_factor: int
     name: str = "vae_decoder"
     attr: str = "vae"
     role: str = "vae_decoder"
+    tile: int | None = None
 
     def module(self, pipe: Any) -> torch.nn.Module:
         return getattr(pipe, self.attr)
@@ -290,8 +295,24 @@ class VaeDecoderGraph:
             self._latent(width, "width"),
         )
 
+    def _tiled(self, shapes: Shapes) -> Shapes:
+        """``shapes`` with height and width the tile's range: one latent (an edge tile) up to the tile."""
+        if self.tile is None:
+            return shapes
+        TileSpec.kl(self.tile, self.scale_factor, "components: vae_decoder tile")  # a tile diffusers' geometry can make
+        for var in ("height", "width"):
+            r: Range = getattr(shapes, var)
+            if self.tile >= r.max:
+                raise UnsupportedError(
+                    f"components: vae_decoder tile {self.tile} is not below export.shapes.{var}.max {r.max}: nothing "
+                    "to tile; drop tile or raise the max"
+                )
+        r = Range(self.scale_factor, self.tile, self.tile)
+        return dataclasses.replace(shapes, height=r, width=r)
+
     def export_spec(self, module: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> ExportSpec:
         dt = dtype_name(dtype)
+        shapes = self._tiled(shapes)
         c, out_c = int(model_config(module).latent_channels), int(model_config(module).out_channels)
         opt = {"latent": self._shape(module, shapes.batch.opt, shapes.height.opt, shapes.width.opt)}
         return ExportSpec(
@@ -304,9 +325,16 @@ class VaeDecoderGraph:
         return _vae_wrapper_class()(module)
 
     def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
+        shapes = self._tiled(shapes)
         return ShapeProfile.over_ranges(
             lambda pick: {"latent": self._shape(module, pick(shapes.batch), pick(shapes.height), pick(shapes.width))}
         )
+
+    def tile_record(self) -> dict[str, Any] | None:
+        """The manifest's ``tile`` entry (``core.tiles.TileSpec``, AutoencoderKL's layout); None untiled."""
+        if self.tile is None:
+            return None
+        return TileSpec.kl(self.tile, self.scale_factor, "components: vae_decoder tile").to_json()
 
     def exporting(self, module: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()

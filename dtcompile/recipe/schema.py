@@ -128,6 +128,8 @@ class EngineSpec(_Strict):
     """TensorRT builder optimization level."""
     refittable: bool = False
     """Build engines whose weights `dtc refit` can replace (needs a GPU at build)."""
+    weight_streaming: bool = False
+    """Build TensorRT engines whose weights can stream from host memory under a device budget (docs/memory.md)."""
 
     @field_validator("targets")
     @classmethod
@@ -216,11 +218,22 @@ class ComponentSpec(_Strict):
     """Precision of this component's graph; null: the recipe's dtype."""
     quant: Literal["fp8", "int8", "nvfp4", "svdquant"] | None = None
     """Quantize this text encoder (fp8: T5 encoders); null: unquantized. The denoiser's is quant.format."""
+    tile: int | None = Field(default=None, gt=0)
+    """vae_decoder only: build the decoder for tiles of this many pixels (their 25% overlap included) and decode
+    larger images through it tile by tile, blended as diffusers' tiled decode does (docs/memory.md); null: whole."""
+    weight_streaming: bool | None = None
+    """Build this component's TensorRT engines streamable (docs/memory.md); null: engine.weight_streaming."""
 
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _tile_on_vae(self) -> ComponentSpec:
+        if self.tile is not None and self.name != "vae_decoder":
+            raise _ItemError("tile", f"only vae_decoder decodes in tiles, not {self.name}")
+        return self
 
     @field_validator("quant", mode="before")
     @classmethod
@@ -284,8 +297,11 @@ class Recipe(_Strict):
         if not data["components"]:  # the default (denoiser only) keeps the keys of earlier artifacts
             data.pop("components")
         for comp in data.get("components", []):  # unquantized components keep the keys of earlier artifacts
-            if comp["quant"] is None:
-                comp.pop("quant")
+            for key in ("quant", "tile", "weight_streaming"):  # (and untiled, unstreamed ones)
+                if comp[key] is None:
+                    comp.pop(key)
+        if not data["engine"]["weight_streaming"]:
+            data["engine"].pop("weight_streaming")
         if data["export"]["shapes"]["frames"] is None:  # image models: as before the frames axis
             data["export"]["shapes"].pop("frames")
         return data

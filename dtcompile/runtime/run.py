@@ -20,6 +20,7 @@ from dtcompile.core.targets import BACKENDS, REFERENCE_BACKEND, gpu_arch
 from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, artifact_path
 from dtcompile.models import adapter_for
 from dtcompile.runtime.engines import select_engine
+from dtcompile.runtime.residency import Residency, backend_device
 
 log = logging.getLogger("dtcompile.run")
 BACKEND_CHOICES = ("auto", *BACKENDS)
@@ -117,9 +118,17 @@ def check_reference(adapter: Any, image: Any, pipeline_class: str, *, flag: str 
 
 
 def _open_engine(
-    artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier, threads: int | None = None
+    artifact_dir: Path,
+    manifest: Manifest,
+    name: str,
+    backend: str,
+    verifier: Verifier,
+    threads: int | None = None,
+    residency: Residency | None = None,
 ) -> tuple[Any, EngineEntry]:
-    """The runner of component ``name``'s engine for this machine (its files checked first) and its entry."""
+    """The runner of component ``name``'s engine for this machine (its files checked first) and its entry;
+    with a ``residency``, the runner it hands out (opened on first call under ``sequential``, with the
+    component's weight-streaming budget where it has one)."""
     from dtcompile.backends import get_backend
 
     centry = manifest.component(name)
@@ -127,11 +136,24 @@ def _open_engine(
     path = verifier.check(entry)
     for extra in centry.onnx.external_data if centry.onnx and entry.backend == REFERENCE_BACKEND else []:
         verifier.check(extra)
-    return get_backend(entry.backend).open_runner(path, entry.to_json(), threads=threads), entry
+    if residency is None:
+        return get_backend(entry.backend).open_runner(path, entry.to_json(), threads=threads), entry
+    record = residency.engine_record(name, entry.to_json())
+    return residency.runner(
+        name,
+        functools.partial(get_backend(entry.backend).open_runner, path, record, threads=threads),
+        backend_device(entry.backend),
+    ), entry
 
 
 def denoiser_module(
-    artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier, threads: int | None = None
+    artifact_dir: Path,
+    manifest: Manifest,
+    name: str,
+    backend: str,
+    verifier: Verifier,
+    threads: int | None = None,
+    residency: Residency | None = None,
 ) -> tuple[Any, EngineEntry]:
     """The stand-in for a denoiser (one engine for the whole component) and its engine entry."""
     import torch
@@ -139,7 +161,7 @@ def denoiser_module(
     from dtcompile.backends.standin import EngineModule
 
     centry = manifest.component(name)
-    runner, entry = _open_engine(artifact_dir, manifest, name, backend, verifier, threads)
+    runner, entry = _open_engine(artifact_dir, manifest, name, backend, verifier, threads, residency)
     dtype = getattr(torch, manifest.dtype)
     module = EngineModule(
         runner, centry.config or {}, centry.input_names(), centry.output_name(), dtype, getattr(runner, "device", "cpu")
@@ -148,16 +170,22 @@ def denoiser_module(
 
 
 def aux_module(
-    artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier, threads: int | None = None
+    artifact_dir: Path,
+    manifest: Manifest,
+    name: str,
+    backend: str,
+    verifier: Verifier,
+    threads: int | None = None,
+    residency: Residency | None = None,
 ) -> Any:
     """The stand-in for an engine-backed text encoder or VAE decoder (``AuxEntry.role``)."""
     import torch
 
-    from dtcompile.backends.standin import STANDINS
+    from dtcompile.backends.standin import STANDINS, VaeDecoderModule
 
     centry = manifest.aux(name)  # the caller passes manifest.aux_names()
-    runner, _ = _open_engine(artifact_dir, manifest, name, backend, verifier, threads)
-    return STANDINS[centry.role](
+    runner, _ = _open_engine(artifact_dir, manifest, name, backend, verifier, threads, residency)
+    module = STANDINS[centry.role](
         runner,
         centry.config or {},
         centry.input_names(),
@@ -165,3 +193,9 @@ def aux_module(
         getattr(torch, centry.dtype or manifest.dtype),
         getattr(runner, "device", "cpu"),
     )
+    if centry.tile is not None and isinstance(module, VaeDecoderModule):  # built for tiles: larger latents tile
+        from dtcompile.core.tiles import TileSpec
+        from dtcompile.runtime.tiling import tiler
+
+        module.tiler = tiler(TileSpec.from_json(centry.tile))
+    return module

@@ -91,6 +91,7 @@ class Generation:
     engine_module: Any = None
     cache_stats: dict[str, Any] | None = None
     parallel: dict[str, Any] | None = None  # ranks, how the branches were split, bytes each rank sent per step
+    swaps: list[Any] = field(default_factory=list)  # runtime.residency.Swap: engine loads and releases of this run
 
     @property
     def image(self) -> Any:
@@ -106,7 +107,9 @@ class Session:
     split into block engines, skip cached blocks (None: yes); elsewhere it must not be True. Engines load on
     first use of ``pipe`` (or ``load()``); the manifest is read here, once. ``cache_threshold``: a first_block
     or teacache artifact's threshold for this session; ``parallel``: this process is one rank of a CFG-parallel
-    run (``runtime/parallel.py``); ``threads``: onnxruntime's intra-op threads per engine.
+    run (``runtime/parallel.py``); ``threads``: onnxruntime's intra-op threads per engine. ``residency``: "all"
+    or "sequential" (``runtime/residency.py``; None: chosen from ``device_memory``, a budget such as "16GiB" that
+    also sets streamable engines' budgets: ``runtime/memory.py``, docs/memory.md).
     """
 
     def __init__(
@@ -119,6 +122,8 @@ class Session:
         cache_threshold: float | None = None,
         parallel: ParallelSpec | None = None,
         threads: int | None = None,
+        residency: str | None = None,
+        device_memory: str | int | None = None,
     ) -> None:
         self.artifact_dir = Path(artifact_dir)
         self.threads = threads  # onnxruntime's intra-op threads per engine (None: its default)
@@ -148,6 +153,11 @@ class Session:
         self.parallel, self.rank = parallel, 0
         if parallel is not None:
             self._check_parallel(parallel)
+        from dtcompile.runtime.memory import session_residency
+
+        self.residency, self.memory_plan = session_residency(
+            self.artifact_dir, self.manifest, backend, residency, device_memory
+        )
         self.module: Any = None  # the main denoiser's stand-in, once loaded
         self.entry: EngineEntry | None = None
         self._pipe: Any = None
@@ -205,7 +215,8 @@ class Session:
 
         def denoiser(name: str) -> tuple[Any, EngineEntry]:
             if run is None or not manifest.component(name).is_split:
-                return denoiser_module(artifact_dir, manifest, name, self.backend, verifier, self.threads)
+                return denoiser_module(artifact_dir, manifest, name, self.backend, verifier, self.threads,
+                                       self.residency)  # fmt: skip
             from dtcompile.runtime.cache import load_cached_module
 
             return load_cached_module(artifact_dir, manifest, name, self.backend, gpu=gpu_arch(), verifier=verifier,
@@ -215,7 +226,7 @@ class Session:
         module, entry = denoiser(main)
         standins = {
             manifest.aux(name).attr or name: aux_module(
-                artifact_dir, manifest, name, self.backend, verifier, self.threads
+                artifact_dir, manifest, name, self.backend, verifier, self.threads, self.residency
             )
             for name in manifest.aux_names()
         }
@@ -233,6 +244,7 @@ class Session:
         diffusers.utils.logging.disable_progress_bar()
         cls = checked_pipeline_class(getattr(diffusers, self.pipeline_class))
         standins[main] = module
+        self.residency.attach(standins.values())  # sequential: engines load before a step's timing starts
         with _quiet_type_warnings(standins):
             pipe = cls.from_pretrained(pipeline_dir, **standins, dtype=module.dtype, use_safetensors=True)
         pipe._dtc_session = self
@@ -336,8 +348,9 @@ class Session:
                         "bytes_sent_per_step": sent / request.steps, "rank": self.rank}  # fmt: skip
             for name in self.manifest.denoiser_names():
                 getattr(pipe, name).bytes_sent = 0
+        swaps = self.residency.take_swaps()
         return Generation(self.adapter.output_media(out), self.entry.backend, self.entry.arch, seconds, request.steps,
-                          module.trace or [], module, stats, parallel)  # fmt: skip
+                          module.trace or [], module, stats, parallel, swaps)  # fmt: skip
 
     # --- a diffusers user's own call -------------------------------------------------------------------------
 

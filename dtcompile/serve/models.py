@@ -52,6 +52,8 @@ class ServeOptions:
     body_timeout: float = 60.0
     #: the base of ``url`` answers (``https://images.example.com``); None: relative urls (``/v1/images/files/..``)
     public_url: str | None = None
+    residency: str | None = None  # all | sequential (runtime/residency.py); None: from device_memory
+    device_memory: str | None = None  # a device-memory budget such as "16GiB" (runtime/memory.py)
 
     def work_limit(self, model: str, opt_pixels: int, capacity: int) -> float:
         """The megapixel-steps one request to ``model`` may ask for."""
@@ -84,7 +86,8 @@ class ServedModel:
         from dtcompile.runtime.session import Session
 
         options = options or ServeOptions()
-        return cls(Session(Path(artifact_dir), options.backend, verify=options.verify, parallel=options.parallel))
+        return cls(Session(Path(artifact_dir), options.backend, verify=options.verify, parallel=options.parallel,
+                           residency=options.residency, device_memory=options.device_memory))  # fmt: skip
 
     @property
     def batch_max(self) -> int:

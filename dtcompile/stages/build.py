@@ -45,7 +45,7 @@ def engines_from_onnx(
         if reason is None:
             log.info("[build] %d/%d %s %s ...", i, len(targets), planned.backend, planned.arch)
             try:
-                entry = get_backend(planned.backend).build(job, planned.target, plan.settings)
+                entry = get_backend(planned.backend).build(job, planned.target, plan.settings_for(component))
             except (UnsupportedError, MissingDependencyError) as exc:
                 reason = str(exc)
             else:

@@ -219,6 +219,9 @@ def export_aux(
     }
     if spec.dtype not in (None, recipe.dtype):
         entry["dtype"] = dtype
+    tile = getattr(graph, "tile_record", lambda: None)()
+    if tile is not None:
+        entry["tile"] = tile
     runs_in_ort = "onnxruntime" in recipe.engine.backends
     if quantized is not None:
         from dtcompile.quant import get_format

@@ -150,6 +150,10 @@ def aux_module(loaded: LoadedPipeline, recipe: Any, spec: Any) -> tuple[Any, Any
     calibrated in the dtype it is exported in."""
     dtype = spec.dtype or recipe.dtype
     graph = loaded.adapter.aux_graph(spec.name, loaded.pipe_config)
+    if getattr(spec, "tile", None) is not None:  # a tiled VAE decoder (the schema allows tile on vae_decoder only)
+        import dataclasses
+
+        graph = dataclasses.replace(graph, tile=spec.tile)  # type: ignore[type-var]
     module = graph.module(loaded.pipe).eval()
     if module.dtype != torch_dtype(dtype):
         module.to(torch_dtype(dtype))

@@ -7,6 +7,7 @@ cannot be built here, the attention mode the export emits, and the quant, cache 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,13 @@ class Plan:
     def settings(self) -> BuildSettings:
         return BuildSettings(refittable=self.recipe.engine.refittable, opt_level=self.recipe.engine.opt_level)
 
+    def settings_for(self, component: str) -> BuildSettings:
+        """``settings`` with the component's own ``weight_streaming`` (``components[i]``, else ``engine``'s)."""
+        spec = next((c for c in self.recipe.components if c.name == component), None)
+        own = spec.weight_streaming if spec is not None else None
+        streaming = self.recipe.engine.weight_streaming if own is None else own
+        return dataclasses.replace(self.settings, weight_streaming=streaming)
+
     def buildable(self, *, engines_only: bool = False) -> list[PlannedTarget]:
         """Targets that will be built (``engines_only``: without the onnxruntime reference)."""
         return [t for t in self.targets if t.reason is None and not (engines_only and t.backend == REFERENCE_BACKEND)]
@@ -112,6 +120,7 @@ def make_plan(recipe: Recipe, recipe_path: str | Path | None = None) -> Plan:
     plan.targets = _plan_targets(recipe, plan.settings)
     if recipe.components and adapter is not None:
         aux = aux_components(recipe, adapter)
+        _check_tiles(plan, aux)
         plan.notes.append(
             "components: "
             + ", ".join([adapter.component, *(f"{c.name} ({_precision(c, recipe)})" for c in aux)])
@@ -216,6 +225,20 @@ def _plan_quant(plan: Plan, spec: QuantSpec) -> None:
 def _precision(spec: ComponentSpec, recipe: Recipe) -> str:
     dtype = spec.dtype or recipe.dtype
     return dtype if spec.quant is None else f"{spec.quant}, {dtype} compute"
+
+
+def _check_tiles(plan: Plan, aux: list[ComponentSpec]) -> None:
+    """A tiled VAE decoder's tile, from the VAE's config before any weights load: a size diffusers' tiled decode
+    can make (``core.tiles.check_tile``; the export checks it again with the pipeline's own scale factor)."""
+    from dtcompile.core.tiles import check_tile
+
+    for spec in aux:
+        if spec.tile is None:
+            continue
+        blocks = (component_config(plan.source, "vae") or {}).get("block_out_channels")
+        if isinstance(blocks, list) and blocks:
+            check_tile(spec.tile, 2 ** (len(blocks) - 1), "components: vae_decoder tile")
+        plan.notes.append(f"vae_decoder: built for {spec.tile} px tiles, larger images decode tile by tile")
 
 
 def aux_components(recipe: Recipe, adapter: ModelAdapter) -> list[ComponentSpec]:

@@ -35,6 +35,7 @@ from dtcompile.core.metrics import psnr
 from dtcompile.manifest import EngineEntry, Manifest
 from dtcompile.models import adapter_for
 from dtcompile.models.base import GenerationRequest
+from dtcompile.runtime.residency import swap_summary
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -123,6 +124,8 @@ class Contender:
     run_device_mb: list[float] = field(default_factory=list)
     calls_per_step: int = 0
     image: Any = None
+    swap_s: list[float] = field(default_factory=list)  # per timed run: engine loads + releases (--residency sequential)
+    swaps: list[Any] = field(default_factory=list)  # runtime.residency.Swap of the timed runs
 
 
 # --- memory --------------------------------------------------------------------------------------------------
@@ -233,8 +236,12 @@ def _run_once(c: Contender, adapter: ModelAdapter, request: GenerationRequest, r
             torch.cuda.synchronize()
         e2e = time.perf_counter() - t0
     calls = c.timer.durations_ms()
+    owner = getattr(c.pipe, "_dtc_session", None)  # an engine pipeline's Session: its residency's swaps
+    swaps = owner.residency.take_swaps() if owner is not None else []
     if not record:
         return
+    c.swaps.extend(swaps)
+    c.swap_s.append(sum(s.seconds for s in swaps))
     if not calls or len(calls) % steps:
         raise ArtifactError(f"{c.name}: the pipeline made {len(calls)} transformer calls for {steps} steps")
     per = len(calls) // steps
@@ -294,6 +301,8 @@ def _summary(c: Contender, batch: int) -> dict[str, Any]:
         "warmup_s": c.warmup_s,
         "step_ms": c.step_ms,
         "e2e_s": c.e2e_s,
+        "swap_median_s": _percentile(c.swap_s, 50) if any(c.swap_s) else None,
+        "swaps": swap_summary(c.swaps) if c.swaps else None,
     }
 
 
@@ -438,7 +447,7 @@ class _Measured:
 
 def _measure(
     session: _Session, manifest: Manifest, artifact_dir: Path, backends: Any, repeat: int, verify: bool,
-    threads: int | None,
+    threads: int | None, residency: str = "all",
 ) -> _Measured:  # fmt: skip
     """Load every backend's contender, then the PyTorch baseline, and time ``repeat`` alternating rounds."""
     import torch
@@ -446,7 +455,7 @@ def _measure(
     try:
         with torch.inference_mode():
             for b in backends:
-                session.admit(b, b, "", lambda b=b: _engine_pipeline(artifact_dir, b, verify, threads))
+                session.admit(b, b, "", lambda b=b: _engine_pipeline(artifact_dir, b, verify, threads, residency))
             devices = {str(c.device) for c in session.contenders}
             if len(devices) > 1:
                 raise UnsupportedError(
@@ -492,11 +501,14 @@ def bench_artifact(
     guidance: float = 3.5,
     verify: bool = True,
     threads: int | None = None,
+    residency: str = "all",
 ) -> dict[str, Any]:
     """Benchmark ``artifact_dir``'s engines for ``backends`` against PyTorch; returns the report dict.
 
     ``warmup`` 1-step runs per contender precede ``repeat`` timed runs of ``steps`` steps each. ``threads``
-    sets torch's intra-op threads and onnxruntime's (None: each library's default).
+    sets torch's intra-op threads and onnxruntime's (None: each library's default). ``residency``: the engine
+    pipelines' (``runtime/residency.py``); with ``sequential`` each run's engine loads and releases are timed
+    (``swap_median_s``, ``swaps`` per component).
     """
     from dtcompile.runtime.session import Session
 
@@ -522,7 +534,7 @@ def bench_artifact(
     adapter = adapter_for(manifest.source.pipeline_class)
     session = _Session(prompt, steps, batch, (height, width), seed, guidance, text_len, warmup, adapter, frames,
                        tuple(manifest.denoiser_names()[1:]))  # fmt: skip
-    m = _measure(session, manifest, artifact_dir, backends, repeat, verify, threads)
+    m = _measure(session, manifest, artifact_dir, backends, repeat, verify, threads, residency)
 
     results = [_summary(c, batch) for c in m.everyone]
     for c, res in zip(m.everyone, results, strict=True):
@@ -551,6 +563,7 @@ def bench_artifact(
             "timer": "cuda_events" if _cuda(m.device) else "perf_counter_ns",
             "threads": torch.get_num_threads(),  # torch's; onnxruntime's too when --threads is given
             "threads_set": threads is not None,
+            "residency": residency,
             "baseline_source": str(m.folder),
             "baseline_matches_artifact": m.matches,
         },
@@ -576,10 +589,12 @@ def _preimport(pipeline_dir: Path) -> None:
                 getattr(importlib.import_module(value[0]), value[1])
 
 
-def _engine_pipeline(artifact_dir: Path, backend: str, verify: bool, threads: int | None) -> tuple[Any, ...]:
+def _engine_pipeline(
+    artifact_dir: Path, backend: str, verify: bool, threads: int | None, residency: str = "all"
+) -> tuple[Any, ...]:
     from dtcompile.runtime.session import Session
 
-    session = Session(artifact_dir, backend, verify=verify, threads=threads)
+    session = Session(artifact_dir, backend, verify=verify, threads=threads, residency=residency)
     pipe, module, entry = session.load(), session.module, session.entry
     return pipe, module, entry, module.device
 
@@ -616,6 +631,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"{_fmt(q['host_mb'], '.2f'):>9}{_fmt(q['device_mb'], '.2f'):>11}"
             f"   (ratio; step speedup {_fmt(q['step_speedup'], '.2f')}x)"
         )
+    for r in report["results"]:
+        if r.get("swaps"):
+            per = ", ".join(f"{n} {w['loads']} loads {w['load_s']:.2f} s, {w['releases']} releases {w['release_s']:.2f} s"
+                            for n, w in r["swaps"].items())  # fmt: skip
+            lines.append(f"{r['name']} swaps (residency {s.get('residency')}, median {r['swap_median_s']:.2f} s per "
+                         f"run; all timed runs): {per}")  # fmt: skip
     b = report["build"]
     if b["stages"]:
         stages = ", ".join(f"{st['name']} {st['wall_s']:.1f} s / {st['peak_rss_mb']:.0f} MB" for st in b["stages"])
