@@ -175,7 +175,7 @@ class ComponentEntry(_Strict):
     blocks: list[Any] | None = None
     segment: dict[str, Any] | None = None
     cache: dict[str, Any] | None = None
-    role: Literal["text_encoder", "vae_decoder"] | None = None  # None: the denoiser
+    role: Literal["text_encoder", "vae_decoder", "vae_encoder", "image_encoder"] | None = None  # None: the denoiser
     attr: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")] | None = None  # pipeline attribute
     dtype: ModelDtype | None = None  # the graph's precision where it differs from the manifest's
 

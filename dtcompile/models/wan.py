@@ -311,3 +311,151 @@ class WanAdapter(AdapterBase):
         if kwargs["output_type"] == "pil":
             kwargs["output_type"] = "np"
         return kwargs
+
+
+# --------------------------------------------------------------------------------------------------
+# Image-to-video
+# --------------------------------------------------------------------------------------------------
+
+#: WanAttnProcessor splits an image-conditioned cross-attention context at ``tokens - 512``: the text part of a
+#: Wan2.1 I2V transformer (``added_kv_proj_dim`` set) is always 512 tokens.
+I2V_TEXT_LEN = 512
+
+
+def _i2v_transformer(config: Callable[[str], dict[str, Any] | None]) -> dict[str, Any]:
+    return config("transformer") or config("transformer_2") or {}
+
+
+class WanI2VAdapter(WanAdapter):
+    """Wan image-to-video (``WanImageToVideoPipeline``): Wan2.1-I2V (one expert; CLIP vision ``image_encoder``
+    whose penultimate hidden states enter the transformer as ``encoder_hidden_states_image``) and Wan2.2-I2V-A14B
+    (two experts, no image encoder). The transformer takes the noise latents, the 4-channel first-frame mask and
+    the VAE-encoded condition video stacked on channels (36 for both); the condition video (the image, zero
+    frames, and the last image when given) goes through ``vae.encode`` (the ``vae_encoder`` component)."""
+
+    family = "wan-i2v"
+    pipeline_class = "WanImageToVideoPipeline"
+    reference_image = True
+    aux_components: ClassVar[dict[str, str]] = {"vae_encoder": "vae_encoder", "image_encoder": "clip_vision"}
+
+    @staticmethod
+    def pipe_config(pipe: Any) -> dict[str, Any]:
+        cfg = WanAdapter.pipe_config(pipe)
+        encoder = getattr(pipe, "image_encoder", None)
+        if encoder is not None:
+            vision = encoder.config
+            cfg["image_tokens"] = (int(vision.image_size) // int(vision.patch_size)) ** 2 + 1
+        return cfg
+
+    def aux_graph(self, name: str, pipe_config: dict[str, Any]) -> AuxGraph:
+        from dtcompile.models.components import ImageEncoderGraph, VaeEncoderGraph
+
+        if name == "vae_encoder":
+            return VaeEncoderGraph(pipe_config["spatial"], temporal=pipe_config["temporal"])
+        if name == "image_encoder":
+            if "image_tokens" not in pipe_config:
+                raise UnsupportedError(
+                    "components: this WanImageToVideoPipeline has no image_encoder (Wan2.2 I2V conditions on the "
+                    "VAE latents only); remove image_encoder from components"
+                )
+            return ImageEncoderGraph()
+        raise UnsupportedError(f"components: WanImageToVideoPipeline has no engine component {name!r}")
+
+    @staticmethod
+    def _image_input(module: torch.nn.Module) -> bool:
+        return model_config(module).get("image_dim") is not None
+
+    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        from dtcompile.models.base import _positional_forward_class
+
+        names = (*self.graph_inputs, "encoder_hidden_states_image") if self._image_input(module) else self.graph_inputs
+        return _positional_forward_class()(module, names)
+
+    def shapes_at(
+        self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, pick: Callable[[Range], int]
+    ) -> dict[str, tuple[int, ...]]:
+        got = super().shapes_at(module, pipe_config, shapes, pick)
+        if self._image_input(module):
+            tokens = int(pipe_config.get("image_tokens") or 0)
+            if not tokens:
+                raise UnsupportedError("the transformer takes image embeddings but the pipeline has no image_encoder")
+            got["encoder_hidden_states_image"] = (pick(shapes.batch), tokens, int(model_config(module)["image_dim"]))
+        return got
+
+    def export_spec(
+        self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, dtype: torch.dtype
+    ) -> ExportSpec:
+        spec = super().export_spec(module, pipe_config, shapes, dtype)
+        if not self._image_input(module):
+            return spec
+        shape = self.shapes_at(module, pipe_config, shapes, lambda r: r.opt)["encoder_hidden_states_image"]
+        spec.inputs.append(TensorSpec("encoder_hidden_states_image", dtype_name(dtype), ("batch", *shape[1:])))
+        sample = ExampleSampler({"encoder_hidden_states_image": shape}, module, dtype)
+        spec.example_inputs["encoder_hidden_states_image"] = sample.randn("encoder_hidden_states_image")
+        return spec
+
+    def check_shapes(self, shapes: Any, config: Callable[[str], dict[str, Any] | None]) -> None:
+        """T2V's rules, and a text length of exactly 512 where the transformer has image key/value projections
+        (WanAttnProcessor splits the context at ``tokens - 512``)."""
+        super().check_shapes(shapes, config)
+        if _i2v_transformer(config).get("added_kv_proj_dim") is not None and (
+            shapes.text_len.min != I2V_TEXT_LEN or shapes.text_len.max != I2V_TEXT_LEN
+        ):
+            raise RecipeError(
+                f"export.shapes.text_len: Wan2.1 I2V splits its cross-attention context at 512 text tokens; set "
+                f"min, opt and max to {I2V_TEXT_LEN}"
+            )
+
+    def block_names(self, config: dict[str, Any]) -> list[str]:
+        if config.get("image_dim") is not None:
+            raise UnsupportedError(
+                "cache: Wan2.1 I2V's transformer (image embeddings in the prologue) is not split into block engines "
+                "yet; remove the cache section (Wan2.2 I2V splits)"
+            )
+        return super().block_names(config)
+
+    def reference_size(
+        self, image_size: tuple[int, int], height: Range, width: Range, config: Callable[[str], dict[str, Any] | None]
+    ) -> tuple[int, int]:
+        """(height, width) for a conditioning image of ``image_size`` (w, h) when the caller names no size: the
+        built opt area at the image's aspect, in multiples of the VAE factor x patch size (what diffusers'
+        Wan I2V example does with ``max_area``); UnsupportedError when that size is outside the built ranges."""
+        multiple = _factors(config)[2]
+        w, h = image_size
+        area, aspect = height.opt * width.opt, h / w
+        out_h = max(multiple, round((area * aspect) ** 0.5 / multiple) * multiple)
+        out_w = max(multiple, round((area / aspect) ** 0.5 / multiple) * multiple)
+        if not (height.min <= out_h <= height.max and width.min <= out_w <= width.max):
+            raise UnsupportedError(
+                f"--image: a {w}x{h} image (aspect {w / h:.2f}) makes {out_w}x{out_h} at the artifact's area; the "
+                f"artifact takes widths {width.min}..{width.max} and heights {height.min}..{height.max}: crop the "
+                "image or pass --height and --width"
+            )
+        return out_h, out_w
+
+    def check_last_image(self, config: Callable[[str], dict[str, Any] | None]) -> None:
+        """UnsupportedError where the pipeline cannot take a last frame: a Wan2.1 I2V transformer without the
+        first-last-frame position table (FLF2V's ``pos_embed_seq_len``) gets two image embeddings per video."""
+        tr = _i2v_transformer(config)
+        if tr.get("image_dim") is not None and tr.get("pos_embed_seq_len") is None:
+            raise UnsupportedError(
+                "--last-image: this Wan2.1 I2V model has no first-last-frame conditioning (Wan2.1-FLF2V's "
+                "pos_embed_seq_len); Wan2.2 I2V takes a last image"
+            )
+
+    def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        """WanImageToVideoPipeline's arguments: T2V's, the conditioning image (a fixed synthetic one for
+        calibration and benchmarks, which pass none) and the last image when given."""
+        from PIL import Image
+
+        from dtcompile.models.kontext import synthetic_reference
+
+        kwargs = super().call_kwargs(request)
+        image = request.image if request.image is not None else synthetic_reference(request.height, request.width)
+        for key, value in (("image", image), ("last_image", request.last_image)):
+            if value is None:
+                continue
+            if not isinstance(value, Image.Image):
+                raise UnsupportedError(f"{key}: a PIL image is expected, got {type(value).__name__}")
+            kwargs[key] = value.convert("RGB")
+        return kwargs

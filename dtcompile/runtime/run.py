@@ -150,7 +150,8 @@ def denoiser_module(
 def aux_module(
     artifact_dir: Path, manifest: Manifest, name: str, backend: str, verifier: Verifier, threads: int | None = None
 ) -> Any:
-    """The stand-in for an engine-backed text encoder or VAE decoder (``ComponentEntry.role``)."""
+    """The stand-in for an engine-backed text encoder, image encoder, VAE decoder or VAE encoder
+    (``ComponentEntry.role``)."""
     import torch
 
     from dtcompile.backends.standin import STANDINS
@@ -159,7 +160,7 @@ def aux_module(
     if centry.role is None:  # the caller passes manifest.aux_names(): components with a role
         raise ArtifactError(f"{artifact_dir}: component {name!r} has no role; it is not a text encoder or VAE decoder")
     runner, _ = _open_engine(artifact_dir, manifest, name, backend, verifier, threads)
-    return STANDINS[centry.role](
+    module = STANDINS[centry.role](
         runner,
         centry.config or {},
         centry.input_names(),
@@ -167,3 +168,7 @@ def aux_module(
         getattr(torch, centry.dtype or manifest.dtype),
         getattr(runner, "device", "cpu"),
     )
+    if centry.role == "vae_encoder":  # a video VAE's graph takes a fixed frame count (its input's axis 2)
+        dims = centry.inputs[0].dims if centry.inputs else ()
+        module.frames = dims[2] if len(dims) == 5 and isinstance(dims[2], int) else None
+    return module

@@ -30,6 +30,7 @@ from dtcompile.core.targets import gpu_arch
 from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, read_manifest
 from dtcompile.models import adapter_for
 from dtcompile.models.base import GenerationRequest
+from dtcompile.models.components import WRAPPING_ROLES
 from dtcompile.runtime.limits import check_guidance
 from dtcompile.runtime.parallel import ParallelSpec, run_parallel, swap_prompts
 from dtcompile.runtime.run import (
@@ -213,12 +214,12 @@ class Session:
                                       threshold=self.cache_threshold, threads=self.threads)  # fmt: skip
 
         module, entry = denoiser(main)
-        standins = {
-            manifest.component(name).attr or name: aux_module(
-                artifact_dir, manifest, name, self.backend, verifier, self.threads
-            )
-            for name in manifest.aux_names()
-        }
+        standins, wrappers = {}, {}
+        for name in manifest.aux_names():
+            stand_in = aux_module(artifact_dir, manifest, name, self.backend, verifier, self.threads)
+            attr = manifest.component(name).attr or name
+            # a VAE encoder engine wraps what the pipeline loads at ``vae`` (torch VAE or the decoder's stand-in)
+            (wrappers if manifest.component(name).role in WRAPPING_ROLES else standins)[attr] = stand_in
         for name in manifest.denoiser_names()[1:]:  # Wan2.2's second expert: the pipeline switches between them
             standins[name] = denoiser(name)[0]
         pipeline_dir = artifact_dir / "pipeline"
@@ -235,6 +236,9 @@ class Session:
         standins[main] = module
         with _quiet_type_warnings(standins):
             pipe = cls.from_pretrained(pipeline_dir, **standins, dtype=module.dtype, use_safetensors=True)
+        for attr, wrapper in wrappers.items():
+            wrapper.attach(getattr(pipe, attr))
+            setattr(pipe, attr, wrapper)
         pipe._dtc_session = self
         pipe.set_progress_bar_config(disable=True)
         pipe.to(module.device)
@@ -264,6 +268,7 @@ class Session:
         guidance: float | None = None,
         negative_prompt: str | list[str] | None = None,
         image: Any = None,
+        last_image: Any = None,
         images_per_prompt: int = 1,
         callback: Any = None,
         names: ArgNames = CLI_NAMES,
@@ -276,8 +281,17 @@ class Session:
 
             generator = torch.Generator("cpu").manual_seed(seed)
         shapes = self.shapes
+        check_reference(self.adapter, image, self.pipeline_class, flag=names.image)
+        sized = getattr(self.adapter, "reference_size", None)  # image-to-video: the size follows the image
+        if sized is not None and image is not None and height is None and width is None:
+            height, width = sized(image.size, shapes["height"], shapes["width"], self.config)
         height = height or shapes["height"].opt
         width = width or shapes["width"].opt
+        if last_image is not None:
+            check_last = getattr(self.adapter, "check_last_image", None)
+            if check_last is None:
+                raise UnsupportedError(f"--last-image: {self.pipeline_class} artifacts take no last image")
+            check_last(self.config)
         if self.video and frames is None:
             frames = shapes["frames"].opt
         if guidance is not None:
@@ -286,7 +300,6 @@ class Session:
         check_frames(self.manifest, frames, self.config, flag=names.frames)
         if negative_prompt is not None and not self.adapter.negative_prompt:
             raise UnsupportedError(f"{names.negative_prompt}: {self.pipeline_class} artifacts take no negative prompt")
-        check_reference(self.adapter, image, self.pipeline_class, flag=names.image)
         self.check_batch((len(prompt) if isinstance(prompt, list) else 1) * images_per_prompt, names.batch)
         return GenerationRequest(
             prompt,
@@ -301,6 +314,7 @@ class Session:
             negative_prompt=negative_prompt,
             image=image,
             frames=frames,
+            last_image=last_image,
         )
 
     def check_batch(self, batch: int, name: str) -> None:
@@ -484,6 +498,7 @@ def run_artifact(
     guidance: float | None = None,
     negative_prompt: str | None = None,
     image: Any = None,
+    last_image: Any = None,
     frames: int | None = None,
     backend: str = "auto",
     trace: bool = False,
@@ -510,6 +525,7 @@ def run_artifact(
         guidance=guidance,
         negative_prompt=negative_prompt,
         image=image,
+        last_image=last_image,
     )
     return session.generate(request, trace=trace)
 

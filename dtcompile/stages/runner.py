@@ -240,6 +240,7 @@ def quantize_step(state: BuildState) -> list[str]:
 
 def export_step(state: BuildState) -> list[str]:
     """export: ONNX graphs (one, or one per cache part) + pipeline files -> ``state.graphs`` and the manifest."""
+    from dtcompile.models.components import WRAPPING_ROLES
     from dtcompile.stages.export import export_aux, export_component, export_pipeline_files
     from dtcompile.stages.plan import aux_components
 
@@ -275,7 +276,9 @@ def export_step(state: BuildState) -> list[str]:
             (spec.name, export_aux(state.pipeline, recipe, state.tmp, spec, state.quantized_aux.get(spec.name)))
         )
     graphs += aux_graphs
-    attrs = [*extra, *(g.manifest.get("attr", name) for name, g in aux_graphs)]
+    # a VAE encoder engine wraps the VAE the pipeline keeps (its decode stays torch unless vae_decoder is built)
+    attrs = [*extra, *(g.manifest.get("attr", name) for name, g in aux_graphs if g.manifest.get("role") not in
+                       WRAPPING_ROLES)]  # fmt: skip
     manifest["pipeline"] = (
         export_pipeline_files(state.pipeline, state.tmp, attrs) if recipe.output.include_pipeline else {}
     )

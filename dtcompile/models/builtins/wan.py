@@ -1,7 +1,7 @@
-"""The tiny built-in Wan pipelines (Wan2.1 and Wan2.2 with two experts, tiny and real-width): seeded random
-weights (``build_tiny_wan``) for CPU tests and benchmarks.
+"""The tiny built-in Wan pipelines (Wan2.1 and Wan2.2 with two experts, tiny and real-width; text-to-video and
+image-to-video): seeded random weights (``build_tiny_wan``, ``build_tiny_wan_i2v``) for CPU tests and benchmarks.
 
-Input: a seed and a config. Output: a ``WanPipeline``. Importing this module loads no torch, diffusers or
+Input: a seed and a config. Output: a ``WanPipeline`` or a ``WanImageToVideoPipeline``. Importing this module loads no torch, diffusers or
 transformers.
 """
 
@@ -57,6 +57,35 @@ TINY_WAN22_CONFIG: dict[str, Any] = {
     **TINY_WAN_CONFIG,
     "transformer_2": TINY_WAN_CONFIG["transformer"],
     "boundary_ratio": 0.875,
+}
+
+#: Wan2.1-I2V's layout scaled down (diffusers' tests/pipelines/wan/test_wan_image_to_video.py, and
+#: Wan-AI/Wan2.1-I2V-14B-480P-Diffusers): 36 input channels (16 noise + 4 first-frame mask + 16 condition
+#: latents), CLIP image embeddings (``image_dim``) through added key/value projections (``added_kv_proj_dim`` =
+#: the inner width), a CLIP vision tower of 32 px in 4 px patches (65 tokens with the class token).
+TINY_WAN21_I2V_CONFIG: dict[str, Any] = {
+    **TINY_WAN_CONFIG,
+    "transformer": {**TINY_WAN_CONFIG["transformer"], "in_channels": 36, "image_dim": 16, "added_kv_proj_dim": 32},
+    "image_encoder": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 4,
+        "projection_dim": 16,
+    },
+    "image_processor": {"crop_size": 32, "size": 32},
+    "i2v": True,
+}
+#: Wan2.2-I2V-A14B's layout scaled down: two 36-channel experts, no image encoder, boundary 0.9 (its
+#: model_index.json's ``boundary_ratio``).
+TINY_WAN22_I2V_CONFIG: dict[str, Any] = {
+    **TINY_WAN_CONFIG,
+    "transformer": {**TINY_WAN_CONFIG["transformer"], "in_channels": 36},
+    "transformer_2": {**TINY_WAN_CONFIG["transformer"], "in_channels": 36},
+    "boundary_ratio": 0.9,
+    "i2v": True,
 }
 
 
@@ -117,9 +146,44 @@ def build_tiny_wan(seed: int = 0, config: dict[str, Any] = TINY_WAN_CONFIG) -> A
     return WanPipeline(tokenizer=tokenizer, scheduler=scheduler, boundary_ratio=config.get("boundary_ratio"), **modules)
 
 
+def build_tiny_wan_i2v(seed: int = 0, config: dict[str, Any] = TINY_WAN21_I2V_CONFIG) -> Any:
+    """A randomly initialised ``WanImageToVideoPipeline`` from ``config``: with a CLIP vision ``image_encoder``
+    when it has one (Wan2.1 I2V), two experts when it has ``boundary_ratio`` (Wan2.2 I2V)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    _, tokenizer = build_tiny_tokenizers(config)
+    umt5_config = text_config(UMT5Config, tokenizer, **config["text_encoder"])
+
+    def expert(name: str) -> Callable[[], Any]:
+        cfg = config[name]
+        return lambda: WanTransformer3DModel(**dict(cfg, patch_size=tuple(cfg["patch_size"])))
+
+    vision = config.get("image_encoder")
+    modules = seeded_components(
+        seed,
+        transformer=expert("transformer"),
+        vae=lambda: AutoencoderKLWan(**config["vae"]),
+        text_encoder=lambda: UMT5EncoderModel(umt5_config),
+        transformer_2=expert("transformer_2") if config.get("boundary_ratio") is not None else None,
+        image_encoder=(lambda: CLIPVisionModel(CLIPVisionConfig(**vision))) if vision else None,
+    )
+    processor = CLIPImageProcessor(**config["image_processor"]) if vision else None
+    scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
+    return WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        image_processor=processor,
+        boundary_ratio=config.get("boundary_ratio"),
+        **modules,
+    )
+
+
 def _builtin(name: str, description: str, config: dict[str, Any]) -> BuiltinModel:
     experts = ("transformer", "transformer_2") if config.get("boundary_ratio") is not None else ()
-    return BuiltinModel(name, "wan", description, build_tiny_wan, config, TINY_WAN_VERSION, TOKENIZER_CODE, experts)
+    build = build_tiny_wan_i2v if config.get("i2v") else build_tiny_wan
+    family = "wan-i2v" if config.get("i2v") else "wan"
+    return BuiltinModel(name, family, description, build, config, TINY_WAN_VERSION, TOKENIZER_CODE, experts)
 
 
 BUILTINS = by_name(
@@ -132,6 +196,16 @@ BUILTINS = by_name(
         "tiny-wan22",
         "random-weight Wan2.2 T2V A14B lookalike: two experts switched at boundary 0.875",
         TINY_WAN22_CONFIG,
+    ),
+    _builtin(
+        "tiny-wan21-i2v",
+        "random-weight Wan2.1 I2V lookalike: 36-channel transformer, CLIP vision image encoder (65 tokens)",
+        TINY_WAN21_I2V_CONFIG,
+    ),
+    _builtin(
+        "tiny-wan22-i2v",
+        "random-weight Wan2.2 I2V A14B lookalike: two 36-channel experts switched at boundary 0.9, no image encoder",
+        TINY_WAN22_I2V_CONFIG,
     ),
     *(
         _builtin(
