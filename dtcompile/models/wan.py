@@ -433,10 +433,11 @@ class WanI2VAdapter(WanAdapter):
             )
         return out_h, out_w
 
-    def check_last_image(self, config: Callable[[str], dict[str, Any] | None]) -> None:
-        """UnsupportedError where the pipeline cannot take a last frame: a Wan2.1 I2V transformer without the
-        first-last-frame position table (FLF2V's ``pos_embed_seq_len``) gets two image embeddings per video."""
-        tr = _i2v_transformer(config)
+    @staticmethod
+    def check_last_image(tr: dict[str, Any]) -> None:
+        """UnsupportedError where the pipeline cannot take a last frame: a Wan2.1 I2V transformer (config ``tr``)
+        without the first-last-frame position table (FLF2V's ``pos_embed_seq_len``) gets two image embeddings
+        per video."""
         if tr.get("image_dim") is not None and tr.get("pos_embed_seq_len") is None:
             raise UnsupportedError(
                 "--last-image: this Wan2.1 I2V model has no first-last-frame conditioning (Wan2.1-FLF2V's "

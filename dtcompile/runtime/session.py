@@ -291,7 +291,7 @@ class Session:
             check_last = getattr(self.adapter, "check_last_image", None)
             if check_last is None:
                 raise UnsupportedError(f"--last-image: {self.pipeline_class} artifacts take no last image")
-            check_last(self.config)
+            check_last(self.manifest.component(self.manifest.main_component()).config or {})
         if self.video and frames is None:
             frames = shapes["frames"].opt
         if guidance is not None:

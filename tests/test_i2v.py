@@ -1,0 +1,258 @@
+"""Wan image-to-video: tiny-wan21-i2v (CLIP image encoder, one expert) and tiny-wan22-i2v (two experts, no image
+encoder) built for real (onnxruntime, float32) and run with the conditioning image going through the
+``vae_encoder`` and ``image_encoder`` engines, against diffusers' own WanImageToVideoPipeline at every transformer
+call, at two sizes and two frame counts; ``load_pipeline`` driving a user's own call; bad inputs refused in one line
+before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.fixtures.images import psnr
+from tests.test_hostile3 import dtc_here, png_header
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT, NEGATIVE = "a cat playing piano", "blurry"
+BUILTIN = {"wan21": "tiny-wan21-i2v", "wan22": "tiny-wan22-i2v"}
+TEXT_LEN = {"wan21": 512, "wan22": 32}  # Wan2.1 I2V splits its cross-attention context at 512 text tokens
+
+pytest.importorskip("ftfy", reason="WanImageToVideoPipeline cleans prompts with ftfy (pip install ftfy)")
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory, recipe: str) -> Path:
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.runner import run_build
+
+    out = tmp_path_factory.mktemp("engines-i2v")
+    sets = [f"output.dir={out}", "engine.backends=[onnxruntime]", "engine.targets=[]"]
+    return run_build(load_recipe(ROOT / "recipes" / recipe, sets)).artifact_dir
+
+
+@pytest.fixture(scope="module")
+def wan21(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "tiny-wan21-i2v.yaml")
+
+
+@pytest.fixture(scope="module")
+def wan22(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "tiny-wan22-i2v.yaml")
+
+
+def _image(width: int, height: int, seed: int = 0) -> Any:
+    """A smooth test picture with a little noise (PIL)."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rgb = np.stack([x / width, y / height, 0.5 + 0.5 * np.sin((x + 2 * y) / 5.0)], axis=-1)
+    rgb += np.random.default_rng(seed).normal(0, 0.05, rgb.shape)
+    return Image.fromarray((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), "RGB")
+
+
+def _reference(fixture: str, frames: int, height: int, width: int, image: Any, last: Any = None) -> dict[str, Any]:
+    """diffusers' WanImageToVideoPipeline: the video, every transformer output and which expert made it, and what
+    its VAE encoded."""
+    import torch
+    from diffusers import WanImageToVideoPipeline
+
+    from dtcompile.models.builtin import builtin_model_path
+
+    pipe = WanImageToVideoPipeline.from_pretrained(builtin_model_path(BUILTIN[fixture]), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    got: dict[str, Any] = {"preds": [], "who": [], "encoded": []}
+
+    def record(name: str) -> Any:
+        def hook(mod: Any, args: Any, out: Any) -> None:
+            got["preds"].append(out[0].detach().clone())
+            got["who"].append(name)
+
+        return hook
+
+    for name in ("transformer", "transformer_2"):
+        if getattr(pipe, name) is not None:
+            getattr(pipe, name).register_forward_hook(record(name))
+    encode = pipe.vae.encode
+
+    def recorded_encode(x: Any, *args: Any, **kwargs: Any) -> Any:
+        out = encode(x, *args, **kwargs)
+        got["encoded"].append(out.latent_dist.parameters.detach().clone())
+        return out
+
+    pipe.vae.encode = recorded_encode
+    extra = {"last_image": last} if last is not None else {}
+    got["video"] = pipe(prompt=PROMPT, image=image, negative_prompt=NEGATIVE, num_frames=frames, height=height,
+                        width=width, num_inference_steps=4, guidance_scale=5.0, max_sequence_length=TEXT_LEN[fixture],
+                        generator=torch.Generator("cpu").manual_seed(3), **extra).frames[0]  # fmt: skip
+    return got
+
+
+# two sizes and two frame counts per family; the default tier runs one of each family
+CASES = [
+    ("wan21", 5, 32, 48, False),
+    pytest.param("wan21", 9, 64, 32, False, marks=pytest.mark.slow),
+    pytest.param("wan22", 5, 32, 48, False, marks=pytest.mark.slow),
+    ("wan22", 9, 64, 64, True),  # with a last frame
+]
+
+
+@pytest.mark.parametrize(("fixture", "frames", "height", "width", "last"), CASES)
+def test_run_matches_the_pipeline_every_call_through_the_encoder_engines(
+    fixture: str, frames: int, height: int, width: int, last: bool, request: pytest.FixtureRequest
+) -> None:
+    from dtcompile.backends.standin import ImageEncoderModule, VaeEncoderModule
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.runtime.media import video_uint8
+    from dtcompile.runtime.session import Session
+
+    artifact = request.getfixturevalue(fixture)
+    image, last_image = _image(width, height), (_image(width, height, seed=1) if last else None)
+    want = _reference(fixture, frames, height, width, image, last_image)
+    session = Session(artifact, "onnxruntime")
+    pipe = session.load()
+    assert isinstance(pipe.vae, VaeEncoderModule)
+    pipe.vae.trace = []
+    got = session.generate(
+        session.request(PROMPT, steps=4, seed=3, frames=frames, height=height, width=width, guidance=5.0,
+                        negative_prompt=NEGATIVE, image=image, last_image=last_image),
+        trace=True,
+    )  # fmt: skip
+    # the conditioning video went through the VAE encoder engine (padded to its 9 frames, the leading latents kept)
+    assert pipe.vae.calls == 1 and len(pipe.vae.trace) == len(want["encoded"]) == 1
+    lat = (frames - 1) // 4 + 1
+    assert tuple(pipe.vae.trace[0].shape) == tuple(want["encoded"][0].shape) == (1, 32, lat, height // 8, width // 8)
+    assert rel_l2(pipe.vae.trace[0], want["encoded"][0]) <= 1e-4
+    if fixture == "wan21":  # the CLIP image embeddings came from the image encoder engine
+        assert isinstance(pipe.image_encoder, ImageEncoderModule) and pipe.image_encoder.calls == 1
+    preds, who = want["preds"], want["who"]
+    assert len(got.trace) == len(preds) == 8  # 4 steps x (conditional + unconditional)
+    latent = (1, 16, lat, height // 8, width // 8)
+    for call, (a, b) in enumerate(zip(got.trace, preds, strict=True)):
+        assert tuple(a.shape) == tuple(b.shape) == latent
+        assert rel_l2(a, b) <= 1e-4, f"call {call} ({who[call]})"
+    if fixture == "wan22":  # boundary 0.9 x 1000: the high-noise expert first, then the low-noise one
+        switch = who.index("transformer_2")
+        assert 0 < switch < len(who) and set(who[switch:]) == {"transformer_2"}
+        assert got.engine_module.calls == switch  # the engines were called exactly as the experts were
+        assert pipe.transformer_2.calls == len(who) - switch
+    a, b = video_uint8(got.image), video_uint8(want["video"])
+    assert a.shape == b.shape == (frames, height, width, 3)
+    assert min(psnr(x, y) for x, y in zip(a, b, strict=True)) >= 40  # every decoded frame
+
+
+def test_manifest_components_profiles_and_pipeline_files(wan21: Path, wan22: Path) -> None:
+    from dtcompile.manifest import read_manifest
+
+    m = read_manifest(wan21)
+    assert m.source.pipeline_class == "WanImageToVideoPipeline"
+    enc, clip, tr = m.component("vae_encoder"), m.component("image_encoder"), m.component("transformer")
+    assert (enc.role, enc.attr, clip.role, clip.attr) == ("vae_encoder", "vae", "image_encoder", "image_encoder")
+    # the VAE encoder takes one image at the recipe's frame maximum; height and width follow the profile
+    assert enc.profile == {"sample": {"min": [1, 3, 9, 32, 32], "opt": [1, 3, 9, 32, 48], "max": [1, 3, 9, 64, 64]}}
+    assert clip.profile == {"pixel_values": {"min": [1, 3, 32, 32], "opt": [1, 3, 32, 32], "max": [2, 3, 32, 32]}}
+    # 36 channels (noise + mask + condition), 5..9 frames -> 2..3 latent frames, 65 CLIP tokens of width 16
+    assert tr.profile is not None
+    assert tr.profile["hidden_states"] == {"min": [1, 36, 2, 4, 4], "opt": [1, 36, 3, 4, 6], "max": [2, 36, 3, 8, 8]}
+    assert tr.profile["encoder_hidden_states_image"]["opt"] == [1, 65, 16]
+    assert tr.profile["encoder_hidden_states"]["opt"] == [1, 512, 32]
+    # the torch VAE stays in the pipeline files (it decodes); the image encoder does not
+    files = {Path(f.file).parts[1] for f in m.pipeline.files}
+    assert "vae" in files and "image_encoder" not in files and "transformer" not in files
+    m22 = read_manifest(wan22)
+    assert m22.denoiser_names() == ["transformer", "transformer_2"] and m22.aux_names() == ["vae_encoder"]
+    assert "encoder_hidden_states_image" not in m22.component("transformer").input_names()
+
+
+def test_load_pipeline_drives_the_users_own_call(wan22: Path) -> None:
+    import torch
+    from diffusers import WanImageToVideoPipeline
+
+    import dtcompile
+    from dtcompile.core.metrics import rel_l2
+
+    image = _image(48, 32)
+    pipe = dtcompile.load_pipeline(wan22, backend="onnxruntime")
+    assert isinstance(pipe, WanImageToVideoPipeline)
+    out = pipe(image=image, prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=5, height=32, width=48,
+               num_inference_steps=3, guidance_scale=4.0, max_sequence_length=32, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(5)).frames[0]  # fmt: skip
+    assert pipe.vae.calls == 1
+    from dtcompile.models.builtin import builtin_model_path
+
+    ref = WanImageToVideoPipeline.from_pretrained(builtin_model_path("tiny-wan22-i2v"), dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    want = ref(image=image, prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=5, height=32, width=48,
+               num_inference_steps=3, guidance_scale=4.0, max_sequence_length=32, output_type="np",
+               generator=torch.Generator("cpu").manual_seed(5)).frames[0]  # fmt: skip
+    assert out.shape == want.shape == (5, 32, 48, 3)
+    assert rel_l2(torch.from_numpy(out), torch.from_numpy(want)) <= 1e-4
+
+
+def test_size_follows_the_images_aspect(wan22: Path) -> None:
+    from dtcompile.runtime.session import Session
+
+    session = Session(wan22, "onnxruntime")
+    tall = session.request(PROMPT, steps=1, image=_image(100, 200))  # 1:2 at the built opt area 32x48
+    assert (tall.height, tall.width) == (48, 32)
+    wide = session.request(PROMPT, steps=1, image=_image(300, 200))
+    assert (wide.height, wide.width) == (32, 48)
+    asked = session.request(PROMPT, steps=1, image=_image(100, 200), height=64, width=64)  # named sizes win
+    assert (asked.height, asked.width) == (64, 64)
+
+
+@pytest.fixture(scope="module")
+def wan21_t2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "tiny-wan21.yaml")
+
+
+BAD = [
+    ("wan22", [], "error: --image: WanImageToVideoPipeline artifacts"),
+    pytest.param(  # builds a third artifact (text-to-video)
+        "wan21_t2v", ["--image", "{ok}"], "error: --image: WanPipeline artifacts take no reference image",
+        marks=pytest.mark.slow,
+    ),
+    ("wan22", ["--image", "{thin}"], "makes 16x80 at the artifact's area; the artifact takes widths 32..64"),
+    ("wan22", ["--image", "{big}"], "20000x20000 pixels is too large for a reference image"),
+    ("wan22", ["--image", "{ok}", "--frames", "6"], "error: --frames 6: Wan takes 4k+1 frames"),
+    ("wan21", ["--image", "{ok}", "--last-image", "{ok}"], "error: --last-image: this Wan2.1 I2V model has no"),
+]
+
+
+@pytest.mark.parametrize(("fixture", "args", "message"), BAD)
+def test_bad_inputs_are_one_line_and_write_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, request: pytest.FixtureRequest, fixture: str,
+    args: list[str], message: str,
+) -> None:  # fmt: skip
+    artifact = request.getfixturevalue(fixture)
+    files = {"ok": tmp_path / "ok.png", "thin": tmp_path / "thin.png", "big": tmp_path / "big.png"}
+    _image(48, 32).save(files["ok"])
+    _image(20, 100).save(files["thin"])
+    files["big"].write_bytes(png_header(20000, 20000))
+    out = tmp_path / "out" / "video.mp4"
+    argv = [a.format(**files) for a in args]
+    r = dtc_here(capsys, "run", str(artifact), "--prompt", PROMPT, "--steps", "1", *argv, "--out", str(out))
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert message in lines[0], lines[0]
+    assert not out.parent.exists()  # nothing written
+
+
+@pytest.mark.slow  # fp8 calibration + accuracy of both experts and three RTX builds: minutes on a shared CPU
+def test_fp8_twin_builds_rtx_sm89_engines_for_every_component(tmp_path_factory: pytest.TempPathFactory) -> None:
+    pytest.importorskip("tensorrt_rtx", reason="needs TensorRT-RTX (pip install 'dtcompile[rtx]')")
+    from dtcompile.manifest import read_manifest
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.runner import run_build
+
+    out = tmp_path_factory.mktemp("engines-i2v-fp8")
+    sets = [f"output.dir={out}", "engine.targets=[sm_89]"]
+    artifact = run_build(load_recipe(ROOT / "recipes" / "tiny-wan22-i2v-fp8.yaml", sets)).artifact_dir
+    m = read_manifest(artifact)
+    for name in ("transformer", "transformer_2", "vae_encoder"):
+        targets = {(e.backend, e.arch) for e in m.component(name).engines}
+        assert ("tensorrt-rtx", "sm_89") in targets, (name, targets)
+    assert m.component("transformer").quant is not None and m.component("transformer_2").quant is not None
+    assert m.component("vae_encoder").quant is None  # the VAE encoder stays float
