@@ -210,7 +210,9 @@ def wan21_t2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
 BAD = [
     ("wan22", [], "error: --image: WanImageToVideoPipeline artifacts"),
     pytest.param(  # builds a third artifact (text-to-video)
-        "wan21_t2v", ["--image", "{ok}"], "error: --image: WanPipeline artifacts take no reference image",
+        "wan21_t2v",
+        ["--image", "{ok}"],
+        "error: --image: WanPipeline artifacts take no reference image",
         marks=pytest.mark.slow,
     ),
     ("wan22", ["--image", "{thin}"], "makes 16x80 at the artifact's area; the artifact takes widths 32..64"),
@@ -256,3 +258,40 @@ def test_fp8_twin_builds_rtx_sm89_engines_for_every_component(tmp_path_factory: 
         assert ("tensorrt-rtx", "sm_89") in targets, (name, targets)
     assert m.component("transformer").quant is not None and m.component("transformer_2").quant is not None
     assert m.component("vae_encoder").quant is None  # the VAE encoder stays float
+
+
+def test_kontext_reference_goes_through_the_vae_encoder_engine(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """FLUX.1 Kontext with its reference image encoded and the result decoded by engines (vae_encoder wraps the
+    vae_decoder's stand-in): every step and the image match FluxKontextPipeline's own."""
+    import torch
+    from diffusers import FluxKontextPipeline
+    from PIL import Image
+
+    from dtcompile.backends.standin import VaeDecoderModule, VaeEncoderModule
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.models.builtin import builtin_model_path
+    from dtcompile.recipe import load_recipe
+    from dtcompile.runtime.session import Session
+    from dtcompile.stages.runner import run_build
+
+    out = tmp_path_factory.mktemp("engines-kontext-vae")
+    sets = [f"output.dir={out}", "engine.backends=[onnxruntime]", "engine.targets=[]",
+            "components=[transformer, vae_encoder, vae_decoder]"]  # fmt: skip
+    artifact = run_build(load_recipe(ROOT / "recipes" / "tiny-flux-kontext.yaml", sets)).artifact_dir
+    ref = _image(64, 48)
+    pipe = FluxKontextPipeline.from_pretrained(builtin_model_path("tiny-flux-kontext"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    preds: list[Any] = []
+    pipe.transformer.register_forward_hook(lambda mod, args, out: preds.append(out[0].detach().clone()))
+    want = pipe(prompt=PROMPT, image=ref, height=48, width=64, num_inference_steps=3, max_area=48 * 64,
+                _auto_resize=False, max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(3)).images[0]  # fmt: skip
+    session = Session(artifact, "onnxruntime")
+    engines = session.load()
+    assert isinstance(engines.vae, VaeEncoderModule) and isinstance(engines.vae.decoder, VaeDecoderModule)
+    got = session.generate(session.request(PROMPT, steps=3, seed=3, height=48, width=64, image=ref), trace=True)
+    assert engines.vae.calls == 1 and engines.vae.decoder.calls == 1
+    assert len(got.trace) == len(preds) == 3
+    for step, (a, b) in enumerate(zip(got.trace, preds, strict=True)):
+        assert rel_l2(a, b) <= 1e-4, f"step {step}"
+    assert psnr(np.asarray(got.image), np.asarray(want)) >= 40
+    assert isinstance(want, Image.Image)

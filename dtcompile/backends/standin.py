@@ -301,7 +301,9 @@ class VaeEncoderModule(_EngineCalls):
         n = int(x.shape[2]) if x.dim() == 5 else 1
         padded = self._padded(x.to(self._dtype))
         # the graph takes one image a call (the pipelines encode one conditioning image); a batch runs per item
-        moments = torch.cat([self.run(self.graph_feeds({"sample": item, **kwargs}))["moments"] for item in padded.split(1)])
+        moments = torch.cat(
+            [self.run(self.graph_feeds({"sample": item, **kwargs}))["moments"] for item in padded.split(1)]
+        )
         if self.frames is not None:
             moments = self._kept(moments, n)
         if self.trace is not None:

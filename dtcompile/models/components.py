@@ -78,9 +78,7 @@ COMPONENT_KINDS: dict[str, ComponentKind] = {
     ),
     "t5": ComponentKind("a T5 text encoder", ("fp8",), T5_QUANT_EXCLUDE, model_types=("t5", "umt5")),
     "vae": ComponentKind("the VAE decoder", no_quant="it stays float: dtcompile never quantizes convolutions"),
-    "vae_encoder": ComponentKind(
-        "the VAE encoder", no_quant="it stays float: dtcompile never quantizes convolutions"
-    ),
+    "vae_encoder": ComponentKind("the VAE encoder", no_quant="it stays float: dtcompile never quantizes convolutions"),
     "clip_vision": ComponentKind(
         "a CLIP image encoder", no_quant="image encoders stay unquantized; fp8 is built for T5 encoders"
     ),
@@ -418,9 +416,7 @@ class VaeEncoderGraph:
     def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
         frames = self._frames(shapes)
         return ShapeProfile.over_ranges(
-            lambda pick: {
-                "sample": self._shape(module, 1, pick(shapes.height), pick(shapes.width), frames)
-            }
+            lambda pick: {"sample": self._shape(module, 1, pick(shapes.height), pick(shapes.width), frames)}
         )
 
     @contextlib.contextmanager
@@ -475,7 +471,7 @@ class ImageEncoderGraph:
         cfg, dt = model_config(module), dtype_name(dtype)
         size, hidden = self._size(module), int(cfg.hidden_size)
         tokens = (size // int(cfg.patch_size)) ** 2 + 1  # patches + the class token
-        opt = {"pixel_values": (1, int(getattr(cfg, "num_channels", 3)), size, size)}
+        opt: dict[str, tuple[int, ...]] = {"pixel_values": (1, int(getattr(cfg, "num_channels", 3)), size, size)}
         return ExportSpec(
             inputs=[TensorSpec("pixel_values", dt, ("images", opt["pixel_values"][1], size, size))],
             outputs=[TensorSpec("penultimate_hidden_state", dt, ("images", tokens, hidden))],

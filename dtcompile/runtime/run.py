@@ -170,5 +170,5 @@ def aux_module(
     )
     if centry.role == "vae_encoder":  # a video VAE's graph takes a fixed frame count (its input's axis 2)
         dims = centry.inputs[0].dims if centry.inputs else ()
-        module.frames = dims[2] if len(dims) == 5 and isinstance(dims[2], int) else None
+        setattr(module, "frames", dims[2] if len(dims) == 5 and isinstance(dims[2], int) else None)  # noqa: B010
     return module

@@ -214,7 +214,8 @@ class Session:
                                       threshold=self.cache_threshold, threads=self.threads)  # fmt: skip
 
         module, entry = denoiser(main)
-        standins, wrappers = {}, {}
+        standins: dict[str, Any] = {}
+        wrappers: dict[str, Any] = {}
         for name in manifest.aux_names():
             stand_in = aux_module(artifact_dir, manifest, name, self.backend, verifier, self.threads)
             attr = manifest.component(name).attr or name

@@ -149,7 +149,12 @@ def build_tiny_wan(seed: int = 0, config: dict[str, Any] = TINY_WAN_CONFIG) -> A
 def build_tiny_wan_i2v(seed: int = 0, config: dict[str, Any] = TINY_WAN21_I2V_CONFIG) -> Any:
     """A randomly initialised ``WanImageToVideoPipeline`` from ``config``: with a CLIP vision ``image_encoder``
     when it has one (Wan2.1 I2V), two experts when it has ``boundary_ratio`` (Wan2.2 I2V)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     _, tokenizer = build_tiny_tokenizers(config)
