@@ -208,7 +208,7 @@ def wan21_t2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 BAD = [
-    ("wan22", [], "error: --image: WanImageToVideoPipeline artifacts"),
+    ("wan22", [], "error: --image: WanImageToVideoPipeline artifacts start from an image; pass --image FIRST.png"),
     pytest.param(  # builds a third artifact (text-to-video)
         "wan21_t2v",
         ["--image", "{ok}"],
@@ -295,3 +295,64 @@ def test_kontext_reference_goes_through_the_vae_encoder_engine(tmp_path_factory:
         assert rel_l2(a, b) <= 1e-4, f"step {step}"
     assert psnr(np.asarray(got.image), np.asarray(want)) >= 40
     assert isinstance(want, Image.Image)
+
+
+@pytest.mark.slow  # two more builds and three refits
+def test_wan21_i2v_lora_fused_equals_refit_and_none_restores(wan21: Path, tmp_path: Path) -> None:
+    """A Wan LoRA read by WanImageToVideoPipeline's loader: fused at build == refit into the plain artifact (the
+    VAE encoder and image encoder engines carried over); ``--lora none`` restores the base."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from dtcompile.models.builtin import builtin_model_path
+    from dtcompile.recipe import load_recipe
+    from dtcompile.runtime.media import video_uint8
+    from dtcompile.runtime.session import run_artifact
+    from dtcompile.stages.runner import run_build
+    from dtcompile.tools.refit import refit_artifact
+    from tests.fixtures.lora import make_peft_lora
+
+    source = builtin_model_path("tiny-wan21-i2v") / "transformer"
+    wan = WanTransformer3DModel.from_pretrained(source, dtype=torch.float32)
+    lora = make_peft_lora(wan, tmp_path / "wan-i2v.safetensors", pipeline_class="WanImageToVideoPipeline",
+                          targets=("to_q", "to_k", "to_v", "to_out.0"), rank=4, alpha=8.0, seed=1)  # fmt: skip
+    overrides = [f"output.dir={tmp_path / 'fused'}", "engine={backends: [onnxruntime]}",
+                 f"lora=[{{source: {lora}, scale: 0.8}}]"]  # fmt: skip
+    fused = run_build(load_recipe(ROOT / "recipes" / "tiny-wan21-i2v.yaml", overrides)).artifact_dir
+    refit = refit_artifact(wan21, [(str(lora), 0.8)], out_dir=tmp_path / "refit", drop_unrefittable=True)
+    back = refit_artifact(refit.artifact_dir, [], out_dir=tmp_path / "back", drop_unrefittable=True)
+    image = _image(48, 32)
+
+    def video(artifact: Path) -> np.ndarray:
+        out = run_artifact(artifact, PROMPT, image=image, steps=3, seed=3, frames=5, height=32, width=48,
+                           guidance=5.0, backend="onnxruntime")  # fmt: skip
+        return video_uint8(out.image)
+
+    base, with_lora = video(wan21), video(fused)
+    assert not np.array_equal(base, with_lora)
+    assert min(psnr(a, b) for a, b in zip(video(refit.artifact_dir), with_lora, strict=True)) >= 40
+    assert min(psnr(a, b) for a, b in zip(video(back.artifact_dir), base, strict=True)) >= 40
+
+
+@pytest.mark.slow  # a split build of both experts
+def test_wan22_i2v_block_cache_off_matches_the_monolithic_artifact(wan22: Path, tmp_path: Path) -> None:
+    """Both 36-channel experts split into block engines (first-block cache): with the cache off every call equals
+    the monolithic artifact's; with it on, the run completes through the same VAE encoder engine."""
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.recipe import load_recipe
+    from dtcompile.runtime.session import run_artifact
+    from dtcompile.stages.runner import run_build
+
+    overrides = [f"output.dir={tmp_path}", "engine.backends=[onnxruntime]", "engine.targets=[]",
+                 "cache={mode: first_block, threshold: 0.1}"]  # fmt: skip
+    split = run_build(load_recipe(ROOT / "recipes" / "tiny-wan22-i2v.yaml", overrides)).artifact_dir
+    image = _image(48, 32)
+    kw: dict[str, Any] = dict(image=image, steps=4, seed=3, frames=5, height=32, width=48, guidance=5.0,
+                              negative_prompt=NEGATIVE, backend="onnxruntime", trace=True)  # fmt: skip
+    mono = run_artifact(wan22, PROMPT, **kw)
+    off = run_artifact(split, PROMPT, cache=False, **kw)
+    assert len(off.trace) == len(mono.trace) == 8
+    for call, (a, b) in enumerate(zip(off.trace, mono.trace, strict=True)):
+        assert rel_l2(a, b) <= 1e-4, f"call {call}"
+    on = run_artifact(split, PROMPT, cache=True, **kw)
+    assert len(on.trace) == 8 and on.cache_stats is not None

@@ -268,6 +268,8 @@ class VaeEncoderModule(_EngineCalls):
         decoder = getattr(self, "decoder", None)
         if decoder is None:
             raise UnsupportedError("vae.decode: this VAE stand-in has no decoder attached")
+        if args and isinstance(args[0], torch.Tensor):  # the pipeline casts to vae.dtype: this encoder's
+            args = (args[0].to(decoder.dtype), *args[1:])
         return decoder.decode(*args, **kwargs)
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:

@@ -109,8 +109,11 @@ def check_frames(manifest: Manifest, frames: int | None, config: Callable[[str],
 
 
 def check_reference(adapter: Any, image: Any, pipeline_class: str, *, flag: str = "--image") -> None:
-    """An editing family needs a reference image and the others take none (UnsupportedError naming ``flag``)."""
+    """An editing or image-to-video family needs a reference image and the others take none (UnsupportedError
+    naming ``flag``)."""
     if adapter.reference_image and image is None:
+        if adapter.video:  # image-to-video: the image is the first frame
+            raise UnsupportedError(f"{flag}: {pipeline_class} artifacts start from an image; pass {flag} FIRST.png")
         raise UnsupportedError(f"{flag}: {pipeline_class} artifacts edit a reference image; pass {flag} REF.png")
     if not adapter.reference_image and image is not None:
         raise UnsupportedError(f"{flag}: {pipeline_class} artifacts take no reference image")
