@@ -17,8 +17,8 @@ from tests.test_hostile3 import dtc_here, png_header
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, NEGATIVE = "a cat playing piano", "blurry"
-BUILTIN = {"wan21": "tiny-wan21-i2v", "wan22": "tiny-wan22-i2v"}
-TEXT_LEN = {"wan21": 512, "wan22": 32}  # Wan2.1 I2V splits its cross-attention context at 512 text tokens
+BUILTIN = {"wan21": "tiny-wan21-i2v", "wan22": "tiny-wan22-i2v", "ti2v": "tiny-wan22-ti2v"}
+TEXT_LEN = {"wan21": 512, "wan22": 32, "ti2v": 32}  # Wan2.1 I2V splits its cross-attention context at 512 text tokens
 
 pytest.importorskip("ftfy", reason="WanImageToVideoPipeline cleans prompts with ftfy (pip install ftfy)")
 
@@ -40,6 +40,11 @@ def wan21(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def wan22(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _build(tmp_path_factory, "tiny-wan22-i2v.yaml")
+
+
+@pytest.fixture(scope="module")
+def ti2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _build(tmp_path_factory, "tiny-wan22-ti2v.yaml")
 
 
 def _image(width: int, height: int, seed: int = 0) -> Any:
@@ -95,6 +100,7 @@ CASES = [
     pytest.param("wan21", 9, 64, 32, False, marks=pytest.mark.slow),
     pytest.param("wan22", 5, 32, 48, False, marks=pytest.mark.slow),
     ("wan22", 9, 64, 64, True),  # with a last frame
+    ("ti2v", 9, 32, 64, False),  # Wan2.2 TI2V: per-token timesteps, the image alone through the VAE encoder
 ]
 
 
@@ -122,13 +128,15 @@ def test_run_matches_the_pipeline_every_call_through_the_encoder_engines(
     # the conditioning video went through the VAE encoder engine (padded to its 9 frames, the leading latents kept)
     assert pipe.vae.calls == 1 and len(pipe.vae.trace) == len(want["encoded"]) == 1
     lat = (frames - 1) // 4 + 1
-    assert tuple(pipe.vae.trace[0].shape) == tuple(want["encoded"][0].shape) == (1, 32, lat, height // 8, width // 8)
+    z, f = (48, 16) if fixture == "ti2v" else (16, 8)  # latent channels, VAE factor
+    encoded = (1, 2 * z, 1 if fixture == "ti2v" else lat, height // f, width // f)  # TI2V encodes the image alone
+    assert tuple(pipe.vae.trace[0].shape) == tuple(want["encoded"][0].shape) == encoded
     assert rel_l2(pipe.vae.trace[0], want["encoded"][0]) <= 1e-4
     if fixture == "wan21":  # the CLIP image embeddings came from the image encoder engine
         assert isinstance(pipe.image_encoder, ImageEncoderModule) and pipe.image_encoder.calls == 1
     preds, who = want["preds"], want["who"]
     assert len(got.trace) == len(preds) == 8  # 4 steps x (conditional + unconditional)
-    latent = (1, 16, lat, height // 8, width // 8)
+    latent = (1, z, lat, height // f, width // f)
     for call, (a, b) in enumerate(zip(got.trace, preds, strict=True)):
         assert tuple(a.shape) == tuple(b.shape) == latent
         assert rel_l2(a, b) <= 1e-4, f"call {call} ({who[call]})"
@@ -140,6 +148,38 @@ def test_run_matches_the_pipeline_every_call_through_the_encoder_engines(
     a, b = video_uint8(got.image), video_uint8(want["video"])
     assert a.shape == b.shape == (frames, height, width, 3)
     assert min(psnr(x, y) for x, y in zip(a, b, strict=True)) >= 40  # every decoded frame
+
+
+def test_ti2v_artifact_also_makes_text_to_video(ti2v: Path) -> None:
+    """One Wan2.2 TI2V artifact, no image: WanPipeline over the same engines, every call and frame as diffusers'
+    own WanPipeline on the same weights; the timestep graph input is per token."""
+    import torch
+    from diffusers import WanPipeline
+
+    from dtcompile.core.metrics import rel_l2
+    from dtcompile.manifest import read_manifest
+    from dtcompile.models.builtin import builtin_model_path
+    from dtcompile.runtime.media import video_uint8
+    from dtcompile.runtime.session import Session
+
+    tr = read_manifest(ti2v).component("transformer")
+    assert tr.profile is not None and tr.profile["timestep"]["max"] == [2, 3 * 2 * 2]  # 3 latent frames x 2 x 2
+    ref = WanPipeline.from_pretrained(builtin_model_path("tiny-wan22-ti2v"), dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    preds: list[Any] = []
+    ref.transformer.register_forward_hook(lambda mod, args, out: preds.append(out[0].detach().clone()))
+    want = ref(prompt=PROMPT, negative_prompt=NEGATIVE, num_frames=5, height=64, width=32, num_inference_steps=3,
+               guidance_scale=5.0, max_sequence_length=32, generator=torch.Generator("cpu").manual_seed(3)).frames[0]  # fmt: skip
+    session = Session(ti2v, "onnxruntime")
+    got = session.generate(session.request(PROMPT, steps=3, seed=3, frames=5, height=64, width=32, guidance=5.0,
+                                           negative_prompt=NEGATIVE), trace=True)  # fmt: skip
+    assert isinstance(session.text_pipe(), WanPipeline) and session.pipe.vae.calls == 0  # no image encoded
+    assert len(got.trace) == len(preds) == 6
+    for call, (a, b) in enumerate(zip(got.trace, preds, strict=True)):
+        assert rel_l2(a, b) <= 1e-4, f"call {call}"
+    a, b = video_uint8(got.image), video_uint8(want)
+    assert a.shape == b.shape == (5, 64, 32, 3)
+    assert min(psnr(x, y) for x, y in zip(a, b, strict=True)) >= 40
 
 
 def test_manifest_components_profiles_and_pipeline_files(wan21: Path, wan22: Path) -> None:

@@ -90,7 +90,8 @@ class ComponentStandIn(torch.nn.Module):
         starts a new run (timesteps fall during a run). Without a timestep input: the call number."""
         t = feeds.get("timestep")
         try:
-            value = float(t.reshape(-1)[0]) if t is not None else None
+            # the largest: per-token timesteps (Wan2.2 TI2V's expand_timesteps) hold 0 for the conditioning frame
+            value = float(t.reshape(-1).max()) if t is not None else None
         except (AttributeError, IndexError, RuntimeError, TypeError, ValueError):
             value = None
         if value is None:

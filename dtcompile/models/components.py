@@ -350,6 +350,14 @@ def _latent_channels(config: Any) -> int:
     return int(value)
 
 
+def _pixel_channels(config: Any) -> int:
+    """Channels of the image a VAE encodes: ``in_channels``, divided by the patch area where the VAE patchifies
+    its input first (the Wan2.2 VAE: 12 = 3 x 2 x 2)."""
+    channels = int(getattr(config, "in_channels", 3) or 3)
+    patch = getattr(config, "patch_size", None)
+    return channels // (int(patch) ** 2) if isinstance(patch, int) and patch > 1 else channels
+
+
 @dataclass(frozen=True)
 class VaeEncoderGraph:
     """``vae.encode``: the image (batch x 3 x height x width) in, ``moments`` (batch x 2C x height/f x width/f:
@@ -365,6 +373,7 @@ class VaeEncoderGraph:
 
     scale_factor: int
     temporal: int | None = None
+    frames: int | None = None  # a video VAE's fixed frame count where it is not the recipe's maximum (TI2V: 1)
     name: str = "vae_encoder"
     attr: str = "vae"
     role: str = "vae_encoder"
@@ -375,6 +384,8 @@ class VaeEncoderGraph:
     def _frames(self, shapes: Shapes) -> int | None:
         if self.temporal is None:
             return None
+        if self.frames is not None:
+            return self.frames
         if shapes.frames is None:
             raise UnsupportedError("export.shapes.frames: a video VAE encoder needs the recipe's frame range")
         return shapes.frames.max
@@ -387,14 +398,14 @@ class VaeEncoderGraph:
                 raise UnsupportedError(
                     f"export.shapes.{var}: {pixels} is not a multiple of the VAE's factor {self.scale_factor}"
                 )
-        channels = int(getattr(model_config(module), "in_channels", 3) or 3)
+        channels = _pixel_channels(model_config(module))
         time = () if frames is None else (frames,)
         return (batch, channels, *time, height, width)
 
     def export_spec(self, module: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> ExportSpec:
         dt = dtype_name(dtype)
         cfg = model_config(module)
-        channels, moments = int(getattr(cfg, "in_channels", 3) or 3), 2 * _latent_channels(cfg)
+        channels, moments = _pixel_channels(cfg), 2 * _latent_channels(cfg)
         frames = self._frames(shapes)
         if frames is None or self.temporal is None:
             dims_in: tuple[int | str, ...] = (1, channels, "height", "width")

@@ -164,6 +164,11 @@ class WanCacheLayout(SplitLayout):
     def tensor_dims(
         self, module: torch.nn.Module, dims: dict[str, tuple[int | str, ...]], symbolic: bool
     ) -> dict[str, tuple[int | str, ...]]:
+        if len(dims.get("timestep", ())) != 1:
+            raise UnsupportedError(
+                "cache: per-token timesteps (Wan2.2 TI2V's expand_timesteps) are not split into block engines yet; "
+                "remove the cache section"
+            )
         inner, head = attention_dims(model_config(module))
         batch, _, f, h, w = dims["hidden_states"]
         if symbolic:
@@ -219,7 +224,13 @@ class WanAdapter(AdapterBase):
 
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:
-        return {"temporal": int(pipe.vae_scale_factor_temporal), "spatial": int(pipe.vae_scale_factor_spatial)}
+        """The VAE's factors, and whether the pipeline passes per-token timesteps (Wan2.2 TI2V's
+        ``expand_timesteps``: ``timestep`` is batch x tokens)."""
+        return {
+            "temporal": int(pipe.vae_scale_factor_temporal),
+            "spatial": int(pipe.vae_scale_factor_spatial),
+            "expand_timesteps": bool(pipe.config.get("expand_timesteps") or False),
+        }
 
     def aux_graph(self, name: str, pipe_config: dict[str, Any]) -> AuxGraph:
         raise UnsupportedError(f"components: WanPipeline has no engine component {name!r}")
@@ -241,9 +252,12 @@ class WanAdapter(AdapterBase):
         self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, pick: Callable[[Range], int]
     ) -> dict[str, tuple[int, ...]]:
         batch, frames, h, w = (pick(r) for r in (shapes.batch, self._frames(shapes), shapes.height, shapes.width))
+        latent = self._latent(module, pipe_config, batch, frames, h, w)
+        pt, ph, pw = (int(p) for p in model_config(module)["patch_size"])
+        tokens = latent[2] // pt * (latent[3] // ph) * (latent[4] // pw)
         return {
-            "hidden_states": self._latent(module, pipe_config, batch, frames, h, w),
-            "timestep": (batch,),
+            "hidden_states": latent,
+            "timestep": (batch, tokens) if pipe_config.get("expand_timesteps") else (batch,),
             "encoder_hidden_states": (batch, pick(shapes.text_len), int(model_config(module)["text_dim"])),
         }
 
@@ -265,7 +279,7 @@ class WanAdapter(AdapterBase):
         text: int | str = "text_len" if shapes.text_len.min != shapes.text_len.max else shapes.text_len.opt
         inputs = [
             TensorSpec("hidden_states", dt, ("batch", c, "latent_frames", "latent_height", "latent_width")),
-            TensorSpec("timestep", dt, ("batch",)),
+            TensorSpec("timestep", dt, ("batch", "tokens") if pipe_config.get("expand_timesteps") else ("batch",)),
             TensorSpec("encoder_hidden_states", dt, ("batch", text, int(model_config(module)["text_dim"]))),
         ]
         outputs = [TensorSpec("latent", dt, ("batch", out, "latent_frames", "latent_height", "latent_width"))]
@@ -338,6 +352,15 @@ class WanI2VAdapter(WanAdapter):
     reference_image = True
     aux_components: ClassVar[dict[str, str]] = {"vae_encoder": "vae_encoder", "image_encoder": "clip_vision"}
 
+    #: The pipeline that runs the same components without an image, where the artifact can (``image_optional``).
+    text_pipeline_class = "WanPipeline"
+
+    @staticmethod
+    def image_optional(model_index: dict[str, Any]) -> bool:
+        """Whether the artifact makes videos without an image too: Wan2.2 TI2V (``expand_timesteps``), whose one
+        expert is trained for text-to-video and image-to-video; the I2V models need the image."""
+        return bool(model_index.get("expand_timesteps"))
+
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:
         cfg = WanAdapter.pipe_config(pipe)
@@ -351,7 +374,9 @@ class WanI2VAdapter(WanAdapter):
         from dtcompile.models.components import ImageEncoderGraph, VaeEncoderGraph
 
         if name == "vae_encoder":
-            return VaeEncoderGraph(pipe_config["spatial"], temporal=pipe_config["temporal"])
+            # TI2V (expand_timesteps) encodes the image alone; the others the image then zero frames
+            frames = 1 if pipe_config.get("expand_timesteps") else None
+            return VaeEncoderGraph(pipe_config["spatial"], temporal=pipe_config["temporal"], frames=frames)
         if name == "image_encoder":
             if "image_tokens" not in pipe_config:
                 raise UnsupportedError(

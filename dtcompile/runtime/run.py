@@ -108,10 +108,21 @@ def check_frames(manifest: Manifest, frames: int | None, config: Callable[[str],
         raise UnsupportedError(f"{flag} {str(exc).removeprefix('frames ')}") from None
 
 
-def check_reference(adapter: Any, image: Any, pipeline_class: str, *, flag: str = "--image") -> None:
-    """An editing or image-to-video family needs a reference image and the others take none (UnsupportedError
-    naming ``flag``)."""
-    if adapter.reference_image and image is None:
+def pipeline_index(artifact_dir: Path) -> dict[str, Any]:
+    """The artifact's saved ``pipeline/model_index.json`` ({} where it has none)."""
+    try:
+        data = json.loads(artifact_path(artifact_dir, "pipeline/model_index.json").read_text())
+    except (OSError, ValueError, ArtifactError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_reference(
+    adapter: Any, image: Any, pipeline_class: str, *, flag: str = "--image", optional: bool = False
+) -> None:
+    """An editing or image-to-video family needs a reference image (unless ``optional``: an artifact that also
+    runs without one) and the others take none (UnsupportedError naming ``flag``)."""
+    if adapter.reference_image and image is None and not optional:
         if adapter.video:  # image-to-video: the image is the first frame
             raise UnsupportedError(f"{flag}: {pipeline_class} artifacts start from an image; pass {flag} FIRST.png")
         raise UnsupportedError(f"{flag}: {pipeline_class} artifacts edit a reference image; pass {flag} REF.png")

@@ -40,6 +40,7 @@ from dtcompile.runtime.run import (
     check_reference,
     denoiser_module,
     pipeline_config,
+    pipeline_index,
     verify_pipeline_files,
 )
 
@@ -152,6 +153,9 @@ class Session:
         self.module: Any = None  # the main denoiser's stand-in, once loaded
         self.entry: EngineEntry | None = None
         self._pipe: Any = None
+        self._text_pipe: Any = None  # the text-only pipeline over the same engines (``image_optional`` artifacts)
+        optional = getattr(self.adapter, "image_optional", None)
+        self.image_optional = bool(optional and optional(pipeline_index(self.artifact_dir)))
         self._told: set[str] = set()  # defaults already reported in the log
 
     def _check_parallel(self, spec: ParallelSpec) -> None:
@@ -282,7 +286,7 @@ class Session:
 
             generator = torch.Generator("cpu").manual_seed(seed)
         shapes = self.shapes
-        check_reference(self.adapter, image, self.pipeline_class, flag=names.image)
+        check_reference(self.adapter, image, self.pipeline_class, flag=names.image, optional=self.image_optional)
         sized = getattr(self.adapter, "reference_size", None)  # image-to-video: the size follows the image
         if sized is not None and image is not None and height is None and width is None:
             height, width = sized(image.size, shapes["height"], shapes["width"], self.config)
@@ -337,9 +341,13 @@ class Session:
         module.trace = [] if trace else None
         for expert in experts:  # Wan2.2's low-noise expert records into the same list, in call order
             expert.trace = module.trace
+        kwargs = self.adapter.call_kwargs(request)
+        if self.image_optional and request.image is None:  # text-to-video from an image-to-video artifact (TI2V)
+            pipe = self.text_pipe()
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("image", "last_image")}
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = pipe(**self.adapter.call_kwargs(request))
+            out = pipe(**kwargs)
         seconds = time.perf_counter() - t0
         assert self.entry is not None
         log.info("%d steps on %s %s in %.2fs", request.steps, self.entry.backend, self.entry.arch, seconds)
@@ -353,6 +361,26 @@ class Session:
                 getattr(pipe, name).bytes_sent = 0
         return Generation(self.adapter.output_media(out), self.entry.backend, self.entry.arch, seconds, request.steps,
                           module.trace or [], module, stats, parallel)  # fmt: skip
+
+    def text_pipe(self) -> Any:
+        """The adapter's ``text_pipeline_class`` (WanPipeline) over this artifact's components and engines, for
+        artifacts that also make videos without an image (``image_optional``: Wan2.2 TI2V); its calls go through
+        ``prepare_call`` as ``pipe``'s do."""
+        if not self.image_optional:
+            raise UnsupportedError(f"{self.pipeline_class} artifacts need an image; this one has no text-only pipeline")
+        if self._text_pipe is None:
+            import diffusers
+
+            pipe = self.load()
+            cls = checked_pipeline_class(getattr(diffusers, str(self.adapter.text_pipeline_class)))
+            params = inspect.signature(cls.__init__).parameters
+            comps = {k: v for k, v in pipe.components.items() if k in params}
+            config = {k: pipe.config[k] for k in params if k in pipe.config and k not in comps}
+            text = cls(**comps, **config)
+            text._dtc_session = self
+            text.set_progress_bar_config(disable=True)
+            self._text_pipe = text
+        return self._text_pipe
 
     # --- a diffusers user's own call -------------------------------------------------------------------------
 

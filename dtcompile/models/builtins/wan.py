@@ -88,6 +88,32 @@ TINY_WAN22_I2V_CONFIG: dict[str, Any] = {
     "i2v": True,
 }
 
+#: Wan2.2-TI2V-5B's layout scaled down (diffusers' Wan225BImageToVideoPipelineFastTests, and
+#: Wan-AI/Wan2.2-TI2V-5B-Diffusers): one 48-channel expert with per-token timesteps (``expand_timesteps``: the
+#: conditioning frame's tokens at timestep 0), the Wan2.2 VAE (residual blocks, 2x2 patchified input of 12 channels,
+#: 16x spatial / 4x temporal, 48 latent channels). The image enters as the first latent frame, no mask channels.
+TINY_WAN22_TI2V_CONFIG: dict[str, Any] = {
+    **TINY_WAN_CONFIG,
+    "transformer": {**TINY_WAN_CONFIG["transformer"], "in_channels": 48, "out_channels": 48},
+    "vae": {
+        "base_dim": 8,
+        "z_dim": 48,
+        "in_channels": 12,
+        "out_channels": 12,
+        "is_residual": True,
+        "patch_size": 2,
+        "latents_mean": [0.0] * 48,
+        "latents_std": [1.0] * 48,
+        "dim_mult": [1, 1, 1, 1],
+        "num_res_blocks": 1,
+        "scale_factor_spatial": 16,
+        "scale_factor_temporal": 4,
+        "temperal_downsample": [False, True, True],
+    },
+    "expand_timesteps": True,
+    "i2v": True,
+}
+
 
 #: Wan2.1-T2V-1.3B's transformer widths (Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json) minus the depth.
 WAN21_1_3B_WIDTHS: dict[str, Any] = {
@@ -180,6 +206,7 @@ def build_tiny_wan_i2v(seed: int = 0, config: dict[str, Any] = TINY_WAN21_I2V_CO
         scheduler=scheduler,
         image_processor=processor,
         boundary_ratio=config.get("boundary_ratio"),
+        expand_timesteps=bool(config.get("expand_timesteps", False)),
         **modules,
     )
 
@@ -211,6 +238,11 @@ BUILTINS = by_name(
         "tiny-wan22-i2v",
         "random-weight Wan2.2 I2V A14B lookalike: two 36-channel experts switched at boundary 0.9, no image encoder",
         TINY_WAN22_I2V_CONFIG,
+    ),
+    _builtin(
+        "tiny-wan22-ti2v",
+        "random-weight Wan2.2 TI2V-5B lookalike: 48-channel expert, per-token timesteps, the 16x Wan2.2 VAE",
+        TINY_WAN22_TI2V_CONFIG,
     ),
     *(
         _builtin(
