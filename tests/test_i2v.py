@@ -259,6 +259,8 @@ BAD = [
     ("wan22", ["--image", "{big}"], "20000x20000 pixels is too large for a reference image"),
     ("wan22", ["--image", "{ok}", "--frames", "6"], "error: --frames 6: Wan takes 4k+1 frames"),
     ("wan21", ["--image", "{ok}", "--last-image", "{ok}"], "error: --last-image: this Wan2.1 I2V model has no"),
+    ("ti2v", ["--image", "{ok}", "--last-image", "{ok}"], "error: --last-image: Wan2.2 TI2V conditions on the first"),
+    ("ti2v", ["--frames", "7"], "error: --frames 7: Wan takes 4k+1 frames"),  # text-to-video from the same artifact
 ]
 
 
@@ -300,6 +302,7 @@ def test_fp8_twin_builds_rtx_sm89_engines_for_every_component(tmp_path_factory: 
     assert m.component("vae_encoder").quant is None  # the VAE encoder stays float
 
 
+@pytest.mark.slow  # a fourth build (another family)
 def test_kontext_reference_goes_through_the_vae_encoder_engine(tmp_path_factory: pytest.TempPathFactory) -> None:
     """FLUX.1 Kontext with its reference image encoded and the result decoded by engines (vae_encoder wraps the
     vae_decoder's stand-in): every step and the image match FluxKontextPipeline's own."""

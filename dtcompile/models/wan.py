@@ -12,7 +12,12 @@ the high-noise steps and ``transformer_2`` for the low-noise ones, switched by t
 ``boundary_ratio``; both become engines in one artifact and the pipeline's own boundary logic picks them.
 
 The VAE (a causal 3-D VAE decoding frame by frame with a feature cache) and the UMT5 encoder (called with an
-attention mask) stay in torch: no ``components`` besides the experts for this family yet.
+attention mask) stay in torch: no ``components`` besides the experts for text-to-video.
+
+Image-to-video (``WanI2VAdapter``, ``WanImageToVideoPipeline``): Wan2.1 I2V (CLIP image embeddings as a fourth
+graph input), Wan2.2 I2V-A14B (two 36-channel experts) and Wan2.2 TI2V-5B (per-token timesteps: ``timestep`` is
+batch x tokens; one artifact for image- and text-to-video); the conditioning image goes through the
+``vae_encoder`` (and Wan2.1's ``image_encoder``) engines.
 """
 
 from __future__ import annotations
@@ -459,10 +464,16 @@ class WanI2VAdapter(WanAdapter):
         return out_h, out_w
 
     @staticmethod
-    def check_last_image(tr: dict[str, Any]) -> None:
-        """UnsupportedError where the pipeline cannot take a last frame: a Wan2.1 I2V transformer (config ``tr``)
-        without the first-last-frame position table (FLF2V's ``pos_embed_seq_len``) gets two image embeddings
-        per video."""
+    def check_last_image(tr: dict[str, Any], model_index: dict[str, Any]) -> None:
+        """UnsupportedError where the pipeline cannot take a last frame: Wan2.2 TI2V (``expand_timesteps`` in the
+        pipeline's ``model_index``) conditions on the first frame only and would drop it; a Wan2.1 I2V
+        transformer (config ``tr``) without the first-last-frame position table (FLF2V's ``pos_embed_seq_len``)
+        gets two image embeddings per video."""
+        if model_index.get("expand_timesteps"):
+            raise UnsupportedError(
+                "--last-image: Wan2.2 TI2V conditions on the first frame only (WanImageToVideoPipeline ignores "
+                "last_image with expand_timesteps); leave --last-image out"
+            )
         if tr.get("image_dim") is not None and tr.get("pos_embed_seq_len") is None:
             raise UnsupportedError(
                 "--last-image: this Wan2.1 I2V model has no first-last-frame conditioning (Wan2.1-FLF2V's "

@@ -154,8 +154,9 @@ class Session:
         self.entry: EngineEntry | None = None
         self._pipe: Any = None
         self._text_pipe: Any = None  # the text-only pipeline over the same engines (``image_optional`` artifacts)
+        self.model_index = pipeline_index(self.artifact_dir)  # the saved pipeline's model_index.json
         optional = getattr(self.adapter, "image_optional", None)
-        self.image_optional = bool(optional and optional(pipeline_index(self.artifact_dir)))
+        self.image_optional = bool(optional and optional(self.model_index))
         self._told: set[str] = set()  # defaults already reported in the log
 
     def _check_parallel(self, spec: ParallelSpec) -> None:
@@ -296,7 +297,7 @@ class Session:
             check_last = getattr(self.adapter, "check_last_image", None)
             if check_last is None:
                 raise UnsupportedError(f"--last-image: {self.pipeline_class} artifacts take no last image")
-            check_last(self.manifest.component(self.manifest.main_component()).config or {})
+            check_last(self.manifest.component(self.manifest.main_component()).config or {}, self.model_index)
         if self.video and frames is None:
             frames = shapes["frames"].opt
         if guidance is not None:
