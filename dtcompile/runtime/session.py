@@ -373,7 +373,8 @@ class Session:
             import diffusers
 
             pipe = self.load()
-            cls = checked_pipeline_class(getattr(diffusers, str(self.adapter.text_pipeline_class)))
+            name = getattr(self.adapter, "text_pipeline_class", None)  # image-to-video adapters only
+            cls = checked_pipeline_class(getattr(diffusers, str(name)))
             params = inspect.signature(cls.__init__).parameters
             comps = {k: v for k, v in pipe.components.items() if k in params}
             config = {k: pipe.config[k] for k in params if k in pipe.config and k not in comps}
