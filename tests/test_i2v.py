@@ -399,3 +399,16 @@ def test_wan22_i2v_block_cache_off_matches_the_monolithic_artifact(wan22: Path, 
         assert rel_l2(a, b) <= 1e-4, f"call {call}"
     on = run_artifact(split, PROMPT, cache=True, **kw)
     assert len(on.trace) == 8 and on.cache_stats is not None
+
+
+def test_cli_writes_the_video_from_an_image_and_a_last_image(
+    capsys: pytest.CaptureFixture[str], wan22: Path, tmp_path: Path
+) -> None:
+    first, last = tmp_path / "first.png", tmp_path / "last.png"
+    _image(200, 100).save(first)  # 2:1 at the built opt area 32x48: 32 x 48 (multiples of 16)
+    _image(200, 100, seed=1).save(last)
+    out = tmp_path / "video.mp4"
+    r = dtc_here(capsys, "run", str(wan22), "--prompt", PROMPT, "--steps", "2", "--frames", "5", "--image",
+                 str(first), "--last-image", str(last), "--backend", "onnxruntime", "--out", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.is_file() and out.stat().st_size > 0
