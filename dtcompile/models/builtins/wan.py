@@ -149,6 +149,26 @@ def realwidth_wan_config(blocks: int) -> dict[str, Any]:
     }
 
 
+#: Wan2.2-TI2V-5B's transformer widths (Wan-AI/Wan2.2-TI2V-5B-Diffusers transformer/config.json) minus the depth.
+WAN22_TI2V_5B_WIDTHS: dict[str, Any] = {
+    **WAN21_1_3B_WIDTHS,
+    "num_attention_heads": 24,
+    "in_channels": 48,
+    "out_channels": 48,
+    "ffn_dim": 14336,
+}
+
+
+def realwidth_ti2v_config(blocks: int) -> dict[str, Any]:
+    """Wan2.2-TI2V-5B's transformer at its real widths with ``blocks`` of its 30 blocks, around the tiny UMT5 of
+    output width 4096 and the tiny Wan2.2-style VAE (16x spatial, 48 channels): real token counts, little else."""
+    return {
+        **TINY_WAN22_TI2V_CONFIG,
+        "transformer": {**WAN22_TI2V_5B_WIDTHS, "num_layers": blocks},
+        "text_encoder": realwidth_wan_config(blocks)["text_encoder"],
+    }
+
+
 def build_tiny_wan(seed: int = 0, config: dict[str, Any] = TINY_WAN_CONFIG) -> Any:
     """A randomly initialised ``WanPipeline`` from ``config`` (two experts when it has ``boundary_ratio``)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
@@ -251,5 +271,10 @@ BUILTINS = by_name(
             realwidth_wan_config(n),
         )
         for n in (1, 2)
+    ),
+    _builtin(
+        "wan22-ti2v-realwidth-1",
+        "random-weight Wan2.2 TI2V-5B transformer at real widths, 1 of its 30 blocks, tiny encoders and VAE",
+        realwidth_ti2v_config(1),
     ),
 )  # fmt: skip
