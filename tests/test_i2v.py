@@ -412,3 +412,27 @@ def test_cli_writes_the_video_from_an_image_and_a_last_image(
                  str(first), "--last-image", str(last), "--backend", "onnxruntime", "--out", str(out))  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.is_file() and out.stat().st_size > 0
+
+
+def test_a_lora_of_the_other_width_is_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str], wan21: Path, tmp_path: Path
+) -> None:
+    """A Wan LoRA made for a transformer of another width (48 wide, not tiny-wan21-i2v's 32): ``dtc refit`` names
+    the first mismatched weight and writes nothing."""
+    from diffusers import WanTransformer3DModel
+
+    from tests.fixtures.lora import make_peft_lora
+
+    other = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=16, in_channels=36,
+                                  out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", image_dim=16,
+                                  added_kv_proj_dim=48)  # fmt: skip
+    lora = make_peft_lora(other, tmp_path / "other-width.safetensors", pipeline_class="WanImageToVideoPipeline",
+                          targets=("to_q", "to_k", "to_v", "to_out.0"), rank=4, alpha=8.0, seed=1)  # fmt: skip
+    out = tmp_path / "refit"
+    r = dtc_here(capsys, "refit", str(wan21), "--lora", str(lora), "--out", str(out), "--drop-unrefittable")
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "shape mismatch in 'blocks.0.attn1.to_" in lines[0] and "but the weight is [32, 32]" in lines[0], lines[0]
+    assert not out.exists()
