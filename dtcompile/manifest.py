@@ -229,7 +229,7 @@ class AuxEntry(ComponentEntry):
     """An engine-backed text encoder or VAE decoder: ``role`` picks its stand-in, ``attr`` the pipeline attribute
     it replaces."""
 
-    role: Literal["text_encoder", "vae_decoder"]
+    role: Literal["text_encoder", "vae_decoder", "vae_encoder", "image_encoder"]
     attr: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")] | None = None
     tile: dict[str, Any] | None = None  # a tiled VAE decoder: core.tiles.TileSpec.to_json()
 

@@ -90,7 +90,8 @@ class ComponentStandIn(torch.nn.Module):
         starts a new run (timesteps fall during a run). Without a timestep input: the call number."""
         t = feeds.get("timestep")
         try:
-            value = float(t.reshape(-1)[0]) if t is not None else None
+            # the largest: per-token timesteps (Wan2.2 TI2V's expand_timesteps) hold 0 for the conditioning frame
+            value = float(t.reshape(-1).max()) if t is not None else None
         except (AttributeError, IndexError, RuntimeError, TypeError, ValueError):
             value = None
         if value is None:
@@ -247,9 +248,101 @@ class VaeDecoderModule(_EngineCalls):
     def encode(self, *args: Any, **kwargs: Any) -> Any:
         raise UnsupportedError(
             "vae.encode: this artifact's VAE is engine-backed for decoding only (component vae_decoder); "
-            "image inputs need the torch VAE: rebuild without vae_decoder in components"
+            "image inputs need the VAE encoder too: rebuild with vae_encoder in components"
         )
 
 
+class VaeEncoderModule(_EngineCalls):
+    """Stands in for the pipeline's VAE where encoding is engine-backed: ``encode(x)`` runs the engine and
+    returns what diffusers' ``vae.encode`` returns (``AutoencoderKLOutput`` with a ``DiagonalGaussianDistribution``
+    of the engine's ``moments``: ``latent_dist.mode()`` / ``.sample(generator)`` compute as in torch);
+    ``decode`` goes to ``decoder`` (the torch VAE or the ``vae_decoder`` engine's stand-in, set by ``attach``).
+
+    A video VAE's graph takes a fixed frame count (``frames``, the graph input's): a shorter video is padded with
+    zero frames at the end and the leading ``(n - 1) // temporal + 1`` latent frames are kept, exact for a causal
+    encoder (Wan's: every latent frame depends only on the frames up to it).
+    """
+
+    frames: int | None = None  # a video VAE graph's fixed pixel frames (None: an image VAE)
+
+    def attach(self, decoder: Any) -> None:
+        """``decoder`` answers ``decode`` (the VAE's other half: torch, or the ``vae_decoder`` engine)."""
+        self.decoder = decoder
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsupportedError("the VAE engine encodes (vae.encode) and decodes (vae.decode); vae(...) needs torch")
+
+    def decode(self, *args: Any, **kwargs: Any) -> Any:
+        decoder = getattr(self, "decoder", None)
+        if decoder is None:
+            raise UnsupportedError("vae.decode: this VAE stand-in has no decoder attached")
+        if args and isinstance(args[0], torch.Tensor):  # the pipeline casts to vae.dtype: this encoder's
+            args = (args[0].to(decoder.dtype), *args[1:])
+        return decoder.decode(*args, **kwargs)
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` padded with zero frames at the end to the graph's frame count (an image VAE's ``x`` as is)."""
+        if self.frames is None:
+            return x
+        n = int(x.shape[2])
+        if n > self.frames:
+            raise UnsupportedError(
+                f"vae.encode: {n} frames, more than the {self.frames} the VAE encoder engine was built for "
+                "(export.shapes.frames.max); rebuild with a larger frame range"
+            )
+        if n == self.frames:
+            return x
+        return torch.cat([x, x.new_zeros(*x.shape[:2], self.frames - n, *x.shape[3:])], dim=2)
+
+    def _kept(self, moments: torch.Tensor, n: int) -> torch.Tensor:
+        """The leading latent frames of ``n`` pixel frames; the temporal factor is read off the engine's own output
+        (``frames`` pixel frames made ``L`` latent frames: ``(frames - 1) / (L - 1)``)."""
+        assert self.frames is not None
+        made = int(moments.shape[2])
+        temporal = (self.frames - 1) // (made - 1) if made > 1 else max(self.frames - 1, 1)
+        if (n - 1) % temporal:
+            raise UnsupportedError(f"vae.encode: {n} frames; the VAE encodes {temporal}k+1 frames")
+        return moments[:, :, : (n - 1) // temporal + 1]
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True, **kwargs: Any) -> Any:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+        from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+        n = int(x.shape[2]) if x.dim() == 5 else 1
+        padded = self._padded(x.to(self._dtype))
+        # the graph takes one image a call (the pipelines encode one conditioning image); a batch runs per item
+        moments = torch.cat(
+            [self.run(self.graph_feeds({"sample": item, **kwargs}))["moments"] for item in padded.split(1)]
+        )
+        if self.frames is not None:
+            moments = self._kept(moments, n)
+        if self.trace is not None:
+            self.trace.append(moments.detach().clone())
+        posterior = DiagonalGaussianDistribution(moments)
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+
+class ImageEncoderModule(_EngineCalls):
+    """Stands in for a CLIP vision tower (``image_encoder``): ``pixel_values`` in; the output's
+    ``hidden_states[-2]`` (the graph's one output) is what WanImageToVideoPipeline reads; other layers are
+    refused."""
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, return_dict: bool = True,
+                **kwargs: Any) -> Any:  # fmt: skip
+        got = self.run(self.graph_feeds({"pixel_values": pixel_values.to(self._dtype), **kwargs}))
+        hidden = got["penultimate_hidden_state"]
+        if self.trace is not None:
+            self.trace.append(hidden.detach().clone())
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        out = BaseModelOutputWithPooling(hidden_states=PenultimateHiddenStates((hidden, None)))
+        return out if return_dict else out.to_tuple()
+
+
 #: ``AuxEntry.role`` -> the stand-in the runtime puts on the pipeline attribute.
-STANDINS: dict[str, type[_EngineCalls]] = {"text_encoder": TextEncoderModule, "vae_decoder": VaeDecoderModule}
+STANDINS: dict[str, type[_EngineCalls]] = {
+    "text_encoder": TextEncoderModule,
+    "vae_decoder": VaeDecoderModule,
+    "vae_encoder": VaeEncoderModule,
+    "image_encoder": ImageEncoderModule,
+}

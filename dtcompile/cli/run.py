@@ -23,7 +23,14 @@ from dtcompile.runtime.run import BACKEND_CHOICES
     "--image",
     "image_path",
     type=click.Path(dir_okay=False),
-    help="Reference image to edit (FLUX.1 Kontext); resized to the generation size.",
+    help="Reference image to edit (FLUX.1 Kontext; resized to the generation size) or the first frame of an "
+    "image-to-video artifact (Wan I2V; without --height/--width the size follows its aspect).",
+)
+@click.option(
+    "--last-image",
+    "last_image_path",
+    type=click.Path(dir_okay=False),
+    help="Image-to-video artifacts whose pipeline takes one (Wan2.2 I2V): the last frame's image.",
 )
 @click.option(
     "--frames", type=click.IntRange(1), help="Video artifacts: pixel frames (Wan: 4k+1); default: the built opt."
@@ -78,6 +85,7 @@ def run(
     guidance: float | None,
     negative_prompt: str | None,
     image_path: str | None,
+    last_image_path: str | None,
     frames: int | None,
     fps: float,
     backend: str,
@@ -100,8 +108,11 @@ def run(
                       residency=residency, device_memory=device_memory)  # fmt: skip
     out, image_format = _output_file(out_path, session.video, frames)  # checked before the run
     image = None if image_path is None else _reference_image(image_path)
+    last_image = None if last_image_path is None else _reference_image(last_image_path, "--last-image")
     settings: dict[str, Any] = {"steps": steps, "seed": seed, "height": height, "width": width, "guidance": guidance,
                 "negative_prompt": negative_prompt, "image": image, "frames": frames}  # fmt: skip
+    if last_image is not None:
+        settings["last_image"] = last_image
     if parallel is not None:
         from dtcompile.runtime.parallel import ParallelSpec
         from dtcompile.runtime.session import run_artifact_parallel
@@ -146,11 +157,12 @@ def run(
         click.echo(swap_line(session.residency.policy, result.swaps))
 
 
-def _reference_image(value: str) -> Any:
-    """``--image``: a regular image file within the documented size, as an RGB PIL image (runtime.inputs)."""
+def _reference_image(value: str, flag: str = "--image") -> Any:
+    """``--image`` (or ``--last-image``): a regular image file within the documented size, as an RGB PIL image
+    (runtime.inputs)."""
     from dtcompile.runtime.inputs import read_reference_image
 
-    return read_reference_image(value, flag="--image")
+    return read_reference_image(value, flag=flag)
 
 
 def _output_file(value: str, video: bool = False, frames: int | None = None) -> tuple[Path, str]:

@@ -19,6 +19,7 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "StableDiffusion3Pipeline": ("sd3", "dtcompile.models.sd3:SD3Adapter"),
     "FluxKontextPipeline": ("flux-kontext", "dtcompile.models.kontext:KontextAdapter"),
     "WanPipeline": ("wan", "dtcompile.models.wan:WanAdapter"),
+    "WanImageToVideoPipeline": ("wan-i2v", "dtcompile.models.wan:WanI2VAdapter"),
     "Flux2Pipeline": ("flux2", "dtcompile.models.flux2:Flux2Adapter"),
 }
 ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family", dict(_FAMILIES.values()))

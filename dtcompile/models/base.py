@@ -45,6 +45,7 @@ class GenerationRequest:
     negative_prompt: str | list[str] | None = None
     image: Any = None  # the reference image (PIL) of an editing family (``ModelAdapter.reference_image``)
     frames: int | None = None  # video families: pixel frames (None: the pipeline's default)
+    last_image: Any = None  # image-to-video: the last frame's image (PIL), where the pipeline takes one
 
 
 class CacheLayout(Protocol):

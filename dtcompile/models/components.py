@@ -1,4 +1,5 @@
-"""Engine graphs for a pipeline's other heavy components: its text encoders and its VAE decoder.
+"""Engine graphs for a pipeline's other heavy components: its text encoders, its VAE decoder and encoder and its
+image encoder (Wan2.1 I2V's CLIP vision tower).
 
 Families share these (FLUX and SD3 both use CLIP, T5 and an ``AutoencoderKL``), so they live here and each
 adapter's ``aux_graph`` picks one per component name with the family's facts (which outputs the pipeline
@@ -9,7 +10,10 @@ for (``attr``) and the stand-in the runtime puts there (``role``; ``dtcompile.ba
 Text encoders: ``input_ids`` (int64, batch x tokens) in; out the tensors the pipeline reads, named after the
 transformers output fields (``last_hidden_state``, ``pooler_output``, ``text_embeds``) plus
 ``penultimate_hidden_state`` (``hidden_states[-2]``, SD3's CLIP input). VAE decoder: ``latent`` (batch x C x
-h/f x w/f) in, ``sample`` (batch x 3 x h x w) out, as ``vae.decode(latent)`` computes it.
+h/f x w/f) in, ``sample`` (batch x 3 x h x w) out, as ``vae.decode(latent)`` computes it. VAE encoder:
+``sample`` (the image, or a video of a fixed frame count) in, ``moments`` (the posterior's mean and log-variance
+stacked on the channel axis, what ``DiagonalGaussianDistribution`` takes) out, as ``vae.encode(x).latent_dist``
+holds them. Image encoder: ``pixel_values`` in, ``penultimate_hidden_state`` out.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ if TYPE_CHECKING:
 TEXT_OUTPUTS = ("last_hidden_state", "pooler_output", "text_embeds", "penultimate_hidden_state")
 
 #: Component names the recipe's ``components`` list can name besides the denoiser.
-AUX_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder")
+AUX_NAMES = ("text_encoder", "text_encoder_2", "text_encoder_3", "vae_decoder", "vae_encoder", "image_encoder")
 
 #: T5 encoder modules a quantized T5 keeps in its own dtype, besides what no format quantizes (the RMS norms;
 #: attention matmuls stay unquantized in text encoders): the token embedding and the relative position bias
@@ -76,12 +80,22 @@ COMPONENT_KINDS: dict[str, ComponentKind] = {
     ),
     "t5": ComponentKind("a T5 text encoder", ("fp8",), T5_QUANT_EXCLUDE, model_types=("t5", "umt5")),
     "vae": ComponentKind("the VAE decoder", no_quant="it stays float: dtcompile never quantizes convolutions"),
+    "vae_encoder": ComponentKind("the VAE encoder", no_quant="it stays float: dtcompile never quantizes convolutions"),
+    "clip_vision": ComponentKind(
+        "a CLIP image encoder", no_quant="image encoders stay unquantized; fp8 is built for T5 encoders"
+    ),
 }
 
 
 def aux_attr(name: str) -> str:
-    """The pipeline attribute (and source folder) behind component ``name``: ``vae`` for ``vae_decoder``."""
-    return "vae" if name == "vae_decoder" else name
+    """The pipeline attribute (and source folder) behind component ``name``: ``vae`` for ``vae_decoder`` and
+    ``vae_encoder``."""
+    return "vae" if name in ("vae_decoder", "vae_encoder") else name
+
+
+#: Roles whose stand-in wraps the pipeline's module instead of replacing it: the VAE encoder engine runs
+#: ``vae.encode`` and hands ``decode`` to what stays at ``pipe.vae`` (the torch VAE, or the decoder engine).
+WRAPPING_ROLES = ("vae_encoder",)
 
 
 class AuxGraph(Protocol):
@@ -98,7 +112,7 @@ class AuxGraph(Protocol):
 
     @property
     def role(self) -> str:
-        """The runtime stand-in: "text_encoder" | "vae_decoder"."""
+        """The runtime stand-in: "text_encoder" | "vae_decoder" | "vae_encoder" | "image_encoder"."""
 
     def module(self, pipe: Any) -> torch.nn.Module:
         """The torch module exported (``pipe.<attr>``)."""
@@ -354,3 +368,181 @@ def _vae_wrapper_class() -> type:
             return self.vae.decode(latent, return_dict=False)[0]
 
     return VaeDecoderForExport
+
+
+def _latent_channels(config: Any) -> int:
+    """Latent channels of a diffusers VAE config (``latent_channels``; Wan's ``z_dim``)."""
+    value = getattr(config, "latent_channels", None) or getattr(config, "z_dim", None)
+    if value is None:
+        raise UnsupportedError("vae_encoder: the VAE config has neither latent_channels nor z_dim")
+    return int(value)
+
+
+def _pixel_channels(config: Any) -> int:
+    """Channels of the image a VAE encodes: ``in_channels``, divided by the patch area where the VAE patchifies
+    its input first (the Wan2.2 VAE: 12 = 3 x 2 x 2)."""
+    channels = int(getattr(config, "in_channels", 3) or 3)
+    patch = getattr(config, "patch_size", None)
+    return channels // (int(patch) ** 2) if isinstance(patch, int) and patch > 1 else channels
+
+
+@dataclass(frozen=True)
+class VaeEncoderGraph:
+    """``vae.encode``: the image (batch x 3 x height x width) in, ``moments`` (batch x 2C x height/f x width/f:
+    the posterior's mean and log-variance) out, one image a call (the pipelines encode their conditioning image
+    alone and repeat the latents per output; a batch runs one call per image); the stand-in hands diffusers a ``DiagonalGaussianDistribution``
+    of them, so ``latent_dist.mode()`` and ``latent_dist.sample(generator)`` compute as the torch VAE does.
+
+    ``temporal`` (video VAEs such as Wan's causal 3-D VAE, which encodes in time chunks of ``temporal`` frames
+    after the first; None for an image VAE): the graph takes a fixed frame count, the recipe's
+    ``export.shapes.frames.max`` (the chunk loop is unrolled at export). The encoder is causal, so a shorter video padded with zero frames at the end gives the
+    same leading latent frames: the stand-in pads and keeps ``(n - 1) // temporal + 1`` of them.
+    """
+
+    scale_factor: int
+    temporal: int | None = None
+    frames: int | None = None  # a video VAE's fixed frame count where it is not the recipe's maximum (TI2V: 1)
+    name: str = "vae_encoder"
+    attr: str = "vae"
+    role: str = "vae_encoder"
+
+    def module(self, pipe: Any) -> torch.nn.Module:
+        return getattr(pipe, self.attr)
+
+    def _frames(self, shapes: Shapes) -> int | None:
+        if self.temporal is None:
+            return None
+        if self.frames is not None:
+            return self.frames
+        if shapes.frames is None:
+            raise UnsupportedError("export.shapes.frames: a video VAE encoder needs the recipe's frame range")
+        return shapes.frames.max
+
+    def _shape(
+        self, module: torch.nn.Module, batch: int, height: int, width: int, frames: int | None
+    ) -> tuple[int, ...]:
+        for var, pixels in (("height", height), ("width", width)):
+            if pixels % self.scale_factor:
+                raise UnsupportedError(
+                    f"export.shapes.{var}: {pixels} is not a multiple of the VAE's factor {self.scale_factor}"
+                )
+        channels = _pixel_channels(model_config(module))
+        time = () if frames is None else (frames,)
+        return (batch, channels, *time, height, width)
+
+    def export_spec(self, module: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> ExportSpec:
+        dt = dtype_name(dtype)
+        cfg = model_config(module)
+        channels, moments = _pixel_channels(cfg), 2 * _latent_channels(cfg)
+        frames = self._frames(shapes)
+        if frames is None or self.temporal is None:
+            dims_in: tuple[int | str, ...] = (1, channels, "height", "width")
+            dims_out: tuple[int | str, ...] = (1, moments, "latent_height", "latent_width")
+        else:
+            latent_frames = (frames - 1) // self.temporal + 1
+            dims_in = (1, channels, frames, "height", "width")
+            dims_out = (1, moments, latent_frames, "latent_height", "latent_width")
+        opt = {"sample": self._shape(module, 1, shapes.height.opt, shapes.width.opt, frames)}
+        return ExportSpec(
+            inputs=[TensorSpec("sample", dt, dims_in)],
+            outputs=[TensorSpec("moments", dt, dims_out)],
+            example_inputs={"sample": ExampleSampler(opt, module, dtype).randn("sample").clamp(-1, 1)},
+        )
+
+    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return _vae_encoder_wrapper_class()(module)
+
+    def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
+        frames = self._frames(shapes)
+        return ShapeProfile.over_ranges(
+            lambda pick: {"sample": self._shape(module, 1, pick(shapes.height), pick(shapes.width), frames)}
+        )
+
+    @contextlib.contextmanager
+    def exporting(self, module: torch.nn.Module) -> Iterator[None]:
+        """Tiling and slicing off for the export (one pass over the whole image), restored after."""
+        saved = {k: getattr(module, k) for k in ("use_tiling", "use_slicing") if hasattr(module, k)}
+        for k in saved:
+            setattr(module, k, False)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(module, k, v)
+
+
+def _vae_encoder_wrapper_class() -> type:
+    import torch
+
+    class VaeEncoderForExport(torch.nn.Module):
+        """sample -> ``vae.encode(sample).latent_dist.parameters`` (mean and log-variance, stacked)."""
+
+        def __init__(self, vae: torch.nn.Module) -> None:
+            super().__init__()
+            self.vae: Any = vae
+
+        def forward(self, sample: torch.Tensor) -> torch.Tensor:
+            return self.vae.encode(sample, return_dict=True).latent_dist.parameters
+
+    return VaeEncoderForExport
+
+
+@dataclass(frozen=True)
+class ImageEncoderGraph:
+    """A transformers CLIP vision tower (Wan2.1 I2V's ``image_encoder``): ``pixel_values`` (images x 3 x S x S,
+    S the processor's crop size, the config's ``image_size``) in, ``penultimate_hidden_state``
+    (``hidden_states[-2]``, what WanImageToVideoPipeline.encode_image reads) out. The batch is the number of
+    conditioning images: 1, or 2 with a last frame."""
+
+    name: str = "image_encoder"
+    attr: str = "image_encoder"
+    role: str = "image_encoder"
+    max_images: int = 2
+
+    def module(self, pipe: Any) -> torch.nn.Module:
+        return getattr(pipe, self.attr)
+
+    @staticmethod
+    def _size(module: torch.nn.Module) -> int:
+        return int(model_config(module).image_size)
+
+    def export_spec(self, module: torch.nn.Module, shapes: Shapes, dtype: torch.dtype) -> ExportSpec:
+        cfg, dt = model_config(module), dtype_name(dtype)
+        size, hidden = self._size(module), int(cfg.hidden_size)
+        tokens = (size // int(cfg.patch_size)) ** 2 + 1  # patches + the class token
+        opt: dict[str, tuple[int, ...]] = {"pixel_values": (1, int(getattr(cfg, "num_channels", 3)), size, size)}
+        return ExportSpec(
+            inputs=[TensorSpec("pixel_values", dt, ("images", opt["pixel_values"][1], size, size))],
+            outputs=[TensorSpec("penultimate_hidden_state", dt, ("images", tokens, hidden))],
+            example_inputs={"pixel_values": ExampleSampler(opt, module, dtype).randn("pixel_values")},
+        )
+
+    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return _image_encoder_wrapper_class()(module)
+
+    def shape_profile(self, module: torch.nn.Module, shapes: Shapes) -> ShapeProfile:
+        size, channels = self._size(module), int(getattr(model_config(module), "num_channels", 3))
+        return ShapeProfile(
+            min={"pixel_values": (1, channels, size, size)},
+            opt={"pixel_values": (1, channels, size, size)},
+            max={"pixel_values": (self.max_images, channels, size, size)},
+        )
+
+    def exporting(self, module: torch.nn.Module) -> contextlib.AbstractContextManager[None]:
+        return TextEncoderGraph("image_encoder", ("last_hidden_state",)).exporting(module)
+
+
+def _image_encoder_wrapper_class() -> type:
+    import torch
+
+    class ImageEncoderForExport(torch.nn.Module):
+        """pixel_values -> the vision tower's penultimate hidden states."""
+
+        def __init__(self, encoder: torch.nn.Module) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            return self.encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[-2]
+
+    return ImageEncoderForExport

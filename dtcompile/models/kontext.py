@@ -8,7 +8,8 @@ at the latent tokens alone, for text-to-image calls without a reference).
 
 Runs pass ``max_area = height x width`` and ``_auto_resize=False``, so FluxKontextPipeline keeps the requested
 size instead of snapping to its preferred ~1 MP resolutions. The reference goes through ``vae.encode``: the
-VAE stays in torch (no ``vae_decoder`` component for this family).
+``vae_encoder`` component makes that an engine (one image a call, the generation's size range), and
+``vae_decoder`` the decode, as for FLUX.1; without them the VAE stays in torch.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from dtcompile.models.flux import (
 
 if TYPE_CHECKING:
     import torch
+
+    from dtcompile.models.components import AuxGraph
 
 
 def reference_ids(height: int, width: int, vae_scale_factor: int, device: Any = None) -> torch.Tensor:
@@ -53,8 +56,18 @@ class KontextAdapter(FluxAdapter):
     pipeline_class = "FluxKontextPipeline"
     reference_image = True
     cache_layout_class = None
-    # the reference is VAE-encoded: the VAE stays torch
-    aux_components: ClassVar[dict[str, str]] = {"text_encoder": "clip", "text_encoder_2": "t5"}
+    # the reference is VAE-encoded: vae_encoder makes that an engine too
+    aux_components: ClassVar[dict[str, str]] = {
+        "text_encoder": "clip", "text_encoder_2": "t5", "vae_decoder": "vae", "vae_encoder": "vae_encoder",
+    }  # fmt: skip
+
+    def aux_graph(self, name: str, pipe_config: dict[str, Any]) -> AuxGraph:
+        """FLUX.1's text encoders and VAE decoder, and the VAE encoder of the reference image."""
+        if name == "vae_encoder":
+            from dtcompile.models.components import VaeEncoderGraph
+
+            return VaeEncoderGraph(self._vae_scale_factor(pipe_config))
+        return super().aux_graph(name, pipe_config)
 
     @staticmethod
     def _img_tokens(height: int, width: int, vae_scale_factor: int) -> int:

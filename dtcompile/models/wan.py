@@ -12,7 +12,12 @@ the high-noise steps and ``transformer_2`` for the low-noise ones, switched by t
 ``boundary_ratio``; both become engines in one artifact and the pipeline's own boundary logic picks them.
 
 The VAE (a causal 3-D VAE decoding frame by frame with a feature cache) and the UMT5 encoder (called with an
-attention mask) stay in torch: no ``components`` besides the experts for this family yet.
+attention mask) stay in torch: no ``components`` besides the experts for text-to-video.
+
+Image-to-video (``WanI2VAdapter``, ``WanImageToVideoPipeline``): Wan2.1 I2V (CLIP image embeddings as a fourth
+graph input), Wan2.2 I2V-A14B (two 36-channel experts) and Wan2.2 TI2V-5B (per-token timesteps: ``timestep`` is
+batch x tokens; one artifact for image- and text-to-video); the conditioning image goes through the
+``vae_encoder`` (and Wan2.1's ``image_encoder``) engines.
 """
 
 from __future__ import annotations
@@ -164,6 +169,11 @@ class WanCacheLayout(SplitLayout):
     def tensor_dims(
         self, module: torch.nn.Module, dims: dict[str, tuple[int | str, ...]], symbolic: bool
     ) -> dict[str, tuple[int | str, ...]]:
+        if len(dims.get("timestep", ())) != 1:
+            raise UnsupportedError(
+                "cache: per-token timesteps (Wan2.2 TI2V's expand_timesteps) are not split into block engines yet; "
+                "remove the cache section"
+            )
         inner, head = attention_dims(model_config(module))
         batch, _, f, h, w = dims["hidden_states"]
         if symbolic:
@@ -219,7 +229,13 @@ class WanAdapter(AdapterBase):
 
     @staticmethod
     def pipe_config(pipe: Any) -> dict[str, Any]:
-        return {"temporal": int(pipe.vae_scale_factor_temporal), "spatial": int(pipe.vae_scale_factor_spatial)}
+        """The VAE's factors, and whether the pipeline passes per-token timesteps (Wan2.2 TI2V's
+        ``expand_timesteps``: ``timestep`` is batch x tokens)."""
+        return {
+            "temporal": int(pipe.vae_scale_factor_temporal),
+            "spatial": int(pipe.vae_scale_factor_spatial),
+            "expand_timesteps": bool(pipe.config.get("expand_timesteps") or False),
+        }
 
     def aux_graph(self, name: str, pipe_config: dict[str, Any]) -> AuxGraph:
         raise UnsupportedError(f"components: WanPipeline has no engine component {name!r}")
@@ -241,9 +257,12 @@ class WanAdapter(AdapterBase):
         self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, pick: Callable[[Range], int]
     ) -> dict[str, tuple[int, ...]]:
         batch, frames, h, w = (pick(r) for r in (shapes.batch, self._frames(shapes), shapes.height, shapes.width))
+        latent = self._latent(module, pipe_config, batch, frames, h, w)
+        pt, ph, pw = (int(p) for p in model_config(module)["patch_size"])
+        tokens = latent[2] // pt * (latent[3] // ph) * (latent[4] // pw)
         return {
-            "hidden_states": self._latent(module, pipe_config, batch, frames, h, w),
-            "timestep": (batch,),
+            "hidden_states": latent,
+            "timestep": (batch, tokens) if pipe_config.get("expand_timesteps") else (batch,),
             "encoder_hidden_states": (batch, pick(shapes.text_len), int(model_config(module)["text_dim"])),
         }
 
@@ -265,7 +284,7 @@ class WanAdapter(AdapterBase):
         text: int | str = "text_len" if shapes.text_len.min != shapes.text_len.max else shapes.text_len.opt
         inputs = [
             TensorSpec("hidden_states", dt, ("batch", c, "latent_frames", "latent_height", "latent_width")),
-            TensorSpec("timestep", dt, ("batch",)),
+            TensorSpec("timestep", dt, ("batch", "tokens") if pipe_config.get("expand_timesteps") else ("batch",)),
             TensorSpec("encoder_hidden_states", dt, ("batch", text, int(model_config(module)["text_dim"]))),
         ]
         outputs = [TensorSpec("latent", dt, ("batch", out, "latent_frames", "latent_height", "latent_width"))]
@@ -310,4 +329,170 @@ class WanAdapter(AdapterBase):
         kwargs = super().call_kwargs(request)
         if kwargs["output_type"] == "pil":
             kwargs["output_type"] = "np"
+        return kwargs
+
+
+# --------------------------------------------------------------------------------------------------
+# Image-to-video
+# --------------------------------------------------------------------------------------------------
+
+#: WanAttnProcessor splits an image-conditioned cross-attention context at ``tokens - 512``: the text part of a
+#: Wan2.1 I2V transformer (``added_kv_proj_dim`` set) is always 512 tokens.
+I2V_TEXT_LEN = 512
+
+
+def _i2v_transformer(config: Callable[[str], dict[str, Any] | None]) -> dict[str, Any]:
+    return config("transformer") or config("transformer_2") or {}
+
+
+class WanI2VAdapter(WanAdapter):
+    """Wan image-to-video (``WanImageToVideoPipeline``): Wan2.1-I2V (one expert; CLIP vision ``image_encoder``
+    whose penultimate hidden states enter the transformer as ``encoder_hidden_states_image``) and Wan2.2-I2V-A14B
+    (two experts, no image encoder). The transformer takes the noise latents, the 4-channel first-frame mask and
+    the VAE-encoded condition video stacked on channels (36 for both); the condition video (the image, zero
+    frames, and the last image when given) goes through ``vae.encode`` (the ``vae_encoder`` component)."""
+
+    family = "wan-i2v"
+    pipeline_class = "WanImageToVideoPipeline"
+    reference_image = True
+    aux_components: ClassVar[dict[str, str]] = {"vae_encoder": "vae_encoder", "image_encoder": "clip_vision"}
+
+    #: The pipeline that runs the same components without an image, where the artifact can (``image_optional``).
+    text_pipeline_class = "WanPipeline"
+
+    @staticmethod
+    def image_optional(model_index: dict[str, Any]) -> bool:
+        """Whether the artifact makes videos without an image too: Wan2.2 TI2V (``expand_timesteps``), whose one
+        expert is trained for text-to-video and image-to-video; the I2V models need the image."""
+        return bool(model_index.get("expand_timesteps"))
+
+    @staticmethod
+    def pipe_config(pipe: Any) -> dict[str, Any]:
+        cfg = WanAdapter.pipe_config(pipe)
+        encoder = getattr(pipe, "image_encoder", None)
+        if encoder is not None:
+            vision = encoder.config
+            cfg["image_tokens"] = (int(vision.image_size) // int(vision.patch_size)) ** 2 + 1
+        return cfg
+
+    def aux_graph(self, name: str, pipe_config: dict[str, Any]) -> AuxGraph:
+        from dtcompile.models.components import ImageEncoderGraph, VaeEncoderGraph
+
+        if name == "vae_encoder":
+            # TI2V (expand_timesteps) encodes the image alone; the others the image then zero frames
+            frames = 1 if pipe_config.get("expand_timesteps") else None
+            return VaeEncoderGraph(pipe_config["spatial"], temporal=pipe_config["temporal"], frames=frames)
+        if name == "image_encoder":
+            if "image_tokens" not in pipe_config:
+                raise UnsupportedError(
+                    "components: this WanImageToVideoPipeline has no image_encoder (Wan2.2 I2V conditions on the "
+                    "VAE latents only); remove image_encoder from components"
+                )
+            return ImageEncoderGraph()
+        raise UnsupportedError(f"components: WanImageToVideoPipeline has no engine component {name!r}")
+
+    @staticmethod
+    def _image_input(module: torch.nn.Module) -> bool:
+        return model_config(module).get("image_dim") is not None
+
+    def export_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        from dtcompile.models.base import _positional_forward_class
+
+        names = (*self.graph_inputs, "encoder_hidden_states_image") if self._image_input(module) else self.graph_inputs
+        return _positional_forward_class()(module, names)
+
+    def shapes_at(
+        self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, pick: Callable[[Range], int]
+    ) -> dict[str, tuple[int, ...]]:
+        got = super().shapes_at(module, pipe_config, shapes, pick)
+        if self._image_input(module):
+            tokens = int(pipe_config.get("image_tokens") or 0)
+            if not tokens:
+                raise UnsupportedError("the transformer takes image embeddings but the pipeline has no image_encoder")
+            got["encoder_hidden_states_image"] = (pick(shapes.batch), tokens, int(model_config(module)["image_dim"]))
+        return got
+
+    def export_spec(
+        self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes, dtype: torch.dtype
+    ) -> ExportSpec:
+        spec = super().export_spec(module, pipe_config, shapes, dtype)
+        if not self._image_input(module):
+            return spec
+        shape = self.shapes_at(module, pipe_config, shapes, lambda r: r.opt)["encoder_hidden_states_image"]
+        spec.inputs.append(TensorSpec("encoder_hidden_states_image", dtype_name(dtype), ("batch", *shape[1:])))
+        sample = ExampleSampler({"encoder_hidden_states_image": shape}, module, dtype)
+        spec.example_inputs["encoder_hidden_states_image"] = sample.randn("encoder_hidden_states_image")
+        return spec
+
+    def check_shapes(self, shapes: Any, config: Callable[[str], dict[str, Any] | None]) -> None:
+        """T2V's rules, and a text length of exactly 512 where the transformer has image key/value projections
+        (WanAttnProcessor splits the context at ``tokens - 512``)."""
+        super().check_shapes(shapes, config)
+        if _i2v_transformer(config).get("added_kv_proj_dim") is not None and (
+            shapes.text_len.min != I2V_TEXT_LEN or shapes.text_len.max != I2V_TEXT_LEN
+        ):
+            raise RecipeError(
+                f"export.shapes.text_len: Wan2.1 I2V splits its cross-attention context at 512 text tokens; set "
+                f"min, opt and max to {I2V_TEXT_LEN}"
+            )
+
+    def block_names(self, config: dict[str, Any]) -> list[str]:
+        if config.get("image_dim") is not None:
+            raise UnsupportedError(
+                "cache: Wan2.1 I2V's transformer (image embeddings in the prologue) is not split into block engines "
+                "yet; remove the cache section (Wan2.2 I2V splits)"
+            )
+        return super().block_names(config)
+
+    def reference_size(
+        self, image_size: tuple[int, int], height: Range, width: Range, config: Callable[[str], dict[str, Any] | None]
+    ) -> tuple[int, int]:
+        """(height, width) for a conditioning image of ``image_size`` (w, h) when the caller names no size: the
+        built opt area at the image's aspect, in multiples of the VAE factor x patch size (what diffusers'
+        Wan I2V example does with ``max_area``); UnsupportedError when that size is outside the built ranges."""
+        multiple = _factors(config)[2]
+        w, h = image_size
+        area, aspect = height.opt * width.opt, h / w
+        out_h = max(multiple, round((area * aspect) ** 0.5 / multiple) * multiple)
+        out_w = max(multiple, round((area / aspect) ** 0.5 / multiple) * multiple)
+        if not (height.min <= out_h <= height.max and width.min <= out_w <= width.max):
+            raise UnsupportedError(
+                f"--image: a {w}x{h} image (aspect {w / h:.2f}) makes {out_w}x{out_h} at the artifact's area; the "
+                f"artifact takes widths {width.min}..{width.max} and heights {height.min}..{height.max}: crop the "
+                "image or pass --height and --width"
+            )
+        return out_h, out_w
+
+    @staticmethod
+    def check_last_image(tr: dict[str, Any], model_index: dict[str, Any]) -> None:
+        """UnsupportedError where the pipeline cannot take a last frame: Wan2.2 TI2V (``expand_timesteps`` in the
+        pipeline's ``model_index``) conditions on the first frame only and would drop it; a Wan2.1 I2V
+        transformer (config ``tr``) without the first-last-frame position table (FLF2V's ``pos_embed_seq_len``)
+        gets two image embeddings per video."""
+        if model_index.get("expand_timesteps"):
+            raise UnsupportedError(
+                "--last-image: Wan2.2 TI2V conditions on the first frame only (WanImageToVideoPipeline ignores "
+                "last_image with expand_timesteps); leave --last-image out"
+            )
+        if tr.get("image_dim") is not None and tr.get("pos_embed_seq_len") is None:
+            raise UnsupportedError(
+                "--last-image: this Wan2.1 I2V model has no first-last-frame conditioning (Wan2.1-FLF2V's "
+                "pos_embed_seq_len); Wan2.2 I2V takes a last image"
+            )
+
+    def call_kwargs(self, request: GenerationRequest) -> dict[str, Any]:
+        """WanImageToVideoPipeline's arguments: T2V's, the conditioning image (a fixed synthetic one for
+        calibration and benchmarks, which pass none) and the last image when given."""
+        from PIL import Image
+
+        from dtcompile.models.kontext import synthetic_reference
+
+        kwargs = super().call_kwargs(request)
+        image = request.image if request.image is not None else synthetic_reference(request.height, request.width)
+        for key, value in (("image", image), ("last_image", request.last_image)):
+            if value is None:
+                continue
+            if not isinstance(value, Image.Image):
+                raise UnsupportedError(f"{key}: a PIL image is expected, got {type(value).__name__}")
+            kwargs[key] = value.convert("RGB")
         return kwargs

@@ -76,6 +76,9 @@ class ModelSpec(_Strict):
     """A hub id (owner/name), a local diffusers pipeline folder, or builtin:NAME (see `dtc models`)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of a hub id."""
+    pipeline: str | None = Field(default=None, pattern=r"^[A-Z][A-Za-z0-9]*Pipeline$")
+    """The diffusers pipeline class to load the source as, where it is not model_index.json's own (Wan2.2-TI2V-5B
+    ships as WanPipeline; WanImageToVideoPipeline builds one artifact for image- and text-to-video)."""
 
 
 #: The ONNX ``Attention`` op (``attention: native``) exists from this opset on.

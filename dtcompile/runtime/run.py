@@ -109,9 +109,23 @@ def check_frames(manifest: Manifest, frames: int | None, config: Callable[[str],
         raise UnsupportedError(f"{flag} {str(exc).removeprefix('frames ')}") from None
 
 
-def check_reference(adapter: Any, image: Any, pipeline_class: str, *, flag: str = "--image") -> None:
-    """An editing family needs a reference image and the others take none (UnsupportedError naming ``flag``)."""
-    if adapter.reference_image and image is None:
+def pipeline_index(artifact_dir: Path) -> dict[str, Any]:
+    """The artifact's saved ``pipeline/model_index.json`` ({} where it has none)."""
+    try:
+        data = json.loads(artifact_path(artifact_dir, "pipeline/model_index.json").read_text())
+    except (OSError, ValueError, ArtifactError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_reference(
+    adapter: Any, image: Any, pipeline_class: str, *, flag: str = "--image", optional: bool = False
+) -> None:
+    """An editing or image-to-video family needs a reference image (unless ``optional``: an artifact that also
+    runs without one) and the others take none (UnsupportedError naming ``flag``)."""
+    if adapter.reference_image and image is None and not optional:
+        if adapter.video:  # image-to-video: the image is the first frame
+            raise UnsupportedError(f"{flag}: {pipeline_class} artifacts start from an image; pass {flag} FIRST.png")
         raise UnsupportedError(f"{flag}: {pipeline_class} artifacts edit a reference image; pass {flag} REF.png")
     if not adapter.reference_image and image is not None:
         raise UnsupportedError(f"{flag}: {pipeline_class} artifacts take no reference image")
@@ -178,7 +192,8 @@ def aux_module(
     threads: int | None = None,
     residency: Residency | None = None,
 ) -> Any:
-    """The stand-in for an engine-backed text encoder or VAE decoder (``AuxEntry.role``)."""
+    """The stand-in for an engine-backed text encoder, image encoder, VAE decoder or VAE encoder
+    (``AuxEntry.role``)."""
     import torch
 
     from dtcompile.backends.standin import STANDINS, VaeDecoderModule
@@ -198,4 +213,7 @@ def aux_module(
         from dtcompile.runtime.tiling import tiler
 
         module.tiler = tiler(TileSpec.from_json(centry.tile))
+    if centry.role == "vae_encoder":  # a video VAE's graph takes a fixed frame count (its input's axis 2)
+        dims = centry.inputs[0].dims if centry.inputs else ()
+        setattr(module, "frames", dims[2] if len(dims) == 5 and isinstance(dims[2], int) else None)  # noqa: B010
     return module

@@ -30,6 +30,7 @@ from dtcompile.core.targets import gpu_arch
 from dtcompile.manifest import EngineEntry, Manifest, ShapeRange, Verifier, read_manifest
 from dtcompile.models import adapter_for
 from dtcompile.models.base import GenerationRequest
+from dtcompile.models.components import WRAPPING_ROLES
 from dtcompile.runtime.limits import check_guidance
 from dtcompile.runtime.parallel import ParallelSpec, run_parallel, swap_prompts
 from dtcompile.runtime.run import (
@@ -39,6 +40,7 @@ from dtcompile.runtime.run import (
     check_reference,
     denoiser_module,
     pipeline_config,
+    pipeline_index,
     verify_pipeline_files,
 )
 
@@ -161,6 +163,10 @@ class Session:
         self.module: Any = None  # the main denoiser's stand-in, once loaded
         self.entry: EngineEntry | None = None
         self._pipe: Any = None
+        self._text_pipe: Any = None  # the text-only pipeline over the same engines (``image_optional`` artifacts)
+        self.model_index = pipeline_index(self.artifact_dir)  # the saved pipeline's model_index.json
+        optional = getattr(self.adapter, "image_optional", None)
+        self.image_optional = bool(optional and optional(self.model_index))
         self._told: set[str] = set()  # defaults already reported in the log
 
     def _check_parallel(self, spec: ParallelSpec) -> None:
@@ -224,12 +230,13 @@ class Session:
                                       threshold=self.cache_threshold, threads=self.threads)  # fmt: skip
 
         module, entry = denoiser(main)
-        standins = {
-            manifest.aux(name).attr or name: aux_module(
-                artifact_dir, manifest, name, self.backend, verifier, self.threads, self.residency
-            )
-            for name in manifest.aux_names()
-        }
+        standins: dict[str, Any] = {}
+        wrappers: dict[str, Any] = {}
+        for name in manifest.aux_names():
+            stand_in = aux_module(artifact_dir, manifest, name, self.backend, verifier, self.threads, self.residency)
+            aux = manifest.aux(name)
+            # a VAE encoder engine wraps what the pipeline loads at ``vae`` (torch VAE or the decoder's stand-in)
+            (wrappers if aux.role in WRAPPING_ROLES else standins)[aux.attr or name] = stand_in
         for name in manifest.denoiser_names()[1:]:  # Wan2.2's second expert: the pipeline switches between them
             standins[name] = denoiser(name)[0]
         pipeline_dir = artifact_dir / "pipeline"
@@ -247,6 +254,9 @@ class Session:
         self.residency.attach(standins.values())  # sequential: engines load before a step's timing starts
         with _quiet_type_warnings(standins):
             pipe = cls.from_pretrained(pipeline_dir, **standins, dtype=module.dtype, use_safetensors=True)
+        for attr, wrapper in wrappers.items():
+            wrapper.attach(getattr(pipe, attr))
+            setattr(pipe, attr, wrapper)
         pipe._dtc_session = self
         pipe.set_progress_bar_config(disable=True)
         pipe.to(module.device)
@@ -276,6 +286,7 @@ class Session:
         guidance: float | None = None,
         negative_prompt: str | list[str] | None = None,
         image: Any = None,
+        last_image: Any = None,
         images_per_prompt: int = 1,
         callback: Any = None,
         names: ArgNames = CLI_NAMES,
@@ -288,8 +299,17 @@ class Session:
 
             generator = torch.Generator("cpu").manual_seed(seed)
         shapes = self.shapes
+        check_reference(self.adapter, image, self.pipeline_class, flag=names.image, optional=self.image_optional)
+        sized = getattr(self.adapter, "reference_size", None)  # image-to-video: the size follows the image
+        if sized is not None and image is not None and height is None and width is None:
+            height, width = sized(image.size, shapes["height"], shapes["width"], self.config)
         height = height or shapes["height"].opt
         width = width or shapes["width"].opt
+        if last_image is not None:
+            check_last = getattr(self.adapter, "check_last_image", None)
+            if check_last is None:
+                raise UnsupportedError(f"--last-image: {self.pipeline_class} artifacts take no last image")
+            check_last(self.manifest.component(self.manifest.main_component()).config or {}, self.model_index)
         if self.video and frames is None:
             frames = shapes["frames"].opt
         if guidance is not None:
@@ -298,7 +318,6 @@ class Session:
         check_frames(self.manifest, frames, self.config, flag=names.frames)
         if negative_prompt is not None and not self.adapter.negative_prompt:
             raise UnsupportedError(f"{names.negative_prompt}: {self.pipeline_class} artifacts take no negative prompt")
-        check_reference(self.adapter, image, self.pipeline_class, flag=names.image)
         self.check_batch((len(prompt) if isinstance(prompt, list) else 1) * images_per_prompt, names.batch)
         return GenerationRequest(
             prompt,
@@ -313,6 +332,7 @@ class Session:
             negative_prompt=negative_prompt,
             image=image,
             frames=frames,
+            last_image=last_image,
         )
 
     def check_batch(self, batch: int, name: str) -> None:
@@ -334,9 +354,13 @@ class Session:
         module.trace = [] if trace else None
         for expert in experts:  # Wan2.2's low-noise expert records into the same list, in call order
             expert.trace = module.trace
+        kwargs = self.adapter.call_kwargs(request)
+        if self.image_optional and request.image is None:  # text-to-video from an image-to-video artifact (TI2V)
+            pipe = self.text_pipe()
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("image", "last_image")}
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = pipe(**self.adapter.call_kwargs(request))
+            out = pipe(**kwargs)
         seconds = time.perf_counter() - t0
         assert self.entry is not None
         log.info("%d steps on %s %s in %.2fs", request.steps, self.entry.backend, self.entry.arch, seconds)
@@ -351,6 +375,27 @@ class Session:
         swaps = self.residency.take_swaps()
         return Generation(self.adapter.output_media(out), self.entry.backend, self.entry.arch, seconds, request.steps,
                           module.trace or [], module, stats, parallel, swaps)  # fmt: skip
+
+    def text_pipe(self) -> Any:
+        """The adapter's ``text_pipeline_class`` (WanPipeline) over this artifact's components and engines, for
+        artifacts that also make videos without an image (``image_optional``: Wan2.2 TI2V); its calls go through
+        ``prepare_call`` as ``pipe``'s do."""
+        if not self.image_optional:
+            raise UnsupportedError(f"{self.pipeline_class} artifacts need an image; this one has no text-only pipeline")
+        if self._text_pipe is None:
+            import diffusers
+
+            pipe = self.load()
+            name = getattr(self.adapter, "text_pipeline_class", None)  # image-to-video adapters only
+            cls = checked_pipeline_class(getattr(diffusers, str(name)))
+            params = inspect.signature(cls.__init__).parameters
+            comps = {k: v for k, v in pipe.components.items() if k in params}
+            config = {k: pipe.config[k] for k in params if k in pipe.config and k not in comps}
+            text = cls(**comps, **config)
+            text._dtc_session = self
+            text.set_progress_bar_config(disable=True)
+            self._text_pipe = text
+        return self._text_pipe
 
     # --- a diffusers user's own call -------------------------------------------------------------------------
 
@@ -497,6 +542,7 @@ def run_artifact(
     guidance: float | None = None,
     negative_prompt: str | None = None,
     image: Any = None,
+    last_image: Any = None,
     frames: int | None = None,
     backend: str = "auto",
     trace: bool = False,
@@ -523,6 +569,7 @@ def run_artifact(
         guidance=guidance,
         negative_prompt=negative_prompt,
         image=image,
+        last_image=last_image,
     )
     return session.generate(request, trace=trace)
 

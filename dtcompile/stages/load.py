@@ -38,6 +38,8 @@ class ResolvedSource:
         """The family adapter, known without loading weights (None: a hub model not downloaded yet)."""
         from dtcompile.models import ADAPTERS, adapter_for_pipeline_class
 
+        if self.spec.pipeline is not None:  # the recipe names the class to load the source as
+            return ADAPTERS.get(adapter_for_pipeline_class(self.spec.pipeline))()
         if (name := self.builtin_name) is not None:  # a builtin source
             from dtcompile.models.builtin import builtin
 
@@ -224,7 +226,7 @@ def locate_files(recipe: Any, resolved: ResolvedSource) -> SourceFiles:
 
     folder = source_dir(resolved)
     index = model_index(folder)
-    class_name = pipeline_class_of(folder, index)
+    class_name = resolved.spec.pipeline or pipeline_class_of(folder, index)
     adapter = ADAPTERS.get(adapter_for_pipeline_class(class_name))()
     component_dir = folder / adapter.component
     digest = sha256_tree(component_dir) if component_dir.is_dir() else "unknown"

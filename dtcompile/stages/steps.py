@@ -135,6 +135,7 @@ def quantize_step(state: BuildState) -> tuple[BuildState, list[str]]:
 def export_step(state: BuildState) -> tuple[BuildState, list[str]]:
     """export: ONNX graphs (one per denoiser, or one per cache part; then the further components) and the pipeline
     files -> ``Exported``."""
+    from dtcompile.models.components import WRAPPING_ROLES
     from dtcompile.stages.export import export_aux, export_pipeline_files
     from dtcompile.stages.plan import aux_components
 
@@ -150,7 +151,9 @@ def export_step(state: BuildState) -> tuple[BuildState, list[str]]:
         graph = export_aux(state.pipeline, recipe, state.tmp, spec, quantized.aux.get(spec.name))
         aux_graphs.append((spec.name, graph))
     graphs += aux_graphs
-    attrs = [*state.files.extra_denoisers(), *(g.manifest.get("attr", name) for name, g in aux_graphs)]
+    # a VAE encoder engine wraps the VAE the pipeline keeps (its decode stays torch unless vae_decoder is built)
+    kept = [g.manifest.get("attr", name) for name, g in aux_graphs if g.manifest.get("role") not in WRAPPING_ROLES]
+    attrs = [*state.files.extra_denoisers(), *kept]
     pipeline = export_pipeline_files(state.pipeline, state.tmp, attrs) if recipe.output.include_pipeline else {}
     components.update((name, g.manifest) for name, g in graphs)
     lora = _lora_section(state, components) if state.fused is not None else None

@@ -152,8 +152,8 @@ def test_components_and_cache_the_family_cannot_take_are_refused(tmp_path: Path)
     from dtcompile.stages.plan import make_plan
 
     base = ROOT / "recipes" / "tiny-flux-kontext.yaml"
-    with pytest.raises(RecipeError, match="FluxKontextPipeline has no engine component 'vae_decoder'"):
-        make_plan(load_recipe(base, [f"output.dir={tmp_path}", "components=[transformer, vae_decoder]"]))
+    with pytest.raises(RecipeError, match="FluxKontextPipeline has no engine component 'image_encoder'"):
+        make_plan(load_recipe(base, [f"output.dir={tmp_path}", "components=[transformer, image_encoder]"]))
     cache = "cache={mode: static, steps: 4, groups: [{name: s, blocks: ['single_transformer_blocks.*'], every: 2}]}"
     with pytest.raises(UnsupportedError, match="FluxKontextPipeline artifacts are not split"):
         make_plan(load_recipe(base, [f"output.dir={tmp_path}", cache]))

@@ -1,7 +1,7 @@
-"""The tiny built-in Wan pipelines (Wan2.1 and Wan2.2 with two experts, tiny and real-width): seeded random
-weights (``build_tiny_wan``) for CPU tests and benchmarks.
+"""The tiny built-in Wan pipelines (Wan2.1 and Wan2.2 with two experts, tiny and real-width; text-to-video and
+image-to-video): seeded random weights (``build_tiny_wan``, ``build_tiny_wan_i2v``) for CPU tests and benchmarks.
 
-Input: a seed and a config. Output: a ``WanPipeline``. Importing this module loads no torch, diffusers or
+Input: a seed and a config. Output: a ``WanPipeline`` or a ``WanImageToVideoPipeline``. Importing this module loads no torch, diffusers or
 transformers.
 """
 
@@ -59,6 +59,61 @@ TINY_WAN22_CONFIG: dict[str, Any] = {
     "boundary_ratio": 0.875,
 }
 
+#: Wan2.1-I2V's layout scaled down (diffusers' tests/pipelines/wan/test_wan_image_to_video.py, and
+#: Wan-AI/Wan2.1-I2V-14B-480P-Diffusers): 36 input channels (16 noise + 4 first-frame mask + 16 condition
+#: latents), CLIP image embeddings (``image_dim``) through added key/value projections (``added_kv_proj_dim`` =
+#: the inner width), a CLIP vision tower of 32 px in 4 px patches (65 tokens with the class token).
+TINY_WAN21_I2V_CONFIG: dict[str, Any] = {
+    **TINY_WAN_CONFIG,
+    "transformer": {**TINY_WAN_CONFIG["transformer"], "in_channels": 36, "image_dim": 16, "added_kv_proj_dim": 32},
+    "image_encoder": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 4,
+        "projection_dim": 16,
+    },
+    "image_processor": {"crop_size": 32, "size": 32},
+    "i2v": True,
+}
+#: Wan2.2-I2V-A14B's layout scaled down: two 36-channel experts, no image encoder, boundary 0.9 (its
+#: model_index.json's ``boundary_ratio``).
+TINY_WAN22_I2V_CONFIG: dict[str, Any] = {
+    **TINY_WAN_CONFIG,
+    "transformer": {**TINY_WAN_CONFIG["transformer"], "in_channels": 36},
+    "transformer_2": {**TINY_WAN_CONFIG["transformer"], "in_channels": 36},
+    "boundary_ratio": 0.9,
+    "i2v": True,
+}
+
+#: Wan2.2-TI2V-5B's layout scaled down (diffusers' Wan225BImageToVideoPipelineFastTests, and
+#: Wan-AI/Wan2.2-TI2V-5B-Diffusers): one 48-channel expert with per-token timesteps (``expand_timesteps``: the
+#: conditioning frame's tokens at timestep 0), the Wan2.2 VAE (residual blocks, 2x2 patchified input of 12 channels,
+#: 16x spatial / 4x temporal, 48 latent channels). The image enters as the first latent frame, no mask channels.
+TINY_WAN22_TI2V_CONFIG: dict[str, Any] = {
+    **TINY_WAN_CONFIG,
+    "transformer": {**TINY_WAN_CONFIG["transformer"], "in_channels": 48, "out_channels": 48},
+    "vae": {
+        "base_dim": 8,
+        "z_dim": 48,
+        "in_channels": 12,
+        "out_channels": 12,
+        "is_residual": True,
+        "patch_size": 2,
+        "latents_mean": [0.0] * 48,
+        "latents_std": [1.0] * 48,
+        "dim_mult": [1, 1, 1, 1],
+        "num_res_blocks": 1,
+        "scale_factor_spatial": 16,
+        "scale_factor_temporal": 4,
+        "temperal_downsample": [False, True, True],
+    },
+    "expand_timesteps": True,
+    "i2v": True,
+}
+
 
 #: Wan2.1-T2V-1.3B's transformer widths (Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json) minus the depth.
 WAN21_1_3B_WIDTHS: dict[str, Any] = {
@@ -94,6 +149,26 @@ def realwidth_wan_config(blocks: int) -> dict[str, Any]:
     }
 
 
+#: Wan2.2-TI2V-5B's transformer widths (Wan-AI/Wan2.2-TI2V-5B-Diffusers transformer/config.json) minus the depth.
+WAN22_TI2V_5B_WIDTHS: dict[str, Any] = {
+    **WAN21_1_3B_WIDTHS,
+    "num_attention_heads": 24,
+    "in_channels": 48,
+    "out_channels": 48,
+    "ffn_dim": 14336,
+}
+
+
+def realwidth_ti2v_config(blocks: int) -> dict[str, Any]:
+    """Wan2.2-TI2V-5B's transformer at its real widths with ``blocks`` of its 30 blocks, around the tiny UMT5 of
+    output width 4096 and the tiny Wan2.2-style VAE (16x spatial, 48 channels): real token counts, little else."""
+    return {
+        **TINY_WAN22_TI2V_CONFIG,
+        "transformer": {**WAN22_TI2V_5B_WIDTHS, "num_layers": blocks},
+        "text_encoder": realwidth_wan_config(blocks)["text_encoder"],
+    }
+
+
 def build_tiny_wan(seed: int = 0, config: dict[str, Any] = TINY_WAN_CONFIG) -> Any:
     """A randomly initialised ``WanPipeline`` from ``config`` (two experts when it has ``boundary_ratio``)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
@@ -117,9 +192,50 @@ def build_tiny_wan(seed: int = 0, config: dict[str, Any] = TINY_WAN_CONFIG) -> A
     return WanPipeline(tokenizer=tokenizer, scheduler=scheduler, boundary_ratio=config.get("boundary_ratio"), **modules)
 
 
+def build_tiny_wan_i2v(seed: int = 0, config: dict[str, Any] = TINY_WAN21_I2V_CONFIG) -> Any:
+    """A randomly initialised ``WanImageToVideoPipeline`` from ``config``: with a CLIP vision ``image_encoder``
+    when it has one (Wan2.1 I2V), two experts when it has ``boundary_ratio`` (Wan2.2 I2V)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    _, tokenizer = build_tiny_tokenizers(config)
+    umt5_config = text_config(UMT5Config, tokenizer, **config["text_encoder"])
+
+    def expert(name: str) -> Callable[[], Any]:
+        cfg = config[name]
+        return lambda: WanTransformer3DModel(**dict(cfg, patch_size=tuple(cfg["patch_size"])))
+
+    vision = config.get("image_encoder")
+    modules = seeded_components(
+        seed,
+        transformer=expert("transformer"),
+        vae=lambda: AutoencoderKLWan(**config["vae"]),
+        text_encoder=lambda: UMT5EncoderModel(umt5_config),
+        transformer_2=expert("transformer_2") if config.get("boundary_ratio") is not None else None,
+        image_encoder=(lambda: CLIPVisionModel(CLIPVisionConfig(**vision))) if vision else None,
+    )
+    processor = CLIPImageProcessor(**config["image_processor"]) if vision else None
+    scheduler = FlowMatchEulerDiscreteScheduler(**config["scheduler"])
+    return WanImageToVideoPipeline(
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        image_processor=processor,
+        boundary_ratio=config.get("boundary_ratio"),
+        expand_timesteps=bool(config.get("expand_timesteps", False)),
+        **modules,
+    )
+
+
 def _builtin(name: str, description: str, config: dict[str, Any]) -> BuiltinModel:
     experts = ("transformer", "transformer_2") if config.get("boundary_ratio") is not None else ()
-    return BuiltinModel(name, "wan", description, build_tiny_wan, config, TINY_WAN_VERSION, TOKENIZER_CODE, experts)
+    build = build_tiny_wan_i2v if config.get("i2v") else build_tiny_wan
+    family = "wan-i2v" if config.get("i2v") else "wan"
+    return BuiltinModel(name, family, description, build, config, TINY_WAN_VERSION, TOKENIZER_CODE, experts)
 
 
 BUILTINS = by_name(
@@ -133,6 +249,21 @@ BUILTINS = by_name(
         "random-weight Wan2.2 T2V A14B lookalike: two experts switched at boundary 0.875",
         TINY_WAN22_CONFIG,
     ),
+    _builtin(
+        "tiny-wan21-i2v",
+        "random-weight Wan2.1 I2V lookalike: 36-channel transformer, CLIP vision image encoder (65 tokens)",
+        TINY_WAN21_I2V_CONFIG,
+    ),
+    _builtin(
+        "tiny-wan22-i2v",
+        "random-weight Wan2.2 I2V A14B lookalike: two 36-channel experts switched at boundary 0.9, no image encoder",
+        TINY_WAN22_I2V_CONFIG,
+    ),
+    _builtin(
+        "tiny-wan22-ti2v",
+        "random-weight Wan2.2 TI2V-5B lookalike: 48-channel expert, per-token timesteps, the 16x Wan2.2 VAE",
+        TINY_WAN22_TI2V_CONFIG,
+    ),
     *(
         _builtin(
             f"wan21-realwidth-{n}",
@@ -140,5 +271,10 @@ BUILTINS = by_name(
             realwidth_wan_config(n),
         )
         for n in (1, 2)
+    ),
+    _builtin(
+        "wan22-ti2v-realwidth-1",
+        "random-weight Wan2.2 TI2V-5B transformer at real widths, 1 of its 30 blocks, tiny encoders and VAE",
+        realwidth_ti2v_config(1),
     ),
 )  # fmt: skip
