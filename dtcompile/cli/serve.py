@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from dtcompile.runtime.run import BACKEND_CHOICES
@@ -28,6 +30,10 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option("--no-warmup", is_flag=True, help="Skip the 1-step warm-up generation per model.")
 @click.option("--ray", "ray_replicas", type=click.IntRange(1), metavar="N",
               help="Run as a Ray Serve deployment with N replicas (one per GPU where there are GPUs).")  # fmt: skip
+@click.option("--lora-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of LoRA .safetensors files requests may name (extra_body lora; docs/serving.md).")  # fmt: skip
+@click.option("--lora-max-wait", default=10.0, show_default=True, type=click.FloatRange(0, 3600),
+              help="Seconds the oldest request may wait while requests with the loaded LoRAs go first.")  # fmt: skip
 @click.option(
     "--parallel", help="cfg=2: each request's guidance branches on two ranks (one artifact; docs/parallel.md)."
 )
@@ -47,6 +53,8 @@ def serve(
     no_warmup: bool,
     ray_replicas: int | None,
     parallel: str | None,
+    lora_dir: Path | None,
+    lora_max_wait: float,
 ) -> None:
     """Serve artifacts at /v1/images/generations, /v1/models, /health, /ready and /metrics."""
     from dtcompile.serve.models import ServeOptions
@@ -71,6 +79,8 @@ def serve(
         default_steps=default_steps,
         warmup=not no_warmup,
         parallel=spec,
+        lora_dir=lora_dir,
+        lora_max_wait=lora_max_wait,
     )
     api_key = read_api_key(api_key_env)
     if ray_replicas is not None:

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dtcompile.serve.adapters import ServedLoras
 from dtcompile.serve.metrics import ServerMetrics
 from dtcompile.serve.models import ServedModel, ServeOptions
 from dtcompile.serve.protocol import OUTPUT_FORMATS, APIError, parse_request
@@ -53,9 +54,11 @@ class ServerState:
         self.started = time.time()
         self.metrics = ServerMetrics(lambda: len(self.scheduler), lambda: self.ready)
         self.store = ImageStore(options.url_ttl, options.url_max_items, options.url_max_bytes)
+        self.loras = ServedLoras(options.lora_dir, options.lora_max_wait, self._on_swap)
         self.scheduler = Scheduler(
-            self._run_batch, self.capacity, options.max_queue, on_batch=self._on_batch, on_drop=self._on_drop
-        )
+            self._run_batch, self.capacity, options.max_queue, on_batch=self._on_batch, on_drop=self._on_drop,
+            pick=self.loras.pick,
+        )  # fmt: skip
 
     def capacity(self, model: str) -> int:
         return max(1, min(self.options.max_batch, self.models[model].batch_max))
@@ -66,6 +69,7 @@ class ServerState:
         for i, model in enumerate(self.models.values(), 1):
             log.info("[%d/%d] loading %s from %s", i, len(self.models), model.name, model.artifact_dir)
             model.load(self.options)
+            self.loras.attach(model)
             if self.options.warmup:
                 model.warm_up()
         self.scheduler.start()
@@ -110,6 +114,7 @@ class ServerState:
 
     def _run_batch(self, jobs: list[Job]) -> list[list[Any]]:
         model = self.models[jobs[0].model]
+        self.loras.activate(model.name, jobs[0].lora)
         step = self.metrics.step_seconds.labels(model.name)
         return model.generate(jobs, on_step=step.observe)
 
@@ -119,6 +124,10 @@ class ServerState:
         self.metrics.batch_size.labels(name).observe(sum(j.n for j in jobs))
         for job in jobs:
             self.metrics.queue_seconds.labels(name).observe(now - job.enqueued)
+
+    def _on_swap(self, model: str, seconds: float) -> None:
+        self.metrics.lora_swaps.labels(model).inc()
+        self.metrics.lora_swap_seconds.labels(model).observe(seconds)
 
     def _on_drop(self, job: Job) -> None:
         self.metrics.dropped.labels(job.model).inc()
@@ -245,7 +254,7 @@ async def _serve_images(request: Request, s: ServerState, read: Callable[[], Any
         req, image = await read()
         model = s.model(req.model)
         name = model.name
-        job = model.make_job(req, s.options, s.capacity(model.name), image=image)
+        job = model.make_job(req, s.options, s.capacity(model.name), image=image, lora=s.loras.choice(name, req.lora))
         s.scheduler.submit(job)
         images = await _wait(request, job, s.options.request_timeout, t0)
         encoded = await asyncio.to_thread(_encode, images, req.output_format, req.output_compression)
@@ -286,7 +295,8 @@ async def edits(request: Request, s: State) -> Response:
 
 async def _read_edit(request: Request, limit: int) -> tuple[Any, Any]:
     """(request model, reference image) of a multipart edit; 413 beyond ``limit`` bytes, 400 naming the field."""
-    from dtcompile.serve.protocol import parse_edit_form, read_reference
+    from dtcompile.serve.adapters import form_lora
+    from dtcompile.serve.protocol import parse_request, read_reference
 
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -295,14 +305,15 @@ async def _read_edit(request: Request, limit: int) -> tuple[Any, Any]:
         raise APIError(400, "the request body must be multipart/form-data with an image file and a prompt")
     async with request.form(max_files=1, max_fields=32) as form:
         uploads = [(k, v) for k, v in form.multi_items() if not isinstance(v, str)]
-        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        fields: dict[str, Any] = {k: v for k, v in form.multi_items() if isinstance(v, str) and k[:4] != "lora"}
+        lora = form_lora([(k, v) for k, v in form.multi_items() if isinstance(v, str) and k[:4] == "lora"])
         if not uploads or uploads[0][0] not in ("image", "image[]"):
             raise APIError(400, "image: missing (upload the reference image as the 'image' file)", param="image")
         data = await uploads[0][1].read(limit + 1)
         if len(data) > limit:
             raise APIError(413, f"image: over the limit of {limit} bytes", param="image")
         image = read_reference(data, uploads[0][1].filename)
-    return parse_edit_form(fields), image
+    return parse_request(fields if lora is None else {**fields, "lora": lora}), image
 
 
 router.include_router(v1)
@@ -318,6 +329,7 @@ def _model_card(s: ServerState, model: ServedModel) -> dict[str, Any]:
         "pipeline": model.manifest.source.pipeline_class,
         "sizes": {k: shapes[k].model_dump() for k in ("height", "width") if k in shapes},
         "max_images_per_batch": s.capacity(model.name),
+        "lora": s.loras.offered(model.name),
     }
 
 

@@ -38,6 +38,8 @@ class ServeOptions:
     url_max_items: int = 256
     url_max_bytes: int = 256 << 20
     parallel: Any = None  # runtime.parallel.ParallelSpec: each request's guidance branches on ranks of their own
+    lora_dir: Path | None = None  # per-request LoRA adapters (serve/adapters.py)
+    lora_max_wait: float = 10.0  # seconds the oldest job may be passed over to save a LoRA swap
 
 
 class ServedModel:
@@ -110,9 +112,10 @@ class ServedModel:
         log.info("warmed up %s in %.2fs", self.name, seconds)
         return seconds
 
-    def make_job(self, req: ImageGenerationRequest, options: ServeOptions, capacity: int, image: Any = None) -> Job:
-        """The ``Job`` for a request (``image``: an edit's reference), or APIError 400 naming the parameter the
-        model cannot take."""
+    def make_job(self, req: ImageGenerationRequest, options: ServeOptions, capacity: int, image: Any = None,
+                 lora: tuple[tuple[str, float], ...] = ()) -> Job:  # fmt: skip
+        """The ``Job`` for a request (``image``: an edit's reference; ``lora``: its checked adapter set), or
+        APIError 400 naming the parameter the model cannot take."""
         if len(req.prompt) > options.max_prompt_chars:
             raise APIError(
                 400, f"prompt: {len(req.prompt)} characters, at most {options.max_prompt_chars}", param="prompt"
@@ -160,7 +163,7 @@ class ServedModel:
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
         steps = req.num_inference_steps or options.default_steps
         return Job(self.name, req.prompt, req.n, width, height, steps, req.guidance_scale, seed, req.negative_prompt,
-                   image)  # fmt: skip
+                   image, lora)  # fmt: skip
 
     def generate(self, jobs: list[Job], on_step: Callable[[float], None] | None = None) -> list[list[Any]]:
         """Run one batch (same size, steps and guidance) through the session and split the images back by job.

@@ -2,7 +2,7 @@
 
 Request fields are OpenAI's (``model``, ``prompt``, ``n``, ``size``, ``response_format``, ``output_format``,
 ``output_compression``, ``user``) plus the diffusion fields peers accept (``seed``, ``num_inference_steps``,
-``guidance_scale``, ``negative_prompt``). Any other field is refused with 400 naming it.
+``guidance_scale``, ``negative_prompt``) and ``lora`` (per-request adapters). Any other field is refused with 400 naming it.
 """
 
 from __future__ import annotations
@@ -55,6 +55,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class LoraItem(BaseModel):
+    """One adapter of a request's ``lora`` list (``dtc serve --lora-dir``; serve/adapters.py checks the rest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    scale: float = Field(default=1.0, allow_inf_nan=False)
+
+
 class ImageGenerationRequest(BaseModel):
     """``POST /v1/images/generations``; limits that depend on the model are checked by the server."""
 
@@ -72,6 +81,7 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
     guidance_scale: float | None = Field(default=None, allow_inf_nan=False, ge=0, le=100)
     negative_prompt: str | None = None
+    lora: list[LoraItem] | None = Field(default=None, max_length=16)
 
     def pixel_size(self) -> tuple[int, int] | None:
         """(width, height) from ``size``; None for the model's default. APIError 400 when malformed."""
