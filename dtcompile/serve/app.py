@@ -296,7 +296,7 @@ async def edits(request: Request, s: State) -> Response:
 async def _read_edit(request: Request, limit: int) -> tuple[Any, Any]:
     """(request model, reference image) of a multipart edit; 413 beyond ``limit`` bytes, 400 naming the field."""
     from dtcompile.serve.adapters import form_lora
-    from dtcompile.serve.protocol import parse_request, read_reference
+    from dtcompile.serve.protocol import parse_edit_form, read_reference
 
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -313,7 +313,7 @@ async def _read_edit(request: Request, limit: int) -> tuple[Any, Any]:
         if len(data) > limit:
             raise APIError(413, f"image: over the limit of {limit} bytes", param="image")
         image = read_reference(data, uploads[0][1].filename)
-    return parse_request(fields if lora is None else {**fields, "lora": lora}), image
+    return parse_edit_form(fields if lora is None else {**fields, "lora": lora}), image
 
 
 router.include_router(v1)

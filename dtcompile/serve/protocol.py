@@ -2,7 +2,8 @@
 
 Request fields are OpenAI's (``model``, ``prompt``, ``n``, ``size``, ``response_format``, ``output_format``,
 ``output_compression``, ``user``) plus the diffusion fields peers accept (``seed``, ``num_inference_steps``,
-``guidance_scale``, ``negative_prompt``) and ``lora`` (per-request adapters). Any other field is refused with 400 naming it.
+``guidance_scale``, ``negative_prompt``) and ``lora`` (per-request adapters, ``dtc serve --lora-dir``). Any other
+field is refused with 400 naming it.
 """
 
 from __future__ import annotations
@@ -109,9 +110,10 @@ def parse_request(payload: Any) -> ImageGenerationRequest:
         raise APIError(400, message, param=param) from None
 
 
-def parse_edit_form(fields: dict[str, str]) -> ImageGenerationRequest:
-    """``POST /v1/images/edits``'s form fields (everything but the image) as a request, APIError 400 naming the
-    first bad one; the same parameters as generations (form values are strings, converted here)."""
+def parse_edit_form(fields: dict[str, Any]) -> ImageGenerationRequest:
+    """``POST /v1/images/edits``'s form fields (everything but the image; ``lora`` already gathered into its list)
+    as a request, APIError 400 naming the first bad one; the same parameters as generations (form values are
+    strings, converted here)."""
     return parse_request(dict(fields))
 
 
