@@ -32,7 +32,13 @@ class OrtRunner:
     backend = "onnxruntime"
 
     def __init__(
-        self, onnx_path: Path, *, optimization: str = "all", threads: int | None = None, low_memory: bool = False
+        self,
+        onnx_path: Path,
+        *,
+        optimization: str = "all",
+        threads: int | None = None,
+        low_memory: bool = False,
+        initializers: dict[str, torch.Tensor] | None = None,
     ) -> None:
         try:
             import onnxruntime as ort
@@ -50,6 +56,11 @@ class OrtRunner:
             opts.enable_cpu_mem_arena = False
             opts.enable_mem_pattern = False
         opts.log_severity_level = 3
+        # initializers given here replace the graph's of the same name (a LoRA swap in a live server); the
+        # OrtValues must outlive the session, so the runner keeps them
+        self._overrides = [(name, ort_value(t)) for name, t in sorted((initializers or {}).items())]
+        for name, value in self._overrides:
+            opts.add_initializer(name, value)
         try:
             self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -75,6 +86,21 @@ class OrtRunner:
             arrays[name] = t.contiguous().numpy()
         outs = self.session.run(self.output_names, arrays)
         return {name: torch.from_numpy(out) for name, out in zip(self.output_names, outs, strict=True)}
+
+
+def ort_value(t: torch.Tensor) -> Any:
+    """A CPU ``OrtValue`` over tensor ``t``'s memory (bfloat16 and fp8 passed as their raw bits with their
+    ONNX element type, since numpy has neither)."""
+    import onnxruntime as ort
+    import torch
+
+    from dtcompile.core.dtypes import TO_ONNX, dtype_name
+
+    t = t.detach().contiguous().cpu()
+    if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+        bits = t.view(torch.uint16 if t.dtype == torch.bfloat16 else torch.uint8).numpy()
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, TO_ONNX[dtype_name(t.dtype)])
+    return ort.OrtValue.ortvalue_from_numpy(t.numpy())
 
 
 class OnnxruntimeBackend:

@@ -502,8 +502,6 @@ def refit_engine(
     weight the refitter still asks for (``get_missing_weights``) from ``missing(name)``. Needs a CUDA GPU of the
     engine's arch (deserialization).
     """
-    import torch
-
     if gpu_arch() is None:
         raise UnsupportedError(f"refitting {engine_path} needs a CUDA GPU (TensorRT deserializes the engine)")
     trt = import_trt(flavour)
@@ -513,15 +511,31 @@ def refit_engine(
     if engine is None:
         first = trt_logger.errors[0] if trt_logger.errors else "no error reported"
         raise ArtifactError(f"cannot deserialize {engine_path} for refit: {first}")
+    refit_weights(engine, flavour, updates, missing, str(engine_path))
+    sha = write_atomic(out_path, memoryview(engine.serialize()))
+    return {"sha256": sha, "size": Path(out_path).stat().st_size}
+
+
+def refit_weights(
+    engine: Any, flavour: str, updates: dict[str, Any], missing: Callable[[str], Any], label: str
+) -> None:
+    """Refit a deserialized engine in place (``trt.Refitter``): push ``updates`` (ONNX initializer name ->
+    tensor), then any weight the refitter still asks for from ``missing(name)``. ``refit_engine`` uses it on a
+    file, a live server on the engine it runs (between runs; its execution contexts stay valid)."""
+    import torch
+
+    trt = import_trt(flavour)
+    trt_logger = _logger(flavour, trt)
+    trt_logger.errors.clear()
     if not engine.refittable:
         raise UnsupportedError(
-            f"{engine_path} was built without REFIT; rebuild with engine.refittable: true (needs a GPU at build)"
+            f"{label} was built without REFIT; rebuild with engine.refittable: true (needs a GPU at build)"
         )
     refitter = trt.Refitter(engine, trt_logger)
     folded = sorted(set(updates) - set(refitter.get_all_weights()))
     if folded:
         raise UnsupportedError(
-            f"{engine_path}: TensorRT folded weight '{folded[0]}' into another layer, so it cannot be refit "
+            f"{label}: TensorRT folded weight '{folded[0]}' into another layer, so it cannot be refit "
             f"({len(folded)} such); fuse the LoRA with dtc build instead"
         )
     dtypes = {
@@ -540,7 +554,7 @@ def refit_engine(
             raise UnsupportedError(f"refit: TensorRT weight '{name}' has dtype {t.dtype}")
         if not refitter.set_named_weights(name, trt.Weights(dtypes[t.dtype], t.data_ptr(), t.numel())):
             first = trt_logger.errors[-1] if trt_logger.errors else "size or dtype differs from the engine's"
-            raise BuildError(f"refit: TensorRT rejected new weights for '{name}' in {engine_path}: {first}")
+            raise BuildError(f"refit: TensorRT rejected new weights for '{name}' in {label}: {first}")
 
     for name, value in updates.items():
         push(name, value)
@@ -548,9 +562,7 @@ def refit_engine(
         push(name, missing(name))
     if not refitter.refit_cuda_engine():
         first = trt_logger.errors[0] if trt_logger.errors else "no error reported"
-        raise BuildError(f"refit of {engine_path} failed: {first}")
-    sha = write_atomic(out_path, memoryview(engine.serialize()))
-    return {"sha256": sha, "size": Path(out_path).stat().st_size}
+        raise BuildError(f"refit of {label} failed: {first}")
 
 
 # --- helpers ------------------------------------------------------------------------------------------------

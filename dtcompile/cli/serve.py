@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from dtcompile.runtime.run import BACKEND_CHOICES
@@ -39,6 +41,10 @@ from dtcompile.runtime.run import BACKEND_CHOICES
               help="Bytes of MP4 kept; beyond it the oldest are evicted (410).")  # fmt: skip
 @click.option("--max-video-work", default=4_000_000_000, show_default=True, type=click.IntRange(1),
               help="Most frames x width x height x steps one video may take; more is a 400.")  # fmt: skip
+@click.option("--lora-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of LoRA .safetensors files requests may name (extra_body lora; docs/serving.md).")  # fmt: skip
+@click.option("--lora-max-wait", default=10.0, show_default=True, type=click.FloatRange(0, 3600),
+              help="Seconds the oldest request may wait while requests with the loaded LoRAs go first.")  # fmt: skip
 @click.option(
     "--parallel", help="cfg=2: each request's guidance branches on two ranks (one artifact; docs/parallel.md)."
 )
@@ -93,6 +99,8 @@ def serve(
     url_store_mb: int,
     residency: str | None,
     device_memory: str | None,
+    lora_dir: Path | None,
+    lora_max_wait: float,
 ) -> None:
     """Serve artifacts at /v1/images/generations, /v1/videos (video artifacts), /v1/models, /health, /ready and
     /metrics."""
@@ -134,6 +142,8 @@ def serve(
         url_max_bytes=url_store_mb << 20,
         residency=residency,
         device_memory=device_memory,
+        lora_dir=lora_dir,
+        lora_max_wait=lora_max_wait,
     )
     api_key = read_api_key(api_key_env)
     if ray_replicas is not None:

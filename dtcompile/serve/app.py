@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from dtcompile.serve.adapters import ServedLoras
 from dtcompile.serve.metrics import ServerMetrics
 from dtcompile.serve.models import ServedModel, ServeOptions
 from dtcompile.serve.protocol import OUTPUT_FORMATS, APIError, parse_request
@@ -59,9 +60,11 @@ class ServerState:
         self.store = ImageStore(options.url_ttl, options.url_max_bytes)
         self.videos = open_video_store(options, (m.adapter.video for m in models))  # None without video models
         self.decoding = threading.BoundedSemaphore(1)  # one edit image decoded at a time (its peak memory bounded)
+        self.loras = ServedLoras(options.lora_dir, options.lora_max_wait, self._on_swap)
         self.scheduler = Scheduler(
-            self._run_batch, self.capacity, options.max_queue, on_batch=self._on_batch, on_drop=self._on_drop
-        )
+            self._run_batch, self.capacity, options.max_queue, on_batch=self._on_batch, on_drop=self._on_drop,
+            pick=self.loras.pick,
+        )  # fmt: skip
 
     def capacity(self, model: str) -> int:
         return max(1, min(self.options.max_batch, self.models[model].batch_max))
@@ -72,6 +75,7 @@ class ServerState:
         for i, model in enumerate(self.models.values(), 1):
             log.info("[%d/%d] loading %s from %s", i, len(self.models), model.name, model.artifact_dir)
             model.load(self.options)
+            self.loras.attach(model)
             if self.options.warmup:
                 model.warm_up()
         self.scheduler.start()
@@ -116,6 +120,7 @@ class ServerState:
 
     def _run_batch(self, jobs: list[Job]) -> list[list[Any]]:
         model = self.models[jobs[0].model]
+        self.loras.activate(model.name, jobs[0].lora)
         step = self.metrics.step_seconds.labels(model.name)
         return model.generate(jobs, on_step=step.observe)
 
@@ -125,6 +130,10 @@ class ServerState:
         self.metrics.batch_size.labels(name).observe(sum(j.n for j in jobs))
         for job in jobs:
             self.metrics.queue_seconds.labels(name).observe(now - job.enqueued)
+
+    def _on_swap(self, model: str, seconds: float) -> None:
+        self.metrics.lora_swaps.labels(model).inc()
+        self.metrics.lora_swap_seconds.labels(model).observe(seconds)
 
     def _on_drop(self, job: Job) -> None:
         self.metrics.dropped.labels(job.model).inc()
@@ -279,7 +288,7 @@ async def _serve_images(request: Request, s: ServerState, read: Callable[[], Any
         req, upload = await read()
         model = s.model(req.model)
         name = model.name
-        job = model.make_job(req, s.options, s.capacity(model.name), image=upload)
+        job = model.make_job(req, s.options, s.capacity(model.name), image=upload, lora=s.loras.choice(name, req.lora))
         if upload is not None:  # decoded after the size is known, off the event loop, one at a time
             job.image = await asyncio.to_thread(_decode, s, upload, (job.width, job.height))
         if req.stream:
@@ -417,6 +426,7 @@ class _Upload:
 async def _read_edit(request: Request, options: ServeOptions) -> tuple[Any, _Upload]:
     """(request model, the uploaded image) of a multipart edit; 413 beyond ``max_body_bytes`` (counted while
     reading, with or without Content-Length), 408 past ``body_timeout``, 400 naming the field."""
+    from dtcompile.serve.adapters import form_lora
     from dtcompile.serve.protocol import parse_edit_form
 
     limit = options.max_body_bytes
@@ -425,14 +435,15 @@ async def _read_edit(request: Request, options: ServeOptions) -> tuple[Any, _Upl
     bounded = _bounded(request, limit, options.body_timeout)
     async with bounded.form(max_files=1, max_fields=32, max_part_size=min(limit, 1 << 20)) as form:
         uploads = [(k, v) for k, v in form.multi_items() if not isinstance(v, str)]
-        fields = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+        fields: dict[str, Any] = {k: v for k, v in form.multi_items() if isinstance(v, str) and k[:4] != "lora"}
+        lora = form_lora([(k, v) for k, v in form.multi_items() if isinstance(v, str) and k[:4] == "lora"])
         if not uploads or uploads[0][0] not in ("image", "image[]"):
             raise APIError(400, "image: missing (upload the reference image as the 'image' file)", param="image")
         data = await uploads[0][1].read(limit + 1)
         if len(data) > limit:
             raise APIError(413, f"image: over the limit of {limit} bytes", param="image")
         upload = _Upload(data, uploads[0][1].filename)
-    return parse_edit_form(fields), upload
+    return parse_edit_form(fields if lora is None else {**fields, "lora": lora}), upload
 
 
 def _bounded(request: Request, limit: int, timeout: float) -> Request:
@@ -475,6 +486,7 @@ def _model_card(s: ServerState, model: ServedModel) -> dict[str, Any]:
         "pipeline": model.manifest.source.pipeline_class,
         "sizes": {k: shapes[k].model_dump() for k in ("height", "width") if k in shapes},
         "max_images_per_batch": s.capacity(model.name),
+        "lora": s.loras.offered(model.name),
     }
 
 

@@ -11,7 +11,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 class ServerMetrics:
-    """Queue depth, requests by status, request/step latency, batch sizes, images, device memory."""
+    """Queue depth, requests by status, request/step latency, batch sizes, images, LoRA swaps, device memory."""
 
     def __init__(self, queue_depth: Callable[[], int], ready: Callable[[], bool]) -> None:
         self.registry = CollectorRegistry()
@@ -39,6 +39,11 @@ class ServerMetrics:
         self.dropped = Counter(
             "dtc_dropped", "Queued requests dropped before they started (client gone or timed out)", ["model"],
             registry=r,
+        )  # fmt: skip
+        self.lora_swaps = Counter("dtc_lora_swaps", "Per-request LoRA adapter-set swaps", ["model"], registry=r)
+        self.lora_swap_seconds = Histogram(
+            "dtc_lora_swap_seconds", "One LoRA swap (weights recomputed from the base and loaded)", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.device_memory = Gauge(
             "dtc_device_memory_bytes", "CUDA memory allocated by this process (torch)", ["device"], registry=r

@@ -54,6 +54,8 @@ class ServeOptions:
     public_url: str | None = None
     residency: str | None = None  # all | sequential (runtime/residency.py); None: from device_memory
     device_memory: str | None = None  # a device-memory budget such as "16GiB" (runtime/memory.py)
+    lora_dir: Path | None = None  # per-request LoRA adapters (serve/adapters.py)
+    lora_max_wait: float = 10.0  # seconds the oldest job may be passed over to save a LoRA swap
 
     def work_limit(self, model: str, opt_pixels: int, capacity: int) -> float:
         """The megapixel-steps one request to ``model`` may ask for."""
@@ -139,9 +141,10 @@ class ServedModel:
         log.info("warmed up %s in %.2fs", self.name, seconds)
         return seconds
 
-    def make_job(self, req: ImageGenerationRequest, options: ServeOptions, capacity: int, image: Any = None) -> Job:
-        """The ``Job`` for a request (``image``: an edit's reference), or APIError 400 naming the parameter the
-        model cannot take."""
+    def make_job(self, req: ImageGenerationRequest, options: ServeOptions, capacity: int, image: Any = None,
+                 lora: tuple[tuple[str, float], ...] = ()) -> Job:  # fmt: skip
+        """The ``Job`` for a request (``image``: an edit's reference; ``lora``: its checked adapter set), or
+        APIError 400 naming the parameter the model cannot take."""
         if len(req.prompt) > options.max_prompt_chars:
             raise APIError(
                 400, f"prompt: {len(req.prompt)} characters, at most {options.max_prompt_chars}", param="prompt"
@@ -194,7 +197,7 @@ class ServedModel:
             raise APIError(400, f"size {width}x{height}: {message}", param="size") from None
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
         job = Job(self.name, req.prompt, req.n, width, height, steps, req.guidance_scale, seed, req.negative_prompt,
-                  image)  # fmt: skip
+                  image, lora)  # fmt: skip
         if req.stream and req.partial_images:
             job.partial_images = req.partial_images
             job.preview_every = max(1, steps // (req.partial_images + 1))

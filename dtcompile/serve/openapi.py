@@ -102,9 +102,15 @@ def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"200": {"description": description, "content": {"application/json": {"schema": schema}}}}
 
 
+#: where the request models' nested models (``LoraItem``) are put: the document's components, not the schema's own
+#: ``$defs`` (a ``#/$defs/...`` reference resolves against the document root)
+REF_TEMPLATE = "#/components/schemas/{model}"
+
+
 def _request_schema() -> dict[str, Any]:
-    schema = ImageGenerationRequest.model_json_schema()
+    schema = ImageGenerationRequest.model_json_schema(ref_template=REF_TEMPLATE)
     schema.pop("title", None)
+    schema.pop("$defs", None)
     schema["properties"]["size"] = {"anyOf": [{"type": "string", "pattern": SIZE_RE.pattern}, {"const": "auto"},
                                               {"type": "null"}], "default": None,
                                     "description": "WIDTHxHEIGHT inside the model's built range (GET /v1/models)"}  # fmt: skip
@@ -164,6 +170,9 @@ def openapi_schema(app: Any) -> dict[str, Any]:
     if not doc.get("components", {}).get("schemas"):
         doc.get("components", {}).pop("schemas", None)
     doc.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    nested = ImageGenerationRequest.model_json_schema(ref_template=REF_TEMPLATE).get("$defs", {})
+    if nested:
+        doc["components"].setdefault("schemas", {}).update(nested)
     images = {
         "200": {
             "description": "the images; with stream: true, server-sent events (partial_image ..., completed)",

@@ -3,7 +3,8 @@
 Request fields are OpenAI's (``model``, ``prompt``, ``n``, ``size``, ``response_format``, ``output_format``,
 ``output_compression``, ``user``, ``safety_identifier``, ``quality``, ``style``, ``background``, ``moderation``,
 ``stream``, ``partial_images``) plus the diffusion fields peers accept (``seed``, ``num_inference_steps``,
-``guidance_scale``, ``negative_prompt``). Any other field is refused with 400 naming it.
+``guidance_scale``, ``negative_prompt``) and ``lora`` (per-request adapters, ``dtc serve --lora-dir``). Any other
+field is refused with 400 naming it.
 
 The field rule (docs/serving.md): a value is *accepted* where it means something here, *accepted and ignored*
 where it asks for nothing this server would do differently (``quality: "auto"``, ``moderation``: no moderation
@@ -63,6 +64,15 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class LoraItem(BaseModel):
+    """One adapter of a request's ``lora`` list (``dtc serve --lora-dir``; serve/adapters.py checks the rest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    scale: float = Field(default=1.0, allow_inf_nan=False)
+
+
 class ImageGenerationRequest(BaseModel):
     """``POST /v1/images/generations``; limits that depend on the model are checked by the server."""
 
@@ -87,6 +97,8 @@ class ImageGenerationRequest(BaseModel):
     moderation: Literal["auto", "low"] | None = None
     stream: bool | None = None
     partial_images: int | None = Field(default=None, ge=0, le=3)
+
+    lora: list[LoraItem] | None = Field(default=None, max_length=16)
 
     def check_openai_fields(self) -> None:
         """APIError 400 naming the field whose value asks for what this server cannot do (the field rule)."""
@@ -144,9 +156,10 @@ def parse_request(payload: Any) -> ImageGenerationRequest:
     return req
 
 
-def parse_edit_form(fields: dict[str, str]) -> ImageGenerationRequest:
-    """``POST /v1/images/edits``'s form fields (everything but the image) as a request, APIError 400 naming the
-    first bad one; the same parameters as generations (form values are strings, converted here)."""
+def parse_edit_form(fields: dict[str, Any]) -> ImageGenerationRequest:
+    """``POST /v1/images/edits``'s form fields (everything but the image; ``lora`` already gathered into its list)
+    as a request, APIError 400 naming the first bad one; the same parameters as generations (form values are
+    strings, converted here)."""
     return parse_request(dict(fields))
 
 

@@ -2,8 +2,9 @@
 
 One worker per process runs every model it serves on its device (one GPU, or the CPU reference backend);
 several GPUs are several processes (docs/serving.md). The worker takes the oldest job and, behind it, every
-queued job with the same batch key (model, size, steps, guidance, negative prompt) that still fits the
-batch, so requests that differ wait their turn in arrival order and none starves.
+queued job with the same batch key (model, size, steps, guidance, negative prompt, LoRA adapter set) that still
+fits the batch, so requests that differ wait their turn in arrival order and none starves. ``pick`` may take a
+younger job first (per-request LoRA: one whose adapters are loaded, within a wait bound; serve/adapters.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ class Job:
     seed: int
     negative_prompt: str | None = None
     image: Any = None  # the reference image of an edit (never batched with another job's)
+    lora: tuple[tuple[str, float], ...] = ()  # the adapter set (serve/adapters.py); () the artifact's own weights
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     enqueued: float = field(default_factory=time.monotonic)
     frames: int | None = None  # a video job's frame count (None: images)
@@ -63,6 +65,7 @@ class Job:
             self.guidance,
             self.negative_prompt,
             alone,
+            self.lora,
         )
 
     def cancel(self) -> None:
@@ -90,12 +93,14 @@ class Scheduler:
         *,
         on_batch: Callable[[list[Job]], None] | None = None,
         on_drop: Callable[[Job], None] | None = None,
+        pick: Callable[[Sequence[Job]], int] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._capacity = capacity
         self.max_queue = max_queue
         self._on_batch = on_batch or (lambda jobs: None)
         self._on_drop = on_drop or (lambda job: None)
+        self._pick = pick or (lambda queue: 0)  # which queued job goes next (LoRA: one whose adapters are loaded)
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._accepting = True
@@ -159,7 +164,9 @@ class Scheduler:
                 if self._stopping:
                     return None
                 self._cond.wait()
-            head = self._queue.popleft()
+            at = self._pick(self._queue) if len(self._queue) > 1 else 0
+            head = self._queue[at]
+            del self._queue[at]
             batch, room = [head], self._capacity(head.model) - head.n
             for job in list(self._queue):
                 if room <= 0:

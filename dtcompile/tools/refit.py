@@ -332,7 +332,7 @@ def _destination(artifact_dir: Path, out_dir: Path | None, in_place: bool) -> Pa
     return dest
 
 
-def _refit_components(artifact_dir: Path, manifest: dict[str, Any]) -> list[str]:
+def refit_components(artifact_dir: Path, manifest: dict[str, Any]) -> list[str]:
     """The denoiser graphs of a fully built artifact, the main one first (ArtifactError / UnsupportedError)."""
     if manifest.get("stopped_after"):
         raise ArtifactError(
@@ -351,7 +351,7 @@ def _refit_components(artifact_dir: Path, manifest: dict[str, Any]) -> list[str]
     return graphs
 
 
-def _lora_state(lora: dict[str, Any], comp: str, main: str) -> dict[str, Any]:
+def lora_state(lora: dict[str, Any], comp: str, main: str) -> dict[str, Any]:
     """A denoiser's LoRA state in the manifest's ``lora`` section: the main one's at the top, others' under
     ``components``."""
     return lora if comp == main else (lora.get("components") or {}).get(comp, {})
@@ -373,7 +373,7 @@ def _blocked_engines(centry: dict[str, Any], drop_unrefittable: bool) -> list[tu
 
 
 @contextlib.contextmanager
-def _artifact_data(centry: dict[str, Any], comp: str) -> Iterator[None]:
+def artifact_data(centry: dict[str, Any], comp: str) -> Iterator[None]:
     """Inside: reading ``comp``'s weight map and LoRA base store (whose hashes matched a manifest that may have
     been edited with them); a malformed one is one ArtifactError naming the file, never an internal error."""
     from safetensors import SafetensorError
@@ -391,15 +391,15 @@ def _artifact_data(centry: dict[str, Any], comp: str) -> Iterator[None]:
         ) from None
 
 
-def _load_weight_map(artifact_dir: Path, centry: dict[str, Any], comp: str) -> dict[str, Any]:
-    with _artifact_data(centry, comp):
+def read_weight_map(artifact_dir: Path, centry: dict[str, Any], comp: str) -> dict[str, Any]:
+    with artifact_data(centry, comp):
         wmap = load_weight_map(artifact_dir, centry, comp)
         if not isinstance(wmap.get("params"), dict):
             raise TypeError("its 'params' is not a mapping")
         return wmap
 
 
-def _read_adapters(
+def read_adapters(
     resolved: list[ResolvedLora], wmap: dict[str, Any], pipeline_class: str, comp: str, main: str
 ) -> list[LoraWeights]:
     """Parse and check the adapters of denoiser ``comp`` against its weight map, before anything is written.
@@ -644,17 +644,17 @@ def _read_loras(
     work = []
     for comp in comps:
         mine = [i for i, (_, _, c) in enumerate(specs) if (c or main) == comp]
-        state = _lora_state(old_lora, comp, main)
+        state = lora_state(old_lora, comp, main)
         if comp != main and not mine and not state.get("touched"):
             continue  # never touched by an adapter: carried over as built
         centry = manifest["components"][comp]
-        wmap = _load_weight_map(artifact_dir, centry, comp)
+        wmap = read_weight_map(artifact_dir, centry, comp)
         blocked = _blocked_engines(centry, drop_unrefittable)  # before any adapter file is read
         for i in mine:
             src, scale, c = specs[i]
             resolved[i] = resolve_lora(src, None, scale, "--lora", component=c)
-        with _artifact_data(centry, comp):
-            got = _read_adapters([resolved[i] for i in mine], wmap, pipeline_class, comp, main)
+        with artifact_data(centry, comp):
+            got = read_adapters([resolved[i] for i in mine], wmap, pipeline_class, comp, main)
         parsed.update(zip(mine, got, strict=True))
         work.append((comp, centry, wmap, state, blocked, mine))
     return resolved, parsed, work
@@ -695,7 +695,7 @@ def refit_artifact(
     for entry in typed.all_file_entries():
         verify_file(artifact_dir, entry, full=True)
     manifest = typed.to_json()  # plain dicts: the refit edits a copy of them
-    comps = _refit_components(artifact_dir, manifest)
+    comps = refit_components(artifact_dir, manifest)
     main = comps[0]
     for path, _, comp in specs:
         if comp is not None and comp not in comps:
@@ -710,7 +710,7 @@ def refit_artifact(
     for comp, centry, wmap, state, blocked, mine in work:
         graph = OnnxWeights(artifact_dir / centry["onnx"]["file"])
         weights = [(parsed[i], resolved[i].scale) for i in mine]
-        with _artifact_data(centry, comp):
+        with artifact_data(centry, comp):
             base_store = load_base_store(artifact_dir, state)
             plan = plan_refit(wmap, graph, base_store, list(state.get("touched", [])), weights)
         tmp_jobs.append((comp, plan, graph, blocked, base_store))
