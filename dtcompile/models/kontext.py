@@ -52,6 +52,7 @@ class KontextAdapter(FluxAdapter):
     family = "flux-kontext"
     pipeline_class = "FluxKontextPipeline"
     reference_image = True
+    ulysses = False  # the reference tokens' split is not tested yet: refused rather than assumed
     cache_layout_class = None
     # the reference is VAE-encoded: the VAE stays torch
     aux_components: ClassVar[dict[str, str]] = {"text_encoder": "clip", "text_encoder_2": "t5"}
