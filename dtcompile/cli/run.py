@@ -56,7 +56,8 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 )
 @click.option(
     "--parallel",
-    help="Split one request over local ranks: cfg=2 runs the two guidance branches at once (docs/parallel.md).",
+    help="Split one request over local ranks: cfg=2 runs the two guidance branches at once, ulysses=N splits the "
+    "sequence over N ranks, cfg=2,ulysses=N both (docs/parallel.md).",
 )
 @click.option(
     "--cache-threshold",
@@ -126,8 +127,12 @@ def run(
     )
     if result.parallel is not None:
         p = result.parallel
-        click.echo(f"parallel: {p['ranks']} ranks ({p['split']} guidance branches), {p['bytes_sent_per_step']:.0f} "
-                   "bytes sent per rank per step")  # fmt: skip
+        how = ", ".join(x for x in (f"{p['split']} guidance branches" if p["split"] else "",
+                                    f"sequence over {p['ulysses']} ranks" if p["ulysses"] > 1 else "") if x)  # fmt: skip
+        click.echo(f"parallel: {p['ranks']} ranks ({how}), {p['bytes_sent_per_step']:.0f} bytes sent per rank per step")
+        if "ulysses_bytes_per_step" in p:
+            click.echo(f"ulysses: {p['ulysses_bytes_per_step']:.0f} bytes per rank per step in all-to-alls and the "
+                       f"output gather (predicted from the shapes: {p['ulysses_predicted_bytes_per_step']:.0f})")  # fmt: skip
     if result.cache_stats is not None:
         from dtcompile.recipe.cache import stats_line
 

@@ -29,7 +29,8 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option("--ray", "ray_replicas", type=click.IntRange(1), metavar="N",
               help="Run as a Ray Serve deployment with N replicas (one per GPU where there are GPUs).")  # fmt: skip
 @click.option(
-    "--parallel", help="cfg=2: each request's guidance branches on two ranks (one artifact; docs/parallel.md)."
+    "--parallel",
+    help="cfg=2 / ulysses=N / cfg=2,ulysses=N: each request split over local ranks (one artifact; docs/parallel.md).",
 )
 def serve(
     artifacts: tuple[str, ...],

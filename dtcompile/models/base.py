@@ -265,6 +265,17 @@ class ModelAdapter(Protocol):
     def teacache_coefficients(self, config: dict[str, Any]) -> tuple[list[float], str]:
         """TeaCache's rescaling polynomial (numpy.poly1d order) for a transformer config, and its source."""
 
+    ulysses: bool  # whether the family has a sequence-parallel form (``runtime/ulysses.py``)
+
+    def ulysses_module(self, transformer: torch.nn.Module, comm: Any) -> torch.nn.Module:
+        """``transformer`` as one rank of a Ulysses group (``AdapterBase.ulysses_module``)."""
+
+    def ulysses_layout(
+        self, config: dict[str, Any], pipe_config: Callable[[str], dict[str, Any] | None], height: int, width: int,
+        frames: int | None, text_len: int,
+    ) -> UlyssesLayout:  # fmt: skip
+        """What one denoiser call of a request exchanges under Ulysses (``AdapterBase.ulysses_layout``)."""
+
 
 @functools.cache
 def _positional_forward_class() -> type:

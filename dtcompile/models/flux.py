@@ -226,9 +226,10 @@ def _ulysses_classes() -> tuple[type, type]:
             self.comm = comm
             self.prologue = prologue_class(transformer)
             self.blocks = torch.nn.ModuleList([*getattr(transformer, DOUBLE), *getattr(transformer, SINGLE)])
-            self.norm_out, self.proj_out = transformer.norm_out, transformer.proj_out
+            self.tail: Any = torch.nn.ModuleList([getattr(transformer, n) for n in ("norm_out", "proj_out")])
             for block in self.blocks:
-                block.attn.set_processor(FluxUlyssesAttnProcessor(comm))
+                attn: Any = getattr(block, "attn")  # noqa: B009 (torch types it Tensor | Module)
+                attn.set_processor(FluxUlyssesAttnProcessor(comm))
 
         def forward(self, **kwargs: Any) -> torch.Tensor:
             inputs = tuple(kwargs[name] for name in GRAPH_INPUTS if kwargs.get(name) is not None)
@@ -240,7 +241,8 @@ def _ulysses_classes() -> tuple[type, type]:
             for block in self.blocks:
                 context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,
                                         image_rotary_emb=(cos, sin))  # fmt: skip
-            return self.comm.gather(self.proj_out(self.norm_out(hidden, temb)), 1)
+            norm_out, proj_out = self.tail
+            return self.comm.gather(proj_out(norm_out(hidden, temb)), 1)
 
     return FluxUlyssesAttnProcessor, FluxUlysses
 

@@ -191,7 +191,7 @@ def _ulysses_classes() -> tuple[type, type]:
             self.comm = comm
             self.prologue = prologue_class(transformer)
             self.blocks = blocks_class(list(getattr(transformer, "blocks")))  # noqa: B009 (torch types it Tensor)
-            self.norm_out, self.proj_out = transformer.norm_out, transformer.proj_out
+            self.tail: Any = torch.nn.ModuleList([getattr(transformer, n) for n in ("norm_out", "proj_out")])
             self.scale_shift_table = transformer.scale_shift_table
             self.patch = tuple(int(p) for p in model_config(transformer)["patch_size"])
             for block in self.blocks.blocks:
@@ -205,7 +205,8 @@ def _ulysses_classes() -> tuple[type, type]:
             shard = self.comm.shard
             hidden = self.blocks(shard(hidden, 1, "video tokens"), context, tproj, shard(cos, 1), shard(sin, 1))
             shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-            x = self.proj_out((self.norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden))
+            norm_out, proj_out = self.tail
+            x = proj_out((norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden))
             x = self.comm.gather(x, 1)
             pt, ph, pw = self.patch
             f, h, w = grid.shape

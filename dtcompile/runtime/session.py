@@ -251,7 +251,9 @@ class Session:
 
             branches = str(self.adapter.guidance_branches)  # _check_parallel refused None
             for name in manifest.denoiser_names():  # every denoiser answers for one guidance branch on this rank
-                wrapped = cfg_parallel_module(getattr(pipe, name), groups.cfg_rank, branches, groups.cfg_group, self.rank)
+                wrapped = cfg_parallel_module(
+                    getattr(pipe, name), groups.cfg_rank, branches, groups.cfg_group, self.rank
+                )
                 setattr(pipe, name, wrapped)
             module = getattr(pipe, main)
         self.module, self.entry, self._pipe = module, entry, pipe
@@ -388,10 +390,10 @@ class Session:
             out = pipe(**self.adapter.call_kwargs(request))
         seconds = time.perf_counter() - t0
         assert self.entry is not None
-        log.info("%d steps on %s %s in %.2fs", request.steps, self.entry.backend, self.entry.arch, seconds)
+        backend = "torch" if self.parallel is not None and self.parallel.ulysses_torch else self.entry.backend
+        log.info("%d steps on %s %s in %.2fs", request.steps, backend, self.entry.arch, seconds)
         stats = module.cache_stats() if hasattr(module, "cache_stats") else None
         parallel = self._parallel_report(request) if self.parallel is not None else None
-        backend = "torch" if self.parallel is not None and self.parallel.ulysses_torch else self.entry.backend
         return Generation(self.adapter.output_media(out), backend, self.entry.arch, seconds, request.steps,
                           module.trace or [], module, stats, parallel)  # fmt: skip
 
@@ -459,8 +461,11 @@ class Session:
         per_prompt = getattr(self.adapter, "per_prompt_key", "num_images_per_prompt")
         self.check_batch(_prompt_count(args) * int(args.get(per_prompt) or 1), f"batch (prompts x {per_prompt})")
         self.adapter.adapt_call(args, given)
-        if self.parallel is not None and self.parallel.cfg > 1 and self.cfg_rank == 1 and (
-            self.adapter.guidance_branches == "sequential"
+        if (
+            self.parallel is not None
+            and self.parallel.cfg > 1
+            and self.cfg_rank == 1
+            and (self.adapter.guidance_branches == "sequential")
         ):
             # every call (Session.generate's too) comes through here: rank 1's first call takes the negative prompt
             args["prompt"], args["negative_prompt"] = swap_prompts(args.get("prompt"), args.get("negative_prompt"))

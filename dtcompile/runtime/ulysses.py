@@ -180,24 +180,44 @@ def check_ulysses(manifest: Manifest, adapter: Any, ranks: int, pipeline_class: 
             )
 
 
-def load_source_denoiser(manifest: Manifest, name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """The torch denoiser ``name`` of the artifact's source model (generated or found as the build found it),
-    refused when the main component's files no longer have the digest the build recorded."""
-    import diffusers
+def source_folder(manifest: Manifest) -> Path:
+    """The artifact's source pipeline folder on this machine, found as the build found it: a built-in (generated
+    into the cache when missing), a local folder, or a hub id already in the local Hugging Face cache (nothing is
+    downloaded at run time)."""
+    model = (manifest.recipe or {}).get("model") or {}
+    source, revision = str(model.get("source") or manifest.source.model), model.get("revision")
+    if source.startswith("builtin:"):
+        from dtcompile.models.builtin import builtin_model_path
 
-    from dtcompile.recipe.schema import ModelSpec
-    from dtcompile.stages.load import locate_source
+        return builtin_model_path(source.removeprefix("builtin:"))
+    if Path(source).expanduser().is_dir():
+        return Path(source).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
 
-    spec = ModelSpec(**((manifest.recipe or {}).get("model") or {"source": manifest.source.model}))
-    files = locate_source(spec)
-    if name == manifest.main_component() and files.component_sha256 != manifest.source.component_sha256:
+        return Path(snapshot_download(source, revision=revision, local_files_only=True))
+    except Exception as exc:  # the hub raises many types (not cached, no such repo)
         raise ArtifactError(
-            f"--parallel ulysses: the source model {spec.source} changed since the artifact was built (its {name} "
-            "files have another sha256); Ulysses runs the source model's weights: rebuild the artifact"
-        )
-    folder = Path(files.folder) / name
+            f"--parallel ulysses: the artifact's source model {source} is not on this machine ({type(exc).__name__}); "
+            "Ulysses runs the source model in PyTorch on each rank: download it (or build from a local folder) first"
+        ) from None
+
+
+def load_source_denoiser(manifest: Manifest, name: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """The torch denoiser ``name`` of the artifact's source model (``source_folder``), refused when the main
+    component's files no longer have the digest the build recorded."""
     import json
 
+    import diffusers
+
+    from dtcompile.core.digests import sha256_tree
+
+    folder = source_folder(manifest) / name
+    if name == manifest.main_component() and sha256_tree(folder) != manifest.source.component_sha256:
+        raise ArtifactError(
+            f"--parallel ulysses: {folder} changed since the artifact was built (its files have another sha256); "
+            "Ulysses runs the source model's weights: rebuild the artifact"
+        )
     class_name = json.loads((folder / "config.json").read_text()).get("_class_name", "")
     cls = getattr(diffusers, str(class_name), None)
     if cls is None:
