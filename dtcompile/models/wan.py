@@ -148,15 +148,6 @@ def _ulysses_classes() -> tuple[type, type]:
 
     prologue_class, blocks_class, _ = _cache_part_classes()
 
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # diffusers' WanAttnProcessor's real-valued RoPE, here on this rank's rows of the tables
-        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-        c, s = cos[..., 0::2], sin[..., 1::2]
-        out = torch.empty_like(x)
-        out[..., 0::2] = x1 * c - x2 * s
-        out[..., 1::2] = x1 * s + x2 * c
-        return out.type_as(x)
-
     class WanUlyssesAttnProcessor:
         """WanAttnProcessor for a block's self-attention (``attn1``) on this rank's tokens: projections, q/k norm
         and RoPE on the rank's rows, then ``comm.attention`` (all-to-all to a head split, attention over every
@@ -175,7 +166,7 @@ def _ulysses_classes() -> tuple[type, type]:
             k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
             v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
             if rotary_emb is not None:
-                q, k = rotate(q, *rotary_emb), rotate(k, *rotary_emb)
+                q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
             out = self.comm.attention(q, k, v).flatten(2, 3).type_as(q)
             return attn.to_out[1](attn.to_out[0](out))
 
@@ -214,6 +205,66 @@ def _ulysses_classes() -> tuple[type, type]:
             return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
     return WanUlyssesAttnProcessor, WanUlysses
+
+
+@functools.cache
+def ulysses_block_parts() -> tuple[type, type]:
+    """(pre-attention, post-attention) halves of one WanTransformerBlock, the engine form of Ulysses: each half
+    can become an engine, and the self-attention between them runs with the all-to-alls (the prototype in
+    ``dtcompile/tools/ulysses_engine.py``; docs/parallel.md). Their composition with attention in between is the
+    block's forward."""
+    import torch
+
+    def modulation(block: Any, tproj: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple((block.scale_shift_table + tproj.float()).chunk(6, dim=1))
+
+    class WanBlockPre(torch.nn.Module):
+        """norm1 with the shift/scale of ``tproj``, q/k/v projections, q/k RMS norms and RoPE on the rank's rows;
+        output ``qkv`` (3, batch, tokens, heads, head dim) stacked into one tensor (one engine output)."""
+
+        def __init__(self, block: torch.nn.Module) -> None:
+            super().__init__()
+            self.block = block
+
+        def forward(self, hidden: torch.Tensor, tproj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Any:
+            b: Any = self.block
+            shift, scale = modulation(b, tproj)[:2]
+            x = (b.norm1(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+            attn = b.attn1
+            q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))
+            k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
+            v = attn.to_v(x).unflatten(2, (attn.heads, -1))
+            return torch.stack([_rotate(q, cos, sin), _rotate(k, cos, sin), v])
+
+    class WanBlockPost(torch.nn.Module):
+        """The self-attention's output projection and gated residual, then the cross-attention (the whole text,
+        local queries) and the feed-forward: the rest of the block, per token."""
+
+        def __init__(self, block: torch.nn.Module) -> None:
+            super().__init__()
+            self.block = block
+
+        def forward(self, hidden: torch.Tensor, tproj: torch.Tensor, attn: torch.Tensor, context: torch.Tensor) -> Any:
+            b: Any = self.block
+            _, _, gate, c_shift, c_scale, c_gate = modulation(b, tproj)
+            out = b.attn1.to_out[1](b.attn1.to_out[0](attn.flatten(2, 3)))
+            hidden = (hidden.float() + out * gate).type_as(hidden)
+            hidden = hidden + b.attn2(b.norm2(hidden.float()).type_as(hidden), context, None, None)
+            x = (b.norm3(hidden.float()) * (1 + c_scale) + c_shift).type_as(hidden)
+            return (hidden.float() + b.ffn(x).float() * c_gate).type_as(hidden)
+
+    return WanBlockPre, WanBlockPost
+
+
+def _rotate(x: Any, cos: Any, sin: Any) -> Any:
+    """diffusers' WanAttnProcessor's real-valued RoPE of ``x`` (batch, tokens, heads, head dim) with the
+    tables' rows for those tokens; the same products, interleaved by ``stack`` + ``flatten`` instead of strided
+    writes, so an exported graph keeps its token count dynamic (as ``export.patches._wan_rope``)."""
+    import torch
+
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
 
 
 #: TeaCache's published polynomials for Wan2.1 text-to-video with the time-embedding signal (ali-vilab/TeaCache,
