@@ -136,3 +136,23 @@ def test_refusals(wan21: Path) -> None:
         session.request(PROMPT, steps=2, frames=9, height=48, width=48)  # 3 latent frames x 3 x 3 patches
     with pytest.raises(UnsupportedError, match="StableDiffusion3Pipeline artifacts have no sequence-parallel form"):
         check_ulysses(session.manifest, SD3Adapter(), 2, "StableDiffusion3Pipeline")
+
+
+@pytest.mark.slow  # spawns 2 ranks and runs three settings: ~60 s here
+def test_dtc_bench_ulysses_reports_latency_and_bytes_next_to_the_prediction(wan21: Path, tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from dtcompile.cli import cli
+
+    out = tmp_path / "ulysses.json"
+    r = CliRunner().invoke(cli, ["bench", str(wan21), "--parallel", "ulysses=2", "--steps", "3", "--repeat", "1",
+                                 "--threads", "1", "--backend", "onnxruntime", "--frames", "5", "--height", "32",
+                                 "--width", "32", "--json", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    assert report["ranks_backend"] == "torch" and report["steps_timed"] == [2, 2]
+    assert report["ulysses_bytes_per_rank_per_step"] == report["ulysses_predicted_bytes_per_rank_per_step"] == 6144
+    assert report["ratio_to_torch"] == report["ranks_step_ms_median"] / report["one_rank_torch_step_ms_median"]
+    assert "predicted from the shapes 6144" in r.output
