@@ -156,3 +156,52 @@ def test_dtc_bench_ulysses_reports_latency_and_bytes_next_to_the_prediction(wan2
     assert report["ulysses_bytes_per_rank_per_step"] == report["ulysses_predicted_bytes_per_rank_per_step"] == 6144
     assert report["ratio_to_torch"] == report["ranks_step_ms_median"] / report["one_rank_torch_step_ms_median"]
     assert "predicted from the shapes 6144" in r.output
+
+
+TORCHRUN_SCRIPT = """
+import sys
+import numpy as np
+import torch
+import dtcompile
+
+pipe = dtcompile.load_pipeline(sys.argv[1], backend="onnxruntime", parallel="ulysses=2")
+image = pipe("a cat playing piano", num_inference_steps=2, height=32, width=64,
+             generator=torch.Generator("cpu").manual_seed(2)).images[0]
+if torch.distributed.get_rank() == 0:
+    np.save(sys.argv[2], np.asarray(image))
+"""
+
+
+@pytest.mark.slow  # two torchrun ranks: ~60 s here
+def test_load_pipeline_ulysses_under_torchrun(flux: Path, tmp_path: Path) -> None:
+    """A diffusers user's own script under ``torchrun --nproc-per-node 2`` with ``parallel="ulysses=2"``: rank 0's
+    image equals the one-rank engine pipeline's (to 1 in a pixel value)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+
+    import dtcompile
+
+    script, out = tmp_path / "user.py", tmp_path / "image.npy"
+    script.write_text(TORCHRUN_SCRIPT)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    r = subprocess.run([*torchrun, str(script), str(flux), str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    pipe = dtcompile.load_pipeline(flux, backend="onnxruntime")
+    ref = pipe(PROMPT, num_inference_steps=2, height=32, width=64, generator=torch.Generator("cpu").manual_seed(2))
+    assert np.abs(np.load(out).astype(np.int16) - np.asarray(ref.images[0], dtype=np.int16)).max() <= 1
+
+
+@pytest.mark.slow  # exports three graphs and spawns 2 ranks: ~60 s here
+def test_engine_form_prototype_matches_the_torch_block() -> None:
+    """tools/ulysses_engine.py on tiny Wan2.1's first block: the block as one engine, split into pre/post engines
+    on one rank, and split over two ranks with the all-to-alls, all equal the torch block; bytes per block are
+    4 all-to-alls of the rank's q/k/v/output (8 tokens, 32 wide, float32: 4 x 1/2 x 4 x 32 x 4)."""
+    from dtcompile.tools.ulysses_engine import prototype
+
+    report = prototype("builtin:tiny-wan21", frames=5, height=32, width=32, text_len=32, repeat=1)
+    assert report["tokens"] == 8 and report["heads"] == 2
+    assert all(v <= 1e-5 for v in report["rel_l2_to_torch"].values()), report["rel_l2_to_torch"]
+    assert report["bytes_per_rank_per_block"] == 4 * (4 * 32 * 4) // 2 == 1024
