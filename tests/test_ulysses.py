@@ -205,3 +205,28 @@ def test_engine_form_prototype_matches_the_torch_block() -> None:
     assert report["tokens"] == 8 and report["heads"] == 2
     assert all(v <= 1e-5 for v in report["rel_l2_to_torch"].values()), report["rel_l2_to_torch"]
     assert report["bytes_per_rank_per_block"] == 4 * (4 * 32 * 4) // 2 == 1024
+
+
+@pytest.mark.slow  # a server and its follower rank: ~60 s here
+def test_dtc_serve_ulysses_answers_what_dtc_run_makes(flux: Path, tmp_path: Path) -> None:
+    """``dtc serve --parallel ulysses=2``: the server process is rank 0 and spawns rank 1, which holds the other
+    half of every request's tokens; the image equals the one-rank run's (to 1 in a pixel value) and SIGTERM ends
+    both ranks."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dtcompile.runtime.session import run_artifact
+    from tests.serve.test_server import client, serving
+
+    ref = run_artifact(flux, PROMPT, steps=2, seed=3, height=32, width=64, backend="onnxruntime").image
+    with serving(flux, tmp_path, "--parallel", "ulysses=2", "--backend", "onnxruntime", "--default-steps", "2",
+                 env={"DTC_TEST_KEY": "k"}) as server:  # fmt: skip
+        got = client(server, "k").images.generate(model="tiny-flux", prompt=PROMPT, size="64x32",
+                                                  response_format="b64_json", extra_body={"seed": 3})  # fmt: skip
+        image = Image.open(io.BytesIO(base64.b64decode(got.data[0].b64_json or ""))).convert("RGB")
+        assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(ref, dtype=np.int16)).max() <= 1
+        proc = server.proc
+    assert proc.returncode == 0
