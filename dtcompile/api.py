@@ -63,7 +63,8 @@ def load_pipeline(
     first (``dtcompile.runtime.session.Session.prepare_call``): defaults the artifact cannot take become the
     built ones (said once in the log), values outside it raise UnsupportedError naming the argument.
     ``parallel="cfg=2"``: this process is one of two ranks started by ``torchrun --nproc-per-node 2``, each
-    running the same script; each computes one guidance branch (docs/parallel.md).
+    running the same script; each computes one guidance branch; ``"ulysses=N"`` (N ranks) splits each denoiser
+    call's tokens, ``"cfg=2,ulysses=N"`` both (2N ranks; docs/parallel.md).
     ``residency="sequential"``: only the component that runs has its engine loaded; ``device_memory="16GiB"``:
     a device budget that picks the residency and streamable engines' budgets (docs/memory.md).
     """

@@ -28,7 +28,9 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for torch and onnxruntime (default: theirs).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the report here (+ a PNG beside).")
 @click.option("--no-verify", is_flag=True, help="Skip sha256 checks of the engine and the source model.")
-@click.option("--parallel", help="cfg=2: step latency with the guidance branches on 2 ranks against 1 rank.")
+@click.option(
+    "--parallel", help="cfg=2, ulysses=N, cfg=2,ulysses=N: step latency over the ranks against 1 rank, and bytes sent."
+)
 @click.option("--residency", type=click.Choice(("all", "sequential")), default="all", show_default=True,
               help="sequential: engines load when their component runs and release after (swap times reported).")  # fmt: skip
 def bench(

@@ -63,7 +63,8 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 )
 @click.option(
     "--parallel",
-    help="Split one request over local ranks: cfg=2 runs the two guidance branches at once (docs/parallel.md).",
+    help="Split one request over local ranks: cfg=2 runs the two guidance branches at once, ulysses=N splits the "
+    "sequence over N ranks, cfg=2,ulysses=N both (docs/parallel.md).",
 )
 @click.option(
     "--cache-threshold",
@@ -123,38 +124,54 @@ def run(
         result = run_artifact_parallel(Path(artifact), spec, prompt, backend=backend, verify=session.verify, **settings)
     else:
         result = session.generate(session.request(prompt, **settings))
+    what = _write(result.image, out, image_format, fps)
+    click.echo(
+        f"wrote {out} ({what}) with {result.backend} {result.arch}: {result.steps} steps in {result.seconds:.2f}s"
+    )
+    for line in _report_lines(result, session.residency.policy):
+        click.echo(line)
+
+
+def _write(media_out: Any, out: Path, image_format: str, fps: float) -> str:
+    """Write the run's image or frames to ``out``; what was written, for the summary line."""
     from dtcompile.runtime import media
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if image_format == "MP4":
-        n = media.write_mp4(result.image, out, fps)
-        what = f"{n} frames at {fps:g} fps"
-    elif image_format == "FRAMES":
-        n = media.write_frames(result.image, out)
-        what = f"{n} PNG frames"
-    else:
-        picture = result.image
-        if not hasattr(picture, "save"):  # a one-frame video
-            from PIL import Image
+        return f"{media.write_mp4(media_out, out, fps)} frames at {fps:g} fps"
+    if image_format == "FRAMES":
+        return f"{media.write_frames(media_out, out)} PNG frames"
+    picture = media_out
+    if not hasattr(picture, "save"):  # a one-frame video
+        from PIL import Image
 
-            picture = Image.fromarray(media.video_uint8(picture)[0])
-        media.write_image(picture, out, image_format)
-        what = f"{picture.width}x{picture.height}"
-    click.echo(
-        f"wrote {out} ({what}) with {result.backend} {result.arch}: {result.steps} steps in {result.seconds:.2f}s"
-    )
+        picture = Image.fromarray(media.video_uint8(picture)[0])
+    media.write_image(picture, out, image_format)
+    return f"{picture.width}x{picture.height}"
+
+
+def _report_lines(result: Any, residency: str) -> list[str]:
+    """The parallel, cache and residency lines after the summary (those that apply)."""
+    lines = []
     if result.parallel is not None:
         p = result.parallel
-        click.echo(f"parallel: {p['ranks']} ranks ({p['split']} guidance branches), {p['bytes_sent_per_step']:.0f} "
-                   "bytes sent per rank per step")  # fmt: skip
+        how = ", ".join(x for x in (f"{p['split']} guidance branches" if p["split"] else "",
+                                    f"sequence over {p['ulysses']} ranks" if p["ulysses"] > 1 else "") if x)  # fmt: skip
+        lines.append(
+            f"parallel: {p['ranks']} ranks ({how}), {p['bytes_sent_per_step']:.0f} bytes sent per rank per step"
+        )
+        if "ulysses_bytes_per_step" in p:
+            lines.append(f"ulysses: {p['ulysses_bytes_per_step']:.0f} bytes per rank per step in all-to-alls and the "
+                         f"output gather (predicted from the shapes: {p['ulysses_predicted_bytes_per_step']:.0f})")  # fmt: skip
     if result.cache_stats is not None:
         from dtcompile.recipe.cache import stats_line
 
-        click.echo(stats_line(result.cache_stats))
+        lines.append(stats_line(result.cache_stats))
     if result.swaps:
         from dtcompile.runtime.residency import swap_line
 
-        click.echo(swap_line(session.residency.policy, result.swaps))
+        lines.append(swap_line(residency, result.swaps))
+    return lines
 
 
 def _reference_image(value: str, flag: str = "--image") -> Any:

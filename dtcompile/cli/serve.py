@@ -46,7 +46,8 @@ from dtcompile.runtime.run import BACKEND_CHOICES
 @click.option("--lora-max-wait", default=10.0, show_default=True, type=click.FloatRange(0, 3600),
               help="Seconds the oldest request may wait while requests with the loaded LoRAs go first.")  # fmt: skip
 @click.option(
-    "--parallel", help="cfg=2: each request's guidance branches on two ranks (one artifact; docs/parallel.md)."
+    "--parallel",
+    help="cfg=2 / ulysses=N / cfg=2,ulysses=N: each request split over local ranks (one artifact; docs/parallel.md).",
 )
 @click.option("--max-steps", default=100, show_default=True, type=click.IntRange(1, 100_000),
               help="Largest num_inference_steps a request may ask for.")  # fmt: skip

@@ -48,6 +48,21 @@ class GenerationRequest:
     last_image: Any = None  # image-to-video: the last frame's image (PIL), where the pipeline takes one
 
 
+@dataclass(frozen=True)
+class UlyssesLayout:
+    """What Ulysses sequence parallel exchanges in one denoiser call (``runtime/ulysses.py`` predicts the bytes
+    from it): ``tokens`` in every all-to-all attention (split over the ranks), ``attention_calls`` of them per
+    call, each over ``width`` channels (heads x head dim, ``heads`` heads, split over the ranks between the two
+    all-to-alls); the output's ``out_tokens`` x ``out_width`` values are gathered once at the end."""
+
+    tokens: int
+    attention_calls: int
+    width: int
+    heads: int
+    out_tokens: int
+    out_width: int
+
+
 class CacheLayout(Protocol):
     """How a family's transformer splits into ``prologue -> blocks* -> epilogue`` parts (docs/cache.md).
 
@@ -251,6 +266,17 @@ class ModelAdapter(Protocol):
     def teacache_coefficients(self, config: dict[str, Any]) -> tuple[list[float], str]:
         """TeaCache's rescaling polynomial (numpy.poly1d order) for a transformer config, and its source."""
 
+    ulysses: bool  # whether the family has a sequence-parallel form (``runtime/ulysses.py``)
+
+    def ulysses_module(self, transformer: torch.nn.Module, comm: Any) -> torch.nn.Module:
+        """``transformer`` as one rank of a Ulysses group (``AdapterBase.ulysses_module``)."""
+
+    def ulysses_layout(
+        self, config: dict[str, Any], pipe_config: Callable[[str], dict[str, Any] | None], height: int, width: int,
+        frames: int | None, text_len: int,
+    ) -> UlyssesLayout:  # fmt: skip
+        """What one denoiser call of a request exchanges under Ulysses (``AdapterBase.ulysses_layout``)."""
+
 
 @functools.cache
 def _positional_forward_class() -> type:
@@ -307,6 +333,23 @@ class AdapterBase:
     ) -> dict[str, tuple[int, ...]]:
         """Concrete shape of every graph input with ``pick`` choosing each range's min, opt or max."""
         raise NotImplementedError
+
+    #: Ulysses sequence parallel (``runtime/ulysses.py``): the family implements ``ulysses_module`` and
+    #: ``ulysses_layout``.
+    ulysses: ClassVar[bool] = False
+
+    def ulysses_module(self, transformer: torch.nn.Module, comm: Any) -> torch.nn.Module:
+        """``transformer`` as one rank of a Ulysses group: a module taking the pipeline's keyword call that holds
+        this rank's slice of the sequence and runs attention through ``comm`` (``runtime.ulysses.SequenceGroup``:
+        ``shard``, ``attention``, ``gather``); returns the whole output. Families without it refuse."""
+        raise UnsupportedError(f"--parallel ulysses: {self.pipeline_class} has no sequence-parallel form yet")
+
+    def ulysses_layout(
+        self, config: dict[str, Any], pipe_config: Callable[[str], dict[str, Any] | None], height: int, width: int,
+        frames: int | None, text_len: int,
+    ) -> UlyssesLayout:  # fmt: skip
+        """The sequence and widths one denoiser call of a ``height`` x ``width`` (x ``frames``) request exchanges."""
+        raise UnsupportedError(f"--parallel ulysses: {self.pipeline_class} has no sequence-parallel form yet")
 
     def shape_profile(self, module: torch.nn.Module, pipe_config: dict[str, Any], shapes: Shapes) -> ShapeProfile:
         """Concrete min/opt/max shapes of every graph input for the recipe's shape ranges."""

@@ -19,6 +19,7 @@ from dtcompile.core.graph import ExportSpec, Range, Shapes, TensorSpec
 from dtcompile.models.base import (
     AdapterBase,
     SplitLayout,
+    UlyssesLayout,
     attention_dims,
     check_size_multiple,
 )
@@ -170,6 +171,82 @@ def _signal_prologue_class() -> type:
     return FluxSignalPrologue
 
 
+@functools.cache
+def _ulysses_classes() -> tuple[type, type]:
+    """(attention processor, sequence-parallel transformer) of FLUX's Ulysses form (built on first use)."""
+    import torch
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    prologue_class = _cache_part_classes()[0]
+
+    class FluxUlyssesAttnProcessor:
+        """FluxAttnProcessor on this rank's tokens (its text slice, then its image slice; the single-stream blocks
+        get both already joined): projections, q/k norms and RoPE on the rank's rows, ``comm.attention`` over
+        every token of both streams, the output projections. The tokens after the all-to-all come rank by rank
+        (text 0, image 0, text 1, image 1, ...): a permutation of the whole sequence, and attention without a mask
+        does not depend on the order of the keys."""
+
+        def __init__(self, comm: Any) -> None:
+            self.comm = comm
+
+        def __call__(
+            self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
+            attention_mask: Any = None, image_rotary_emb: Any = None,
+        ) -> Any:  # fmt: skip
+            if attention_mask is not None:
+                raise UnsupportedError("--parallel ulysses: FLUX attention with a mask is not split")
+            heads = (-1, attn.head_dim)
+            q = attn.norm_q(attn.to_q(hidden_states).unflatten(-1, heads))
+            k = attn.norm_k(attn.to_k(hidden_states).unflatten(-1, heads))
+            v = attn.to_v(hidden_states).unflatten(-1, heads)
+            if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+                eq = attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, heads))
+                ek = attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, heads))
+                ev = attn.add_v_proj(encoder_hidden_states).unflatten(-1, heads)
+                q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
+            if image_rotary_emb is not None:
+                q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+                k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+            out = self.comm.attention(q, k, v).flatten(2, 3).to(q.dtype)
+            if encoder_hidden_states is None:
+                return out
+            text = encoder_hidden_states.shape[1]
+            context, out = out.split_with_sizes([text, out.shape[1] - text], dim=1)
+            out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+            return out, attn.to_add_out(context.contiguous())
+
+    class FluxUlysses(torch.nn.Module):
+        """FluxTransformer2DModel.forward on one rank of a Ulysses group: the embedders and RoPE tables on the
+        whole input (cheap), then this rank's slice of the text tokens and of the image tokens (and their RoPE
+        rows) through every block, so both streams are split evenly and every token is computed on one rank only;
+        the output norm and projection on the rank's image tokens, gathered once at the end."""
+
+        def __init__(self, transformer: torch.nn.Module, comm: Any) -> None:
+            super().__init__()
+            self.comm = comm
+            self.prologue = prologue_class(transformer)
+            self.blocks = torch.nn.ModuleList([*getattr(transformer, DOUBLE), *getattr(transformer, SINGLE)])
+            self.tail: Any = torch.nn.ModuleList([getattr(transformer, n) for n in ("norm_out", "proj_out")])
+            for block in self.blocks:
+                attn: Any = getattr(block, "attn")  # noqa: B009 (torch types it Tensor | Module)
+                attn.set_processor(FluxUlyssesAttnProcessor(comm))
+
+        def forward(self, **kwargs: Any) -> torch.Tensor:
+            inputs = tuple(kwargs[name] for name in GRAPH_INPUTS if kwargs.get(name) is not None)
+            hidden, context, temb, cos, sin = self.prologue(*inputs)
+            shard, text = self.comm.shard, context.shape[1]
+            hidden, context = shard(hidden, 1, "image tokens"), shard(context, 1, "text tokens")
+            cos = torch.cat([shard(cos[:text], 0), shard(cos[text:], 0)])
+            sin = torch.cat([shard(sin[:text], 0), shard(sin[text:], 0)])
+            for block in self.blocks:
+                context, hidden = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb,
+                                        image_rotary_emb=(cos, sin))  # fmt: skip
+            norm_out, proj_out = self.tail
+            return self.comm.gather(proj_out(norm_out(hidden, temb)), 1)
+
+    return FluxUlyssesAttnProcessor, FluxUlysses
+
+
 #: TeaCache's published rescaling polynomial for FLUX.1-dev (ali-vilab/TeaCache, TeaCache4FLUX/teacache_flux.py;
 #: numpy.poly1d order, highest power first), fitted there on the first block's modulated input.
 TEACACHE_FLUX1 = [4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01]
@@ -231,6 +308,24 @@ class FluxAdapter(AdapterBase):
     def teacache_coefficients(self, config: dict[str, Any]) -> tuple[list[float], str]:
         """TeaCache's FLUX.1-dev polynomial (the only FLUX one published), for every FLUX.1 transformer."""
         return list(TEACACHE_FLUX1), "published: TeaCache4FLUX (FLUX.1-dev)"
+
+    ulysses = True
+
+    def ulysses_module(self, transformer: torch.nn.Module, comm: Any) -> torch.nn.Module:
+        """The FLUX transformer on one rank of a Ulysses group (``_ulysses_classes``)."""
+        return _ulysses_classes()[1](transformer, comm)
+
+    def ulysses_layout(
+        self, config: dict[str, Any], pipe_config: Callable[[str], dict[str, Any] | None], height: int, width: int,
+        frames: int | None, text_len: int,
+    ) -> UlyssesLayout:  # fmt: skip
+        """Text + image tokens in every block's joint attention (double- and single-stream); the projected image
+        tokens gathered at the end."""
+        image = img_tokens(height, width, _vae_factor(pipe_config))
+        calls = int(config["num_layers"]) + int(config["num_single_layers"])
+        out = int(config.get("out_channels") or config["in_channels"]) * int(config.get("patch_size") or 1) ** 2
+        heads = int(config["num_attention_heads"])
+        return UlyssesLayout(text_len + image, calls, self.hidden_width(config), heads, image, out)
 
     guidance_example = GUIDANCE_SCALE_EXAMPLE
     id_layout: tuple[tuple[str, ...], int] = ((), 3)  # (leading dims, axes) of img_ids/txt_ids: (tokens, 3)

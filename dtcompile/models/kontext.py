@@ -55,6 +55,7 @@ class KontextAdapter(FluxAdapter):
     family = "flux-kontext"
     pipeline_class = "FluxKontextPipeline"
     reference_image = True
+    ulysses = False  # the reference tokens' split is not tested yet: refused rather than assumed
     cache_layout_class = None
     # the reference is VAE-encoded: vae_encoder makes that an engine too
     aux_components: ClassVar[dict[str, str]] = {

@@ -33,6 +33,7 @@ from dtcompile.models.base import (
     AdapterBase,
     GenerationRequest,
     SplitLayout,
+    UlyssesLayout,
     attention_dims,
     check_size_multiple,
 )
@@ -145,6 +146,132 @@ def _cache_part_classes() -> tuple[type, type, type]:
     return WanPrologue, WanBlocks, WanEpilogue
 
 
+@functools.cache
+def _ulysses_classes() -> tuple[type, type]:
+    """(self-attention processor, sequence-parallel transformer) of Wan's Ulysses form (built on first use)."""
+    import torch
+
+    prologue_class, blocks_class, _ = _cache_part_classes()
+
+    class WanUlyssesAttnProcessor:
+        """WanAttnProcessor for a block's self-attention (``attn1``) on this rank's tokens: projections, q/k norm
+        and RoPE on the rank's rows, then ``comm.attention`` (all-to-all to a head split, attention over every
+        token, all-to-all back) and the output projection."""
+
+        def __init__(self, comm: Any) -> None:
+            self.comm = comm
+
+        def __call__(
+            self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Any = None,
+            attention_mask: Any = None, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        ) -> torch.Tensor:  # fmt: skip
+            if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
+                raise UnsupportedError("--parallel ulysses: only Wan's self-attention is split (no mask, no image)")
+            q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+            k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+            v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+            if rotary_emb is not None:
+                q, k = _rotate(q, *rotary_emb), _rotate(k, *rotary_emb)
+            out = self.comm.attention(q, k, v).flatten(2, 3).type_as(q)
+            return attn.to_out[1](attn.to_out[0](out))
+
+    class WanUlysses(torch.nn.Module):
+        """WanTransformer3DModel.forward on one rank of a Ulysses group: the prologue (patch embedding, RoPE
+        tables, condition embedder: cheap) on the whole input, then this rank's slice of the video tokens and of
+        the RoPE rows through every block (the self-attention exchanges heads for tokens through ``comm``; the
+        cross-attention reads the whole text, which every rank has), the output norm and projection on the slice,
+        and one gather of the projected tokens before the unpatchify."""
+
+        def __init__(self, transformer: torch.nn.Module, comm: Any) -> None:
+            super().__init__()
+            self.comm = comm
+            self.prologue = prologue_class(transformer)
+            self.blocks = blocks_class(list(getattr(transformer, "blocks")))  # noqa: B009 (torch types it Tensor)
+            self.tail: Any = torch.nn.ModuleList([getattr(transformer, n) for n in ("norm_out", "proj_out")])
+            self.scale_shift_table = transformer.scale_shift_table
+            self.patch = tuple(int(p) for p in model_config(transformer)["patch_size"])
+            for block in self.blocks.blocks:
+                block.attn1.set_processor(WanUlyssesAttnProcessor(comm))
+
+        def forward(
+            self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+            **unused: Any,
+        ) -> torch.Tensor:  # fmt: skip
+            hidden, context, tproj, cos, sin, temb, grid = self.prologue(hidden_states, timestep, encoder_hidden_states)
+            shard = self.comm.shard
+            hidden = self.blocks(shard(hidden, 1, "video tokens"), context, tproj, shard(cos, 1), shard(sin, 1))
+            shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+            norm_out, proj_out = self.tail
+            x = proj_out((norm_out(hidden.float()) * (1 + scale) + shift).type_as(hidden))
+            x = self.comm.gather(x, 1)
+            pt, ph, pw = self.patch
+            f, h, w = grid.shape
+            x = x.reshape(x.shape[0], f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+            return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    return WanUlyssesAttnProcessor, WanUlysses
+
+
+@functools.cache
+def ulysses_block_parts() -> tuple[type, type]:
+    """(pre-attention, post-attention) halves of one WanTransformerBlock, the engine form of Ulysses: each half
+    can become an engine, and the self-attention between them runs with the all-to-alls (the prototype in
+    ``dtcompile/tools/ulysses_engine.py``; docs/parallel.md). Their composition with attention in between is the
+    block's forward."""
+    import torch
+
+    def modulation(block: Any, tproj: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple((block.scale_shift_table + tproj.float()).chunk(6, dim=1))
+
+    class WanBlockPre(torch.nn.Module):
+        """norm1 with the shift/scale of ``tproj``, q/k/v projections, q/k RMS norms and RoPE on the rank's rows;
+        output ``qkv`` (3, batch, tokens, heads, head dim) stacked into one tensor (one engine output)."""
+
+        def __init__(self, block: torch.nn.Module) -> None:
+            super().__init__()
+            self.block = block
+
+        def forward(self, hidden: torch.Tensor, tproj: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Any:
+            b: Any = self.block
+            shift, scale = modulation(b, tproj)[:2]
+            x = (b.norm1(hidden.float()) * (1 + scale) + shift).type_as(hidden)
+            attn = b.attn1
+            q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))
+            k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
+            v = attn.to_v(x).unflatten(2, (attn.heads, -1))
+            return torch.stack([_rotate(q, cos, sin), _rotate(k, cos, sin), v])
+
+    class WanBlockPost(torch.nn.Module):
+        """The self-attention's output projection and gated residual, then the cross-attention (the whole text,
+        local queries) and the feed-forward: the rest of the block, per token."""
+
+        def __init__(self, block: torch.nn.Module) -> None:
+            super().__init__()
+            self.block = block
+
+        def forward(self, hidden: torch.Tensor, tproj: torch.Tensor, attn: torch.Tensor, context: torch.Tensor) -> Any:
+            b: Any = self.block
+            _, _, gate, c_shift, c_scale, c_gate = modulation(b, tproj)
+            out = b.attn1.to_out[1](b.attn1.to_out[0](attn.flatten(2, 3)))
+            hidden = (hidden.float() + out * gate).type_as(hidden)
+            hidden = hidden + b.attn2(b.norm2(hidden.float()).type_as(hidden), context, None, None)
+            x = (b.norm3(hidden.float()) * (1 + c_scale) + c_shift).type_as(hidden)
+            return (hidden.float() + b.ffn(x).float() * c_gate).type_as(hidden)
+
+    return WanBlockPre, WanBlockPost
+
+
+def _rotate(x: Any, cos: Any, sin: Any) -> Any:
+    """diffusers' WanAttnProcessor's real-valued RoPE of ``x`` (batch, tokens, heads, head dim) with the
+    tables' rows for those tokens; the same products, interleaved by ``stack`` + ``flatten`` instead of strided
+    writes, so an exported graph keeps its token count dynamic (as ``export.patches._wan_rope``)."""
+    import torch
+
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+
+
 #: TeaCache's published polynomials for Wan2.1 text-to-video with the time-embedding signal (ali-vilab/TeaCache,
 #: TeaCache4Wan2.1/teacache_generate.py, use_ret_steps off; numpy.poly1d order).
 TEACACHE_WAN21_1_3B = [2.39676752e03, -1.31110545e03, 2.01331979e02, -8.29855975e00, 1.37887774e-01]
@@ -206,6 +333,25 @@ class WanAdapter(AdapterBase):
     graph_inputs = ("hidden_states", "timestep", "encoder_hidden_states")
     block_lists = (("blocks", "num_layers"),)
     cache_layout_class = WanCacheLayout
+
+    ulysses = True
+
+    def ulysses_module(self, transformer: torch.nn.Module, comm: Any) -> torch.nn.Module:
+        """The Wan transformer on one rank of a Ulysses group (``_ulysses_classes``)."""
+        return _ulysses_classes()[1](transformer, comm)
+
+    def ulysses_layout(
+        self, config: dict[str, Any], pipe_config: Callable[[str], dict[str, Any] | None], height: int, width: int,
+        frames: int | None, text_len: int,
+    ) -> UlyssesLayout:  # fmt: skip
+        """Video tokens (latent frames x rows x columns after patching) in every block's self-attention; the
+        projected tokens (out_channels x patch volume each) gathered at the end."""
+        temporal, _, multiple = _factors(pipe_config)
+        pt, ph, pw = (int(p) for p in config.get("patch_size") or (1, 2, 2))
+        tokens = latent_frames(frames or 1, temporal) // pt * (height // multiple) * (width // multiple)
+        heads = int(config["num_attention_heads"])
+        out = int(config.get("out_channels") or config["in_channels"]) * pt * ph * pw
+        return UlyssesLayout(tokens, int(config["num_layers"]), self.hidden_width(config), heads, tokens, out)
 
     def teacache_coefficients(self, config: dict[str, Any]) -> tuple[list[float], str]:
         """TeaCache4Wan2.1's polynomial for the time-embedding signal: the 14B one for 5120-wide transformers

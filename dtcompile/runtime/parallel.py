@@ -15,8 +15,8 @@ the same noise predictions and ends with the same latents. How a family runs its
 Ranks are started by ``run_parallel`` (torch.multiprocessing, a free local port) or by ``torchrun`` (the
 environment's RANK / WORLD_SIZE / MASTER_ADDR). Collectives use NCCL between GPUs and gloo on CPUs, with a
 timeout: a rank that dies ends the run on every rank (``run_parallel`` names it in one line).
-Ulysses sequence parallel is not here: with engines each block's attention would be an engine boundary of its
-own; see docs/parallel.md.
+Ulysses sequence parallel (``runtime/ulysses.py``) splits each denoiser call's tokens over a sequence group;
+with ``cfg=2,ulysses=N`` the world is 2 CFG groups of N sequence ranks (``ParallelGroups``).
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ from dtcompile.core.errors import DtcError, UnsupportedError
 DEFAULT_TIMEOUT_S = 300.0
 #: Test hook: "RANK:CALL" makes that rank exit at that denoiser call, as a crash would (tests/test_parallel.py).
 FAULT_ENV = "DTC_FAULT_RANK_EXIT"
+TIMEOUT_ENV = "DTC_PARALLEL_TIMEOUT_S"
 
 
 @dataclass(frozen=True)
 class ParallelSpec:
-    """``--parallel cfg=2[,ulysses=N]``: ranks per CFG branch split and per sequence split."""
+    """``--parallel cfg=2[,ulysses=N]``: ranks per CFG branch split and per sequence split (world: their
+    product; rank r is CFG rank ``r // ulysses`` and sequence rank ``r % ulysses``)."""
 
     cfg: int = 1
     ulysses: int = 1
@@ -50,29 +52,38 @@ class ParallelSpec:
     def world(self) -> int:
         return self.cfg * self.ulysses
 
+    @property
+    def ulysses_torch(self) -> bool:
+        """Whether the denoisers run in torch split over sequence ranks (also a one-rank spec: bench's baseline)."""
+        return self.ulysses > 1 or self.world == 1
+
+    @property
+    def text(self) -> str:
+        """The ``--parallel`` value that makes this spec."""
+        return ",".join(f"{k}={v}" for k, v in (("cfg", self.cfg), ("ulysses", self.ulysses)) if v > 1) or "ulysses=1"
+
     @classmethod
     def parse(cls, text: str, flag: str = "--parallel") -> ParallelSpec:
-        """``cfg=2``; UnsupportedError naming ``flag`` for anything else."""
+        """``cfg=2``, ``ulysses=N``, ``cfg=2,ulysses=N``; UnsupportedError naming ``flag`` for anything else."""
         values: dict[str, int] = {}
         for item in filter(None, (p.strip() for p in text.split(","))):
             key, _, value = item.partition("=")
             if key not in ("cfg", "ulysses") or not value.isdigit() or key in values:
-                raise UnsupportedError(f"{flag} {text}: expected cfg=2 (comma-separated key=count, each once)")
+                raise UnsupportedError(
+                    f"{flag} {text}: expected cfg=2 and/or ulysses=N (comma-separated key=count, each once)"
+                )
             values[key] = int(value)
         spec = cls(**values)
         if spec.cfg not in (1, 2):
             raise UnsupportedError(f"{flag} {text}: cfg splits the two guidance branches: cfg=2 (or 1)")
-        if spec.ulysses != 1:
-            raise UnsupportedError(
-                f"{flag} {text}: Ulysses sequence parallel needs each block's attention as an engine boundary of its "
-                "own, which dtcompile's engines do not have yet (docs/parallel.md); use cfg=2"
-            )
+        if spec.ulysses < 1:
+            raise UnsupportedError(f"{flag} {text}: ulysses counts the ranks one sequence is split over: 2 or more")
         if spec.world < 2:
-            raise UnsupportedError(f"{flag} {text}: nothing to split; use cfg=2")
+            raise UnsupportedError(f"{flag} {text}: nothing to split; use cfg=2 or ulysses=2")
         return spec
 
 
-def init_ranks(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
+def init_ranks(timeout_s: float | None = None) -> tuple[int, int]:
     """(rank, world size) of this process, joining the process group from the environment (torchrun or
     ``run_parallel``) when it is not joined yet; NCCL when CUDA is there, else gloo."""
     import torch
@@ -87,18 +98,56 @@ def init_ranks(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        seconds = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+        os.environ[TIMEOUT_ENV] = str(seconds)  # the sub-groups' timeout (process_groups)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
     return dist.get_rank(), dist.get_world_size()
 
 
-def _fault(rank: int, call: int) -> None:
+@dataclass(frozen=True)
+class ParallelGroups:
+    """This rank's place in a ``ParallelSpec`` world: its CFG rank and group (the ranks holding the same tokens
+    of the other branch) and its sequence rank and group (the ranks splitting one branch's tokens)."""
+
+    rank: int
+    cfg_rank: int
+    cfg_group: Any
+    seq_rank: int
+    seq_group: Any
+
+
+def process_groups(spec: ParallelSpec, rank: int) -> ParallelGroups:
+    """The CFG and sequence groups of ``spec`` (every rank creates every group, in the same order, as
+    ``torch.distributed.new_group`` requires); a world of one kind only uses the default group for it."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+    cfg_group = seq_group = None
+    if spec.cfg > 1 and spec.ulysses > 1:
+        for s in range(spec.ulysses):  # ranks s, s + U, ...: the same tokens of each branch
+            g = dist.new_group([s + c * spec.ulysses for c in range(spec.cfg)], timeout=timeout)
+            cfg_group = g if s == rank % spec.ulysses else cfg_group
+        for c in range(spec.cfg):  # ranks cU .. cU + U - 1: one branch's sequence
+            g = dist.new_group(list(range(c * spec.ulysses, (c + 1) * spec.ulysses)), timeout=timeout)
+            seq_group = g if c == rank // spec.ulysses else seq_group
+    elif spec.ulysses > 1:
+        seq_group = dist.group.WORLD
+    else:
+        cfg_group = dist.group.WORLD
+    return ParallelGroups(rank, rank // spec.ulysses, cfg_group, rank % spec.ulysses, seq_group)
+
+
+def fault_point(rank: int, call: int) -> None:
+    """Test hook: exit as a crash would when ``DTC_FAULT_RANK_EXIT`` is ``"rank:call"``."""
     spec = os.environ.get(FAULT_ENV, "")
     if spec and spec == f"{rank}:{call}":
         os._exit(3)
 
 
-def cfg_parallel_module(inner: Any, rank: int, mode: str) -> Any:
-    """The ``CfgParallelModule`` standing in for ``inner`` (a denoiser stand-in) on ``rank``."""
+def cfg_parallel_module(inner: Any, rank: int, mode: str, group: Any = None, world_rank: int | None = None) -> Any:
+    """The ``CfgParallelModule`` standing in for ``inner`` (a denoiser stand-in) on CFG ``rank`` of ``group``
+    (None: the default group); ``world_rank``: this process's rank (fault hook; default ``rank``)."""
+    fault_rank = rank if world_rank is None else world_rank
     from dtcompile.backends.standin import ComponentStandIn
 
     class CfgParallelModule(ComponentStandIn):
@@ -131,7 +180,7 @@ def cfg_parallel_module(inner: Any, rank: int, mode: str) -> Any:
         def forward(self, return_dict: bool = True, **kwargs: Any) -> Any:
             import torch
 
-            _fault(self.rank, self.calls)
+            fault_point(fault_rank, self.calls)
             self.calls += 1
             if self.mode == "batched":
                 out = self._batched(kwargs)
@@ -172,8 +221,8 @@ def cfg_parallel_module(inner: Any, rank: int, mode: str) -> Any:
             import torch.distributed as dist
 
             tensor = tensor.contiguous()
-            parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-            dist.all_gather(parts, tensor)
+            parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, tensor, group=group)
             self.bytes_sent += tensor.numel() * tensor.element_size() * (len(parts) - 1)
             return parts
 

@@ -152,7 +152,7 @@ class Session:
                 )
             if not (math.isfinite(cache_threshold) and cache_threshold >= 0):
                 raise UnsupportedError(f"--cache-threshold {cache_threshold}: expected a finite number >= 0")
-        self.parallel, self.rank = parallel, 0
+        self.parallel, self.rank, self.cfg_rank = parallel, 0, 0
         if parallel is not None:
             self._check_parallel(parallel)
         from dtcompile.runtime.memory import session_residency
@@ -170,15 +170,19 @@ class Session:
         self._told: set[str] = set()  # defaults already reported in the log
 
     def _check_parallel(self, spec: ParallelSpec) -> None:
-        if self.adapter.guidance_branches is None:
+        if spec.ulysses > 1 or spec.world == 1:  # world 1: the torch path on one rank (bench's baseline)
+            from dtcompile.runtime.ulysses import check_ulysses
+
+            check_ulysses(self.manifest, self.adapter, spec.ulysses, self.pipeline_class)
+        if spec.cfg > 1 and self.adapter.guidance_branches is None:
             raise UnsupportedError(
                 f"--parallel cfg={spec.cfg}: {self.pipeline_class} artifacts have no classifier-free guidance "
                 "branches to split (guidance is distilled into the model)"
             )
         if self.manifest.component(self.manifest.main_component()).is_split:
             raise UnsupportedError(
-                f"--parallel cfg={spec.cfg}: {self.artifact_dir} is split into block engines for caching; CFG parallel "
-                "runs monolithic denoisers (build without the cache section)"
+                f"--parallel {spec.text}: {self.artifact_dir} is split into block engines for caching; parallel runs "
+                "monolithic denoisers (build without the cache section)"
             )
 
     @property
@@ -219,7 +223,11 @@ class Session:
 
             run = CacheRun()  # shared by the experts (Wan2.2): one step count, a cache state per expert, one report
 
+        groups = self._join_ranks()
+
         def denoiser(name: str) -> tuple[Any, EngineEntry]:
+            if groups is not None and self.parallel is not None and self.parallel.ulysses_torch:
+                return self._ulysses_denoiser(name, groups)
             if run is None or not manifest.component(name).is_split:
                 return denoiser_module(artifact_dir, manifest, name, self.backend, verifier, self.threads,
                                        self.residency)  # fmt: skip
@@ -230,13 +238,7 @@ class Session:
                                       threshold=self.cache_threshold, threads=self.threads)  # fmt: skip
 
         module, entry = denoiser(main)
-        standins: dict[str, Any] = {}
-        wrappers: dict[str, Any] = {}
-        for name in manifest.aux_names():
-            stand_in = aux_module(artifact_dir, manifest, name, self.backend, verifier, self.threads, self.residency)
-            aux = manifest.aux(name)
-            # a VAE encoder engine wraps what the pipeline loads at ``vae`` (torch VAE or the decoder's stand-in)
-            (wrappers if aux.role in WRAPPING_ROLES else standins)[aux.attr or name] = stand_in
+        standins, wrappers = self._aux_standins(verifier)
         for name in manifest.denoiser_names()[1:]:  # Wan2.2's second expert: the pipeline switches between them
             standins[name] = denoiser(name)[0]
         pipeline_dir = artifact_dir / "pipeline"
@@ -260,16 +262,84 @@ class Session:
         pipe._dtc_session = self
         pipe.set_progress_bar_config(disable=True)
         pipe.to(module.device)
-        if self.parallel is not None:  # every denoiser answers for one guidance branch on this rank
-            from dtcompile.runtime.parallel import cfg_parallel_module, init_ranks
-
-            self.rank, _ = init_ranks()
-            branches = str(self.adapter.guidance_branches)  # _check_parallel refused None
-            for name in manifest.denoiser_names():
-                setattr(pipe, name, cfg_parallel_module(getattr(pipe, name), self.rank, branches))
+        if groups is not None and self.parallel is not None and self.parallel.cfg > 1:
+            self._cfg_parallel(pipe, groups)
             module = getattr(pipe, main)
         self.module, self.entry, self._pipe = module, entry, pipe
         return pipe
+
+    def _aux_standins(self, verifier: Verifier) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The engine-backed text encoders, image encoder and VAE halves: (stand-ins the pipeline loads in place
+        of its attribute, wrappers put around the attribute it loads: a VAE encoder around the VAE)."""
+        standins: dict[str, Any] = {}
+        wrappers: dict[str, Any] = {}
+        for name in self.manifest.aux_names():
+            stand_in = aux_module(self.artifact_dir, self.manifest, name, self.backend, verifier, self.threads,
+                                  self.residency)  # fmt: skip
+            aux = self.manifest.aux(name)
+            # a VAE encoder engine wraps what the pipeline loads at ``vae`` (torch VAE or the decoder's stand-in)
+            (wrappers if aux.role in WRAPPING_ROLES else standins)[aux.attr or name] = stand_in
+        return standins, wrappers
+
+    def _cfg_parallel(self, pipe: Any, groups: Any) -> None:
+        """Every denoiser of ``pipe`` answers for one guidance branch on this rank."""
+        from dtcompile.runtime.parallel import cfg_parallel_module
+
+        branches = str(self.adapter.guidance_branches)  # _check_parallel refused None
+        for name in self.manifest.denoiser_names():
+            wrapped = cfg_parallel_module(getattr(pipe, name), groups.cfg_rank, branches, groups.cfg_group, self.rank)
+            setattr(pipe, name, wrapped)
+
+    def _join_ranks(self) -> Any:
+        """This rank's ``ParallelGroups`` (joining the process group), None without ``parallel``; a one-rank
+        spec (the torch baseline) joins nothing."""
+        if self.parallel is None:
+            return None
+        from dtcompile.runtime.parallel import ParallelGroups, init_ranks, process_groups
+
+        if self.parallel.world == 1:
+            return ParallelGroups(0, 0, None, 0, None)
+        self.rank, _ = init_ranks()
+        groups = process_groups(self.parallel, self.rank)
+        self.cfg_rank = groups.cfg_rank
+        return groups
+
+    def _ulysses_denoiser(self, name: str, groups: Any) -> tuple[Any, EngineEntry]:
+        """Denoiser ``name`` as one rank of a sequence group: the source model in torch (``runtime/ulysses.py``);
+        the engine entry this machine would run is kept for the report, not opened."""
+        import torch
+
+        from dtcompile.runtime.engines import select_engine
+        from dtcompile.runtime.ulysses import SequenceGroup, load_source_denoiser, ulysses_module
+
+        assert self.parallel is not None
+        dtype = getattr(torch, self.manifest.dtype)
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        comm = SequenceGroup(groups.seq_group, self.parallel.ulysses, groups.seq_rank)
+        inner = load_source_denoiser(self.manifest, name, dtype, device)
+        config = dict(self.manifest.component(name).config or {})
+        module = ulysses_module(inner, self.adapter, comm, self.rank, config, dtype, device)
+        return module, select_engine(self.manifest, name, self.backend, gpu_arch())
+
+    def check_ulysses_request(self, request: GenerationRequest) -> None:
+        """UnsupportedError when the request's tokens do not split evenly over the sequence ranks."""
+        if self.parallel is None or self.parallel.ulysses == 1:
+            return
+        p = self.parallel.ulysses
+        layout = self.ulysses_layout(request)
+        for what, n in (("tokens", layout.out_tokens), ("text tokens", layout.tokens - layout.out_tokens)):
+            if n % p:
+                raise UnsupportedError(
+                    f"--parallel ulysses={p}: {request.height}x{request.width}"
+                    f"{f' x {request.frames} frames' if request.frames else ''} makes {n} {what}, which do not split "
+                    f"over {p} ranks; pick a size whose token count divides by {p}"
+                )
+
+    def ulysses_layout(self, request: GenerationRequest) -> Any:
+        """The family's ``UlyssesLayout`` of one denoiser call of ``request``."""
+        config = self.manifest.component(self.manifest.main_component()).config or {}
+        return self.adapter.ulysses_layout(config, self.config, request.height, request.width, request.frames,
+                                           int(request.text_len or self.shapes["text_len"].opt))  # fmt: skip
 
     # --- requests (CLI, server, bench) -------------------------------------------------------------------------
 
@@ -319,7 +389,7 @@ class Session:
         if negative_prompt is not None and not self.adapter.negative_prompt:
             raise UnsupportedError(f"{names.negative_prompt}: {self.pipeline_class} artifacts take no negative prompt")
         self.check_batch((len(prompt) if isinstance(prompt, list) else 1) * images_per_prompt, names.batch)
-        return GenerationRequest(
+        checked = GenerationRequest(
             prompt,
             steps,
             height,
@@ -334,6 +404,8 @@ class Session:
             frames=frames,
             last_image=last_image,
         )
+        self.check_ulysses_request(checked)
+        return checked
 
     def check_batch(self, batch: int, name: str) -> None:
         """UnsupportedError naming ``name`` when ``batch`` outputs per call are outside the built batch range."""
@@ -363,17 +435,12 @@ class Session:
             out = pipe(**kwargs)
         seconds = time.perf_counter() - t0
         assert self.entry is not None
-        log.info("%d steps on %s %s in %.2fs", request.steps, self.entry.backend, self.entry.arch, seconds)
+        backend = "torch" if self.parallel is not None and self.parallel.ulysses_torch else self.entry.backend
+        log.info("%d steps on %s %s in %.2fs", request.steps, backend, self.entry.arch, seconds)
         stats = module.cache_stats() if hasattr(module, "cache_stats") else None
-        parallel = None
-        if self.parallel is not None:
-            sent = sum(getattr(pipe, n).bytes_sent for n in self.manifest.denoiser_names())
-            parallel = {"ranks": self.parallel.world, "split": self.adapter.guidance_branches,
-                        "bytes_sent_per_step": sent / request.steps, "rank": self.rank}  # fmt: skip
-            for name in self.manifest.denoiser_names():
-                getattr(pipe, name).bytes_sent = 0
+        parallel = self._parallel_report(request) if self.parallel is not None else None
         swaps = self.residency.take_swaps()
-        return Generation(self.adapter.output_media(out), self.entry.backend, self.entry.arch, seconds, request.steps,
+        return Generation(self.adapter.output_media(out), backend, self.entry.arch, seconds, request.steps,
                           module.trace or [], module, stats, parallel, swaps)  # fmt: skip
 
     def text_pipe(self) -> Any:
@@ -396,6 +463,34 @@ class Session:
             text.set_progress_bar_config(disable=True)
             self._text_pipe = text
         return self._text_pipe
+
+    def _parallel_report(self, request: GenerationRequest) -> dict[str, Any]:
+        """Ranks, bytes each rank sent per step (CFG and Ulysses apart, Ulysses' next to the prediction from the
+        shapes), reset for the next run."""
+        assert self.parallel is not None
+        spec, pipe, names = self.parallel, self._pipe, self.manifest.denoiser_names()
+        outer = [getattr(pipe, n) for n in names]
+        inner = [getattr(m, "inner", m) if spec.cfg > 1 else m for m in outer] if spec.ulysses_torch else []
+        seq = sum(m.bytes_sent for m in inner)
+        total = sum(m.bytes_sent for m in outer) + (seq if spec.cfg > 1 else 0)
+        report: dict[str, Any] = {"ranks": spec.world, "cfg": spec.cfg, "ulysses": spec.ulysses, "rank": self.rank,
+                                  "split": self.adapter.guidance_branches if spec.cfg > 1 else None,
+                                  "bytes_sent_per_step": total / request.steps}  # fmt: skip
+        if inner:
+            from dtcompile.runtime.ulysses import predicted_bytes
+
+            calls = sum(m.calls for m in inner)
+            batch = (len(request.prompt) if isinstance(request.prompt, list) else 1) * request.images_per_prompt
+            element = 2 if self.manifest.dtype in ("float16", "bfloat16") else 4
+            per_call = predicted_bytes(self.ulysses_layout(request), spec.ulysses, batch, element)
+            report.update(ulysses_bytes_per_step=seq / request.steps, ulysses_calls_per_step=calls / request.steps,
+                          ulysses_predicted_bytes_per_step=per_call.total * calls / request.steps,
+                          ulysses_predicted_per_call={"all_to_all": per_call.all_to_all, "gather": per_call.gather})  # fmt: skip
+            for m in inner:
+                m.calls = 0
+        for m in outer + inner:
+            m.bytes_sent = 0
+        return report
 
     # --- a diffusers user's own call -------------------------------------------------------------------------
 
@@ -433,7 +528,12 @@ class Session:
         per_prompt = getattr(self.adapter, "per_prompt_key", "num_images_per_prompt")
         self.check_batch(_prompt_count(args) * int(args.get(per_prompt) or 1), f"batch (prompts x {per_prompt})")
         self.adapter.adapt_call(args, given)
-        if self.parallel is not None and self.rank == 1 and self.adapter.guidance_branches == "sequential":
+        if (
+            self.parallel is not None
+            and self.parallel.cfg > 1
+            and self.cfg_rank == 1
+            and (self.adapter.guidance_branches == "sequential")
+        ):
             # every call (Session.generate's too) comes through here: rank 1's first call takes the negative prompt
             args["prompt"], args["negative_prompt"] = swap_prompts(args.get("prompt"), args.get("negative_prompt"))
         if hasattr(self.module, "begin_run"):  # a block-cache run: rules and the last step need the run's length
