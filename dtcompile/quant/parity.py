@@ -9,9 +9,8 @@ onnxruntime can run (FP4 custom ops emulated, 16-bit computed in float32).
 
 from __future__ import annotations
 
-import functools
-
 import contextlib
+import functools
 import logging
 import math
 import tempfile
