@@ -4,8 +4,7 @@ kept in PyTorch) built for real and compared with the plain diffusers QwenImageP
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import re
 from pathlib import Path
 
 import numpy as np
@@ -128,15 +127,26 @@ def test_what_the_family_cannot_take_is_refused_by_name(qwen_artifact: Path, tmp
 
 
 def test_cli_run_writes_the_image_and_dtc_models_lists_the_builtin(qwen_artifact: Path, tmp_path: Path) -> None:
-    dtc = [sys.executable, "-m", "dtcompile"]
-    run = subprocess.run([*dtc, "run", str(qwen_artifact), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
-                          "--guidance", "4", "--steps", "2", "--backend", "onnxruntime", "--out", "fox.png"],
-                         capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    assert (tmp_path / "fox.png").is_file()
-    models = subprocess.run([*dtc, "models"], capture_output=True, text=True)
-    assert models.returncode == 0, models.stderr
-    assert "tiny-qwen-image" in models.stdout and "qwen-image" in models.stdout
+    """``dtc run`` and ``dtc models`` in this process (CliRunner): the image ``dtc run`` writes is
+    ``run_artifact``'s at the same seed."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from dtcompile.cli import cli
+    from dtcompile.runtime.session import run_artifact
+
+    out = tmp_path / "fox.png"
+    args = ["run", str(qwen_artifact), "--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--guidance", "4",
+            "--steps", "2", "--seed", "1", "--backend", "onnxruntime", "--out", str(out)]  # fmt: skip
+    run = CliRunner().invoke(cli, args)
+    assert run.exit_code == 0, run.output
+    ran = run_artifact(qwen_artifact, PROMPT, steps=2, seed=1, guidance=4.0, negative_prompt=NEGATIVE,
+                       backend="onnxruntime")  # fmt: skip
+    assert psnr(np.asarray(Image.open(out).convert("RGB")), np.asarray(ran.image)) >= 40
+    models = CliRunner().invoke(cli, ["models"])
+    assert models.exit_code == 0, models.output
+    assert re.search(r"qwen-image +QwenImagePipeline", models.output)
+    assert "builtin:tiny-qwen-image" in models.output and "recipes/tiny-qwen-image.yaml" in models.output
 
 
 def test_lora_fuse_and_refit_agree_and_the_base_comes_back(qwen_artifact: Path, tmp_path: Path) -> None:
