@@ -106,6 +106,22 @@ def test_two_prompts_of_different_lengths_use_the_text_mask(qwen_artifact: Path)
     assert psnr(got[0], ref[0]) >= 40 and psnr(got[1], ref[1]) >= 40
 
 
+def test_the_server_path_takes_a_negative_prompt_and_matches_the_run(qwen_artifact: Path) -> None:
+    """/v1/images/generations' guidance_scale is Qwen-Image's true_cfg_scale, with the negative prompt."""
+    from dtcompile.runtime.session import run_artifact
+    from dtcompile.serve.models import ServedModel, ServeOptions
+    from dtcompile.serve.protocol import parse_request
+
+    options = ServeOptions(default_steps=3)
+    model = ServedModel.open(qwen_artifact)
+    req = parse_request({"prompt": PROMPT, "negative_prompt": NEGATIVE, "seed": 3, "guidance_scale": 4.0})
+    job = model.make_job(req, options, capacity=2)
+    model.load(options)
+    served = model.generate([job])[0][0]
+    ran = run_artifact(qwen_artifact, PROMPT, steps=3, seed=3, guidance=4.0, negative_prompt=NEGATIVE)
+    assert psnr(np.asarray(served), np.asarray(ran.image)) >= 40
+
+
 def test_what_the_family_cannot_take_is_refused_by_name(qwen_artifact: Path, tmp_path: Path) -> None:
     import torch
 
