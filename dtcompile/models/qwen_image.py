@@ -262,6 +262,12 @@ class QwenImageAdapter(AdapterBase):
         """``QwenImageForExport``: the transformer's forward on ``GRAPH_INPUTS``, RoPE in real arithmetic."""
         return _export_classes()[1](module)
 
+    def unread_params(self, config: dict[str, Any]) -> tuple[str, ...]:
+        """The last block's text-stream output layers: only the image stream reaches ``norm_out``, so the export
+        drops them (a LoRA on them changes nothing; refit skips them)."""
+        last = f"transformer_blocks.{int(config['num_layers']) - 1}"
+        return (f"{last}.attn.to_add_out.*", f"{last}.txt_mlp.*")
+
     def engine_call(self, kwargs: dict[str, Any], config: Any) -> dict[str, Any]:
         """The graph inputs of one QwenImagePipeline transformer call: the rotary embedding from ``img_shapes``
         and the text length, a mask of ones where the pipeline passes None (every token real). Refuses what the

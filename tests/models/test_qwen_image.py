@@ -165,10 +165,17 @@ def test_cli_run_writes_the_image_and_dtc_models_lists_the_builtin(qwen_artifact
     assert "builtin:tiny-qwen-image" in models.output and "recipes/tiny-qwen-image.yaml" in models.output
 
 
+def read_manifest_weight_map(artifact: Path) -> dict:
+    """The transformer's weight map (``onnx/transformer.weights.json``) entries by parameter."""
+    import json
+
+    return json.loads((artifact / "onnx" / "transformer.weights.json").read_text())["params"]
+
+
 def test_lora_fuse_and_refit_agree_and_the_base_comes_back(qwen_artifact: Path, tmp_path: Path) -> None:
     """A LoRA through QwenImagePipeline's own loader (QwenImageLoraLoaderMixin): refit == fused build; none.
-    It leaves out ``to_add_out``: the last block's text-stream output is never read, so its weights are not in
-    the graph and refit refuses a LoRA touching them (docs/families.md)."""
+    It touches the last block's ``to_add_out`` and ``txt_mlp`` too, which the graph never reads (only the image
+    stream reaches the output): the weight map records them ``unread`` and refit skips them."""
     import torch
     from diffusers import QwenImageTransformer2DModel
 
@@ -181,7 +188,7 @@ def test_lora_fuse_and_refit_agree_and_the_base_comes_back(qwen_artifact: Path, 
 
     transformer = QwenImageTransformer2DModel.from_pretrained(builtin_model_path("tiny-qwen-image") / "transformer")
     lora = make_peft_lora(transformer, tmp_path / "qwen-style.safetensors", pipeline_class="QwenImagePipeline",
-                          targets=(*(t for t in FLUX_TARGETS if t != "to_add_out"), "img_mlp.net.2"), rank=4, alpha=8.0, seed=1)  # fmt: skip
+                          targets=(*FLUX_TARGETS, "img_mlp.net.2", "txt_mlp.net.2"), rank=4, alpha=8.0, seed=1)  # fmt: skip
     overrides = [f"output.dir={tmp_path / 'fused'}", "engine={backends: [onnxruntime]}",
                  f"lora=[{{source: {lora}, scale: 0.8}}]"]  # fmt: skip
     fused = run_build(load_recipe(ROOT / "recipes" / "tiny-qwen-image.yaml", overrides)).artifact_dir
@@ -192,6 +199,9 @@ def test_lora_fuse_and_refit_agree_and_the_base_comes_back(qwen_artifact: Path, 
         with torch.no_grad():
             return np.asarray(run_artifact(artifact, PROMPT, steps=3, seed=3, backend="onnxruntime").image)
 
+    unread = {p for p, e in read_manifest_weight_map(qwen_artifact).items() if e.get("status") == "unread"}
+    assert unread == {f"transformer_blocks.1.{m}.{k}" for m in ("attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
+                      for k in ("weight", "bias")}  # fmt: skip
     base, with_lora = image(qwen_artifact), image(fused)
     assert not np.array_equal(base, with_lora)  # the adapter changes the image
     assert psnr(image(refit.artifact_dir), with_lora) >= 40
