@@ -17,6 +17,9 @@ class ComponentStandIn(torch.nn.Module):
     receives every output (per-step noise predictions for parity checks)."""
 
     runner: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]  # set by the stand-ins that run an engine
+    #: The family's ``ModelAdapter.engine_call`` (bound to the component's config) where the pipeline's keyword
+    #: call is not the graph's inputs by name (Qwen-Image's RoPE); None: it is.
+    call_inputs: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     def __init__(
         self,
@@ -51,6 +54,8 @@ class ComponentStandIn(torch.nn.Module):
 
     def graph_feeds(self, kwargs: dict[str, Any], joint_attention_kwargs: Any = None) -> dict[str, torch.Tensor]:
         """The graph inputs out of the pipeline's keyword call (unused ones such as ``return_dict`` dropped)."""
+        if self.call_inputs is not None:
+            kwargs = self.call_inputs(kwargs)
         if joint_attention_kwargs:
             raise NotImplementedError(
                 f"joint_attention_kwargs {sorted(joint_attention_kwargs)} are not supported by engines"

@@ -236,6 +236,13 @@ class ModelAdapter(Protocol):
     def output_media(self, output: Any) -> list[Any]:
         """The generated images (or videos) of a pipeline call's return value, one per output."""
 
+    def unread_params(self, config: dict[str, Any]) -> tuple[str, ...]:
+        """fnmatch patterns of the component's parameters the exported graph never reads (for ``config``)."""
+
+    def engine_call(self, kwargs: dict[str, Any], config: Any) -> dict[str, Any]:
+        """The keyword call the pipeline makes on its denoiser turned into the graph's inputs by name (``config``:
+        the denoiser's config), for arguments the graph takes in another form (Qwen-Image's ``img_shapes``)."""
+
     def adapt_call(self, arguments: dict[str, Any], given: set[str]) -> None:
         """Adapt a user's pipeline call (its bound ``arguments``, sizes already checked) to the engines, in
         place, for what ``given`` (the arguments the user set) leaves to the pipeline's defaults."""
@@ -407,6 +414,17 @@ class AdapterBase:
     def output_media(self, output: Any) -> list[Any]:
         """The pipeline output's images, or videos (``frames``) for a video family."""
         return list(output.frames if self.video else output.images)
+
+    def unread_params(self, config: dict[str, Any]) -> tuple[str, ...]:
+        """None: every parameter of the component reaches its output. A family whose graph drops some (their
+        output is never read, e.g. a last block's text stream) names them: the weight map records them as
+        ``unread`` and ``dtc refit`` skips a LoRA's deltas on them (they change nothing), where it would refuse
+        an unmapped parameter."""
+        return ()
+
+    def engine_call(self, kwargs: dict[str, Any], config: Any) -> dict[str, Any]:
+        """The pipeline's keyword call as it is: the graph inputs are the denoiser's own arguments."""
+        return kwargs
 
     def adapt_call(self, arguments: dict[str, Any], given: set[str]) -> None:
         """Nothing to adapt beyond what the runtime session does for every family."""

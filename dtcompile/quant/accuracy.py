@@ -161,6 +161,8 @@ class _StepRecorder:
                     seen = (v, v._version, v.detach().clone())
                     self._shared[id(v)] = seen
                 rec[k] = seen[2]
+            elif isinstance(v, (list, tuple)):  # shapes the pipeline passes as lists (Qwen-Image's img_shapes)
+                rec[k] = v
         self.inputs.append(rec)
         out = output[0] if isinstance(output, (tuple, list)) else output
         out = out["sample"] if isinstance(out, dict) else out

@@ -160,6 +160,12 @@ def _open_engine(
     ), entry
 
 
+def engine_call(pipeline_class: str, config: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The family's ``engine_call`` bound to the denoiser's config, for its stand-in (``ComponentStandIn.call_inputs``):
+    the pipeline's keyword call turned into the graph's inputs (the call itself for most families)."""
+    return functools.partial(adapter_for(pipeline_class).engine_call, config=config)
+
+
 def denoiser_module(
     artifact_dir: Path,
     manifest: Manifest,
@@ -180,6 +186,7 @@ def denoiser_module(
     module = EngineModule(
         runner, centry.config or {}, centry.input_names(), centry.output_name(), dtype, getattr(runner, "device", "cpu")
     )
+    module.call_inputs = engine_call(manifest.source.pipeline_class, centry.config or {})
     return module, entry
 
 

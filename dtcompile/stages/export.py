@@ -120,7 +120,8 @@ def export_component(
 
         # torch parameter -> ONNX initializer (name, layout, dtype, Q/DQ scale), recorded once for `dtc refit`
         with measured(f"export {comp}: mapping weights", log):
-            weight_map = write_weight_map(module, art.path, artifact_dir, comp)
+            unread = adapter.unread_params(dict(module.config))
+            weight_map = write_weight_map(module, art.path, artifact_dir, comp, unread=unread)
     profile = adapter.shape_profile(module, loaded.pipe_config, shapes)
     entry: dict[str, Any] = {
         "config": {k: v for k, v in dict(module.config).items() if not k.startswith("_")},

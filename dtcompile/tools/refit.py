@@ -23,6 +23,7 @@ amax/448, int8: amax/127 per tensor or per channel) while activation scales stay
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -71,12 +72,27 @@ def _entry(wmap: dict[str, Any], param: str, label: str) -> dict[str, Any]:
     e = wmap["params"].get(param)
     if e is None:
         raise ArtifactError(f"{label}: parameter '{param}' is not in the artifact's weight map")
-    if "initializer" not in e:
+    if "initializer" not in e and e.get("status") != "unread":  # unread: a delta on it changes nothing
         raise UnsupportedError(
             f"{label}: cannot refit '{param}': {e.get('status')} in the exported graph ({e.get('reason')}); "
             "fuse this LoRA with dtc build instead (lora: in the recipe)"
         )
     return e
+
+
+def _without_unread(
+    entries: dict[str, dict[str, Any]], touched: list[str], active: list[tuple[LoraWeights, float]]
+) -> tuple[list[str], list[str], list[tuple[LoraWeights, float]]]:
+    """``touched``, the parameters the ``active`` adapters touch now (sorted) and those adapters, all without the
+    family's unread parameters (``_entry`` lets only those through without an initializer:
+    ``ModelAdapter.unread_params``): the graph has no place for their deltas, and they change nothing."""
+    unread = {p for p, e in entries.items() if "initializer" not in e}
+    if unread:
+        modules = {p.rpartition(".")[0] for p in unread}
+        active = [(dataclasses.replace(w, modules={m: f for m, f in w.modules.items() if m not in modules}), s)
+                  for w, s in active]  # fmt: skip
+    now = sorted({p for w, _ in active for p in w.params()})
+    return [p for p in touched if p not in unread], now, active
 
 
 def plan_refit(
@@ -94,11 +110,10 @@ def plan_refit(
     """
     from dtcompile.stages.lora import apply_deltas, check_fused_finite
 
-    active = [(w, s) for w, s in loras if s != 0.0]
-    now = sorted({p for w, _ in active for p in w.params()})
     touched = sorted(set(ever_touched) | {p for w, _ in loras for p in w.params()})
     store = dict(base_store)
     entries = {p: _entry(wmap, p, "refit") for p in touched}
+    touched, now, active = _without_unread(entries, touched, [(w, s) for w, s in loras if s != 0.0])
 
     def base_of(name: str) -> Any:
         if name not in store:  # first touch: the artifact still holds the base value

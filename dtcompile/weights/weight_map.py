@@ -20,6 +20,8 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,12 +123,13 @@ def _layout_from_consumer(value: str, consumers: dict[str, list[tuple[Any, int]]
     return None
 
 
-def build_weight_map(module: torch.nn.Module, onnx_path: Path) -> dict[str, Any]:
+def build_weight_map(module: torch.nn.Module, onnx_path: Path, unread: Sequence[str] = ()) -> dict[str, Any]:
     """Map every parameter of ``module`` (the exported component) to the ONNX initializer it became.
 
     Returns ``{"version", "params": {name: entry}}``; an entry has ``shape``/``dtype`` (torch) and either
     ``initializer``, ``layout``, ``onnx_dtype`` (and ``quant`` for Q/DQ weights) or ``status`` (unmapped,
-    ambiguous, shared) with a ``reason``.
+    ambiguous, shared, unread) with a ``reason``. ``unread``: fnmatch patterns of parameters the family says
+    the graph never reads (``ModelAdapter.unread_params``); an unmapped one of them is ``unread``.
     """
 
     graph = OnnxWeights(onnx_path)
@@ -146,6 +149,9 @@ def build_weight_map(module: torch.nn.Module, onnx_path: Path) -> dict[str, Any]
     _map_quantized(graph, consumers, params, entries)
     _attach_qdq(graph, consumers, entries)
     _mark_shared(entries)
+    for pname, e in entries.items():
+        if e.get("status") == "unmapped" and any(fnmatchcase(pname, pat) for pat in unread):
+            e.update(status="unread", reason="the graph never reads it (its output does not reach the graph's)")
     return {"version": WEIGHT_MAP_VERSION, "params": dict(sorted(entries.items()))}
 
 
@@ -368,13 +374,15 @@ def _numel(dims: tuple[int, ...]) -> int:
     return n
 
 
-def write_weight_map(module: torch.nn.Module, onnx_path: Path, artifact_dir: Path, component: str) -> dict[str, Any]:
+def write_weight_map(
+    module: torch.nn.Module, onnx_path: Path, artifact_dir: Path, component: str, unread: Sequence[str] = ()
+) -> dict[str, Any]:
     """Build the weight map of an export and write it as JSON; returns its manifest entry (file, sha256, size
     and counts)."""
     from dtcompile.manifest import file_entry
 
     t0 = time.perf_counter()
-    wmap = build_weight_map(module, onnx_path)
+    wmap = build_weight_map(module, onnx_path, unread)
     wmap["onnx"] = Path(onnx_path).relative_to(artifact_dir).as_posix()
     path = artifact_dir / weight_map_file(component)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ def test_unknown_builtin_names_the_choices() -> None:
     assert (
         str(err.value)
         == "unknown built-in model 'huge-flux'; choose one of: tiny-flux, flux-realwidth-1, tiny-sd3, tiny-flux-kontext, tiny-wan21, tiny-wan22, "
-        "wan21-realwidth-1, wan21-realwidth-2, tiny-flux2"
+        "wan21-realwidth-1, wan21-realwidth-2, tiny-flux2, tiny-qwen-image"
     )
 
 
