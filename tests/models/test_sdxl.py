@@ -95,3 +95,21 @@ def test_an_image_for_sdxl_is_one_line(sdxl_artifact: Path) -> None:
 
     with pytest.raises(UnsupportedError, match=r"^--image: StableDiffusionXLPipeline artifacts take no reference"):
         run_artifact(sdxl_artifact, PROMPT, steps=1, image=Image.new("RGB", (64, 64)))
+
+
+@pytest.mark.slow  # 35 s on 2 CPU cores: with the base tests the file would pass a minute
+def test_fp8_build_quantizes_convs_linears_and_attention_and_stays_close(tmp_path: Path) -> None:
+    """recipes/tiny-sdxl-fp8.yaml with a smaller calibration and accuracy run (the full recipe: docs/families.md):
+    ModelOpt's SDXL exclusions kept in high precision, quantized accuracy and parity (b) in the manifest."""
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.runner import run_build
+
+    overrides = [f"output.dir={tmp_path}", "engine={backends: [onnxruntime]}",
+                 "quant.calib={prompts: builtin, size: 2, batch: 2, steps: 2, seed: 0}",
+                 "quant.accuracy={prompts: 1, steps: 2}"]  # fmt: skip
+    report = run_build(load_recipe(ROOT / "recipes" / "tiny-sdxl-fp8.yaml", overrides))
+    quant = report.manifest.components["unet"].quant
+    assert quant["graph"]["fp8_qdq"] > 0 and quant["graph"]["fp8_attention"] > 0
+    assert "*conv_in*" in quant["exclude"] and "*add_embedding*" in quant["exclude"]
+    assert quant["parity"]["summary"]["min_psnr_db"] >= 40  # onnxruntime vs fake-quant torch
+    assert quant["accuracy"]["summary"]["min_psnr_db"] >= 30  # quantized vs unquantized
