@@ -113,3 +113,33 @@ def test_fp8_build_quantizes_convs_linears_and_attention_and_stays_close(tmp_pat
     assert "*conv_in*" in quant["exclude"] and "*add_embedding*" in quant["exclude"]
     assert quant["parity"]["summary"]["min_psnr_db"] >= 40  # onnxruntime vs fake-quant torch
     assert quant["accuracy"]["summary"]["min_psnr_db"] >= 30  # quantized vs unquantized
+
+
+def test_an_sdxl_lora_on_a_flux_artifact_is_one_line(tmp_path: Path) -> None:
+    """A UNet LoRA saved by diffusers' SDXL loader (``unet.`` keys) refit into a FLUX artifact: one line, nothing
+    written."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from dtcompile.core.errors import DtcError
+    from dtcompile.models.builtin import builtin_model_path
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.runner import run_build
+    from dtcompile.tools.refit import refit_artifact
+
+    unet = UNet2DConditionModel.from_pretrained(builtin_model_path("tiny-sdxl") / "unet")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet.add_adapter(config)
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(tmp_path), unet_lora_layers=get_peft_model_state_dict(unet), weight_name="sdxl-style.safetensors"
+    )
+    overrides = [f"output.dir={tmp_path / 'flux'}", "engine={backends: [onnxruntime]}"]
+    flux = run_build(load_recipe(ROOT / "recipes" / "tiny-flux.yaml", overrides)).artifact_dir
+    with pytest.raises(DtcError) as err:
+        refit_artifact(flux, [(str(tmp_path / "sdxl-style.safetensors"), 1.0)], out_dir=tmp_path / "refit")
+    message = str(err.value)
+    assert "\n" not in message and "has weights for unet" in message and "transformer" in message
+    assert not (tmp_path / "refit").exists()
