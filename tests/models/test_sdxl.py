@@ -115,31 +115,71 @@ def test_fp8_build_quantizes_convs_linears_and_attention_and_stays_close(tmp_pat
     assert quant["accuracy"]["summary"]["min_psnr_db"] >= 30  # quantized vs unquantized
 
 
-def test_an_sdxl_lora_on_a_flux_artifact_is_one_line(tmp_path: Path) -> None:
-    """A UNet LoRA saved by diffusers' SDXL loader (``unet.`` keys) refit into a FLUX artifact: one line, nothing
-    written."""
+@pytest.fixture(scope="module")
+def sdxl_lora(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PEFT LoRA on tiny-sdxl's UNet attention, saved by diffusers' SDXL loader (``unet.`` keys, adapter
+    metadata with alpha 8 at rank 4: diffusers scales it by 2, not 1)."""
     import torch
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from dtcompile.core.errors import DtcError
     from dtcompile.models.builtin import builtin_model_path
-    from dtcompile.recipe import load_recipe
-    from dtcompile.stages.runner import run_build
-    from dtcompile.tools.refit import refit_artifact
 
+    out = tmp_path_factory.mktemp("sdxl-lora")
     unet = UNet2DConditionModel.from_pretrained(builtin_model_path("tiny-sdxl") / "unet")
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
     with torch.random.fork_rng():
         torch.manual_seed(0)
         unet.add_adapter(config)
     StableDiffusionXLPipeline.save_lora_weights(
-        str(tmp_path), unet_lora_layers=get_peft_model_state_dict(unet), weight_name="sdxl-style.safetensors"
-    )
+        str(out), unet_lora_layers=get_peft_model_state_dict(unet), weight_name="sdxl-style.safetensors",
+        unet_lora_adapter_metadata=config.to_dict(),
+    )  # fmt: skip
+    return out / "sdxl-style.safetensors"
+
+
+def test_an_sdxl_lora_on_a_flux_artifact_is_one_line(sdxl_lora: Path, tmp_path: Path) -> None:
+    """A UNet LoRA saved by diffusers' SDXL loader refit into a FLUX artifact: one line, nothing written."""
+    from dtcompile.core.errors import DtcError
+    from dtcompile.recipe import load_recipe
+    from dtcompile.stages.runner import run_build
+    from dtcompile.tools.refit import refit_artifact
+
     overrides = [f"output.dir={tmp_path / 'flux'}", "engine={backends: [onnxruntime]}"]
     flux = run_build(load_recipe(ROOT / "recipes" / "tiny-flux.yaml", overrides)).artifact_dir
     with pytest.raises(DtcError) as err:
-        refit_artifact(flux, [(str(tmp_path / "sdxl-style.safetensors"), 1.0)], out_dir=tmp_path / "refit")
+        refit_artifact(flux, [(str(sdxl_lora), 1.0)], out_dir=tmp_path / "refit")
     message = str(err.value)
     assert "\n" not in message and "has weights for unet" in message and "transformer" in message
     assert not (tmp_path / "refit").exists()
+
+
+@pytest.mark.slow  # 16 s more (a second build, two refits): the file would pass a minute
+def test_lora_fuse_and_refit_agree_and_the_base_comes_back(
+    sdxl_artifact: Path, sdxl_lora: Path, tmp_path: Path
+) -> None:
+    """The SDXL LoRA fused at build (diffusers' SDXL loader) equals the same LoRA refit into the plain artifact;
+    ``--lora none`` restores the base. The adapter metadata (alpha) is read from the SD-style loader's 3-tuple."""
+    import torch
+
+    from dtcompile.recipe import load_recipe
+    from dtcompile.runtime.session import run_artifact
+    from dtcompile.stages.runner import run_build
+    from dtcompile.tools.refit import refit_artifact
+
+    overrides = [f"output.dir={tmp_path / 'fused'}", "engine={backends: [onnxruntime]}",
+                 f"lora=[{{source: {sdxl_lora}, scale: 0.8}}]"]  # fmt: skip
+    fused = run_build(load_recipe(ROOT / "recipes" / "tiny-sdxl.yaml", overrides)).artifact_dir
+    refit = refit_artifact(sdxl_artifact, [(str(sdxl_lora), 0.8)], out_dir=tmp_path / "refit", drop_unrefittable=True)
+    back = refit_artifact(refit.artifact_dir, [], out_dir=tmp_path / "back", drop_unrefittable=True)
+
+    def image(artifact: Path) -> np.ndarray:
+        with torch.no_grad():
+            return np.asarray(
+                run_artifact(artifact, PROMPT, steps=4, seed=3, guidance=5.0, backend="onnxruntime").image
+            )
+
+    base, with_lora = image(sdxl_artifact), image(fused)
+    assert psnr(base, with_lora) < 35  # the adapter changes the image
+    assert psnr(image(refit.artifact_dir), with_lora) >= 40
+    assert psnr(image(back.artifact_dir), base) >= 40
