@@ -86,6 +86,8 @@ def test_sdxl_shape_rules_in_the_dry_run(tmp_path: Path) -> None:
         plan(recipe, ["export.shapes.width={min: 66, opt: 66, max: 66}", f"output.dir={tmp_path}"])
     with pytest.raises(RecipeError, match=r"text_len: SDXL encodes every prompt to CLIP's 77 tokens"):
         plan(recipe, ["export.shapes.text_len=32", f"output.dir={tmp_path}"])
+    with pytest.raises(UnsupportedError, match=r"cache: StableDiffusionXLPipeline artifacts are not split"):
+        plan(recipe, ["cache={mode: first_block, threshold: 0.1}", f"output.dir={tmp_path}"])  # out of scope
 
 
 def test_an_image_for_sdxl_is_one_line(sdxl_artifact: Path) -> None:
