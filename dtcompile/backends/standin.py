@@ -94,7 +94,9 @@ class ComponentStandIn(torch.nn.Module):
             raise ValueError(f"the pipeline did not pass graph inputs {missing}")
         t = feeds.get("timestep")
         if isinstance(t, torch.Tensor) and t.dim() == 0:  # a UNet call's one timestep for the whole batch
-            feeds["timestep"] = t.reshape(1).expand(len(feeds[self.input_names[0]]))
+            feeds["timestep"] = t.reshape(1).repeat(
+                len(feeds[self.input_names[0]])
+            )  # contiguous: engines bind pointers
         return feeds
 
     def call_engine(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
