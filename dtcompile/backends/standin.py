@@ -4,11 +4,34 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from dtcompile.core.errors import UnsupportedError, VerificationError
+
+
+def positional_call(names: list[str] | tuple[str, ...], args: tuple[Any, ...]) -> dict[str, Any]:
+    """Positional arguments of a denoiser call by name: diffusers calls a UNet as ``unet(sample, timestep, ...)``
+    (a transformer only by keyword); ``names`` are the graph inputs, or the module's forward parameters, in order."""
+    if len(args) > len(names):
+        raise TypeError(
+            f"the component takes at most {len(names)} positional inputs ({', '.join(names)}), got {len(args)}"
+        )
+    return dict(zip(names, args, strict=False))
+
+
+def _flat_call(kwargs: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """``kwargs`` with a nested dict of graph inputs (a UNet's ``added_cond_kwargs``: ``text_embeds``, ``time_ids``)
+    flattened into it; a dict holding anything else (``cross_attention_kwargs``) is left for the caller to refuse."""
+    out: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        if isinstance(v, dict) and v and all(n in names for n in v):
+            out.update(v)
+        else:
+            out[k] = v
+    return out
 
 
 class ComponentStandIn(torch.nn.Module):
@@ -38,6 +61,9 @@ class ComponentStandIn(torch.nn.Module):
         self._dtype = dtype
         self._device = torch.device(device)
         self.trace: list[torch.Tensor | dict[str, torch.Tensor]] | None = None  # a text encoder's: its outputs by name
+        width = config.get("projection_class_embeddings_input_dim")
+        if width is not None:  # SDXL's pipelines check their added conditions against this UNet layer's width
+            self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=int(width)))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -60,6 +86,7 @@ class ComponentStandIn(torch.nn.Module):
             raise NotImplementedError(
                 f"joint_attention_kwargs {sorted(joint_attention_kwargs)} are not supported by engines"
             )
+        kwargs = _flat_call(kwargs, self.input_names)
         extra = sorted(k for k, v in kwargs.items() if v is not None and k not in self.input_names)
         if extra:  # e.g. SD3's skip_layers (skip-layer guidance): an engine would silently ignore it
             raise UnsupportedError(
@@ -70,6 +97,11 @@ class ComponentStandIn(torch.nn.Module):
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise ValueError(f"the pipeline did not pass graph inputs {missing}")
+        t = feeds.get("timestep")
+        if isinstance(t, torch.Tensor) and t.dim() == 0:  # a UNet call's one timestep for the whole batch
+            feeds["timestep"] = t.reshape(1).repeat(
+                len(feeds[self.input_names[0]])
+            )  # contiguous: engines bind pointers
         return feeds
 
     def call_engine(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -138,8 +170,8 @@ class EngineModule(ComponentStandIn):
         self.runner = runner
         self.calls = 0
 
-    def forward(self, return_dict: bool = True, joint_attention_kwargs: Any = None, **kwargs: Any) -> Any:
-        feeds = self.graph_feeds(kwargs, joint_attention_kwargs)
+    def forward(self, *args: Any, return_dict: bool = True, joint_attention_kwargs: Any = None, **kwargs: Any) -> Any:
+        feeds = self.graph_feeds({**positional_call(self.input_names, args), **kwargs}, joint_attention_kwargs)
         step = self.denoising_step(feeds, self.calls)
         out = self.check_finite(
             self.call_engine(feeds)[self.output_name].to(self._device, self._dtype), self.calls, step

@@ -22,6 +22,7 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "WanImageToVideoPipeline": ("wan-i2v", "dtcompile.models.wan:WanI2VAdapter"),
     "Flux2Pipeline": ("flux2", "dtcompile.models.flux2:Flux2Adapter"),
     "QwenImagePipeline": ("qwen-image", "dtcompile.models.qwen_image:QwenImageAdapter"),
+    "StableDiffusionXLPipeline": ("sdxl", "dtcompile.models.sdxl:SDXLAdapter"),
 }
 ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family", dict(_FAMILIES.values()))
 PIPELINE_FAMILIES: dict[str, str] = {cls: family for cls, (family, _) in _FAMILIES.items()}

@@ -10,6 +10,7 @@ prompt (a text encoder). The exported graph's parity with the fake-quant model: 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -150,17 +151,27 @@ class _StepRecorder:
         # (so its id cannot be reused by a later tensor) and its version counter is checked.
         self._shared: dict[int, tuple[Any, int, Any]] = {}
 
-    def __call__(self, _module: Any, _args: Any, kwargs: dict[str, Any], output: Any) -> None:
+    def _copy(self, v: Any) -> Any:
+        seen = self._shared.get(id(v))
+        if seen is None or seen[0] is not v or seen[1] != v._version:
+            seen = (v, v._version, v.detach().clone())
+            self._shared[id(v)] = seen
+        return seen[2]
+
+    def __call__(self, module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> None:
         import torch
 
-        rec = {}
+        from dtcompile.backends.standin import positional_call
+
+        if args:  # a UNet's sample and timestep: named after the stand-in's graph inputs or the forward's parameters
+            names = getattr(module, "input_names", None) or list(inspect.signature(module.forward).parameters)
+            kwargs = {**positional_call(names, tuple(args)), **kwargs}
+        rec: dict[str, Any] = {}
         for k, v in kwargs.items():
             if isinstance(v, torch.Tensor):
-                seen = self._shared.get(id(v))
-                if seen is None or seen[0] is not v or seen[1] != v._version:
-                    seen = (v, v._version, v.detach().clone())
-                    self._shared[id(v)] = seen
-                rec[k] = seen[2]
+                rec[k] = self._copy(v)
+            elif isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values()):
+                rec[k] = {name: self._copy(t) for name, t in v.items()}  # a UNet's added_cond_kwargs
             elif isinstance(v, (list, tuple)):  # shapes the pipeline passes as lists (Qwen-Image's img_shapes)
                 rec[k] = v
         self.inputs.append(rec)
@@ -316,6 +327,8 @@ def teacher_forced(
     from dtcompile.core.progress import progress
 
     def cast(v: Any) -> Any:
+        if isinstance(v, dict):  # a UNet's added_cond_kwargs
+            return {k: cast(t) for k, t in v.items()}
         return v.to(dtype) if dtype is not None and isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
     forced: list[list[torch.Tensor]] = []
@@ -356,6 +369,8 @@ def module_outputs(
     from dtcompile.core.progress import progress
 
     def cast(v: Any) -> Any:
+        if isinstance(v, dict):  # a UNet's added_cond_kwargs
+            return {k: cast(t) for k, t in v.items()}
         return v.to(dtype) if dtype is not None and isinstance(v, torch.Tensor) and v.is_floating_point() else v
 
     out: list[list[torch.Tensor]] = []

@@ -329,7 +329,8 @@ def read_lora(resolved: ResolvedLora, pipeline_class: str, component: str = "tra
     options = {"return_alphas": True} if with_alphas else {}
     try:
         out = pipe_cls.lora_state_dict(str(resolved.path), return_lora_metadata=True, use_safetensors=True, **options)
-        state_dict, alphas, metadata = out if with_alphas else (out[0], None, out[1])
+        # SD/SDXL's loaders always return (state dict, network alphas, metadata); SD3's (state dict, metadata)
+        state_dict, alphas, metadata = out if len(out) == 3 else (out[0], None, out[1])
     except Exception as exc:  # diffusers' converters raise ValueError, KeyError, AssertionError...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise RecipeError(f"{label}: diffusers cannot read '{resolved.path.name}' as a LoRA ({first})") from None
