@@ -21,6 +21,8 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "WanPipeline": ("wan", "dtcompile.models.wan:WanAdapter"),
     "WanImageToVideoPipeline": ("wan-i2v", "dtcompile.models.wan:WanI2VAdapter"),
     "Flux2Pipeline": ("flux2", "dtcompile.models.flux2:Flux2Adapter"),
+    "Cosmos2TextToImagePipeline": ("cosmos2-t2i", "dtcompile.models.cosmos:Cosmos2T2IAdapter"),
+    "Cosmos2VideoToWorldPipeline": ("cosmos2-v2w", "dtcompile.models.cosmos:Cosmos2V2WAdapter"),
 }
 ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family", dict(_FAMILIES.values()))
 PIPELINE_FAMILIES: dict[str, str] = {cls: family for cls, (family, _) in _FAMILIES.items()}

@@ -180,6 +180,8 @@ def denoiser_module(
     module = EngineModule(
         runner, centry.config or {}, centry.input_names(), centry.output_name(), dtype, getattr(runner, "device", "cpu")
     )
+    fixed = getattr(adapter_for(manifest.source.pipeline_class), "fixed_inputs", None)  # Cosmos' padding_mask and fps
+    module.fixed_inputs = dict(fixed(centry.config or {})) if fixed is not None else {}
     return module, entry
 
 
