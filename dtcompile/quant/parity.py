@@ -42,20 +42,28 @@ log = logging.getLogger("dtcompile.quantize")
 
 
 def onnxruntime_component(
-    onnx_path: Path, module: torch.nn.Module, output_name: str = "latent", dtype: torch.dtype | None = None
+    onnx_path: Path,
+    module: torch.nn.Module,
+    output_name: str = "latent",
+    dtype: torch.dtype | None = None,
+    adapter: ModelAdapter | None = None,
 ) -> Any:
     """A stand-in for ``module`` that runs ``onnx_path`` in onnxruntime (basic graph optimizations only:
     the int8 fusions of higher levels change the numbers; ``low_memory``, as it runs beside the torch model);
-    outputs cast to ``dtype`` (default: the module's)."""
+    outputs cast to ``dtype`` (default: the module's); the pipeline arguments the export fixed dropped
+    (``adapter.fixed_inputs``, where the family has them: Cosmos)."""
     from dtcompile.backends.onnxruntime import OrtRunner
     from dtcompile.backends.standin import EngineModule
 
     runner = OrtRunner(Path(onnx_path), optimization="basic", low_memory=True)
     param = next(module.parameters())
     out_dtype = param.dtype if dtype is None else dtype
-    return EngineModule(
+    component = EngineModule(
         runner, dict(model_config(module)), runner.input_names, output_name, out_dtype, str(param.device)
     )
+    fixed = getattr(adapter, "fixed_inputs", None)
+    component.fixed_inputs = dict(fixed(dict(model_config(module)))) if fixed is not None else {}
+    return component
 
 
 #: What a 16-bit dtype alone costs end to end: the graph (in float32) against the 16-bit fake-quant torch model
@@ -125,7 +133,13 @@ def runnable_graph(onnx_path: Path, dtype: str, scratch: Path) -> tuple[Path, li
 
 
 def float32_parity(
-    module: torch.nn.Module, graph_path: Path, trace: PipelineTrace, dtype: str, *, noise: bool = False
+    module: torch.nn.Module,
+    graph_path: Path,
+    trace: PipelineTrace,
+    dtype: str,
+    *,
+    noise: bool = False,
+    adapter: ModelAdapter | None = None,
 ) -> tuple[AccuracyReport, RoundingNoise | None]:
     """Teacher-forced: the float32 graph ``graph_path`` (``runnable_graph``) in onnxruntime against the 16-bit
     fake-quant ``module`` computing in float32 (``quant.export.float32_compute``: the graph's own scales, no
@@ -141,7 +155,7 @@ def float32_parity(
         expected = teacher_forced(reference, trace, torch.float32, label="parity fake-quant float32")
         own = trace_noise(reference, trace, expected) if noise else None
     with measured("parity (b): onnxruntime in float32", log):
-        component = onnxruntime_component(graph_path, module, dtype=torch.float32)
+        component = onnxruntime_component(graph_path, module, dtype=torch.float32, adapter=adapter)
         got = teacher_forced(component, trace, torch.float32, label="parity onnxruntime float32")
         del component
     report = AccuracyReport(
@@ -193,7 +207,7 @@ def parity_report(
             report = _pipeline_parity(pipe, adapter, quantized_trace, path, module, "fake-quant torch")
             check_parity(report, quant_format, limit, noise=noise)
         else:
-            report, noise = float32_parity(module, path, quantized_trace, dtype, noise=True)
+            report, noise = float32_parity(module, path, quantized_trace, dtype, noise=True, adapter=adapter)
             check_parity(report, quant_format, limit, noise=noise)  # before the slower end-to-end run
             with measured(f"parity (b): end to end against {dtype}", log):
                 reference = f"fake-quant torch ({dtype})"
@@ -212,7 +226,7 @@ def _pipeline_parity(
     pipe: Any, adapter: ModelAdapter, trace: PipelineTrace, graph_path: Path, module: Any, reference: str
 ) -> AccuracyReport:
     """The graph in onnxruntime standing in for the pipeline's component, against ``trace`` (accuracy_report)."""
-    component = onnxruntime_component(graph_path, module)
+    component = onnxruntime_component(graph_path, module, adapter=adapter)
     report, _ = accuracy_report(
         pipe, adapter, trace, component=component, candidate="onnxruntime", reference_name=reference
     )
