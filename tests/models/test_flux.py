@@ -83,7 +83,8 @@ def test_unknown_builtin_names_the_choices() -> None:
     assert (
         str(err.value)
         == "unknown built-in model 'huge-flux'; choose one of: tiny-flux, flux-realwidth-1, tiny-sd3, tiny-flux-kontext, tiny-wan21, tiny-wan22, "
-        "wan21-realwidth-1, wan21-realwidth-2, tiny-flux2"
+        "tiny-wan21-i2v, tiny-wan22-i2v, tiny-wan22-ti2v, wan21-realwidth-1, wan21-realwidth-2, wan22-ti2v-realwidth-1, "
+        "tiny-flux2, tiny-cosmos2-t2i, tiny-cosmos2-v2w"
     )
 
 
