@@ -3,16 +3,18 @@
 
 Graph (Text2Image): ``hidden_states`` (batch x 16 x 1 latent frame x h x w; the pipeline scales the latents by
 ``c_in`` of the EDM preconditioning), ``timestep`` (batch; ``sigma / (sigma + 1)`` in 0..1), ``encoder_hidden_states``
-(T5's hidden states, batch x text_len x text_dim) and ``padding_mask`` (1 x 1 x height x width in pixels, zeros: the
-pipelines never pad; a checkpoint with ``concat_padding_mask`` resizes it to the latent grid and concatenates it
-as a channel); output ``latent`` (the denoiser output, shaped like ``hidden_states``; the pipeline applies
+(T5's hidden states, batch x text_len x text_dim) and, where the checkpoint sets ``concat_padding_mask`` (the real
+ones do; the tiny built-ins do not), ``padding_mask`` (1 x 1 x height x width in pixels, zeros: the pipelines never
+pad; the transformer resizes it to the latent grid and concatenates it as a channel; an unread one is dropped by
+the stand-in, ``fixed_inputs``); output ``latent`` (the denoiser output, shaped like ``hidden_states``; the pipeline applies
 ``c_skip``/``c_out`` and guidance in torch).
 
 Video2World adds ``condition_mask`` (batch x 1 x latent_frames x h x w: 1 on the conditioning frames, concatenated
 to the latents) and per-frame timesteps (``timestep`` is batch x 1 x latent_frames x 1 x 1: the conditioning frames
 at ``sigma_conditioning``); ``fps`` (the RoPE's temporal scale) is a Python number the pipeline passes per call: it
 is fixed at export (``COSMOS_FPS``, the pipeline's default 16) and a different ``fps`` is refused by the runtime
-rather than silently ignored. The conditioning image or video goes through ``vae.encode`` (the ``vae_encoder``
+rather than silently ignored. The conditioning image (``dtc run --image``; a conditioning video is not wired yet)
+goes through ``vae.encode`` (the ``vae_encoder``
 component, as for Wan I2V; the VAE is the same ``AutoencoderKLWan``).
 
 Classifier-free guidance is two calls per step (conditional, then unconditional), so the engine's batch is the
