@@ -64,6 +64,9 @@ class ComponentStandIn(torch.nn.Module):
         width = config.get("projection_class_embeddings_input_dim")
         if width is not None:  # SDXL's pipelines check their added conditions against this UNet layer's width
             self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=int(width)))
+        #: Keyword arguments the pipeline passes that the graph does not take: name -> the value the export fixed
+        #: (a call with another value is refused), or None where the module ignores the argument (dropped).
+        self.fixed_inputs: dict[str, Any] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -87,6 +90,10 @@ class ComponentStandIn(torch.nn.Module):
                 f"joint_attention_kwargs {sorted(joint_attention_kwargs)} are not supported by engines"
             )
         kwargs = _flat_call(kwargs, self.input_names)
+        for name, fixed in self.fixed_inputs.items():
+            value = kwargs.pop(name, None)
+            if fixed is not None and value is not None and value != fixed:
+                raise UnsupportedError(f"{name} {value}: this engine was exported with {name}={fixed}; use {fixed}")
         extra = sorted(k for k, v in kwargs.items() if v is not None and k not in self.input_names)
         if extra:  # e.g. SD3's skip_layers (skip-layer guidance): an engine would silently ignore it
             raise UnsupportedError(

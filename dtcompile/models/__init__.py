@@ -23,6 +23,8 @@ _FAMILIES: dict[str, tuple[str, str]] = {
     "Flux2Pipeline": ("flux2", "dtcompile.models.flux2:Flux2Adapter"),
     "QwenImagePipeline": ("qwen-image", "dtcompile.models.qwen_image:QwenImageAdapter"),
     "StableDiffusionXLPipeline": ("sdxl", "dtcompile.models.sdxl:SDXLAdapter"),
+    "Cosmos2TextToImagePipeline": ("cosmos2-t2i", "dtcompile.models.cosmos:Cosmos2T2IAdapter"),
+    "Cosmos2VideoToWorldPipeline": ("cosmos2-v2w", "dtcompile.models.cosmos:Cosmos2V2WAdapter"),
 }
 ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family", dict(_FAMILIES.values()))
 PIPELINE_FAMILIES: dict[str, str] = {cls: family for cls, (family, _) in _FAMILIES.items()}

@@ -52,7 +52,8 @@ def onnxruntime_component(
     """A stand-in for ``module`` that runs ``onnx_path`` in onnxruntime (basic graph optimizations only:
     the int8 fusions of higher levels change the numbers; ``low_memory``, as it runs beside the torch model);
     outputs cast to ``dtype`` (default: the module's); ``adapter``'s ``engine_call`` maps the pipeline's calls
-    onto the graph inputs (as the runtime's stand-in does)."""
+    onto the graph inputs (as the runtime's stand-in does) and the pipeline arguments the export fixed are dropped
+    (``adapter.fixed_inputs``, where the family has them: Cosmos)."""
     from dtcompile.backends.onnxruntime import OrtRunner
     from dtcompile.backends.standin import EngineModule
 
@@ -63,6 +64,8 @@ def onnxruntime_component(
     component = EngineModule(runner, config, runner.input_names, output_name, out_dtype, str(param.device))
     if adapter is not None:
         component.call_inputs = functools.partial(adapter.engine_call, config=config)
+    fixed = getattr(adapter, "fixed_inputs", None)
+    component.fixed_inputs = dict(fixed(config)) if fixed is not None else {}
     return component
 
 

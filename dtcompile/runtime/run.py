@@ -187,6 +187,8 @@ def denoiser_module(
         runner, centry.config or {}, centry.input_names(), centry.output_name(), dtype, getattr(runner, "device", "cpu")
     )
     module.call_inputs = engine_call(manifest.source.pipeline_class, centry.config or {})
+    fixed = getattr(adapter_for(manifest.source.pipeline_class), "fixed_inputs", None)  # Cosmos' padding_mask and fps
+    module.fixed_inputs = dict(fixed(centry.config or {})) if fixed is not None else {}
     return module, entry
 
 
