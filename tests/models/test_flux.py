@@ -71,10 +71,11 @@ def test_registry_and_pipeline_class_lookup() -> None:
     assert ADAPTERS.get("flux") is FluxAdapter
     assert adapter_for_pipeline_class("FluxPipeline") == "flux"
     assert adapter_for_pipeline_class("StableDiffusion3Pipeline") == "sd3"
-    with pytest.raises(UnsupportedError, match=r"unsupported pipeline class 'StableDiffusionXLPipeline'.*FluxPipeline"):
-        adapter_for_pipeline_class("StableDiffusionXLPipeline")
-    with pytest.raises(UnsupportedError, match=r"unknown model family 'sdxl'; choose one of: flux, sd3"):
-        ADAPTERS.get("sdxl")
+    assert adapter_for_pipeline_class("StableDiffusionXLPipeline") == "sdxl"
+    with pytest.raises(UnsupportedError, match=r"unsupported pipeline class 'StableCascadePriorPipeline'.*FluxPipeline"):
+        adapter_for_pipeline_class("StableCascadePriorPipeline")
+    with pytest.raises(UnsupportedError, match=r"unknown model family 'cascade'; choose one of: flux, sd3"):
+        ADAPTERS.get("cascade")
 
 
 def test_unknown_builtin_names_the_choices() -> None:
