@@ -21,6 +21,18 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_kept() -> object:
+    """A test that changes torch's thread count in this process puts it back (an in-process reference run of a
+    later test must compute as the server or CLI it is compared with does)."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """recipes/tiny-flux.yaml built for real (ONNX + TensorRT-RTX sm_89/sm_120) into a temp engines/ folder."""

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from dtcompile.core.errors import ArtifactError, UnsupportedError
 from dtcompile.core.metrics import psnr
+from dtcompile.core.threads import torch_threads
 from dtcompile.manifest import EngineEntry, Manifest
 from dtcompile.models import adapter_for
 from dtcompile.models.base import GenerationRequest
@@ -528,13 +529,13 @@ def bench_artifact(
         with contextlib.suppress(ImportError):
             import onnxruntime  # noqa: F401  (its import is not part of a contender's load)
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     _preimport(artifact_dir / "pipeline")
     adapter = adapter_for(manifest.source.pipeline_class)
     session = _Session(prompt, steps, batch, (height, width), seed, guidance, text_len, warmup, adapter, frames,
                        tuple(manifest.denoiser_names()[1:]))  # fmt: skip
-    m = _measure(session, manifest, artifact_dir, backends, repeat, verify, threads, residency)
+    with torch_threads(threads):  # put back after: a caller's process goes on (tests, a server)
+        m = _measure(session, manifest, artifact_dir, backends, repeat, verify, threads, residency)
+        torch_count = torch.get_num_threads()
 
     results = [_summary(c, batch) for c in m.everyone]
     for c, res in zip(m.everyone, results, strict=True):
@@ -561,7 +562,7 @@ def bench_artifact(
             "dtype": manifest.dtype,
             "device": str(m.device),
             "timer": "cuda_events" if _cuda(m.device) else "perf_counter_ns",
-            "threads": torch.get_num_threads(),  # torch's; onnxruntime's too when --threads is given
+            "threads": torch_count,  # torch's; onnxruntime's too when --threads is given
             "threads_set": threads is not None,
             "residency": residency,
             "baseline_source": str(m.folder),

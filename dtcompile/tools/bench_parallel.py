@@ -25,13 +25,20 @@ def timed_runs(
     artifact: Path, settings: dict[str, Any], repeat: int, spec: ParallelSpec | None, threads: int | None,
     rank: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
-    """Warm-up plus ``repeat`` runs in this process (one rank of ``spec``, or the one-rank baseline)."""
-    import torch
+    """Warm-up plus ``repeat`` runs in this process (one rank of ``spec``, or the one-rank baseline), with torch's
+    thread count ``threads`` for their duration."""
+    from dtcompile.core.threads import torch_threads
+
+    with torch_threads(threads):
+        return _timed_runs(artifact, settings, repeat, spec, threads, rank)
+
+
+def _timed_runs(
+    artifact: Path, settings: dict[str, Any], repeat: int, spec: ParallelSpec | None, threads: int | None, rank: int
+) -> dict[str, Any]:
 
     from dtcompile.runtime.session import Session
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     settings = dict(settings)
     session = Session(artifact, settings.pop("backend", "auto"), parallel=spec, threads=threads)
     session.load()

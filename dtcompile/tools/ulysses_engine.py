@@ -135,6 +135,15 @@ def prototype(
 ) -> dict[str, Any]:  # fmt: skip
     """Export block 0 of ``source``'s Wan transformer as pre/post/whole engines, run and time them (module
     docstring); ``threads`` per rank for torch and onnxruntime."""
+    from dtcompile.core.threads import torch_threads
+
+    with torch_threads(threads):
+        return _prototype(source, frames, height, width, text_len, ranks, repeat, threads)
+
+
+def _prototype(
+    source: str, frames: int, height: int, width: int, text_len: int, ranks: int, repeat: int, threads: int | None
+) -> dict[str, Any]:
     import diffusers
     import torch
 
@@ -142,8 +151,6 @@ def prototype(
     from dtcompile.models.builtin import builtin_model_path
     from dtcompile.runtime.ulysses import SequenceGroup
 
-    if threads is not None:
-        torch.set_num_threads(threads)
     folder = builtin_model_path(source.removeprefix("builtin:")) if source.startswith("builtin:") else Path(source)
     transformer = diffusers.WanTransformer3DModel.from_pretrained(folder / "transformer", dtype=torch.float32).eval()
     block = transformer.blocks[0]

@@ -72,7 +72,9 @@ def test_registry_and_pipeline_class_lookup() -> None:
     assert adapter_for_pipeline_class("FluxPipeline") == "flux"
     assert adapter_for_pipeline_class("StableDiffusion3Pipeline") == "sd3"
     assert adapter_for_pipeline_class("StableDiffusionXLPipeline") == "sdxl"
-    with pytest.raises(UnsupportedError, match=r"unsupported pipeline class 'StableCascadePriorPipeline'.*FluxPipeline"):
+    with pytest.raises(
+        UnsupportedError, match=r"unsupported pipeline class 'StableCascadePriorPipeline'.*FluxPipeline"
+    ):
         adapter_for_pipeline_class("StableCascadePriorPipeline")
     with pytest.raises(UnsupportedError, match=r"unknown model family 'cascade'; choose one of: flux, sd3"):
         ADAPTERS.get("cascade")
