@@ -161,6 +161,17 @@ def check_size_multiple(height: int, width: int, multiple: int, why: str) -> Non
             )
 
 
+def check_one_size(shapes: Any, family: str, why: str) -> None:
+    """RecipeError unless ``export.shapes`` gives height and width one value each (min = opt = max): engines of
+    ``family`` take one image size, ``why`` says what fixes it in the trace."""
+    for var in ("height", "width"):
+        r = getattr(shapes, var)
+        if not r.min == r.opt == r.max:
+            raise RecipeError(
+                f"export.shapes.{var}: {family} engines are built for one size ({why}); set min = opt = max = {r.opt}"
+            )
+
+
 def attention_dims(config: Any) -> tuple[int, int]:
     """(heads x head dim, head dim) of a transformer config with ``num_attention_heads`` and
     ``attention_head_dim``."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, Shapes, TensorSpec
-from dtcompile.models.base import AdapterBase, SplitLayout, check_size_multiple
+from dtcompile.models.base import AdapterBase, SplitLayout, check_one_size, check_size_multiple
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
 from dtcompile.models.examples import ExampleSampler, model_config
 
@@ -218,13 +218,9 @@ class SD3Adapter(AdapterBase):
             )
         if shapes.text_len.min != shapes.text_len.max:
             raise RecipeError("export.shapes.text_len: SD3 engines take one text length; give a single number")
-        for var in ("height", "width"):
-            r = getattr(shapes, var)
-            if not r.min == r.opt == r.max:
-                raise RecipeError(
-                    f"export.shapes.{var}: SD3 engines are built for one size (diffusers crops the position "
-                    f"embedding with Python integers, which the ONNX trace fixes); set min = opt = max = {r.opt}"
-                )
+        check_one_size(
+            shapes, "SD3", "diffusers crops the position embedding with Python integers, which the ONNX trace fixes"
+        )
         try:
             self.check_image_size(shapes.height.opt, shapes.width.opt, config)
         except UnsupportedError as exc:

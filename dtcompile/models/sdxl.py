@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from dtcompile.core.dtypes import dtype_name
 from dtcompile.core.errors import RecipeError, UnsupportedError
 from dtcompile.core.graph import ExportSpec, Range, Shapes, TensorSpec
-from dtcompile.models.base import AdapterBase, GenerationRequest, check_size_multiple
+from dtcompile.models.base import AdapterBase, GenerationRequest, check_one_size, check_size_multiple
 from dtcompile.models.components import AuxGraph, TextEncoderGraph, VaeDecoderGraph
 from dtcompile.models.examples import ExampleSampler, model_config
 
@@ -161,13 +161,9 @@ class SDXLAdapter(AdapterBase):
                 f"export.shapes.text_len: SDXL encodes every prompt to CLIP's {CLIP_TOKENS} tokens; set text_len: "
                 f"{CLIP_TOKENS}"
             )
-        for var in ("height", "width"):
-            r = getattr(shapes, var)
-            if not r.min == r.opt == r.max:
-                raise RecipeError(
-                    f"export.shapes.{var}: SDXL engines are built for one size (the UNet picks its upsampling "
-                    f"sizes with Python integers, which the ONNX trace fixes); set min = opt = max = {r.opt}"
-                )
+        check_one_size(
+            shapes, "SDXL", "the UNet picks its upsampling sizes with Python integers, which the ONNX trace fixes"
+        )
         try:
             self.check_image_size(shapes.height.opt, shapes.width.opt, config)
         except UnsupportedError as exc:
