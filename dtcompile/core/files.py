@@ -225,7 +225,8 @@ def public_message(exc: BaseException, names: dict[Path, object]) -> BaseExcepti
     return exc
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -249,7 +250,7 @@ def recover_swap(dest: Path) -> str | None:
     pattern = _stale_pattern(dest)
     for path in sorted(dest.parent.iterdir()):
         m = pattern.match(path.name)
-        if not m or m.group(1) != "old" or m.group(3) or _alive(int(m.group(2))):
+        if not m or m.group(1) != "old" or m.group(3) or pid_alive(int(m.group(2))):
             continue
         try:
             os.replace(path, dest)
@@ -277,7 +278,7 @@ def collect_stale(dest: Path) -> list[str]:
     pattern = _stale_pattern(dest)
     for path in sorted(dest.parent.iterdir()):
         m = pattern.match(path.name)
-        if not m or _alive(int(m.group(2))):
+        if not m or pid_alive(int(m.group(2))):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from dtcompile.serve.adapters import ServedLoras
+from dtcompile.serve.bodies import bounded, read_body
 from dtcompile.serve.metrics import ServerMetrics
 from dtcompile.serve.models import ServedModel, ServeOptions
 from dtcompile.serve.protocol import OUTPUT_FORMATS, APIError, parse_request
@@ -432,8 +433,8 @@ async def _read_edit(request: Request, options: ServeOptions) -> tuple[Any, _Upl
     limit = options.max_body_bytes
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "the request body must be multipart/form-data with an image file and a prompt")
-    bounded = _bounded(request, limit, options.body_timeout)
-    async with bounded.form(max_files=1, max_fields=32, max_part_size=min(limit, 1 << 20)) as form:
+    request_in = bounded(request, limit, options.body_timeout)
+    async with request_in.form(max_files=1, max_fields=32, max_part_size=min(limit, 1 << 20)) as form:
         uploads = [(k, v) for k, v in form.multi_items() if not isinstance(v, str)]
         fields: dict[str, Any] = {k: v for k, v in form.multi_items() if isinstance(v, str) and k[:4] != "lora"}
         lora = form_lora([(k, v) for k, v in form.multi_items() if isinstance(v, str) and k[:4] == "lora"])
@@ -444,32 +445,6 @@ async def _read_edit(request: Request, options: ServeOptions) -> tuple[Any, _Upl
             raise APIError(413, f"image: over the limit of {limit} bytes", param="image")
         upload = _Upload(data, uploads[0][1].filename)
     return parse_edit_form(fields if lora is None else {**fields, "lora": lora}), upload
-
-
-def _bounded(request: Request, limit: int, timeout: float) -> Request:
-    """``request`` whose body reads stop with 413 past ``limit`` bytes (the declared Content-Length first, then
-    the bytes received: a chunked upload declares none) and with 408 when the whole body has not arrived within
-    ``timeout`` seconds (a stalled or trickling upload)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
-    deadline = time.monotonic() + timeout
-    seen = 0
-
-    async def receive() -> Any:
-        nonlocal seen
-        try:
-            message = await asyncio.wait_for(request.receive(), max(deadline - time.monotonic(), 0.001))
-        except TimeoutError:
-            raise APIError(408, f"the request body did not arrive within {timeout:g} s (dtc serve --body-timeout)",
-                           code="request_timeout") from None  # fmt: skip
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise APIError(413, f"request body is over the limit of {limit} bytes")
-        return message
-
-    return Request(request.scope, receive)
 
 
 v1.include_router(video_router)  # /v1/videos...: serve/videos.py
@@ -499,9 +474,7 @@ async def _read_json(request: Request, limit: int, timeout: float) -> Any:
     seconds, 400 if not JSON or nested too deep to decode."""
     import json
 
-    body = bytearray()
-    async for chunk in _bounded(request, limit, timeout).stream():
-        body += chunk
+    body = await read_body(request, limit, timeout)
     try:
         return json.loads(body)
     except ValueError:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from dtcompile.core.files import pid_alive
+
 log = logging.getLogger("dtcompile.serve")
 VIDEO_ID_RE = re.compile(r"^video_[0-9a-f]{32}$")
 TOMBSTONES = 4096  # evicted ids remembered for their 410
@@ -260,21 +262,11 @@ def clean_stale(root: Path) -> int:
         if not m or not path.is_dir() or path.is_symlink():
             continue
         pid = int(m.group(1))
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed += 1
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def open_video_store(options: Any, video_models: Iterable[bool]) -> VideoStore | None:

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dtcompile.core.errors import DtcError
 from dtcompile.runtime.limits import FPS_RANGE
 from dtcompile.runtime.session import REQUEST_NAMES
+from dtcompile.serve.bodies import read_body
 from dtcompile.serve.protocol import SIZE_RE, APIError
 from dtcompile.serve.scheduler import Job
 from dtcompile.serve.video_store import VideoGone, VideoRecord, VideoStore
@@ -88,24 +89,10 @@ def _store(s: ServerState) -> VideoStore | None:
 # --- reading a request ----------------------------------------------------------------------------------------
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The whole body, read into memory up to ``limit`` bytes (413 beyond: checked on Content-Length and while
-    reading, so a chunked upload is never spooled to disk in full first)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"request body is over the limit of {limit} bytes")
-    return bytes(body)
-
-
-async def read_video_request(request: Request, limit: int) -> tuple[VideoRequest, bytes | None]:
-    """(the request, the ``input_reference`` image bytes or None) of a JSON or multipart body; 400 naming the
-    field otherwise."""
-    body = await _read_body(request, limit)
+async def read_video_request(request: Request, limit: int, timeout: float) -> tuple[VideoRequest, bytes | None]:
+    """(the request, the ``input_reference`` image bytes or None) of a JSON or multipart body read within
+    ``limit`` bytes and ``timeout`` seconds (``serve.bodies``); 400 naming the field otherwise."""
+    body = await read_body(request, limit, timeout)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     reference: bytes | None = None
     if kind == "multipart/form-data":
@@ -328,7 +315,7 @@ async def _submit(request: Request, s: ServerState) -> tuple[VideoRecord, concur
     """Read, check and queue one video; (its record, a future set once its MP4 is stored or it failed)."""
     if not s.ready:
         raise APIError(503, s.not_ready())
-    req, reference = await read_video_request(request, s.options.max_body_bytes)
+    req, reference = await read_video_request(request, s.options.max_body_bytes, s.options.body_timeout)
     model = s.model(req.model)
     store = _store(s)
     if store is None or not model.adapter.video:
